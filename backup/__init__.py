@@ -1,0 +1,1 @@
+"""The block layer and the backup engine: devices, filters, copy-before-write, jobs."""

@@ -1,0 +1,119 @@
+"""An in-memory ``BlockDevice`` for tests and scratch exports, sparse at page granularity."""
+
+from __future__ import annotations
+
+import errno
+
+from nbd.constants import State
+from nbd.device import BlockLimits, Capabilities, Extent
+
+PAGE = 4096
+
+
+class MemoryDevice:
+    """A bytearray with an allocation map, so block status, trims and holes behave like a file's."""
+
+    def __init__(self, size: int, *, read_only: bool = False, data: bytes | None = None) -> None:
+        self._size = size
+        self._read_only = read_only
+        self._data = bytearray(size)
+        self._allocated = bytearray((size + PAGE - 1) // PAGE)  # 1 = page holds data
+        self._closed = False
+        self.flush_count = 0
+        if data is not None:
+            self._data[: len(data)] = data[:size]
+            for page in range(0, (min(len(data), size) + PAGE - 1) // PAGE):
+                self._allocated[page] = 1
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(can_fast_zero=True, can_cache=True, can_multi_conn=True)
+
+    @property
+    def block_limits(self) -> BlockLimits:
+        return BlockLimits()
+
+    @property
+    def data(self) -> bytes:
+        """A snapshot of the whole contents (for assertions)."""
+        return bytes(self._data)
+
+    def _check(self, offset: int, length: int, *, write: bool = False) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "device is closed")
+        if write and self._read_only:
+            raise OSError(errno.EPERM, "device is read-only")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise OSError(errno.ENOSPC if write else errno.EINVAL, "request beyond the end of the device")
+
+    def _mark(self, offset: int, length: int, allocated: int) -> None:
+        if length == 0:
+            return
+        if allocated:
+            first, last = offset // PAGE, (offset + length - 1) // PAGE
+            self._allocated[first : last + 1] = b"\x01" * (last - first + 1)
+            return
+        # Only whole pages become holes; partial pages keep their (now zeroed) data.
+        first, end = -(-offset // PAGE), (offset + length) // PAGE
+        if offset + length == self._size:
+            end = len(self._allocated)
+        if end > first:
+            self._allocated[first:end] = bytes(end - first)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        return bytes(self._data[offset : offset + length])
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        length = len(data)
+        self._check(offset, length, write=True)
+        self._data[offset : offset + length] = data
+        self._mark(offset, length, 1)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        self._check(offset, length, write=True)
+        self._data[offset : offset + length] = bytes(length)
+        self._mark(offset, length, 0 if may_trim else 1)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check(offset, length, write=True)
+        self._data[offset : offset + length] = bytes(length)
+        self._mark(offset, length, 0)
+
+    async def flush(self) -> None:
+        self._check(0, 0)
+        self.flush_count += 1
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length)
+        extents: list[Extent] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            allocated = self._allocated[pos // PAGE]
+            run_end = min(end, (pos // PAGE + 1) * PAGE)
+            while run_end < end and self._allocated[run_end // PAGE] == allocated:
+                run_end = min(end, run_end + PAGE)
+            flags = 0 if allocated else State.HOLE | State.ZERO
+            if extents and extents[-1].flags == flags:
+                extents[-1] = Extent(extents[-1].length + run_end - pos, flags)
+            else:
+                extents.append(Extent(run_end - pos, flags))
+            pos = run_end
+        return extents
+
+    async def cache(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+
+    async def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,1 @@
+"""The NBD protocol: wire formats, sans-I/O cores, asyncio server and client."""

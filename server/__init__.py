@@ -1,0 +1,1 @@
+"""The nbd-backup daemon: command line, configuration, QMP monitor, registry."""

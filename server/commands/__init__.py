@@ -1,0 +1,1 @@
+"""One module per ``nbd-backup`` subcommand (see ``server.cli``)."""

@@ -37,15 +37,26 @@ def free_port() -> int:
         return port
 
 
-def run(*argv: str | os.PathLike[str], timeout: float = 60, check: bool = True, cwd: str | None = None,
-        input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *argv: str | os.PathLike[str],
+    timeout: float = 60,
+    check: bool = True,
+    cwd: str | None = None,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a peer; its stdout/stderr appear in the failure message when it fails."""
     proc = subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
         input=input.decode() if input is not None else None,
     )
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, argv))} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        pytest.fail(
+            f"{' '.join(map(str, argv))} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 

@@ -22,8 +22,14 @@ def test_request_fast_path_matches_construct(flags: int, type_: int, cookie: int
     assert built == packed
     assert wire.REQUEST_FAST.size == wire.Request.sizeof() == 28
     parsed = wire.Request.parse(packed)
-    assert wire.REQUEST_FAST.unpack(built) == (c.REQUEST_MAGIC, parsed.flags, parsed.type, parsed.cookie,
-                                               parsed.offset, parsed.length)
+    assert wire.REQUEST_FAST.unpack(built) == (
+        c.REQUEST_MAGIC,
+        parsed.flags,
+        parsed.type,
+        parsed.cookie,
+        parsed.offset,
+        parsed.length,
+    )
 
 
 @given(flags=u16, type_=u16, cookie=u64, offset=u64, length=u64)

@@ -1,0 +1,55 @@
+"""``BlockFilter``: a device that forwards every verb to ``next``, like an nbdkit filter.
+
+Subclasses override only the verbs they change (copy-before-write overrides the writes).
+"""
+
+from __future__ import annotations
+
+from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent
+
+
+class BlockFilter:
+    def __init__(self, next_device: BlockDevice) -> None:
+        self.next = next_device
+
+    @property
+    def size(self) -> int:
+        return self.next.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.next.read_only
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.next.capabilities
+
+    @property
+    def block_limits(self) -> BlockLimits:
+        return self.next.block_limits
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return await self.next.pread(offset, length)
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        await self.next.pwrite(offset, data, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        await self.next.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.next.trim(offset, length, fua=fua)
+
+    async def flush(self) -> None:
+        await self.next.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return await self.next.block_status(offset, length)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.next.cache(offset, length)
+
+    async def close(self) -> None:
+        """Filters do not own ``next``; closing one releases only what the filter itself holds."""

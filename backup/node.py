@@ -1,0 +1,159 @@
+"""``BlockNode``: a named block node — an opened image plus the stack of filters jobs put on top.
+
+Exports and jobs hold the node, never the device under it, so a backup can insert its
+copy-before-write filter under a running export (QEMU's graph change) and take it out again. Each
+request is forwarded to the top of the stack. ``drained()`` stops new requests and waits for those in
+flight, which is how a backup (or a transaction of several) fixes its point in time: no guest write
+is half-way through while filters are inserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from backup.errors import InvalidArgument
+from backup.filter import BlockFilter
+from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent
+
+
+class BlockNode:
+    """Implements ``BlockDevice`` by forwarding to the top of its filter stack."""
+
+    def __init__(self, name: str, device: BlockDevice, *, driver: str = "raw", filename: str | None = None) -> None:
+        self.name = name
+        self.device = device  # the opened image, bottom of the stack
+        self.driver = driver
+        self.filename = filename
+        self.filters: list[BlockFilter] = []  # bottom-most first
+        self.top: BlockDevice = device
+        self.users: set[object] = set()  # exports and jobs that keep the node from being deleted
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._drain_depth = 0
+        self._undrained = asyncio.Event()
+        self._undrained.set()
+
+    # --- graph changes ---------------------------------------------------------------------------
+
+    def insert_filter(self, make_filter: Callable[[BlockDevice], BlockFilter]) -> BlockFilter:
+        """Put a filter on top of the stack; call inside ``drained()`` so no request straddles it."""
+        new = make_filter(self.top)
+        self.filters.append(new)
+        self.top = new
+        return new
+
+    def remove_filter(self, old: BlockFilter) -> None:
+        """Take a filter out wherever it sits in the stack, relinking the one above it."""
+        try:
+            index = self.filters.index(old)
+        except ValueError:
+            raise InvalidArgument(f"filter is not on node '{self.name}'") from None
+        below = self.filters[index - 1] if index > 0 else self.device
+        if index + 1 < len(self.filters):
+            self.filters[index + 1].next = below
+        del self.filters[index]
+        self.top = self.filters[-1] if self.filters else self.device
+
+    @asynccontextmanager
+    async def drained(self) -> AsyncIterator[None]:
+        """Hold new requests back and wait until none is in flight (QEMU's drained section)."""
+        self._drain_depth += 1
+        self._undrained.clear()
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._drain_depth -= 1
+            if self._drain_depth == 0:
+                self._undrained.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def _enter(self) -> None:
+        if self._drain_depth:
+            await self._undrained.wait()
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    # --- BlockDevice -----------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.top.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.top.read_only
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.top.capabilities
+
+    @property
+    def block_limits(self) -> BlockLimits:
+        return self.top.block_limits
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        await self._enter()
+        try:
+            return await self.top.pread(offset, length)
+        finally:
+            self._leave()
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        await self._enter()
+        try:
+            await self.top.pwrite(offset, data, fua=fua)
+        finally:
+            self._leave()
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        await self._enter()
+        try:
+            await self.top.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+        finally:
+            self._leave()
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._enter()
+        try:
+            await self.top.trim(offset, length, fua=fua)
+        finally:
+            self._leave()
+
+    async def flush(self) -> None:
+        await self._enter()
+        try:
+            await self.top.flush()
+        finally:
+            self._leave()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        await self._enter()
+        try:
+            return await self.top.block_status(offset, length)
+        finally:
+            self._leave()
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._enter()
+        try:
+            await self.top.cache(offset, length)
+        finally:
+            self._leave()
+
+    async def close(self) -> None:
+        """Close the image; filters are removed by the jobs that own them before this."""
+        await self.device.close()

@@ -1,0 +1,23 @@
+"""Exception tree of the daemon: what the QMP monitor reports to clients, with QEMU's error classes."""
+
+from __future__ import annotations
+
+from backup.errors import BackupError
+
+
+class QmpError(Exception):
+    """A command failed; ``error_class`` is one of QEMU's (GenericError, CommandNotFound,
+    DeviceNotFound, DeviceNotActive, KVMMissingCap)."""
+
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+    @classmethod
+    def from_backup_error(cls, exc: BackupError) -> QmpError:
+        return cls(str(exc), exc.qmp_class)
+
+
+class ConfigError(Exception):
+    """The command line or configuration file is wrong; the daemon does not start."""

@@ -114,7 +114,7 @@ def test_looks_like_uri() -> None:
         assert not looks_like_uri(text)
 
 
-names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
+names = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=40)
 
 
 @given(export=names, port=st.integers(1, 65535))
@@ -123,7 +123,7 @@ def test_str_round_trips_tcp(export: str, port: int) -> None:
     assert parse_uri(str(uri)) == uri
 
 
-@given(export=names, socket=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1))
+@given(export=names, socket=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), min_size=1))
 def test_str_round_trips_unix(export: str, socket: str) -> None:
     uri = NbdUri(export=export, socket=socket)
     assert parse_uri(str(uri)) == uri

@@ -21,3 +21,10 @@ class QmpError(Exception):
 
 class ConfigError(Exception):
     """The command line or configuration file is wrong; the daemon does not start."""
+
+
+class PathNotAllowed(QmpError):
+    """A path outside the ``--allow-dir`` directories (symlinks resolved), or otherwise unusable."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc, "GenericError")

@@ -1,0 +1,179 @@
+"""``ClusterBitmap``: one bit per cluster, with run scanning done in C.
+
+The backup engine keeps one bit per cluster that still has to be copied. At 64 KiB clusters a 2 TiB
+disk needs 4 MiB, so the bits live in a ``bytearray`` (not a Python ``int``, which every update would
+copy). Finding the next set or clear bit is a regular-expression search for the first byte that is
+not ``0x00`` / ``0xff`` — a C loop over the buffer — followed by a bit test inside that one byte.
+A running population count makes "how much is left" O(1).
+
+Bit ``i`` is bit ``i % 8`` (least significant first) of byte ``i // 8``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+_NONZERO = re.compile(b"[^\x00]")
+_NONFULL = re.compile(b"[^\xff]")
+
+
+def _low_mask(bits: int) -> int:
+    """A byte with the lowest ``bits`` bits set."""
+    return (1 << bits) - 1
+
+
+class ClusterBitmap:
+    """A fixed-size bit array with range updates and next-set / next-clear searches."""
+
+    __slots__ = ("_bits", "_count", "_size")
+
+    def __init__(self, size: int, *, fill: bool = False) -> None:
+        if size < 0:
+            raise ValueError("bitmap size must not be negative")
+        self._size = size
+        nbytes = (size + 7) // 8
+        self._bits = bytearray(b"\xff" * nbytes if fill else nbytes)
+        self._count = 0
+        if fill:
+            self._count = size
+            self._trim_tail()
+
+    def _trim_tail(self) -> None:
+        """Keep the bits past ``size`` clear so whole-byte searches never see them."""
+        spare = self._size % 8
+        if spare:
+            self._bits[-1] &= _low_mask(spare)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def count(self) -> int:
+        """How many bits are set."""
+        return self._count
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> bool:
+        if not 0 <= index < self._size:
+            raise IndexError(index)
+        return bool(self._bits[index >> 3] >> (index & 7) & 1)
+
+    def _check_range(self, start: int, end: int) -> None:
+        if not 0 <= start <= end <= self._size:
+            raise IndexError(f"bit range [{start}, {end}) outside [0, {self._size})")
+
+    def _popcount(self, first_byte: int, end_byte: int) -> int:
+        chunk = self._bits[first_byte:end_byte]
+        return int.from_bytes(chunk, "little").bit_count() if chunk else 0
+
+    def _update(self, start: int, end: int, value: bool) -> int:
+        """Set or clear ``[start, end)``; returns how many bits changed."""
+        self._check_range(start, end)
+        if start == end:
+            return 0
+        first_byte, last_byte = start >> 3, (end - 1) >> 3
+        before = self._popcount(first_byte, last_byte + 1)
+        bits = self._bits
+        head_mask = 0xFF & ~_low_mask(start & 7)
+        tail_mask = _low_mask(((end - 1) & 7) + 1)
+        if first_byte == last_byte:
+            mask = head_mask & tail_mask
+            bits[first_byte] = bits[first_byte] | mask if value else bits[first_byte] & ~mask
+        else:
+            bits[first_byte] = bits[first_byte] | head_mask if value else bits[first_byte] & ~head_mask
+            bits[last_byte] = bits[last_byte] | tail_mask if value else bits[last_byte] & ~tail_mask
+            middle = last_byte - first_byte - 1
+            if middle:
+                bits[first_byte + 1 : last_byte] = (b"\xff" if value else b"\x00") * middle
+        after = self._popcount(first_byte, last_byte + 1)
+        self._count += after - before
+        return abs(after - before)
+
+    def set(self, start: int, end: int) -> int:
+        """Set bits ``[start, end)``; returns how many were clear before."""
+        return self._update(start, end, True)
+
+    def clear(self, start: int, end: int) -> int:
+        """Clear bits ``[start, end)``; returns how many were set before."""
+        return self._update(start, end, False)
+
+    def count_range(self, start: int, end: int) -> int:
+        """How many bits of ``[start, end)`` are set."""
+        self._check_range(start, end)
+        total = 0
+        pos = start
+        while pos < end:
+            if pos & 7 or end - pos < 8:
+                total += self[pos]
+                pos += 1
+                continue
+            whole = (end - pos) >> 3
+            total += self._popcount(pos >> 3, (pos >> 3) + whole)
+            pos += whole << 3
+        return total
+
+    def _search(self, start: int, end: int, want: bool) -> int | None:
+        if start >= end:
+            return None
+        bits = self._bits
+        skip = _NONZERO if want else _NONFULL
+        pos = start
+        # Finish the partial first byte bit by bit, then jump a whole byte at a time.
+        while pos < end and pos & 7:
+            if bool(bits[pos >> 3] >> (pos & 7) & 1) == want:
+                return pos
+            pos += 1
+        while pos < end:
+            match = skip.search(bits, pos >> 3, ((end - 1) >> 3) + 1)
+            if match is None:
+                return None
+            byte_index = match.start()
+            byte = bits[byte_index] if want else ~bits[byte_index] & 0xFF
+            bit = (byte & -byte).bit_length() - 1
+            found = (byte_index << 3) + bit
+            return found if found < end else None
+        return None
+
+    def next_set(self, start: int, end: int | None = None) -> int | None:
+        """The first set bit in ``[start, end)``, or ``None``."""
+        end = self._size if end is None else min(end, self._size)
+        return self._search(max(start, 0), end, True)
+
+    def next_clear(self, start: int, end: int | None = None) -> int | None:
+        """The first clear bit in ``[start, end)``, or ``None``."""
+        end = self._size if end is None else min(end, self._size)
+        return self._search(max(start, 0), end, False)
+
+    def run_end(self, start: int, end: int | None = None) -> int:
+        """Where the run of equal bits that begins at ``start`` ends (bounded by ``end``)."""
+        end = self._size if end is None else min(end, self._size)
+        if start >= end:
+            return end
+        found = self._search(start, end, not self[start])
+        return end if found is None else found
+
+    def runs(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Yield ``(first, end)`` of each run of set bits inside ``[start, end)``."""
+        end = self._size if end is None else min(end, self._size)
+        pos = start
+        while True:
+            first = self.next_set(pos, end)
+            if first is None:
+                return
+            last = self.run_end(first, end)
+            yield first, last
+            pos = last
+
+    def to_bytes(self) -> bytes:
+        """The raw bits (for persistence and tests)."""
+        return bytes(self._bits)
+
+    def __repr__(self) -> str:
+        return f"ClusterBitmap(size={self._size}, count={self._count})"
+
+
+__all__ = ["ClusterBitmap"]

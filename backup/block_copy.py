@@ -1,0 +1,334 @@
+"""``BlockCopier``: the state a backup shares between its job and its copy-before-write filter.
+
+One bit per cluster says "the old data of this cluster still has to reach the target". Copying a
+cluster *claims* it first: its bit is cleared and a ``CopyTask`` covering it is put in the in-flight
+list, both without an ``await`` in between, so whoever comes next (the job's workers or a guest write
+in the filter) either sees the bit set and claims it, or finds the task and waits for exactly that
+task — never for unrelated clusters, and no cluster is ever copied twice. A failed or cancelled copy
+sets its bits again so the cluster is retried. The invariant that makes the point in time hold: a
+cluster's bit is only cleared by a claim, and a guest write reaches the source only after the claim
+covering its clusters has finished successfully — so while a bit is set, the source still holds the
+data of the instant the backup started.
+
+Zero handling lives here, in one place, for both paths: ranges the source reports as reading zeroes
+(and clusters read back as all zeroes) are skipped when the target is known to read as zeroes, and
+otherwise sent as write-zeroes with ``may_trim`` so the target stays sparse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from backup.bitmap import ClusterBitmap
+from nbd.constants import State
+from nbd.device import BlockDevice
+
+MiB = 1024 * 1024
+
+#: Largest single write-zeroes request sent to a target (NBD lengths are 32-bit).
+MAX_ZERO_REQUEST = 1024 * MiB
+
+TopAllocation = Callable[[int, int], Awaitable[list[tuple[int, bool]]]]
+
+
+class CopyError(Exception):
+    """A copy failed on the source (``is_read``) or the target; ``cause`` is the device's ``OSError``.
+
+    Not an ``OSError`` itself so callers cannot confuse it with a failure of their own request: the
+    job hands ``cause`` to its error policy, the filter applies ``on-cbw-error``.
+    """
+
+    def __init__(self, cause: OSError, *, is_read: bool) -> None:
+        super().__init__(f"{'source read' if is_read else 'target write'} failed: {cause}")
+        self.cause = cause
+        self.is_read = is_read
+
+    @property
+    def errno(self) -> int:
+        return self.cause.errno or errno.EIO
+
+
+class CopyTask:
+    """Clusters ``[start, end)`` being copied; ``done`` is set when the copy ended either way."""
+
+    __slots__ = ("done", "end", "ok", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.done = asyncio.Event()
+        self.ok = False
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return self.start < end and start < self.end
+
+    def __repr__(self) -> str:
+        return f"CopyTask([{self.start}, {self.end}), done={self.done.is_set()}, ok={self.ok})"
+
+
+class ProgressSink(Protocol):
+    def __call__(self, nbytes: int) -> None: ...
+
+
+def _zero_progress(nbytes: int) -> None:
+    """Default progress sink: nobody listens."""
+
+
+class BlockCopier:
+    """Copies clusters of ``source`` to ``target`` at most once each, for a job and a filter together."""
+
+    def __init__(
+        self,
+        source: BlockDevice,
+        target: BlockDevice,
+        *,
+        size: int,
+        cluster_size: int,
+        target_zero_init: bool,
+        max_chunk: int = 4 * MiB,
+        top_allocation: TopAllocation | None = None,
+        bitmap: ClusterBitmap | None = None,
+    ) -> None:
+        if cluster_size <= 0 or cluster_size & (cluster_size - 1):
+            raise ValueError(f"cluster size {cluster_size} is not a power of two")
+        self.source = source
+        self.target = target
+        self.size = size
+        self.cluster_size = cluster_size
+        self.cluster_bits = cluster_size.bit_length() - 1
+        self.target_zero_init = target_zero_init
+        self.max_chunk = max(cluster_size, max_chunk - max_chunk % cluster_size)
+        self.top_allocation = top_allocation
+        self.clusters = (size + cluster_size - 1) >> self.cluster_bits
+        if bitmap is not None and bitmap.size != self.clusters:
+            raise ValueError(f"bitmap has {bitmap.size} bits, the device {self.clusters} clusters")
+        self.bitmap = bitmap if bitmap is not None else ClusterBitmap(self.clusters, fill=True)
+        self.active = True
+        self.on_progress: ProgressSink = _zero_progress
+        self.copied_bytes = 0  # bytes whose old data is on the target (or known to need nothing)
+        self.written_bytes = 0  # bytes actually written as data to the target
+        self._tasks: list[CopyTask] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._zero_cluster = bytes(cluster_size)
+
+    # --- geometry -------------------------------------------------------------------------------
+
+    def clusters_of(self, offset: int, length: int) -> tuple[int, int]:
+        """The clusters ``[first, end)`` that bytes ``[offset, offset+length)`` touch (clipped to the device)."""
+        stop = min(offset + length, self.size)
+        if length <= 0 or offset >= stop:
+            return 0, 0
+        return offset >> self.cluster_bits, (stop - 1 >> self.cluster_bits) + 1
+
+    def bytes_of(self, first: int, end: int) -> tuple[int, int]:
+        """Byte offset and length of clusters ``[first, end)``; the last cluster may be partial."""
+        offset = first << self.cluster_bits
+        return offset, min(end << self.cluster_bits, self.size) - offset
+
+    # --- claims ---------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> tuple[CopyTask, ...]:
+        return tuple(self._tasks)
+
+    @property
+    def remaining(self) -> int:
+        """Bytes still to copy (clusters neither copied nor being copied)."""
+        count = self.bitmap.count
+        if count and self.bitmap[self.clusters - 1]:
+            tail = self.size & (self.cluster_size - 1)
+            return (count << self.cluster_bits) - (self.cluster_size - tail if tail else 0)
+        return count << self.cluster_bits
+
+    def overlapping(self, first: int, end: int) -> CopyTask | None:
+        for task in self._tasks:
+            if task.overlaps(first, end):
+                return task
+        return None
+
+    def claim(self, first: int, end: int) -> CopyTask:
+        """Take clusters ``[first, end)`` (all still to copy) for copying. Synchronous on purpose."""
+        if first >= end or self.bitmap.count_range(first, end) != end - first:
+            raise ValueError(f"clusters [{first}, {end}) are not all waiting to be copied")
+        self.bitmap.clear(first, end)
+        task = CopyTask(first, end)
+        self._tasks.append(task)
+        self._idle.clear()
+        return task
+
+    def _finish(self, task: CopyTask, ok: bool) -> None:
+        if not ok:
+            self.bitmap.set(task.start, task.end)
+        self._tasks.remove(task)
+        task.ok = ok
+        task.done.set()
+        if not self._tasks:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no copy is in flight."""
+        while self._tasks:
+            await self._idle.wait()
+
+    def deactivate(self) -> None:
+        """The backup ended: guest writes stop copying. Bits stay as they are (for the record)."""
+        self.active = False
+
+    # --- copying --------------------------------------------------------------------------------
+
+    async def run(self, task: CopyTask) -> None:
+        """Copy a claimed task; on failure or cancellation its clusters become claimable again."""
+        ok = False
+        try:
+            offset, length = self.bytes_of(task.start, task.end)
+            await self._copy_bytes(offset, length)
+            ok = True
+        finally:
+            self._finish(task, ok)
+        self.copied_bytes += length
+        self.on_progress(length)
+
+    async def ensure_copied(self, first: int, end: int, *, chunk_clusters: int | None = None) -> None:
+        """Guest path: return once every cluster of ``[first, end)`` has its old data on the target.
+
+        Waits only for in-flight copies that overlap the range, copies the rest itself (in chunks,
+        one at a time, so a huge guest request does not allocate a huge buffer). Raises ``CopyError``.
+        """
+        limit = chunk_clusters or max(1, self.max_chunk >> self.cluster_bits)
+        while self.active:
+            busy = self.overlapping(first, end)
+            if busy is not None:
+                await busy.done.wait()
+                continue
+            start = self.bitmap.next_set(first, end)
+            if start is None:
+                return
+            stop = min(self.bitmap.run_end(start, end), start + limit)
+            await self.run(self.claim(start, stop))
+
+    def needs_copy(self, first: int, end: int) -> bool:
+        """Cheap test for the guest fast path: does anything in ``[first, end)`` still need copying?"""
+        if not self.active or first >= end:
+            return False
+        if self._tasks and self.overlapping(first, end) is not None:
+            return True
+        return self.bitmap.next_set(first, end) is not None
+
+    async def _copy_bytes(self, offset: int, length: int) -> None:
+        """Copy one claimed byte range, deciding per extent between skip, write-zeroes and data."""
+        end = offset + length
+        if self.top_allocation is not None:
+            try:
+                runs = await self.top_allocation(offset, length)
+            except OSError as exc:
+                raise CopyError(exc, is_read=True) from exc
+            pos = offset
+            for run_length, allocated in runs:
+                run_end = min(pos + run_length, end)
+                if allocated and run_end > pos:
+                    await self._copy_allocated(pos, run_end)
+                pos = run_end
+                if pos >= end:
+                    break
+            if pos < end:  # the allocation map stopped short: be safe and copy the rest
+                await self._copy_allocated(pos, end)
+            return
+        await self._copy_allocated(offset, end)
+
+    async def _copy_allocated(self, offset: int, end: int) -> None:
+        pos = offset
+        if not self.source.capabilities.can_extents:
+            await self._copy_data(pos, end)
+            return
+        while pos < end:
+            try:
+                extents = await self.source.block_status(pos, end - pos)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    await self._copy_data(pos, end)
+                    return
+                raise CopyError(exc, is_read=True) from exc
+            if not extents:
+                await self._copy_data(pos, end)
+                return
+            for extent in extents:
+                ext_end = min(pos + extent.length, end)
+                if extent.flags & State.ZERO:
+                    await self._copy_zero(pos, ext_end - pos)
+                else:
+                    await self._copy_data(pos, ext_end)
+                pos = ext_end
+                if pos >= end:
+                    break
+
+    async def _copy_zero(self, offset: int, length: int) -> None:
+        """The one place that decides what a run of zeroes costs the target."""
+        if self.target_zero_init or length <= 0:
+            return
+        target = self.target
+        try:
+            if target.capabilities.can_zero:
+                pos, end = offset, offset + length
+                while pos < end:
+                    step = min(end - pos, MAX_ZERO_REQUEST)
+                    await target.zero(pos, step, may_trim=True)
+                    pos += step
+                return
+            zeroes = bytes(min(length, self.max_chunk))
+            pos, end = offset, offset + length
+            while pos < end:
+                step = min(end - pos, len(zeroes))
+                await target.pwrite(pos, memoryview(zeroes)[:step])
+                pos += step
+        except OSError as exc:
+            raise CopyError(exc, is_read=False) from exc
+
+    async def _copy_data(self, offset: int, end: int) -> None:
+        """Read in bounded chunks; all-zero clusters inside the data go the zero path."""
+        pos = offset
+        while pos < end:
+            step = min(end - pos, self.max_chunk)
+            try:
+                data = await self.source.pread(pos, step)
+            except OSError as exc:
+                raise CopyError(exc, is_read=True) from exc
+            if len(data) != step:
+                raise CopyError(OSError(errno.EIO, f"short read: {len(data)} of {step} bytes"), is_read=True)
+            await self._write_nonzero(pos, data)
+            pos += step
+
+    async def _write_nonzero(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``, splitting out cluster-aligned all-zero pieces."""
+        view = memoryview(data)
+        length = len(data)
+        cs = self.cluster_size
+        zero = self._zero_cluster
+        # Piece boundaries follow absolute cluster boundaries so sparseness matches the cluster map.
+        pieces: list[tuple[int, int, bool]] = []
+        pos = 0
+        while pos < length:
+            stop = min(length, (offset + pos) // cs * cs + cs - offset)
+            size = stop - pos
+            is_zero = data.startswith(zero if size == cs else zero[:size], pos)
+            if pieces and pieces[-1][2] == is_zero:
+                start, _, _ = pieces[-1]
+                pieces[-1] = (start, stop, is_zero)
+            else:
+                pieces.append((pos, stop, is_zero))
+            pos = stop
+        for start, stop, is_zero in pieces:
+            if is_zero:
+                await self._copy_zero(offset + start, stop - start)
+                continue
+            try:
+                await self.target.pwrite(offset + start, view[start:stop])
+            except OSError as exc:
+                raise CopyError(exc, is_read=False) from exc
+            self.written_bytes += stop - start
+
+
+__all__ = ["MAX_ZERO_REQUEST", "BlockCopier", "CopyError", "CopyTask", "TopAllocation"]

@@ -1,0 +1,114 @@
+"""``CopyBeforeWriteFilter``: old data goes to the backup target before a guest overwrites it.
+
+Sits between an export and the source device (in a ``BlockNode``'s filter stack). Reads pass
+through untouched. A write, write-zeroes or trim first makes sure every cluster it touches has its
+point-in-time data on the target (``BlockCopier.ensure_copied``: waits only for overlapping in-flight
+copies, copies the rest itself), then goes down. Unaligned and cluster-crossing requests simply touch
+more clusters; the partial last cluster of the device is copied as far as the device goes.
+
+When the copy fails or takes longer than ``cbw_timeout`` seconds, ``on_cbw_error`` decides, as in
+QEMU's copy-before-write driver: ``break-guest-write`` (default) fails the guest request with the
+copy's errno (``ETIMEDOUT`` for a timeout) and no data reaches the source, so the snapshot stays
+valid and the job copies that cluster later; ``break-snapshot`` lets the guest write proceed,
+marks the snapshot broken (``snapshot_error``), stops all further copying and tells the job, which
+then fails. Two backups of one device each insert their own filter: they stack, and a write passes
+both, each copying the old data its own backup needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+
+from backup.block_copy import BlockCopier, CopyError
+from backup.filter import BlockFilter
+from nbd.device import BlockDevice
+
+log = logging.getLogger(__name__)
+
+
+class OnCbwError(StrEnum):
+    """QEMU's ``OnCbwError``."""
+
+    BREAK_GUEST_WRITE = "break-guest-write"
+    BREAK_SNAPSHOT = "break-snapshot"
+
+
+class CopyBeforeWriteFilter(BlockFilter):
+    """A ``BlockFilter`` whose write verbs copy the old data of not-yet-copied clusters first."""
+
+    def __init__(
+        self,
+        next_device: BlockDevice,
+        copier: BlockCopier,
+        *,
+        on_cbw_error: OnCbwError | str = OnCbwError.BREAK_GUEST_WRITE,
+        cbw_timeout: float = 0.0,
+        on_snapshot_broken: Callable[[OSError], None] | None = None,
+    ) -> None:
+        super().__init__(next_device)
+        if cbw_timeout < 0:
+            raise ValueError("cbw-timeout must not be negative")
+        self.copier = copier
+        # The copier reads the old data through this filter: reads pass through to whatever sits
+        # below it *now*, which stays right when a lower filter (another backup) is removed.
+        copier.source = self
+        self.on_cbw_error = OnCbwError(on_cbw_error)
+        self.cbw_timeout = cbw_timeout
+        self.on_snapshot_broken = on_snapshot_broken
+        self.snapshot_error: OSError | None = None
+        self.guest_copies = 0  # how many guest requests had to copy (or wait for a copy) first
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        await self._before_write(offset, len(data))
+        await self.next.pwrite(offset, data, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        await self._before_write(offset, length)
+        await self.next.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._before_write(offset, length)
+        await self.next.trim(offset, length, fua=fua)
+
+    async def _before_write(self, offset: int, length: int) -> None:
+        copier = self.copier
+        first, end = copier.clusters_of(offset, length)
+        if not copier.needs_copy(first, end):
+            return
+        self.guest_copies += 1
+        try:
+            if self.cbw_timeout > 0:
+                await asyncio.wait_for(copier.ensure_copied(first, end), self.cbw_timeout)
+            else:
+                await copier.ensure_copied(first, end)
+            return
+        except TimeoutError:
+            failure = OSError(errno.ETIMEDOUT, f"copy-before-write timed out after {self.cbw_timeout:g} s")
+        except CopyError as exc:
+            failure = OSError(exc.errno, f"copy-before-write failed: {exc}")
+        if not copier.active:
+            return  # the backup ended while we waited: nothing left to protect
+        if self.on_cbw_error is OnCbwError.BREAK_SNAPSHOT:
+            self.break_snapshot(failure)
+            return
+        log.warning("guest write at %d+%d refused: %s", offset, length, failure)
+        raise failure
+
+    def break_snapshot(self, error: OSError) -> None:
+        """Give up the point in time: guest writes pass straight through from now on."""
+        if self.snapshot_error is not None:
+            return
+        log.error("copy-before-write snapshot broken: %s", error)
+        self.snapshot_error = error
+        self.copier.deactivate()
+        if self.on_snapshot_broken is not None:
+            self.on_snapshot_broken(error)
+
+
+__all__ = ["CopyBeforeWriteFilter", "OnCbwError"]

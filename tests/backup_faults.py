@@ -1,0 +1,81 @@
+"""Test helpers for the backup engine: a device wrapper that counts, stalls and fails on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+from backup.filter import BlockFilter
+from nbd.device import BlockDevice
+
+
+class FaultyDevice(BlockFilter):
+    """Forwards to ``next`` but can fail (``fail_*`` = an errno) or stall (``gate`` cleared) writes/reads.
+
+    Records every write-type request as ``(verb, offset, length)`` so tests can prove a cluster was
+    written exactly once.
+    """
+
+    def __init__(self, next_device: BlockDevice) -> None:
+        super().__init__(next_device)
+        self.fail_reads: int | None = None
+        self.fail_writes: int | None = None
+        self.fail_writes_times = -1  # with fail_writes: how many more failures (-1: until cleared)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.writes: list[tuple[str, int, int]] = []
+        self.reads = 0
+        self.stalled = 0
+
+    async def _maybe_stall(self) -> None:
+        if not self.gate.is_set():
+            self.stalled += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.stalled -= 1
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        await self._maybe_stall()
+        if self.fail_reads is not None:
+            raise OSError(self.fail_reads, "injected read failure")
+        self.reads += 1
+        return await self.next.pread(offset, length)
+
+    async def _write(self, verb: str, offset: int, length: int) -> None:
+        await self._maybe_stall()
+        if self.fail_writes is not None and self.fail_writes_times != 0:
+            self.fail_writes_times -= self.fail_writes_times > 0
+            raise OSError(self.fail_writes, "injected write failure")
+        self.writes.append((verb, offset, length))
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        await self._write("write", offset, len(data))
+        await self.next.pwrite(offset, data, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        await self._write("zero", offset, length)
+        await self.next.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._write("trim", offset, length)
+        await self.next.trim(offset, length, fua=fua)
+
+    async def flush(self) -> None:
+        await self._maybe_stall()
+        if self.fail_writes is not None:
+            raise OSError(self.fail_writes, "injected flush failure")
+        await self.next.flush()
+
+
+def pattern(size: int, seed: int = 1) -> bytes:
+    """Deterministic non-zero-looking data, different per 512-byte block."""
+    block = bytes((seed * 131 + i * 7) % 251 + 1 for i in range(509))
+    out = (block * (size // len(block) + 1))[:size]
+    return out
+
+
+ENOSPC = errno.ENOSPC
+EIO = errno.EIO

@@ -1,0 +1,80 @@
+"""ClusterBitmap against a plain list of booleans: range updates, counts, run scanning."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backup.bitmap import ClusterBitmap
+
+
+def model_next(bits: list[bool], start: int, end: int, want: bool) -> int | None:
+    for i in range(max(start, 0), min(end, len(bits))):
+        if bits[i] == want:
+            return i
+    return None
+
+
+ops = st.lists(
+    st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 300)),
+    max_size=30,
+)
+
+
+@given(size=st.integers(0, 300), fill=st.booleans(), updates=ops, probes=st.lists(st.integers(0, 310), max_size=10))
+def test_matches_a_list_model(size: int, fill: bool, updates: list[tuple[bool, int, int]], probes: list[int]) -> None:
+    bitmap = ClusterBitmap(size, fill=fill)
+    model = [fill] * size
+    for value, a, b in updates:
+        start, end = sorted((min(a, size), min(b, size)))
+        changed = bitmap.set(start, end) if value else bitmap.clear(start, end)
+        assert changed == sum(1 for i in range(start, end) if model[i] != value)
+        model[start:end] = [value] * (end - start)
+        assert bitmap.count == sum(model)
+    assert [bitmap[i] for i in range(size)] == model
+    for p in probes:
+        for q in (p + 1, p + 9, size):
+            assert bitmap.next_set(p, q) == model_next(model, p, q, True)
+            assert bitmap.next_clear(p, q) == model_next(model, p, q, False)
+            if p < size:
+                lo, hi = sorted((p, min(q, size)))
+                assert bitmap.count_range(lo, hi) == sum(model[lo:hi])
+    runs = list(bitmap.runs())
+    expected: list[tuple[int, int]] = []
+    for i, bit in enumerate(model):
+        if bit:
+            if expected and expected[-1][1] == i:
+                expected[-1] = (expected[-1][0], i + 1)
+            else:
+                expected.append((i, i + 1))
+    assert runs == expected
+
+
+def test_tail_bits_past_size_never_found() -> None:
+    bitmap = ClusterBitmap(10, fill=True)
+    assert bitmap.count == 10
+    bitmap.clear(0, 10)
+    assert bitmap.next_set(0) is None
+    assert bitmap.next_clear(0) == 0
+    assert bitmap.to_bytes() == b"\x00\x00"
+
+
+def test_large_bitmap_scans_across_empty_space() -> None:
+    clusters = 32 * 1024 * 1024  # a 2 TiB disk at 64 KiB clusters: 4 MiB of bits
+    bitmap = ClusterBitmap(clusters)
+    bitmap.set(clusters - 3, clusters - 1)
+    assert bitmap.next_set(0) == clusters - 3
+    assert bitmap.run_end(clusters - 3) == clusters - 1
+    assert bitmap.count == 2
+    assert len(bitmap.to_bytes()) == clusters // 8
+
+
+def test_out_of_range_is_refused() -> None:
+    bitmap = ClusterBitmap(8)
+    with pytest.raises(IndexError):
+        bitmap.set(4, 9)
+    with pytest.raises(IndexError):
+        _ = bitmap[8]
+    with pytest.raises(ValueError):
+        ClusterBitmap(-1)

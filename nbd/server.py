@@ -1,0 +1,509 @@
+"""asyncio adapter of the NBD server: sockets in, ``ServerCore`` in the middle, block devices below.
+
+Each connection is an ``asyncio.Protocol`` feeding its own ``ServerCore`` (so no stream-reader copies
+and no per-request ``readexactly`` awaits); every validated request runs as its own task, so many
+requests are in flight per connection and replies go out in completion order. A reply is always
+written with one synchronous ``transport.write``/``writelines`` call, which makes the transport's
+buffer the write lock: replies never interleave. When the buffer is over its high-water mark, request
+tasks wait for it to drain; when too many requests are in flight, reading pauses (bounded memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as errno_mod
+import logging
+import os
+import socket
+import stat
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, cast
+
+from nbd import constants as c
+from nbd.constants import State, TransmissionFlag
+from nbd.device import BlockDevice
+from nbd.errors import errno_to_nbd
+from nbd.server_core import (
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_DF,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_NO_HOLE,
+    FLAG_REQ_ONE,
+    Closed,
+    ExportEntry,
+    Negotiated,
+    Request,
+    ServerCore,
+)
+
+log = logging.getLogger(__name__)
+
+SPARSE_READ_MIN = 64 * 1024  # reads at least this long ask the device for holes first
+MAX_IN_FLIGHT = 64  # requests per connection before reading pauses
+MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one chunk
+_ZERO = int(State.ZERO)
+
+
+class Export:
+    """A named view of a block device over NBD (usually a ``BlockNode``, so filters can be inserted
+    under a live export)."""
+
+    def __init__(self, name: str, device: BlockDevice, *, writable: bool = True, description: str = "") -> None:
+        if len(name.encode()) > c.MAX_STRING:
+            raise ValueError(f"export name longer than {c.MAX_STRING} bytes")
+        if len(description.encode()) > c.MAX_STRING:
+            raise ValueError(f"export description longer than {c.MAX_STRING} bytes")
+        self.name = name
+        self.device = device
+        self.writable = writable
+        self.description = description
+
+    @property
+    def read_only(self) -> bool:
+        return not self.writable or self.device.read_only
+
+    def entry(self) -> ExportEntry:
+        """The export as the handshake presents it now (flags follow the device's current capabilities)."""
+        device = self.device
+        caps = device.capabilities
+        limits = device.block_limits
+        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_DF
+        if self.read_only:
+            flags |= TransmissionFlag.READ_ONLY
+        else:
+            if caps.can_fua:
+                flags |= TransmissionFlag.SEND_FUA
+            if caps.can_trim:
+                flags |= TransmissionFlag.SEND_TRIM
+            if caps.can_zero:
+                flags |= TransmissionFlag.SEND_WRITE_ZEROES
+                if caps.can_fast_zero:
+                    flags |= TransmissionFlag.SEND_FAST_ZERO
+        if caps.can_flush:
+            flags |= TransmissionFlag.SEND_FLUSH
+        if caps.can_multi_conn:
+            flags |= TransmissionFlag.CAN_MULTI_CONN
+        if caps.can_cache:
+            flags |= TransmissionFlag.SEND_CACHE
+        if caps.rotational:
+            flags |= TransmissionFlag.ROTATIONAL
+        return ExportEntry(
+            name=self.name,
+            size=device.size,
+            flags=int(flags),
+            description=self.description,
+            minimum=limits.minimum,
+            preferred=limits.preferred,
+            maximum=min(limits.maximum, c.MAX_PAYLOAD),
+            handle=self,
+        )
+
+    def __repr__(self) -> str:
+        return f"Export({self.name!r}, writable={self.writable})"
+
+
+class NbdServer:
+    """Listens on any number of TCP and unix sockets and serves the registered exports."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        handshake_timeout: float = 10.0,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_options: int = 64,
+    ) -> None:
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.max_in_flight = max_in_flight
+        self.max_options = max_options
+        self._exports: dict[str, Export] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[str] = []
+        self._connections: set[_Connection] = set()
+        self._stopping = False
+
+    # --- exports -----------------------------------------------------------------------------------
+
+    @property
+    def exports(self) -> Mapping[str, Export]:
+        return MappingProxyType(self._exports)
+
+    def add_export(self, export: Export) -> None:
+        if export.name in self._exports:
+            raise ValueError(f"export '{export.name}' already exists")
+        self._exports[export.name] = export
+        users = getattr(export.device, "users", None)
+        if isinstance(users, set):
+            users.add(export)
+
+    def remove_export(self, name: str) -> Export:
+        """Stop offering the export and close its connections once their requests are done."""
+        export = self._exports.pop(name)
+        users = getattr(export.device, "users", None)
+        if isinstance(users, set):
+            users.discard(export)
+        for conn in list(self._connections):
+            if conn.export is export:
+                conn.shutdown()
+        return export
+
+    def connection_count(self, name: str) -> int:
+        export = self._exports.get(name)
+        return sum(1 for conn in self._connections if conn.export is not None and conn.export is export)
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    def _lookup(self, name: str) -> ExportEntry | None:
+        export = self._exports.get(name)
+        if export is None and name == "" and len(self._exports) == 1:
+            export = next(iter(self._exports.values()))  # the default export, when there is only one
+        return export.entry() if export is not None else None
+
+    def _list(self) -> Iterable[ExportEntry]:
+        return [export.entry() for export in self._exports.values()]
+
+    # --- listening ---------------------------------------------------------------------------------
+
+    async def listen_tcp(self, host: str = "127.0.0.1", port: int = c.DEFAULT_PORT) -> tuple[str, int]:
+        """Listen on TCP; returns the bound address (port 0 picks a free one)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._servers.append(server)
+        for sock in server.sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        addr = server.sockets[0].getsockname()
+        log.info("NBD server listening on %s:%d", addr[0], addr[1])
+        return str(addr[0]), int(addr[1])
+
+    async def listen_unix(self, path: str | os.PathLike[str]) -> None:
+        """Listen on a unix socket (a stale socket file at ``path`` is replaced)."""
+        path = os.fspath(path)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: _Connection(self), path)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+        log.info("NBD server listening on unix:%s", path)
+
+    async def stop(self, *, timeout: float = 5.0) -> None:
+        """Stop listening, let in-flight requests finish (up to ``timeout``), close every connection."""
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unix_paths.clear()
+        conns = list(self._connections)
+        for conn in conns:
+            conn.shutdown()
+        if conns:
+            waits = [conn.closed for conn in conns]
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for conn in conns:
+                if not conn.closed.done():
+                    conn.abort()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+
+class _Connection(asyncio.Protocol):
+    """One client: the core's bytes in and out, and a task per request."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.export: Export | None = None
+        self.device: Any = None
+        self.core: ServerCore
+        self.transport: asyncio.Transport
+        self.peer = "?"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._closing = False
+        self._lost = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._sparse = False
+
+    # --- protocol callbacks ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        server = self.server
+        refuse = None
+        if server._stopping:
+            refuse = "the server is shutting down"
+        elif len(server._connections) >= server.max_connections:
+            refuse = f"too many connections (limit {server.max_connections})"
+            if len(server._connections) >= 2 * server.max_connections:
+                transport.abort()  # not even a greeting: we are being flooded
+                return
+        server._connections.add(self)
+        if refuse:
+            log.warning("refusing NBD client %s: %s", self.peer, refuse)
+        self.core = ServerCore(server._lookup, server._list, max_options=server.max_options, refuse=refuse)
+        transport.writelines(self.core.data_to_send())
+        self._timer = self.loop.call_later(server.handshake_timeout, self._handshake_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        self._closing = True
+        self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake_writers()
+        if not self._tasks and not self.closed.done():
+            self.closed.set_result(None)
+        log.debug("NBD client %s gone", self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        core = self.core
+        events = core.receive(data)
+        if core.has_output:
+            self.transport.writelines(core.data_to_send())
+        for event in events:
+            if type(event) is Request:
+                self._start(event)
+            elif type(event) is Negotiated:
+                self._negotiated(event)
+            elif type(event) is Closed:
+                self._client_closed(event)
+
+    def eof_received(self) -> bool | None:
+        self.shutdown()
+        return True  # keep the transport open until in-flight replies are written
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        if self._drain is not None:
+            if not self._drain.done():
+                self._drain.set_result(None)
+            self._drain = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.export is None:
+            log.warning(
+                "NBD client %s did not finish the handshake in %.0f s", self.peer, self.server.handshake_timeout
+            )
+            self.abort()
+
+    def _negotiated(self, event: Negotiated) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        export = event.export.handle
+        assert isinstance(export, Export)
+        self.export = export
+        self.device = export.device
+        self._sparse = event.structured and event.export.size > 0
+        log.info("NBD client %s: export '%s'", self.peer, export.name)
+
+    def _client_closed(self, event: Closed) -> None:
+        if event.error:
+            log.warning("NBD client %s: %s", self.peer, event.reason)
+        else:
+            log.debug("NBD client %s: %s", self.peer, event.reason)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop reading; close once the in-flight requests have replied."""
+        if self._closing:
+            return
+        self._closing = True
+        transport = getattr(self, "transport", None)
+        if transport is None:
+            return
+        if not self._tasks:
+            transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        transport = getattr(self, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        task = self.loop.create_task(self._handle(request))
+        self._tasks.add(task)
+        if len(self._tasks) >= self.server.max_in_flight and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _send(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _sendv(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+        if not self.transport.is_closing():
+            self.transport.writelines(buffers)
+
+    async def _handle(self, request: Request) -> None:
+        cmd = request.cmd
+        device = self.device
+        core = self.core
+        try:
+            if cmd == CMD_READ:
+                await self._read(request)
+            elif cmd == CMD_WRITE:
+                assert request.payload is not None
+                await device.pwrite(request.offset, request.payload, fua=bool(request.flags & FLAG_FUA))
+                request.payload = None
+                self._send(core.reply_ok(request.cookie))
+            elif cmd == CMD_FLUSH:
+                await device.flush()
+                self._send(core.reply_ok(request.cookie))
+            elif cmd == CMD_WRITE_ZEROES:
+                flags = request.flags
+                await device.zero(
+                    request.offset,
+                    request.length,
+                    may_trim=not flags & FLAG_NO_HOLE,
+                    fast=bool(flags & FLAG_FAST_ZERO),
+                    fua=bool(flags & FLAG_FUA),
+                )
+                self._send(core.reply_ok(request.cookie))
+            elif cmd == CMD_TRIM:
+                await device.trim(request.offset, request.length, fua=bool(request.flags & FLAG_FUA))
+                self._send(core.reply_ok(request.cookie))
+            elif cmd == CMD_CACHE:
+                await device.cache(request.offset, request.length)
+                self._send(core.reply_ok(request.cookie))
+            elif cmd == CMD_BLOCK_STATUS:
+                await self._block_status(request)
+            else:  # the core lets no other command through
+                self._send(core.reply_error(cmd, request.cookie, errno_mod.EINVAL))
+            if self._writing_paused:
+                await self._wait_drained()
+        except OSError as exc:
+            err = errno_to_nbd(exc.errno, request.flags)
+            log.debug("NBD client %s: %r failed: %s", self.peer, request, exc)
+            self._send(core.reply_error(cmd, request.cookie, err, exc.strerror or str(exc)))
+        except Exception as exc:  # a bug below us must not take the connection (or the daemon) down
+            log.exception("NBD client %s: %r failed", self.peer, request)
+            self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}"))
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+        if self._reading_paused and len(self._tasks) <= self.server.max_in_flight // 2 and not self._closing:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if not self._tasks and self._closing:
+            if self._lost:
+                if not self.closed.done():
+                    self.closed.set_result(None)
+            elif not self.transport.is_closing():
+                self.transport.close()
+
+    async def _wait_drained(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self._drain is None:
+            self._drain = self.loop.create_future()
+        await self._drain
+
+    async def _read(self, request: Request) -> None:
+        offset, length, cookie = request.offset, request.length, request.cookie
+        device = self.device
+        if self._sparse and length >= SPARSE_READ_MIN:
+            extents = await device.block_status(offset, length)
+            if any(e.flags & _ZERO for e in extents):
+                await self._read_sparse(request, extents)
+                return
+        data = await device.pread(offset, length)
+        self._sendv(self.core.reply_read(cookie, offset, data))
+
+    async def _read_sparse(self, request: Request, extents: list[Any]) -> None:
+        """Send zero extents as hole chunks (with DF only when the whole range is one hole)."""
+        offset, length = request.offset, request.length
+        end = offset + length
+        runs: list[list[Any]] = []  # [length, is_data], neighbours of the same kind merged
+        pos = offset
+        for extent in extents:
+            run = min(extent.length, end - pos)
+            if run <= 0:
+                break
+            is_data = not extent.flags & _ZERO
+            if runs and runs[-1][1] == is_data:
+                runs[-1][0] += run
+            else:
+                runs.append([run, is_data])
+            pos += run
+        if pos < end:
+            if runs and runs[-1][1]:
+                runs[-1][0] += end - pos
+            else:
+                runs.append([end - pos, True])
+        device = self.device
+        if request.flags & FLAG_DF and (len(runs) > 1 or runs[0][1]):
+            data = await device.pread(offset, length)
+            self._sendv(self.core.reply_read(request.cookie, offset, data))
+            return
+        pieces: list[tuple[int, bytes | None]] = []
+        pos = offset
+        for run, is_data in runs:
+            pieces.append((run, await device.pread(pos, run) if is_data else None))
+            pos += run
+        self._sendv(self.core.reply_read_sparse(request.cookie, offset, pieces))
+
+    async def _block_status(self, request: Request) -> None:
+        offset, length = request.offset, request.length
+        extents = await self.device.block_status(offset, length)
+        descriptors: list[tuple[int, int]] = []
+        remaining = length
+        for extent in extents:
+            run = min(extent.length, remaining)
+            if run <= 0:
+                break
+            flags = extent.flags & 3
+            if descriptors and descriptors[-1][1] == flags:
+                descriptors[-1] = (descriptors[-1][0] + run, flags)
+            else:
+                if len(descriptors) >= MAX_DESCRIPTORS:
+                    break
+                descriptors.append((run, flags))
+            remaining -= run
+        if not descriptors:
+            raise OSError(errno_mod.EIO, "the device reported no extents")
+        if request.flags & FLAG_REQ_ONE:
+            descriptors = descriptors[:1]
+        self._send(self.core.reply_block_status(request.cookie, descriptors))
+
+
+__all__ = ["FLAG_DF", "Export", "NbdServer"]

@@ -1,0 +1,546 @@
+"""The Job lifecycle against QEMU 7.2's observed behaviour (see backup/job.py's docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+
+import pytest
+from jobkit import FakeJob, Recorder, until
+
+from backup.errors import InvalidArgument, JobStateError
+from backup.events import EventBus
+from backup.job import TRANSITIONS, VERBS, Job, JobGroup, JobStatus, JobVerb
+from backup.policy import OnError
+
+EIO = OSError(errno.EIO, "Input/output error")
+
+
+def make_bus() -> EventBus:
+    counter = itertools.count()
+    return EventBus(clock=lambda: float(next(counter)))
+
+
+def completed(job_id: str = "j", *, len_: int = 300, offset: int = 300, speed: int = 0, **extra: object) -> tuple:
+    data = {"type": "backup", "device": job_id, "len": len_, "offset": offset, "speed": speed, **extra}
+    return ("BLOCK_JOB_COMPLETED", data)
+
+
+def cancelled(job_id: str = "j", *, len_: int = 300, offset: int = 0, speed: int = 0) -> tuple:
+    return ("BLOCK_JOB_CANCELLED", {"type": "backup", "device": job_id, "len": len_, "offset": offset, "speed": speed})
+
+
+async def test_success_sequence_and_hooks() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus)
+    assert job.status is JobStatus.CREATED and job.paused and not job.busy
+    job.start()
+    assert job.busy and not job.paused
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.seq() == [
+        ("status", "j", "created"),
+        ("status", "j", "running"),
+        ("status", "j", "waiting"),
+        ("status", "j", "pending"),
+        completed(),
+        ("status", "j", "concluded"),
+        ("status", "j", "null"),
+    ]
+    assert [e.timestamp for e in rec.events] == [float(i) for i in range(7)]
+    assert job.hooks == ["run", "prepare", "commit", "clean"]
+    assert job.error is None and job.status is JobStatus.NULL
+
+
+async def test_manual_finalize_and_dismiss() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, auto_finalize=False, auto_dismiss=False)
+    job.start()
+    await until(lambda: job.status is JobStatus.PENDING)
+    assert rec.seq()[-2:] == [("status", "j", "pending"), ("BLOCK_JOB_PENDING", {"type": "backup", "id": "j"})]
+    assert job.hooks == ["run"]
+    with pytest.raises(JobStateError, match="^Job 'j' in state 'pending' cannot accept command verb 'dismiss'$"):
+        job.dismiss()
+    job.finalize()
+    await asyncio.wait_for(job.wait(), 10)
+    assert job.status is JobStatus.CONCLUDED
+    assert job.query_job() == {
+        "id": "j",
+        "type": "backup",
+        "status": "concluded",
+        "current-progress": 300,
+        "total-progress": 300,
+    }
+    with pytest.raises(JobStateError, match="cannot accept command verb 'finalize'"):
+        job.finalize()
+    job.dismiss()
+    assert rec.statuses("j")[-3:] == ["pending", "concluded", "null"]
+    assert rec.seq()[-3] == completed()
+
+
+async def test_cancel_running_job() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    job = FakeJob("j", events=bus, gate=gate, auto_dismiss=False, speed=12345)
+    job.start()
+    gate.put_nowait(None)
+    await until(lambda: job.current_progress == 100)
+    job.cancel()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.seq() == [
+        ("status", "j", "created"),
+        ("status", "j", "running"),
+        ("status", "j", "aborting"),
+        cancelled(offset=100, speed=12345),
+        ("status", "j", "concluded"),
+    ]
+    assert job.error == "Operation canceled"
+    assert job.query_job()["error"] == "Operation canceled"
+    assert job.hooks == ["run", "abort", "clean"]
+    with pytest.raises(JobStateError, match="^Job 'j' in state 'concluded' cannot accept command verb 'cancel'$"):
+        job.cancel()
+    job.dismiss()
+    assert job.status is JobStatus.NULL
+
+
+async def test_cancel_paused_job_resumes_it_first() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    job = FakeJob("j", events=bus, gate=gate)
+    job.start()
+    job.pause()
+    await until(lambda: job.status is JobStatus.PAUSED)
+    assert job.paused and not job.busy and job.user_paused
+    job.cancel(force=True)
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j") == ["created", "running", "paused", "running", "aborting", "concluded", "null"]
+    assert rec.seq()[-3] == cancelled(len_=0)  # paused before run() began: no progress yet
+
+
+async def test_pause_resume_and_their_errors() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    job = FakeJob("j", events=bus, gate=gate)
+    with pytest.raises(JobStateError, match="^Can't resume a job that was not paused$"):
+        job.resume()
+    job.start()
+    job.pause()
+    with pytest.raises(JobStateError, match="^Job is already paused$"):
+        job.pause()
+    await until(lambda: job.status is JobStatus.PAUSED)
+    assert job.query_block_job()["paused"] is True and job.query_block_job()["busy"] is False
+    job.resume()
+    with pytest.raises(JobStateError, match="^Can't resume a job that was not paused$"):
+        job.resume()
+    for _ in range(3):
+        gate.put_nowait(None)
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j") == ["created", "running", "paused", "running", "waiting", "pending", "concluded", "null"]
+
+
+async def test_pause_before_start_pauses_at_first_pause_point() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus)
+    job.pause()
+    job.start()
+    await until(lambda: job.status is JobStatus.PAUSED)
+    assert job.hooks == []
+    job.resume()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j")[:4] == ["created", "running", "paused", "running"]
+
+
+async def test_cancel_before_start_emits_no_block_event() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, auto_dismiss=False)
+    job.cancel(force=True)
+    assert job.status is JobStatus.ABORTING
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.seq() == [
+        ("status", "j", "created"),
+        ("status", "j", "aborting"),
+        ("status", "j", "concluded"),
+        ("status", "j", "null"),  # never started: dismissed whatever auto-dismiss says
+    ]
+    assert job.hooks == ["abort", "clean"]
+
+
+async def test_cancel_between_start_and_first_step() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus)
+    job.start()
+    job.cancel()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j") == ["created", "running", "aborting", "concluded", "null"]
+    assert job.hooks == ["abort", "clean"]
+
+
+async def test_cancel_in_pending_aborts() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, auto_finalize=False)
+    job.start()
+    await until(lambda: job.status is JobStatus.PENDING)
+    job.cancel()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j")[-4:] == ["pending", "aborting", "concluded", "null"]
+    assert rec.seq()[-3] == cancelled(offset=300)
+    assert job.hooks == ["run", "abort", "clean"]
+
+
+async def test_failure_completes_with_error() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, fail_run=OSError(errno.ENOSPC, "x"), auto_dismiss=False)
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.seq()[-3:] == [
+        ("status", "j", "aborting"),
+        completed(offset=0, error="No space left on device"),
+        ("status", "j", "concluded"),
+    ]
+    assert job.query_block_job()["error"] == "No space left on device"
+    assert job.hooks == ["run", "abort", "clean"]
+
+
+async def test_non_oserror_failure_text() -> None:
+    bus = make_bus()
+    job = FakeJob("j", events=bus, fail_run=InvalidArgument("target too small"))
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert job.error == "target too small"
+
+
+async def test_prepare_failure_aborts() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, fail_prepare=True)
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j") == ["created", "running", "waiting", "pending", "aborting", "concluded", "null"]
+    assert rec.seq()[-3] == completed(error="Input/output error")
+    assert job.hooks == ["run", "prepare", "abort", "clean"]
+
+
+async def test_error_report() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, errors=[EIO], policy=OnError.REPORT, is_read=True)
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.seq()[2:] == [
+        ("BLOCK_JOB_ERROR", {"device": "j", "operation": "read", "action": "report"}),
+        ("status", "j", "aborting"),
+        completed(offset=0, error="Input/output error"),
+        ("status", "j", "concluded"),
+        ("status", "j", "null"),
+    ]
+
+
+async def test_error_ignore_retries() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, errors=[EIO, EIO], policy=OnError.IGNORE)
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    errors = [e for e in rec.seq() if e[0] == "BLOCK_JOB_ERROR"]
+    assert errors == [("BLOCK_JOB_ERROR", {"device": "j", "operation": "write", "action": "ignore"})] * 2
+    assert rec.seq()[-3] == completed()
+    assert job.io_status == "ok"
+
+
+@pytest.mark.parametrize(
+    ("policy", "err", "io_status"),
+    [
+        (OnError.STOP, errno.EIO, "failed"),
+        (OnError.STOP, errno.ENOSPC, "nospace"),
+        (OnError.ENOSPC, errno.ENOSPC, "nospace"),
+    ],
+)
+async def test_error_stop_then_resume_retries(policy: OnError, err: int, io_status: str) -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, errors=[OSError(err, "x")], policy=policy)
+    job.start()
+    await until(lambda: job.status is JobStatus.PAUSED)
+    assert rec.seq()[2:] == [
+        ("BLOCK_JOB_ERROR", {"device": "j", "operation": "write", "action": "stop"}),
+        ("status", "j", "paused"),
+    ]
+    info = job.query_block_job()
+    assert info["io-status"] == io_status and info["paused"] is True and info["busy"] is False
+    with pytest.raises(JobStateError, match="^Job is already paused$"):
+        job.pause()
+    job.resume()
+    assert job.io_status == "ok"
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j")[2:] == ["paused", "running", "waiting", "pending", "concluded", "null"]
+    assert job.attempts == 4
+
+
+async def test_cancel_while_stopped() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, errors=[EIO], policy=OnError.STOP)
+    job.start()
+    await until(lambda: job.status is JobStatus.PAUSED)
+    job.cancel()
+    assert job.io_status == "ok"
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j") == ["created", "running", "paused", "running", "aborting", "concluded", "null"]
+
+
+async def test_set_speed_rules() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    with pytest.raises(InvalidArgument, match="^Invalid parameter 'speed'$"):
+        FakeJob("bad", events=bus, speed=-1)
+    assert rec.seq() == [("status", "bad", "created"), ("status", "bad", "null")]
+    job = FakeJob("j", events=bus, auto_dismiss=False)
+    job.set_speed(1000)
+    with pytest.raises(InvalidArgument, match="^Invalid parameter 'speed'$"):
+        job.set_speed(-5)
+    assert job.speed == 1000
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    with pytest.raises(JobStateError, match="^Job 'j' in state 'concluded' cannot accept command verb 'set-speed'$"):
+        job.set_speed(-5)
+
+
+async def test_throttle_sleeps_and_wakes_on_speed_change() -> None:
+    bus = make_bus()
+    job = FakeJob("j", events=bus, units=3, unit_size=10_000, speed=1)
+    job.start()
+    await until(lambda: job.hooks == ["run"] and not job.busy)  # the first unit is asleep in throttle
+    job.set_speed(0)
+    await asyncio.wait_for(job.wait(), 10)
+    assert job.current_progress == 30_000
+
+
+async def test_throttle_sleep_is_interrupted_by_pause_and_cancel() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, units=3, unit_size=10_000, speed=1)
+    job.start()
+    await until(lambda: not job.busy)
+    job.pause()
+    await until(lambda: job.status is JobStatus.PAUSED)
+    job.cancel()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j") == ["created", "running", "paused", "running", "aborting", "concluded", "null"]
+
+
+async def test_throttle_paces_by_speed() -> None:
+    """Many small units at a high speed: finishes (no sleeping forever), debt stays bounded."""
+    bus = make_bus()
+    job = FakeJob("j", events=bus, units=50, unit_size=4096, speed=50 * 1024 * 1024)
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert job.current_progress == 50 * 4096
+
+
+async def test_complete_verb() -> None:
+    bus = make_bus()
+    job = FakeJob("j", events=bus, gate=asyncio.Queue())
+    job.start()
+    with pytest.raises(JobStateError, match="^Job 'j' in state 'running' cannot accept command verb 'complete'$"):
+        job.complete()
+    job.mark_ready()
+    assert job.query_block_job()["ready"] is True
+    with pytest.raises(JobStateError, match="^The active block job 'j' cannot be completed$"):
+        job.complete()
+    job.cancel()
+    await asyncio.wait_for(job.wait(), 10)
+
+
+def test_verb_table_is_qemus() -> None:
+    allowed = {verb: {str(s) for s in statuses} for verb, statuses in VERBS.items()}
+    active = {"created", "running", "paused", "ready", "standby"}
+    assert allowed == {
+        JobVerb.CANCEL: active | {"waiting", "pending"},
+        JobVerb.PAUSE: active,
+        JobVerb.RESUME: active,
+        JobVerb.SET_SPEED: active,
+        JobVerb.COMPLETE: {"ready"},
+        JobVerb.FINALIZE: {"pending"},
+        JobVerb.DISMISS: {"concluded"},
+        JobVerb.CHANGE: {"running", "ready"},
+    }
+    assert set(TRANSITIONS) == set(JobStatus)
+
+
+@pytest.mark.parametrize("status", list(JobStatus))
+@pytest.mark.parametrize("verb", [JobVerb.FINALIZE, JobVerb.DISMISS, JobVerb.COMPLETE, JobVerb.SET_SPEED])
+def test_every_refusal_has_qemus_text(status: JobStatus, verb: JobVerb) -> None:
+    job = FakeJob("id", events=make_bus())
+    job.status = status
+    if status in VERBS[verb]:
+        job._apply_verb(verb)
+    else:
+        with pytest.raises(JobStateError) as info:
+            job._apply_verb(verb)
+        assert str(info.value) == f"Job 'id' in state '{status}' cannot accept command verb '{verb}'"
+
+
+@pytest.mark.parametrize(("old", "new"), list(itertools.product(JobStatus, JobStatus)))
+def test_transition_table_enforced(old: JobStatus, new: JobStatus) -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("id", events=bus)
+    job.status = old
+    rec.events.clear()
+    if new is old or new in TRANSITIONS[old]:
+        job._transition(new)
+        assert rec.seq() == ([] if new is old else [("status", "id", str(new))])
+    else:
+        with pytest.raises(AssertionError):
+            job._transition(new)
+
+
+async def test_group_completes_together() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    gate_b: asyncio.Queue[None] = asyncio.Queue()
+    a = FakeJob("a", events=bus, units=1)
+    b = FakeJob("b", events=bus, units=1, gate=gate_b)
+    group = JobGroup([a, b])
+    assert a.group is group and b.group is group
+    a.start()
+    b.start()
+    await until(lambda: a.status is JobStatus.WAITING)
+    assert a.hooks == ["run"]
+    with pytest.raises(JobStateError, match="cannot join"):
+        JobGroup([a])
+    gate_b.put_nowait(None)
+    await asyncio.wait_for(asyncio.gather(a.wait(), b.wait()), 10)
+    seq = rec.seq()
+    assert seq.index(("status", "a", "pending")) > seq.index(("status", "b", "waiting"))
+    assert a.hooks == b.hooks == ["run", "prepare", "commit", "clean"]
+    assert [e[0] for e in seq if e[0].startswith("BLOCK")] == ["BLOCK_JOB_COMPLETED"] * 2
+
+
+async def test_group_member_failure_cancels_the_others() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    gate_b: asyncio.Queue[None] = asyncio.Queue()
+    a = FakeJob("a", events=bus, units=1)
+    b = FakeJob("b", events=bus, units=2, gate=gate_b)
+    c = FakeJob("c", events=bus, units=1, fail_run=EIO)
+    JobGroup([a, b, c])
+    a.start()
+    await until(lambda: a.status is JobStatus.WAITING)
+    b.start()
+    gate_b.put_nowait(None)
+    await until(lambda: b.current_progress == 100)
+    c.start()
+    await asyncio.wait_for(asyncio.gather(a.wait(), b.wait(), c.wait()), 10)
+    assert rec.statuses("a") == ["created", "running", "waiting", "aborting", "concluded", "null"]
+    assert rec.statuses("b") == ["created", "running", "aborting", "concluded", "null"]
+    assert rec.statuses("c") == ["created", "running", "aborting", "concluded", "null"]
+    blocks = [(e[0], e[1]["device"], e[1].get("error")) for e in rec.seq() if e[0].startswith("BLOCK")]
+    assert blocks == [
+        ("BLOCK_JOB_CANCELLED", "a", None),
+        ("BLOCK_JOB_CANCELLED", "b", None),
+        ("BLOCK_JOB_COMPLETED", "c", "Input/output error"),
+    ]
+    assert a.hooks == ["run", "abort", "clean"]
+    assert c.hooks == ["run", "abort", "clean"]
+
+
+async def test_group_manual_finalize_of_one_finalizes_all() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    a = FakeJob("a", events=bus, units=1, auto_finalize=False)
+    b = FakeJob("b", events=bus, units=1)
+    JobGroup([a, b])
+    a.start()
+    b.start()
+    await until(lambda: a.status is JobStatus.PENDING and b.status is JobStatus.PENDING)
+    assert [e for e in rec.seq() if e[0] == "BLOCK_JOB_PENDING"] == [
+        ("BLOCK_JOB_PENDING", {"type": "backup", "id": "a"})
+    ]
+    a.finalize()
+    await asyncio.wait_for(asyncio.gather(a.wait(), b.wait()), 10)
+    assert a.hooks == b.hooks == ["run", "prepare", "commit", "clean"]
+
+
+async def test_early_fail_and_start_twice() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus)
+    job.early_fail()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j") == ["created", "null"]
+    other = FakeJob("k", events=bus)
+    other.start()
+    with pytest.raises(JobStateError):
+        other.start()
+    with pytest.raises(JobStateError):
+        other.early_fail()
+    await asyncio.wait_for(other.wait(), 10)
+
+
+async def test_concurrent_workers_share_pause_points() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    stop = False
+
+    class Workers(Job):
+        job_type = "backup"
+
+        async def run(self) -> None:
+            async def worker() -> None:
+                while not stop:
+                    await self.pause_point()
+                    await asyncio.sleep(0)
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(4):
+                    tg.create_task(worker())
+
+    job = Workers("w", events=bus)
+    job.start()
+    await asyncio.sleep(0.01)
+    job.pause()
+    await until(lambda: job.status is JobStatus.PAUSED and job._parked == 4)
+    job.resume()
+    await until(lambda: job.status is JobStatus.RUNNING)
+    job.pause()
+    await until(lambda: job.status is JobStatus.PAUSED and job._parked == 4)
+    stop = True
+    job.resume()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("w") == [
+        "created",
+        "running",
+        "paused",
+        "running",
+        "paused",
+        "running",
+        "waiting",
+        "pending",
+        "concluded",
+        "null",
+    ]
+
+
+async def test_external_task_cancel_still_ends_the_job() -> None:
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, gate=asyncio.Queue())
+    job.start()
+    await until(lambda: job.hooks == ["run"])
+    assert job._task is not None
+    job._task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job._task
+    assert rec.statuses("j")[-3:] == ["aborting", "concluded", "null"]
+    assert rec.seq()[-3] == cancelled()

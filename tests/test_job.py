@@ -61,7 +61,7 @@ async def test_manual_finalize_and_dismiss() -> None:
     await until(lambda: job.status is JobStatus.PENDING)
     assert rec.seq()[-2:] == [("status", "j", "pending"), ("BLOCK_JOB_PENDING", {"type": "backup", "id": "j"})]
     assert job.hooks == ["run"]
-    with pytest.raises(JobStateError, match="^Job 'j' in state 'pending' cannot accept command verb 'dismiss'$"):
+    with pytest.raises(JobStateError, match=r"^Job 'j' in state 'pending' cannot accept command verb 'dismiss'$"):
         job.dismiss()
     job.finalize()
     await asyncio.wait_for(job.wait(), 10)
@@ -100,7 +100,7 @@ async def test_cancel_running_job() -> None:
     assert job.error == "Operation canceled"
     assert job.query_job()["error"] == "Operation canceled"
     assert job.hooks == ["run", "abort", "clean"]
-    with pytest.raises(JobStateError, match="^Job 'j' in state 'concluded' cannot accept command verb 'cancel'$"):
+    with pytest.raises(JobStateError, match=r"^Job 'j' in state 'concluded' cannot accept command verb 'cancel'$"):
         job.cancel()
     job.dismiss()
     assert job.status is JobStatus.NULL
@@ -126,16 +126,16 @@ async def test_pause_resume_and_their_errors() -> None:
     rec = Recorder(bus)
     gate: asyncio.Queue[None] = asyncio.Queue()
     job = FakeJob("j", events=bus, gate=gate)
-    with pytest.raises(JobStateError, match="^Can't resume a job that was not paused$"):
+    with pytest.raises(JobStateError, match=r"^Can't resume a job that was not paused$"):
         job.resume()
     job.start()
     job.pause()
-    with pytest.raises(JobStateError, match="^Job is already paused$"):
+    with pytest.raises(JobStateError, match=r"^Job is already paused$"):
         job.pause()
     await until(lambda: job.status is JobStatus.PAUSED)
     assert job.query_block_job()["paused"] is True and job.query_block_job()["busy"] is False
     job.resume()
-    with pytest.raises(JobStateError, match="^Can't resume a job that was not paused$"):
+    with pytest.raises(JobStateError, match=r"^Can't resume a job that was not paused$"):
         job.resume()
     for _ in range(3):
         gate.put_nowait(None)
@@ -277,7 +277,7 @@ async def test_error_stop_then_resume_retries(policy: OnError, err: int, io_stat
     ]
     info = job.query_block_job()
     assert info["io-status"] == io_status and info["paused"] is True and info["busy"] is False
-    with pytest.raises(JobStateError, match="^Job is already paused$"):
+    with pytest.raises(JobStateError, match=r"^Job is already paused$"):
         job.pause()
     job.resume()
     assert job.io_status == "ok"
@@ -301,17 +301,17 @@ async def test_cancel_while_stopped() -> None:
 async def test_set_speed_rules() -> None:
     bus = make_bus()
     rec = Recorder(bus)
-    with pytest.raises(InvalidArgument, match="^Invalid parameter 'speed'$"):
+    with pytest.raises(InvalidArgument, match=r"^Invalid parameter 'speed'$"):
         FakeJob("bad", events=bus, speed=-1)
     assert rec.seq() == [("status", "bad", "created"), ("status", "bad", "null")]
     job = FakeJob("j", events=bus, auto_dismiss=False)
     job.set_speed(1000)
-    with pytest.raises(InvalidArgument, match="^Invalid parameter 'speed'$"):
+    with pytest.raises(InvalidArgument, match=r"^Invalid parameter 'speed'$"):
         job.set_speed(-5)
     assert job.speed == 1000
     job.start()
     await asyncio.wait_for(job.wait(), 10)
-    with pytest.raises(JobStateError, match="^Job 'j' in state 'concluded' cannot accept command verb 'set-speed'$"):
+    with pytest.raises(JobStateError, match=r"^Job 'j' in state 'concluded' cannot accept command verb 'set-speed'$"):
         job.set_speed(-5)
 
 
@@ -351,11 +351,11 @@ async def test_complete_verb() -> None:
     bus = make_bus()
     job = FakeJob("j", events=bus, gate=asyncio.Queue())
     job.start()
-    with pytest.raises(JobStateError, match="^Job 'j' in state 'running' cannot accept command verb 'complete'$"):
+    with pytest.raises(JobStateError, match=r"^Job 'j' in state 'running' cannot accept command verb 'complete'$"):
         job.complete()
     job.mark_ready()
     assert job.query_block_job()["ready"] is True
-    with pytest.raises(JobStateError, match="^The active block job 'j' cannot be completed$"):
+    with pytest.raises(JobStateError, match=r"^The active block job 'j' cannot be completed$"):
         job.complete()
     job.cancel()
     await asyncio.wait_for(job.wait(), 10)

@@ -28,6 +28,7 @@ class FaultyDevice(BlockFilter):
         self.stalled = 0
 
     async def _maybe_stall(self) -> None:
+        await asyncio.sleep(0)  # a real device suspends: let the other side interleave
         if not self.gate.is_set():
             self.stalled += 1
             try:
@@ -65,7 +66,8 @@ class FaultyDevice(BlockFilter):
 
     async def flush(self) -> None:
         await self._maybe_stall()
-        if self.fail_writes is not None:
+        if self.fail_writes is not None and self.fail_writes_times != 0:
+            self.fail_writes_times -= self.fail_writes_times > 0
             raise OSError(self.fail_writes, "injected flush failure")
         await self.next.flush()
 

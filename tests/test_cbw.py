@@ -76,6 +76,8 @@ async def test_concurrent_writes_to_one_cluster_copy_it_once() -> None:
     r = rig()
     r.target.gate.clear()
     writers = [asyncio.create_task(r.node.pwrite(2 * CS + i * 100, b"w")) for i in range(5)]
+    while r.target.stalled == 0:
+        await asyncio.sleep(0)
     for _ in range(5):
         await asyncio.sleep(0)
     assert r.target.stalled == 1  # one copy in flight, the other four wait for it
@@ -91,7 +93,8 @@ async def test_unrelated_clusters_never_wait() -> None:
     await r.node.pwrite(5 * CS, b"a")  # cluster 5 already copied
     r.target.gate.clear()
     blocked = asyncio.create_task(r.node.pwrite(0, b"b"))
-    await asyncio.sleep(0)
+    while r.target.stalled == 0:
+        await asyncio.sleep(0)
     assert r.target.stalled == 1
     # a write to an already-copied cluster and a read of the stalled one go straight through
     await asyncio.wait_for(r.node.pwrite(5 * CS + 1, b"c"), 5)

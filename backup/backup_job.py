@@ -1,0 +1,375 @@
+"""``BackupJob``: a point-in-time copy of a block node to a target while the guest keeps writing.
+
+The point in time is the moment ``install_filter`` puts a ``CopyBeforeWriteFilter`` on the source
+node (the caller holds the node drained, so no guest write is half-way through). From then on the
+filter and the job share one ``BlockCopier``: the filter copies a cluster's old data before a guest
+overwrites it, the job's workers copy everything else in the background, and neither copies a cluster
+twice. ``sync``: ``full`` copies every cluster, ``top`` only what the top image allocates (a device
+without ``top_allocation`` — a raw file — has no backing, so that is a full copy), ``none`` copies
+nothing in the background and keeps only the old data of what the guest overwrites, running until
+cancelled like QEMU's.
+
+Bounded memory and parallelism: ``max_workers`` tasks each hold at most ``max_chunk`` bytes; a run
+that the source reports as zeroes is claimed whole (up to 1 GiB) since it costs nothing (or one
+write-zeroes) to copy. Background errors go through the job's error policies (``on_source_error`` /
+``on_target_error``); copy-before-write errors through ``on_cbw_error`` (``break-snapshot`` fails the
+job). The target is flushed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from backup.block_copy import MAX_ZERO_REQUEST, BlockCopier, CopyError, CopyTask, TopAllocation
+from backup.cbw import CopyBeforeWriteFilter, OnCbwError
+from backup.errors import InvalidArgument, JobStateError
+from backup.events import EventBus
+from backup.job import Job
+from backup.node import BlockNode
+from backup.policy import ErrorAction, OnError
+from nbd.constants import State
+from nbd.device import BlockDevice
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+#: QEMU's backup cluster size floor.
+MIN_CLUSTER_SIZE = 64 * KiB
+SYNC_MODES = ("full", "top", "none")
+#: How long closing a target may take before the job gives up on it (a dead NBD server).
+CLOSE_TIMEOUT = 5.0
+
+
+@dataclass
+class BackupOptions:
+    """What ``drive-backup`` / ``blockdev-backup`` ask for (QEMU's ``BackupCommon`` + ``x-perf``)."""
+
+    sync: str = "full"
+    speed: int = 0
+    on_source_error: OnError | str = OnError.REPORT
+    on_target_error: OnError | str = OnError.REPORT
+    on_cbw_error: OnCbwError | str = OnCbwError.BREAK_GUEST_WRITE
+    cbw_timeout: float = 0.0  # seconds, 0 = no limit
+    compress: bool = False  # honoured by the target (a qcow2 created with compression)
+    cluster_size: int | None = None  # a floor (QEMU's min-cluster-size); None = max(64 KiB, target's)
+    max_workers: int = 4
+    max_chunk: int = 4 * MiB
+    auto_finalize: bool = True
+    auto_dismiss: bool = True
+    retry_delay: float = 0.1  # pause between retries of a cluster whose error the policy ignores
+
+    def __post_init__(self) -> None:
+        if self.sync not in SYNC_MODES:
+            raise InvalidArgument(f"Invalid parameter 'sync': '{self.sync}' (expected one of {', '.join(SYNC_MODES)})")
+        try:
+            self.on_source_error = OnError(self.on_source_error)
+            self.on_target_error = OnError(self.on_target_error)
+            self.on_cbw_error = OnCbwError(self.on_cbw_error)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if self.speed < 0:
+            raise InvalidArgument("Invalid parameter 'speed'")
+        if self.cbw_timeout < 0:
+            raise InvalidArgument("Invalid parameter 'cbw-timeout'")
+        if self.cluster_size is not None and (self.cluster_size <= 0 or self.cluster_size & (self.cluster_size - 1)):
+            raise InvalidArgument("Invalid parameter 'cluster-size': must be a power of 2")
+        if self.max_workers < 1:
+            raise InvalidArgument("Invalid parameter 'max-workers': must be at least 1")
+        if self.max_chunk < 0:
+            raise InvalidArgument("Invalid parameter 'max-chunk': must not be negative")
+        if self.retry_delay < 0:
+            raise InvalidArgument("Invalid parameter 'retry-delay'")
+
+
+def backup_cluster_size(target: BlockDevice, floor: int | None = None) -> int:
+    """max(64 KiB, the target's preferred block size, ``floor``) — a power of two."""
+    size = max(MIN_CLUSTER_SIZE, target.block_limits.preferred, floor or 0)
+    return 1 << (size - 1).bit_length()
+
+
+def _is_same_device(source: BlockNode, target: BlockDevice) -> bool:
+    if target is source or target is source.device or target is source.top or any(f is target for f in source.filters):
+        return True
+    target_path = getattr(target, "path", None)
+    source_path = source.filename or getattr(source.device, "path", None)
+    if target_path is None or source_path is None:
+        return False
+    try:
+        return os.path.samefile(os.fspath(target_path), os.fspath(source_path))
+    except OSError:
+        return False
+
+
+class BackupJob(Job):
+    """QEMU's backup block job over a ``BlockNode`` source and any ``BlockDevice`` target."""
+
+    job_type: ClassVar[str] = "backup"
+
+    def __init__(
+        self,
+        job_id: str,
+        source: BlockNode,
+        target: BlockDevice,
+        options: BackupOptions | None = None,
+        *,
+        events: EventBus,
+        target_zero_init: bool,
+        close_target: bool = False,
+    ) -> None:
+        options = options or BackupOptions()
+        if _is_same_device(source, target):
+            raise InvalidArgument("Source and target cannot be the same")
+        if target.read_only:
+            raise InvalidArgument("Target is read-only")
+        if target.size < source.size:
+            raise InvalidArgument(
+                f"Source and target image have different sizes (target: {target.size}, source: {source.size})"
+            )
+        super().__init__(
+            job_id,
+            events=events,
+            auto_finalize=options.auto_finalize,
+            auto_dismiss=options.auto_dismiss,
+            speed=options.speed,
+        )
+        self.source = source
+        self.target = target
+        self.options = options
+        self.target_zero_init = target_zero_init
+        self.close_target = close_target
+        self.cluster_size = backup_cluster_size(target, options.cluster_size)
+        self.max_chunk = max(self.cluster_size, options.max_chunk - options.max_chunk % self.cluster_size)
+        self.copier: BlockCopier | None = None
+        self.filter: CopyBeforeWriteFilter | None = None
+        self.snapshot_error: OSError | None = None
+        self._broken = asyncio.Event()
+        self._cursor = 0
+        self._detached = False
+
+    # --- setting the point in time ----------------------------------------------------------------
+
+    def install_filter(self) -> CopyBeforeWriteFilter:
+        """Fix the point in time: put the copy-before-write filter on the source node.
+
+        Synchronous on purpose: the caller holds ``source.drained()`` (for a transaction, every
+        source's) so no guest write is in flight while the filter goes in.
+        """
+        if self.filter is not None:
+            raise JobStateError(f"Job '{self.id}' already has its copy-before-write filter")
+        if self._detached:
+            raise JobStateError(f"Job '{self.id}' has already ended")
+        options = self.options
+        top_allocation: TopAllocation | None = None
+        if options.sync == "top":
+            top_allocation = getattr(self.source.device, "top_allocation", None)
+        copier = BlockCopier(
+            self.source,  # replaced by the filter itself: the copier reads through it
+            self.target,
+            size=self.source.size,
+            cluster_size=self.cluster_size,
+            target_zero_init=self.target_zero_init,
+            max_chunk=self.max_chunk,
+            top_allocation=top_allocation,
+        )
+        copier.on_progress = self.progress_done
+
+        def make(below: BlockDevice) -> CopyBeforeWriteFilter:
+            return CopyBeforeWriteFilter(
+                below,
+                copier,
+                on_cbw_error=options.on_cbw_error,
+                cbw_timeout=options.cbw_timeout,
+                on_snapshot_broken=self._snapshot_broken,
+            )
+
+        installed = self.source.insert_filter(make)
+        assert isinstance(installed, CopyBeforeWriteFilter)
+        self.copier, self.filter = copier, installed
+        self.source.users.add(self)
+        self.progress_set_remaining(copier.remaining)
+        return installed
+
+    async def attach(self) -> CopyBeforeWriteFilter:
+        """Drain the source and install the filter (a single backup; transactions drain themselves)."""
+        async with self.source.drained():
+            return self.install_filter()
+
+    def detach(self) -> None:
+        """Stop copying and take the filter out (idempotent). Safe without draining: a guest request
+        still inside the filter holds it and, the copier being inactive, just passes through."""
+        if self._detached:
+            return
+        self._detached = True
+        if self.copier is not None:
+            self.copier.deactivate()
+        if self.filter is not None:
+            with contextlib.suppress(InvalidArgument):
+                self.source.remove_filter(self.filter)
+        self.source.users.discard(self)
+
+    def _snapshot_broken(self, error: OSError) -> None:
+        self.snapshot_error = error
+        self._broken.set()
+
+    # --- the work -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.copier is None:
+            raise JobStateError(f"Job '{self.id}' was started without its copy-before-write filter")
+        broken = asyncio.ensure_future(self._broken.wait())
+        try:
+            if self.options.sync == "none":
+                await broken  # only cancel (or a broken snapshot) ends it
+            else:
+                await self._copy_all(broken)
+            self._check_snapshot()
+            await self._flush_target()
+            self._check_snapshot()
+        finally:
+            broken.cancel()
+
+    def _check_snapshot(self) -> None:
+        if self.snapshot_error is not None:
+            raise OSError(self.snapshot_error.errno or errno.EIO, f"copy-before-write failed: {self.snapshot_error}")
+
+    async def _copy_all(self, broken: asyncio.Future[Any]) -> None:
+        copier = self.copier
+        assert copier is not None
+        while True:
+            workers = [asyncio.ensure_future(self._worker()) for _ in range(max(1, min(self.options.max_workers, 64)))]
+            try:
+                pending: set[asyncio.Future[Any]] = set(workers)
+                while pending:
+                    done, pending = await asyncio.wait(pending | {broken}, return_when=asyncio.FIRST_COMPLETED)
+                    if broken in done:
+                        return
+                    pending.discard(broken)
+                    for task in done:
+                        exc = task.exception()
+                        if exc is not None:
+                            raise exc
+            finally:
+                for task in workers:
+                    task.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+            # Guest copies may still be in flight, and a failed one gives its clusters back.
+            await copier.wait_idle()
+            if copier.bitmap.count == 0:
+                return
+
+    async def _worker(self) -> None:
+        copier = self.copier
+        assert copier is not None
+        while True:
+            await self.pause_point()
+            if not copier.active:
+                return
+            task = await self._claim_next()
+            if task is None:
+                busy = copier.in_flight
+                if not busy:
+                    if copier.bitmap.count == 0:
+                        return
+                    continue  # a claim vanished under us; look again
+                await busy[0].done.wait()
+                continue
+            written = copier.written_bytes
+            try:
+                await copier.run(task)
+            except CopyError as exc:
+                action = await self.handle_error(
+                    exc.cause,
+                    self.options.on_source_error if exc.is_read else self.options.on_target_error,
+                    is_read=exc.is_read,
+                )
+                if action is ErrorAction.REPORT:
+                    raise exc.cause from exc
+                if action is ErrorAction.IGNORE:
+                    await asyncio.sleep(self.options.retry_delay)  # never spin without yielding
+                continue
+            await self.throttle(copier.written_bytes - written)
+            # Devices with inline syscalls never suspend: yield so guest requests get their turn.
+            await asyncio.sleep(0)
+
+    def _find_next(self) -> int | None:
+        copier = self.copier
+        assert copier is not None
+        found = copier.bitmap.next_set(self._cursor)
+        if found is None and self._cursor:
+            found = copier.bitmap.next_set(0)
+        return found
+
+    async def _claim_next(self) -> CopyTask | None:
+        """Claim the next run of clusters: up to ``max_chunk``, or a whole zero run (it costs nothing)."""
+        copier = self.copier
+        assert copier is not None
+        first = self._find_next()
+        if first is None:
+            return None
+        limit = self.max_chunk // self.cluster_size
+        zero_limit = await self._zero_run_hint(first)
+        if not copier.bitmap[first]:  # another worker or a guest took it while we asked
+            first = self._find_next()
+            if first is None:
+                return None
+            zero_limit = 0
+        end = copier.bitmap.run_end(first, first + max(limit, zero_limit))
+        self._cursor = end
+        return copier.claim(first, end)
+
+    async def _zero_run_hint(self, first: int) -> int:
+        """How many clusters from ``first`` the source reports as reading zeroes (a hint only: the
+        copier re-checks what it claims, and a cluster whose bit is still set was never written)."""
+        copier = self.copier
+        assert copier is not None
+        if not copier.source.capabilities.can_extents:
+            return 0
+        offset, _ = copier.bytes_of(first, first + 1)
+        length = min(MAX_ZERO_REQUEST, copier.size - offset)
+        try:
+            extents = await copier.source.block_status(offset, length)
+        except OSError:
+            return 0  # the copy itself will meet (and report) the error
+        if not extents or not extents[0].flags & State.ZERO:
+            return 0
+        end = offset + extents[0].length
+        if end >= copier.size:
+            return copier.clusters - first
+        return (end >> copier.cluster_bits) - first
+
+    async def _flush_target(self) -> None:
+        while True:
+            try:
+                await self.target.flush()
+                return
+            except OSError as exc:
+                action = await self.handle_error(exc, self.options.on_target_error, is_read=False)
+                if action is ErrorAction.REPORT:
+                    raise
+                if action is ErrorAction.IGNORE:
+                    await asyncio.sleep(self.options.retry_delay)
+
+    # --- lifecycle hooks ----------------------------------------------------------------------------
+
+    def early_fail(self) -> None:
+        self.detach()
+        super().early_fail()
+
+    async def clean(self) -> None:
+        self.detach()
+        if self.close_target:
+            try:
+                await asyncio.wait_for(self.target.close(), CLOSE_TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                log.warning("job %s: closing the target failed: %s", self.id, exc)
+
+
+__all__ = ["MIN_CLUSTER_SIZE", "BackupJob", "BackupOptions", "backup_cluster_size"]

@@ -1,0 +1,128 @@
+"""RawFileDevice against real files in a tmp dir: holes, zeroing, trimming, the unaligned tail, limits;
+and ``backup.images`` refusing a qcow2 image opened as raw."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from backup.errors import ImageFormatError
+from backup.images import open_image, probe_format
+from backup.rawfile import RawFileDevice
+from nbd.device import BlockDevice, Extent
+
+MiB = 1 << 20
+
+
+async def test_create_is_sparse_and_rounded(tmp_path: Path) -> None:
+    dev = await RawFileDevice.create(tmp_path / "a.raw", 1000)
+    assert isinstance(dev, BlockDevice)
+    assert dev.size == 1024 and (tmp_path / "a.raw").stat().st_size == 1024
+    assert await dev.pread(0, 1024) == bytes(1024)
+    assert dev.capabilities.can_multi_conn
+    await dev.close()
+    with pytest.raises(FileExistsError):
+        await RawFileDevice.create(tmp_path / "a.raw", 1000)
+    dev = await RawFileDevice.create(tmp_path / "a.raw", 2048, exist_ok=True)
+    assert dev.size == 2048
+    await dev.close()
+
+
+async def test_unaligned_file_is_served_like_qemu_nbd(tmp_path: Path) -> None:
+    path = tmp_path / "odd.raw"
+    path.write_bytes(b"\x01" * 1000)
+    dev = await RawFileDevice.open(path)
+    assert dev.size == 1024
+    assert await dev.pread(512, 512) == b"\x01" * 488 + bytes(24)
+    extents = await dev.block_status(0, 1024)
+    assert sum(e.length for e in extents) == 1024
+    assert extents[-1].is_zero  # the tail past the end of the file reads as zeroes
+    await dev.pwrite(1000, b"\x02" * 24)
+    assert path.stat().st_size == 1024
+    assert await dev.pread(992, 32) == b"\x01" * 8 + b"\x02" * 24
+    with pytest.raises(OSError) as info:
+        await dev.pwrite(1020, b"x" * 8)
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as info:
+        await dev.pread(1020, 8)
+    assert info.value.errno == errno.EINVAL
+    await dev.close()
+
+
+async def test_block_status_holes_and_data(tmp_path: Path) -> None:
+    dev = await RawFileDevice.create(tmp_path / "s.raw", 4 * MiB)
+    await dev.pwrite(MiB, b"\xaa" * 65536)
+    extents = await dev.block_status(0, 4 * MiB)
+    assert sum(e.length for e in extents) == 4 * MiB
+    data = [e for e in extents if not e.is_hole]
+    assert data and all(not e.is_zero for e in data)
+    # The data extent covers what was written (file systems may allocate more around it).
+    pos = 0
+    for extent in extents:
+        if not extent.is_hole:
+            assert pos <= MiB and pos + extent.length >= MiB + 65536
+        pos += extent.length
+    assert extents[0] == Extent(extents[0].length, 3) and extents[0].length <= MiB
+    # A range inside the hole.
+    assert await dev.block_status(3 * MiB, 4096) == [Extent(4096, 3)]
+    await dev.close()
+
+
+async def test_zero_trim_and_fast_zero(tmp_path: Path) -> None:
+    dev = await RawFileDevice.create(tmp_path / "z.raw", 2 * MiB)
+    await dev.pwrite(0, b"\xff" * (2 * MiB))
+    await dev.zero(0, 65536, may_trim=True)
+    assert await dev.pread(0, 65536) == bytes(65536)
+    assert (await dev.block_status(0, 65536))[0].is_zero  # punched
+    await dev.zero(65536, 65536, fua=True)  # NO_HOLE: reads as zeroes, stays allocated
+    assert await dev.pread(65536, 65536) == bytes(65536)
+    await dev.zero(4096 * 40, 100, fast=True)  # unaligned: still zeroes the bytes asked
+    assert await dev.pread(4096 * 40 - 1, 102) == b"\xff" + bytes(100) + b"\xff"
+    await dev.trim(MiB, MiB, fua=True)
+    await dev.flush()
+    await dev.cache(0, MiB)
+    assert await dev.pread(131072, 4) == b"\xff" * 4
+    await dev.close()
+
+
+async def test_read_only_and_closed(tmp_path: Path) -> None:
+    path = tmp_path / "r.raw"
+    path.write_bytes(bytes(4096))
+    dev = await RawFileDevice.open(path, read_only=True)
+    assert dev.read_only
+    for call in (dev.pwrite(0, b"x"), dev.zero(0, 1), dev.trim(0, 1)):
+        with pytest.raises(OSError) as info:
+            await call
+        assert info.value.errno == errno.EPERM
+    await dev.flush()  # nothing to flush, no error
+    await dev.close()
+    with pytest.raises(OSError) as info:
+        await dev.pread(0, 1)
+    assert info.value.errno == errno.EBADF
+    await dev.close()  # twice is fine
+
+
+async def test_refuses_directories(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        await RawFileDevice.open(tmp_path)
+
+
+async def test_images_probe_and_refuse_qcow2_as_raw(tmp_path: Path) -> None:
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(bytes(4096))
+    qcow = tmp_path / "d.qcow2"
+    qcow.write_bytes(b"QFI\xfb" + bytes(4092))
+    assert probe_format(raw) == "raw" and probe_format(qcow) == "qcow2"
+    dev = await open_image(raw)
+    assert isinstance(dev, RawFileDevice) and dev.size == 4096
+    await dev.close()
+    with pytest.raises(ImageFormatError, match="qcow2 image"):
+        await open_image(qcow, format="raw")
+    with pytest.raises(ImageFormatError, match="not a qcow2 image"):
+        await open_image(raw, format="qcow2")
+    with pytest.raises(ImageFormatError, match="unknown image format"):
+        await open_image(raw, format="vmdk")
+    with pytest.raises(ImageFormatError, match="cannot open"):
+        await open_image(tmp_path / "missing.raw")

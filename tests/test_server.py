@@ -1,0 +1,320 @@
+"""The asyncio NBD server over real sockets with memory devices, on both event loops: pipelining and
+out-of-order replies, sparse reads, block status, error mapping, limits and timeouts, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import struct
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backup.memory import MemoryDevice
+from backup.node import BlockNode
+from nbd import constants as c
+from nbd import wire
+from nbd.constants import Cmd, CmdFlag, Errno, Opt, Rep, ReplyType
+from nbd.server import Export, NbdServer
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
+    factory = None
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(coro, 30))
+
+
+class RawClient:
+    """Just enough of an NBD client, by hand, to see exactly what the server sends."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def greeting(self) -> None:
+        wire.ServerGreeting.parse(await self.reader.readexactly(18))
+        self.writer.write(struct.pack(">I", 3))
+
+    def option(self, opt: int, data: bytes = b"") -> None:
+        self.writer.write(wire.OptionHeader.build({"option": opt, "length": len(data)}) + data)
+
+    async def option_reply(self) -> tuple[int, bytes]:
+        header = wire.OptionReplyHeader.parse(await self.reader.readexactly(20))
+        return header.reply, await self.reader.readexactly(header.length)
+
+    async def go(self, name: str, *, structured: bool = True) -> None:
+        await self.greeting()
+        if structured:
+            self.option(Opt.STRUCTURED_REPLY)
+            assert (await self.option_reply())[0] == Rep.ACK
+            self.option(
+                Opt.SET_META_CONTEXT, wire.MetaContextRequest.build({"name": name, "queries": ["base:allocation"]})
+            )
+            assert (await self.option_reply())[0] == Rep.META_CONTEXT
+            assert (await self.option_reply())[0] == Rep.ACK
+        self.option(Opt.GO, wire.InfoRequest.build({"name": name, "requests": []}))
+        while True:
+            reply, _ = await self.option_reply()
+            if reply != Rep.INFO:
+                assert reply == Rep.ACK
+                return
+
+    def request(
+        self, cmd: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0, data: bytes = b""
+    ) -> None:
+        header = wire.REQUEST_FAST.pack(c.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+        self.writer.write(header + data)
+
+    async def reply(self) -> tuple[int, int, int, int, bytes]:
+        """(magic, cookie, error or chunk type, flags, payload) of the next simple reply or chunk."""
+        head = await self.reader.readexactly(4)
+        (magic,) = struct.unpack(">I", head)
+        if magic == c.SIMPLE_REPLY_MAGIC:
+            error, cookie = struct.unpack(">IQ", await self.reader.readexactly(12))
+            return magic, cookie, error, 0, b""
+        flags, rtype, cookie, length = struct.unpack(">HHQI", await self.reader.readexactly(16))
+        return magic, cookie, rtype, flags, await self.reader.readexactly(length)
+
+    async def read_data(self, cookie: int) -> tuple[bytes, list[int]]:
+        """Reassemble a structured read; returns the bytes and the chunk types seen."""
+        parts: dict[int, bytes] = {}
+        types = []
+        while True:
+            magic, got, rtype, flags, payload = await self.reply()
+            assert got == cookie and magic == c.STRUCTURED_REPLY_MAGIC
+            types.append(rtype)
+            if rtype == ReplyType.OFFSET_DATA:
+                parts[struct.unpack(">Q", payload[:8])[0]] = payload[8:]
+            elif rtype == ReplyType.OFFSET_HOLE:
+                offset, length = struct.unpack(">QI", payload)
+                parts[offset] = bytes(length)
+            else:
+                assert rtype == ReplyType.NONE, rtype
+            if flags & c.ReplyFlag.DONE:
+                return b"".join(parts[k] for k in sorted(parts)), types
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+async def serving(device: Any, body: Callable[[NbdServer, int], Awaitable[None]], **server_args: Any) -> None:
+    server = NbdServer(**server_args)
+    server.add_export(Export("disk", device))
+    _, port = await server.listen_tcp("127.0.0.1", 0)
+    try:
+        await body(server, port)
+    finally:
+        await server.stop()
+
+
+class GatedDevice(MemoryDevice):
+    """Reads at offset 0 wait for a gate, so a later request can overtake them."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = asyncio.Event()
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        if offset == 0:
+            await self.gate.wait()
+        return await super().pread(offset, length)
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        await super().pwrite(offset, data, fua=fua)
+        self.gate.set()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_pipelined_requests_reply_out_of_order(loop: str) -> None:
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk", structured=False)
+        client.request(Cmd.READ, 1, 0, 4096)
+        client.request(Cmd.WRITE, 2, 8192, 4096, data=b"\x42" * 4096)
+        # The write completes first although it was sent second.
+        assert (await client.reply())[1:3] == (2, 0)
+        _magic, cookie, error, _, _ = await client.reply()
+        assert (cookie, error) == (1, 0)
+        assert await client.reader.readexactly(4096) == bytes(4096)
+        client.request(Cmd.READ, 3, 8192, 4096)
+        assert (await client.reply())[1:3] == (3, 0)
+        assert await client.reader.readexactly(4096) == b"\x42" * 4096
+        client.request(Cmd.DISC, 4)
+        assert await asyncio.wait_for(client.reader.read(), 5) == b""
+        await client.close()
+
+    run_on(loop, serving(GatedDevice(1 << 20), body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sparse_read_block_status_and_errors(loop: str) -> None:
+    device = MemoryDevice(1 << 20)
+
+    async def body(server: NbdServer, port: int) -> None:
+        await device.pwrite(65536, b"\x11" * 4096)
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        client.request(Cmd.READ, 1, 0, 256 * 1024)
+        data, types = await client.read_data(1)
+        assert data == bytes(65536) + b"\x11" * 4096 + bytes(256 * 1024 - 65536 - 4096)
+        assert ReplyType.OFFSET_HOLE in types and ReplyType.OFFSET_DATA in types
+        # DF: one content chunk.
+        client.request(Cmd.READ, 2, 0, 256 * 1024, flags=CmdFlag.DF)
+        data2, types = await client.read_data(2)
+        assert data2 == data and types == [ReplyType.OFFSET_DATA]
+        client.request(Cmd.BLOCK_STATUS, 3, 0, 1 << 20)
+        _magic, _cookie, rtype, flags, payload = await client.reply()
+        assert rtype == ReplyType.BLOCK_STATUS and flags & c.ReplyFlag.DONE
+        parsed = wire.BlockStatusPayload.parse(payload)
+        assert [(d.length, d.status_flags) for d in parsed.descriptors] == [
+            (65536, 3),
+            (4096, 0),
+            ((1 << 20) - 65536 - 4096, 3),
+        ]
+        client.request(Cmd.BLOCK_STATUS, 4, 0, 1 << 20, flags=CmdFlag.REQ_ONE)
+        payload = (await client.reply())[4]
+        assert len(wire.BlockStatusPayload.parse(payload).descriptors) == 1
+        # Out of bounds read: a structured error chunk.
+        client.request(Cmd.READ, 5, (1 << 20) - 512, 1024)
+        _magic, _cookie, rtype, flags, payload = await client.reply()
+        assert rtype == ReplyType.ERROR and wire.ErrorChunk.parse(payload).error == Errno.EINVAL
+        # Zero-length read: a NONE chunk.
+        client.request(Cmd.READ, 6, 0, 0)
+        assert (await client.reply())[2] == ReplyType.NONE
+        await client.close()
+
+    run_on(loop, serving(device, body))
+
+
+class FailingDevice(MemoryDevice):
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        raise OSError(errno.EDQUOT, "quota")
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        raise OSError(errno.ENOTSUP, "no fast zero")
+
+    async def flush(self) -> None:
+        raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_device_errors_are_mapped(loop: str) -> None:
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        client.request(Cmd.WRITE, 1, 0, 512, data=bytes(512))
+        assert (await client.reply())[1:3] == (1, Errno.ENOSPC)
+        client.request(Cmd.WRITE_ZEROES, 2, 0, 512, flags=CmdFlag.FAST_ZERO)
+        assert (await client.reply())[1:3] == (2, Errno.ENOTSUP)
+        client.request(Cmd.WRITE_ZEROES, 3, 0, 512)
+        assert (await client.reply())[1:3] == (3, Errno.EINVAL)
+        client.request(Cmd.FLUSH, 4)
+        assert (await client.reply())[1:3] == (4, Errno.EIO)
+        # Still serving.
+        client.request(Cmd.READ, 5, 0, 512)
+        data, _ = await client.read_data(5)
+        assert data == bytes(512)
+        await client.close()
+
+    run_on(loop, serving(FailingDevice(1 << 20), body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_handshake_timeout(loop: str) -> None:
+    async def body(server: NbdServer, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readexactly(18)
+        # Say nothing: the server must hang up by itself.
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+    run_on(loop, serving(MemoryDevice(4096), body, handshake_timeout=0.2))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_connection_limit(loop: str) -> None:
+    async def body(server: NbdServer, port: int) -> None:
+        first = await RawClient.connect(port)
+        await first.go("disk")
+        assert server.connection_count("disk") == 1
+        second = await RawClient.connect(port)
+        await second.greeting()
+        second.option(Opt.GO, wire.InfoRequest.build({"name": "disk", "requests": []}))
+        reply, message = await second.option_reply()
+        assert reply == Rep.ERR_POLICY and b"too many connections" in message
+        assert await asyncio.wait_for(second.reader.read(), 5) == b""
+        await second.close()
+        # The first one is unaffected.
+        first.request(Cmd.READ, 1, 0, 512)
+        assert (await first.read_data(1))[0] == bytes(512)
+        await first.close()
+
+    run_on(loop, serving(MemoryDevice(1 << 20), body, max_connections=1))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_unix_socket_node_export_and_remove(loop: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        node = BlockNode("n", MemoryDevice(1 << 20))
+        server = NbdServer()
+        export = Export("n", node, writable=False, description="memory")
+        server.add_export(export)
+        assert export in node.users
+        path = tmp_path / "nbd.sock"
+        await server.listen_unix(path)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        client = RawClient(reader, writer)
+        await client.go("")  # the only export is the default one
+        client.request(Cmd.WRITE, 1, 0, 512, data=bytes(512))
+        assert (await client.reply())[1:3] == (1, Errno.EPERM)
+        assert server.connection_count("n") == 1
+        server.remove_export("n")
+        assert export not in node.users
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        await server.stop()
+        assert not path.exists()
+        await client.close()
+
+    run_on(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stop_waits_for_in_flight_requests(loop: str) -> None:
+    device = GatedDevice(1 << 20)
+
+    async def main() -> None:
+        server = NbdServer()
+        server.add_export(Export("disk", device))
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        client = await RawClient.connect(port)
+        await client.go("disk", structured=False)
+        client.request(Cmd.READ, 1, 0, 512)
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(server.stop())
+        await asyncio.sleep(0.05)
+        device.gate.set()
+        await stopping
+        assert (await client.reply())[1:3] == (1, 0)
+        assert await client.reader.readexactly(512) == bytes(512)
+        assert await asyncio.wait_for(client.reader.read(), 5) == b""
+        await client.close()
+
+    run_on(loop, main())

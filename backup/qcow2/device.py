@@ -1,0 +1,862 @@
+"""``Qcow2Device``: a qcow2 image (v2/v3) as a ``BlockDevice`` — backup target, export, or source.
+
+Writes allocate host clusters at the end of the file, so a backup's data lands in contiguous runs
+written with one ``pwritev`` each; L2 tables and refcount blocks live in write-back caches and reach
+the file on flush (or eviction). Crash safety follows QEMU's lazy-refcount scheme: the first
+mutation sets the header's dirty bit (durably, before any metadata is written) and only a clean
+``close`` clears it, so an image interrupted mid-backup reads as "not cleanly shut down" to
+``qemu-img info`` and is refused for writing by ``open`` — detectably incomplete, never silently
+wrong. All I/O is inline ``os.pread``/``os.pwrite`` (page cache hits beat a thread hop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Callable
+
+from backup.errors import ImageFormatError
+from backup.qcow2 import layout as q
+from backup.qcow2.backing import BackingImage, chain_key, locate_backing, open_backing, probe_backing_format
+from backup.qcow2.cache import TableCache
+from backup.qcow2.errors import Qcow2CorruptError
+from backup.qcow2.header import ImageHeader, build_header, incompatible_names, l1_entries_for, parse_header
+from backup.qcow2.refcount import Refcounts
+from nbd.constants import State
+from nbd.device import BlockLimits, Capabilities, Extent
+
+log = logging.getLogger(__name__)
+
+HOLE_ZERO = State.HOLE | State.ZERO
+DEFAULT_L2_CACHE = 8 * 1024 * 1024
+_IOV_MAX = 1024
+_U64 = q.U64
+
+
+class _Writer:
+    """Coalesces writes at consecutive host offsets into one ``pwritev``."""
+
+    __slots__ = ("_bufs", "_end", "_fd", "_start")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._start = 0
+        self._end = -1
+        self._bufs: list[bytes | bytearray | memoryview] = []
+
+    def add(self, offset: int, buf: bytes | bytearray | memoryview) -> None:
+        if offset != self._end or len(self._bufs) >= _IOV_MAX:
+            self.finish()
+            self._start = offset
+            self._end = offset
+        self._bufs.append(buf)
+        self._end += len(buf)
+
+    def finish(self) -> None:
+        if not self._bufs:
+            return
+        total = self._end - self._start
+        done = os.pwritev(self._fd, self._bufs, self._start)
+        if done != total:  # short write: finish the rest the slow way
+            rest = b"".join(bytes(b) for b in self._bufs)[done:]
+            while rest:
+                n = os.pwrite(self._fd, rest, self._start + done)
+                done += n
+                rest = rest[n:]
+        self._bufs = []
+        self._end = -1
+
+
+def _compressor() -> Callable[[bytes | bytearray | memoryview], bytes]:
+    def compress(data: bytes | bytearray | memoryview) -> bytes:
+        # As QEMU: raw deflate (no zlib header), 4 KiB window, default level, memLevel 9.
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        return c.compress(data) + c.flush()
+
+    return compress
+
+
+class Qcow2Device:
+    """A qcow2 image opened for reading (any image) or reading and writing (see ``open``)."""
+
+    def __init__(
+        self,
+        path: str,
+        fd: int,
+        header: ImageHeader,
+        l1: list[int],
+        *,
+        read_only: bool,
+        refcounts: Refcounts | None,
+        backing: BackingImage | None,
+        compress: bool,
+        l2_cache_size: int,
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.backing = backing
+        self.compress = compress
+        self.was_dirty = bool(header.incompatible & q.INCOMPAT_DIRTY)
+        self._fd = fd
+        self._read_only = read_only
+        self._refs = refcounts
+        self._l1 = l1
+        self._l1_dirty_lo = len(l1)
+        self._l1_dirty_hi = -1
+        self._cb = header.cluster_bits
+        self._cs = header.cluster_size
+        self._l2_bits = self._cb - 3
+        self._l2_mask = (1 << self._l2_bits) - 1
+        self._zero_flag = q.OFLAG_ZERO if header.version >= 3 else 0
+        self._l2 = TableCache(
+            fd,
+            self._cs,
+            l2_cache_size // self._cs,
+            on_short_read=lambda off: Qcow2CorruptError(path, f"L2 table {off:#x} lies past the end of the file"),
+        )
+        self._compress = _compressor()
+        self._cbyte = 0  # next free byte of the cluster holding compressed data (0: none)
+        self._lock = asyncio.Lock()
+        self._marked_dirty = self.was_dirty
+        self._closed = False
+        self._zero_cluster = bytes(self._cs)
+        self._decompressed: tuple[int, bytes] | None = None  # last compressed cluster read
+
+    # --- opening and creating ------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        compress: bool = False,
+        l2_cache_size: int = DEFAULT_L2_CACHE,
+        _chain: tuple[str, ...] = (),
+    ) -> Qcow2Device:
+        """Open an image; its backing chain (if any) is opened read-only."""
+        path = os.fspath(path)
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        backing: BackingImage | None = None
+        try:
+            file_size = os.fstat(fd).st_size
+            first = os.pread(fd, q.V3_HEADER_LENGTH, 0)
+            if len(first) >= 24 and first[:4] == q.MAGIC:
+                bits = q.U32.unpack_from(first, 20)[0]
+                if q.MIN_CLUSTER_BITS <= bits <= q.MAX_CLUSTER_BITS:
+                    first = os.pread(fd, 1 << bits, 0)
+            header = parse_header(first, file_size, path)
+            if not read_only:
+                _check_writable(header, path)
+            l1 = _read_l1(fd, header, file_size, path)
+            refs = None if read_only else _load_refcounts(fd, header, file_size, path)
+            if header.backing_file is not None:
+                chain = (*_chain, chain_key(path))
+                backing = await open_backing(header.backing_file, header.backing_format, path, chain)
+            if header.incompatible & q.INCOMPAT_DIRTY:
+                log.warning("%s was not cleanly closed (dirty bit set); reading it as it is", path)
+            return cls(
+                path,
+                fd,
+                header,
+                l1,
+                read_only=read_only,
+                refcounts=refs,
+                backing=backing,
+                compress=compress,
+                l2_cache_size=l2_cache_size,
+            )
+        except BaseException:
+            os.close(fd)
+            if backing is not None:
+                await backing.close()
+            raise
+
+    @classmethod
+    async def create(
+        cls,
+        path: str | os.PathLike[str],
+        size: int | None,
+        *,
+        cluster_size: int = 65536,
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+        compress: bool = False,
+        l2_cache_size: int = DEFAULT_L2_CACHE,
+    ) -> Qcow2Device:
+        """Create (or overwrite, as ``qemu-img create`` does) a v3 image and open it for writing.
+
+        ``size`` None takes the backing file's virtual size; sizes round up to 512 bytes.
+        """
+        path = os.fspath(path)
+        if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 1 << q.MAX_CLUSTER_BITS:
+            raise ImageFormatError(f"cluster size {cluster_size} must be a power of two from 512 B to 2 MiB")
+        cluster_bits = cluster_size.bit_length() - 1
+        if backing_file is not None:
+            resolved = locate_backing(backing_file, path, ())
+            if backing_format is None:
+                backing_format = probe_backing_format(resolved)
+            if size is None:
+                probe = await open_backing(backing_file, backing_format, path, ())
+                size = probe.size
+                await probe.close()
+        if size is None or size < 0:
+            raise ImageFormatError("a qcow2 image needs a virtual size (or a backing file to take it from)")
+        size = -(-size // 512) * 512
+        l1_size = l1_entries_for(size, cluster_bits)
+        if l1_size * 8 > q.MAX_L1_BYTES:
+            raise ImageFormatError(f"virtual size {size} is too large for {cluster_size}-byte clusters")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            refs = Refcounts(
+                fd,
+                path,
+                cluster_bits=cluster_bits,
+                order=4,
+                reftable=[0] * (cluster_size // 8),
+                reftable_offset=cluster_size,
+                reftable_clusters=1,
+                alloc_end=2,
+            )
+            refs.add(0, 1)  # header; also allocates the first refcount block
+            refs.add(1, 1)  # refcount table
+            l1_clusters = -(-l1_size * 8 // cluster_size)
+            l1_offset = refs.alloc(l1_clusters) << cluster_bits if l1_size else 0
+            header = ImageHeader(
+                version=3,
+                cluster_bits=cluster_bits,
+                size=size,
+                crypt_method=0,
+                l1_size=l1_size,
+                l1_table_offset=l1_offset,
+                refcount_table_offset=refs.reftable_offset,
+                refcount_table_clusters=refs.reftable_clusters,
+                nb_snapshots=0,
+                snapshots_offset=0,
+                refcount_order=4,
+                header_length=q.V3_HEADER_LENGTH,
+                backing_file=backing_file,
+                backing_format=backing_format,
+            )
+            os.pwrite(fd, build_header(header), 0)
+            refs.flush()
+            os.ftruncate(fd, refs.alloc_end << cluster_bits)  # the L1 table reads as zeroes
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        try:
+            return await cls.open(path, compress=compress, l2_cache_size=l2_cache_size)
+        except BaseException:
+            os.unlink(path)
+            raise
+
+    # --- BlockDevice properties --------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def cluster_size(self) -> int:
+        return self._cs
+
+    @property
+    def capabilities(self) -> Capabilities:
+        writable = not self._read_only
+        return Capabilities(
+            can_flush=writable,
+            can_fua=writable,
+            can_trim=writable,
+            can_zero=writable,
+            can_fast_zero=writable and self._zero_flag != 0,
+            can_cache=True,
+            can_multi_conn=True,
+            can_extents=True,
+        )
+
+    @property
+    def block_limits(self) -> BlockLimits:
+        return BlockLimits(minimum=1, preferred=max(4096, min(self._cs, 2 * 1024 * 1024)))
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int, *, write: bool = False) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, f"{self.path}: device is closed")
+        if write and self._read_only:
+            raise OSError(errno.EPERM, f"{self.path}: image is open read-only")
+        if offset < 0 or length < 0 or offset + length > self.header.size:
+            raise OSError(errno.ENOSPC if write else errno.EINVAL, "request beyond the end of the device")
+
+    def _corrupt(self, message: str) -> Qcow2CorruptError:
+        return Qcow2CorruptError(self.path, message)
+
+    def _l2_table(self, l1_index: int) -> bytearray | None:
+        off = self._l1[l1_index] & q.L1E_OFFSET_MASK
+        if not off:
+            return None
+        return self._l2.get(off)
+
+    async def _backing_read(self, offset: int, length: int) -> bytes:
+        backing = self.backing
+        if backing is None or offset >= backing.size:
+            return bytes(length)
+        n = min(length, backing.size - offset)
+        data = await backing.pread(offset, n)
+        return data if n == length else data + bytes(length - n)
+
+    def _read_compressed(self, entry: int) -> bytes:
+        cached = self._decompressed
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        offset, nbytes = q.decode_compressed(entry, self._cb)
+        raw = os.pread(self._fd, nbytes, offset)
+        try:
+            d = zlib.decompressobj(-15)
+            data = d.decompress(raw, self._cs)
+        except zlib.error as exc:
+            raise self._corrupt(f"compressed cluster at {offset:#x} does not inflate: {exc}") from None
+        if len(data) != self._cs:
+            raise self._corrupt(f"compressed cluster at {offset:#x} inflates to {len(data)} bytes")
+        self._decompressed = (entry, data)
+        return data
+
+    # --- reads -----------------------------------------------------------------------------------------
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        out = bytearray(length)
+        mv = memoryview(out)
+        cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
+        run_host, run_start, run_end = -1, 0, 0  # pending contiguous host read into out[run_start:run_end]
+        pos, end = offset, offset + length
+        while pos < end:
+            vc = pos >> cb
+            l1i = vc >> self._l2_bits
+            table = self._l2_table(l1i)
+            i = vc & self._l2_mask
+            table_end = min(end, ((l1i + 1) << (self._l2_bits + cb)))
+            while pos < table_end:
+                in_off = pos & (cs - 1)
+                n = min(cs - in_off, table_end - pos)
+                dst = pos - offset
+                entry = _U64.unpack_from(table, i * 8)[0] if table is not None else 0
+                host = entry & q.L2E_OFFSET_MASK
+                if entry & q.OFLAG_COMPRESSED:
+                    data = self._read_compressed(entry)
+                    mv[dst : dst + n] = data[in_off : in_off + n]
+                elif entry & zero_flag:
+                    pass  # reads as zeroes
+                elif host:
+                    h = host + in_off
+                    if h == run_host + (run_end - run_start) and dst == run_end:
+                        run_end += n
+                    else:
+                        self._read_run(mv, run_host, run_start, run_end)
+                        run_host, run_start, run_end = h, dst, dst + n
+                elif self.backing is not None:
+                    mv[dst : dst + n] = await self._backing_read(pos, n)
+                pos += n
+                i += 1
+        self._read_run(mv, run_host, run_start, run_end)
+        return bytes(out)
+
+    def _read_run(self, mv: memoryview, host: int, start: int, end: int) -> None:
+        if end > start:
+            os.preadv(self._fd, [mv[start:end]], host)  # short read past EOF: zeroes, as QEMU
+
+    # --- block status --------------------------------------------------------------------------------
+
+    def _entries(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(bytes, L2 entry) runs over the range: equal entries kinds merged per cluster."""
+        runs: list[tuple[int, int]] = []
+        cs, cb = self._cs, self._cb
+        pos, end = offset, offset + length
+        while pos < end:
+            vc = pos >> cb
+            l1i = vc >> self._l2_bits
+            table = self._l2_table(l1i)
+            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
+            if table is None:
+                runs.append((table_end - pos, 0))
+                pos = table_end
+                continue
+            i = vc & self._l2_mask
+            while pos < table_end:
+                n = min(cs - (pos & (cs - 1)), table_end - pos)
+                runs.append((n, _U64.unpack_from(table, i * 8)[0]))
+                pos += n
+                i += 1
+        return runs
+
+    def _kind(self, entry: int) -> int:
+        """0 data, 1 zero, 2 unallocated."""
+        if entry & q.OFLAG_COMPRESSED:
+            return 0
+        if entry & self._zero_flag:
+            return 1
+        return 0 if entry & q.L2E_OFFSET_MASK else 2
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length)
+        if length == 0:
+            return []
+        length = min(length, self._cs << 16)  # bound the work of one call; callers continue from the end
+        extents: list[Extent] = []
+        pos = offset
+
+        def add(n: int, flags: int) -> None:
+            if extents and extents[-1].flags == flags:
+                extents[-1] = Extent(extents[-1].length + n, flags)
+            else:
+                extents.append(Extent(n, flags))
+
+        runs = self._merge_kinds(self._entries(offset, length))
+        for n, kind in runs:
+            if kind == 0:
+                add(n, 0)
+            elif kind == 1 or self.backing is None or pos >= self.backing.size:
+                add(n, HOLE_ZERO)
+            else:
+                below = min(n, self.backing.size - pos)
+                got = 0
+                for ext in await self.backing.block_status(pos, below):
+                    add(ext.length, ext.flags)
+                    got += ext.length
+                if got < below:
+                    break  # the backing stopped early: report what we know
+                if below < n:
+                    add(n - below, HOLE_ZERO)
+            pos += n
+        return extents
+
+    def _merge_kinds(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        merged: list[tuple[int, int]] = []
+        for n, entry in runs:
+            kind = self._kind(entry)
+            if merged and merged[-1][1] == kind:
+                merged[-1] = (merged[-1][0] + n, kind)
+            else:
+                merged.append((n, kind))
+        return merged
+
+    async def top_allocation(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """Runs of (length, allocated in this image): what ``sync=top`` copies (zero clusters count)."""
+        self._check(offset, length)
+        out: list[tuple[int, bool]] = []
+        for n, kind in self._merge_kinds(self._entries(offset, length)):
+            allocated = kind != 2
+            if out and out[-1][1] == allocated:
+                out[-1] = (out[-1][0] + n, allocated)
+            else:
+                out.append((n, allocated))
+        return out
+
+    # --- writes ----------------------------------------------------------------------------------------
+
+    def _begin_write(self) -> Refcounts:
+        """Before the first change: make the dirty bit durable (v3), so a crash stays detectable."""
+        refs = self._refs
+        assert refs is not None
+        if not self._marked_dirty:
+            h = self.header
+            if h.version >= 3:
+                h.autoclear = 0  # bitmaps and other auto-clear data become stale once we write
+                h.incompatible |= q.INCOMPAT_DIRTY
+                os.pwrite(self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, 0), q.INCOMPAT_OFFSET)
+                os.fdatasync(self._fd)
+            self._marked_dirty = True
+        return refs
+
+    def _l1_set(self, index: int, value: int) -> None:
+        self._l1[index] = value
+        self._l1_dirty_lo = min(self._l1_dirty_lo, index)
+        self._l1_dirty_hi = max(self._l1_dirty_hi, index)
+
+    def _l2_for_write(self, refs: Refcounts, l1_index: int) -> tuple[int, bytearray]:
+        entry = self._l1[l1_index]
+        off = entry & q.L1E_OFFSET_MASK
+        if not off:
+            off = refs.alloc(1) << self._cb
+            table = self._l2.new(off)
+            self._l1_set(l1_index, off | q.OFLAG_COPIED)
+            return off, table
+        table = self._l2.get(off)
+        if not entry & q.OFLAG_COPIED:
+            if refs.get(off >> self._cb) == 1:
+                self._l1_set(l1_index, off | q.OFLAG_COPIED)
+            else:  # shared with a snapshot: copy on write
+                new_off = refs.alloc(1) << self._cb
+                new_table = self._l2.new(new_off)
+                new_table[:] = table
+                for i in range(len(table) // 8):  # the clusters are now referenced twice
+                    e = _U64.unpack_from(table, i * 8)[0]
+                    if e & q.L2E_OFFSET_MASK and not e & q.OFLAG_COMPRESSED:
+                        _U64.pack_into(new_table, i * 8, e & ~q.OFLAG_COPIED)
+                refs.add(off >> self._cb, -1)
+                self._l1_set(l1_index, new_off | q.OFLAG_COPIED)
+                return new_off, new_table
+        return off, table
+
+    def _release(self, refs: Refcounts, entry: int) -> None:
+        """Drop this L2 entry's references to host clusters."""
+        if entry & q.OFLAG_COMPRESSED:
+            offset, _ = q.decode_compressed(entry, self._cb)
+            start = offset & ~(q.SECTOR - 1)
+            _, shift, smask = q.compressed_fields(self._cb)
+            last = start + (((entry >> shift) & smask) + 1) * q.SECTOR - 1
+            for c in range(start >> self._cb, (last >> self._cb) + 1):
+                self._unref(refs, c)
+            if self._decompressed is not None and self._decompressed[0] == entry:
+                self._decompressed = None
+            return
+        host = entry & q.L2E_OFFSET_MASK
+        if host:
+            self._unref(refs, host >> self._cb)
+
+    def _unref(self, refs: Refcounts, cluster: int) -> None:
+        if refs.add(cluster, -1) == 0 and self._cbyte and cluster == (self._cbyte - 1) >> self._cb:
+            self._cbyte = 0  # the compressed tail cluster was freed: never append to it again
+
+    def _check_host(self, refs: Refcounts, host: int) -> None:
+        if host >> self._cb >= refs.alloc_end:
+            raise self._corrupt(f"L2 entry points to {host:#x}, past the end of the image")
+
+    def _alloc_bytes(self, refs: Refcounts, size: int) -> int:
+        """Room for ``size`` compressed bytes, packed after the previous ones as QEMU packs them."""
+        cb, cs = self._cb, self._cs
+        tail = self._cbyte
+        if tail:
+            c = tail >> cb
+            room_end = (c + 1) << cb
+            if refs.get(c) < refs.max_refcount:
+                if tail + size <= room_end:
+                    refs.add(c, 1)
+                    self._cbyte = tail + size if tail + size < room_end else 0
+                    return tail
+                if c + 1 == refs.alloc_end:  # spill into fresh clusters right after the tail
+                    extra = -(-(tail + size - room_end) // cs)
+                    start = refs.alloc(extra, from_end=True)
+                    if start == c + 1:
+                        refs.add(c, 1)
+                        end = tail + size
+                        self._cbyte = end if end & (cs - 1) else 0
+                        return tail
+                    for k in range(start, start + extra):  # not contiguous after all: give them back
+                        refs.add(k, -1)
+        n = -(-size // cs)
+        start = refs.alloc(n, from_end=True)
+        end = (start << cb) + size
+        self._cbyte = end if end & (cs - 1) else 0
+        return start << cb
+
+    async def _old_content(self, entry: int, vpos: int) -> bytearray:
+        """A cluster's current contents (for merging a partial write into a fresh cluster)."""
+        if entry & q.OFLAG_COMPRESSED:
+            return bytearray(self._read_compressed(entry))
+        if entry & self._zero_flag:
+            return bytearray(self._cs)
+        host = entry & q.L2E_OFFSET_MASK
+        if host:
+            data = os.pread(self._fd, self._cs, host)
+            return bytearray(data.ljust(self._cs, b"\0"))
+        data = await self._backing_read(vpos, min(self._cs, self.header.size - vpos))
+        return bytearray(data.ljust(self._cs, b"\0"))
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        mv = memoryview(data)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        self._check(offset, len(mv), write=True)
+        async with self._lock:
+            await self._write(offset, mv)
+            if fua:
+                self._flush_locked()
+
+    async def _write(self, offset: int, mv: memoryview) -> None:
+        if not len(mv):
+            return
+        refs = self._begin_write()
+        cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
+        writer = _Writer(self._fd)
+        pos, end = offset, offset + len(mv)
+        try:
+            while pos < end:
+                vc = pos >> cb
+                l1i = vc >> self._l2_bits
+                toff, table = self._l2_for_write(refs, l1i)
+                i = vc & self._l2_mask
+                table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
+                fresh: list[tuple[int, memoryview | bytearray]] = []  # (L2 index, cluster data) to allocate
+                while pos < table_end:
+                    in_off = pos & (cs - 1)
+                    n = min(cs - in_off, table_end - pos)
+                    src = mv[pos - offset : pos - offset + n]
+                    entry = _U64.unpack_from(table, i * 8)[0]
+                    host = entry & q.L2E_OFFSET_MASK
+                    if entry & q.OFLAG_COPIED and host and not entry & q.OFLAG_COMPRESSED:
+                        self._check_host(refs, host)
+                        if not entry & zero_flag:
+                            writer.add(host + in_off, src)
+                        else:  # preallocated zero cluster: becomes data
+                            if n == cs:
+                                writer.add(host, src)
+                            else:
+                                buf = bytearray(cs)
+                                buf[in_off : in_off + n] = src
+                                writer.add(host, buf)
+                            _U64.pack_into(table, i * 8, host | q.OFLAG_COPIED)
+                    else:
+                        if n == cs:
+                            cluster: memoryview | bytearray = src
+                        else:
+                            cluster = await self._old_content(entry, pos - in_off)
+                            cluster[in_off : in_off + n] = src
+                        self._release(refs, entry)
+                        stored = False
+                        if self.compress:
+                            blob = self._compress(cluster)
+                            if len(blob) < cs:
+                                at = self._alloc_bytes(refs, len(blob))
+                                writer.add(at, blob)
+                                _U64.pack_into(table, i * 8, q.encode_compressed(at, len(blob), cb))
+                                stored = True
+                        if not stored:
+                            fresh.append((i, cluster))
+                    pos += n
+                    i += 1
+                if fresh:
+                    start = refs.alloc(len(fresh), from_end=len(fresh) > 1)
+                    for k, (index, cluster) in enumerate(fresh):
+                        host = (start + k) << cb
+                        writer.add(host, cluster)
+                        _U64.pack_into(table, index * 8, host | q.OFLAG_COPIED)
+                self._l2.mark_dirty(toff, table)
+        finally:
+            writer.finish()
+
+    def _split(self, offset: int, length: int) -> tuple[list[tuple[int, int]], int, int]:
+        """Partial head/tail pieces and the whole-cluster span; the image's last cluster counts as
+        whole when the range reaches the end of the image."""
+        cs, end = self._cs, offset + length
+        whole_start = -(-offset // cs) * cs
+        whole_end = end // cs * cs if end < self.header.size else -(-end // cs) * cs
+        if whole_end <= whole_start:
+            return [(offset, length)], 0, 0
+        pieces = [(offset, whole_start - offset)] if whole_start > offset else []
+        if end > whole_end:
+            pieces.append((whole_end, end - whole_end))
+        return pieces, whole_start, whole_end
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        self._check(offset, length, write=True)
+        if not length:
+            return
+        partial, whole_start, whole_end = self._split(offset, length)
+        if fast and (partial or not self._zero_flag):
+            raise OSError(errno.ENOTSUP, "fast zero needs whole clusters of a v3 qcow2 image")
+        async with self._lock:
+            for o, n in partial:
+                await self._zero_partial(o, n)
+            if whole_end > whole_start:
+                await self._zero_clusters(whole_start, whole_end - whole_start, may_trim=may_trim)
+            if fua:
+                self._flush_locked()
+
+    async def _zero_partial(self, offset: int, length: int) -> None:
+        if not await self._reads_zero(offset, length):
+            await self._write(offset, memoryview(bytes(length)))
+
+    async def _reads_zero(self, offset: int, length: int) -> bool:
+        """Whether the range already reads as zeroes without looking at data (zero/unallocated)."""
+        for _, entry in self._entries(offset, length):
+            kind = self._kind(entry)
+            if kind == 0 or (kind == 2 and self.backing is not None and offset < self.backing.size):
+                return False
+        return True
+
+    async def _zero_clusters(self, offset: int, length: int, *, may_trim: bool) -> None:
+        """Whole clusters: v3 zero flags (no data written); v2 deallocation or zero data."""
+        refs = self._begin_write()
+        cb = self._cb
+        has_backing = self.backing is not None
+        if not self._zero_flag and has_backing:
+            zeros = memoryview(self._zero_cluster)
+            for pos in range(offset, offset + length, self._cs):
+                await self._write(pos, zeros)
+            return
+        pos, end = offset, offset + length
+        while pos < end:
+            vc = pos >> cb
+            l1i = vc >> self._l2_bits
+            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
+            if not self._l1[l1i] & q.L1E_OFFSET_MASK and not has_backing:
+                pos = table_end  # no L2 table and no backing: already reads as zeroes
+                continue
+            toff, table = self._l2_for_write(refs, l1i)
+            for i in range(vc & self._l2_mask, ((table_end - 1) >> cb & self._l2_mask) + 1):
+                entry = _U64.unpack_from(table, i * 8)[0]
+                host = entry & q.L2E_OFFSET_MASK
+                if not self._zero_flag:  # v2 without backing: unallocated reads as zeroes
+                    new = 0
+                elif not may_trim and host and entry & q.OFLAG_COPIED and not entry & q.OFLAG_COMPRESSED:
+                    new = host | q.OFLAG_COPIED | q.OFLAG_ZERO  # keep the allocation (no hole wanted)
+                elif entry == 0 and not has_backing:
+                    new = 0
+                else:
+                    new = q.OFLAG_ZERO
+                if new != entry:
+                    if not new & q.L2E_OFFSET_MASK:
+                        self._release(refs, entry)
+                    _U64.pack_into(table, i * 8, new)
+            self._l2.mark_dirty(toff, table)
+            pos = table_end
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Whole clusters are deallocated (zero clusters over a backing file); partial ones are kept."""
+        self._check(offset, length, write=True)
+        _, whole_start, whole_end = self._split(offset, length)
+        async with self._lock:
+            if whole_end > whole_start and (self._zero_flag or self.backing is None):
+                await self._zero_clusters(whole_start, whole_end - whole_start, may_trim=True)
+            if fua:
+                self._flush_locked()
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch: loading the L2 tables is the useful part (the data is in the page cache's hands)."""
+        self._check(offset, length)
+        self._entries(offset, length)
+
+    # --- durability ------------------------------------------------------------------------------
+
+    def _flush_locked(self) -> None:
+        self._write_metadata()
+        os.fdatasync(self._fd)
+
+    def _write_metadata(self) -> None:
+        refs = self._refs
+        if refs is None or not self._marked_dirty:
+            return
+        self._l2.flush()
+        refs.flush()
+        if self._l1_dirty_hi >= self._l1_dirty_lo:
+            lo, hi = self._l1_dirty_lo, self._l1_dirty_hi + 1
+            data = b"".join(_U64.pack(e) for e in self._l1[lo:hi])
+            os.pwrite(self._fd, data, self.header.l1_table_offset + lo * 8)
+            self._l1_dirty_lo, self._l1_dirty_hi = len(self._l1), -1
+        if refs.header_dirty:
+            self.header.refcount_table_offset = refs.reftable_offset
+            self.header.refcount_table_clusters = refs.reftable_clusters
+            os.pwrite(
+                self._fd,
+                q.REFTABLE_FIELDS_FAST.pack(refs.reftable_offset, refs.reftable_clusters),
+                q.REFTABLE_FIELDS_OFFSET,
+            )
+            refs.header_dirty = False
+        needed = refs.alloc_end << self._cb
+        if os.fstat(self._fd).st_size < needed:
+            os.ftruncate(self._fd, needed)
+
+    async def flush(self) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, f"{self.path}: device is closed")
+        if self._read_only:
+            return
+        async with self._lock:
+            self._flush_locked()
+
+    async def close(self) -> None:
+        """Flush, then clear the dirty bit: only now is the image complete and clean."""
+        if self._closed:
+            return
+        try:
+            if not self._read_only and self._marked_dirty:
+                async with self._lock:
+                    self._flush_locked()
+                    h = self.header
+                    if h.version >= 3:
+                        h.incompatible &= ~q.INCOMPAT_DIRTY
+                        os.pwrite(
+                            self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, 0), q.INCOMPAT_OFFSET
+                        )
+                        os.fdatasync(self._fd)
+        finally:
+            self._closed = True
+            os.close(self._fd)
+            if self.backing is not None:
+                await self.backing.close()
+
+    def abandon(self) -> None:
+        """Close without flushing or clearing the dirty bit (what a crash leaves; for tests/aborts)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+def _check_writable(h: ImageHeader, path: str) -> None:
+    if h.incompatible & q.INCOMPAT_CORRUPT:
+        raise ImageFormatError(f"{path}: image is marked corrupt; it can only be opened read-only")
+    if h.incompatible & q.INCOMPAT_DIRTY:
+        raise ImageFormatError(
+            f"{path}: image was not cleanly closed ({incompatible_names(h.incompatible)} set): it may be an "
+            "incomplete backup and its refcounts may be stale; open it read-only, or repair it with "
+            "'qemu-img check -r all'"
+        )
+    if h.nb_snapshots:
+        raise ImageFormatError(f"{path}: images with internal snapshots can only be opened read-only")
+
+
+def _read_l1(fd: int, h: ImageHeader, file_size: int, path: str) -> list[int]:
+    if not h.l1_size:
+        return []
+    raw = os.pread(fd, h.l1_size * 8, h.l1_table_offset)
+    if len(raw) < h.l1_size * 8:
+        raise ImageFormatError(f"{path}: L1 table is truncated")
+    l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+    cs = h.cluster_size
+    for index, entry in enumerate(l1):
+        off = entry & q.L1E_OFFSET_MASK
+        if not off:
+            continue
+        if off & (cs - 1):
+            raise ImageFormatError(f"{path}: L1 entry {index} ({off:#x}) is not cluster aligned")
+        if off >= file_size:
+            raise ImageFormatError(
+                f"{path}: L1 entry {index} points to an L2 table at {off:#x}, past the end of the file "
+                f"({file_size} bytes): truncated or corrupt image"
+            )
+    return l1
+
+
+def _load_refcounts(fd: int, h: ImageHeader, file_size: int, path: str) -> Refcounts:
+    cs = h.cluster_size
+    n = h.refcount_table_clusters * cs // 8
+    raw = os.pread(fd, n * 8, h.refcount_table_offset).ljust(n * 8, b"\0")
+    reftable = list(struct.unpack(f">{n}Q", raw))
+    for index, entry in enumerate(reftable):
+        off = entry & q.REFT_OFFSET_MASK
+        if off and (off & (cs - 1) or off >= file_size):
+            raise ImageFormatError(f"{path}: refcount table entry {index} ({off:#x}) is invalid or past the end")
+    return Refcounts(
+        fd,
+        path,
+        cluster_bits=h.cluster_bits,
+        order=h.refcount_order,
+        reftable=reftable,
+        reftable_offset=h.refcount_table_offset,
+        reftable_clusters=h.refcount_table_clusters,
+        alloc_end=-(-file_size // cs),
+    )

@@ -1,0 +1,217 @@
+"""Host cluster allocation and reference counts (the refcount table and its refcount blocks).
+
+New clusters come from the end of the file (so a backup's data lands in one contiguous run and is
+written with one syscall) or from clusters freed earlier in this session. A refcount block that
+does not exist yet is allocated on demand and counts itself when it falls in its own range; the
+refcount table grows (moves to a bigger contiguous area) when the file outgrows it.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import os
+import struct
+
+from backup.qcow2 import layout as q
+from backup.qcow2.cache import TableCache
+from backup.qcow2.errors import Qcow2CorruptError
+
+
+class Refcounts:
+    """The refcount state of one image, kept in memory and written back on ``flush``."""
+
+    def __init__(
+        self,
+        fd: int,
+        path: str,
+        *,
+        cluster_bits: int,
+        order: int,
+        reftable: list[int],
+        reftable_offset: int,
+        reftable_clusters: int,
+        alloc_end: int,
+        cache_tables: int = 32,
+    ) -> None:
+        self._fd = fd
+        self._path = path
+        self._cb = cluster_bits
+        self._cs = 1 << cluster_bits
+        self._order = order
+        self._bits = 1 << order
+        self.max_refcount = (1 << self._bits) - 1
+        self._rb_bits = cluster_bits + 3 - order  # log2(entries per refcount block)
+        self._struct, self._width = q.refcount_accessors(order)
+        self.reftable = reftable
+        self.reftable_offset = reftable_offset
+        self.reftable_clusters = reftable_clusters
+        self.reftable_dirty = False
+        self.header_dirty = False  # the reftable moved: the header must point to it
+        self.alloc_end = alloc_end  # first cluster index never used so far
+        self._free: list[int] = []  # min-heap of clusters freed in this session
+        self.cache = TableCache(
+            fd, self._cs, cache_tables, on_short_read=lambda off: self._corrupt(f"refcount block {off:#x} past EOF")
+        )
+
+    def _corrupt(self, message: str) -> Qcow2CorruptError:
+        return Qcow2CorruptError(self._path, message)
+
+    # --- entry access ------------------------------------------------------------------------------
+
+    def _read_entry(self, block: bytearray, i: int) -> int:
+        if self._struct is not None:
+            value: int = self._struct.unpack_from(block, i * self._width)[0]
+            return value
+        per = 8 >> self._order
+        return (block[i // per] >> ((i % per) * self._bits)) & self.max_refcount
+
+    def _write_entry(self, block: bytearray, i: int, value: int) -> None:
+        if self._struct is not None:
+            self._struct.pack_into(block, i * self._width, value)
+            return
+        per = 8 >> self._order
+        shift = (i % per) * self._bits
+        byte = i // per
+        block[byte] = (block[byte] & ~(self.max_refcount << shift) & 0xFF) | (value << shift)
+
+    def _block(self, cluster: int, *, create: bool) -> tuple[int, bytearray | None]:
+        ti = cluster >> self._rb_bits
+        if ti >= len(self.reftable):
+            if not create:
+                return 0, None
+            self._grow(ti)
+        off = self.reftable[ti] & q.REFT_OFFSET_MASK
+        if off:
+            if off & (self._cs - 1):
+                raise self._corrupt(f"refcount block offset {off:#x} is not cluster aligned")
+            return off, self.cache.get(off)
+        if not create:
+            return 0, None
+        # Allocate the block from the end of the file; it needs a refcount itself, which may live
+        # in this very block (set below) or in another block allocated the same way.
+        index = self.alloc_end
+        self.alloc_end += 1
+        off = index << self._cb
+        self.reftable[ti] = off
+        self.reftable_dirty = True
+        self.cache.new(off)
+        self.add(index, 1)
+        return off, self.cache.get(off)
+
+    # --- public ------------------------------------------------------------------------------------
+
+    def get(self, cluster: int) -> int:
+        _, block = self._block(cluster, create=False)
+        if block is None:
+            return 0
+        return self._read_entry(block, cluster & ((1 << self._rb_bits) - 1))
+
+    def add(self, cluster: int, delta: int) -> int:
+        """Change a cluster's refcount; refusing to overflow or go negative (both mean corruption)."""
+        off, block = self._block(cluster, create=True)
+        assert block is not None
+        i = cluster & ((1 << self._rb_bits) - 1)
+        value = self._read_entry(block, i) + delta
+        if value < 0:
+            raise self._corrupt(f"refcount of cluster {cluster:#x} would drop below zero")
+        if value > self.max_refcount:
+            raise self._corrupt(f"refcount of cluster {cluster:#x} overflows {self._bits}-bit refcounts")
+        self._write_entry(block, i, value)
+        self.cache.mark_dirty(off, block)
+        if value == 0:
+            heapq.heappush(self._free, cluster)
+        return value
+
+    def alloc(self, count: int = 1, *, from_end: bool = False) -> int:
+        """Allocate ``count`` contiguous clusters with refcount 1; returns the first index.
+
+        A single cluster reuses one freed earlier unless ``from_end``; runs always come from the end.
+        """
+        if count == 1 and not from_end:
+            while self._free:
+                cluster = heapq.heappop(self._free)
+                if self.get(cluster) == 0:
+                    self.add(cluster, 1)
+                    return cluster
+        start = self.alloc_end
+        while True:
+            busy = self._last_busy(start, count)
+            if busy < 0:
+                break
+            start = busy + 1  # a cluster past the file end with a refcount: skip it
+        self.alloc_end = start + count
+        self._set_fresh(start, count)
+        return start
+
+    def _last_busy(self, start: int, count: int) -> int:
+        """The last cluster of the run with a nonzero refcount, or -1 (checked a block slice at a time)."""
+        mask = (1 << self._rb_bits) - 1
+        pos, end, last = start, start + count, -1
+        while pos < end:
+            _, block = self._block(pos, create=False)
+            i = pos & mask
+            n = min(end - pos, mask + 1 - i)
+            if block is not None:
+                if self._struct is not None:
+                    w = self._width
+                    if block.count(0, i * w, (i + n) * w) != n * w:
+                        last = max(c for c in range(pos, pos + n) if self._read_entry(block, c & mask))
+                else:
+                    for c in range(pos, pos + n):
+                        if self._read_entry(block, c & mask):
+                            last = c
+            pos += n
+        return last
+
+    def _set_fresh(self, start: int, count: int) -> None:
+        """Refcount 1 for a run of clusters known to be 0, one slice assignment per block."""
+        mask = (1 << self._rb_bits) - 1
+        pos, end = start, start + count
+        while pos < end:
+            off, block = self._block(pos, create=True)
+            assert block is not None
+            i = pos & mask
+            n = min(end - pos, mask + 1 - i)
+            if self._order == 4:
+                block[i * 2 : (i + n) * 2] = b"\x00\x01" * n
+            else:
+                for k in range(i, i + n):
+                    self._write_entry(block, k, 1)
+            self.cache.mark_dirty(off, block)
+            pos += n
+
+    def _grow(self, needed_index: int) -> None:
+        """Move the refcount table to a bigger area at the end of the file."""
+        entries_per_cluster = self._cs // 8
+        clusters = max(2 * self.reftable_clusters, 1)
+        while True:
+            end_after = self.alloc_end + clusters + (clusters >> self._rb_bits) + 2
+            needed = max(needed_index + 1, (end_after >> self._rb_bits) + 2)
+            if clusters * entries_per_cluster >= needed:
+                break
+            clusters *= 2
+        if clusters * self._cs > q.MAX_REFTABLE_BYTES:
+            raise OSError(errno.EFBIG, f"{self._path}: the refcount table would exceed QEMU's 8 MiB limit")
+        old_start, old_clusters = self.reftable_offset >> self._cb, self.reftable_clusters
+        start = self.alloc_end
+        self.alloc_end += clusters
+        self.reftable.extend([0] * (clusters * entries_per_cluster - len(self.reftable)))
+        self.reftable_offset = start << self._cb
+        self.reftable_clusters = clusters
+        self.reftable_dirty = True
+        self.header_dirty = True
+        self._set_fresh(start, clusters)
+        for c in range(old_start, old_start + old_clusters):
+            self.add(c, -1)
+
+    def free(self, cluster: int) -> None:
+        self.add(cluster, -1)
+
+    def flush(self) -> None:
+        """Write dirty refcount blocks, then the table if it changed."""
+        self.cache.flush()
+        if self.reftable_dirty:
+            data = struct.pack(f">{len(self.reftable)}Q", *self.reftable)
+            os.pwrite(self._fd, data, self.reftable_offset)
+            self.reftable_dirty = False

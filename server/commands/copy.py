@@ -1,0 +1,361 @@
+"""``nbd-backup copy SRC DST``: copy a disk between files and NBD exports — also the restore path.
+
+Each side is a file (opened through ``backup.images``, so every image format it knows works) or an NBD
+URI. The copy is sparse-aware: the source's block status says where the data is; zero and hole ranges
+become ``zero`` requests on the destination (or nothing at all when the destination was just created
+and so reads as zeroes), and data chunks that turn out to be all zeroes are zeroed rather than written.
+Memory stays bounded: at most ``--requests`` chunks of ``--request-size`` bytes are in flight.
+The exit status is non-zero on any error, with a one-line message saying what failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from backup.errors import BackupError
+from nbd.constants import State
+from nbd.device import BlockDevice
+from nbd.errors import NbdError
+from nbd.uri import looks_like_uri, parse_uri
+from server.progress import Progress
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_SIZE = 1 << 20
+DEFAULT_REQUESTS = 16
+STATUS_SPAN = 1 << 30  # block status is asked for at most this much at a time
+_MIN_REQUEST = 4096
+
+
+class CopyError(Exception):
+    """A copy failed for a reason the user can act on (the message says which side and why)."""
+
+
+@dataclass
+class CopyStats:
+    size: int = 0
+    data_bytes: int = 0  # written as data
+    zero_bytes: int = 0  # zeroed on the destination
+    skipped_bytes: int = 0  # zero ranges left alone (the destination reads as zeroes already)
+
+
+@dataclass
+class Endpoint:
+    """One side of a copy: the device, how to name it in messages, and whether it reads as zeroes."""
+
+    device: BlockDevice
+    name: str
+    is_zero: bool = False
+    created_path: str | None = None
+
+
+# --- opening the two sides --------------------------------------------------------------------------
+
+
+async def open_source(spec: str, *, fmt: str | None, connections: int | None, requests: int) -> Endpoint:
+    if looks_like_uri(spec):
+        from nbd.client import NbdClient
+
+        client = await NbdClient.connect(parse_uri(spec), connections=connections, max_in_flight=requests)
+        return Endpoint(client, str(client.uri))
+    from backup.images import open_image
+
+    return Endpoint(await open_image(spec, format=fmt, read_only=True), spec)
+
+
+async def create_destination_file(path: str, size: int, *, fmt: str | None) -> BlockDevice:
+    """The one place a destination file is created (``backup.images`` decides what each format needs)."""
+    from backup import images
+
+    create_image = getattr(images, "create_image", None)
+    if create_image is not None:
+        device: BlockDevice = await create_image(path, size, format=fmt or "raw")
+        return device
+    if fmt not in (None, "raw"):
+        raise CopyError(f"cannot create {path!r}: format {fmt!r} is not supported by this build")
+    from backup.rawfile import RawFileDevice
+
+    return await RawFileDevice.create(path, size)
+
+
+async def open_destination(
+    spec: str, size: int, *, fmt: str | None, connections: int | None, requests: int, target_is_zero: bool
+) -> Endpoint:
+    if looks_like_uri(spec):
+        from nbd.client import NbdClient
+
+        client = await NbdClient.connect(parse_uri(spec), connections=connections, max_in_flight=requests)
+        return Endpoint(client, str(client.uri), is_zero=target_is_zero)
+    if _exists(spec):
+        from backup.images import open_image
+
+        return Endpoint(await open_image(spec, format=fmt), spec, is_zero=target_is_zero)
+    device = await create_destination_file(spec, size, fmt=fmt)
+    return Endpoint(device, spec, is_zero=True, created_path=spec)
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
+# --- the copy ---------------------------------------------------------------------------------------
+
+
+async def copy_device(
+    src: BlockDevice,
+    dst: BlockDevice,
+    *,
+    dst_is_zero: bool = False,
+    request_size: int = DEFAULT_REQUEST_SIZE,
+    requests: int = DEFAULT_REQUESTS,
+    detect_zeroes: bool = True,
+    progress: Progress | None = None,
+) -> CopyStats:
+    """Copy all of ``src`` to the start of ``dst``; the first failure cancels the rest and is raised."""
+    size = src.size
+    if dst.size < size:
+        raise CopyError(f"the destination ({dst.size} bytes) is smaller than the source ({size} bytes)")
+    if dst.read_only:
+        raise CopyError("the destination is read-only")
+    stats = CopyStats(size=size)
+    zero_buffer = bytes(request_size)
+    queue: asyncio.Queue[tuple[int, int, bool] | None] = asyncio.Queue(maxsize=requests * 2)
+
+    def account(nbytes: int) -> None:
+        if progress is not None:
+            progress.advance(nbytes)
+
+    async def zero_range(offset: int, length: int) -> None:
+        if dst_is_zero:
+            stats.skipped_bytes += length
+        else:
+            await dst.zero(offset, length, may_trim=True)
+            stats.zero_bytes += length
+        account(length)
+
+    async def produce() -> None:
+        offset = 0
+        while offset < size:
+            span = min(size - offset, STATUS_SPAN)
+            extents = await src.block_status(offset, span)
+            if not extents:
+                raise CopyError(f"the source reported no block status at offset {offset}")
+            for extent in extents:
+                length = min(extent.length, size - offset)
+                if length <= 0:
+                    break
+                is_zero = bool(extent.flags & State.ZERO)
+                step = length if is_zero else request_size
+                for pos in range(0, length, step):
+                    await queue.put((offset + pos, min(step, length - pos), is_zero))
+                offset += length
+        for _ in range(requests):
+            await queue.put(None)
+
+    async def work() -> None:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            offset, length, is_zero = item
+            if is_zero:
+                await zero_range(offset, length)
+                continue
+            data = await src.pread(offset, length)
+            if detect_zeroes and data == (zero_buffer if length == request_size else zero_buffer[:length]):
+                await zero_range(offset, length)
+                continue
+            await dst.pwrite(offset, data)
+            stats.data_bytes += length
+            account(length)
+
+    tasks = [asyncio.ensure_future(produce())] + [asyncio.ensure_future(work()) for _ in range(requests)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await dst.flush()
+    return stats
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "copy",
+        help="copy a disk between files and NBD exports (also: restore a backup)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="SRC", help="image file or NBD URI (nbd://HOST[:PORT]/EXPORT …)")
+    parser.add_argument("destination", metavar="DST", help="image file (created when missing) or NBD URI")
+    parser.add_argument("-f", "--src-format", choices=("raw", "qcow2"), help="source image format (default: probe)")
+    parser.add_argument("-O", "--dst-format", choices=("raw", "qcow2"), help="destination image format")
+    parser.add_argument(
+        "--progress",
+        nargs="?",
+        const="tty",
+        default=None,
+        metavar="FD",
+        help="show a progress bar; --progress=FD writes 'N/100' lines to file descriptor FD instead",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="never show progress, even on a terminal")
+    parser.add_argument("--requests", type=_positive, default=DEFAULT_REQUESTS, help="requests in flight (16)")
+    parser.add_argument(
+        "--request-size", type=_size, default=DEFAULT_REQUEST_SIZE, help="bytes per request (1M; K/M suffixes)"
+    )
+    parser.add_argument("--connections", type=_positive, default=None, help="NBD connections (multi-conn servers)")
+    parser.add_argument(
+        "--target-is-zero", action="store_true", help="the existing destination already reads as zeroes"
+    )
+    parser.add_argument(
+        "--no-detect-zeroes", action="store_true", help="write all-zero data chunks instead of zeroing them"
+    )
+    parser.set_defaults(func=main)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = text[-1] if text and text[-1] in units else ""
+    try:
+        value = int(text[: len(text) - len(suffix)] if suffix else text) * units[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value < _MIN_REQUEST or value > 32 << 20 or value & (value - 1):
+        raise argparse.ArgumentTypeError("must be a power of two between 4K and 32M")
+    return value
+
+
+def _make_progress(args: argparse.Namespace, total: int) -> Progress | None:
+    if args.no_progress:
+        return None
+    if args.progress not in (None, "tty"):
+        try:
+            fd = int(args.progress)
+        except ValueError:
+            raise CopyError(f"--progress=FD needs a file descriptor number, not {args.progress!r}") from None
+        return Progress(total, fd=fd)
+    return Progress(total, label="copy", enabled=True if args.progress == "tty" else None)
+
+
+@asynccontextmanager
+async def _closing(endpoint: Endpoint) -> AsyncIterator[Endpoint]:
+    try:
+        yield endpoint
+    finally:
+        try:
+            await endpoint.device.close()
+        except (OSError, NbdError) as exc:
+            log.debug("closing %s: %s", endpoint.name, exc)
+
+
+async def run_copy(args: argparse.Namespace) -> CopyStats:
+    opening = open_source(args.source, fmt=args.src_format, connections=args.connections, requests=args.requests)
+    src_ep = await _side("source", opening)
+    async with _closing(src_ep) as src:
+        opening = open_destination(
+            args.destination,
+            src.device.size,
+            fmt=args.dst_format,
+            connections=args.connections,
+            requests=args.requests,
+            target_is_zero=args.target_is_zero,
+        )
+        dst_ep = await _side("destination", opening)
+        try:
+            async with _closing(dst_ep) as dst:
+                stats = await _copy_with_progress(args, src, dst)
+        except BaseException:
+            if dst_ep.created_path is not None:
+                _remove(dst_ep.created_path)
+            raise
+        return stats
+
+
+async def _copy_with_progress(args: argparse.Namespace, src: Endpoint, dst: Endpoint) -> CopyStats:
+    progress = _make_progress(args, src.device.size)
+    ok = False
+    try:
+        stats = await copy_device(
+            src.device,
+            dst.device,
+            dst_is_zero=dst.is_zero,
+            request_size=args.request_size,
+            requests=args.requests,
+            detect_zeroes=not args.no_detect_zeroes,
+            progress=progress,
+        )
+        ok = True
+    finally:
+        if progress is not None:
+            progress.finish(ok=ok)
+    return stats
+
+
+def _remove(path: str) -> None:
+    """A destination file we created for a copy that failed is not left behind looking like a disk."""
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+
+
+async def _side(which: str, opening: Any) -> Endpoint:
+    try:
+        endpoint: Endpoint = await opening
+    except (OSError, NbdError, BackupError, TimeoutError) as exc:
+        raise CopyError(f"cannot open the {which}: {_describe(exc)}") from exc
+    return endpoint
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        filename = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{filename} [{name}]"
+    return str(exc) or type(exc).__name__
+
+
+def main(args: argparse.Namespace) -> int:
+    from nbd.loop import run
+
+    try:
+        stats = run(run_copy(args))
+    except CopyError as exc:
+        print(f"nbd-backup copy: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, NbdError, BackupError, TimeoutError) as exc:
+        print(f"nbd-backup copy: copy failed: {_describe(exc)}", file=sys.stderr)
+        return 1
+    log.info(
+        "copied %d bytes: %d data, %d zeroed, %d skipped",
+        stats.size,
+        stats.data_bytes,
+        stats.zero_bytes,
+        stats.skipped_bytes,
+    )
+    return 0

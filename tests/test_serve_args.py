@@ -1,0 +1,53 @@
+"""``nbd-backup serve`` argument parsing: addresses, export specs, the default listener."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.cli import build_parser
+from server.commands.serve import ExportSpec, config_from_args, parse_export, parse_hostport
+from server.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:10810", ("127.0.0.1", 10810)),
+        ("localhost", ("localhost", 10809)),
+        (":0", ("127.0.0.1", 0)),
+        ("[::1]:5000", ("::1", 5000)),
+        ("[::1]", ("::1", 10809)),
+    ],
+)
+def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text) == expected
+
+
+@pytest.mark.parametrize("text", ["host:port", "::1:80", "[::1", "h:70000", "[::1]x"])
+def test_parse_hostport_refuses(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_hostport(text)
+
+
+def test_parse_export() -> None:
+    assert parse_export("d=/a/b.img") == ExportSpec("d", "/a/b.img")
+    assert parse_export("d=/x,readonly,format=qcow2,description=hi there") == ExportSpec(
+        "d", "/x", readonly=True, format="qcow2", description="hi there"
+    )
+    for bad in ("d", "=x", "d=", "d=/x,format=vmdk", "d=/x,bogus", "x" * 5000 + "=/y"):
+        with pytest.raises(ConfigError):
+            parse_export(bad)
+
+
+def test_export_without_listener_listens_on_default() -> None:
+    args = build_parser().parse_args(["serve", "--export", "d=/x"])
+    config = config_from_args(args)
+    assert config.tcp == [("127.0.0.1", 10809)] and config.unix == []
+    args = build_parser().parse_args(["serve", "--nbd-socket", "/s", "--export", "d=/x"])
+    assert config_from_args(args).tcp == []
+    args = build_parser().parse_args(["serve", "--export", "d=/x", "--export", "d=/y"])
+    with pytest.raises(ConfigError, match="duplicate"):
+        config_from_args(args)
+    args = build_parser().parse_args(["serve", "--nbd", "0.0.0.0:1", "--nbd", "[::1]:2", "--max-connections", "0"])
+    with pytest.raises(ConfigError, match="max-connections"):
+        config_from_args(args)

@@ -51,3 +51,43 @@ async def open_image(
         raise ImageFormatError(f"'{os.fspath(path)}': qcow2 images are not supported by this build") from exc
     device: BlockDevice = await qcow2.Qcow2Device.open(path, read_only=read_only)
     return device
+
+
+async def create_image(
+    path: str | os.PathLike[str],
+    size: int | None,
+    *,
+    format: str = "raw",
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    cluster_size: int | None = None,
+    compress: bool = False,
+) -> BlockDevice:
+    """Create (or recreate, as ``qemu-img create`` does) an image and return it open for writing.
+
+    qcow2 takes a ``backing_file`` (the fleecing schemes of ``sync=none``/``top``; ``size`` None
+    means the backing file's size), a cluster size, and ``compress`` for compressed backups; raw
+    images can do none of these and refuse them, as QEMU does.
+    """
+    if format not in FORMATS:
+        raise ImageFormatError(f"unknown image format '{format}' (expected one of: {', '.join(FORMATS)})")
+    if format == "raw":
+        if backing_file is not None:
+            raise ImageFormatError("a raw image cannot have a backing file; use format=qcow2")
+        if compress:
+            raise ImageFormatError("Compression is not supported for raw images; use format=qcow2")
+        if size is None:
+            raise ImageFormatError("creating a raw image needs a size")
+        from backup.rawfile import RawFileDevice
+
+        return await RawFileDevice.create(path, size, exist_ok=True)
+    from backup.qcow2 import Qcow2Device
+
+    return await Qcow2Device.create(
+        path,
+        size,
+        cluster_size=cluster_size or 65536,
+        backing_file=backing_file,
+        backing_format=backing_format,
+        compress=compress,
+    )

@@ -196,8 +196,7 @@ async def _create_image(path: Path, size: int, fmt: str, *, exists: bool) -> Blo
     create_image = getattr(images, "create_image", None)
     if create_image is None:
         raise InvalidArgument(f"creating '{fmt}' targets is not supported")
-    await create_image(str(path), size, format=fmt)
-    device: BlockDevice = await images.open_image(str(path), format=fmt)
+    device: BlockDevice = await create_image(str(path), size, format=fmt)  # returned open: no second opener
     return device
 
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 HOLE_ZERO = State.HOLE | State.ZERO
 DEFAULT_L2_CACHE = 8 * 1024 * 1024
 _IOV_MAX = 1024
+_HOST, _ZERO, _BACKING, _COMPRESSED = range(4)  # kinds of runs in a read mapping
 _U64 = q.U64
 
 
@@ -336,45 +337,64 @@ class Qcow2Device:
 
     async def pread(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        out = bytearray(length)
-        mv = memoryview(out)
+        pieces: list[bytes] = []
+        for kind, arg, pos, n in self._map(offset, length):
+            if kind == _HOST:
+                data = os.pread(self._fd, n, arg)
+                pieces.append(data if len(data) == n else data.ljust(n, b"\0"))  # past EOF: zeroes, as QEMU
+            elif kind == _ZERO:
+                pieces.append(self._zero_cluster[:n] if n <= self._cs else bytes(n))
+            elif kind == _BACKING:
+                pieces.append(await self._backing_read(pos, n))
+            else:
+                in_off = pos & (self._cs - 1)
+                pieces.append(self._read_compressed(arg)[in_off : in_off + n])
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """The range as (kind, host offset or L2 entry, guest offset, bytes) runs, neighbours merged:
+        one ``pread`` per contiguous host run."""
+        segs: list[tuple[int, int, int, int]] = []
         cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
-        run_host, run_start, run_end = -1, 0, 0  # pending contiguous host read into out[run_start:run_end]
+        unallocated = _ZERO if self.backing is None else _BACKING
         pos, end = offset, offset + length
         while pos < end:
             vc = pos >> cb
             l1i = vc >> self._l2_bits
             table = self._l2_table(l1i)
+            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
+            if table is None:
+                kind, arg, n = unallocated, 0, table_end - pos
+                if segs and segs[-1][0] == kind:
+                    k, a, p, m = segs[-1]
+                    segs[-1] = (k, a, p, m + n)
+                else:
+                    segs.append((kind, arg, pos, n))
+                pos = table_end
+                continue
             i = vc & self._l2_mask
-            table_end = min(end, ((l1i + 1) << (self._l2_bits + cb)))
             while pos < table_end:
                 in_off = pos & (cs - 1)
                 n = min(cs - in_off, table_end - pos)
-                dst = pos - offset
-                entry = _U64.unpack_from(table, i * 8)[0] if table is not None else 0
+                entry = _U64.unpack_from(table, i * 8)[0]
                 host = entry & q.L2E_OFFSET_MASK
                 if entry & q.OFLAG_COMPRESSED:
-                    data = self._read_compressed(entry)
-                    mv[dst : dst + n] = data[in_off : in_off + n]
-                elif entry & zero_flag:
-                    pass  # reads as zeroes
-                elif host:
-                    h = host + in_off
-                    if h == run_host + (run_end - run_start) and dst == run_end:
-                        run_end += n
+                    segs.append((_COMPRESSED, entry, pos, n))
+                else:
+                    if entry & zero_flag:
+                        kind, arg = _ZERO, 0
+                    elif host:
+                        kind, arg = _HOST, host + in_off
                     else:
-                        self._read_run(mv, run_host, run_start, run_end)
-                        run_host, run_start, run_end = h, dst, dst + n
-                elif self.backing is not None:
-                    mv[dst : dst + n] = await self._backing_read(pos, n)
+                        kind, arg = unallocated, 0
+                    if segs and segs[-1][0] == kind and (kind != _HOST or segs[-1][1] + segs[-1][3] == arg):
+                        k, a, p, m = segs[-1]
+                        segs[-1] = (k, a, p, m + n)
+                    else:
+                        segs.append((kind, arg, pos, n))
                 pos += n
                 i += 1
-        self._read_run(mv, run_host, run_start, run_end)
-        return bytes(out)
-
-    def _read_run(self, mv: memoryview, host: int, start: int, end: int) -> None:
-        if end > start:
-            os.preadv(self._fd, [mv[start:end]], host)  # short read past EOF: zeroes, as QEMU
+        return segs
 
     # --- block status --------------------------------------------------------------------------------
 

@@ -599,12 +599,25 @@ class Qcow2Device:
         if mv.ndim != 1 or mv.itemsize != 1:
             mv = mv.cast("B")
         self._check(offset, len(mv), write=True)
+        blobs = None
+        if self.compress and len(mv) >= self._cs:
+            # zlib releases the GIL: concurrent requests compress on several cores, outside the lock
+            blobs = await asyncio.to_thread(self._compress_clusters, offset, mv)
         async with self._lock:
-            await self._write(offset, mv)
+            await self._write(offset, mv, blobs)
             if fua:
                 self._flush_locked()
 
-    async def _write(self, offset: int, mv: memoryview) -> None:
+    def _compress_clusters(self, offset: int, mv: memoryview) -> dict[int, bytes]:
+        """Compressed images of the whole clusters the request covers, by guest cluster index."""
+        cs = self._cs
+        first = -(-offset // cs) * cs
+        return {
+            pos >> self._cb: self._compress(mv[pos - offset : pos - offset + cs])
+            for pos in range(first, offset + len(mv) - cs + 1, cs)
+        }
+
+    async def _write(self, offset: int, mv: memoryview, blobs: dict[int, bytes] | None = None) -> None:
         if not len(mv):
             return
         refs = self._begin_write()
@@ -646,7 +659,9 @@ class Qcow2Device:
                         self._release(refs, entry)
                         stored = False
                         if self.compress:
-                            blob = self._compress(cluster)
+                            blob = blobs.get(pos >> cb) if blobs is not None and n == cs else None
+                            if blob is None:
+                                blob = self._compress(cluster)
                             if len(blob) < cs:
                                 at = self._alloc_bytes(refs, len(blob))
                                 writer.add(at, blob)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -921,8 +922,8 @@ def _request_error(req: Request) -> NbdRequestError:
     err = nbd_to_errno(req.error)
     name = c.Cmd(req.cmd).name if req.cmd in c.Cmd._value2member_map_ else str(req.cmd)
     where = f" at offset {req.error_offset}" if req.error_offset is not None else ""
-    text = req.message or errno.errorcode.get(err, "error")
-    return NbdRequestError(err, f"{name} [{req.offset}, +{req.length}){where}: {text}")
+    detail = f" ({req.message})" if req.message else ""
+    return NbdRequestError(err, f"{os.strerror(err)}: {name} [{req.offset}, +{req.length}){where}{detail}")
 
 
 def _copy_exception(reason: BaseException) -> BaseException:

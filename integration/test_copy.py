@@ -1,0 +1,195 @@
+"""``nbd-backup copy`` end to end: files and NBD exports on either side, sparseness kept, progress
+reported, and a non-zero exit status with a clear message on every failure."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, nbd_backup_argv, require, run
+from test_client_peers import make_image, nbdcopy_to_file, nbdkit, our_server, qemu_nbd
+
+SIZE = 8 << 20
+# nbdkit's data plugin: bytes at a few offsets, the rest sparse (holes that read as zeroes).
+SPARSE_DATA = "1 2 3 @1048576 (0x55)*5000 @5242880 (7 8 9)*70000"
+
+
+def copy(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(nbd_backup_argv("copy", *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        pytest.fail(f"copy {args} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def random_sparse_image(path: Path, seed: int = 5) -> bytes:
+    rng = random.Random(seed)
+    data = bytearray(SIZE)
+    for _ in range(12):
+        offset, length = rng.randrange(0, SIZE - 100_000), rng.randrange(1, 100_000)
+        data[offset : offset + length] = rng.randbytes(length)
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        for start in range(0, SIZE, 65536):
+            block = data[start : start + 65536]
+            if any(block):
+                f.seek(start)
+                f.write(block)
+    return bytes(data)
+
+
+def test_nbd_to_new_file_keeps_holes(tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "-r", "data", SPARSE_DATA, f"size={SIZE}") as peer:
+        out = tmp_path / "out.img"
+        copy(peer.uri, str(out))
+        expected = nbdcopy_to_file(peer.uri, tmp_path / "nbdcopy.img")
+    assert out.read_bytes() == expected
+    assert os.path.getsize(out) == SIZE
+    assert allocated(out) < SIZE // 4, "holes were written as data"
+
+
+def test_file_to_nbd_and_back(tmp_path: Path) -> None:
+    source = tmp_path / "src.img"
+    data = random_sparse_image(source)
+    with nbdkit(tmp_path, "memory", f"size={SIZE}") as peer:
+        copy(str(source), peer.uri, "--requests", "4", "--request-size", "64K")
+        assert nbdcopy_to_file(peer.uri, tmp_path / "back.img") == data
+        restored = tmp_path / "restored.img"
+        copy(peer.uri, str(restored))
+    assert restored.read_bytes() == data
+    require("qemu-img")
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), str(restored))
+
+
+def test_nbd_to_nbd_between_different_servers(tmp_path: Path) -> None:
+    source = tmp_path / "q.img"
+    data = random_sparse_image(source, seed=9)
+    with qemu_nbd(tmp_path, source) as src, nbdkit(tmp_path, "memory", f"size={SIZE}") as dst:
+        copy(src.uri, dst.uri, "--connections", "2")
+        assert nbdcopy_to_file(dst.uri, tmp_path / "check.img") == data
+
+
+def test_holes_over_garbage_are_zeroed(tmp_path: Path) -> None:
+    """An existing destination full of data: the source's holes must become zeroes there."""
+    target = tmp_path / "target.img"
+    target.write_bytes(b"\xee" * SIZE)
+    with nbdkit(tmp_path, "-r", "data", SPARSE_DATA, f"size={SIZE}") as peer:
+        copy(peer.uri, str(target))
+        assert target.read_bytes() == nbdcopy_to_file(peer.uri, tmp_path / "expected.img")
+    image = make_image(tmp_path / "srv.img", SIZE)
+    image.write_bytes(b"\xee" * SIZE)
+    source = tmp_path / "sparse.img"
+    data = random_sparse_image(source, seed=11)
+    with our_server(tmp_path, image) as dst:
+        copy(str(source), dst.uri)
+    assert image.read_bytes() == data
+
+
+def test_file_to_file(tmp_path: Path) -> None:
+    source = tmp_path / "a.img"
+    data = random_sparse_image(source, seed=13)
+    copy(str(source), str(tmp_path / "b.img"), "--no-detect-zeroes")
+    assert (tmp_path / "b.img").read_bytes() == data
+
+
+def test_progress_fd_lines(tmp_path: Path) -> None:
+    source = tmp_path / "p.img"
+    random_sparse_image(source)
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.run(
+            nbd_backup_argv("copy", f"--progress={write_fd}", str(source), str(tmp_path / "q.img")),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            pass_fds=(write_fd,),
+        )
+        os.close(write_fd)
+        write_fd = -1
+        assert proc.returncode == 0, proc.stderr
+        with os.fdopen(read_fd) as reader:
+            read_fd = -1
+            lines = reader.read().splitlines()
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+    assert lines[-1] == "100/100"
+    percents = [int(line.split("/")[0]) for line in lines]
+    assert percents == sorted(percents) and all(line.endswith("/100") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "message"),
+    [
+        ("{tmp}/missing.img", "{tmp}/out.img", "cannot open the source"),
+        ("nbds://127.0.0.1/x", "{tmp}/out.img", "TLS is not configured"),
+        ("nbd+unix:///x?socket={tmp}/none.sock", "{tmp}/out.img", "cannot open the source"),
+        ("{tmp}/big.img", "{tmp}/small.img", "smaller than the source"),
+        ("{tmp}/big.img", "nbd:unix:{tmp}/none.sock", "cannot open the destination"),
+    ],
+)
+def test_failures_exit_non_zero_with_a_message(tmp_path: Path, src: str, dst: str, message: str) -> None:
+    make_image(tmp_path / "big.img", SIZE)
+    make_image(tmp_path / "small.img", SIZE // 2)
+    proc = copy(src.format(tmp=tmp_path), dst.format(tmp=tmp_path), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.img").exists()
+
+
+def test_read_errors_fail_the_copy_and_remove_the_new_file(tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "--filter=error", "pattern", f"size={SIZE}", "error-pread=EIO", "error-pread-rate=0.2") as p:
+        out = tmp_path / "out.img"
+        proc = copy(p.uri, str(out), check=False)
+    assert proc.returncode == 1
+    assert "Input/output error" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_write_errors_fail_the_copy(tmp_path: Path) -> None:
+    source = tmp_path / "s.img"
+    random_sparse_image(source)
+    with nbdkit(
+        tmp_path, "--filter=error", "memory", f"size={SIZE}", "error-pwrite=ENOSPC", "error-pwrite-rate=1"
+    ) as p:
+        proc = copy(str(source), p.uri, check=False)
+    assert proc.returncode == 1
+    assert "No space left on device" in proc.stderr
+
+
+def test_killing_the_server_mid_copy_fails_quickly(tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "--filter=delay", "pattern", "size=1G", "rdelay=50ms") as peer:
+        out = tmp_path / "out.img"
+        read_fd, write_fd = os.pipe()
+        proc = subprocess.Popen(
+            nbd_backup_argv("copy", f"--progress={write_fd}", "--requests", "4", peer.uri, str(out)),
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            pass_fds=(write_fd,),
+        )
+        os.close(write_fd)
+        try:
+            with os.fdopen(read_fd) as progress:
+                assert progress.readline().strip() == "0/100"  # the copy has started
+                time.sleep(0.3)
+                peer.kill(signal.SIGKILL)
+                _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 1
+    assert "connection" in stderr and "lost" in stderr, stderr
+    assert "Traceback" not in stderr

@@ -84,6 +84,8 @@ def _compressor() -> Callable[[bytes | bytearray | memoryview], bytes]:
 class Qcow2Device:
     """A qcow2 image opened for reading (any image) or reading and writing (see ``open``)."""
 
+    format_name = "qcow2"
+
     def __init__(
         self,
         path: str,

@@ -45,7 +45,7 @@ MiB = 1024 * KiB
 MIN_CLUSTER_SIZE = 64 * KiB
 SYNC_MODES = ("full", "top", "none")
 #: How long closing a target may take before the job gives up on it (a dead NBD server).
-CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 2.0
 
 
 @dataclass

@@ -1,0 +1,146 @@
+"""Backup error handling against real faulty targets: nbdkit's error filter (faults switched on and
+off mid-job with its ``error-file`` trigger), nbdkit's ``full`` plugin (ENOSPC), and a target process
+that is stopped or killed — a guest write never hangs past ``cbw-timeout`` and cancel is prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+from backup_rig import (
+    Backup,
+    MiB,
+    nbd_export_to_file,
+    qemu_io,
+    same_bytes,
+    served_source,
+    start_backup,
+    write_random_image,
+)
+from conftest import require
+from test_client_peers import nbdkit
+
+from backup.backup_job import BackupOptions
+from backup.targets import open_target
+
+SIZE = 4 * MiB
+BOUND = 30.0  # generous bound on anything that must not hang
+
+
+async def until(predicate: object, timeout: float = BOUND) -> None:
+    async def poll() -> None:
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def statuses(backup: Backup) -> list[str]:
+    return [str(e.data["status"]) for e in backup.events if e.name == "JOB_STATUS_CHANGE"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "errname", "action"),
+    [
+        ("report", "EIO", "report"),
+        ("ignore", "EIO", "ignore"),
+        ("stop", "EIO", "stop"),
+        ("enospc", "ENOSPC", "stop"),
+        ("enospc", "EIO", "report"),
+    ],
+)
+async def test_target_error_policies_with_faults_switched_mid_job(
+    tmp_path: Path, policy: str, errname: str, action: str
+) -> None:
+    require("nbdkit", "nbdcopy", "qemu-io")
+    image = write_random_image(tmp_path / "disk.img", SIZE, seed=5)
+    trigger = tmp_path / "fault"
+    filter_args = [f"error-pwrite={errname}", "error-pwrite-rate=100%", f"error-file={trigger}"]
+    with nbdkit(tmp_path, "--filter=error", "memory", f"size={SIZE}", *filter_args) as peer:
+        async with served_source(tmp_path, image) as source:
+            target = await open_target(peer.uri, size=SIZE)
+            options = BackupOptions(speed=4 * MiB, max_chunk=128 * 1024, on_target_error=policy, retry_delay=0.05)
+            backup = await start_backup(source, target, options)
+            job = backup.job
+            await until(lambda: job.current_progress > 0)
+            trigger.touch()  # fault on
+            error = await backup.wait_event("BLOCK_JOB_ERROR")
+            assert error == {"device": "b0", "operation": "write", "action": action}
+            if action == "report":
+                await backup.finish()
+                expected = "Input/output error" if errname == "EIO" else "No space left on device"
+                assert backup.named("BLOCK_JOB_COMPLETED")[0]["error"] == expected
+                assert "aborting" in statuses(backup)
+                assert source.node.filters == []
+                return
+            if action == "stop":
+                await until(lambda: job.status == "paused")
+                assert job.io_status == ("nospace" if errname == "ENOSPC" else "failed")
+                assert job.paused
+            trigger.unlink()  # fault off
+            # the guest keeps writing; copy-before-write still protects the point in time
+            await qemu_io(source.uri, ["write -P 0x5c 0 1M", f"write -P 0x5d {SIZE - 65536} 65536"])
+            if action == "stop":
+                job.resume()
+            await backup.finish()
+            assert job.error is None, job.error
+            assert job.io_status == "ok"
+            same_bytes(backup.snapshot, await nbd_export_to_file(peer.uri, tmp_path / "readback.img"))
+            if action == "stop":
+                tail = statuses(backup)
+                assert tail[tail.index("paused") + 1] == "running"
+
+
+@pytest.mark.parametrize("policy", ["report", "enospc"])
+async def test_full_target_is_enospc(tmp_path: Path, policy: str) -> None:
+    require("nbdkit")
+    image = write_random_image(tmp_path / "disk.img", SIZE, seed=9)
+    with nbdkit(tmp_path, "full", f"size={SIZE}") as peer:
+        async with served_source(tmp_path, image) as source:
+            target = await open_target(peer.uri, size=SIZE)
+            backup = await start_backup(source, target, BackupOptions(on_target_error=policy))
+            error = await backup.wait_event("BLOCK_JOB_ERROR")
+            assert error["action"] == ("report" if policy == "report" else "stop")
+            if policy == "enospc":
+                await until(lambda: backup.job.status == "paused")
+                assert backup.job.io_status == "nospace"
+                backup.job.cancel()
+                await backup.finish(BOUND)
+                assert backup.named("BLOCK_JOB_CANCELLED")
+            else:
+                await backup.finish(BOUND)
+                assert backup.named("BLOCK_JOB_COMPLETED")[0]["error"] == "No space left on device"
+            assert source.node.filters == []
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+async def test_dead_target_never_hangs_a_guest_write(tmp_path: Path, how: str) -> None:
+    require("nbdkit", "qemu-io")
+    image = write_random_image(tmp_path / "disk.img", SIZE, seed=13)
+    with nbdkit(tmp_path, "memory", f"size={SIZE}") as peer:
+        proc = peer.procs[0]
+        try:
+            async with served_source(tmp_path, image) as source:
+                target = await open_target(peer.uri, size=SIZE)
+                options = BackupOptions(speed=1 * MiB, max_chunk=65536, cbw_timeout=1.0)
+                backup = await start_backup(source, target, options)
+                job = backup.job
+                await until(lambda: job.current_progress > 0)
+                proc.send_signal(signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
+                # the last cluster is still to copy: its old data cannot reach the dead target
+                rc, out = await qemu_io(source.uri, [f"write -P 0x42 {SIZE - 4096} 4096"], timeout=BOUND, check=False)
+                assert "write failed" in out, out
+                assert (await source.node.pread(SIZE - 4096, 4096)) == backup.snapshot.read_bytes()[-4096:]
+                if not job.is_completed:
+                    job.cancel()
+                await backup.finish(BOUND)
+                assert job.status in ("concluded", "null")
+                assert job.error is not None
+                assert source.node.filters == []
+                # without the filter the guest writes freely again
+                await qemu_io(source.uri, [f"write -P 0x43 {SIZE - 4096} 4096"], timeout=BOUND)
+        finally:
+            if how == "stopped" and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)

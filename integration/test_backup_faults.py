@@ -130,7 +130,7 @@ async def test_dead_target_never_hangs_a_guest_write(tmp_path: Path, how: str) -
                 await until(lambda: job.current_progress > 0)
                 proc.send_signal(signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
                 # the last cluster is still to copy: its old data cannot reach the dead target
-                rc, out = await qemu_io(source.uri, [f"write -P 0x42 {SIZE - 4096} 4096"], timeout=BOUND, check=False)
+                _rc, out = await qemu_io(source.uri, [f"write -P 0x42 {SIZE - 4096} 4096"], timeout=BOUND, check=False)
                 assert "write failed" in out, out
                 assert (await source.node.pread(SIZE - 4096, 4096)) == backup.snapshot.read_bytes()[-4096:]
                 if not job.is_completed:

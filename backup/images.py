@@ -62,17 +62,19 @@ async def create_image(
     backing_format: str | None = None,
     cluster_size: int | None = None,
     compress: bool = False,
+    backing_device: BlockDevice | None = None,
 ) -> BlockDevice:
     """Create (or recreate, as ``qemu-img create`` does) an image and return it open for writing.
 
     qcow2 takes a ``backing_file`` (the fleecing schemes of ``sync=none``/``top``; ``size`` None
     means the backing file's size), a cluster size, and ``compress`` for compressed backups; raw
-    images can do none of these and refuse them, as QEMU does.
+    images can do none of these and refuse them, as QEMU does. ``backing_device`` reads the backing
+    file through a device already open in this process (a live fleecing source) instead of reopening it.
     """
     if format not in FORMATS:
         raise ImageFormatError(f"unknown image format '{format}' (expected one of: {', '.join(FORMATS)})")
     if format == "raw":
-        if backing_file is not None:
+        if backing_file is not None or backing_device is not None:
             raise ImageFormatError("a raw image cannot have a backing file; use format=qcow2")
         if compress:
             raise ImageFormatError("Compression is not supported for raw images; use format=qcow2")
@@ -90,4 +92,5 @@ async def create_image(
         backing_file=backing_file,
         backing_format=backing_format,
         compress=compress,
+        backing_device=backing_device,
     )

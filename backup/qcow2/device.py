@@ -21,7 +21,14 @@ from collections.abc import Callable
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
-from backup.qcow2.backing import BackingImage, chain_key, locate_backing, open_backing, probe_backing_format
+from backup.qcow2.backing import (
+    BackingImage,
+    chain_key,
+    locate_backing,
+    open_backing,
+    probe_backing_format,
+    resolve_backing_path,
+)
 from backup.qcow2.cache import TableCache
 from backup.qcow2.errors import Qcow2CorruptError
 from backup.qcow2.header import ImageHeader, build_header, incompatible_names, l1_entries_for, parse_header
@@ -96,12 +103,14 @@ class Qcow2Device:
         read_only: bool,
         refcounts: Refcounts | None,
         backing: BackingImage | None,
+        owns_backing: bool = True,
         compress: bool,
         l2_cache_size: int,
     ) -> None:
         self.path = path
         self.header = header
         self.backing = backing
+        self._owns_backing = owns_backing
         self.compress = compress
         self.was_dirty = bool(header.incompatible & q.INCOMPAT_DIRTY)
         self._fd = fd
@@ -139,9 +148,15 @@ class Qcow2Device:
         read_only: bool = False,
         compress: bool = False,
         l2_cache_size: int = DEFAULT_L2_CACHE,
+        backing_device: BackingImage | None = None,
         _chain: tuple[str, ...] = (),
     ) -> Qcow2Device:
-        """Open an image; its backing chain (if any) is opened read-only."""
+        """Open an image; its backing chain (if any) is opened read-only.
+
+        ``backing_device`` reads the backing file through a device this process already has open
+        (the live source of a fleecing backup: its caches are the truth, not the file's metadata);
+        it stays open when this device closes.
+        """
         path = os.fspath(path)
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         backing: BackingImage | None = None
@@ -157,7 +172,7 @@ class Qcow2Device:
                 _check_writable(header, path)
             l1 = _read_l1(fd, header, file_size, path)
             refs = None if read_only else _load_refcounts(fd, header, file_size, path)
-            if header.backing_file is not None:
+            if header.backing_file is not None and backing_device is None:
                 chain = (*_chain, chain_key(path))
                 backing = await open_backing(header.backing_file, header.backing_format, path, chain)
             if header.incompatible & q.INCOMPAT_DIRTY:
@@ -169,7 +184,8 @@ class Qcow2Device:
                 l1,
                 read_only=read_only,
                 refcounts=refs,
-                backing=backing,
+                backing=backing if backing_device is None else backing_device,
+                owns_backing=backing_device is None,
                 compress=compress,
                 l2_cache_size=l2_cache_size,
             )
@@ -190,10 +206,12 @@ class Qcow2Device:
         backing_format: str | None = None,
         compress: bool = False,
         l2_cache_size: int = DEFAULT_L2_CACHE,
+        backing_device: BackingImage | None = None,
     ) -> Qcow2Device:
         """Create (or overwrite, as ``qemu-img create`` does) a v3 image and open it for writing.
 
         ``size`` None takes the backing file's virtual size; sizes round up to 512 bytes.
+        ``backing_device``: see ``open`` (the header still names ``backing_file``).
         """
         path = os.fspath(path)
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 1 << q.MAX_CLUSTER_BITS:
@@ -203,7 +221,9 @@ class Qcow2Device:
             resolved = locate_backing(backing_file, path, ())
             if backing_format is None:
                 backing_format = probe_backing_format(resolved)
-            if size is None:
+            if size is None and backing_device is not None:
+                size = backing_device.size
+            elif size is None:
                 probe = await open_backing(backing_file, backing_format, path, ())
                 size = probe.size
                 await probe.close()
@@ -255,7 +275,7 @@ class Qcow2Device:
             raise
         os.close(fd)
         try:
-            return await cls.open(path, compress=compress, l2_cache_size=l2_cache_size)
+            return await cls.open(path, compress=compress, l2_cache_size=l2_cache_size, backing_device=backing_device)
         except BaseException:
             os.unlink(path)
             raise
@@ -273,6 +293,16 @@ class Qcow2Device:
     @property
     def cluster_size(self) -> int:
         return self._cs
+
+    @property
+    def backing_path(self) -> str | None:
+        """The backing file's path as QEMU resolves it (relative names: next to the image), or None."""
+        name = self.header.backing_file
+        return None if name is None else resolve_backing_path(name, self.path)
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
 
     @property
     def capabilities(self) -> Capabilities:
@@ -833,7 +863,7 @@ class Qcow2Device:
         finally:
             self._closed = True
             os.close(self._fd)
-            if self.backing is not None:
+            if self.backing is not None and self._owns_backing:
                 await self.backing.close()
 
     def abandon(self) -> None:

@@ -8,29 +8,32 @@ class does the rest: completion, the optional manual ``finalize``/``dismiss`` st
 error policies, and completion of a *group* of jobs together (QEMU's job transaction, used by
 ``transaction`` with ``completion-mode: grouped``).
 
-What qemu-storage-daemon 7.2 does, observed over QMP (integration/test_qsd_job_semantics.py
-replays these against it) and reproduced here event for event:
+What qemu-storage-daemon 7.2 does, observed over QMP (integration/test_qsd_job_semantics.py runs
+each scenario against it and against us and asserts both see the same):
 
-- success: ``JOB_STATUS_CHANGE`` created, running, waiting, pending, ``BLOCK_JOB_COMPLETED``
-  {type, device, len, offset, speed}, concluded, null.
-- ``auto-finalize: false``: … waiting, pending, ``BLOCK_JOB_PENDING`` {type, id}; then
-  ``job-finalize``: ``BLOCK_JOB_COMPLETED``, concluded, null.
-- ``auto-dismiss: false``: … concluded; the job stays (query shows it) until ``job-dismiss``: null.
+- start: ``JOB_STATUS_CHANGE`` created, running, paused, running — ``blockdev-backup`` starts the job
+  inside its drained section, so the job parks at its first pause point until the drain ends. Do the
+  same with ``pause_internal()``; ``start()``; ``resume_internal()``.
+- success: … waiting, pending, ``BLOCK_JOB_COMPLETED`` {type, device, len, offset, speed},
+  concluded, null.
+- ``auto-finalize: false``: … waiting, pending, ``BLOCK_JOB_PENDING`` {type, id}; ``job-finalize``:
+  ``BLOCK_JOB_COMPLETED``, concluded, null. ``auto-dismiss: false``: stays concluded (listed by the
+  queries) until ``job-dismiss``: null.
 - cancel while running: aborting, ``BLOCK_JOB_CANCELLED`` {type, device, len, offset, speed},
-  concluded, null; with auto-dismiss off ``query-jobs`` shows ``error: "Operation canceled"``.
-- cancel while paused: paused, running, aborting, ``BLOCK_JOB_CANCELLED``, concluded, null (cancel
-  resumes the job first).
-- pause / resume: paused, running. A second pause: "Job is already paused"; resume of a job that
-  is not paused: "Can't resume a job that was not paused".
-- a verb the status refuses: "Job 'ID' in state 'S' cannot accept command verb 'V'".
-- negative speed: "Invalid parameter 'speed'".
+  concluded, null; a kept (auto-dismiss off) job shows ``error: "Operation canceled"``.
+  Cancel while paused resumes first: paused, running, aborting, … Cancel in pending: aborting, …
+- pause / resume: paused, running. Texts: "Job is already paused", "Can't resume a job that was not
+  paused" (checked before the verb table), "Job 'ID' in state 'S' cannot accept command verb 'V'",
+  negative speed (set-speed, or at creation, which emits created then null): "Parameter 'speed'
+  expects a non-negative value". (``block-job-cancel`` of a user-paused job without force is refused
+  by the QMP layer: "The block job for device 'ID' is currently paused"; unknown id: "Job not found".)
 - an I/O error with ``report``: ``BLOCK_JOB_ERROR`` {device, operation, action: report}, aborting,
   ``BLOCK_JOB_COMPLETED`` with ``error`` (strerror, e.g. "Input/output error"), concluded, null.
-- ``stop``: ``BLOCK_JOB_ERROR`` action stop, then paused; ``io-status`` "failed" ("nospace" for
-  ENOSPC) and ``paused: true`` until resume, which resets io-status to "ok" and retries.
-- ``ignore``: ``BLOCK_JOB_ERROR`` action ignore for each failure; the job retries and goes on.
-- cancel of a job that never started (a transaction that aborts): aborting, concluded, null and no
-  BLOCK_JOB_* event.
+  ``stop`` (and ``enospc``/``auto`` on ENOSPC): ``BLOCK_JOB_ERROR`` action stop, paused; query shows
+  ``io-status`` "failed" ("nospace" for ENOSPC) and ``paused: true``; resume resets io-status to "ok"
+  and retries. ``ignore``: one ``BLOCK_JOB_ERROR`` action ignore per failed attempt, the job goes on.
+- a job cancelled before it started (a transaction that aborts): created, aborting, concluded, null
+  and no BLOCK_JOB_* event.
 """
 
 from __future__ import annotations
@@ -280,7 +283,7 @@ class Job(ABC):
         self._transition(S.CREATED)
         if speed < 0:
             self._transition(S.NULL)  # QEMU's job_early_fail: created, then gone
-            raise InvalidArgument("Invalid parameter 'speed'")
+            raise InvalidArgument("Parameter 'speed' expects a non-negative value")
         self.speed = speed
 
     # --- state ------------------------------------------------------------------------------------
@@ -363,6 +366,11 @@ class Job(ABC):
         self._started = True
         self._pause_count -= 1
         self._transition(S.RUNNING)
+        if self._pause_count > 0:
+            # QEMU enters the job at once and it parks at its first pause point: paused before start()
+            # returns. The same happens when the job's nodes are drained while it starts (pause_internal).
+            self._resume_to = S.RUNNING
+            self._transition(S.PAUSED)
         self._task = loop.create_task(self._main(), name=f"job-{self.id}")
 
     def pause(self) -> None:
@@ -380,13 +388,27 @@ class Job(ABC):
         self.on_user_resume()
         self.user_paused = False
         self._pause_count -= 1
+        self._unpark_if_resumed()
+        self._wake()
+
+    def pause_internal(self) -> None:
+        """A pause that is not the user's (QEMU's ``job_pause``, e.g. while the job's nodes are drained)."""
+        self._pause_count += 1
+        self._wake()
+
+    def resume_internal(self) -> None:
+        """End a ``pause_internal``."""
+        if self._pause_count <= 0:
+            raise JobStateError(f"Job '{self.id}' is not paused")
+        self._pause_count -= 1
+        self._unpark_if_resumed()
         self._wake()
 
     def set_speed(self, speed: int) -> None:
         """Change the rate limit in bytes/s (0 = none); a sleeping ``throttle`` re-evaluates at once."""
         self._apply_verb(JobVerb.SET_SPEED)
         if speed < 0:
-            raise InvalidArgument("Invalid parameter 'speed'")
+            raise InvalidArgument("Parameter 'speed' expects a non-negative value")
         if speed == self.speed:
             return
         self._settle_debt()
@@ -474,7 +496,9 @@ class Job(ABC):
         """Park here while a pause is requested; raise ``CancelledError`` once the job is cancelled."""
         if self.is_cancelled:
             raise asyncio.CancelledError
-        while self._pause_count > 0 and not self.is_cancelled and self.status in (S.RUNNING, S.READY, S.PAUSED):
+        while (
+            self._pause_count > 0 and not self.is_cancelled and self.status in (S.RUNNING, S.READY, S.PAUSED, S.STANDBY)
+        ):
             wakeup = self._wakeup
             if self.status not in (S.PAUSED, S.STANDBY):
                 self._resume_to = self.status
@@ -483,18 +507,22 @@ class Job(ABC):
             try:
                 await wakeup.wait()
             except BaseException:
-                self._parked -= 1
                 self._unpark()  # interrupted (cancelled): leave the paused status before unwinding
                 raise
-            self._parked -= 1
-            if self._pause_count == 0 or self.is_cancelled:
-                self._unpark()
+            finally:
+                self._parked -= 1
+        self._unpark_if_resumed()
         if self.is_cancelled:
             raise asyncio.CancelledError
 
     def _unpark(self) -> None:
         if self.status in (S.PAUSED, S.STANDBY):
             self._transition(self._resume_to)
+
+    def _unpark_if_resumed(self) -> None:
+        """The job leaves PAUSED as soon as nothing holds it paused, like QEMU re-entering it at once."""
+        if self._pause_count == 0 or self.is_cancelled:
+            self._unpark()
 
     async def throttle(self, nbytes: int) -> None:
         """Account ``nbytes`` of work and sleep as ``speed`` requires; woken by set_speed, pause, cancel.
@@ -602,6 +630,7 @@ class Job(ABC):
         if force or not self._deferred:
             self._cancelled = True
             self._force_cancel = self._force_cancel or force
+        self._unpark_if_resumed()
         if self.is_cancelled and self._task is not None and self._in_run and not self._deferred:
             self._task.cancel()
         self._wake()

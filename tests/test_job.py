@@ -301,12 +301,12 @@ async def test_cancel_while_stopped() -> None:
 async def test_set_speed_rules() -> None:
     bus = make_bus()
     rec = Recorder(bus)
-    with pytest.raises(InvalidArgument, match=r"^Invalid parameter 'speed'$"):
+    with pytest.raises(InvalidArgument, match=r"^Parameter 'speed' expects a non-negative value$"):
         FakeJob("bad", events=bus, speed=-1)
     assert rec.seq() == [("status", "bad", "created"), ("status", "bad", "null")]
     job = FakeJob("j", events=bus, auto_dismiss=False)
     job.set_speed(1000)
-    with pytest.raises(InvalidArgument, match=r"^Invalid parameter 'speed'$"):
+    with pytest.raises(InvalidArgument, match=r"^Parameter 'speed' expects a non-negative value$"):
         job.set_speed(-5)
     assert job.speed == 1000
     job.start()

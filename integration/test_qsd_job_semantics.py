@@ -1,0 +1,431 @@
+"""Differential tests: the same job scenario against qemu-storage-daemon 7.2 and against our ``Job``.
+
+Each scenario drives a backup job through verbs and waits, collecting what a QMP client sees
+(the job's events in order, error texts, query results without timing-dependent fields). The QEMU
+side is qemu-storage-daemon over QMP (``blockdev-backup``); our side is ``backup.job.Job`` with a
+plain copy loop (``CopyJob`` below) between the same kinds of devices — a raw file, or an nbdkit
+``memory`` target behind the ``error`` filter, whose faults are switched with ``error-*-file``.
+Both sides must observe exactly the same things.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require
+from qsd import QmpAsync, Qsd, nbdkit_unix
+
+from backup.errors import BackupError
+from backup.events import Event, EventBus
+from backup.job import Job
+from backup.policy import ErrorAction, OnError
+from nbd.device import BlockDevice
+
+SIZE = 4 << 20
+CHUNK = 64 << 10
+Json = dict[str, Any]
+
+
+class CopyJob(Job):
+    """A minimal full copy with QEMU's job semantics: pause points, throttle, error policies."""
+
+    job_type = "backup"
+
+    def __init__(
+        self, job_id: str, source: BlockDevice, target: BlockDevice, *, on_target_error: str, **kwargs: Any
+    ) -> None:
+        super().__init__(job_id, **kwargs)
+        self.source = source
+        self.target = target
+        self.on_target_error = OnError(on_target_error)
+        self.progress_set_remaining(source.size)  # QEMU knows len as soon as the job exists
+
+    async def run(self) -> None:
+        size = self.source.size
+        for offset in range(0, size, CHUNK):
+            length = min(CHUNK, size - offset)
+            data = await self.source.pread(offset, length)
+            while True:
+                await self.pause_point()
+                try:
+                    await self.target.pwrite(offset, data)
+                    break
+                except OSError as exc:
+                    if await self.handle_error(exc, self.on_target_error, is_read=False) is ErrorAction.REPORT:
+                        raise
+            self.progress_done(length)
+            await self.throttle(length)
+        await self.target.flush()
+
+
+class Side(ABC):
+    """One daemon under test, seen the way a QMP client sees it."""
+
+    def __init__(self, workdir: Path, source: Path) -> None:
+        self.workdir = workdir
+        self.source = source
+        self.fault = workdir / "fault"
+        self.stack = contextlib.AsyncExitStack()
+        # peers (nbdkit) stop after the daemon that is their client: nbdkit waits for its clients
+        self.peers = contextlib.ExitStack()
+        self.stack.enter_context(self.peers)
+        self.targets = itertools.count()
+
+    async def backup(self, job_id: str, target: str = "file", /, **opts: Any) -> str | None:
+        """Start a backup; returns the error text if refused. ``target``: "file" or "nbd:ERR".
+
+        Consumes the start-up events (created, running, paused, running: the job starts inside the
+        command's drained section), so later waits only see what the scenario caused.
+        """
+        error = await self._backup(job_id, target, **opts)
+        if error is None:
+            for status in ("created", "running", "paused", "running"):
+                await self.wait_status(job_id, status)
+        return error
+
+    @abstractmethod
+    async def _backup(self, job_id: str, target: str, /, **opts: Any) -> str | None: ...
+
+    @abstractmethod
+    async def verb(self, command: str, **args: Any) -> str | None:
+        """Run a job verb command (job-pause …, block-job-set-speed); returns the error text or None."""
+
+    @abstractmethod
+    async def wait(self, name: str, match: Callable[[Json], bool]) -> None:
+        """Wait for the next event (after those consumed by earlier waits) that matches; consume it."""
+
+    @abstractmethod
+    async def query(self, command: str) -> list[Json]: ...
+
+    @abstractmethod
+    def events(self) -> list[tuple[str, Json]]: ...
+
+    async def wait_status(self, job_id: str, status: str) -> None:
+        await self.wait("JOB_STATUS_CHANGE", lambda d: d["id"] == job_id and d["status"] == status)
+
+    def job_events(self, job_id: str, *, drop: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        for name, data in self.events():
+            if name == "JOB_STATUS_CHANGE":
+                if data["id"] == job_id:
+                    out.append(("status", data["status"]))
+            elif job_id in (data.get("device"), data.get("id")):
+                out.append((name, {k: v for k, v in data.items() if k not in drop}))
+        return out
+
+    def nbd_target_args(self, err: str) -> list[str]:
+        return [
+            "--filter=error",
+            "memory",
+            str(SIZE),
+            f"error-pwrite={err}",
+            "error-pwrite-rate=1",
+            f"error-pwrite-file={self.fault}",
+        ]
+
+
+class QemuSide(Side):
+    async def start(self) -> QemuSide:
+        qsd = self.stack.enter_context(Qsd.start(self.workdir))
+        self.qmp: QmpAsync = await qsd.connect_async()
+        self.stack.push_async_callback(self.qmp.close)
+        await self.qmp.ok("blockdev-add", driver="file", filename=str(self.source), **{"node-name": "src"})
+        return self
+
+    async def _backup(self, job_id: str, target: str, /, **opts: Any) -> str | None:
+        node = f"t{next(self.targets)}"
+        if target == "file":
+            path = self.workdir / f"{node}.img"
+            path.write_bytes(b"")
+            os.truncate(path, SIZE)
+            await self.qmp.ok("blockdev-add", driver="file", filename=str(path), **{"node-name": node})
+        else:
+            sock = self.peers.enter_context(nbdkit_unix(self.workdir, node, *self.nbd_target_args(target[4:])))
+            server = {"type": "unix", "path": str(sock)}
+            await self.qmp.ok("blockdev-add", driver="nbd", server=server, **{"node-name": node})
+        reply = await self.qmp.execute(
+            "blockdev-backup", device="src", target=node, sync="full", **{"job-id": job_id}, **opts
+        )
+        return reply["error"]["desc"] if "error" in reply else None
+
+    async def verb(self, command: str, **args: Any) -> str | None:
+        reply = await self.qmp.execute(command, **args)
+        return reply["error"]["desc"] if "error" in reply else None
+
+    async def wait(self, name: str, match: Callable[[Json], bool]) -> None:
+        await self.qmp.wait_event(name, match)
+
+    async def query(self, command: str) -> list[Json]:
+        result: list[Json] = await self.qmp.ok(command)
+        return result
+
+    def events(self) -> list[tuple[str, Json]]:
+        return self.qmp.transcript.events()
+
+
+class OurSide(Side):
+    async def start(self) -> OurSide:
+        from backup.rawfile import RawFileDevice
+
+        self.bus = EventBus()
+        self.seen: list[Event] = []
+        self.consumed = 0
+        self.arrived = asyncio.Event()
+        self.bus.subscribe(self._on_event)
+        self.jobs: dict[str, Job] = {}
+        self.src = await RawFileDevice.open(self.source, read_only=True)
+        self.stack.push_async_callback(self.src.close)
+        return self
+
+    def _on_event(self, event: Event) -> None:
+        self.seen.append(event)
+        if event.name == "JOB_STATUS_CHANGE" and event.data["status"] == "null":
+            self.jobs.pop(event.data["id"], None)
+        self.arrived.set()
+        self.arrived = asyncio.Event()
+
+    async def _backup(self, job_id: str, target: str, /, **opts: Any) -> str | None:
+        from backup.rawfile import RawFileDevice
+        from nbd.client import NbdClient
+
+        node = f"t{next(self.targets)}"
+        device: BlockDevice
+        if target == "file":
+            device = await RawFileDevice.create(str(self.workdir / f"{node}.img"), SIZE)
+        else:
+            sock = self.peers.enter_context(nbdkit_unix(self.workdir, node, *self.nbd_target_args(target[4:])))
+            device = await NbdClient.connect(f"nbd+unix:///?socket={sock}", connections=1)
+        self.stack.push_async_callback(device.close)
+        try:
+            job = CopyJob(
+                job_id,
+                self.src,
+                device,
+                events=self.bus,
+                on_target_error=opts.get("on-target-error", "report"),
+                speed=opts.get("speed", 0),
+                auto_finalize=opts.get("auto-finalize", True),
+                auto_dismiss=opts.get("auto-dismiss", True),
+            )
+        except BackupError as exc:
+            return str(exc)
+        self.jobs[job_id] = job
+        # blockdev-backup starts the job inside its drained section: QEMU's job parks at once
+        job.pause_internal()
+        job.start()
+        job.resume_internal()
+        return None
+
+    async def verb(self, command: str, **args: Any) -> str | None:
+        job = self.jobs.get(args.get("id") or args.get("device", ""))
+        if job is None:
+            return "Job not found"
+        actions: dict[str, Callable[[], None]] = {
+            "job-pause": job.pause,
+            "job-resume": job.resume,
+            "job-cancel": lambda: job.cancel(force=True),
+            "job-complete": job.complete,
+            "job-finalize": job.finalize,
+            "job-dismiss": job.dismiss,
+            "block-job-set-speed": lambda: job.set_speed(args["speed"]),
+        }
+        try:
+            actions[command]()
+        except BackupError as exc:
+            return str(exc)
+        await asyncio.sleep(0)
+        return None
+
+    async def wait(self, name: str, match: Callable[[Json], bool]) -> None:
+        while True:
+            for index in range(self.consumed, len(self.seen)):
+                event = self.seen[index]
+                if event.name == name and match(event.data):
+                    self.consumed = index + 1
+                    return
+            await self.arrived.wait()
+
+    async def query(self, command: str) -> list[Json]:
+        if command == "query-jobs":
+            return [job.query_job() for job in self.jobs.values()]
+        return [job.query_block_job() for job in self.jobs.values()]
+
+    def events(self) -> list[tuple[str, Json]]:
+        return [(e.name, e.data) for e in self.seen]
+
+
+Scenario = Callable[[Side], Awaitable[list[Any]]]
+
+
+def without(items: list[Json], *keys: str) -> list[Json]:
+    return [{k: v for k, v in item.items() if k not in keys} for item in items]
+
+
+async def scenario_success(side: Side) -> list[Any]:
+    assert await side.backup("j") is None
+    await side.wait_status("j", "null")
+    return side.job_events("j")
+
+
+async def scenario_manual_finalize_dismiss(side: Side) -> list[Any]:
+    obs: list[Any] = [await side.backup("j", **{"auto-finalize": False, "auto-dismiss": False})]
+    await side.wait_status("j", "pending")
+    await side.wait("BLOCK_JOB_PENDING", lambda d: d["id"] == "j")
+    obs += [await side.query("query-jobs"), without(await side.query("query-block-jobs"), "busy")]
+    obs.append(await side.verb("job-dismiss", id="j"))
+    obs.append(await side.verb("job-finalize", id="j"))
+    await side.wait_status("j", "concluded")
+    obs += [await side.query("query-jobs"), await side.query("query-block-jobs")]
+    obs.append(await side.verb("job-cancel", id="j"))
+    obs.append(await side.verb("job-pause", id="j"))
+    obs.append(await side.verb("job-resume", id="j"))
+    obs.append(await side.verb("block-job-set-speed", device="j", speed=-1))
+    obs.append(await side.verb("job-complete", id="j"))
+    obs.append(await side.verb("job-dismiss", id="j"))
+    await side.wait_status("j", "null")
+    obs.append(await side.query("query-jobs"))
+    obs.append(await side.verb("job-dismiss", id="j"))
+    return [*obs, side.job_events("j")]
+
+
+async def scenario_throttled_pause_resume_cancel(side: Side) -> list[Any]:
+    obs: list[Any] = [await side.backup("j", speed=65536)]
+    obs.append(await side.verb("block-job-set-speed", device="j", speed=-1))
+    obs.append(await side.verb("job-complete", id="j"))
+    obs.append(await side.verb("job-resume", id="j"))
+    obs.append(await side.verb("job-pause", id="j"))
+    obs.append(await side.verb("job-pause", id="j"))
+    await side.wait_status("j", "paused")
+    obs.append(without(await side.query("query-block-jobs"), "offset"))
+    obs.append(await side.verb("block-job-set-speed", device="j", speed=32768))
+    obs.append(await side.verb("job-resume", id="j"))
+    await side.wait_status("j", "running")
+    obs.append(without(await side.query("query-block-jobs"), "offset", "busy"))
+    obs.append(await side.verb("job-cancel", id="j"))
+    await side.wait_status("j", "null")
+    return [*obs, side.job_events("j", drop=("offset",))]
+
+
+async def scenario_cancel_paused_keeps_error(side: Side) -> list[Any]:
+    obs: list[Any] = [await side.backup("j", speed=65536, **{"auto-dismiss": False})]
+    obs.append(await side.verb("job-pause", id="j"))
+    await side.wait_status("j", "paused")
+    obs.append(await side.verb("job-cancel", id="j"))
+    await side.wait_status("j", "concluded")
+    obs.append(without(await side.query("query-jobs"), "current-progress"))
+    obs.append(without(await side.query("query-block-jobs"), "offset"))
+    obs.append(await side.verb("job-dismiss", id="j"))
+    await side.wait_status("j", "null")
+    return [*obs, side.job_events("j", drop=("offset",))]
+
+
+async def scenario_negative_speed(side: Side) -> list[Any]:
+    obs: list[Any] = [await side.backup("j", speed=-1)]
+    await side.wait_status("j", "null")
+    return [*obs, await side.query("query-jobs"), side.job_events("j")]
+
+
+def error_scenario(policy: str, err: str) -> Scenario:
+    async def scenario(side: Side) -> list[Any]:
+        side.fault.touch()
+        obs: list[Any] = [await side.backup("j", f"nbd:{err}", **{"on-target-error": policy})]
+        await side.wait("BLOCK_JOB_ERROR", lambda d: d["device"] == "j")
+        action = next(d["action"] for name, d in side.events() if name == "BLOCK_JOB_ERROR")
+        if action == "stop":
+            await side.wait_status("j", "paused")
+            obs.append(without(await side.query("query-block-jobs"), "busy"))
+            obs.append(await side.verb("job-pause", id="j"))
+            obs.append(await side.verb("block-job-set-speed", device="j", speed=100))
+            obs.append(await side.verb("block-job-set-speed", device="j", speed=0))
+            side.fault.unlink()
+            obs.append(await side.verb("job-resume", id="j"))
+            obs.append(without(await side.query("query-block-jobs"), "busy", "offset"))
+        elif action == "ignore":
+            side.fault.unlink()
+        await side.wait_status("j", "null")
+        events = side.job_events("j")
+        collapsed = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1] or e[0] != "BLOCK_JOB_ERROR"]
+        return [*obs, collapsed]
+
+    return scenario
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "success": scenario_success,
+    "manual-finalize-dismiss": scenario_manual_finalize_dismiss,
+    "throttled-pause-resume-cancel": scenario_throttled_pause_resume_cancel,
+    "cancel-paused-keeps-error": scenario_cancel_paused_keeps_error,
+    "negative-speed": scenario_negative_speed,
+    "report-EIO": error_scenario("report", "EIO"),
+    "stop-EIO": error_scenario("stop", "EIO"),
+    "enospc-ENOSPC": error_scenario("enospc", "ENOSPC"),
+    "enospc-EIO": error_scenario("enospc", "EIO"),
+    "auto-ENOSPC": error_scenario("auto", "ENOSPC"),
+    "ignore-EIO": error_scenario("ignore", "EIO"),
+}
+
+
+@contextlib.asynccontextmanager
+async def side_of(kind: type[QemuSide] | type[OurSide], workdir: Path, source: Path) -> AsyncIterator[Side]:
+    os.mkdir(workdir)
+    side = kind(workdir, source)
+    try:
+        yield await side.start()
+    finally:
+        await side.stack.aclose()
+
+
+@pytest.fixture(scope="module")
+def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("src") / "src.img"
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_same_as_qemu_storage_daemon(name: str, tmp_path: Path, source_image: Path) -> None:
+    require("qemu-storage-daemon", "nbdkit")
+    scenario = SCENARIOS[name]
+    async with side_of(QemuSide, tmp_path / "qemu", source_image) as qemu:
+        expected = await asyncio.wait_for(scenario(qemu), 60)
+    async with side_of(OurSide, tmp_path / "ours", source_image) as ours:
+        got = await asyncio.wait_for(scenario(ours), 60)
+    assert got == expected
+
+
+async def test_recorded_qemu_sequences(tmp_path: Path, source_image: Path) -> None:
+    """Pin what the docstring of backup/job.py states about qemu-storage-daemon 7.2."""
+    require("qemu-storage-daemon", "nbdkit")
+    async with side_of(QemuSide, tmp_path / "qemu", source_image) as qemu:
+        assert await scenario_success(qemu) == [
+            ("status", "created"),
+            ("status", "running"),
+            ("status", "paused"),
+            ("status", "running"),
+            ("status", "waiting"),
+            ("status", "pending"),
+            ("BLOCK_JOB_COMPLETED", {"type": "backup", "device": "j", "len": SIZE, "offset": SIZE, "speed": 0}),
+            ("status", "concluded"),
+            ("status", "null"),
+        ]
+        qemu.fault.touch()
+        assert await qemu.backup("r", "nbd:EIO") is None
+        await qemu.wait_status("r", "null")
+        assert qemu.job_events("r")[4:] == [
+            ("BLOCK_JOB_ERROR", {"device": "r", "operation": "write", "action": "report"}),
+            ("status", "aborting"),
+            (
+                "BLOCK_JOB_COMPLETED",
+                {"type": "backup", "device": "r", "len": SIZE, "offset": 0, "speed": 0, "error": "Input/output error"},
+            ),
+            ("status", "concluded"),
+            ("status", "null"),
+        ]

@@ -319,3 +319,47 @@ async def test_refcount_table_grows_with_small_clusters(tmp_path: Path) -> None:
     assert await dev.pread(0, 20 * MiB) == data
     await dev.close()
     assert check_image(str(path)).clean
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 6 * 4096 - 1), st.integers(0, 255)), min_size=1, max_size=6),
+    read_only=st.booleans(),
+)
+def test_corrupted_metadata_fails_cleanly(tmp_path: Path, flips: list[tuple[int, int]], read_only: bool) -> None:
+    """Whatever bytes of the metadata clusters are damaged: a clear error or consistent I/O, never a crash."""
+
+    async def main() -> None:
+        path = tmp_path / "fuzz.qcow2"
+        dev = await Qcow2Device.create(path, 256 * 1024, cluster_size=4096, compress=True)
+        await dev.pwrite(0, b"compressible " * 2000)
+        dev.compress = False
+        await dev.pwrite(40000, os.urandom(30000))
+        await dev.zero(100_000, 20_000)
+        await dev.close()
+        data = bytearray(path.read_bytes())
+        for off, value in flips:
+            data[off] = value
+        path.write_bytes(bytes(data))
+        try:
+            image = await Qcow2Device.open(path, read_only=read_only)
+        except ImageFormatError:
+            return
+        try:
+            size = image.size
+            for off in range(0, min(size, 1 << 20), 65536):
+                n = min(65536, size - off)
+                await image.pread(off, n)
+                await image.block_status(off, n)
+                if not read_only:
+                    await image.pwrite(off, b"w" * min(n, 5000))
+                    await image.zero(off + 4096, min(n, 8192) - 4096 if n > 8192 else 0)
+        except OSError:
+            pass  # corruption found during I/O: EIO (a Qcow2CorruptError) is the clean outcome
+        finally:
+            try:
+                await image.close()
+            except OSError:
+                image.abandon()
+
+    asyncio.run(main())

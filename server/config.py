@@ -4,7 +4,7 @@ Every key is a long option without its dashes (``qmp``, ``nbd``, ``nbd-socket``,
 ``allow-dir``, ``pid-file`` …); repeatable options take a list. Exports may also be written as tables::
 
     qmp = ["unix:/run/nbd-backup/qmp.sock"]
-    nbd = "127.0.0.1:10809"
+    nbd = ["127.0.0.1:10809"]
     allow-dir = ["/var/lib/nbd-backup"]
     pid-file = "/run/nbd-backup/serve.pid"
 
@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from server.errors import ConfigError
 
-Kind = Literal["str", "int", "bool", "list", "path", "paths", "addresses"]
+Kind = Literal["str", "int", "number", "bool", "list", "path", "paths", "addresses"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +52,11 @@ SETTINGS: dict[str, Setting] = {
     s.key: s
     for s in (
         Setting("qmp", "addresses"),
-        Setting("nbd", "str"),
-        Setting("nbd-socket", "path"),
+        Setting("nbd", "list"),
+        Setting("nbd-socket", "paths"),
         Setting("export", "list"),
         Setting("max-connections", "int"),
-        Setting("sink-dir", "path"),
-        Setting("tls-dir", "path"),
-        Setting("tls", "str"),
+        Setting("handshake-timeout", "number"),
         Setting("pid-file", "path"),
         Setting("allow-dir", "paths"),
     )
@@ -104,6 +102,10 @@ def _convert(file: Path, base: Path, setting: Setting, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{where} must be a non-negative integer")
         return value
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{where} must be a positive number")
+        return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false")

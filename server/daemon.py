@@ -1,8 +1,11 @@
-"""``Daemon``: the long-running process — block nodes, the NBD server — until SIGTERM/SIGINT.
+"""``Daemon``: the long-running process — block nodes, the NBD server, the QMP monitor, jobs — until
+SIGTERM/SIGINT or QMP ``quit``.
 
-It owns what outlives a single request: the named block nodes (opened images, with their filter
-stacks) and the ``NbdServer`` exporting them. Shutdown is orderly: stop listening, let in-flight
-requests finish, close the connections, then close the images (flushing them).
+The state QMP commands act on lives in ``server.registry.Registry``; the daemon adds the listeners
+and the process lifecycle. It is ready (every socket listening) before it writes ``--pid-file`` and
+prints its ready line, so a supervisor or test can connect as soon as either appears. Shutdown is
+orderly: running jobs are cancelled and their events reach the QMP clients, the monitor closes,
+NBD clients are disconnected once their requests finish, and every image is flushed and closed.
 """
 
 from __future__ import annotations
@@ -14,98 +17,170 @@ import os
 import signal
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
-from backup.errors import InvalidArgument, NodeBusy, NodeNotFound
 from backup.images import open_image
 from backup.node import BlockNode
 from nbd.server import Export, NbdServer
+from server import qmp_block, qmp_jobs, qmp_nbd
+from server.errors import ConfigError
+from server.paths import PathPolicy
+from server.qmp.dispatch import CommandRegistry
+from server.qmp.server import QmpServer
+from server.registry import Registry
 
 log = logging.getLogger(__name__)
 
+READY = "nbd-backup: ready"
+
+
+def build_commands() -> CommandRegistry:
+    """Every QMP command of the daemon (the monitor adds ``query-version``, ``query-commands``, ``quit``)."""
+    commands = CommandRegistry()
+    qmp_block.register(commands)
+    qmp_nbd.register(commands)
+    qmp_jobs.register(commands)
+    return commands
+
+
+def parse_qmp_address(text: str) -> tuple[str, str | tuple[str, int]]:
+    """``unix:PATH`` or ``tcp:HOST:PORT`` (``tcp:[IPV6]:PORT``) → ("unix", path) / ("tcp", (host, port))."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise ConfigError(f"bad QMP address '{text}' (expected unix:PATH or tcp:HOST:PORT)")
+    if kind == "unix":
+        return "unix", rest
+    if kind != "tcp":
+        raise ConfigError(f"bad QMP address '{text}' (expected unix:PATH or tcp:HOST:PORT)")
+    if rest.startswith("["):
+        host, close, port_text = rest[1:].partition("]")
+        if not close or not port_text.startswith(":"):
+            raise ConfigError(f"bad QMP address '{text}' (expected tcp:[IPV6]:PORT)")
+        port_text = port_text[1:]
+    else:
+        host, _, port_text = rest.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"bad port in QMP address '{text}'") from None
+    if not host or not 0 <= port <= 65535:
+        raise ConfigError(f"bad QMP address '{text}'")
+    return "tcp", (host, port)
+
 
 class Daemon:
-    """Nodes + NBD server; ``await run()`` serves until a stop signal and then shuts down cleanly."""
+    """Registry + NBD server + QMP monitor; ``await run()`` serves until asked to stop, then shuts down."""
 
-    def __init__(self, *, max_connections: int = 100, handshake_timeout: float = 10.0) -> None:
-        self.nodes: dict[str, BlockNode] = {}
-        self.nbd = NbdServer(max_connections=max_connections, handshake_timeout=handshake_timeout)
-        self.nbd_addresses: list[str] = []  # "HOST:PORT" and "unix:PATH", in listening order
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        handshake_timeout: float = 10.0,
+        paths: PathPolicy | None = None,
+        pid_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.registry = Registry(paths=paths, max_connections=max_connections, handshake_timeout=handshake_timeout)
+        self.registry.stop_requested = self.request_stop
+        self.nodes: dict[str, BlockNode] = self.registry.nodes
+        self.qmp = QmpServer(build_commands(), self.registry)
+        self.registry.events.subscribe(self.qmp.broadcast)
+        self.qmp_addresses: list[str] = []
+        self.pid_file = Path(pid_file) if pid_file is not None else None
+        self._pid_written = False
         self._stop_event: asyncio.Event | None = None
+        self._stop_requested = False
         self._closed = False
 
-    # --- nodes and exports -------------------------------------------------------------------------
+    # --- state (kept for the serve command and tests) ---------------------------------------------
+
+    @property
+    def nbd(self) -> NbdServer | None:
+        return self.registry.nbd
+
+    @property
+    def nbd_addresses(self) -> list[str]:
+        return self.registry.nbd_addresses
 
     async def open_node(
         self, name: str, path: str | os.PathLike[str], *, format: str | None = None, read_only: bool = False
     ) -> BlockNode:
-        """Open an image as block node ``name``."""
-        if name in self.nodes:
-            raise InvalidArgument(f"Duplicate nodes with node-name='{name}'")
+        """Open an image as block node ``name`` (command-line exports: not subject to ``--allow-dir``)."""
+        self.registry.check_new_node_name(name)
         device = await open_image(path, format=format, read_only=read_only)
-        driver = format or getattr(device, "format_name", None) or type(device).__name__
-        node = BlockNode(name, device, driver=str(driver), filename=os.fspath(path))
-        self.nodes[name] = node
-        return node
+        driver = format or getattr(device, "format_name", None) or "raw"
+        node = BlockNode(name, device, driver=str(driver), filename=_realpath(path))
+        return self.registry.add_node(node)
 
     def node(self, name: str) -> BlockNode:
-        try:
-            return self.nodes[name]
-        except KeyError:
-            raise NodeNotFound(f"Cannot find device='{name}' nor node-name='{name}'") from None
+        return self.registry.node(name)
 
     async def close_node(self, name: str) -> None:
-        node = self.node(name)
-        if node.users:
-            raise NodeBusy(f"Node '{name}' is busy: {', '.join(sorted(map(repr, node.users)))}")
-        del self.nodes[name]
-        await node.close()
+        await self.registry.remove_node(name)
 
     def export(
         self, node_name: str, *, name: str | None = None, writable: bool = True, description: str = ""
     ) -> Export:
-        """Export a node over NBD (as ``name``, default the node's name)."""
-        node = self.node(node_name)
-        export = Export(name if name is not None else node_name, node, writable=writable, description=description)
-        self.nbd.add_export(export)
-        return export
+        """Export a node over NBD as ``name`` (default the node's name); the export id is the name."""
+        export_name = name if name is not None else node_name
+        entry = self.registry.add_export(
+            export_name, node_name, name=export_name, writable=writable, description=description
+        )
+        return entry.export
 
     # --- listening ---------------------------------------------------------------------------------
 
     async def listen_nbd(self, tcp: Iterable[tuple[str, int]] = (), unix: Iterable[str] = ()) -> list[str]:
         """Start the NBD server on every address; returns them as "HOST:PORT" / "unix:PATH"."""
+        return await self.registry.start_nbd(tcp=tcp, unix=unix)
+
+    async def listen_qmp(self, addresses: Iterable[str]) -> list[str]:
+        """Open the QMP monitor on every ``unix:PATH`` / ``tcp:HOST:PORT``."""
         added = []
-        for host, port in tcp:
-            bound_host, bound_port = await self.nbd.listen_tcp(host, port)
-            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-            added.append(f"{shown}:{bound_port}")
-        for path in unix:
-            await self.nbd.listen_unix(path)
-            added.append(f"unix:{path}")
-        self.nbd_addresses.extend(added)
+        for text in addresses:
+            kind, where = parse_qmp_address(text)
+            if kind == "unix":
+                assert isinstance(where, str)
+                path = await self.qmp.listen_unix(where)
+                added.append(f"unix:{path}")
+            else:
+                assert isinstance(where, tuple)
+                host, port = await self.qmp.listen_tcp(*where)
+                shown = f"[{host}]" if ":" in host else host
+                added.append(f"tcp:{shown}:{port}")
+        self.qmp_addresses.extend(added)
         return added
 
     # --- running -----------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
+        self._stop_requested = True
         if self._stop_event is not None:
             self._stop_event.set()
 
     def ready_line(self) -> str:
-        parts = ["nbd-backup: ready"]
+        parts = [READY]
         if self.nbd_addresses:
             parts.append("nbd=" + ",".join(self.nbd_addresses))
-        if self.nbd.exports:
-            parts.append("exports=" + ",".join(self.nbd.exports))
+        if self.registry.exports:
+            parts.append("exports=" + ",".join(e.name for e in self.registry.exports.values()))
+        if self.qmp_addresses:
+            parts.append("qmp=" + ",".join(self.qmp_addresses))
+        parts.append(f"pid={os.getpid()}")
         return " ".join(parts)
 
     def announce_ready(self) -> None:
-        """Print the ready line on stderr: everything is listening by now."""
+        """Write the pid file, then print the ready line on stderr: everything is listening by now."""
+        if self.pid_file is not None:
+            write_pid_file(self.pid_file)
+            self._pid_written = True
         print(self.ready_line(), file=sys.stderr, flush=True)
 
     async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (or ``request_stop``), then shut down."""
+        """Serve until SIGTERM/SIGINT (or ``request_stop``/``quit``), then shut down."""
         loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        if self._stop_requested:
+            self._stop_event.set()
         installed = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -116,24 +191,45 @@ class Daemon:
             await self._stop_event.wait()
             log.info("stopping")
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.shutdown()
+            try:
+                await self.shutdown()
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
 
     async def shutdown(self) -> None:
-        """Stop the NBD server, then flush and close every node. Safe to call twice."""
+        """Cancel jobs (their events still reach QMP clients), close the monitor, stop NBD, flush and
+        close every node, remove the pid file. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        await self.nbd.stop()
-        for name, node in list(self.nodes.items()):
-            try:
-                if not node.read_only:
-                    await node.device.flush()
-            except OSError as exc:
-                log.error("flushing node '%s' failed: %s", name, exc)
-            try:
-                await node.close()
-            except OSError as exc:
-                log.error("closing node '%s' failed: %s", name, exc)
-        self.nodes.clear()
+        try:
+            await self.registry.cancel_jobs()
+            await self.qmp.stop()
+            await self.registry.close()
+        finally:
+            if self._pid_written and self.pid_file is not None:
+                remove_pid_file(self.pid_file)
+
+
+def _realpath(path: str | os.PathLike[str]) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def write_pid_file(path: Path) -> None:
+    """Write our pid atomically (a reader never sees an empty or partial file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def remove_pid_file(path: Path) -> None:
+    """Remove the pid file if it is still ours (another instance may have replaced it)."""
+    with contextlib.suppress(OSError):
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()

@@ -5,8 +5,9 @@ with its whole filesystem: with ``--allow-dir DIR`` (repeatable) ``blockdev-add`
 ``drive-backup`` only open or create files whose *resolved* path lies inside one of the directories.
 Resolution follows every symlink (including a dangling final one, which ``open(O_CREAT)`` would
 follow), so a link inside an allowed directory that points outside is refused. Callers open the
-resolved path, not the one the client sent, so a symlink swapped in after the check cannot redirect
-the final component. Without any ``--allow-dir`` every path is allowed, as in QEMU.
+resolved path, not the one the client sent. A symlink planted between the check and the open remains
+a window, as in any path-based check: the allowed directories must not be writable by untrusted users.
+Without any ``--allow-dir`` every path is allowed, as in QEMU.
 """
 
 from __future__ import annotations
@@ -55,18 +56,6 @@ class PathPolicy:
                     break  # a directory itself is never an image
                 return real
         raise PathNotAllowed(f"Path '{text}' is outside the allowed directories ({self.describe()})")
-
-    def check_opened(self, path: str | os.PathLike[str], fd: int) -> None:
-        """After opening, make sure the descriptor really refers to a file inside the allowed tree
-        (closes the window between ``resolve`` and ``open`` for swapped directory components)."""
-        if not self.confined:
-            return
-        try:
-            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            return  # no procfs: resolve() already did the check
-        if not any(real.is_relative_to(allowed) and real != allowed for allowed in self.allow_dirs):
-            raise PathNotAllowed(f"Path '{os.fspath(path)}' resolved outside the allowed directories")
 
     def describe(self) -> str:
         return ", ".join(str(d) for d in self.allow_dirs) if self.allow_dirs else "any"

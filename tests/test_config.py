@@ -23,6 +23,7 @@ def test_full_config(tmp_path: Path) -> None:
         """
 qmp = ["unix:qmp.sock", "tcp:127.0.0.1:4444"]
 nbd = "127.0.0.1:10809"
+handshake-timeout = 5
 allow-dir = ["images", "/srv/backups"]
 pid-file = "run/serve.pid"
 max-connections = 8
@@ -37,7 +38,8 @@ readonly = true
     values = load_config(cfg)
     base = tmp_path.resolve()
     assert values["qmp"] == [f"unix:{base}/qmp.sock", "tcp:127.0.0.1:4444"]
-    assert values["nbd"] == "127.0.0.1:10809"
+    assert values["nbd"] == ["127.0.0.1:10809"]
+    assert values["handshake_timeout"] == 5.0
     assert values["allow_dir"] == [f"{base}/images", "/srv/backups"]
     assert values["pid_file"] == f"{base}/run/serve.pid"
     assert values["max_connections"] == 8
@@ -46,10 +48,10 @@ readonly = true
 
 
 def test_command_line_wins_and_lists_concatenate(tmp_path: Path) -> None:
-    values = load_config(write(tmp_path, 'nbd = "127.0.0.1:1"\npid-file = "/p"\nqmp = "unix:/a"\n'))
-    args = argparse.Namespace(nbd="127.0.0.1:2", pid_file=None, qmp=["unix:/b"])
+    values = load_config(write(tmp_path, 'max-connections = 3\npid-file = "/p"\nqmp = "unix:/a"\n'))
+    args = argparse.Namespace(max_connections=7, pid_file=None, qmp=["unix:/b"])
     apply_config(args, values)
-    assert args.nbd == "127.0.0.1:2"
+    assert args.max_connections == 7
     assert args.pid_file == "/p"
     assert args.qmp == ["unix:/a", "unix:/b"]
 
@@ -60,7 +62,8 @@ def test_command_line_wins_and_lists_concatenate(tmp_path: Path) -> None:
         ("bogus = 1", "unknown setting 'bogus'"),
         ("max-connections = -1", "non-negative"),
         ("max-connections = true", "non-negative"),
-        ("nbd = 5", "non-empty string"),
+        ("pid-file = 5", "non-empty string"),
+        ("handshake-timeout = 0", "positive number"),
         ("qmp = [1]", "non-empty strings"),
         ("[[export]]\nname = 'x'", "need 'name' and 'path'"),
         ("[[export]]\nname = 'x'\npath = 'p'\nformat = 'vmdk'", "'format'"),

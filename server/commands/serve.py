@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
 from backup.errors import BackupError
 from nbd.constants import DEFAULT_PORT, MAX_STRING
 from nbd.loop import run
-from server.daemon import Daemon
-from server.errors import ConfigError
+from server.config import apply_config, load_config
+from server.daemon import Daemon, parse_qmp_address
+from server.errors import ConfigError, QmpError
+from server.paths import PathPolicy
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,25 @@ for qemu-nbd users:
   qemu-nbd -D TEXT                    -->  --export NAME=FILE,description=TEXT
   clients connect with nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH, as with qemu-nbd.
 
-The daemon prints a line starting with "nbd-backup: ready" on stderr once it is listening.
+QMP monitor (QEMU's commands: blockdev-add, nbd-server-start, block-export-add, drive-backup,
+blockdev-backup, transaction, query-block-jobs, block-job-cancel …):
+  --qmp unix:PATH          a unix socket, created mode 0600 (repeatable, and combinable with tcp:)
+  --qmp tcp:HOST:PORT      TCP; keep HOST 127.0.0.1 unless the network is trusted
+  With only --qmp, nothing listens for NBD until a client runs nbd-server-start.
+  --allow-dir DIR          confine the files QMP clients may open or create (blockdev-add,
+                           drive-backup targets) to DIR, symlinks resolved (repeatable)
+  --config FILE            the same settings from TOML: qmp = ["unix:/run/nbd-backup/qmp.sock"],
+                           nbd = ["127.0.0.1:10809"], export = ["disk=/img/disk.qcow2"],
+                           allow-dir = ["/backups"], pid-file = "...", max-connections = 16 …
+                           (the command line wins; repeatable settings add up)
+
+examples:
+  nbd-backup serve --export disk=disk.img
+  nbd-backup serve --qmp unix:/run/nbd-backup/qmp.sock --allow-dir /backups --pid-file /run/nbd-backup.pid
+  nbd-backup serve --config /etc/nbd-backup/serve.toml
+
+The daemon writes --pid-file and prints a line starting with "nbd-backup: ready" on stderr once
+every socket is listening. SIGTERM/SIGINT (or QMP quit) cancel running jobs, flush and exit 0.
 """
 
 
@@ -52,6 +73,9 @@ class ServeConfig:
     exports: list[ExportSpec] = field(default_factory=list)
     max_connections: int = 100
     handshake_timeout: float = 10.0
+    qmp: list[str] = field(default_factory=list)
+    pid_file: str | None = None
+    allow_dirs: list[str] = field(default_factory=list)
 
 
 def parse_hostport(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -126,26 +150,55 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="open an image and export it over NBD (repeatable)",
     )
     parser.add_argument(
-        "--max-connections", type=int, default=100, metavar="N", help="NBD connections at once (default 100)"
+        "--max-connections", type=int, default=None, metavar="N", help="NBD connections at once (default 100)"
     )
     parser.add_argument(
         "--handshake-timeout",
         type=float,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
         help="drop NBD clients that have not finished the handshake by then (default 10)",
+    )
+    parser.add_argument(
+        "--qmp",
+        action="append",
+        default=[],
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="open the QMP monitor there (repeatable)",
+    )
+    parser.add_argument("--config", metavar="FILE", help="read settings from a TOML file (see below)")
+    parser.add_argument("--pid-file", metavar="FILE", help="write the daemon's pid here once it is listening")
+    parser.add_argument(
+        "--allow-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="only let QMP clients open or create images under DIR (repeatable; default: anywhere)",
     )
     parser.set_defaults(func=main)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The command line (merged over ``--config`` when given) as a ``ServeConfig``."""
+    if getattr(args, "config", None):
+        apply_config(args, load_config(args.config))
+    max_connections = getattr(args, "max_connections", None)
+    handshake_timeout = getattr(args, "handshake_timeout", None)
     config = ServeConfig(
         tcp=[parse_hostport(a) for a in args.nbd],
         unix=list(args.nbd_socket),
         exports=[parse_export(e) for e in args.export],
-        max_connections=args.max_connections,
-        handshake_timeout=args.handshake_timeout,
+        max_connections=100 if max_connections is None else max_connections,
+        handshake_timeout=10.0 if handshake_timeout is None else handshake_timeout,
+        qmp=list(getattr(args, "qmp", None) or []),
+        pid_file=getattr(args, "pid_file", None),
+        allow_dirs=list(getattr(args, "allow_dir", None) or []),
     )
+    for address in config.qmp:
+        parse_qmp_address(address)
+    for directory in config.allow_dirs:
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--allow-dir {directory}: not a directory")
     if config.max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
     if config.handshake_timeout <= 0:
@@ -160,13 +213,21 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 async def build_daemon(config: ServeConfig) -> Daemon:
-    """Open every image, export it and start listening; on failure nothing stays open."""
-    daemon = Daemon(max_connections=config.max_connections, handshake_timeout=config.handshake_timeout)
+    """Open every image, start listening (NBD, then QMP) and export; on failure nothing stays open."""
+    daemon = Daemon(
+        max_connections=config.max_connections,
+        handshake_timeout=config.handshake_timeout,
+        paths=PathPolicy(config.allow_dirs),
+        pid_file=config.pid_file,
+    )
     try:
         for spec in config.exports:
             await daemon.open_node(spec.name, spec.path, format=spec.format, read_only=spec.readonly)
+        if config.tcp or config.unix:
+            await daemon.listen_nbd(config.tcp, config.unix)
+        for spec in config.exports:
             daemon.export(spec.name, writable=not spec.readonly, description=spec.description)
-        await daemon.listen_nbd(config.tcp, config.unix)
+        await daemon.listen_qmp(config.qmp)
     except BaseException:
         await daemon.shutdown()
         raise
@@ -182,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         run(serve(config))
-    except (ConfigError, BackupError) as exc:
+    except (ConfigError, BackupError, QmpError) as exc:
         print(f"nbd-backup serve: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

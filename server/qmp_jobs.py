@@ -1,0 +1,387 @@
+"""QMP backup and job commands: ``drive-backup``, ``blockdev-backup``, ``transaction``, the
+``block-job-*`` and ``job-*`` verbs, ``query-block-jobs`` and ``query-jobs``.
+
+A backup is set up in two halves so that a transaction can be all-or-nothing: *prepare* checks
+everything, opens (or creates) the target and creates the job (``JOB_STATUS_CHANGE`` created); then
+the sources are drained together and every job's copy-before-write filter goes in with no ``await``
+in between — that instant is the point in time of every backup in the transaction — and the jobs
+start. If anything fails before that, every prepared job is cancelled (aborting, concluded, null, as
+qemu-storage-daemon reports it) and every target file the transaction created is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from backup.backup_job import BackupJob, BackupOptions
+from backup.errors import BackupError
+from backup.job import Job, JobGroup, JobStatus
+from backup.node import BlockNode
+from backup.targets import BackupTarget, open_target
+from nbd.errors import NbdError
+from nbd.uri import looks_like_uri
+from server.errors import QmpError
+from server.qmp.dispatch import CommandRegistry
+from server.qmp.schema import Enum, Struct, Union
+from server.registry import Registry, generic
+
+log = logging.getLogger(__name__)
+
+#: How long an aborted transaction waits for a prepared job to wind down.
+ABORT_TIMEOUT = 10.0
+
+SYNC_MODE = Enum("MirrorSyncMode", ["top", "full", "none", "incremental", "bitmap"])
+ON_ERROR = Enum("BlockdevOnError", ["report", "ignore", "enospc", "stop", "auto"])
+
+BACKUP_COMMON = Struct(
+    "BackupCommon",
+    {
+        "*job-id": "str",
+        "device": "str",
+        "sync": SYNC_MODE,
+        "*speed": "int",
+        "*bitmap": "str",
+        "*bitmap-mode": Enum("BitmapSyncMode", ["on-success", "never", "always"]),
+        "*compress": "bool",
+        "*on-source-error": ON_ERROR,
+        "*on-target-error": ON_ERROR,
+        "*on-cbw-error": Enum("OnCbwError", ["break-guest-write", "break-snapshot"]),
+        "*auto-finalize": "bool",
+        "*auto-dismiss": "bool",
+        "*filter-node-name": "str",
+        "*x-perf": {"*use-copy-range": "bool", "*max-workers": "int", "*max-chunk": "int64"},
+    },
+)
+DRIVE_BACKUP = Struct(
+    "DriveBackup",
+    {"target": "str", "*format": "str", "*mode": Enum("NewImageMode", ["existing", "absolute-paths"])},
+    base=BACKUP_COMMON,
+)
+BLOCKDEV_BACKUP = Struct("BlockdevBackup", {"target": "str"}, base=BACKUP_COMMON)
+TRANSACTION_ACTION = Union(
+    "TransactionAction",
+    {"type": Enum("TransactionActionKind", ["abort", "blockdev-backup", "drive-backup"])},
+    "type",
+    {
+        "abort": {"data": Struct("Abort", {})},
+        "blockdev-backup": {"data": BLOCKDEV_BACKUP},
+        "drive-backup": {"data": DRIVE_BACKUP},
+    },
+)
+TRANSACTION_PROPERTIES = Struct(
+    "TransactionProperties", {"*completion-mode": Enum("ActionCompletionMode", ["individual", "grouped"])}
+)
+
+
+@dataclass
+class PreparedBackup:
+    """A created (not started) backup job and the target it will write."""
+
+    job: BackupJob
+    target: BackupTarget
+    target_node: BlockNode | None = None
+
+    async def abort(self) -> None:
+        """Undo the prepare: the job goes (aborting, concluded, null), a created target file is deleted."""
+        job = self.job
+        if job.status is JobStatus.CREATED:
+            job.cancel(force=True)
+        try:
+            await asyncio.wait_for(job.wait(), ABORT_TIMEOUT)
+        except TimeoutError:
+            log.error("job %s did not wind down after an aborted transaction", job.id)
+        self.target.owned = False  # the job's clean() closed it
+        with contextlib.suppress(OSError):
+            await self.target.discard()
+
+
+def backup_options(args: dict[str, Any]) -> BackupOptions:
+    """``BackupCommon`` arguments as the engine's options (QEMU's checks and texts first)."""
+    sync = args["sync"]
+    if sync in ("incremental", "bitmap") or "bitmap" in args:
+        if "bitmap" not in args:
+            raise generic(f"must provide a valid bitmap name for '{sync}' sync mode")
+        raise generic(f"Dirty bitmap '{args['bitmap']}' not found")
+    if "bitmap-mode" in args:
+        raise generic("Cannot specify bitmap sync mode without a bitmap")
+    speed = args.get("speed", 0)
+    if speed < 0:
+        raise generic("Parameter 'speed' expects a non-negative value")
+    perf = args.get("x-perf", {})
+    options = BackupOptions(
+        sync=sync,
+        speed=speed,
+        on_source_error=args.get("on-source-error", "report"),
+        on_target_error=args.get("on-target-error", "report"),
+        on_cbw_error=args.get("on-cbw-error", "break-guest-write"),
+        compress=args.get("compress", False),
+        auto_finalize=args.get("auto-finalize", True),
+        auto_dismiss=args.get("auto-dismiss", True),
+    )
+    if "max-workers" in perf:
+        if perf["max-workers"] < 1:
+            raise generic("max-workers must be at least 1")
+        options.max_workers = perf["max-workers"]
+    if "max-chunk" in perf:
+        if perf["max-chunk"] < 0:
+            raise generic("max-chunk must not be negative")
+        options.max_chunk = perf["max-chunk"] or options.max_chunk
+    return options
+
+
+def _job_id(reg: Registry, args: dict[str, Any]) -> str:
+    job_id: str = args.get("job-id", args["device"])
+    return reg.check_new_job_id(job_id)
+
+
+def _check_filter_name(reg: Registry, args: dict[str, Any]) -> None:
+    """``filter-node-name`` is accepted for compatibility (our filter is not a named node) but checked."""
+    name = args.get("filter-node-name")
+    if name is not None:
+        reg.check_new_node_name(name)
+
+
+async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedBackup:
+    source = reg.node(args["device"])
+    job_id = _job_id(reg, args)
+    options = backup_options(args)
+    _check_filter_name(reg, args)
+    fmt = args.get("format")
+    if fmt is not None and fmt not in ("raw", "qcow2"):
+        raise generic(f"Unknown file format '{fmt}'")
+    mode = args.get("mode", "absolute-paths")
+    text = args["target"]
+    target_ref: str
+    if looks_like_uri(text):
+        if fmt == "qcow2":
+            raise generic("an NBD target is written as raw; 'format' must be 'raw'")
+        target_ref = text
+        fmt = None
+    else:
+        real = str(reg.paths.resolve(text))
+        in_use = reg.filename_in_use(real)
+        if in_use is source:
+            raise generic("Source and target cannot be the same")
+        if in_use is not None:
+            raise generic(f"Target '{text}' is in use by block node '{in_use.name}'")
+        target_ref = real
+        if fmt is None and mode == "absolute-paths":
+            fmt = source.driver if source.driver in ("raw", "qcow2") else "raw"
+    if options.compress and fmt != "qcow2":
+        raise generic(f"Compression is not supported for this drive {text}")
+    try:
+        target = await open_target(
+            target_ref,
+            size=source.size,
+            format=fmt,
+            mode=mode,
+            source_device=source,
+            source_filename=source.filename,
+        )
+    except (BackupError, QmpError):
+        raise
+    except NbdError as exc:
+        raise generic(f"Could not open '{text}': {exc}") from exc
+    except OSError as exc:
+        verb = "create" if mode == "absolute-paths" else "open"
+        raise generic(f"Could not {verb} '{text}': {exc.strerror or exc}") from exc
+    try:
+        if options.compress:
+            if not hasattr(target.device, "compress"):
+                raise generic(f"Compression is not supported for this drive {text}")
+            target.device.compress = True
+        reg.check_new_job_id(job_id)  # another client may have taken it while the target opened
+        job = BackupJob(
+            job_id,
+            source,
+            target.device,
+            options,
+            events=reg.events,
+            target_zero_init=target.zero_init,
+            close_target=target.owned,
+        )
+    except BaseException:
+        await target.discard()
+        raise
+    reg.add_job(job)
+    return PreparedBackup(job, target)
+
+
+async def prepare_blockdev_backup(reg: Registry, args: dict[str, Any]) -> PreparedBackup:
+    source = reg.node(args["device"])
+    target_node = reg.node(args["target"])
+    job_id = _job_id(reg, args)
+    options = backup_options(args)
+    _check_filter_name(reg, args)
+    if target_node is source:
+        raise generic("Source and target cannot be the same")
+    if options.compress and not hasattr(target_node.device, "compress"):
+        raise generic(f"Compression is not supported for this drive {target_node.name}")
+    target = await open_target(target_node, size=source.size, source_device=source, source_filename=source.filename)
+    job = BackupJob(job_id, source, target_node, options, events=reg.events, target_zero_init=target.zero_init)
+    target_node.users.add(job)
+    reg.add_job(job, cleanup=[lambda: target_node.users.discard(job)])
+    return PreparedBackup(job, target, target_node)
+
+
+async def start_backups(prepared: list[PreparedBackup]) -> None:
+    """The point in time: drain every source, install every filter (no await in between), start."""
+    sources: list[BlockNode] = []
+    for p in prepared:
+        if p.job.source not in sources:
+            sources.append(p.job.source)
+    async with contextlib.AsyncExitStack() as stack:
+        for source in sources:
+            await stack.enter_async_context(source.drained())
+        for p in prepared:
+            p.job.install_filter()
+    for p in prepared:
+        p.job.start()
+
+
+async def abort_all(prepared: list[PreparedBackup]) -> None:
+    for p in reversed(prepared):
+        try:
+            await p.abort()
+        except Exception:
+            log.exception("aborting job %s failed", p.job.id)
+
+
+async def run_backups(reg: Registry, actions: list[tuple[str, dict[str, Any]]], *, grouped: bool = False) -> None:
+    """Prepare every action in order, then start them all together; any failure undoes everything."""
+    prepared: list[PreparedBackup] = []
+    try:
+        for kind, data in actions:
+            if kind == "abort":
+                raise generic("Transaction aborted using Abort action")
+            if kind == "drive-backup":
+                prepared.append(await prepare_drive_backup(reg, data))
+            else:
+                prepared.append(await prepare_blockdev_backup(reg, data))
+        if grouped and len(prepared) > 1:
+            group = JobGroup()
+            for p in prepared:
+                group.add(p.job)
+        await start_backups(prepared)
+    except BaseException:
+        await abort_all(prepared)
+        raise
+
+
+def _verb(call: Any) -> dict[str, Any]:
+    """Run a job verb; the job layer raises ``JobStateError`` with QEMU's texts."""
+    call()
+    return {}
+
+
+def register(commands: CommandRegistry) -> None:
+    """Add the backup and job commands; handlers get the daemon's ``Registry`` as ``ctx``."""
+
+    @commands.command("drive-backup", args=DRIVE_BACKUP)
+    async def drive_backup(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Back a block node up to a file (created unless mode=existing) or an NBD URI."""
+        await run_backups(reg, [("drive-backup", args)])
+        return {}
+
+    @commands.command("blockdev-backup", args=BLOCKDEV_BACKUP)
+    async def blockdev_backup(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Back a block node up to another block node."""
+        await run_backups(reg, [("blockdev-backup", args)])
+        return {}
+
+    @commands.command("transaction", args={"actions": [TRANSACTION_ACTION], "*properties": TRANSACTION_PROPERTIES})
+    async def transaction(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Start several backups at one point in time; if one action fails, none happens."""
+        grouped = args.get("properties", {}).get("completion-mode") == "grouped"
+        await run_backups(reg, [(a["type"], a["data"]) for a in args["actions"]], grouped=grouped)
+        return {}
+
+    @commands.command("query-block-jobs")
+    async def query_block_jobs(reg: Registry, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every block job, newest first (QEMU's order)."""
+        return [job.query_block_job() for job in _newest_first(reg)]
+
+    @commands.command("query-jobs")
+    async def query_jobs(reg: Registry, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every job, newest first (QEMU's order)."""
+        return [job.query_job() for job in _newest_first(reg)]
+
+    # --- block-job-* (device = job id; "not found" is DeviceNotActive) ---
+
+    @commands.command("block-job-cancel", args={"device": "str", "*force": "bool"})
+    async def block_job_cancel(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Cancel a block job (BLOCK_JOB_CANCELLED follows)."""
+        job = reg.block_job(args["device"])
+        return _verb(lambda: job.cancel(force=args.get("force", False)))
+
+    @commands.command("block-job-pause", args={"device": "str"})
+    async def block_job_pause(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Pause a block job."""
+        return _verb(reg.block_job(args["device"]).pause)
+
+    @commands.command("block-job-resume", args={"device": "str"})
+    async def block_job_resume(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Resume a paused block job (also after an error with on-*-error=stop)."""
+        return _verb(reg.block_job(args["device"]).resume)
+
+    @commands.command("block-job-set-speed", args={"device": "str", "speed": "int"})
+    async def block_job_set_speed(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Change a block job's rate limit in bytes per second (0 = unlimited)."""
+        job = reg.block_job(args["device"])
+        return _verb(lambda: job.set_speed(args["speed"]))
+
+    @commands.command("block-job-complete", args={"device": "str"})
+    async def block_job_complete(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Complete a ready job (backup jobs never are)."""
+        return _verb(reg.block_job(args["device"]).complete)
+
+    @commands.command("block-job-finalize", args={"id": "str"})
+    async def block_job_finalize(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Finalize a pending job (auto-finalize=false)."""
+        return _verb(reg.block_job(args["id"]).finalize)
+
+    @commands.command("block-job-dismiss", args={"id": "str"})
+    async def block_job_dismiss(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove a concluded job (auto-dismiss=false)."""
+        return _verb(reg.block_job(args["id"]).dismiss)
+
+    # --- job-* (id; "not found" is GenericError "Job not found") ---
+
+    @commands.command("job-cancel", args={"id": "str"})
+    async def job_cancel(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Cancel a job."""
+        job = reg.job(args["id"])
+        return _verb(lambda: job.cancel(force=True))
+
+    @commands.command("job-pause", args={"id": "str"})
+    async def job_pause(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Pause a job."""
+        return _verb(reg.job(args["id"]).pause)
+
+    @commands.command("job-resume", args={"id": "str"})
+    async def job_resume(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Resume a paused job."""
+        return _verb(reg.job(args["id"]).resume)
+
+    @commands.command("job-complete", args={"id": "str"})
+    async def job_complete(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Complete a ready job."""
+        return _verb(reg.job(args["id"]).complete)
+
+    @commands.command("job-finalize", args={"id": "str"})
+    async def job_finalize(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Finalize a pending job."""
+        return _verb(reg.job(args["id"]).finalize)
+
+    @commands.command("job-dismiss", args={"id": "str"})
+    async def job_dismiss(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove a concluded job."""
+        return _verb(reg.job(args["id"]).dismiss)
+
+
+def _newest_first(reg: Registry) -> list[Job]:
+    return list(reversed(list(reg.jobs.values())))

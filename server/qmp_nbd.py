@@ -1,0 +1,130 @@
+"""QMP NBD commands: ``nbd-server-start``/``-stop``, ``block-export-add``/``-del``, ``query-block-exports``.
+
+As in qemu-storage-daemon, the NBD server is one per daemon: started by ``--nbd``/``--nbd-socket``
+or ``nbd-server-start``, and an export (``block-export-add`` type ``nbd``) serves a block node under
+an export name (default: the node-name), read-only unless ``writable``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.qmp.dispatch import CommandRegistry
+from server.qmp.schema import Enum, Union
+from server.registry import Registry, generic
+
+SOCKET_ADDRESS_LEGACY = Union(
+    "SocketAddressLegacy",
+    {"type": Enum("SocketAddressType", ["inet", "unix", "vsock", "fd"])},
+    "type",
+    {
+        "inet": {
+            "data": {
+                "host": "str",
+                "port": "str",
+                "*numeric": "bool",
+                "*to": "uint16",
+                "*ipv4": "bool",
+                "*ipv6": "bool",
+                "*keep-alive": "bool",
+            }
+        },
+        "unix": {"data": {"path": "str", "*abstract": "bool", "*tight": "bool"}},
+        "vsock": {"data": {"cid": "str", "port": "str"}},
+        "fd": {"data": {"str": "str"}},
+    },
+)
+
+BLOCK_EXPORT_OPTIONS = Union(
+    "BlockExportOptions",
+    {
+        "type": Enum("BlockExportType", ["nbd"]),
+        "id": "str",
+        "*fixed-iothread": "bool",
+        "*iothread": "str",
+        "node-name": "str",
+        "*writable": "bool",
+        "*writethrough": "bool",
+    },
+    "type",
+    {"nbd": {"*name": "str", "*description": "str", "*bitmaps": ["str"], "*allocation-depth": "bool"}},
+)
+
+
+def listen_address(addr: dict[str, Any]) -> tuple[list[tuple[str, int]], list[str]]:
+    """A ``SocketAddressLegacy`` as (tcp, unix) listen lists."""
+    data = addr["data"]
+    if addr["type"] == "inet":
+        if "to" in data:
+            raise generic("port ranges ('to') are not supported")
+        try:
+            port = int(data["port"])
+        except ValueError:
+            raise generic(f"Invalid port '{data['port']}'") from None
+        if not 0 <= port <= 65535:
+            raise generic(f"Invalid port '{data['port']}'")
+        return [(data["host"], port)], []
+    if addr["type"] == "unix":
+        if data.get("abstract"):
+            raise generic("abstract unix sockets are not supported")
+        return [], [data["path"]]
+    raise generic(f"NBD server on '{addr['type']}' sockets is not supported")
+
+
+def register(commands: CommandRegistry) -> None:
+    """Add the NBD server and export commands; handlers get the daemon's ``Registry`` as ``ctx``."""
+
+    @commands.command(
+        "nbd-server-start",
+        args={
+            "*handshake-max-seconds": "uint32",
+            "*tls-creds": "str",
+            "*tls-authz": "str",
+            "*max-connections": "uint32",
+            "addr": SOCKET_ADDRESS_LEGACY,
+        },
+    )
+    async def nbd_server_start(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Start the NBD server on one address (TCP or unix socket)."""
+        if reg.nbd is not None:
+            raise generic("NBD server already running")
+        tcp, unix = listen_address(args["addr"])
+        if "tls-creds" in args:
+            raise generic(f"No TLS credentials with id '{args['tls-creds']}'")
+        if "tls-authz" in args:
+            raise generic("'tls-authz' is only supported with 'tls-creds'")
+        await reg.start_nbd(tcp=tcp, unix=unix, max_connections=args.get("max-connections") or None)
+        return {}
+
+    @commands.command("nbd-server-stop")
+    async def nbd_server_stop(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Stop the NBD server; every NBD export is removed first."""
+        await reg.stop_nbd()
+        return {}
+
+    @commands.command("block-export-add", args=BLOCK_EXPORT_OPTIONS)
+    async def block_export_add(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Export a block node over NBD (read-only unless writable)."""
+        if args.get("bitmaps"):
+            raise generic(f"Bitmap '{args['bitmaps'][0]}' is not found")
+        if args.get("iothread") or args.get("fixed-iothread"):
+            raise generic("iothreads are not supported (nbd-backup runs one event loop)")
+        reg.add_export(
+            args["id"],
+            args["node-name"],
+            name=args.get("name"),
+            writable=args.get("writable", False),
+            description=args.get("description", ""),
+        )
+        return {}
+
+    @commands.command("block-export-del", args={"id": "str", "*mode": Enum("BlockExportRemoveMode", ["safe", "hard"])})
+    async def block_export_del(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove an export (``mode: hard`` disconnects its clients)."""
+        reg.remove_export(args["id"], mode=args.get("mode", "safe"))
+        return {}
+
+    @commands.command("query-block-exports")
+    async def query_block_exports(reg: Registry, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every export, newest first."""
+        return [entry.info() for entry in reversed(list(reg.exports.values()))]

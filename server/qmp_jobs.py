@@ -184,11 +184,12 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
         )
     except (BackupError, QmpError):
         raise
-    except NbdError as exc:
-        raise generic(f"Could not open '{text}': {exc}") from exc
-    except OSError as exc:
+    except (NbdError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if looks_like_uri(text):
+            raise generic(f"Failed to connect to '{text}': {reason}") from exc
         verb = "create" if mode == "absolute-paths" else "open"
-        raise generic(f"Could not {verb} '{text}': {exc.strerror or exc}") from exc
+        raise generic(f"Could not {verb} '{text}': {reason}") from exc
     try:
         if options.compress:
             if not hasattr(target.device, "compress"):

@@ -327,23 +327,32 @@ class BackupJob(Job):
 
     async def _zero_run_hint(self, first: int) -> int:
         """How many clusters from ``first`` the source reports as reading zeroes (a hint only: the
-        copier re-checks what it claims, and a cluster whose bit is still set was never written)."""
+        copier re-checks what it claims, and a cluster whose bit is still set was never written).
+
+        Asks about a chunk-sized window first and widens it only while it is all zeroes, because a
+        device may walk every extent of the range it is asked about."""
         copier = self.copier
         assert copier is not None
         if not copier.source.capabilities.can_extents:
             return 0
-        offset, _ = copier.bytes_of(first, first + 1)
-        length = min(MAX_ZERO_REQUEST, copier.size - offset)
-        try:
-            extents = await copier.source.block_status(offset, length)
-        except OSError:
-            return 0  # the copy itself will meet (and report) the error
-        if not extents or not extents[0].flags & State.ZERO:
-            return 0
-        end = offset + extents[0].length
-        if end >= copier.size:
+        start, _ = copier.bytes_of(first, first + 1)
+        pos, window = start, self.max_chunk
+        limit = min(copier.size, start + MAX_ZERO_REQUEST)
+        while pos < limit:
+            asked = min(window, limit - pos)
+            try:
+                extents = await copier.source.block_status(pos, asked)
+            except OSError:
+                break  # the copy itself will meet (and report) the error
+            if not extents or not extents[0].flags & State.ZERO:
+                break
+            pos += min(extents[0].length, asked)
+            if extents[0].length < asked:
+                break
+            window = min(window * 4, MAX_ZERO_REQUEST)
+        if pos >= copier.size:
             return copier.clusters - first
-        return (end >> copier.cluster_bits) - first
+        return (pos >> copier.cluster_bits) - first
 
     async def _flush_target(self) -> None:
         while True:

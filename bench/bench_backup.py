@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# ruff: noqa: ASYNC230, ASYNC240  (tmpfs file setup outside the timed sections; blocking is harmless)
 """Benchmark our backup against QEMU's (qemu-storage-daemon ``blockdev-backup``), in one run.
 
 1. Throughput: the same image on tmpfs (1 GiB by default), dense random data and half-sparse

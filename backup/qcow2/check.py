@@ -1,4 +1,4 @@
-"""A consistency check of a qcow2 image's metadata, like ``qemu-img check`` (without repair).
+"""A consistency check of a qcow2 image's metadata, like ``qemu-img check`` (repair: ``repair.py``).
 
 Recomputes every host cluster's reference count from the header, L1/L2 tables and the refcount
 structures, and compares it with the stored refcounts and the COPIED flags. The unit tests use it
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
-from backup.qcow2.header import parse_header
+from backup.qcow2.header import ImageHeader, parse_header
 from backup.qcow2.refcount import Refcounts
 
 
@@ -33,6 +33,76 @@ class CheckResult:
         return not self.corruptions and not self.leaks
 
 
+@dataclass
+class References:
+    """Who references which host cluster, from the header and the L1/L2 tables (not the refcounts)."""
+
+    counts: Counter[int] = field(default_factory=Counter)
+    l1: list[int] = field(default_factory=list)
+    l2_tables: dict[int, int] = field(default_factory=dict)  # L2 table offset -> L1 index
+    problems: list[str] = field(default_factory=list)
+    allocated_clusters: int = 0
+    compressed_clusters: int = 0
+
+    def ref(self, offset: int, length: int, cluster_bits: int) -> None:
+        for c in range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1):
+            self.counts[c] += 1
+
+
+def read_header(fd: int, path: str) -> ImageHeader:
+    file_size = os.fstat(fd).st_size
+    head = os.pread(fd, q.V3_HEADER_LENGTH, 0)
+    if len(head) >= 24 and head[:4] == q.MAGIC:
+        bits = q.U32.unpack_from(head, 20)[0]
+        if q.MIN_CLUSTER_BITS <= bits <= q.MAX_CLUSTER_BITS:
+            head = os.pread(fd, 1 << bits, 0)
+    h = parse_header(head, file_size, path)
+    if h.nb_snapshots:
+        raise ImageFormatError(f"{path}: images with internal snapshots cannot be checked or repaired here")
+    return h
+
+
+def walk_references(fd: int, h: ImageHeader) -> References:
+    """Count references from the header, the L1 table and every L2 table."""
+    cb, cs = h.cluster_bits, h.cluster_size
+    file_clusters = -(-os.fstat(fd).st_size // cs)
+    refs = References()
+    refs.ref(0, cs, cb)
+    if h.l1_size:
+        refs.ref(h.l1_table_offset, h.l1_size * 8, cb)
+        refs.l1 = list(struct.unpack(f">{h.l1_size}Q", os.pread(fd, h.l1_size * 8, h.l1_table_offset)))
+    zero_flag = q.OFLAG_ZERO if h.version >= 3 else 0
+    _, shift, smask = q.compressed_fields(cb)
+    for index, l1e in enumerate(refs.l1):
+        l2off = l1e & q.L1E_OFFSET_MASK
+        if not l2off:
+            continue
+        if l2off & (cs - 1) or l2off >> cb >= file_clusters:
+            refs.problems.append(f"L1 entry {index}: L2 table offset {l2off:#x} is invalid")
+            continue
+        refs.ref(l2off, cs, cb)
+        refs.l2_tables[l2off] = index
+        table = os.pread(fd, cs, l2off).ljust(cs, b"\0")
+        for i, entry in enumerate(struct.unpack(f">{cs // 8}Q", table)):
+            if entry & q.OFLAG_COMPRESSED:
+                offset, _ = q.decode_compressed(entry, cb)
+                refs.ref(offset & ~(q.SECTOR - 1), (((entry >> shift) & smask) + 1) * q.SECTOR, cb)
+                refs.compressed_clusters += 1
+                refs.allocated_clusters += 1
+                if entry & q.OFLAG_COPIED:
+                    refs.problems.append(f"compressed cluster entry {index}/{i} has the COPIED flag")
+                continue
+            host = entry & q.L2E_OFFSET_MASK
+            if host:
+                if host & (cs - 1):
+                    refs.problems.append(f"L2 entry {index}/{i}: {host:#x} is not cluster aligned")
+                    continue
+                refs.ref(host, cs, cb)
+            if host or entry & zero_flag:
+                refs.allocated_clusters += 1
+    return refs
+
+
 def check_image(path: str) -> CheckResult:
     """Check the image at ``path`` (read-only)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -43,63 +113,23 @@ def check_image(path: str) -> CheckResult:
 
 
 def _check(fd: int, path: str) -> CheckResult:
-    file_size = os.fstat(fd).st_size
-    head = os.pread(fd, q.V3_HEADER_LENGTH, 0)
-    if len(head) >= 24 and head[:4] == q.MAGIC:
-        bits = q.U32.unpack_from(head, 20)[0]
-        if q.MIN_CLUSTER_BITS <= bits <= q.MAX_CLUSTER_BITS:
-            head = os.pread(fd, 1 << bits, 0)
-    h = parse_header(head, file_size, path)
-    if h.nb_snapshots:
-        raise ImageFormatError(f"{path}: checking images with internal snapshots is not supported")
-    result = CheckResult(dirty=bool(h.incompatible & q.INCOMPAT_DIRTY))
+    h = read_header(fd, path)
     cb, cs = h.cluster_bits, h.cluster_size
-    expected: Counter[int] = Counter()
-
-    def ref(offset: int, length: int) -> None:
-        for c in range(offset >> cb, ((offset + length - 1) >> cb) + 1):
-            expected[c] += 1
-
-    ref(0, cs)
-    if h.l1_size:
-        ref(h.l1_table_offset, h.l1_size * 8)
-    ref(h.refcount_table_offset, h.refcount_table_clusters * cs)
+    walk = walk_references(fd, h)
+    result = CheckResult(
+        corruptions=list(walk.problems),
+        dirty=bool(h.incompatible & q.INCOMPAT_DIRTY),
+        allocated_clusters=walk.allocated_clusters,
+        compressed_clusters=walk.compressed_clusters,
+    )
+    expected = walk.counts
+    walk.ref(h.refcount_table_offset, h.refcount_table_clusters * cs, cb)
     n = h.refcount_table_clusters * cs // 8
     reftable = list(struct.unpack(f">{n}Q", os.pread(fd, n * 8, h.refcount_table_offset).ljust(n * 8, b"\0")))
     for entry in reftable:
         if entry & q.REFT_OFFSET_MASK:
-            ref(entry & q.REFT_OFFSET_MASK, cs)
-    l1 = list(struct.unpack(f">{h.l1_size}Q", os.pread(fd, h.l1_size * 8, h.l1_table_offset))) if h.l1_size else []
-    zero_flag = q.OFLAG_ZERO if h.version >= 3 else 0
-    copied_checks: list[tuple[str, int, bool]] = []  # (what, cluster, has COPIED)
-    for index, l1e in enumerate(l1):
-        l2off = l1e & q.L1E_OFFSET_MASK
-        if not l2off:
-            continue
-        ref(l2off, cs)
-        copied_checks.append((f"L2 table of L1 entry {index}", l2off >> cb, bool(l1e & q.OFLAG_COPIED)))
-        table = os.pread(fd, cs, l2off).ljust(cs, b"\0")
-        for i, entry in enumerate(struct.unpack(f">{cs // 8}Q", table)):
-            if entry & q.OFLAG_COMPRESSED:
-                offset, _ = q.decode_compressed(entry, cb)
-                start = offset & ~(q.SECTOR - 1)
-                _, shift, smask = q.compressed_fields(cb)
-                ref(start, (((entry >> shift) & smask) + 1) * q.SECTOR)
-                result.compressed_clusters += 1
-                result.allocated_clusters += 1
-                if entry & q.OFLAG_COPIED:
-                    result.corruptions.append(f"compressed cluster entry {index}/{i} has the COPIED flag")
-                continue
-            host = entry & q.L2E_OFFSET_MASK
-            if host:
-                if host & (cs - 1):
-                    result.corruptions.append(f"L2 entry {index}/{i}: {host:#x} is not cluster aligned")
-                    continue
-                ref(host, cs)
-                what = f"data cluster of L2 entry {index}/{i}"
-                copied_checks.append((what, host >> cb, bool(entry & q.OFLAG_COPIED)))
-            if host or entry & zero_flag:
-                result.allocated_clusters += 1
+            walk.ref(entry & q.REFT_OFFSET_MASK, cs, cb)
+    file_size = os.fstat(fd).st_size
     refs = Refcounts(
         fd,
         path,
@@ -117,7 +147,16 @@ def _check(fd: int, path: str) -> CheckResult:
             continue
         message = f"cluster {c} ({c << cb:#x}): refcount {stored}, referenced {want} times"
         (result.leaks if stored > want else result.corruptions).append(message)
-    for what, c, copied in copied_checks:
-        if copied != (refs.get(c) == 1):
-            result.corruptions.append(f"{what}: COPIED flag {copied} but refcount {refs.get(c)}")
+    for l2off, index in walk.l2_tables.items():
+        copied = bool(walk.l1[index] & q.OFLAG_COPIED)
+        if copied != (refs.get(l2off >> cb) == 1):
+            result.corruptions.append(f"L2 table of L1 entry {index}: COPIED flag {copied}, refcount mismatch")
+        table = os.pread(fd, cs, l2off).ljust(cs, b"\0")
+        for i, entry in enumerate(struct.unpack(f">{cs // 8}Q", table)):
+            host = entry & q.L2E_OFFSET_MASK
+            if entry & q.OFLAG_COMPRESSED or not host or host & (cs - 1):
+                continue
+            copied = bool(entry & q.OFLAG_COPIED)
+            if copied != (refs.get(host >> cb) == 1):
+                result.corruptions.append(f"data cluster of L2 entry {index}/{i}: COPIED flag {copied}, wrong refcount")
     return result

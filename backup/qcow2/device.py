@@ -33,6 +33,7 @@ from backup.qcow2.cache import TableCache
 from backup.qcow2.errors import Qcow2CorruptError
 from backup.qcow2.header import ImageHeader, build_header, incompatible_names, l1_entries_for, parse_header
 from backup.qcow2.refcount import Refcounts
+from backup.qcow2.repair import repair_image
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent
 
@@ -149,13 +150,16 @@ class Qcow2Device:
         compress: bool = False,
         l2_cache_size: int = DEFAULT_L2_CACHE,
         backing_device: BackingImage | None = None,
+        repair: bool = True,
         _chain: tuple[str, ...] = (),
     ) -> Qcow2Device:
         """Open an image; its backing chain (if any) is opened read-only.
 
         ``backing_device`` reads the backing file through a device this process already has open
         (the live source of a fleecing backup: its caches are the truth, not the file's metadata);
-        it stays open when this device closes.
+        it stays open when this device closes. An image that was not cleanly closed (dirty bit) opens
+        read-only as it is; for writing its refcounts are rebuilt first, as QEMU does, unless
+        ``repair`` is False, which refuses it.
         """
         path = os.fspath(path)
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -169,7 +173,22 @@ class Qcow2Device:
                     first = os.pread(fd, 1 << bits, 0)
             header = parse_header(first, file_size, path)
             if not read_only:
-                _check_writable(header, path)
+                _check_writable(header, path, repair=repair)
+                if header.incompatible & q.INCOMPAT_DIRTY:
+                    # As QEMU does for lazy refcounts: trust the tables, rebuild the refcounts.
+                    os.close(fd)
+                    fd = -1
+                    log.warning("%s was not cleanly closed: rebuilding its refcounts before writing", path)
+                    repair_image(path)
+                    return await cls.open(
+                        path,
+                        read_only=read_only,
+                        compress=compress,
+                        l2_cache_size=l2_cache_size,
+                        backing_device=backing_device,
+                        repair=False,
+                        _chain=_chain,
+                    )
             l1 = _read_l1(fd, header, file_size, path)
             refs = None if read_only else _load_refcounts(fd, header, file_size, path)
             if header.backing_file is not None and backing_device is None:
@@ -190,7 +209,8 @@ class Qcow2Device:
                 l2_cache_size=l2_cache_size,
             )
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             if backing is not None:
                 await backing.close()
             raise
@@ -873,10 +893,10 @@ class Qcow2Device:
             os.close(self._fd)
 
 
-def _check_writable(h: ImageHeader, path: str) -> None:
+def _check_writable(h: ImageHeader, path: str, *, repair: bool) -> None:
     if h.incompatible & q.INCOMPAT_CORRUPT:
         raise ImageFormatError(f"{path}: image is marked corrupt; it can only be opened read-only")
-    if h.incompatible & q.INCOMPAT_DIRTY:
+    if h.incompatible & q.INCOMPAT_DIRTY and not repair:
         raise ImageFormatError(
             f"{path}: image was not cleanly closed ({incompatible_names(h.incompatible)} set): it may be an "
             "incomplete backup and its refcounts may be stale; open it read-only, or repair it with "

@@ -106,11 +106,13 @@ async def open_target(
     source_device: BlockDevice | None = None,
     source_filename: str | None = None,
     nbd_connections: int | None = None,
+    compress: bool = False,
 ) -> BackupTarget:
     """Open (or create) the target of a backup of ``size`` bytes.
 
     ``mode`` as QEMU's ``NewImageMode``: ``existing`` requires the image to exist; ``absolute-paths``
-    creates a new one; ``None`` uses an existing image or creates a missing one. ``source_device`` /
+    creates a new one; ``None`` uses an existing image or creates a missing one. ``compress`` creates
+    a qcow2 target that stores compressed clusters (raw targets refuse it, as QEMU does). ``source_device`` /
     ``source_filename`` identify the source so that backing a disk up onto itself is refused.
     """
     if not isinstance(target, str | os.PathLike):
@@ -126,7 +128,7 @@ async def open_target(
         return await _open_nbd(text, size=size, connections=nbd_connections)
     if source_filename is not None and _same_file(text, source_filename):
         raise InvalidArgument("Source and target cannot be the same")
-    return await _open_file(Path(text), size=size, format=format, mode=mode)
+    return await _open_file(Path(text), size=size, format=format, mode=mode, compress=compress)
 
 
 async def _open_nbd(text: str, *, size: int, connections: int | None) -> BackupTarget:
@@ -155,7 +157,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | None) -> BackupTarget:
+async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | None, compress: bool) -> BackupTarget:
     exists = _exists(path)
     if mode == "existing" and not exists:
         raise InvalidArgument(f"Could not open '{path}': No such file or directory")
@@ -165,7 +167,7 @@ async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | 
     device: BlockDevice
     if create:
         try:
-            device = await _create_image(path, size, fmt or "raw", exists=exists)
+            device = await _create_image(path, size, fmt or "raw", exists=exists, compress=compress)
         except BaseException:
             if not exists:
                 _remove(path)
@@ -185,18 +187,17 @@ async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | 
     return BackupTarget(device, zero_init, created=created, description=str(path))
 
 
-async def _create_image(path: Path, size: int, fmt: str, *, exists: bool) -> BlockDevice:
+async def _create_image(path: Path, size: int, fmt: str, *, exists: bool, compress: bool) -> BlockDevice:
     if fmt == "raw":
+        if compress:
+            raise InvalidArgument("Compression is not supported for raw targets; use format=qcow2")
         from backup.rawfile import RawFileDevice
 
         # exist_ok: QEMU's absolute-paths mode recreates an existing image (emptied, resized).
         return await RawFileDevice.create(str(path), size, exist_ok=exists)
-    from backup import images
+    from backup.images import create_image
 
-    create_image = getattr(images, "create_image", None)
-    if create_image is None:
-        raise InvalidArgument(f"creating '{fmt}' targets is not supported")
-    device: BlockDevice = await create_image(str(path), size, format=fmt)  # returned open: no second opener
+    device: BlockDevice = await create_image(str(path), size, format=fmt, compress=compress)
     return device
 
 

@@ -25,6 +25,7 @@ import pytest
 
 from backup.backup_job import BackupJob, BackupOptions
 from backup.events import Event, EventBus
+from backup.images import open_image
 from backup.node import BlockNode
 from backup.rawfile import RawFileDevice
 from backup.targets import BackupTarget
@@ -83,9 +84,9 @@ def write_sparse_image(path: Path, size: int, pieces: Sequence[tuple[int, bytes]
 
 
 @asynccontextmanager
-async def served_source(tmp: Path, image: Path) -> AsyncIterator[Source]:
+async def served_source(tmp: Path, image: Path, *, format: str = "raw") -> AsyncIterator[Source]:
     """Export ``image`` as ``disk`` over TCP from our server, in this event loop."""
-    device = await RawFileDevice.open(image)
+    device = await RawFileDevice.open(image) if format == "raw" else await open_image(image, format=format)
     node = BlockNode("disk", device, filename=str(image))
     server = NbdServer()
     server.add_export(Export("disk", node))

@@ -540,6 +540,7 @@ class NbdClient:
         data: bytes | bytearray | memoryview | None = None,
         buffer: bytearray | memoryview | None = None,
     ) -> Request:
+        self._check_usable()
         loop = asyncio.get_running_loop()
         async with self._slots:
             conn = await self._pick()
@@ -904,8 +905,15 @@ class NbdClient:
             await asyncio.wait([asyncio.ensure_future(conn.closed) for conn in self._conns], timeout=5)
 
     async def _drain(self) -> None:
-        for _ in range(self._max_in_flight):
-            await self._slots.acquire()
+        """Wait until every request slot is free (then hand them back: late callers get EBADF, not a hang)."""
+        taken = 0
+        try:
+            for _ in range(self._max_in_flight):
+                await self._slots.acquire()
+                taken += 1
+        finally:
+            for _ in range(taken):
+                self._slots.release()
 
     async def __aenter__(self) -> NbdClient:
         return self

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 #: How long an aborted transaction waits for a prepared job to wind down.
 ABORT_TIMEOUT = 10.0
+#: How long ``pause``/``cancel`` wait for the job to act on the verb before replying. QEMU re-enters a
+#: job that is not in the middle of I/O at once, so its events precede the reply; a job busy with a
+#: slow request acts later (and its events follow the reply), in QEMU as here.
+SETTLE_TIMEOUT = 0.5
 
 SYNC_MODE = Enum("MirrorSyncMode", ["top", "full", "none", "incremental", "bitmap"])
 ON_ERROR = Enum("BlockdevOnError", ["report", "ignore", "enospc", "stop", "auto"])
@@ -279,6 +284,37 @@ def _verb(call: Any) -> dict[str, Any]:
     return {}
 
 
+async def settle(reg: Registry, job: Job, until: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> None:
+    """Wait (bounded) until ``until()`` holds after one of ``job``'s status changes."""
+    if until():
+        return
+    reached = asyncio.Event()
+
+    def on_event(event: Any) -> None:
+        if event.name == "JOB_STATUS_CHANGE" and event.data.get("id") == job.id and until():
+            reached.set()
+
+    unsubscribe = reg.events.subscribe(on_event)
+    try:
+        await asyncio.wait_for(reached.wait(), timeout)
+    except TimeoutError:
+        pass
+    finally:
+        unsubscribe()
+
+
+async def pause_job(reg: Registry, job: Job) -> dict[str, Any]:
+    job.pause()
+    await settle(reg, job, lambda: job.status is not JobStatus.RUNNING)
+    return {}
+
+
+async def cancel_job(reg: Registry, job: Job, *, force: bool) -> dict[str, Any]:
+    job.cancel(force=force)
+    await settle(reg, job, lambda: job.status in (JobStatus.CONCLUDED, JobStatus.NULL))
+    return {}
+
+
 def register(commands: CommandRegistry) -> None:
     """Add the backup and job commands; handlers get the daemon's ``Registry`` as ``ctx``."""
 
@@ -316,13 +352,12 @@ def register(commands: CommandRegistry) -> None:
     @commands.command("block-job-cancel", args={"device": "str", "*force": "bool"})
     async def block_job_cancel(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Cancel a block job (BLOCK_JOB_CANCELLED follows)."""
-        job = reg.block_job(args["device"])
-        return _verb(lambda: job.cancel(force=args.get("force", False)))
+        return await cancel_job(reg, reg.block_job(args["device"]), force=args.get("force", False))
 
     @commands.command("block-job-pause", args={"device": "str"})
     async def block_job_pause(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Pause a block job."""
-        return _verb(reg.block_job(args["device"]).pause)
+        return await pause_job(reg, reg.block_job(args["device"]))
 
     @commands.command("block-job-resume", args={"device": "str"})
     async def block_job_resume(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
@@ -355,13 +390,12 @@ def register(commands: CommandRegistry) -> None:
     @commands.command("job-cancel", args={"id": "str"})
     async def job_cancel(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Cancel a job."""
-        job = reg.job(args["id"])
-        return _verb(lambda: job.cancel(force=True))
+        return await cancel_job(reg, reg.job(args["id"]), force=True)
 
     @commands.command("job-pause", args={"id": "str"})
     async def job_pause(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Pause a job."""
-        return _verb(reg.job(args["id"]).pause)
+        return await pause_job(reg, reg.job(args["id"]))
 
     @commands.command("job-resume", args={"id": "str"})
     async def job_resume(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:

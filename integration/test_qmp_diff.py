@@ -210,7 +210,7 @@ def test_transaction_with_abort(tmp_path: Path) -> None:
         run("transaction", actions=[])
         return ["t1", "t2"]
 
-    qsd, ours = differential(tmp_path, scenario)
+    _, ours = differential(tmp_path, scenario)
     assert not (ours.work / "t1.raw").exists(), "an aborted transaction must leave nothing behind"
 
 

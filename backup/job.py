@@ -135,6 +135,7 @@ class JobGroup:
     """Jobs that complete together (QEMU's ``JobTxn``): all are finalized, or all are aborted.
 
     Every job starts in a group of its own; ``add`` moves a freshly created job into a shared one.
+    Group-wide steps visit the jobs newest first, as QEMU's list does (events come in that order).
     When the last job of a group finishes its work the whole group goes to PENDING and is finalized
     (prepare all, then commit and clean each); if any fails or is cancelled, the others are cancelled
     and every job aborts.
@@ -153,7 +154,7 @@ class JobGroup:
         if job.group is not self:
             job.group.jobs.remove(job)
             job.group = self
-            self.jobs.append(job)
+            self.jobs.insert(0, job)  # QEMU links new jobs at the head: the group acts newest first
 
     async def job_completed(self, job: Job) -> None:
         """``job``'s work is over (success, failure or cancel): move the group on if it can."""
@@ -200,7 +201,8 @@ class JobGroup:
             if other is not failed:
                 other._cancel_async(force=True)
         for other in list(self.jobs):
-            await other._run_done.wait()
+            if other._started:  # a job that never started has no work to wait for
+                await other._run_done.wait()
             await self._finalize_single(other)
 
     async def _finalize_single(self, job: Job) -> None:
@@ -426,7 +428,6 @@ class Job(ABC):
             self._update_rc()
             self._spawn(self.group.job_completed(self))
         elif self._deferred and self.is_cancelled:
-            self._update_rc()
             self._spawn(self.group.abort(self))
 
     def complete(self) -> None:

@@ -83,9 +83,10 @@ class _Matcher:
         return msg
 
     def _take_event(self, name: str, match: EventFilter | None) -> Json | None:
+        """Remove and return the oldest queued event that matches (others stay queued)."""
         for index, msg in enumerate(self.pending_events):
             if msg["event"] == name and (match is None or match(msg.get("data", {}))):
-                del self.pending_events[: index + 1]
+                del self.pending_events[index]
                 return msg
         return None
 
@@ -151,7 +152,7 @@ class QmpSync(_Matcher):
         return reply["return"]
 
     def wait_event(self, name: str, match: EventFilter | None = None, *, timeout: float | None = None) -> Json:
-        """The next (not yet consumed) event ``name`` whose data satisfies ``match``."""
+        """The oldest not yet consumed event ``name`` whose data satisfies ``match`` (consumes it)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             found = self._take_event(name, match)

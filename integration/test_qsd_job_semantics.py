@@ -100,7 +100,7 @@ class Side(ABC):
 
     @abstractmethod
     async def wait(self, name: str, match: Callable[[Json], bool]) -> None:
-        """Wait for the next event (after those consumed by earlier waits) that matches; consume it."""
+        """Wait for the oldest event not consumed by an earlier wait that matches; consume it."""
 
     @abstractmethod
     async def query(self, command: str) -> list[Json]: ...
@@ -177,7 +177,7 @@ class OurSide(Side):
 
         self.bus = EventBus()
         self.seen: list[Event] = []
-        self.consumed = 0
+        self.unconsumed: list[Event] = []
         self.arrived = asyncio.Event()
         self.bus.subscribe(self._on_event)
         self.jobs: dict[str, Job] = {}
@@ -187,6 +187,7 @@ class OurSide(Side):
 
     def _on_event(self, event: Event) -> None:
         self.seen.append(event)
+        self.unconsumed.append(event)
         if event.name == "JOB_STATUS_CHANGE" and event.data["status"] == "null":
             self.jobs.pop(event.data["id"], None)
         self.arrived.set()
@@ -246,10 +247,9 @@ class OurSide(Side):
 
     async def wait(self, name: str, match: Callable[[Json], bool]) -> None:
         while True:
-            for index in range(self.consumed, len(self.seen)):
-                event = self.seen[index]
+            for index, event in enumerate(self.unconsumed):
                 if event.name == name and match(event.data):
-                    self.consumed = index + 1
+                    del self.unconsumed[index]
                     return
             await self.arrived.wait()
 

@@ -446,13 +446,38 @@ async def test_group_member_failure_cancels_the_others() -> None:
     assert rec.statuses("b") == ["created", "running", "aborting", "concluded", "null"]
     assert rec.statuses("c") == ["created", "running", "aborting", "concluded", "null"]
     blocks = [(e[0], e[1]["device"], e[1].get("error")) for e in rec.seq() if e[0].startswith("BLOCK")]
-    assert blocks == [
-        ("BLOCK_JOB_CANCELLED", "a", None),
-        ("BLOCK_JOB_CANCELLED", "b", None),
+    assert blocks == [  # newest first, like QEMU's job transaction list
         ("BLOCK_JOB_COMPLETED", "c", "Input/output error"),
+        ("BLOCK_JOB_CANCELLED", "b", None),
+        ("BLOCK_JOB_CANCELLED", "a", None),
     ]
     assert a.hooks == ["run", "abort", "clean"]
     assert c.hooks == ["run", "abort", "clean"]
+
+
+async def test_group_cancel_of_waiting_job_aborts_newest_first() -> None:
+    """qemu-storage-daemon: cancel of a waiting g1 while g2 runs: g2 aborts fully, then g1."""
+    bus = make_bus()
+    rec = Recorder(bus)
+    g1 = FakeJob("g1", events=bus, units=1)
+    g2 = FakeJob("g2", events=bus, units=1, gate=asyncio.Queue())
+    JobGroup([g1, g2])
+    g1.start()
+    g2.start()
+    await until(lambda: g1.status is JobStatus.WAITING)
+    rec.events.clear()
+    g1.cancel()
+    await asyncio.wait_for(asyncio.gather(g1.wait(), g2.wait()), 10)
+    assert rec.seq() == [
+        ("status", "g2", "aborting"),
+        cancelled("g2", len_=100),
+        ("status", "g2", "concluded"),
+        ("status", "g2", "null"),
+        ("status", "g1", "aborting"),
+        cancelled("g1", len_=100, offset=100),
+        ("status", "g1", "concluded"),
+        ("status", "g1", "null"),
+    ]
 
 
 async def test_group_manual_finalize_of_one_finalizes_all() -> None:

@@ -12,6 +12,7 @@ zeroes, and writing into it extends the file.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
@@ -27,6 +28,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 MAX_EXTENTS = 1024  # per block_status call: the caller asks again for the rest
+THREADED_IO_MIN = 256 * 1024  # reads this big run in a thread: the loop keeps the socket busy meanwhile
 _HOLE = int(State.HOLE | State.ZERO)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -56,8 +58,14 @@ class RawFileDevice:
         self._fd = fd
         self._read_only = read_only
         self._is_block = is_block
-        self._size = round_up(self._file_size())
+        file_size = self._file_size()
+        self._size = round_up(file_size)
         self._seek_works = not is_block
+        # Block status must stay cheap: on tmpfs SEEK_HOLE walks every page up to the next hole.
+        # A file with no hole at all reports data without any syscall until a hole may appear
+        # (trim/zero), and the last data run found is remembered (writes never turn data into holes).
+        self._may_have_holes = self._seek_works and (file_size != self._size or self._find_hole(0) < file_size)
+        self._data_run = (0, 0)
 
     # --- opening -----------------------------------------------------------------------------------
 
@@ -91,6 +99,19 @@ class RawFileDevice:
         except BaseException:
             os.close(fd)
             raise
+
+    def _find_hole(self, pos: int) -> int:
+        try:
+            return os.lseek(self._fd, pos, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED and exc.errno != errno.ENXIO:
+                raise
+            self._seek_works = exc.errno == errno.ENXIO
+            return self._file_size()
+
+    def _holes_may_appear(self) -> None:
+        self._may_have_holes = self._seek_works
+        self._data_run = (0, 0)
 
     def _file_size(self) -> int:
         if self._is_block:
@@ -143,7 +164,10 @@ class RawFileDevice:
 
     async def pread(self, offset: int, length: int) -> bytes:
         self._check_read(offset, length)
-        data = os.pread(self._fd, length, offset)
+        if length >= THREADED_IO_MIN:
+            data = await asyncio.get_running_loop().run_in_executor(None, os.pread, self._fd, length, offset)
+        else:
+            data = os.pread(self._fd, length, offset)
         if len(data) < length:
             # Past the end of the file (the unaligned tail, or a file shrunk under us): zeroes.
             data = self._read_rest(data, offset, length)
@@ -182,6 +206,7 @@ class RawFileDevice:
         if length == 0:
             return
         fd = self._fd
+        self._holes_may_appear()
         done = False
         if may_trim:
             done = self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -223,6 +248,7 @@ class RawFileDevice:
         self._check_write(offset, length)
         if length:
             # Advisory: a file system that cannot punch holes simply keeps the data.
+            self._holes_may_appear()
             self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         if fua:
             os.fdatasync(self._fd)
@@ -239,14 +265,17 @@ class RawFileDevice:
         self._check_read(offset, length)
         if length == 0:
             return []
-        if not self._seek_works:
+        if not self._may_have_holes:
             return [Extent(length, 0)]
+        start, end = self._data_run
+        if start <= offset < end:
+            return [Extent(min(length, end - offset), 0)]
         try:
             return self._extents(offset, offset + length)
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise
-            self._seek_works = False  # a file system without SEEK_DATA: everything is data
+            self._seek_works = self._may_have_holes = False  # no SEEK_DATA here: everything is data
             return [Extent(length, 0)]
 
     def _extents(self, pos: int, end: int) -> list[Extent]:
@@ -263,7 +292,9 @@ class RawFileDevice:
                 run_end = min(data, end)
                 flags = _HOLE
             else:
-                run_end = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+                self._data_run = (pos, hole)
+                run_end = min(hole, end)
                 flags = 0
             if extents and extents[-1].flags == flags:
                 extents[-1] = Extent(extents[-1].length + run_end - pos, flags)

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -39,6 +39,7 @@ from nbd.server_core import (
     FLAG_NO_HOLE,
     FLAG_REQ_ONE,
     Closed,
+    Event,
     ExportEntry,
     Negotiated,
     Request,
@@ -48,7 +49,10 @@ from nbd.server_core import (
 log = logging.getLogger(__name__)
 
 SPARSE_READ_MIN = 64 * 1024  # reads at least this long ask the device for holes first
+RECEIVE_BUFFER = 256 * 1024  # the reused receive buffer (write payloads bypass it)
 MAX_IN_FLIGHT = 64  # requests per connection before reading pauses
+MAX_IN_FLIGHT_BYTES = 64 << 20  # ... or bytes of their lengths (bounded memory per connection)
+WRITE_HIGH_WATER = 4 << 20  # unsent reply bytes before request tasks wait for the socket
 MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one chunk
 _ZERO = int(State.ZERO)
 
@@ -223,8 +227,19 @@ class NbdServer:
                 await asyncio.wait(pending, timeout=1.0)
 
 
-class _Connection(asyncio.Protocol):
-    """One client: the core's bytes in and out, and a task per request."""
+class _Connection(asyncio.BufferedProtocol):
+    """One client: the core's bytes in and out, each request run as soon as it is complete.
+
+    Receiving: a ``BufferedProtocol``, so a write payload is received straight into its own buffer
+    (no copy through a chunk), and everything else into one reused buffer.
+
+    Running: a request's coroutine is started eagerly inside the receive callback; most device
+    verbs (page-cache I/O) finish without suspending, and then no task is created at all. One that
+    suspends is handed to a task that drives it on (``_resume``), so many requests can be in flight
+    and their replies go out in completion order.
+
+    Replying: replies produced inside one receive callback are batched into one ``writelines``.
+    """
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
@@ -235,7 +250,12 @@ class _Connection(asyncio.Protocol):
         self.core: ServerCore
         self.transport: asyncio.Transport
         self.peer = "?"
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references to suspended requests
+        self._in_flight = 0
+        self._in_flight_bytes = 0  # read and write lengths of the requests in flight
+        self._rbuf = memoryview(bytearray(RECEIVE_BUFFER))
+        self._into_payload = False
+        self._batch: list[bytes | bytearray | memoryview] | None = None
         self._reading_paused = False
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -264,6 +284,7 @@ class _Connection(asyncio.Protocol):
         if refuse:
             log.warning("refusing NBD client %s: %s", self.peer, refuse)
         self.core = ServerCore(server._lookup, server._list, max_options=server.max_options, refuse=refuse)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         transport.writelines(self.core.data_to_send())
         self._timer = self.loop.call_later(server.handshake_timeout, self._handshake_expired)
 
@@ -274,24 +295,44 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._wake_writers()
-        if not self._tasks and not self.closed.done():
+        if not self._in_flight and not self.closed.done():
             self.closed.set_result(None)
         log.debug("NBD client %s gone", self.peer)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self.core.payload_buffer()
+        if view is not None:
+            self._into_payload = True
+            return view
+        self._into_payload = False
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
         core = self.core
-        events = core.receive(data)
+        if self._into_payload:
+            events: list[Event] = core.payload_received(nbytes)
+        else:
+            events = core.receive(self._rbuf[:nbytes], reused=True)
         if core.has_output:
             self.transport.writelines(core.data_to_send())
-        for event in events:
-            if type(event) is Request:
-                self._start(event)
-            elif type(event) is Negotiated:
-                self._negotiated(event)
-            elif type(event) is Closed:
-                self._client_closed(event)
+        if not events:
+            return
+        batch: list[bytes | bytearray | memoryview] = []
+        self._batch = batch
+        try:
+            for event in events:
+                if type(event) is Request:
+                    self._start(event)
+                elif type(event) is Negotiated:
+                    self._negotiated(event)
+                elif type(event) is Closed:
+                    self._client_closed(event)
+        finally:
+            self._batch = None
+            if batch and not self.transport.is_closing():
+                self.transport.writelines(batch)
 
     def eof_received(self) -> bool | None:
         self.shutdown()
@@ -346,7 +387,11 @@ class _Connection(asyncio.Protocol):
         transport = getattr(self, "transport", None)
         if transport is None:
             return
-        if not self._tasks:
+        batch = self._batch
+        if batch:
+            transport.writelines(batch)  # replies of this receive callback go out before the close
+            batch.clear()
+        if not self._in_flight:
             transport.close()
 
     def abort(self) -> None:
@@ -358,18 +403,62 @@ class _Connection(asyncio.Protocol):
     # --- requests ----------------------------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
-        task = self.loop.create_task(self._handle(request))
+        self._in_flight += 1
+        self._in_flight_bytes += request.length
+        coro = self._handle(request)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return  # done without suspending: no task needed
+        if yielded is not None:
+            # Taken over now, as Task.__step does, so other coroutines may await the same future.
+            yielded._asyncio_future_blocking = False
+        task = self.loop.create_task(self._resume(coro, yielded))
         self._tasks.add(task)
-        if len(self._tasks) >= self.server.max_in_flight and not self._reading_paused:
+        task.add_done_callback(self._tasks.discard)
+        if not self._reading_paused and (
+            self._in_flight >= self.server.max_in_flight or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES
+        ):
             self._reading_paused = True
             self.transport.pause_reading()
 
+    @staticmethod
+    async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        """Drive a coroutine that suspended on ``yielded`` to completion (what a Task would do)."""
+        while True:
+            try:
+                if yielded is None:
+                    await asyncio.sleep(0)  # a bare yield
+                else:
+                    await yielded
+            except BaseException as exc:
+                if yielded is None or not yielded.done():
+                    try:
+                        yielded = coro.throw(exc)
+                    except StopIteration:
+                        return
+                    if yielded is not None:
+                        yielded._asyncio_future_blocking = False
+                    continue
+            try:
+                yielded = coro.send(None)  # the coroutine collects the future's result or exception
+            except StopIteration:
+                return
+            if yielded is not None:
+                yielded._asyncio_future_blocking = False
+
     def _send(self, data: bytes) -> None:
-        if not self.transport.is_closing():
+        batch = self._batch
+        if batch is not None:
+            batch.append(data)
+        elif not self.transport.is_closing():
             self.transport.write(data)
 
     def _sendv(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
-        if not self.transport.is_closing():
+        batch = self._batch
+        if batch is not None:
+            batch.extend(buffers)
+        elif not self.transport.is_closing():
             self.transport.writelines(buffers)
 
     async def _handle(self, request: Request) -> None:
@@ -380,10 +469,13 @@ class _Connection(asyncio.Protocol):
             if cmd == CMD_READ:
                 await self._read(request)
             elif cmd == CMD_WRITE:
-                assert request.payload is not None
-                await device.pwrite(request.offset, request.payload, fua=bool(request.flags & FLAG_FUA))
+                payload = request.payload
+                assert payload is not None
                 request.payload = None
+                await device.pwrite(request.offset, payload, fua=bool(request.flags & FLAG_FUA))
                 self._send(core.reply_ok(request.cookie))
+                if type(payload) is bytearray:
+                    core.recycle(payload)
             elif cmd == CMD_FLUSH:
                 await device.flush()
                 self._send(core.reply_ok(request.cookie))
@@ -417,14 +509,20 @@ class _Connection(asyncio.Protocol):
             log.exception("NBD client %s: %r failed", self.peer, request)
             self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}"))
         finally:
-            self._done()
+            self._done(request.length)
 
-    def _done(self) -> None:
-        self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
-        if self._reading_paused and len(self._tasks) <= self.server.max_in_flight // 2 and not self._closing:
+    def _done(self, length: int) -> None:
+        self._in_flight -= 1
+        self._in_flight_bytes -= length
+        if (
+            self._reading_paused
+            and self._in_flight <= self.server.max_in_flight // 2
+            and self._in_flight_bytes <= MAX_IN_FLIGHT_BYTES // 2
+            and not self._closing
+        ):
             self._reading_paused = False
             self.transport.resume_reading()
-        if not self._tasks and self._closing:
+        if not self._in_flight and self._closing:
             if self._lost:
                 if not self.closed.done():
                     self.closed.set_result(None)

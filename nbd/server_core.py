@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ SIMPLE_MAGIC = c.SIMPLE_REPLY_MAGIC
 STRUCTURED_MAGIC = c.STRUCTURED_REPLY_MAGIC
 DONE = int(ReplyFlag.DONE)
 
+SPARE_MIN = 64 * 1024  # write payload buffers at least this big are reused
+SPARE_MAX = 8
+SPARE_BYTES = 16 << 20
 META_CONTEXT_ID = 1  # the id of base:allocation once selected (any non-zero value would do)
 
 CMD_READ = int(Cmd.READ)
@@ -238,6 +242,7 @@ class ServerCore:
         self._read_only = True
         self._max_payload = c.MAX_PAYLOAD
         self._payload: bytearray | None = None
+        self._spares: list[bytearray] = []
         self._payload_have = 0
         self._pending_write: Request | None = None
         self._discard_then: tuple[int, int, int] | None = None  # (cmd, cookie, error) of a refused write
@@ -256,8 +261,11 @@ class ServerCore:
     def has_output(self) -> bool:
         return bool(self._out)
 
-    def receive(self, data: bytes) -> list[Event]:
-        """Consume bytes from the client; return the events they complete, in order."""
+    def receive(self, data: bytes | bytearray | memoryview, *, reused: bool = False) -> list[Event]:
+        """Consume bytes from the client; return the events they complete, in order.
+
+        ``reused`` says ``data`` is a receive buffer the caller will overwrite: whatever the core keeps
+        (a write payload) is then copied out of it instead of referenced."""
         events: list[Event] = []
         n = len(data)
         pos = 0
@@ -276,7 +284,7 @@ class ServerCore:
             if phase is Phase.WRITE_PAYLOAD:
                 if view is None:
                     view = memoryview(data)
-                pos = self._take_payload(events, data, view, pos, n)
+                pos = self._take_payload(events, view, pos, n, reused)
                 continue
             if phase is Phase.PAYLOAD_DISCARD or phase is Phase.OPTION_DISCARD:
                 take = min(n - pos, self._want)
@@ -294,7 +302,7 @@ class ServerCore:
                 break
             if self._record:
                 self._record += data[pos : pos + need]
-                record: bytes | bytearray = self._record
+                record: bytes | bytearray | memoryview = self._record
                 self._record = bytearray()
             else:
                 record = data[pos : pos + need]
@@ -302,7 +310,48 @@ class ServerCore:
             self._dispatch_record(events, record)
         return events
 
-    def _dispatch_record(self, events: list[Event], record: bytes | bytearray) -> None:
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of the current write payload should be received to (no copy), or None
+        when no payload is being collected. Follow with ``payload_received``."""
+        if self.phase is not Phase.WRITE_PAYLOAD:
+            return None
+        if self._payload is None:
+            self._payload = self._new_payload(self._want)
+            self._payload_have = 0
+        return memoryview(self._payload)[self._payload_have :]
+
+    def _new_payload(self, size: int) -> bytearray:
+        spares = self._spares
+        for i in range(len(spares)):
+            spare = spares[i]
+            # Reused only when nothing else references it any more (the list, ``spare`` and
+            # getrefcount's own argument are the three references expected).
+            if len(spare) == size and sys.getrefcount(spare) == 3:
+                del spares[i]
+                return spare
+        return bytearray(size)
+
+    def recycle(self, payload: bytearray) -> None:
+        """Offer a finished write payload for reuse: the next write of the same size is received into
+        it instead of a fresh (zero-filled) allocation — once nothing else references it."""
+        if len(payload) < SPARE_MIN:
+            return
+        spares = self._spares
+        if len(spares) >= SPARE_MAX or sum(map(len, spares)) + len(payload) > SPARE_BYTES:
+            del spares[0]
+        spares.append(payload)
+
+    def payload_received(self, nbytes: int) -> list[Event]:
+        """``nbytes`` arrived in the buffer ``payload_buffer`` returned."""
+        events: list[Event] = []
+        self._payload_have += nbytes
+        if self._payload is not None and self._payload_have >= self._want:
+            payload = self._payload
+            self._payload = None
+            self._finish_write(events, payload)
+        return events
+
+    def _dispatch_record(self, events: list[Event], record: bytes | bytearray | memoryview) -> None:
         phase = self.phase
         if phase is Phase.REQUEST_HEADER:
             magic, flags, cmd, cookie, offset, length = _REQUEST.unpack(record)
@@ -325,7 +374,7 @@ class ServerCore:
 
     # --- handshake ---------------------------------------------------------------------------------
 
-    def _client_flags(self, events: list[Event], record: bytes | bytearray) -> None:
+    def _client_flags(self, events: list[Event], record: bytes | bytearray | memoryview) -> None:
         (flags,) = _U32.unpack(record)
         if flags & ~_KNOWN_CLIENT_FLAGS:
             self._close(events, f"unknown client flags {flags:#x}", error=True)
@@ -337,7 +386,7 @@ class ServerCore:
         self._goto(Input.FLAGS)
         self._want = 16
 
-    def _option_header(self, events: list[Event], record: bytes | bytearray) -> None:
+    def _option_header(self, events: list[Event], record: bytes | bytearray | memoryview) -> None:
         magic, option, length = _OPTION_HEADER.unpack(record)
         if magic != c.IHAVEOPT:
             self._close(events, f"bad option magic {magic:#x}", error=True)
@@ -616,15 +665,15 @@ class ServerCore:
             return 0
         return Errno.EINVAL  # unknown command
 
-    def _take_payload(self, events: list[Event], data: bytes, view: memoryview, pos: int, n: int) -> int:
+    def _take_payload(self, events: list[Event], view: memoryview, pos: int, n: int, reused: bool) -> int:
         want = self._want
         avail = n - pos
         if self._payload is None:
             if avail >= want:
-                payload: bytes | bytearray | memoryview = view[pos : pos + want]
-                self._finish_write(events, payload)
+                # The whole payload is in this chunk: reference it (or copy it out of a reused buffer).
+                self._finish_write(events, bytes(view[pos : pos + want]) if reused else view[pos : pos + want])
                 return pos + want
-            self._payload = bytearray(want)
+            self._payload = self._new_payload(want)
             self._payload_have = 0
         take = min(avail, want - self._payload_have)
         have = self._payload_have

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Benchmark our NBD server against qemu-nbd, nbdkit (file plugin) and nbd-server, in one run.
+
+Every server exports the same file on tmpfs (1 GiB by default, filled with non-zero data so nobody
+gets to answer with holes); fio's nbd engine drives each over TCP on 127.0.0.1 with four workloads:
+sequential read and write with 1 MiB blocks at queue depth 8, random read and write with 4 KiB blocks
+at queue depth 16. Prints MiB/s, IOPS, p50/p99 completion latency and the ratio ours ÷ each peer.
+
+    .venv/bin/python bench/bench_server.py                 # everything (about 5 minutes)
+    .venv/bin/python bench/bench_server.py --runtime 3 --servers ours,qemu-nbd --workloads randread
+    NBD_BACKUP_LOOP=asyncio .venv/bin/python bench/bench_server.py   # our server on the stdlib loop
+
+Not part of the test suite: numbers depend on the machine and on whoever else is using it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT = "disk"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+
+
+WORKLOADS = [
+    Workload("seqread", "read", "1M", 8),
+    Workload("seqwrite", "write", "1M", 8),
+    Workload("randread", "randread", "4k", 16),
+    Workload("randwrite", "randwrite", "4k", 16),
+]
+
+
+@dataclass
+class Result:
+    mib_s: float
+    iops: float
+    p50_us: float
+    p99_us: float
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def start_ours(image: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "server.cli", "serve", "--nbd", f"127.0.0.1:{port}", "--export", f"{EXPORT}={image}"]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_qemu_nbd(image: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    argv = ["qemu-nbd", "-f", "raw", "-x", EXPORT, "-b", "127.0.0.1", "-p", str(port), "-e", "16", "-t"]
+    return subprocess.Popen([*argv, str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_nbdkit(image: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-e", EXPORT, "file", f"file={image}"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_nbd_server(image: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    config = workdir / "nbd-server.conf"
+    config.write_text(
+        f"[generic]\n    listenaddr = 127.0.0.1\n    port = {port}\n    allowlist = true\n"
+        f"[{EXPORT}]\n    exportname = {image}\n"
+    )
+    argv = ["nbd-server", "-C", str(config), "-d"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+SERVERS: dict[str, tuple[str | None, Callable[[Path, int, Path], subprocess.Popen[bytes]]]] = {
+    "ours": (None, start_ours),
+    "qemu-nbd": ("qemu-nbd", start_qemu_nbd),
+    "nbdkit": ("nbdkit", start_nbdkit),
+    "nbd-server": ("nbd-server", start_nbd_server),
+}
+
+
+@contextlib.contextmanager
+def running(name: str, image: Path, workdir: Path) -> Iterator[int]:
+    port = free_port()
+    proc = SERVERS[name][1](image, port, workdir)
+    try:
+        wait_port(port, proc)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_fio(port: int, workload: Workload, size: int, runtime: float) -> Result:
+    argv = [
+        "fio",
+        "--name=bench",
+        "--ioengine=nbd",
+        f"--uri=nbd://127.0.0.1:{port}/{EXPORT}",
+        f"--rw={workload.rw}",
+        f"--bs={workload.bs}",
+        f"--iodepth={workload.iodepth}",
+        f"--size={size}",
+        "--time_based",
+        f"--runtime={runtime}",
+        "--ramp_time=1",
+        "--randrepeat=0",
+        "--norandommap",
+        "--output-format=json",
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio failed: {proc.stderr.strip()}")
+    job = json.loads(proc.stdout[proc.stdout.index("{") :])["jobs"][0]
+    side = job["read"] if "read" in workload.rw else job["write"]
+    percentiles = side["clat_ns"].get("percentile", {})
+    return Result(
+        mib_s=side["bw_bytes"] / (1 << 20),
+        iops=side["iops"],
+        p50_us=percentiles.get("50.000000", 0) / 1000,
+        p99_us=percentiles.get("99.000000", 0) / 1000,
+    )
+
+
+def make_image(path: Path, size: int) -> None:
+    """Non-zero data everywhere: no server may answer a read with a hole."""
+    block = bytes((i * 7 + 1) & 0xFF or 1 for i in range(1 << 20))
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(block)
+
+
+def table(results: dict[str, dict[str, Result]], servers: list[str], workloads: list[Workload]) -> str:
+    lines = []
+    header = f"{'workload':<10} {'server':<11} {'MiB/s':>9} {'IOPS':>9} {'p50 µs':>9} {'p99 µs':>9}   ours ÷ this"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for workload in workloads:
+        row = results.get(workload.name, {})
+        ours = row.get("ours")
+        for server in servers:
+            r = row.get(server)
+            if r is None:
+                lines.append(f"{workload.name:<10} {server:<11} {'(failed)':>9}")
+                continue
+            ratio = "" if server == "ours" or ours is None or r.iops == 0 else f"{ours.iops / r.iops:.2f}x"
+            numbers = f"{r.mib_s:9.1f} {r.iops:9.0f} {r.p50_us:9.1f} {r.p99_us:9.1f}"
+            lines.append(f"{workload.name:<10} {server:<11} {numbers}   {ratio}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--runtime", type=float, default=5, help="seconds per workload, server and round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds over all servers (the order rotates each round); the best round of each is reported, "
+        "since on a shared machine other processes only ever make a run slower",
+    )
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
+    parser.add_argument("--dir", default="/dev/shm", help="where the image lives (tmpfs)")
+    args = parser.parse_args()
+    servers = [s for s in args.servers.split(",") if s]
+    workloads = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
+    missing = [s for s in servers if SERVERS[s][0] and shutil.which(SERVERS[s][0] or "") is None]
+    if shutil.which("fio") is None or missing:
+        print(f"missing: {', '.join(missing or ['fio'])}", file=sys.stderr)
+        return 2
+    size = args.size_mib << 20
+    results: dict[str, dict[str, Result]] = {}
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="nbd-bench-") as tmp:
+        workdir = Path(tmp)
+        image = workdir / "bench.img"
+        make_image(image, size)
+        for round_ in range(args.rounds):
+            order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
+            for server in order:
+                with running(server, image, workdir) as port:
+                    for workload in workloads:
+                        try:
+                            result = run_fio(port, workload, size, args.runtime)
+                        except RuntimeError as exc:
+                            print(f"{server} {workload.name}: {exc}", file=sys.stderr)
+                            continue
+                        best = results.setdefault(workload.name, {})
+                        if server not in best or result.iops > best[server].iops:
+                            best[server] = result
+                        print(
+                            f"  round {round_ + 1}: {server:<11} {workload.name:<10} {result.iops:9.0f} IOPS",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+    loop = os.environ.get("NBD_BACKUP_LOOP") or "uvloop (default)"
+    print(
+        f"\nfio nbd engine over TCP 127.0.0.1, {args.size_mib} MiB image on {args.dir}, "
+        f"{args.runtime:g} s per run, best of {args.rounds} round(s)"
+    )
+    print(f"ours: nbd-backup serve, event loop {loop}\n")
+    print(table(results, servers, workloads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -300,6 +300,11 @@ class Union(ObjectType):
             raise ValueError(f"union {name}: discriminator {discriminator!r} must be a required base member")
         self.variants = {key: (v.members if isinstance(v, Struct) else _members(v)) for key, v in variants.items()}
 
+    def set_variant(self, value: str, members: Mapping[str, Any] | Struct) -> None:
+        """Add or replace a branch after construction: how recursive types (``BlockdevOptions`` whose
+        ``file`` is a ``BlockdevRef`` holding ``BlockdevOptions``) are tied."""
+        self.variants[value] = members.members if isinstance(members, Struct) else _members(members)
+
     def check_members(self, value: dict[str, Any], path: Path, out: dict[str, Any]) -> None:
         self.visit(self.base, value, path, out)
         self.visit(self.variants.get(out[self.discriminator], ()), value, path, out)

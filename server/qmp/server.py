@@ -264,6 +264,9 @@ class _Session:
         while not self._closed:
             data = await self.reader.read(READ_CHUNK)
             if not data:
+                # The client half-closed (``socat`` does after its last request): let the replies out.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.flush(), STOP_FLUSH_TIMEOUT)
                 return
             for message in self.parser.feed(data):
                 reply = await self.handle(message)
@@ -278,7 +281,7 @@ class _Session:
             return
         if self._out_bytes + len(line) > self.server.max_pending_output:
             log.warning("QMP client %s does not read its output; disconnecting it", self.peer)
-            self.close()
+            self.close(abort=True)
             return
         self._out_bytes += len(line)
         self._out.put_nowait(line)
@@ -305,13 +308,16 @@ class _Session:
         if not self._closed:
             await self._out.join()
 
-    def close(self) -> None:
-        if self._closed and self.writer.is_closing():
-            return
+    def close(self, *, abort: bool = False) -> None:
+        """Close the connection; unsent output is discarded (a plain close would wait for a client
+        that may never read it)."""
         self._closed = True
         if self._writer_task is not None:
             self._writer_task.cancel()
-        self.writer.close()
+        if abort or self.writer.transport.get_write_buffer_size():
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
 
     async def wait_closed(self) -> None:
         if self._writer_task is not None:

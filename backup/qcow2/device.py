@@ -670,68 +670,91 @@ class Qcow2Device:
         }
 
     async def _write(self, offset: int, mv: memoryview, blobs: dict[int, bytes] | None = None) -> None:
+        """Write through the L2 tables, one table at a time.
+
+        Ordering keeps readers and failures safe: data reaches the file first, then the L2 entries
+        change (no await in between), and only then are the replaced clusters released. A failure
+        part-way leaks fresh clusters at worst; it never leaves an entry pointing at a freed one.
+        """
         if not len(mv):
             return
         refs = self._begin_write()
+        cb = self._cb
+        pos, end = offset, offset + len(mv)
+        while pos < end:
+            l1i = (pos >> cb) >> self._l2_bits
+            toff, table = self._l2_for_write(refs, l1i)
+            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
+            await self._write_table(refs, table, pos, table_end, mv[pos - offset : table_end - offset], blobs)
+            self._l2.mark_dirty(toff, table)
+            pos = table_end
+
+    async def _write_table(
+        self,
+        refs: Refcounts,
+        table: bytearray,
+        offset: int,
+        end: int,
+        mv: memoryview,
+        blobs: dict[int, bytes] | None,
+    ) -> None:
         cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
         writer = _Writer(self._fd)
-        pos, end = offset, offset + len(mv)
-        try:
-            while pos < end:
-                vc = pos >> cb
-                l1i = vc >> self._l2_bits
-                toff, table = self._l2_for_write(refs, l1i)
-                i = vc & self._l2_mask
-                table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
-                fresh: list[tuple[int, memoryview | bytearray]] = []  # (L2 index, cluster data) to allocate
-                while pos < table_end:
-                    in_off = pos & (cs - 1)
-                    n = min(cs - in_off, table_end - pos)
-                    src = mv[pos - offset : pos - offset + n]
-                    entry = _U64.unpack_from(table, i * 8)[0]
-                    host = entry & q.L2E_OFFSET_MASK
-                    if entry & q.OFLAG_COPIED and host and not entry & q.OFLAG_COMPRESSED:
-                        self._check_host(refs, host)
-                        if not entry & zero_flag:
-                            writer.add(host + in_off, src)
-                        else:  # preallocated zero cluster: becomes data
-                            if n == cs:
-                                writer.add(host, src)
-                            else:
-                                buf = bytearray(cs)
-                                buf[in_off : in_off + n] = src
-                                writer.add(host, buf)
-                            _U64.pack_into(table, i * 8, host | q.OFLAG_COPIED)
+        updates: list[tuple[int, int]] = []  # (L2 index, new entry) once the data is written
+        released: list[int] = []  # old entries whose clusters to release after the update
+        fresh: list[tuple[int, memoryview | bytearray]] = []  # (L2 index, cluster data) to allocate
+        pos = offset
+        i = (pos >> cb) & self._l2_mask
+        while pos < end:
+            in_off = pos & (cs - 1)
+            n = min(cs - in_off, end - pos)
+            src = mv[pos - offset : pos - offset + n]
+            entry = _U64.unpack_from(table, i * 8)[0]
+            host = entry & q.L2E_OFFSET_MASK
+            if entry & q.OFLAG_COPIED and host and not entry & q.OFLAG_COMPRESSED:
+                self._check_host(refs, host)
+                if not entry & zero_flag:
+                    writer.add(host + in_off, src)
+                else:  # preallocated zero cluster: becomes data
+                    if n == cs:
+                        writer.add(host, src)
                     else:
-                        if n == cs:
-                            cluster: memoryview | bytearray = src
-                        else:
-                            cluster = await self._old_content(entry, pos - in_off)
-                            cluster[in_off : in_off + n] = src
-                        self._release(refs, entry)
-                        stored = False
-                        if self.compress:
-                            blob = blobs.get(pos >> cb) if blobs is not None and n == cs else None
-                            if blob is None:
-                                blob = self._compress(cluster)
-                            if len(blob) < cs:
-                                at = self._alloc_bytes(refs, len(blob))
-                                writer.add(at, blob)
-                                _U64.pack_into(table, i * 8, q.encode_compressed(at, len(blob), cb))
-                                stored = True
-                        if not stored:
-                            fresh.append((i, cluster))
-                    pos += n
-                    i += 1
-                if fresh:
-                    start = refs.alloc(len(fresh), from_end=len(fresh) > 1)
-                    for k, (index, cluster) in enumerate(fresh):
-                        host = (start + k) << cb
-                        writer.add(host, cluster)
-                        _U64.pack_into(table, index * 8, host | q.OFLAG_COPIED)
-                self._l2.mark_dirty(toff, table)
-        finally:
-            writer.finish()
+                        buf = bytearray(cs)
+                        buf[in_off : in_off + n] = src
+                        writer.add(host, buf)
+                    updates.append((i, host | q.OFLAG_COPIED))
+            else:
+                if n == cs:
+                    cluster: memoryview | bytearray = src
+                else:
+                    cluster = await self._old_content(entry, pos - in_off)
+                    cluster[in_off : in_off + n] = src
+                released.append(entry)
+                stored = False
+                if self.compress:
+                    blob = blobs.get(pos >> cb) if blobs is not None and n == cs else None
+                    if blob is None:
+                        blob = self._compress(cluster)
+                    if len(blob) < cs:
+                        at = self._alloc_bytes(refs, len(blob))
+                        writer.add(at, blob)
+                        updates.append((i, q.encode_compressed(at, len(blob), cb)))
+                        stored = True
+                if not stored:
+                    fresh.append((i, cluster))
+            pos += n
+            i += 1
+        if fresh:
+            start = refs.alloc(len(fresh), from_end=len(fresh) > 1)
+            for k, (index, cluster) in enumerate(fresh):
+                host = (start + k) << cb
+                writer.add(host, cluster)
+                updates.append((index, host | q.OFLAG_COPIED))
+        writer.finish()
+        for index, new in updates:
+            _U64.pack_into(table, index * 8, new)
+        for entry in released:
+            self._release(refs, entry)
 
     def _split(self, offset: int, length: int) -> tuple[list[tuple[int, int]], int, int]:
         """Partial head/tail pieces and the whole-cluster span; the image's last cluster counts as

@@ -23,10 +23,11 @@ import pytest
 from conftest import require
 from qsd import QmpAsync, Qsd, nbdkit_unix
 
-from backup.errors import BackupError
+from backup.errors import BackupError, JobStateError, NodeNotFound
 from backup.events import Event, EventBus
 from backup.job import Job
 from backup.policy import ErrorAction, OnError
+from backup.transaction import AbortAction, CompletionMode, Transaction, TransactionAction, run_transaction
 from nbd.device import BlockDevice
 
 SIZE = 4 << 20
@@ -66,6 +67,38 @@ class CopyJob(Job):
         await self.target.flush()
 
 
+class BackupAction:
+    """Our blockdev-backup transaction action, shaped as QEMU's (see backup/transaction.py)."""
+
+    def __init__(self, side: OurSide, txn: Transaction, spec: Json) -> None:
+        self.side = side
+        self.txn = txn
+        self.spec = spec
+        self.job: CopyJob | None = None
+
+    async def prepare(self) -> None:
+        device = await self.side.open_target(self.spec.get("target", "file"))
+        opts = {k: v for k, v in self.spec.items() if k not in ("backup", "target")}
+        self.job = self.side.make_job(self.spec["backup"], device, opts)
+        self.txn.add_job(self.job)
+        self.job.pause_internal()  # the drained section of the action
+
+    def commit(self) -> None:
+        assert self.job is not None
+        self.job.start()
+
+    async def abort(self) -> None:
+        if self.job is None:
+            return
+        with contextlib.suppress(JobStateError):  # its group may have aborted it already
+            self.job.cancel(force=True)
+        await self.job.wait()
+
+    async def clean(self) -> None:
+        if self.job is not None and self.job.started:
+            self.job.resume_internal()
+
+
 class Side(ABC):
     """One daemon under test, seen the way a QMP client sees it."""
 
@@ -73,6 +106,10 @@ class Side(ABC):
         self.workdir = workdir
         self.source = source
         self.fault = workdir / "fault"
+        # a second disk: a transaction of backups of *different* disks (QEMU resumes jobs of one
+        # shared drained node in its own order)
+        self.source2 = workdir / "src2.img"
+        self.source2.write_bytes(source.read_bytes()[::-1])
         self.stack = contextlib.AsyncExitStack()
         # peers (nbdkit) stop after the daemon that is their client: nbdkit waits for its clients
         self.peers = contextlib.ExitStack()
@@ -93,6 +130,10 @@ class Side(ABC):
 
     @abstractmethod
     async def _backup(self, job_id: str, target: str, /, **opts: Any) -> str | None: ...
+
+    @abstractmethod
+    async def transaction(self, actions: list[Json], *, grouped: bool = False) -> str | None:
+        """Run a transaction of ``{"backup": ID, "target": T, **opts}`` / ``{"abort": True}`` actions."""
 
     @abstractmethod
     async def verb(self, command: str, **args: Any) -> str | None:
@@ -138,9 +179,12 @@ class QemuSide(Side):
         self.qmp: QmpAsync = await qsd.connect_async()
         self.stack.push_async_callback(self.qmp.close)
         await self.qmp.ok("blockdev-add", driver="file", filename=str(self.source), **{"node-name": "src"})
+        await self.qmp.ok("blockdev-add", driver="file", filename=str(self.source2), **{"node-name": "src2"})
         return self
 
-    async def _backup(self, job_id: str, target: str, /, **opts: Any) -> str | None:
+    async def _add_target(self, target: str) -> str:
+        if target == "nope":
+            return target  # a node that does not exist
         node = f"t{next(self.targets)}"
         if target == "file":
             path = self.workdir / f"{node}.img"
@@ -151,9 +195,30 @@ class QemuSide(Side):
             sock = self.peers.enter_context(nbdkit_unix(self.workdir, node, *self.nbd_target_args(target[4:])))
             server = {"type": "unix", "path": str(sock)}
             await self.qmp.ok("blockdev-add", driver="nbd", server=server, **{"node-name": node})
+        return node
+
+    async def _backup(self, job_id: str, target: str, /, **opts: Any) -> str | None:
+        node = await self._add_target(target)
         reply = await self.qmp.execute(
             "blockdev-backup", device="src", target=node, sync="full", **{"job-id": job_id}, **opts
         )
+        return reply["error"]["desc"] if "error" in reply else None
+
+    async def transaction(self, actions: list[Json], *, grouped: bool = False) -> str | None:
+        wire: list[Json] = []
+        for spec in actions:
+            if spec.get("abort"):
+                wire.append({"type": "abort", "data": {}})
+                continue
+            opts = {k: v for k, v in spec.items() if k not in ("backup", "target", "device")}
+            node = await self._add_target(spec.get("target", "file"))
+            device = spec.get("device", "src")
+            data = {"device": device, "target": node, "sync": "full", "job-id": spec["backup"], **opts}
+            wire.append({"type": "blockdev-backup", "data": data})
+        args: Json = {"actions": wire}
+        if grouped:
+            args["properties"] = {"completion-mode": "grouped"}
+        reply = await self.qmp.execute("transaction", args)
         return reply["error"]["desc"] if "error" in reply else None
 
     async def verb(self, command: str, **args: Any) -> str | None:
@@ -183,6 +248,8 @@ class OurSide(Side):
         self.jobs: dict[str, Job] = {}
         self.src = await RawFileDevice.open(self.source, read_only=True)
         self.stack.push_async_callback(self.src.close)
+        self.src2 = await RawFileDevice.open(self.source2, read_only=True)
+        self.stack.push_async_callback(self.src2.close)
         return self
 
     def _on_event(self, event: Event) -> None:
@@ -193,10 +260,12 @@ class OurSide(Side):
         self.arrived.set()
         self.arrived = asyncio.Event()
 
-    async def _backup(self, job_id: str, target: str, /, **opts: Any) -> str | None:
+    async def open_target(self, target: str) -> BlockDevice:
         from backup.rawfile import RawFileDevice
         from nbd.client import NbdClient
 
+        if target == "nope":
+            raise NodeNotFound(f"Cannot find device='{target}' nor node-name='{target}'")
         node = f"t{next(self.targets)}"
         device: BlockDevice
         if target == "file":
@@ -205,24 +274,37 @@ class OurSide(Side):
             sock = self.peers.enter_context(nbdkit_unix(self.workdir, node, *self.nbd_target_args(target[4:])))
             device = await NbdClient.connect(f"nbd+unix:///?socket={sock}", connections=1)
         self.stack.push_async_callback(device.close)
+        return device
+
+    def make_job(self, job_id: str, device: BlockDevice, opts: Json) -> CopyJob:
+        if job_id in self.jobs:
+            raise BackupError(f"Job ID '{job_id}' already in use")
+        job = CopyJob(
+            job_id,
+            self.src2 if opts.get("device") == "src2" else self.src,
+            device,
+            events=self.bus,
+            on_target_error=opts.get("on-target-error", "report"),
+            speed=opts.get("speed", 0),
+            auto_finalize=opts.get("auto-finalize", True),
+            auto_dismiss=opts.get("auto-dismiss", True),
+        )
+        self.jobs[job_id] = job
+        return job
+
+    async def _backup(self, job_id: str, target: str, /, **opts: Any) -> str | None:
+        # blockdev-backup is a transaction of one action
+        return await self.transaction([{"backup": job_id, "target": target, **opts}])
+
+    async def transaction(self, actions: list[Json], *, grouped: bool = False) -> str | None:
+        txn = Transaction(CompletionMode.GROUPED if grouped else CompletionMode.INDIVIDUAL)
+        steps: list[TransactionAction] = [
+            AbortAction() if spec.get("abort") else BackupAction(self, txn, spec) for spec in actions
+        ]
         try:
-            job = CopyJob(
-                job_id,
-                self.src,
-                device,
-                events=self.bus,
-                on_target_error=opts.get("on-target-error", "report"),
-                speed=opts.get("speed", 0),
-                auto_finalize=opts.get("auto-finalize", True),
-                auto_dismiss=opts.get("auto-dismiss", True),
-            )
+            await run_transaction(steps)
         except BackupError as exc:
             return str(exc)
-        self.jobs[job_id] = job
-        # blockdev-backup starts the job inside its drained section: QEMU's job parks at once
-        job.pause_internal()
-        job.start()
-        job.resume_internal()
         return None
 
     async def verb(self, command: str, **args: Any) -> str | None:
@@ -358,6 +440,78 @@ def error_scenario(policy: str, err: str) -> Scenario:
     return scenario
 
 
+def all_events(side: Side, *, drop: tuple[str, ...] = ("offset",)) -> list[tuple[Any, ...]]:
+    """Every event in order, status changes as ("status", id, S), others without ``drop`` fields."""
+    out: list[tuple[Any, ...]] = []
+    for name, data in side.events():
+        if name == "JOB_STATUS_CHANGE":
+            out.append(("status", data["id"], data["status"]))
+        else:
+            out.append((name, {k: v for k, v in data.items() if k not in drop}))
+    return out
+
+
+async def scenario_txn_abort(side: Side) -> list[Any]:
+    error = await side.transaction([{"backup": "t1"}, {"backup": "t2", "device": "src2"}, {"abort": True}])
+    await side.wait_status("t1", "null")
+    return [error, await side.query("query-jobs"), all_events(side)]
+
+
+async def scenario_txn_failing_second_action(side: Side) -> list[Any]:
+    error = await side.transaction([{"backup": "x1"}, {"backup": "x2", "device": "src2", "target": "nope"}])
+    await side.wait_status("x1", "null")
+    dup = await side.transaction([{"backup": "y1"}, {"backup": "y1", "device": "src2"}])
+    await side.wait_status("y1", "null")
+    return [error, dup, await side.query("query-jobs"), all_events(side)]
+
+
+async def scenario_txn_individual(side: Side) -> list[Any]:
+    error = await side.transaction([{"backup": "t1"}, {"backup": "t2", "device": "src2"}])
+    await side.wait_status("t1", "null")
+    await side.wait_status("t2", "null")
+    events = all_events(side)
+    return [error, events[:8], side.job_events("t1"), side.job_events("t2")]
+
+
+SLOW = 256 << 10  # g1 sleeps for seconds after its first chunk; set-speed 0 wakes it
+
+
+async def scenario_txn_grouped_complete_together(side: Side) -> list[Any]:
+    error = await side.transaction([{"backup": "g1", "speed": SLOW}, {"backup": "g2", "device": "src2"}], grouped=True)
+    await side.wait_status("g2", "waiting")
+    obs = [error, await side.verb("block-job-set-speed", device="g1", speed=0)]
+    await side.wait_status("g1", "null")
+    return [*obs, all_events(side)]
+
+
+async def scenario_txn_grouped_manual_finalize(side: Side) -> list[Any]:
+    actions: list[Json] = [{"backup": "g1", "speed": SLOW, "auto-finalize": False}, {"backup": "g2", "device": "src2"}]
+    error = await side.transaction(actions, grouped=True)
+    await side.wait_status("g2", "waiting")
+    obs = [error, await side.verb("block-job-set-speed", device="g1", speed=0)]
+    await side.wait("BLOCK_JOB_PENDING", lambda d: d["id"] == "g1")
+    obs.append(await side.verb("job-finalize", id="g2"))
+    await side.wait_status("g1", "null")
+    return [*obs, all_events(side)]
+
+
+async def scenario_txn_grouped_one_fails(side: Side) -> list[Any]:
+    side.fault.touch()
+    error = await side.transaction(
+        [{"backup": "g1", "speed": SLOW}, {"backup": "g2", "device": "src2", "target": "nbd:EIO"}], grouped=True
+    )
+    await side.wait_status("g1", "null")
+    return [error, all_events(side)]
+
+
+async def scenario_txn_grouped_cancel_waiting(side: Side) -> list[Any]:
+    error = await side.transaction([{"backup": "g1"}, {"backup": "g2", "device": "src2", "speed": SLOW}], grouped=True)
+    await side.wait_status("g1", "waiting")
+    obs = [error, await side.verb("job-cancel", id="g1")]
+    await side.wait_status("g1", "null")
+    return [*obs, all_events(side)]
+
+
 SCENARIOS: dict[str, Scenario] = {
     "success": scenario_success,
     "manual-finalize-dismiss": scenario_manual_finalize_dismiss,
@@ -370,6 +524,13 @@ SCENARIOS: dict[str, Scenario] = {
     "enospc-EIO": error_scenario("enospc", "EIO"),
     "auto-ENOSPC": error_scenario("auto", "ENOSPC"),
     "ignore-EIO": error_scenario("ignore", "EIO"),
+    "txn-abort": scenario_txn_abort,
+    "txn-failing-second-action": scenario_txn_failing_second_action,
+    "txn-individual": scenario_txn_individual,
+    "txn-grouped-complete-together": scenario_txn_grouped_complete_together,
+    "txn-grouped-manual-finalize": scenario_txn_grouped_manual_finalize,
+    "txn-grouped-one-fails": scenario_txn_grouped_one_fails,
+    "txn-grouped-cancel-waiting": scenario_txn_grouped_cancel_waiting,
 }
 
 

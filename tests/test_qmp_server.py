@@ -9,7 +9,7 @@ import os
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -314,7 +314,7 @@ async def test_client_that_never_reads_is_dropped(server: QmpServer, client: Cli
     lazy = await connect(tmp_path / "qmp.sock")
     await lazy.recv()
     await lazy.negotiate()
-    lazy.writer.transport.pause_reading()
+    cast(asyncio.Transport, lazy.writer.transport).pause_reading()
     payload = {"blob": "y" * 4096}
     # ~8 MiB of events against a 1 MiB budget (+ socket buffers), in batches the good client keeps up with.
     for _ in range(40):

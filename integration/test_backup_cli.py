@@ -1,0 +1,129 @@
+"""``nbd-backup backup`` end to end against a running daemon: a live backup to a file and to an NBD
+target, progress lines, and the exit status when the backup cannot start, fails, or is cancelled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from conftest import require
+from qmp_daemon import OurDaemon, make_image, nbd_backup_argv, our_daemon
+from qsd import nbdkit_unix
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 4 << 20
+
+
+def backup(daemon: OurDaemon, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        nbd_backup_argv("backup", "--qmp", f"unix:{daemon.qmp_path}", *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def add_disk(daemon: OurDaemon, image: Path, name: str = "disk0") -> None:
+    with daemon.connect() as q:
+        q.ok("blockdev-add", driver="file", filename=str(image), **{"node-name": name})
+
+
+def test_backup_to_file_with_progress_fd(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw", SIZE)
+    progress = tmp_path / "progress.txt"
+    with our_daemon(tmp_path / "run") as daemon:
+        add_disk(daemon, image)
+        with open(progress, "w") as out:
+            proc = subprocess.run(
+                nbd_backup_argv(
+                    "backup", "--qmp", f"unix:{daemon.qmp_path}", "disk0", str(tmp_path / "b.qcow2"),
+                    "--format", "qcow2", "--speed", "16M", f"--progress={out.fileno()}",
+                ),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=ROOT,
+                pass_fds=(out.fileno(),),
+            )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "completed" in proc.stderr
+        with daemon.connect() as q:
+            assert q.ok("query-block-jobs") == []
+    lines = progress.read_text().split()
+    assert lines and lines[-1] == "100/100"
+    require("qemu-img")
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(image), str(tmp_path / "b.qcow2")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_backup_to_nbd_target(tmp_path: Path) -> None:
+    require("nbdkit")
+    image = make_image(tmp_path / "disk.raw", SIZE)
+    target = tmp_path / "t.raw"
+    target.write_bytes(b"")
+    os.truncate(target, SIZE)
+    with our_daemon(tmp_path / "run") as daemon, nbdkit_unix(tmp_path, "t", "file", str(target)) as sock:
+        add_disk(daemon, image)
+        proc = backup(daemon, "disk0", f"nbd+unix:///?socket={sock}", "--mode", "existing", "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+    assert target.read_bytes() == image.read_bytes()
+
+
+def test_exit_status_when_backup_cannot_start(tmp_path: Path) -> None:
+    with our_daemon(tmp_path / "run") as daemon:
+        proc = backup(daemon, "nope", str(tmp_path / "b.raw"))
+        assert proc.returncode == 1
+        assert "Cannot find device='nope'" in proc.stderr
+    proc = subprocess.run(
+        nbd_backup_argv("backup", "--qmp", f"unix:{tmp_path}/absent.sock", "d", str(tmp_path / "b.raw")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1 and "cannot reach the daemon" in proc.stderr
+
+
+def test_exit_status_when_backup_fails(tmp_path: Path) -> None:
+    require("nbdkit")
+    image = make_image(tmp_path / "disk.raw", SIZE)
+    with (
+        our_daemon(tmp_path / "run") as daemon,
+        nbdkit_unix(
+            tmp_path, "bad", "--filter=error", "memory", str(SIZE), "error-pwrite-rate=100%", "error=EIO"
+        ) as sock,
+    ):
+        add_disk(daemon, image)
+        proc = backup(daemon, "disk0", f"nbd+unix:///?socket={sock}", "--mode", "existing", "--no-progress")
+        assert proc.returncode == 1, proc.stderr
+        assert "backup failed: Input/output error" in proc.stderr
+        with daemon.connect() as q:
+            assert q.ok("query-jobs") == []
+
+
+def test_exit_status_when_cancelled(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw", SIZE)
+    with our_daemon(tmp_path / "run") as daemon:
+        add_disk(daemon, image)
+        result: list[subprocess.CompletedProcess[str]] = []
+        worker = threading.Thread(
+            target=lambda: result.append(backup(daemon, "disk0", str(tmp_path / "b.raw"), "--speed", "1", "-q"))
+        )
+        worker.start()
+        with daemon.connect() as q:
+            deadline = time.monotonic() + 60
+            while not q.ok("query-block-jobs") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            q.ok("block-job-cancel", device="disk0")
+        worker.join(120)
+        assert result and result[0].returncode == 1
+        assert "cancelled" in result[0].stderr

@@ -396,6 +396,7 @@ class Request:
     extents: list[tuple[int, int]] = field(default_factory=list)
     received: int = 0  # READ: bytes covered by data and hole chunks
     seen_status: bool = False
+    fresh: bool = True  # READ: the buffer reads as zeroes already, so hole chunks need no filling
 
 
 class _Rx(Enum):
@@ -448,6 +449,7 @@ class ClientTransmission:
         *,
         buffer: bytearray | memoryview | None = None,
         userdata: Any = None,
+        fresh: bool = True,
     ) -> tuple[Request, bytes]:
         """Register a request and return it with the 28-byte header to send (a WRITE's data follows)."""
         cookie = self._next_cookie
@@ -455,6 +457,8 @@ class ClientTransmission:
         req = Request(cookie, cmd, flags, offset, length, buffer, userdata)
         if cmd == c.Cmd.READ and buffer is None:
             req.buffer = bytearray(length)
+        elif not fresh:
+            req.fresh = False
         self.inflight[cookie] = req
         return req, _REQUEST.pack(c.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
@@ -657,7 +661,9 @@ class ClientTransmission:
         start = offset - req.offset
         if length == 0 or start < 0 or start + length > req.length:
             raise ProtocolError(f"OFFSET_HOLE chunk [{offset}, +{length}) outside the read request")
-        req.received += length  # the buffer is fresh: zeroes already
+        req.received += length
+        if not req.fresh and req.buffer is not None:
+            memoryview(req.buffer)[start : start + length] = bytes(length)
 
     def _block_status(self, req: Request, payload: bytes) -> None:
         if req.cmd != c.Cmd.BLOCK_STATUS or len(payload) < 12 or (len(payload) - 4) % 8:

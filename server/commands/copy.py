@@ -128,6 +128,7 @@ async def copy_device(
         raise CopyError("the destination is read-only")
     stats = CopyStats(size=size)
     zero_buffer = bytes(request_size)
+    zero_view = memoryview(zero_buffer)
     queue: asyncio.Queue[tuple[int, int, bool] | None] = asyncio.Queue(maxsize=requests * 2)
 
     def account(nbytes: int) -> None:
@@ -161,7 +162,11 @@ async def copy_device(
         for _ in range(requests):
             await queue.put(None)
 
+    read_into = getattr(src, "pread_into", None)  # optional: reads into our reused buffers
+
     async def work() -> None:
+        buffer = bytearray(request_size) if read_into is not None else None
+        view = memoryview(buffer) if buffer is not None else None
         while True:
             item = await queue.get()
             if item is None:
@@ -170,8 +175,15 @@ async def copy_device(
             if is_zero:
                 await zero_range(offset, length)
                 continue
-            data = await src.pread(offset, length)
-            if detect_zeroes and data == (zero_buffer if length == request_size else zero_buffer[:length]):
+            data: bytes | bytearray | memoryview
+            if read_into is not None and buffer is not None and view is not None:
+                data = buffer if length == request_size else view[:length]
+                await read_into(offset, data)
+                all_zero = detect_zeroes and buffer.startswith(zero_view[:length])
+            else:
+                data = await src.pread(offset, length)
+                all_zero = detect_zeroes and _is_zero(data, zero_view)
+            if all_zero:
                 await zero_range(offset, length)
                 continue
             await dst.pwrite(offset, data)
@@ -191,6 +203,13 @@ async def copy_device(
         await asyncio.gather(*tasks, return_exceptions=True)
     await dst.flush()
     return stats
+
+
+def _is_zero(data: bytes | bytearray | memoryview, zeroes: memoryview) -> bool:
+    """memcmp against a zero buffer (a memoryview comparison goes item by item: 100 times slower)."""
+    if isinstance(data, memoryview):
+        data = bytes(data)  # rare: devices return bytes or bytearray
+    return len(data) <= len(zeroes) and data.startswith(zeroes[: len(data)])
 
 
 # --- command line -----------------------------------------------------------------------------------

@@ -410,6 +410,8 @@ class _Connection(asyncio.BufferedProtocol):
             yielded = coro.send(None)
         except StopIteration:
             return  # done without suspending: no task needed
+        except asyncio.CancelledError:
+            return  # a device cancelled its own work; the request has been answered
         if yielded is not None:
             # Taken over now, as Task.__step does, so other coroutines may await the same future.
             yielded._asyncio_future_blocking = False
@@ -505,6 +507,10 @@ class _Connection(asyncio.BufferedProtocol):
             err = errno_to_nbd(exc.errno, request.flags)
             log.debug("NBD client %s: %r failed: %s", self.peer, request, exc)
             self._send(core.reply_error(cmd, request.cookie, err, exc.strerror or str(exc)))
+        except asyncio.CancelledError:
+            # Answer anyway (the client would wait forever), then let the cancellation go on.
+            self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, "request cancelled"))
+            raise
         except Exception as exc:  # a bug below us must not take the connection (or the daemon) down
             log.exception("NBD client %s: %r failed", self.peer, request)
             self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}"))
@@ -604,4 +610,4 @@ class _Connection(asyncio.BufferedProtocol):
         self._send(self.core.reply_block_status(request.cookie, descriptors))
 
 
-__all__ = ["FLAG_DF", "Export", "NbdServer"]
+__all__ = ["Export", "NbdServer"]

@@ -318,3 +318,83 @@ def test_stop_waits_for_in_flight_requests(loop: str) -> None:
         await client.close()
 
     run_on(loop, main())
+
+
+class SlowFailingDevice(MemoryDevice):
+    """Verbs that suspend first, then fail (or get cancelled): the eager-start driver's slow path."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.pending: list[asyncio.Future[None]] = []
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        await asyncio.sleep(0)
+        raise OSError(errno.EIO, "media error")
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        await fut  # cancelled below: the request fails, the connection goes on
+
+    async def flush(self) -> None:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_suspended_requests_fail_and_cancel_cleanly(loop: str) -> None:
+    device = SlowFailingDevice(1 << 20)
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        client.request(Cmd.READ, 1, 0, 4096)
+        _magic, cookie, rtype, _flags, payload = await client.reply()
+        assert (cookie, rtype) == (1, ReplyType.ERROR) and wire.ErrorChunk.parse(payload).error == Errno.EIO
+        client.request(Cmd.TRIM, 2, 0, 4096)
+        while not device.pending:
+            await asyncio.sleep(0.01)
+        device.pending[0].cancel()
+        client.request(Cmd.FLUSH, 3)
+        replies = {(await client.reply())[1:3] for _ in range(2)}
+        assert replies == {(2, Errno.EIO), (3, 0)}
+        await client.close()
+
+    run_on(loop, serving(device, body))
+
+
+class CountingGate(MemoryDevice):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = asyncio.Event()
+        self.active = 0
+        self.max_active = 0
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        await self.gate.wait()
+        await super().pwrite(offset, data, fua=fua)
+        self.active -= 1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_bytes_in_flight_are_bounded(loop: str) -> None:
+    device = CountingGate(8 << 20)
+    big = 4 << 20
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk", structured=False)
+        for i in range(24):
+            client.request(Cmd.WRITE, i, 0, big, data=bytes(big))
+        # 16 writes of 4 MiB are 64 MiB in flight: the server stops reading there.
+        while device.active < 16:
+            await asyncio.sleep(0.01)
+        device.gate.set()
+        cookies = {(await client.reply())[1] for _ in range(24)}
+        assert cookies == set(range(24))
+        assert device.max_active <= 16
+        await client.close()
+
+    run_on(loop, serving(device, body))

@@ -587,3 +587,90 @@ def test_random_requests_keep_the_stream_in_sync(requests: list[tuple[int, int, 
     events = core.receive(stream)
     assert core.phase is Phase.REQUEST_HEADER
     assert isinstance(events[-1], Request) and events[-1].cookie == 10**6
+
+
+def _feed_buffered(core: ServerCore, stream: bytes, chunk: int) -> tuple[list[object], bytes]:
+    """Feed like the asyncio adapter does: into the payload buffer when the core offers one, else
+    through a reused receive buffer that is scribbled over after every call."""
+    events: list[object] = []
+    output = bytearray()
+    rbuf = bytearray(chunk)
+    pos = 0
+    while pos < len(stream) and core.phase is not Phase.CLOSED:
+        target = core.payload_buffer()
+        if target is not None:
+            n = min(len(target), chunk, len(stream) - pos)
+            target[:n] = stream[pos : pos + n]
+            events += core.payload_received(n)
+        else:
+            n = min(chunk, len(stream) - pos)
+            rbuf[:n] = stream[pos : pos + n]
+            events += core.receive(memoryview(rbuf)[:n], reused=True)
+            rbuf[:] = b"\xee" * len(rbuf)  # the adapter reuses it: nothing may still point into it
+        output += out(core)
+        pos += n
+    return events, bytes(output)
+
+
+def _summary(events: list[object]) -> list[object]:
+    return [
+        (e.cmd, e.flags, e.cookie, e.offset, e.length, bytes(e.payload) if e.payload is not None else None)
+        if isinstance(e, Request)
+        else e
+        for e in events
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prefix=st.sampled_from(HANDSHAKE_PREFIXES[3:]),
+    writes=st.lists(
+        st.tuples(st.integers(0, 4096), st.integers(1, 3000), st.binary(min_size=1, max_size=1)), max_size=8
+    ),
+    chunk=st.integers(min_value=1, max_value=5000),
+)
+def test_buffered_receive_matches_plain_receive(
+    prefix: bytes, writes: list[tuple[int, int, bytes]], chunk: int
+) -> None:
+    stream = prefix
+    for i, (offset, length, fill) in enumerate(writes):
+        stream += request(Cmd.WRITE, cookie=i, offset=offset, length=length) + fill * length
+        stream += request(Cmd.READ, cookie=100 + i, offset=offset, length=16)
+    plain = make_core()
+    out(plain)
+    expected = _feed(plain, stream, [])
+    buffered = make_core()
+    out(buffered)
+    got = _feed_buffered(buffered, stream, chunk)
+    assert _summary(got[0]) == _summary(expected[0])
+    assert got[1] == expected[1]
+
+
+def test_payload_buffers_are_reused_only_when_free() -> None:
+    core = negotiate()
+    size = 128 * 1024
+    core.receive(request(Cmd.WRITE, length=size))
+    first = core.payload_buffer()
+    assert first is not None
+    first[:] = b"\x01" * size
+    (write,) = core.payload_received(size)
+    assert isinstance(write, Request) and isinstance(write.payload, bytearray)
+    buffer = write.payload
+    del first
+    core.recycle(buffer)
+    # Still referenced (here, as a device might keep it): a fresh buffer is used.
+    core.receive(request(Cmd.WRITE, length=size))
+    second = core.payload_buffer()
+    assert second is not None and second.obj is not buffer
+    second[:] = b"\x02" * size
+    (write2,) = core.payload_received(size)
+    del second
+    assert isinstance(write2, Request) and isinstance(write2.payload, bytearray)
+    core.recycle(write2.payload)
+    write2.payload = None
+    # Nobody holds the second one any more: it is reused.
+    core.receive(request(Cmd.WRITE, length=size))
+    third = core.payload_buffer()
+    assert third is not None and len(third) == size
+    assert bytes(third[:1]) == b"\x02"  # the recycled buffer, not a zero-filled new one
+    assert buffer == b"\x01" * size  # the one still referenced was never touched

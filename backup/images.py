@@ -62,6 +62,7 @@ async def create_image(
     backing_format: str | None = None,
     cluster_size: int | None = None,
     compress: bool = False,
+    compression_type: str = "zlib",
     backing_device: BlockDevice | None = None,
 ) -> BlockDevice:
     """Create (or recreate, as ``qemu-img create`` does) an image and return it open for writing.
@@ -92,5 +93,6 @@ async def create_image(
         backing_file=backing_file,
         backing_format=backing_format,
         compress=compress,
+        compression_type=compression_type,
         backing_device=backing_device,
     )

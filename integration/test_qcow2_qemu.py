@@ -86,14 +86,15 @@ async def test_our_image_is_clean_equal_sized_and_mapped(tmp_path: Path) -> None
     assert zero["length"] == 65536
 
 
-async def test_compressed_backup_is_smaller_and_equal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec", ["zlib", "zstd"])
+async def test_compressed_backup_is_smaller_and_equal(tmp_path: Path, codec: str) -> None:
     payload = b"".join(b"block %09d: the same words again and again\n" % i for i in range(200_000))[:SIZE]
     raw = tmp_path / "ref.raw"
     raw.write_bytes(payload)
     sizes = {}
     for compress in (False, True):
         path = tmp_path / f"c{int(compress)}.qcow2"
-        dev = await Qcow2Device.create(path, SIZE, compress=compress)
+        dev = await Qcow2Device.create(path, SIZE, compress=compress, compression_type=codec)
         for off in range(0, SIZE, MiB):
             await dev.pwrite(off, payload[off : off + MiB])
         await dev.close()
@@ -101,6 +102,8 @@ async def test_compressed_backup_is_smaller_and_equal(tmp_path: Path) -> None:
         assert report.get("compressed-clusters", 0) == (SIZE // 65536 if compress else 0)
         qemu_compare(path, raw)
         sizes[compress] = path.stat().st_size
+        info = json.loads(run("qemu-img", "info", "--output=json", path).stdout)
+        assert info["format-specific"]["data"]["compression-type"] == codec
     assert sizes[True] * 3 < sizes[False]
 
 
@@ -152,10 +155,11 @@ def _make_qemu_image(tmp_path: Path, variant: str) -> Path:
         "refcount64": "refcount_bits=64",
         "lazy": "lazy_refcounts=on",
     }
-    if variant == "compressed":
+    if variant.startswith("compressed"):
         src = tmp_path / "src.raw"
         src.write_bytes(b"".join(b"compressible %08d\n" % i for i in range(SIZE // 21))[: SIZE // 2].ljust(SIZE, b"\0"))
-        run("qemu-img", "convert", "-c", "-O", "qcow2", src, path)
+        codec = ["-o", "compression_type=zstd"] if variant == "compressed-zstd" else []
+        run("qemu-img", "convert", "-c", "-O", "qcow2", *codec, src, path)
         qemu_io(path, "write -P 0x33 100000 5000", "write -z 1048576 65536")
         return path
     if variant.startswith("backing"):
@@ -183,7 +187,19 @@ def _make_qemu_image(tmp_path: Path, variant: str) -> Path:
     return path
 
 
-VARIANTS = ["v3", "v2", "c512", "c2m", "refcount1", "refcount64", "lazy", "compressed", "backing-raw", "backing-qcow2"]
+VARIANTS = [
+    "v3",
+    "v2",
+    "c512",
+    "c2m",
+    "refcount1",
+    "refcount64",
+    "lazy",
+    "compressed",
+    "compressed-zstd",
+    "backing-raw",
+    "backing-qcow2",
+]
 
 
 def _flags_per_block(extents: list[tuple[int, int, bool, bool]], size: int, block: int) -> list[tuple[bool, bool]]:
@@ -220,7 +236,7 @@ async def test_writes_into_qemu_images_stay_clean(tmp_path: Path, variant: str) 
     path = _make_qemu_image(tmp_path, variant)
     ref = bytearray(qemu_read(path, tmp_path))
     rnd = random.Random(variant)
-    dev = await Qcow2Device.open(path, compress=variant in ("compressed", "refcount1"))
+    dev = await Qcow2Device.open(path, compress=variant in ("compressed", "compressed-zstd", "refcount1"))
     for _ in range(40):
         off = rnd.randrange(SIZE)
         n = min(rnd.randrange(1, 200_000), SIZE - off)

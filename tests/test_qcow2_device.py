@@ -68,16 +68,24 @@ async def assert_consistent(dev: Qcow2Device, ref: bytes) -> None:
     ops=st.lists(op, max_size=25),
     cluster_bits=st.sampled_from([9, 12, 16]),
     compress=st.booleans(),
+    codec=st.sampled_from(["zlib", "zstd"]),
     seed=st.integers(0, 2**32),
 )
 def test_random_operations_give_a_clean_equal_image(
-    tmp_path: Path, ops: list[tuple[str, float, int, object, bool]], cluster_bits: int, compress: bool, seed: int
+    tmp_path: Path,
+    ops: list[tuple[str, float, int, object, bool]],
+    cluster_bits: int,
+    compress: bool,
+    codec: str,
+    seed: int,
 ) -> None:
     async def main() -> None:
         path = tmp_path / f"r{seed}.qcow2"
         size = 3 * MiB + 1536
         ref = bytearray(size)
-        dev = await Qcow2Device.create(path, size, cluster_size=1 << cluster_bits, compress=compress)
+        dev = await Qcow2Device.create(
+            path, size, cluster_size=1 << cluster_bits, compress=compress, compression_type=codec
+        )
         await apply(dev, ref, ops, seed)
         await assert_consistent(dev, bytes(ref))
         await dev.flush()
@@ -157,6 +165,22 @@ async def test_compressed_image_is_smaller_and_reads_back(tmp_path: Path) -> Non
         result = check_image(str(path))
         assert result.clean and result.compressed_clusters == (32 if compress else 0)
     assert sizes[True] * 4 < sizes[False]
+
+
+async def test_zstd_images_mark_their_compression_type(tmp_path: Path) -> None:
+    path = tmp_path / "z.qcow2"
+    dev = await Qcow2Device.create(path, MiB, compress=True, compression_type="zstd")
+    await dev.pwrite(0, b"zstd " * (MiB // 5) + b"z")
+    await dev.close()
+    dev = await Qcow2Device.open(path, read_only=True)
+    h = dev.header
+    assert h.compression_type == 1 and h.incompatible & q.INCOMPAT_COMPRESSION and h.header_length == 112
+    assert await dev.pread(0, MiB) == b"zstd " * (MiB // 5) + b"z"
+    await dev.close()
+    result = check_image(str(path))
+    assert result.clean and result.compressed_clusters == 16
+    with pytest.raises(ImageFormatError, match="unknown compression type"):
+        await Qcow2Device.create(path, MiB, compression_type="lz4")
 
 
 async def test_rewrite_of_compressed_clusters_frees_them(tmp_path: Path) -> None:

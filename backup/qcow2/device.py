@@ -16,8 +16,6 @@ import errno
 import logging
 import os
 import struct
-import zlib
-from collections.abc import Callable
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
@@ -30,6 +28,7 @@ from backup.qcow2.backing import (
     resolve_backing_path,
 )
 from backup.qcow2.cache import TableCache
+from backup.qcow2.codec import CodecError, codec_for, type_id_of
 from backup.qcow2.errors import Qcow2CorruptError
 from backup.qcow2.header import ImageHeader, build_header, incompatible_names, l1_entries_for, parse_header
 from backup.qcow2.refcount import Refcounts
@@ -80,15 +79,6 @@ class _Writer:
         self._end = -1
 
 
-def _compressor() -> Callable[[bytes | bytearray | memoryview], bytes]:
-    def compress(data: bytes | bytearray | memoryview) -> bytes:
-        # As QEMU: raw deflate (no zlib header), 4 KiB window, default level, memLevel 9.
-        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-        return c.compress(data) + c.flush()
-
-    return compress
-
-
 class Qcow2Device:
     """A qcow2 image opened for reading (any image) or reading and writing (see ``open``)."""
 
@@ -131,7 +121,8 @@ class Qcow2Device:
             l2_cache_size // self._cs,
             on_short_read=lambda off: Qcow2CorruptError(path, f"L2 table {off:#x} lies past the end of the file"),
         )
-        self._compress = _compressor()
+        self._codec = codec_for(header.compression_type, path)
+        self._compress = self._codec.compress
         self._cbyte = 0  # next free byte of the cluster holding compressed data (0: none)
         self._lock = asyncio.Lock()
         self._marked_dirty = self.was_dirty
@@ -225,10 +216,13 @@ class Qcow2Device:
         backing_file: str | None = None,
         backing_format: str | None = None,
         compress: bool = False,
+        compression_type: str = "zlib",
         l2_cache_size: int = DEFAULT_L2_CACHE,
         backing_device: BackingImage | None = None,
     ) -> Qcow2Device:
         """Create (or overwrite, as ``qemu-img create`` does) a v3 image and open it for writing.
+
+        ``compression_type`` "zlib" (deflate, readable by every QEMU) or "zstd" (QEMU >= 5.1).
 
         ``size`` None takes the backing file's virtual size; sizes round up to 512 bytes.
         ``backing_device``: see ``open`` (the header still names ``backing_file``).
@@ -237,6 +231,8 @@ class Qcow2Device:
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 1 << q.MAX_CLUSTER_BITS:
             raise ImageFormatError(f"cluster size {cluster_size} must be a power of two from 512 B to 2 MiB")
         cluster_bits = cluster_size.bit_length() - 1
+        compression = type_id_of(compression_type)
+        codec_for(compression, path)
         if backing_file is not None:
             resolved = locate_backing(backing_file, path, ())
             if backing_format is None:
@@ -284,6 +280,7 @@ class Qcow2Device:
                 header_length=q.V3_HEADER_LENGTH,
                 backing_file=backing_file,
                 backing_format=backing_format,
+                compression_type=compression,
             )
             os.pwrite(fd, build_header(header), 0)
             refs.flush()
@@ -376,10 +373,9 @@ class Qcow2Device:
         offset, nbytes = q.decode_compressed(entry, self._cb)
         raw = os.pread(self._fd, nbytes, offset)
         try:
-            d = zlib.decompressobj(-15)
-            data = d.decompress(raw, self._cs)
-        except zlib.error as exc:
-            raise self._corrupt(f"compressed cluster at {offset:#x} does not inflate: {exc}") from None
+            data = self._codec.decompress(raw, self._cs)
+        except CodecError as exc:
+            raise self._corrupt(f"compressed cluster at {offset:#x} does not decompress: {exc}") from None
         if len(data) != self._cs:
             raise self._corrupt(f"compressed cluster at {offset:#x} inflates to {len(data)} bytes")
         self._decompressed = (entry, data)

@@ -13,6 +13,7 @@ from construct import ConstructError
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
+from backup.qcow2.codec import codec_for
 
 _INCOMPAT_NAMES = {
     0: "dirty bit",
@@ -138,7 +139,7 @@ def _check_features(h: ImageHeader, path: str) -> None:
     if h.incompatible & q.INCOMPAT_COMPRESSION:
         if h.compression_type == 0:
             raise _refuse(path, "compression type bit set but compression_type is 0")
-        raise _refuse(path, f"compression type {h.compression_type} (zstd) is not supported; deflate only")
+        codec_for(h.compression_type, path)  # refuses types (or a zstd module) we do not have
     elif h.compression_type != 0:
         raise _refuse(path, "compression_type set without the compression type feature bit")
 
@@ -238,7 +239,10 @@ def _build_header(h: ImageHeader, *, feature_table: bool) -> bytes:
     backing = h.backing_file.encode() if h.backing_file else b""
     if len(backing) > q.MAX_BACKING_NAME:
         raise ImageFormatError(f"backing file name is longer than {q.MAX_BACKING_NAME} bytes")
-    backing_offset = q.V3_HEADER_LENGTH + len(ext) if backing else 0
+    extra = q.CompressionTypeField.build(dict(compression_type=h.compression_type)) if h.compression_type else b""
+    header_length = q.V3_HEADER_LENGTH + len(extra)
+    incompatible = h.incompatible | (q.INCOMPAT_COMPRESSION if h.compression_type else 0)
+    backing_offset = header_length + len(ext) if backing else 0
     fixed = q.Header.build(
         dict(
             version=3,
@@ -254,15 +258,15 @@ def _build_header(h: ImageHeader, *, feature_table: bool) -> bytes:
             nb_snapshots=0,
             snapshots_offset=0,
             v3=dict(
-                incompatible_features=h.incompatible,
+                incompatible_features=incompatible,
                 compatible_features=h.compatible,
                 autoclear_features=0,
                 refcount_order=h.refcount_order,
-                header_length=q.V3_HEADER_LENGTH,
+                header_length=header_length,
             ),
         )
     )
-    out = fixed + bytes(ext) + backing
+    out = fixed + extra + bytes(ext) + backing
     if len(out) > h.cluster_size:
         raise ImageFormatError(f"header and backing file name do not fit in a {h.cluster_size}-byte cluster")
     return out

@@ -5,8 +5,9 @@ written with one ``pwritev`` each; L2 tables and refcount blocks live in write-b
 the file on flush (or eviction). Crash safety follows QEMU's lazy-refcount scheme: the first
 mutation sets the header's dirty bit (durably, before any metadata is written) and only a clean
 ``close`` clears it, so an image interrupted mid-backup reads as "not cleanly shut down" to
-``qemu-img info`` and is refused for writing by ``open`` — detectably incomplete, never silently
-wrong. All I/O is inline ``os.pread``/``os.pwrite`` (page cache hits beat a thread hop).
+``qemu-img info`` (and ``was_dirty`` here) — detectably incomplete, never silently wrong. Opening
+such an image for writing first rebuilds its refcounts (``repair.py``), as QEMU does. All I/O is
+inline ``os.pread``/``os.pwrite`` (page cache hits beat a thread hop); compression runs in threads.
 """
 
 from __future__ import annotations

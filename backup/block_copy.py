@@ -30,6 +30,8 @@ MiB = 1024 * 1024
 
 #: Largest single write-zeroes request sent to a target (NBD lengths are 32-bit).
 MAX_ZERO_REQUEST = 1024 * MiB
+#: Largest single read/write of data: what one inline copy may hold the event loop for.
+COPY_PIECE = 1 * MiB
 
 TopAllocation = Callable[[int, int], Awaitable[list[tuple[int, bool]]]]
 
@@ -241,7 +243,9 @@ class BlockCopier:
 
     async def _copy_allocated(self, offset: int, end: int) -> None:
         pos = offset
-        if not self.source.capabilities.can_extents:
+        # One cluster (the usual guest copy): reading it and testing for zeroes costs less than
+        # asking the source for its allocation first.
+        if end - offset <= self.cluster_size or not self.source.capabilities.can_extents:
             await self._copy_data(pos, end)
             return
         while pos < end:
@@ -288,18 +292,44 @@ class BlockCopier:
             raise CopyError(exc, is_read=False) from exc
 
     async def _copy_data(self, offset: int, end: int) -> None:
-        """Read in bounded chunks; all-zero clusters inside the data go the zero path."""
+        """Copy data in pieces of at most ``COPY_PIECE``, reading the next piece while the previous
+        one is being written; all-zero clusters inside the data go the zero path.
+
+        Local files are read and written inline (no suspension), so the write of each piece runs as
+        its own task and the loop gets a turn in between: a job chunk never holds guest requests back
+        for the whole copy, and a remote target still has two pieces in flight per copy."""
+        piece = min(self.max_chunk, COPY_PIECE)
+        if end - offset <= piece:  # the common guest copy: no task, no extra loop turn
+            await self._write_nonzero(offset, await self._read(offset, end - offset))
+            return
         pos = offset
-        while pos < end:
-            step = min(end - pos, self.max_chunk)
-            try:
-                data = await self.source.pread(pos, step)
-            except OSError as exc:
-                raise CopyError(exc, is_read=True) from exc
-            if len(data) != step:
-                raise CopyError(OSError(errno.EIO, f"short read: {len(data)} of {step} bytes"), is_read=True)
-            await self._write_nonzero(pos, data)
-            pos += step
+        writing: asyncio.Task[None] | None = None
+        try:
+            while pos < end:
+                step = min(end - pos, piece)
+                data = await self._read(pos, step)
+                if writing is not None:
+                    await writing  # raises the previous piece's CopyError
+                writing = asyncio.ensure_future(self._write_nonzero(pos, data))
+                pos += step
+            last, writing = writing, None
+            if last is not None:
+                await last
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                await asyncio.wait([writing])
+            if writing is not None and not writing.cancelled():
+                writing.exception()  # retrieved: the error that matters is already propagating
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        try:
+            data = await self.source.pread(offset, length)
+        except OSError as exc:
+            raise CopyError(exc, is_read=True) from exc
+        if len(data) != length:
+            raise CopyError(OSError(errno.EIO, f"short read: {len(data)} of {length} bytes"), is_read=True)
+        return data
 
     async def _write_nonzero(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``, splitting out cluster-aligned all-zero pieces."""

@@ -29,6 +29,10 @@ from nbd.device import BlockDevice
 
 log = logging.getLogger(__name__)
 
+#: How much old data one guest request copies at a time: guest requests are many and each holds its
+#: buffer, so they copy in smaller pieces than the job's workers.
+GUEST_COPY_CHUNK = 1024 * 1024
+
 
 class OnCbwError(StrEnum):
     """QEMU's ``OnCbwError``."""
@@ -61,6 +65,7 @@ class CopyBeforeWriteFilter(BlockFilter):
         self.on_snapshot_broken = on_snapshot_broken
         self.snapshot_error: OSError | None = None
         self.guest_copies = 0  # how many guest requests had to copy (or wait for a copy) first
+        self._chunk_clusters = max(1, GUEST_COPY_CHUNK // copier.cluster_size)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         await self._before_write(offset, len(data))
@@ -83,10 +88,11 @@ class CopyBeforeWriteFilter(BlockFilter):
             return
         self.guest_copies += 1
         try:
+            copy = copier.ensure_copied(first, end, chunk_clusters=self._chunk_clusters)
             if self.cbw_timeout > 0:
-                await asyncio.wait_for(copier.ensure_copied(first, end), self.cbw_timeout)
+                await asyncio.wait_for(copy, self.cbw_timeout)
             else:
-                await copier.ensure_copied(first, end)
+                await copy
             return
         except TimeoutError:
             failure = OSError(errno.ETIMEDOUT, f"copy-before-write timed out after {self.cbw_timeout:g} s")

@@ -43,10 +43,12 @@ class BackupTarget:
     created: Path | None = None  # a file this call created: deleted by ``discard``
     owned: bool = True  # opened here (closed by ``close``); False for a device handed in by the caller
     description: str = field(default="")
+    closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
-        """Close the device if it was opened here."""
-        if self.owned:
+        """Close the device if it was opened here (once: the job may have closed it already)."""
+        if self.owned and not self.closed:
+            self.closed = True
             await self.device.close()
 
     async def discard(self) -> None:

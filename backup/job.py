@@ -540,16 +540,24 @@ class Job(ABC):
                 return
             self._settle_debt()
             excess = self._throttle_debt - self.speed * THROTTLE_SLICE
-            if excess <= 0:
+            if excess < 1.0:  # not even a byte over (float residue must not make us spin)
                 return
-            wakeup = self._wakeup
             self._sleeping += 1
             try:
-                await asyncio.wait_for(wakeup.wait(), excess / self.speed)
-            except TimeoutError:
-                pass
+                await self._sleep(excess / self.speed, self._wakeup)
             finally:
                 self._sleeping -= 1
+
+    def _monotonic(self) -> float:
+        """The throttle's clock (the loop's); a test may substitute a virtual one."""
+        return asyncio.get_running_loop().time()
+
+    async def _sleep(self, delay: float, wakeup: asyncio.Event) -> None:
+        """Sleep up to ``delay`` seconds, or less when ``wakeup`` fires (set_speed, pause, cancel)."""
+        try:
+            await asyncio.wait_for(wakeup.wait(), delay)
+        except TimeoutError:
+            pass
 
     async def handle_error(self, exc: OSError, policy: OnError | str, *, is_read: bool) -> ErrorAction:
         """Apply an error policy to a failed request: event, io-status, and for STOP a pause until resume.
@@ -609,7 +617,7 @@ class Job(ABC):
         """Pay off the throttle debt for the time elapsed at the current speed."""
         if not self._has_loop():
             return
-        now = asyncio.get_running_loop().time()
+        now = self._monotonic()
         if self._throttle_at is not None and self.speed > 0:
             self._throttle_debt = max(0.0, self._throttle_debt - (now - self._throttle_at) * self.speed)
         self._throttle_at = now

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jobkit import FakeJob, Recorder, until
 
 from backup.errors import InvalidArgument, JobStateError
@@ -569,3 +572,139 @@ async def test_external_task_cancel_still_ends_the_job() -> None:
         await job._task
     assert rec.statuses("j")[-3:] == ["aborting", "concluded", "null"]
     assert rec.seq()[-3] == cancelled()
+
+
+class VirtualTimeJob(FakeJob):
+    """Throttle against a virtual clock: each sleep advances it by exactly the delay asked for."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def _monotonic(self) -> float:
+        return self.now
+
+    async def _sleep(self, delay: float, wakeup: asyncio.Event) -> None:
+        self.sleeps.append(delay)
+        self.now += delay
+        await asyncio.sleep(0)
+
+
+async def test_throttle_paces_exactly_at_speed_after_one_slice_of_burst() -> None:
+    speed = 1_000_000
+    job = VirtualTimeJob("j", events=make_bus(), units=40, unit_size=50_000, speed=speed)
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    burst = speed * 0.1
+    # 2 MB at 1 MB/s, minus the burst allowance that may stay outstanding: 1.9 s of virtual sleep
+    assert sum(job.sleeps) == pytest.approx((40 * 50_000 - burst) / speed)
+    assert job.now == pytest.approx(1.9)
+
+
+async def test_throttle_speed_change_applies_to_the_remaining_debt() -> None:
+    job = VirtualTimeJob("j", events=make_bus(), units=1, unit_size=1_000_000, speed=100_000)
+    job._settle_debt()
+    job.set_speed(0)
+    job.set_speed(500_000)  # the debt is re-evaluated at the new speed
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert sum(job.sleeps) == pytest.approx((1_000_000 - 50_000) / 500_000)
+
+
+OPS = ["step", "step", "yield", "pause", "resume", "cancel", "speed0", "speed_slow", "finalize", "dismiss", "complete"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(st.sampled_from(OPS), max_size=30),
+    auto_finalize=st.booleans(),
+    auto_dismiss=st.booleans(),
+    policy=st.sampled_from(list(OnError)),
+    errors=st.lists(st.sampled_from([errno.EIO, errno.ENOSPC]), max_size=2),
+    start_first=st.booleans(),
+)
+def test_random_verb_sequences_follow_the_tables(
+    ops: list[str], auto_finalize: bool, auto_dismiss: bool, policy: OnError, errors: list[int], start_first: bool
+) -> None:
+    """Any interleaving of verbs and progress: verbs are accepted exactly as the tables say (plus
+    QEMU's pause/resume rules), every transition is legal (``_transition`` asserts it), and the job
+    always reaches its end once nothing holds it back."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        crashes: list[object] = []
+        loop.set_exception_handler(lambda _loop, ctx: crashes.append(ctx))
+        bus = make_bus()
+        rec = Recorder(bus)
+        gate: asyncio.Queue[None] = asyncio.Queue()
+        job = FakeJob(
+            "j",
+            events=bus,
+            gate=gate,
+            errors=[OSError(e, os.strerror(e)) for e in errors],
+            policy=policy,
+            auto_finalize=auto_finalize,
+            auto_dismiss=auto_dismiss,
+        )
+        if start_first:
+            job.start()
+        verbs = {
+            "pause": (JobVerb.PAUSE, job.pause),
+            "resume": (JobVerb.RESUME, job.resume),
+            "cancel": (JobVerb.CANCEL, job.cancel),
+            "speed0": (JobVerb.SET_SPEED, lambda: job.set_speed(0)),
+            "speed_slow": (JobVerb.SET_SPEED, lambda: job.set_speed(1)),
+            "finalize": (JobVerb.FINALIZE, job.finalize),
+            "dismiss": (JobVerb.DISMISS, job.dismiss),
+            "complete": (JobVerb.COMPLETE, job.complete),
+        }
+        for op in ops:
+            if op == "step":
+                gate.put_nowait(None)
+            if op in ("step", "yield"):
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                continue
+            verb, call = verbs[op]
+            status, user_paused = job.status, job.user_paused
+            special = (
+                (op == "pause" and user_paused)
+                or (op == "resume" and not user_paused)
+                or (op == "complete")
+                or (op == "finalize" and job.group.finalizing)
+            )
+            try:
+                call()
+            except JobStateError:
+                assert status not in VERBS[verb] or special, (op, status)
+            else:
+                assert status in VERBS[verb], (op, status)
+        # let it finish: no pause, no speed limit, enough work tokens, then the manual steps
+        if not job.started and job.status is JobStatus.CREATED:
+            job.start()
+        if job.user_paused and job.status in VERBS[JobVerb.RESUME]:
+            job.resume()
+        if job.status in VERBS[JobVerb.SET_SPEED]:
+            job.set_speed(0)
+        for _ in range(10):
+            gate.put_nowait(None)
+        async with asyncio.timeout(10):
+            while job.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
+                if job.user_paused and job.status in VERBS[JobVerb.RESUME]:
+                    job.resume()  # a STOP error paused it again
+                if job.status is JobStatus.PENDING and not job.group.finalizing:
+                    job.finalize()
+                await asyncio.sleep(0.001)
+            await job.wait()
+        if job.status is JobStatus.CONCLUDED:
+            assert not auto_dismiss
+            job.dismiss()
+        statuses = rec.statuses("j")
+        assert statuses[0] == "created" and statuses[-1] == "null"
+        blocks = [e[0] for e in rec.seq() if e[0] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")]
+        assert len(blocks) == (1 if job.started else 0)
+        assert (blocks == ["BLOCK_JOB_COMPLETED"]) == (job.error is None and job.started) or job.error is not None
+        assert not crashes, crashes
+
+    asyncio.run(scenario())

@@ -137,3 +137,25 @@ async def test_sparse_source_gives_sparse_target(tmp_path: Path, kind: str) -> N
             extents = await nbdinfo_map(spec.uri)
         data_bytes = sum(length for _, length, is_data in extents if is_data)
     assert 0 < data_bytes <= 3 * CLUSTER  # only the clusters holding data
+
+
+async def test_two_backups_of_one_disk_keep_their_own_points_in_time(tmp_path: Path) -> None:
+    require("qemu-io")
+    image = write_random_image(tmp_path / "disk.img", SIZE, seed=17)
+    async with served_source(tmp_path, image) as source:
+        first = await start_backup(
+            source, await open_target(str(tmp_path / "a.img"), size=SIZE), BackupOptions(speed=8 * MiB), "a"
+        )
+        await qemu_io(source.uri, qemu_io_commands(SIZE, 30, seed=5))
+        second = await start_backup(
+            source, await open_target(str(tmp_path / "b.img"), size=SIZE), BackupOptions(speed=8 * MiB), "b"
+        )
+        assert len(source.node.filters) == 2  # stacked, each with its own point in time
+        await qemu_io(source.uri, qemu_io_commands(SIZE, 30, seed=6))
+        await first.finish()
+        await second.finish()
+        assert first.job.error is None and second.job.error is None
+        assert source.node.filters == []
+    assert first.snapshot.read_bytes() != second.snapshot.read_bytes()
+    same_bytes(first.snapshot, tmp_path / "a.img")
+    same_bytes(second.snapshot, tmp_path / "b.img")

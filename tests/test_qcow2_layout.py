@@ -190,3 +190,25 @@ def test_sub_byte_refcounts_overflow_is_refused(tmp_path: object) -> None:
             refs.add(0, -1)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("order", [0, 2, 3, 4, 6])
+def test_last_used_cluster(tmp_path: object, order: int) -> None:
+    import os
+
+    path = os.path.join(str(tmp_path), "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        refs = Refcounts(
+            fd, path, cluster_bits=9, order=order, reftable=[0] * 64, reftable_offset=512, reftable_clusters=1,
+            alloc_end=2,
+        )  # fmt: skip
+        assert refs.last_used() == -1
+        refs.add(0, 1)  # allocates the refcount block at cluster 2
+        assert refs.last_used() == 2
+        refs.add(37, 1)
+        assert refs.last_used() == 37
+        refs.add(37, -1)
+        assert refs.last_used() == 2
+    finally:
+        os.close(fd)

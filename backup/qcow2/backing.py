@@ -41,7 +41,7 @@ class RawBacking:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self._fd = fd
-        self._size = os.fstat(fd).st_size
+        self._size = os.lseek(fd, 0, os.SEEK_END)
 
     @property
     def size(self) -> int:

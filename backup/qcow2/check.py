@@ -50,7 +50,7 @@ class References:
 
 
 def read_header(fd: int, path: str) -> ImageHeader:
-    file_size = os.fstat(fd).st_size
+    file_size = os.lseek(fd, 0, os.SEEK_END)
     head = os.pread(fd, q.V3_HEADER_LENGTH, 0)
     if len(head) >= 24 and head[:4] == q.MAGIC:
         bits = q.U32.unpack_from(head, 20)[0]
@@ -65,7 +65,7 @@ def read_header(fd: int, path: str) -> ImageHeader:
 def walk_references(fd: int, h: ImageHeader) -> References:
     """Count references from the header, the L1 table and every L2 table."""
     cb, cs = h.cluster_bits, h.cluster_size
-    file_clusters = -(-os.fstat(fd).st_size // cs)
+    file_clusters = -(-os.lseek(fd, 0, os.SEEK_END) // cs)
     refs = References()
     refs.ref(0, cs, cb)
     if h.l1_size:
@@ -129,7 +129,7 @@ def _check(fd: int, path: str) -> CheckResult:
     for entry in reftable:
         if entry & q.REFT_OFFSET_MASK:
             walk.ref(entry & q.REFT_OFFSET_MASK, cs, cb)
-    file_size = os.fstat(fd).st_size
+    file_size = os.lseek(fd, 0, os.SEEK_END)
     refs = Refcounts(
         fd,
         path,

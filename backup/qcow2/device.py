@@ -16,6 +16,7 @@ import asyncio
 import errno
 import logging
 import os
+import stat
 import struct
 
 from backup.errors import ImageFormatError
@@ -157,7 +158,7 @@ class Qcow2Device:
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         backing: BackingImage | None = None
         try:
-            file_size = os.fstat(fd).st_size
+            file_size = os.lseek(fd, 0, os.SEEK_END)  # block devices too
             first = os.pread(fd, q.V3_HEADER_LENGTH, 0)
             if len(first) >= 24 and first[:4] == q.MAGIC:
                 bits = q.U32.unpack_from(first, 20)[0]
@@ -874,7 +875,7 @@ class Qcow2Device:
             )
             refs.header_dirty = False
         needed = refs.alloc_end << self._cb
-        if os.fstat(self._fd).st_size < needed:
+        if os.lseek(self._fd, 0, os.SEEK_END) < needed:  # a block device is big enough or fails here
             os.ftruncate(self._fd, needed)
 
     async def flush(self) -> None:
@@ -957,7 +958,7 @@ def _load_refcounts(fd: int, h: ImageHeader, file_size: int, path: str) -> Refco
         off = entry & q.REFT_OFFSET_MASK
         if off and (off & (cs - 1) or off >= file_size):
             raise ImageFormatError(f"{path}: refcount table entry {index} ({off:#x}) is invalid or past the end")
-    return Refcounts(
+    refs = Refcounts(
         fd,
         path,
         cluster_bits=h.cluster_bits,
@@ -967,3 +968,6 @@ def _load_refcounts(fd: int, h: ImageHeader, file_size: int, path: str) -> Refco
         reftable_clusters=h.refcount_table_clusters,
         alloc_end=-(-file_size // cs),
     )
+    if stat.S_ISBLK(os.fstat(fd).st_mode):  # the device's size says nothing about what is used
+        refs.alloc_end = refs.last_used() + 1
+    return refs

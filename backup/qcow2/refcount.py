@@ -144,6 +144,24 @@ class Refcounts:
         self._set_fresh(start, count)
         return start
 
+    def last_used(self) -> int:
+        """The highest cluster with a nonzero refcount, or -1 (reads one refcount block)."""
+        for ti in range(len(self.reftable) - 1, -1, -1):
+            off = self.reftable[ti] & q.REFT_OFFSET_MASK
+            if not off:
+                continue
+            block = self.cache.get(off)
+            used = len(block.rstrip(b"\0"))
+            if used:
+                per_byte = 8 >> self._order if self._order < 3 else 0
+                if per_byte:
+                    last_byte = block[used - 1]
+                    index = (used - 1) * per_byte + (last_byte.bit_length() - 1) // self._bits
+                else:
+                    index = (used - 1) // self._width
+                return (ti << self._rb_bits) + index
+        return -1
+
     def _last_busy(self, start: int, count: int) -> int:
         """The last cluster of the run with a nonzero refcount, or -1 (checked a block slice at a time)."""
         mask = (1 << self._rb_bits) - 1

@@ -65,7 +65,7 @@ def _repair(fd: int, path: str) -> RepairReport:
     bits = 1 << order
     rb_entries = cs * 8 // bits
     counts = walk.counts
-    end = max([-(-os.fstat(fd).st_size // cs), *(c + 1 for c in counts)])
+    end = max([-(-os.lseek(fd, 0, os.SEEK_END) // cs), *(c + 1 for c in counts)])
     table_clusters, nblocks = _layout(end, cs, rb_entries)
     if table_clusters * cs > q.MAX_REFTABLE_BYTES:
         raise ImageFormatError(f"{path}: the rebuilt refcount table would exceed 8 MiB")

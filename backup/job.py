@@ -415,6 +415,8 @@ class Job(ABC):
             return
         self._settle_debt()
         self.speed = speed
+        if speed == 0:
+            self._throttle_debt = 0.0  # unlimited: nothing is owed when a limit comes back
         self._wake()
 
     def cancel(self, force: bool = False) -> None:
@@ -495,6 +497,8 @@ class Job(ABC):
 
     async def pause_point(self) -> None:
         """Park here while a pause is requested; raise ``CancelledError`` once the job is cancelled."""
+        if not self._pause_count and not self._cancelled:
+            return  # the hot path: called once per unit of work
         if self.is_cancelled:
             raise asyncio.CancelledError
         while (
@@ -531,14 +535,16 @@ class Job(ABC):
         A debt of bytes is paid off at ``speed`` bytes/s; up to ``THROTTLE_SLICE`` seconds' worth may
         be outstanding before the caller sleeps, so small units of work do not each sleep.
         """
-        self._settle_debt()
+        if self.speed <= 0 and not self._pause_count and not self._cancelled:
+            return  # the hot path of an unthrottled job
+        self._settle_debt(self._monotonic())
         self._throttle_debt += nbytes
         while True:
             await self.pause_point()
             if self.speed <= 0:
                 self._throttle_debt = 0.0
                 return
-            self._settle_debt()
+            self._settle_debt(self._monotonic())
             excess = self._throttle_debt - self.speed * THROTTLE_SLICE
             if excess < 1.0:  # not even a byte over (float residue must not make us spin)
                 return
@@ -613,11 +619,12 @@ class Job(ABC):
         self._wakeup.set()
         self._wakeup = asyncio.Event()
 
-    def _settle_debt(self) -> None:
+    def _settle_debt(self, now: float | None = None) -> None:
         """Pay off the throttle debt for the time elapsed at the current speed."""
-        if not self._has_loop():
-            return
-        now = self._monotonic()
+        if now is None:
+            if not self._has_loop():
+                return
+            now = self._monotonic()
         if self._throttle_at is not None and self.speed > 0:
             self._throttle_debt = max(0.0, self._throttle_debt - (now - self._throttle_at) * self.speed)
         self._throttle_at = now

@@ -58,6 +58,7 @@ _MAX_LENGTH32 = 0xFFFFFFFF
 _RETRY_INTERVAL = 1.0
 _ZEROES = bytes(1024 * 1024)
 _UNCORK_PAYLOAD = 64 * 1024
+SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -268,13 +269,26 @@ async def _open_socket(uri: NbdUri, label: str) -> _Connection:
         _, proto = await loop.create_unix_connection(lambda: _Connection(label), path)
     else:
         _, proto = await loop.create_connection(lambda: _Connection(label), uri.host or "localhost", uri.port)
-        sock = proto.transport.get_extra_info("socket") if proto.transport else None
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+    sock = proto.transport.get_extra_info("socket") if proto.transport else None
+    if sock is not None:
+        _tune(sock, tcp=uri.socket is None)
     return proto
+
+
+def _tune(sock: socket.socket, *, tcp: bool) -> None:
+    """Big socket buffers (a whole large request fits: no partial writes left to the loop to finish), and
+    no Nagle delay on small requests. Best effort: the kernel caps the sizes (net.core.wmem_max)."""
+    options = [
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER),
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER),
+    ]
+    if tcp:
+        options.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
 
 
 async def _greet(conn: _Connection) -> None:

@@ -278,12 +278,12 @@ class BackupJob(Job):
                 if not busy:
                     if copier.bitmap.count == 0:
                         return
+                    await asyncio.sleep(0)
                     continue  # a claim vanished under us; look again
                 await busy[0].done.wait()
                 continue
-            written = copier.written_bytes
             try:
-                await copier.run(task)
+                written = await copier.run(task)
             except CopyError as exc:
                 action = await self.handle_error(
                     exc.cause,
@@ -295,7 +295,7 @@ class BackupJob(Job):
                 if action is ErrorAction.IGNORE:
                     await asyncio.sleep(self.options.retry_delay)  # never spin without yielding
                 continue
-            await self.throttle(copier.written_bytes - written)
+            await self.throttle(written)
             # Devices with inline syscalls never suspend: yield so guest requests get their turn.
             await asyncio.sleep(0)
 

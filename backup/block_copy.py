@@ -182,17 +182,20 @@ class BlockCopier:
 
     # --- copying --------------------------------------------------------------------------------
 
-    async def run(self, task: CopyTask) -> None:
-        """Copy a claimed task; on failure or cancellation its clusters become claimable again."""
+    async def run(self, task: CopyTask) -> int:
+        """Copy a claimed task; on failure or cancellation its clusters become claimable again.
+
+        Returns how many bytes of data were written to the target (what a speed limit charges)."""
         ok = False
         try:
             offset, length = self.bytes_of(task.start, task.end)
-            await self._copy_bytes(offset, length)
+            written = await self._copy_bytes(offset, length)
             ok = True
         finally:
             self._finish(task, ok)
         self.copied_bytes += length
         self.on_progress(length)
+        return written
 
     async def ensure_copied(self, first: int, end: int, *, chunk_clusters: int | None = None) -> None:
         """Guest path: return once every cluster of ``[first, end)`` has its old data on the target.
@@ -220,7 +223,7 @@ class BlockCopier:
             return True
         return self.bitmap.next_set(first, end) is not None
 
-    async def _copy_bytes(self, offset: int, length: int) -> None:
+    async def _copy_bytes(self, offset: int, length: int) -> int:
         """Copy one claimed byte range, deciding per extent between skip, write-zeroes and data."""
         end = offset + length
         if self.top_allocation is not None:
@@ -229,45 +232,45 @@ class BlockCopier:
             except OSError as exc:
                 raise CopyError(exc, is_read=True) from exc
             pos = offset
+            written = 0
             for run_length, allocated in runs:
                 run_end = min(pos + run_length, end)
                 if allocated and run_end > pos:
-                    await self._copy_allocated(pos, run_end)
+                    written += await self._copy_allocated(pos, run_end)
                 pos = run_end
                 if pos >= end:
                     break
             if pos < end:  # the allocation map stopped short: be safe and copy the rest
-                await self._copy_allocated(pos, end)
-            return
-        await self._copy_allocated(offset, end)
+                written += await self._copy_allocated(pos, end)
+            return written
+        return await self._copy_allocated(offset, end)
 
-    async def _copy_allocated(self, offset: int, end: int) -> None:
+    async def _copy_allocated(self, offset: int, end: int) -> int:
         pos = offset
         # One cluster (the usual guest copy): reading it and testing for zeroes costs less than
         # asking the source for its allocation first.
         if end - offset <= self.cluster_size or not self.source.capabilities.can_extents:
-            await self._copy_data(pos, end)
-            return
+            return await self._copy_data(pos, end)
+        written = 0
         while pos < end:
             try:
                 extents = await self.source.block_status(pos, end - pos)
             except OSError as exc:
                 if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                    await self._copy_data(pos, end)
-                    return
+                    return written + await self._copy_data(pos, end)
                 raise CopyError(exc, is_read=True) from exc
             if not extents:
-                await self._copy_data(pos, end)
-                return
+                return written + await self._copy_data(pos, end)
             for extent in extents:
                 ext_end = min(pos + extent.length, end)
                 if extent.flags & State.ZERO:
                     await self._copy_zero(pos, ext_end - pos)
                 else:
-                    await self._copy_data(pos, ext_end)
+                    written += await self._copy_data(pos, ext_end)
                 pos = ext_end
                 if pos >= end:
                     break
+        return written
 
     async def _copy_zero(self, offset: int, length: int) -> None:
         """The one place that decides what a run of zeroes costs the target."""
@@ -291,7 +294,7 @@ class BlockCopier:
         except OSError as exc:
             raise CopyError(exc, is_read=False) from exc
 
-    async def _copy_data(self, offset: int, end: int) -> None:
+    async def _copy_data(self, offset: int, end: int) -> int:
         """Copy data in pieces of at most ``COPY_PIECE``, reading the next piece while the previous
         one is being written; all-zero clusters inside the data go the zero path.
 
@@ -300,27 +303,28 @@ class BlockCopier:
         for the whole copy, and a remote target still has two pieces in flight per copy."""
         piece = min(self.max_chunk, COPY_PIECE)
         if end - offset <= piece:  # the common guest copy: no task, no extra loop turn
-            await self._write_nonzero(offset, await self._read(offset, end - offset))
-            return
+            return await self._write_nonzero(offset, await self._read(offset, end - offset))
         pos = offset
-        writing: asyncio.Task[None] | None = None
+        written = 0
+        writing: asyncio.Task[int] | None = None
         try:
             while pos < end:
                 step = min(end - pos, piece)
                 data = await self._read(pos, step)
                 if writing is not None:
-                    await writing  # raises the previous piece's CopyError
+                    written += await writing  # raises the previous piece's CopyError
                 writing = asyncio.ensure_future(self._write_nonzero(pos, data))
                 pos += step
             last, writing = writing, None
             if last is not None:
-                await last
+                written += await last
         finally:
             if writing is not None and not writing.done():
                 writing.cancel()
                 await asyncio.wait([writing])
             if writing is not None and not writing.cancelled():
                 writing.exception()  # retrieved: the error that matters is already propagating
+        return written
 
     async def _read(self, offset: int, length: int) -> bytes:
         try:
@@ -331,8 +335,9 @@ class BlockCopier:
             raise CopyError(OSError(errno.EIO, f"short read: {len(data)} of {length} bytes"), is_read=True)
         return data
 
-    async def _write_nonzero(self, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset``, splitting out cluster-aligned all-zero pieces."""
+    async def _write_nonzero(self, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset``, splitting out cluster-aligned all-zero pieces; returns the
+        bytes written as data."""
         view = memoryview(data)
         length = len(data)
         cs = self.cluster_size
@@ -350,6 +355,7 @@ class BlockCopier:
             else:
                 pieces.append((pos, stop, is_zero))
             pos = stop
+        written = 0
         for start, stop, is_zero in pieces:
             if is_zero:
                 await self._copy_zero(offset + start, stop - start)
@@ -359,6 +365,8 @@ class BlockCopier:
             except OSError as exc:
                 raise CopyError(exc, is_read=False) from exc
             self.written_bytes += stop - start
+            written += stop - start
+        return written
 
 
 __all__ = ["MAX_ZERO_REQUEST", "BlockCopier", "CopyError", "CopyTask", "TopAllocation"]

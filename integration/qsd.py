@@ -6,7 +6,7 @@ and stops it again (``quit``, then SIGTERM, then SIGKILL). ``QmpSync`` (blocking
 command, reply and event in arrival order, so a test can run one sequence against QEMU and against
 us and compare what came back. Replies are returned raw (``{"return": …}`` or ``{"error": …}``).
 
-Use::
+Use the ``qsd_daemon`` fixture (``from qsd import qsd_daemon``) or::
 
     with Qsd.start(tmp_path) as qsd, qsd.connect() as qmp:
         qmp.execute("blockdev-add", driver="file", **{"node-name": "src"}, filename=str(img))
@@ -27,6 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
+from conftest import require
 
 Json = dict[str, Any]
 EventFilter = Callable[[Json], bool]
@@ -381,3 +384,11 @@ def nbdkit_unix(workdir: Path, name: str, *args: str, timeout: float = DEFAULT_T
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def qsd_daemon(tmp_path: Path) -> Iterator[Qsd]:
+    """A running qemu-storage-daemon (fails in CI, skips locally, when it is not installed)."""
+    require("qemu-storage-daemon")
+    with Qsd.start(tmp_path / "qsd") as daemon:
+        yield daemon

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import require
-from qsd import QmpAsync, Qsd, nbdkit_unix
+from qsd import QmpAsync, Qsd, nbdkit_unix, qsd_daemon  # noqa: F401 (a fixture)
 
 from backup.errors import BackupError, JobStateError, NodeNotFound
 from backup.events import Event, EventBus
@@ -590,3 +590,22 @@ async def test_recorded_qemu_sequences(tmp_path: Path, source_image: Path) -> No
             ("status", "concluded"),
             ("status", "null"),
         ]
+
+
+def test_harness_sync_client(qsd_daemon: Qsd, source_image: Path) -> None:  # noqa: F811 (the fixture)
+    """The blocking client: replies with their ids, errors, events in order, waits that consume."""
+    with qsd_daemon.connect() as qmp:
+        assert "qemu" in qmp.greeting["QMP"]["version"]
+        version = qmp.ok("query-version")
+        assert version["qemu"]["major"] >= 7
+        reply = qmp.execute("job-cancel", id="nope")
+        assert reply["error"] == {"class": "GenericError", "desc": "Job not found"} and reply["id"] == 3
+        qmp.ok("blockdev-add", driver="file", filename=str(source_image), **{"node-name": "src"})
+        qmp.ok("blockdev-add", driver="null-co", size=SIZE, **{"node-name": "sink"})
+        qmp.ok("blockdev-backup", device="src", target="sink", sync="full", **{"job-id": "j"})
+        assert qmp.wait_job_status("j", "null")["data"] == {"id": "j", "status": "null"}
+        assert qmp.wait_job_status("j", "created")["event"] == "JOB_STATUS_CHANGE"  # older events stay queued
+        assert qmp.transcript.job_statuses("j")[-1] == "null"
+        assert [name for name, _ in qmp.transcript.job_events("j") if name != "status"] == ["BLOCK_JOB_COMPLETED"]
+        with pytest.raises(TimeoutError):
+            qmp.wait_event("BLOCK_JOB_ERROR", timeout=0.2)

@@ -440,6 +440,25 @@ def error_scenario(policy: str, err: str) -> Scenario:
     return scenario
 
 
+async def scenario_stop_retry_then_cancel(side: Side) -> list[Any]:
+    """Resume with the fault still there stops again; cancel while stopped ends the job."""
+    side.fault.touch()
+    obs: list[Any] = [await side.backup("j", "nbd:EIO", **{"on-target-error": "stop", "auto-dismiss": False})]
+    await side.wait_status("j", "paused")
+    obs.append(await side.verb("job-resume", id="j"))
+    await side.wait_status("j", "running")
+    await side.wait_status("j", "paused")
+    obs.append(without(await side.query("query-block-jobs"), "busy"))
+    obs.append(await side.verb("job-cancel", id="j"))
+    await side.wait_status("j", "concluded")
+    obs.append(await side.query("query-jobs"))
+    obs.append(without(await side.query("query-block-jobs"), "busy"))
+    obs.append(await side.verb("job-dismiss", id="j"))
+    events = side.job_events("j")
+    assert [name for name, _ in events].count("BLOCK_JOB_ERROR") == 2
+    return [*obs, events]
+
+
 def all_events(side: Side, *, drop: tuple[str, ...] = ("offset",)) -> list[tuple[Any, ...]]:
     """Every event in order, status changes as ("status", id, S), others without ``drop`` fields."""
     out: list[tuple[Any, ...]] = []
@@ -524,6 +543,7 @@ SCENARIOS: dict[str, Scenario] = {
     "enospc-EIO": error_scenario("enospc", "EIO"),
     "auto-ENOSPC": error_scenario("auto", "ENOSPC"),
     "ignore-EIO": error_scenario("ignore", "EIO"),
+    "stop-retry-then-cancel": scenario_stop_retry_then_cancel,
     "txn-abort": scenario_txn_abort,
     "txn-failing-second-action": scenario_txn_failing_second_action,
     "txn-individual": scenario_txn_individual,

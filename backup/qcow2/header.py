@@ -188,7 +188,7 @@ def _parse_extensions(h: ImageHeader, first: bytes, path: str) -> None:
             raise _refuse(path, f"duplicate header extension {ext.type:#x}")
         seen.add(ext.type)
         if ext.type == q.EXT_BACKING_FORMAT:
-            h.backing_format = data.decode("utf-8", "surrogateescape")
+            h.backing_format = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif ext.type == q.EXT_DATA_FILE:
             raise _refuse(path, "images with an external data file are not supported")
         elif ext.type == q.EXT_CRYPTO:
@@ -205,7 +205,10 @@ def _parse_backing_name(h: ImageHeader, offset: int, size: int, first: bytes, pa
         raise _refuse(path, f"invalid backing file name length {size}")
     if offset + size > min(len(first), h.cluster_size):
         raise _refuse(path, "backing file name lies outside the first cluster")
-    h.backing_file = first[offset : offset + size].decode("utf-8", "surrogateescape")
+    name = first[offset : offset + size]
+    if b"\0" in name:
+        raise _refuse(path, "backing file name contains a NUL byte")
+    h.backing_file = name.decode("utf-8", "surrogateescape")
 
 
 def build_header(h: ImageHeader) -> bytes:

@@ -193,3 +193,35 @@ def test_killing_the_server_mid_copy_fails_quickly(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "connection" in stderr and "lost" in stderr, stderr
     assert "Traceback" not in stderr
+
+
+def test_qcow2_both_ways(tmp_path: Path) -> None:
+    """The restore path for qcow2 backups: images are opened and created through backup.images."""
+    require("qemu-img", "qemu-io")
+    qcow = tmp_path / "src.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(qcow), str(SIZE))
+    run(
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x61 0 300k",
+        "-c",
+        "write -P 0x62 5M 64k",
+        "-c",
+        "write -z 6M 1M",
+        str(qcow),
+    )
+    raw = tmp_path / "restored.img"
+    copy(str(qcow), str(raw))
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow), str(raw))
+    assert allocated(raw) < SIZE // 2
+    again = tmp_path / "again.qcow2"
+    copy("-O", "qcow2", str(raw), str(again))
+    run("qemu-img", "check", str(again))
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(again))
+    with nbdkit(tmp_path, "memory", f"size={SIZE}") as peer:
+        copy(str(again), peer.uri)
+        assert nbdcopy_to_file(peer.uri, tmp_path / "check.img") == raw.read_bytes()
+    proc = copy("-f", "raw", str(qcow), str(tmp_path / "x.img"), check=False)
+    assert proc.returncode == 1 and "qcow2" in proc.stderr

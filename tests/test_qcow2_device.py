@@ -452,3 +452,18 @@ async def test_reads_never_see_a_cluster_before_its_data(tmp_path: Path, compres
     assert seen <= {b"o" * 16, b"n" * 16}
     await dev.close()
     assert check_image(str(tmp_path / "top.qcow2")).clean
+
+
+async def test_backing_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "placeholder").write_bytes(bytes(MiB))
+    await (await Qcow2Device.create(tmp_path / "top.qcow2", MiB, backing_file="placeholder")).close()
+    data = (tmp_path / "top.qcow2").read_bytes().replace(b"placeholder", b"fifo\0\0\0\0\0\0\0")
+    (tmp_path / "top.qcow2").write_bytes(data)
+    with pytest.raises(ImageFormatError, match="NUL"):
+        await Qcow2Device.open(tmp_path / "top.qcow2", read_only=True)
+    os.rename(tmp_path / "fifo", tmp_path / "fifo_fifo_f")
+    data = data.replace(b"fifo\0\0\0\0\0\0\0", b"fifo_fifo_f")
+    (tmp_path / "top.qcow2").write_bytes(data)
+    with pytest.raises(ImageFormatError, match="not a regular file"):
+        await asyncio.wait_for(Qcow2Device.open(tmp_path / "top.qcow2", read_only=True), 10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import TYPE_CHECKING, Protocol
 
 from backup.errors import ImageFormatError
@@ -97,8 +98,14 @@ def locate_backing(name: str, image_path: str, chain: tuple[str, ...]) -> str:
         raise ImageFormatError(f"{image_path}: backing file chain has a cycle: {shown}")
     if len(chain) >= MAX_CHAIN_DEPTH:
         raise ImageFormatError(f"{image_path}: backing file chain is deeper than {MAX_CHAIN_DEPTH} images")
-    if not os.path.exists(path):
-        raise ImageFormatError(f"{image_path}: backing file {path!r} does not exist")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageFormatError(f"{image_path}: backing file {path!r} does not exist") from None
+    except OSError as exc:
+        raise ImageFormatError(f"{image_path}: backing file {path!r}: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):  # a FIFO or a device could block or never end
+        raise ImageFormatError(f"{image_path}: backing file {path!r} is not a regular file or block device")
     return path
 
 

@@ -708,3 +708,34 @@ def test_random_verb_sequences_follow_the_tables(
         assert not crashes, crashes
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_lifecycle_on_both_event_loops(loop_name: str) -> None:
+    """Cancel of a paused, throttled job and a STOP/resume cycle behave the same on uvloop."""
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        bus = make_bus()
+        rec = Recorder(bus)
+        slow = FakeJob("slow", events=bus, units=2, unit_size=10_000, speed=1)
+        slow.start()
+        await until(lambda: not slow.busy and slow.hooks == ["run"])
+        slow.pause()
+        await until(lambda: slow.status is JobStatus.PAUSED)
+        slow.cancel()
+        stopped = FakeJob("stopped", events=bus, errors=[EIO], policy=OnError.STOP)
+        stopped.start()
+        await until(lambda: stopped.status is JobStatus.PAUSED)
+        stopped.resume()
+        await asyncio.wait_for(asyncio.gather(slow.wait(), stopped.wait()), 10)
+        return rec.statuses("slow"), rec.statuses("stopped")
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        slow, stopped = runner.run(scenario())
+    assert slow == ["created", "running", "paused", "running", "aborting", "concluded", "null"]
+    assert stopped == ["created", "running", "paused", "running", "waiting", "pending", "concluded", "null"]

@@ -673,21 +673,32 @@ class NbdClient:
 
     async def _reconnect(self, old: _Connection, ops: list[_Op], reason: BaseException) -> None:
         """Wait for the old socket to be gone, then connect again and replay; give up after the delay."""
+        try:
+            await self._reconnect_loop(old, ops)
+        except asyncio.CancelledError:
+            self._fail(ops, DisconnectedError(f"{self.uri}: client closed while reconnecting ({reason})"))
+            raise
+        except BaseException as exc:
+            self._fail(ops, exc)
+            raise
+
+    async def _reconnect_loop(self, old: _Connection, ops: list[_Op]) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._reconnect_delay
-        await old.closed
-        while not self._closing:
+        await old.closed  # the old connection is fully closed before anything is replayed
+        while True:
             remaining = deadline - loop.time()
             try:
                 timeout = min(self._connect_timeout, remaining) if remaining > 0 else self._connect_timeout
                 conn, info = await self._open(self.uri, max(timeout, 0.1), list_contexts=False)
             except (OSError, NbdError, TimeoutError) as exc:
                 if loop.time() >= deadline and not self._failing_fast:
-                    self._failing_fast = True
+                    self._failing_fast = True  # from now on new requests fail at once; we keep trying
                     self._fail(ops, DisconnectedError(f"{self.uri}: reconnect failed within the delay: {exc}"))
-                    ops = []
+                    ops.clear()
                     self._ready.set()
-                await asyncio.sleep(_RETRY_INTERVAL)
+                pause = _RETRY_INTERVAL if self._failing_fast else min(_RETRY_INTERVAL, max(remaining, 0.05))
+                await asyncio.sleep(pause)
                 continue
             if info.size != self.size:
                 conn.abort(HandshakeError("export size changed"))
@@ -704,7 +715,6 @@ class NbdClient:
             self._ready.set()
             log.warning("%s: reconnected; replayed %d request(s)", self.uri, len(ops))
             return
-        self._fail(ops, reason)
 
     def _replay(self, conn: _Connection, ops: list[_Op]) -> None:
         """Send again what the server never acknowledged, oldest first, minus superseded write ranges."""
@@ -941,6 +951,7 @@ class NbdClient:
         if self._closed:
             return
         self._closing = True
+        self._ready.set()  # requests waiting for a connection see the client closing
         for task in list(self._tasks):
             task.cancel()
         try:

@@ -190,3 +190,19 @@ async def test_requests_wait_during_reconnect_and_reads_replay(tmp_path: Path) -
         await client.close()
     finally:
         await server.stop()
+
+
+async def test_close_while_reconnecting_fails_pending_requests(tmp_path: Path) -> None:
+    server = NbdServer()
+    server.add_export(Export("d", MemoryDevice(SIZE)))
+    path = tmp_path / "c.sock"
+    await server.listen_unix(path)
+    client = await NbdClient.connect(f"nbd+unix:///d?socket={path}", connections=1, reconnect_delay=60)
+    await server.stop()  # nobody to reconnect to
+    await asyncio.sleep(0.1)
+    waiting = asyncio.ensure_future(client.pread(0, 512))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    await asyncio.wait_for(client.close(), 10)
+    with pytest.raises(OSError):
+        await asyncio.wait_for(waiting, 5)

@@ -46,6 +46,7 @@ MIN_CLUSTER_SIZE = 64 * KiB
 SYNC_MODES = ("full", "top", "none")
 #: How long closing a target may take before the job gives up on it (a dead NBD server).
 CLOSE_TIMEOUT = 2.0
+FLUSH_ON_CLOSE_TIMEOUT = 1.0
 
 
 @dataclass
@@ -153,6 +154,7 @@ class BackupJob(Job):
         self._broken = asyncio.Event()
         self._cursor = 0
         self._detached = False
+        self._flushed = False
 
     # --- setting the point in time ----------------------------------------------------------------
 
@@ -358,6 +360,7 @@ class BackupJob(Job):
         while True:
             try:
                 await self.target.flush()
+                self._flushed = True
                 return
             except OSError as exc:
                 action = await self.handle_error(exc, self.options.on_target_error, is_read=False)
@@ -373,12 +376,21 @@ class BackupJob(Job):
         super().early_fail()
 
     async def clean(self) -> None:
+        written_before = self.copier.written_bytes if self.copier is not None else 0
         self.detach()
-        if self.close_target:
+        if not self.close_target:
+            return
+        if written_before and not self._flushed:
+            # A cancelled job (sync=none always ends so) still leaves what it copied durable; a
+            # dead target gets a short grace only, so cancel stays prompt.
             try:
-                await asyncio.wait_for(self.target.close(), CLOSE_TIMEOUT)
+                await asyncio.wait_for(self.target.flush(), FLUSH_ON_CLOSE_TIMEOUT)
             except (OSError, TimeoutError) as exc:
-                log.warning("job %s: closing the target failed: %s", self.id, exc)
+                log.warning("job %s: flushing the target failed: %s", self.id, exc)
+        try:
+            await asyncio.wait_for(self.target.close(), CLOSE_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            log.warning("job %s: closing the target failed: %s", self.id, exc)
 
 
 __all__ = ["MIN_CLUSTER_SIZE", "BackupJob", "BackupOptions", "backup_cluster_size"]

@@ -467,3 +467,16 @@ async def test_backing_file_that_is_a_fifo_is_refused_without_blocking(tmp_path:
     (tmp_path / "top.qcow2").write_bytes(data)
     with pytest.raises(ImageFormatError, match="not a regular file"):
         await asyncio.wait_for(Qcow2Device.open(tmp_path / "top.qcow2", read_only=True), 10)
+
+
+async def test_dirty_image_with_a_wild_pointer_is_refused_not_repaired(tmp_path: Path) -> None:
+    path = tmp_path / "wild.qcow2"
+    dev = await Qcow2Device.create(path, 2 * MiB)
+    await dev.pwrite(0, b"d" * 65536)
+    await dev.flush()
+    dev.abandon()  # dirty
+    l2 = 4 * 65536
+    _corrupt_image(path, {l2: struct.pack(">Q", q.OFLAG_COPIED | (1 << 54))})
+    with pytest.raises(ImageFormatError, match="past the end"):
+        await asyncio.wait_for(Qcow2Device.open(path), 20)
+    assert not check_image(str(path)).clean

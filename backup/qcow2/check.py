@@ -86,6 +86,9 @@ def walk_references(fd: int, h: ImageHeader) -> References:
         for i, entry in enumerate(struct.unpack(f">{cs // 8}Q", table)):
             if entry & q.OFLAG_COMPRESSED:
                 offset, _ = q.decode_compressed(entry, cb)
+                if offset >> cb >= file_clusters:
+                    refs.problems.append(f"L2 entry {index}/{i}: compressed data at {offset:#x} is past the end")
+                    continue
                 refs.ref(offset & ~(q.SECTOR - 1), (((entry >> shift) & smask) + 1) * q.SECTOR, cb)
                 refs.compressed_clusters += 1
                 refs.allocated_clusters += 1
@@ -94,8 +97,8 @@ def walk_references(fd: int, h: ImageHeader) -> References:
                 continue
             host = entry & q.L2E_OFFSET_MASK
             if host:
-                if host & (cs - 1):
-                    refs.problems.append(f"L2 entry {index}/{i}: {host:#x} is not cluster aligned")
+                if host & (cs - 1) or host >> cb >= file_clusters:
+                    refs.problems.append(f"L2 entry {index}/{i}: {host:#x} is unaligned or past the end of the file")
                     continue
                 refs.ref(host, cs, cb)
             if host or entry & zero_flag:

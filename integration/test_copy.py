@@ -225,3 +225,13 @@ def test_qcow2_both_ways(tmp_path: Path) -> None:
         assert nbdcopy_to_file(peer.uri, tmp_path / "check.img") == raw.read_bytes()
     proc = copy("-f", "raw", str(qcow), str(tmp_path / "x.img"), check=False)
     assert proc.returncode == 1 and "qcow2" in proc.stderr
+
+
+def test_block_status_errors_fall_back_to_data(tmp_path: Path) -> None:
+    with nbdkit(
+        tmp_path, "--filter=error", "data", SPARSE_DATA, f"size={SIZE}", "error-extents=EIO", "error-extents-rate=1"
+    ) as p:
+        out = tmp_path / "out.img"
+        copy(p.uri, str(out))
+    with nbdkit(tmp_path, "-r", "data", SPARSE_DATA, f"size={SIZE}", name="plain") as plain:
+        assert out.read_bytes() == nbdcopy_to_file(plain.uri, tmp_path / "expected.img")

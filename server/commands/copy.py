@@ -23,8 +23,8 @@ from typing import Any
 
 from backup.errors import BackupError
 from nbd.constants import State
-from nbd.device import BlockDevice
-from nbd.errors import NbdError
+from nbd.device import BlockDevice, Extent
+from nbd.errors import NbdError, NbdRequestError
 from nbd.uri import looks_like_uri, parse_uri
 from server.progress import Progress
 
@@ -147,7 +147,12 @@ async def copy_device(
         offset = 0
         while offset < size:
             span = min(size - offset, STATUS_SPAN)
-            extents = await src.block_status(offset, span)
+            try:
+                extents = await src.block_status(offset, span)
+            except NbdRequestError as exc:
+                # Block status is an optimisation: without it, everything is data (the reads decide).
+                log.warning("block status failed at offset %d (%s): copying as data", offset, exc)
+                extents = [Extent(span, 0)]
             if not extents:
                 raise CopyError(f"the source reported no block status at offset {offset}")
             for extent in extents:

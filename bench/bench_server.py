@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORT = "disk"
@@ -65,7 +66,7 @@ def free_port() -> int:
         return port
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def wait_port(port: int, proc: Any, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -91,17 +92,61 @@ def start_nbdkit(image: Path, port: int, workdir: Path) -> subprocess.Popen[byte
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_nbd_server(image: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def start_nbd_server(image: Path, port: int, workdir: Path) -> _Pids:
     config = workdir / "nbd-server.conf"
     config.write_text(
         f"[generic]\n    listenaddr = 127.0.0.1\n    port = {port}\n    allowlist = true\n"
         f"[{EXPORT}]\n    exportname = {image}\n"
     )
-    argv = ["nbd-server", "-C", str(config), "-d"]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # "-d" (no fork) serves a single client and exits, so nbd-server runs as the daemon it wants to be;
+    # its processes are found again by their (unique) config path and stopped by pid.
+    argv = ["nbd-server", "-C", str(config)]
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=30)
+    return _Pids(pids_with_cmdline(argv))
 
 
-SERVERS: dict[str, tuple[str | None, Callable[[Path, int, Path], subprocess.Popen[bytes]]]] = {
+def pids_with_cmdline(argv: list[str]) -> list[int]:
+    wanted = "\0".join(argv)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().decode(errors="replace").rstrip("\0") == wanted:
+                    pids.append(int(entry.name))
+    return pids
+
+
+class _Pids:
+    """The slice of ``Popen`` the benchmark uses, for a daemon that forked away from us."""
+
+    def __init__(self, pids: list[int]) -> None:
+        if not pids:
+            raise RuntimeError("nbd-server did not start")
+        self.pids = pids
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        alive = [pid for pid in self.pids if Path(f"/proc/{pid}").exists()]
+        return None if alive else 0
+
+    def send_signal(self, sig: int) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout or 0)
+        while self.poll() is None:
+            if timeout is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("nbd-server", timeout)
+            time.sleep(0.05)
+        return 0
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+SERVERS: dict[str, tuple[str | None, Callable[[Path, int, Path], Any]]] = {
     "ours": (None, start_ours),
     "qemu-nbd": ("qemu-nbd", start_qemu_nbd),
     "nbdkit": ("nbdkit", start_nbdkit),

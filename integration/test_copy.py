@@ -149,9 +149,9 @@ def test_failures_exit_non_zero_with_a_message(tmp_path: Path, src: str, dst: st
 
 
 def test_read_errors_fail_the_copy_and_remove_the_new_file(tmp_path: Path) -> None:
-    with nbdkit(tmp_path, "--filter=error", "pattern", f"size={SIZE}", "error-pread=EIO", "error-pread-rate=0.2") as p:
+    with nbdkit(tmp_path, "--filter=error", "pattern", f"size={SIZE}", "error-pread=EIO", "error-pread-rate=0.5") as p:
         out = tmp_path / "out.img"
-        proc = copy(p.uri, str(out), check=False)
+        proc = copy("--request-size", "64K", p.uri, str(out), check=False)  # 128 reads: some fail
     assert proc.returncode == 1
     assert "Input/output error" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()

@@ -154,7 +154,7 @@ class BlockCopier:
 
     def claim(self, first: int, end: int) -> CopyTask:
         """Take clusters ``[first, end)`` (all still to copy) for copying. Synchronous on purpose."""
-        if first >= end or self.bitmap.count_range(first, end) != end - first:
+        if first >= end or self.bitmap.next_clear(first, end) is not None:
             raise ValueError(f"clusters [{first}, {end}) are not all waiting to be copied")
         self.bitmap.clear(first, end)
         task = CopyTask(first, end)

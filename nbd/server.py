@@ -227,6 +227,11 @@ class NbdServer:
                 await asyncio.wait(pending, timeout=1.0)
 
 
+def _buffered(request: Request) -> int:
+    """Bytes a request holds in memory while in flight: its payload or its read data."""
+    return request.length if request.cmd == CMD_READ or request.cmd == CMD_WRITE else 0
+
+
 class _Connection(asyncio.BufferedProtocol):
     """One client: the core's bytes in and out, each request run as soon as it is complete.
 
@@ -283,7 +288,9 @@ class _Connection(asyncio.BufferedProtocol):
         server._connections.add(self)
         if refuse:
             log.warning("refusing NBD client %s: %s", self.peer, refuse)
-        self.core = ServerCore(server._lookup, server._list, max_options=server.max_options, refuse=refuse)
+        # Listing exports takes a few options per export (nbdinfo --list asks each for its details).
+        max_options = server.max_options + 4 * len(server._exports)
+        self.core = ServerCore(server._lookup, server._list, max_options=max_options, refuse=refuse)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         transport.writelines(self.core.data_to_send())
         self._timer = self.loop.call_later(server.handshake_timeout, self._handshake_expired)
@@ -393,6 +400,9 @@ class _Connection(asyncio.BufferedProtocol):
             batch.clear()
         if not self._in_flight:
             transport.close()
+        elif not self._reading_paused and not transport.is_closing():
+            self._reading_paused = True  # nothing more is read; in-flight requests still reply
+            transport.pause_reading()
 
     def abort(self) -> None:
         self._closing = True
@@ -404,7 +414,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _start(self, request: Request) -> None:
         self._in_flight += 1
-        self._in_flight_bytes += request.length
+        self._in_flight_bytes += _buffered(request)
         coro = self._handle(request)
         try:
             yielded = coro.send(None)
@@ -515,7 +525,7 @@ class _Connection(asyncio.BufferedProtocol):
             log.exception("NBD client %s: %r failed", self.peer, request)
             self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}"))
         finally:
-            self._done(request.length)
+            self._done(_buffered(request))
 
     def _done(self, length: int) -> None:
         self._in_flight -= 1

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 from backup_faults import FaultyDevice, pattern
 
-from backup.block_copy import BlockCopier
+from backup.block_copy import BlockCopier, CopyError
 from backup.cbw import CopyBeforeWriteFilter, OnCbwError
 from backup.memory import MemoryDevice
 from backup.node import BlockNode
@@ -208,3 +208,51 @@ async def test_two_backups_stack_each_with_its_own_point_in_time() -> None:
     r1.node.remove_filter(r1.cbw)  # the lower one goes first; the upper keeps working
     assert cbw2.next is r1.source
     assert await r1.node.pread(0, 1) == b"B"
+
+
+def big_copier(zero_init: bool = True) -> tuple[MemoryDevice, FaultyDevice, BlockCopier]:
+    size = 64 * CS  # 4 MiB: a job chunk copies in 1 MiB pieces, reading one while writing the last
+    source = MemoryDevice(size, data=pattern(size))
+    target = FaultyDevice(MemoryDevice(size))
+    copier = BlockCopier(source, target, size=size, cluster_size=CS, target_zero_init=zero_init, max_chunk=size)
+    return source, target, copier
+
+
+async def test_pipelined_copy_reports_a_failed_piece_and_gives_the_clusters_back() -> None:
+    source, target, copier = big_copier()
+    target.fail_writes, target.fail_writes_times = errno.EIO, 1
+    before = len(asyncio.all_tasks())
+    task = copier.claim(0, copier.clusters)
+    with pytest.raises(CopyError) as info:
+        await copier.run(task)
+    assert not info.value.is_read and info.value.errno == errno.EIO
+    assert copier.bitmap.count == copier.clusters and copier.in_flight == ()
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before  # no piece left running
+    written = await copier.run(copier.claim(0, copier.clusters))
+    assert written == source.size and target.next.data == source.data  # type: ignore[attr-defined]
+
+
+async def test_cancelled_copy_leaves_nothing_running() -> None:
+    _, target, copier = big_copier()
+    target.gate.clear()
+    job = asyncio.create_task(copier.run(copier.claim(0, copier.clusters)))
+    while target.stalled == 0:
+        await asyncio.sleep(0)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    await asyncio.sleep(0)
+    assert copier.bitmap.count == copier.clusters and copier.in_flight == ()
+    assert target.stalled == 0  # the piece being written was cancelled too
+    assert len(asyncio.all_tasks()) == 1
+
+
+async def test_source_read_errors_are_reported_as_reads() -> None:
+    source, _target, copier = big_copier()
+    faulty = FaultyDevice(source)
+    copier.source = faulty
+    faulty.fail_reads = errno.EIO
+    with pytest.raises(CopyError) as info:
+        await copier.run(copier.claim(0, 2))
+    assert info.value.is_read and copier.bitmap[0] and copier.bitmap[1]

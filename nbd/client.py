@@ -21,7 +21,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -1011,12 +1011,15 @@ def _copy_exception(reason: BaseException) -> BaseException:
     return DisconnectedError(f"connection lost: {reason}")
 
 
-async def _gather(coros: Any) -> None:
-    """Run the pieces of one split request; the first failure wins, the rest are awaited (no orphans)."""
-    tasks = [asyncio.ensure_future(coro) for coro in coros]
-    if len(tasks) == 1:
-        await tasks[0]
+async def _gather(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:
+    """Run the pieces of one split request; the first failure wins, the rest are awaited (no orphans).
+
+    The usual case is one piece: it is awaited directly (a task per request would cost more than the rest)."""
+    pieces = list(coros)
+    if len(pieces) == 1:
+        await pieces[0]
         return
+    tasks = [asyncio.ensure_future(piece) for piece in pieces]
     try:
         await asyncio.gather(*tasks)
     except BaseException:

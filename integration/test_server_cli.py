@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,24 @@ def test_sigint_also_stops(tmp_path: Path) -> None:
     with serve(tmp_path, [f"d={disk}"]) as served:
         served.proc.send_signal(signal.SIGINT)
         assert served.proc.wait(15) == 0
+
+
+def test_connection_limit_is_a_clear_refusal(tmp_path: Path) -> None:
+    require("qemu-img")
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(MiB))
+    with serve(tmp_path, [f"d={disk}"], "--max-connections", "1") as served:
+        holder = socket.create_connection(("127.0.0.1", served.port))
+        holder.settimeout(10)
+        holder.recv(18)
+        go = struct.pack(">I", 1) + b"d" + struct.pack(">H", 0)
+        holder.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, len(go)) + go)
+        holder.recv(4096)  # the GO replies: the one allowed connection is in use
+        refused = run("qemu-img", "info", served.uri("d"), check=False)
+        assert refused.returncode != 0
+        assert "too many connections (limit 1)" in refused.stderr
+        holder.close()
+        deadline = time.monotonic() + 20
+        while run("qemu-img", "info", served.uri("d"), check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the slot was never given back"
+            time.sleep(0.1)

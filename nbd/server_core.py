@@ -432,12 +432,15 @@ class ServerCore:
 
     def _option_data(self, events: list[Event], data: bytes) -> None:
         option = self._option
-        if self._refuse is not None:
+        if self._refuse is not None and option != Opt.ABORT:
+            # Every option is refused with the reason (so the client can show it when it asks for an
+            # export); EXPORT_NAME has no error reply, so that one closes.
             if option == Opt.EXPORT_NAME:
                 self._close(events, self._refuse, error=True)
-            else:
-                self._reply_error(option, Rep.ERR_POLICY, self._refuse)
-                self._close(events, self._refuse, error=True)
+                return
+            self._reply_error(option, Rep.ERR_POLICY, self._refuse)
+            self._goto(Input.OPTION_DONE)
+            self._want = 16
             return
         handler = _OPTION_HANDLERS.get(option)
         try:

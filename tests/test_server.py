@@ -260,6 +260,8 @@ def test_connection_limit(loop: str) -> None:
         second.option(Opt.GO, wire.InfoRequest.build({"name": "disk", "requests": []}))
         reply, message = await second.option_reply()
         assert reply == Rep.ERR_POLICY and b"too many connections" in message
+        second.option(Opt.ABORT)
+        assert (await second.option_reply())[0] == Rep.ACK
         assert await asyncio.wait_for(second.reader.read(), 5) == b""
         await second.close()
         # The first one is unaffected.

@@ -332,10 +332,17 @@ def test_oversized_option_is_discarded_and_absurd_one_closes() -> None:
 def test_refusing_core_answers_err_policy() -> None:
     core = make_core(refuse="too many connections (limit 1)")
     out(core)
-    events = core.receive(struct.pack(">I", 3) + option(Opt.GO, info_data("disk")))
-    reply = parse_option_replies(out(core))[0]
-    assert reply[:2] == (Opt.GO, Rep.ERR_POLICY) and b"too many connections" in reply[2]
+    events = core.receive(struct.pack(">I", 3) + option(Opt.STRUCTURED_REPLY) + option(Opt.GO, info_data("disk")))
+    replies = parse_option_replies(out(core))
+    assert [r[:2] for r in replies] == [(Opt.STRUCTURED_REPLY, Rep.ERR_POLICY), (Opt.GO, Rep.ERR_POLICY)]
+    assert b"too many connections" in replies[1][2]
+    assert events == []
+    events = core.receive(option(Opt.ABORT))
+    assert parse_option_replies(out(core)) == [(Opt.ABORT, Rep.ACK, b"")]
     assert isinstance(events[0], Closed)
+    core = make_core(refuse="too many connections (limit 1)")
+    out(core)
+    assert isinstance(core.receive(struct.pack(">I", 3) + option(Opt.EXPORT_NAME, b"disk"))[0], Closed)
 
 
 # --- transmission ----------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """asyncio adapter of the NBD server: sockets in, ``ServerCore`` in the middle, block devices below.
 
-Each connection is an ``asyncio.Protocol`` feeding its own ``ServerCore`` (so no stream-reader copies
-and no per-request ``readexactly`` awaits); every validated request runs as its own task, so many
-requests are in flight per connection and replies go out in completion order. A reply is always
-written with one synchronous ``transport.write``/``writelines`` call, which makes the transport's
-buffer the write lock: replies never interleave. When the buffer is over its high-water mark, request
-tasks wait for it to drain; when too many requests are in flight, reading pauses (bounded memory).
+Each connection is an ``asyncio.BufferedProtocol`` feeding its own ``ServerCore`` (no stream-reader
+copies, no per-request ``readexactly`` awaits, write payloads received in place). Every validated
+request starts at once and runs concurrently with the others, so many requests are in flight per
+connection and replies go out in completion order. A reply is always written with one synchronous
+``transport.write``/``writelines`` call, which makes the transport's buffer the write lock: replies
+never interleave. When that buffer is over its high-water mark, requests wait for it to drain before
+they count as done; when too many requests (or bytes) are in flight, reading pauses — memory per
+connection stays bounded whatever the client sends.
 """
 
 from __future__ import annotations

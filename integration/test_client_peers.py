@@ -62,13 +62,13 @@ class Peer:
         return self.log.read_text(errors="replace") if self.log is not None and self.log.exists() else ""
 
 
-def _connectable(sock_path: Path | None, port: int | None) -> bool:
+def _connectable(sock_path: Path | None, port: int | None, host: str = "127.0.0.1") -> bool:
     try:
         if sock_path is not None:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(str(sock_path))
         else:
-            with socket.create_connection(("127.0.0.1", port or 0), timeout=1):
+            with socket.create_connection((host, port or 0), timeout=1):
                 pass
     except OSError:
         return False
@@ -76,11 +76,16 @@ def _connectable(sock_path: Path | None, port: int | None) -> bool:
 
 
 def wait_listening(
-    proc: subprocess.Popen[bytes] | None, *, sock_path: Path | None = None, port: int | None = None, log: Path
+    proc: subprocess.Popen[bytes] | None,
+    *,
+    sock_path: Path | None = None,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    log: Path,
 ) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if (sock_path is None or sock_path.exists()) and _connectable(sock_path, port):
+        if (sock_path is None or sock_path.exists()) and _connectable(sock_path, port, host):
             return
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"server exited {proc.returncode} before listening:\n{log.read_text(errors='replace')}")
@@ -89,12 +94,18 @@ def wait_listening(
 
 
 def start_process(
-    argv: list[str], tmp: Path, name: str, *, sock_path: Path | None = None, port: int | None = None
+    argv: list[str],
+    tmp: Path,
+    name: str,
+    *,
+    sock_path: Path | None = None,
+    port: int | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp / f"{name}.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp)
-    wait_listening(proc, sock_path=sock_path, port=port, log=log)
+    wait_listening(proc, sock_path=sock_path, port=port, host=host, log=log)
     return proc, log
 
 
@@ -351,3 +362,40 @@ async def test_our_server_round_trip_in_process(tmp_path: Path) -> None:
         assert [e.name for e in await NbdClient.list_exports(f"nbd+unix:///?socket={sock_path}")] == ["mem"]
     finally:
         await server.stop()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "legacy"])
+async def test_tcp_uris(family: str, tmp_path: Path) -> None:
+    """nbd://127.0.0.1:PORT/, nbd://[::1]:PORT/ and QEMU's nbd:HOST:PORT:exportname=X over real TCP."""
+    require("nbdkit")
+    if family == "ipv6" and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    host = "::1" if family == "ipv6" else "127.0.0.1"
+    port = free_port()
+    argv = ["nbdkit", "-i", host, "-p", str(port), "-f", "--exit-with-parent", "-e", "exp", "memory", f"size={SIZE}"]
+    proc, _ = start_process(argv, tmp_path, "tcp", port=port, host=host)
+    try:
+        uri = {
+            "ipv4": f"nbd://127.0.0.1:{port}/exp",
+            "ipv6": f"nbd://[::1]:{port}/exp",
+            "legacy": f"nbd:127.0.0.1:{port}:exportname=exp",
+        }[family]
+        client = await asyncio.wait_for(NbdClient.connect(uri), 10)
+        try:
+            assert client.size == SIZE
+            await client.pwrite(0, b"tcp")
+            assert await client.pread(0, 3) == b"tcp"
+        finally:
+            await client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

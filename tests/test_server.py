@@ -400,3 +400,21 @@ def test_bytes_in_flight_are_bounded(loop: str) -> None:
         await client.close()
 
     run_on(loop, serving(device, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_connection_flood_is_cut_off(loop: str) -> None:
+    async def body(server: NbdServer, port: int) -> None:
+        first = await RawClient.connect(port)
+        await first.go("disk")
+        second = await RawClient.connect(port)
+        await second.greeting()  # refused politely: a greeting, then ERR_POLICY
+        while server.connections < 2:
+            await asyncio.sleep(0.01)
+        third = await RawClient.connect(port)
+        # Twice the limit: not even a greeting.
+        assert await asyncio.wait_for(third.reader.read(), 5) == b""
+        for client in (first, second, third):
+            await client.close()
+
+    run_on(loop, serving(MemoryDevice(1 << 20), body, max_connections=1))

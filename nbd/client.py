@@ -638,7 +638,7 @@ class NbdClient:
         if not self._pending_writes:
             self._acked_log.clear()
             return
-        oldest = min(self._pending_writes)
+        oldest = next(iter(self._pending_writes))  # sequence numbers are inserted in increasing order
         if ok and op.seq > oldest:
             self._acked_log.append((op.seq, op.offset, op.offset + op.length))
         if self._acked_log and self._acked_log[0][0] < oldest:
@@ -720,7 +720,9 @@ class NbdClient:
         """Send again what the server never acknowledged, oldest first, minus superseded write ranges."""
         for op in sorted(ops, key=lambda o: o.seq):
             parent = op.parent or op
-            if parent.future.done():
+            if parent.future.done():  # timed out or cancelled by its caller: nothing to replay
+                if parent.seq:
+                    self._pending_writes.pop(parent.seq, None)
                 continue
             if op.buffer is not None and op.fresh:
                 op.buffer[:] = bytes(len(op.buffer))  # holes rely on a zeroed buffer

@@ -241,6 +241,7 @@ class ServerCore:
         self._size = 0
         self._read_only = True
         self._max_payload = c.MAX_PAYLOAD
+        self._align = 0
         self._payload: bytearray | None = None
         self._spares: list[bytearray] = []
         self._payload_have = 0
@@ -472,6 +473,8 @@ class ServerCore:
         self._size = entry.size
         self._read_only = bool(self._flags & TransmissionFlag.READ_ONLY)
         self._max_payload = entry.maximum
+        # Requests must be multiples of the advertised minimum block size (a power of two).
+        self._align = entry.minimum - 1 if entry.minimum > 1 and not entry.minimum & (entry.minimum - 1) else 0
         self.meta_context = META_CONTEXT_ID if self._meta_selected and self._meta_export == entry.name else 0
         events.append(Negotiated(entry, self.structured, self.meta_context))
 
@@ -592,7 +595,7 @@ class ServerCore:
                 err = Errno.EINVAL
             elif length > self._max_payload:
                 err = Errno.EOVERFLOW if self.structured else Errno.EINVAL
-            elif offset + length > self._size:
+            elif offset + length > self._size or (offset | length) & self._align:
                 err = Errno.EINVAL
             else:
                 events.append(Request(cmd, flags, cookie, offset, length))
@@ -604,6 +607,7 @@ class ServerCore:
                 flags & ~FLAG_FUA
                 or (flags and not self._flags & TransmissionFlag.SEND_FUA)
                 or length > self._max_payload
+                or (offset | length) & self._align
             ):
                 err = Errno.EINVAL
             elif self._read_only:
@@ -636,6 +640,8 @@ class ServerCore:
             self._close(events, "client disconnected", error=False)
             return
         err = self._check_other(cmd, flags, offset, length)
+        if not err and cmd != CMD_FLUSH and (offset | length) & self._align:
+            err = Errno.EINVAL
         if err:
             self._out.append(self.reply_error(cmd, cookie, err))
         else:

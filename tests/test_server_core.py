@@ -28,6 +28,7 @@ RW_FLAGS = int(
 EXPORTS = {
     "disk": ExportEntry("disk", SIZE, RW_FLAGS, description="the disk"),
     "ro": ExportEntry("ro", SIZE, RW_FLAGS | TransmissionFlag.READ_ONLY),
+    "sectors": ExportEntry("sectors", SIZE, RW_FLAGS, minimum=512),
 }
 
 
@@ -181,7 +182,7 @@ def test_list_exports() -> None:
     core.receive(struct.pack(">I", 3) + option(Opt.LIST))
     replies = parse_option_replies(out(core))
     servers = [wire.RepServer.parse(p) for (o, r, p) in replies if r == Rep.SERVER]
-    assert [(s.name, s.description) for s in servers] == [("disk", b"the disk"), ("ro", b"")]
+    assert [(s.name, s.description) for s in servers] == [("disk", b"the disk"), ("ro", b""), ("sectors", b"")]
     assert replies[-1] == (Opt.LIST, Rep.ACK, b"")
 
 
@@ -681,3 +682,18 @@ def test_payload_buffers_are_reused_only_when_free() -> None:
     assert third is not None and len(third) == size
     assert bytes(third[:1]) == b"\x02"  # the recycled buffer, not a zero-filled new one
     assert buffer == b"\x01" * size  # the one still referenced was never touched
+
+
+def test_minimum_block_size_is_enforced() -> None:
+    core = negotiate(export="sectors")
+    stream = request(Cmd.READ, offset=100, length=512) + request(Cmd.TRIM, cookie=8, offset=512, length=100)
+    stream += request(Cmd.WRITE, cookie=9, offset=0, length=100) + b"\x01" * 100
+    stream += request(Cmd.WRITE, cookie=10, offset=512, length=512) + b"\x02" * 512
+    events = core.receive(stream)
+    assert [e.cookie for e in events if isinstance(e, Request)] == [10]
+    data = out(core)
+    _flags, rtype, cookie, payload = chunk(data)
+    assert (rtype, cookie) == (ReplyType.ERROR, 7) and wire.ErrorChunk.parse(payload).error == Errno.EINVAL
+    rest = data[20 + len(payload) :]
+    assert simple_error(rest[:16]) == (Errno.EINVAL, 8)
+    assert simple_error(rest[16:]) == (Errno.EINVAL, 9)

@@ -274,12 +274,13 @@ def main() -> int:
                             file=sys.stderr,
                             flush=True,
                         )
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     loop = os.environ.get("NBD_BACKUP_LOOP") or "uvloop (default)"
     print(
         f"\nfio nbd engine over TCP 127.0.0.1, {args.size_mib} MiB image on {args.dir}, "
         f"{args.runtime:g} s per run, best of {args.rounds} round(s)"
     )
-    print(f"ours: nbd-backup serve, event loop {loop}\n")
+    print(f"ours: nbd-backup serve, event loop {loop}; {os.cpu_count()} CPUs, load average at the end {load}\n")
     print(table(results, servers, workloads))
     return 0
 

@@ -69,6 +69,7 @@ async def assert_consistent(dev: Qcow2Device, ref: bytes) -> None:
     cluster_bits=st.sampled_from([9, 12, 16]),
     compress=st.booleans(),
     codec=st.sampled_from(["zlib", "zstd"]),
+    small_cache=st.booleans(),
     seed=st.integers(0, 2**32),
 )
 def test_random_operations_give_a_clean_equal_image(
@@ -77,6 +78,7 @@ def test_random_operations_give_a_clean_equal_image(
     cluster_bits: int,
     compress: bool,
     codec: str,
+    small_cache: bool,
     seed: int,
 ) -> None:
     async def main() -> None:
@@ -84,7 +86,12 @@ def test_random_operations_give_a_clean_equal_image(
         size = 3 * MiB + 1536
         ref = bytearray(size)
         dev = await Qcow2Device.create(
-            path, size, cluster_size=1 << cluster_bits, compress=compress, compression_type=codec
+            path,
+            size,
+            cluster_size=1 << cluster_bits,
+            compress=compress,
+            compression_type=codec,
+            l2_cache_size=(1 << cluster_bits) if small_cache else 8 * MiB,  # tiny: evictions all the time
         )
         await apply(dev, ref, ops, seed)
         await assert_consistent(dev, bytes(ref))

@@ -339,3 +339,15 @@ async def test_repair_of_a_dirty_qemu_image_satisfies_qemu_check(tmp_path: Path,
     await dev.close()
     qemu_check(path)
     qemu_compare(path, expected)
+
+
+async def test_image_with_internal_snapshots_reads_its_active_state(tmp_path: Path) -> None:
+    path = _make_qemu_image(tmp_path, "v3")
+    run("qemu-img", "snapshot", "-c", "before", path)
+    qemu_io(path, "write -P 0x77 0 192k", "write -z 1M 64k")  # copy-on-write away from the snapshot
+    expected = qemu_read(path, tmp_path)
+    dev = await Qcow2Device.open(path, read_only=True)
+    assert await dev.pread(0, SIZE) == expected
+    await dev.close()
+    with pytest.raises(ImageFormatError, match="snapshots"):
+        await Qcow2Device.open(path)

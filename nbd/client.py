@@ -752,21 +752,8 @@ class NbdClient:
 
     def _unsuperseded(self, op: _Op) -> list[tuple[int, int]]:
         """Parts of ``op``'s range that no newer acknowledged write has covered."""
-        pieces = [(op.offset, op.offset + op.length)]
-        for seq, start, end in self._acked_log:
-            if seq <= op.seq:
-                continue
-            next_pieces: list[tuple[int, int]] = []
-            for a, b in pieces:
-                if end <= a or start >= b:
-                    next_pieces.append((a, b))
-                    continue
-                if a < start:
-                    next_pieces.append((a, start))
-                if end < b:
-                    next_pieces.append((end, b))
-            pieces = next_pieces
-        return pieces
+        newer = [(start, end) for seq, start, end in self._acked_log if seq > op.seq]
+        return subtract_ranges(op.offset, op.offset + op.length, newer)
 
     # -- alignment helpers
 
@@ -991,6 +978,23 @@ class NbdClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def subtract_ranges(start: int, end: int, covers: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[start, end)`` minus every ``[a, b)`` of ``covers``, as sorted disjoint half-open ranges."""
+    pieces = [(start, end)]
+    for cover_start, cover_end in covers:
+        remaining: list[tuple[int, int]] = []
+        for a, b in pieces:
+            if cover_end <= a or cover_start >= b:
+                remaining.append((a, b))
+                continue
+            if a < cover_start:
+                remaining.append((a, cover_start))
+            if cover_end < b:
+                remaining.append((cover_end, b))
+        pieces = remaining
+    return pieces
 
 
 def _load(conn: _Connection) -> int:

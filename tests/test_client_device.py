@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backup.memory import MemoryDevice
 from nbd import constants as c
 from nbd import wire
-from nbd.client import NbdClient
+from nbd.client import NbdClient, subtract_ranges
 from nbd.device import BlockDevice
 from nbd.errors import DisconnectedError
 from nbd.server import Export, NbdServer
@@ -206,3 +208,17 @@ async def test_close_while_reconnecting_fails_pending_requests(tmp_path: Path) -
     await asyncio.wait_for(client.close(), 10)
     with pytest.raises(OSError):
         await asyncio.wait_for(waiting, 5)
+
+
+@given(
+    start=st.integers(0, 100),
+    length=st.integers(1, 100),
+    covers=st.lists(st.tuples(st.integers(0, 220), st.integers(1, 60)), max_size=6),
+)
+def test_subtract_ranges_matches_a_model(start: int, length: int, covers: list[tuple[int, int]]) -> None:
+    ranges = [(a, a + n) for a, n in covers]
+    pieces = subtract_ranges(start, start + length, ranges)
+    covered = {x for a, b in ranges for x in range(a, b)}
+    expected = [x for x in range(start, start + length) if x not in covered]
+    assert [x for a, b in pieces for x in range(a, b)] == expected
+    assert all(a < b for a, b in pieces)

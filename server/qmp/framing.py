@@ -9,9 +9,10 @@ against it):
 - QEMU's extension: ``'single-quoted'`` strings, and the ``\\'`` escape in both kinds of string.
 - A lexical error (a stray byte, a control character inside a string, a malformed number) is reported
   as ``JSON parse error, stray '...'`` and drops the value being collected; the lexer then skips input
-  until a structural character (``{ } [ ] : ,``, kept) or a control character or ``\\xfe``/``\\xff``
-  (dropped) — the resynchronisation the QMP spec describes ("Forcing the JSON parser into known-good
-  state").
+  until a structural character (``{ } [ ] : ,``), a line ending, another control character or
+  ``\\xfe``/``\\xff``, and lexes on from there (so a control character is reported once more) — the
+  resynchronisation the QMP spec describes ("Forcing the JSON parser into known-good state"); a tab
+  does not end it.
 - Grammar errors get QEMU's messages ("expecting value", "expected separator in dict", ...).
 - Bounded input: a value may not exceed 64 MiB of tokens, 2 Mi tokens or a nesting depth of 1024
   (QEMU's limits, with its messages); the collected tokens are dropped when a limit is hit.
@@ -62,7 +63,26 @@ class JsonError:
 Message = JsonValue | JsonError
 
 # Token kinds.
-LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA, STRING, NUMBER, KEYWORD = range(9)
+LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA, STRING, INTEGER, FLOAT, KEYWORD = range(10)
+
+# Lexer states (QEMU's json-lexer.c automaton; a token in progress is in one of the non-START states).
+(
+    START,
+    RECOVERY,
+    DQ,
+    DQ_ESC,
+    SQ,
+    SQ_ESC,
+    ZERO,
+    DIGITS,
+    SIGN,
+    MANTISSA,
+    MANTISSA_DIGITS,
+    EXP_E,
+    EXP_SIGN,
+    EXP_DIGITS,
+    KEYWORD_RUN,
+) = range(15)
 
 _STRUCTURAL = {
     ord("{"): LCURLY,
@@ -72,19 +92,33 @@ _STRUCTURAL = {
     ord(":"): COLON,
     ord(","): COMMA,
 }
-_WS = re.compile(rb"[ \t\r\n]*")
-_BODY = {
-    ord('"'): re.compile(rb'(?:[^"\\\x00-\x1f\xfe\xff]+|\\[^\x00-\x1f\xfe\xff])*'),
-    ord("'"): re.compile(rb"(?:[^'\\\x00-\x1f\xfe\xff]+|\\[^\x00-\x1f\xfe\xff])*"),
+_START_STATES = {
+    ord('"'): DQ,
+    ord("'"): SQ,
+    ord("0"): ZERO,
+    ord("-"): SIGN,
+    **{c: DIGITS for c in b"123456789"},
+    **{c: KEYWORD_RUN for c in b"abcdefghijklmnopqrstuvwxyz"},
 }
-_KEYWORD_RUN = re.compile(rb"[a-z]*")
-_NUMBER_RUN = re.compile(rb"[0-9eE.+\-]*")
-_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-_IS_FLOAT = re.compile(rb"[.eE]")
+_WS_RUN = re.compile(rb"[ \t\r\n]*")
+_DIGIT_RUN = re.compile(rb"[0-9]*")
+_LOWER_RUN = re.compile(rb"[a-z]*")
+# String bodies: bytes 0x20..0xFD except the quote and the backslash, or a backslash and such a byte
+# (the parser, not the lexer, judges escapes — as in QEMU).
+_BODY = {
+    DQ: re.compile(rb'(?:[^"\\\x00-\x1f\xfe\xff]+|\\[\x20-\xfd])*'),
+    SQ: re.compile(rb"(?:[^'\\\x00-\x1f\xfe\xff]+|\\[\x20-\xfd])*"),
+}
+_QUOTE = {DQ: ord('"'), SQ: ord("'")}
+# Recovery ends before a structural character, a line ending or another control character (not a tab),
+# or an impossible UTF-8 byte; lexing resumes there, in the start state.
 _RECOVERY_END = re.compile(rb"[\x00-\x08\x0a-\x1f\xfe\xff{}\[\]:,]")
+_IS_FLOAT = re.compile(rb"[.eE]")
 _BACKSLASH = ord("\\")
-_DIGITS_AND_MINUS = frozenset(b"-0123456789")
-_LOWER = frozenset(b"abcdefghijklmnopqrstuvwxyz")
+_DOT = ord(".")
+_EXP = frozenset(b"eE")
+_PLUS_MINUS = frozenset(b"+-")
+_DIGIT = frozenset(b"0123456789")
 
 
 class _ParseFailure(Exception):
@@ -106,10 +140,8 @@ class JsonStreamParser:
         self.max_nesting = max_nesting
         self._buf = bytearray()
         self._pos = 0  # next byte to lex
-        self._recovering = False
-        # A multi-byte token in progress: its kind, where it starts in _buf (scanning resumes at _pos).
-        self._partial: int | None = None
-        self._tok_start = 0
+        self._state = START
+        self._tok_start = 0  # where the token in progress starts in _buf
         # The value being collected (QEMU's streamer): token kinds, their raw bytes, and counters.
         self._kinds: list[int] = []
         self._raws: list[bytes | None] = []
@@ -120,7 +152,10 @@ class JsonStreamParser:
     @property
     def pending(self) -> int:
         """Bytes held for an unfinished value (for tests and diagnostics)."""
-        return self._size + len(self._buf) - (self._tok_start if self._partial is not None else self._pos)
+        return self._size + len(self._buf) - self._keep_from(self._pos)
+
+    def _keep_from(self, pos: int) -> int:
+        return pos if self._state in (START, RECOVERY) else self._tok_start
 
     def feed(self, data: bytes) -> list[Message]:
         out: list[Message] = []
@@ -129,18 +164,17 @@ class JsonStreamParser:
         n = len(buf)
         pos = self._pos
         while pos < n:
-            if self._recovering:
+            state = self._state
+            if state == RECOVERY:
                 m = _RECOVERY_END.search(buf, pos)
                 if m is None:
                     pos = n
                     break
-                pos = m.start()
-                if buf[pos] not in _STRUCTURAL:
-                    pos += 1  # control characters and \xfe/\xff are consumed
-                self._recovering = False
+                pos = m.start()  # lexed again from the start state (a control character: one more error)
+                self._state = START
                 continue
-            if self._partial is None:
-                pos = _WS.match(buf, pos).end()  # type: ignore[union-attr]
+            if state == START:
+                pos = _WS_RUN.match(buf, pos).end()  # type: ignore[union-attr]
                 if pos >= n:
                     break
                 c = buf[pos]
@@ -149,78 +183,99 @@ class JsonStreamParser:
                     pos += 1
                     self._token(kind, None, 1, out)
                     continue
-                if c in _BODY:
-                    self._partial = STRING
-                    self._tok_start = pos
-                    pos += 1
-                elif c in _DIGITS_AND_MINUS:
-                    self._partial = NUMBER
-                    self._tok_start = pos
-                elif c in _LOWER:
-                    self._partial = KEYWORD
-                    self._tok_start = pos
-                else:
-                    pos += 1
-                    self._lex_error(bytes(buf[pos - 1 : pos]), out)
+                self._tok_start = pos
+                pos += 1
+                next_state = _START_STATES.get(c)
+                if next_state is None:
+                    self._lex_error(buf, pos, out)
                     continue
+                self._state = next_state
             pos = self._continue_token(buf, pos, out)
-            if pos < 0:  # incomplete: wait for more input, resuming where the scan stopped
-                pos = self._pos
-                break
-        # Drop what is consumed; keep the partial token.
-        keep = self._tok_start if self._partial is not None else pos
+        if self._state not in (START, RECOVERY) and self._size + (n - self._tok_start) + 1 > self.max_size:
+            # A token too big even before it ends: drop it with the value it is part of, resync after it.
+            self._fail("JSON token size limit exceeded", out)
+            self._state = RECOVERY
+        keep = self._keep_from(pos)
         if keep:
             del buf[:keep]
             pos -= keep
-            self._tok_start = 0
+            self._tok_start -= keep
         self._pos = pos
         return out
 
     def _continue_token(self, buf: bytearray, pos: int, out: list[Message]) -> int:
-        """Scan the partial token from ``pos``; return the position after it, or -1 if it needs more input."""
+        """Run the automaton over the token in progress from ``pos``; returns where lexing goes on
+        (``len(buf)`` when the token needs more input — the state remembers where it is)."""
         n = len(buf)
-        start = self._tok_start
-        kind = self._partial
-        if kind == STRING:
-            quote = buf[start]
-            end = _BODY[quote].match(buf, pos).end()  # type: ignore[union-attr]
-            if end >= n or (buf[end] == _BACKSLASH and end + 1 >= n):
-                return self._incomplete(end, out)
-            self._partial = None
-            if buf[end] == quote:
-                self._token(STRING, bytes(buf[start : end + 1]), end + 1 - start, out)
-                return end + 1
-            bad_end = end + 2 if buf[end] == _BACKSLASH else end + 1
-            self._lex_error(bytes(buf[start:bad_end]), out)
-            return bad_end
-        run = _NUMBER_RUN if kind == NUMBER else _KEYWORD_RUN
-        end = run.match(buf, pos).end()  # type: ignore[union-attr]
-        if end >= n:
-            return self._incomplete(end, out)
-        self._partial = None
-        text = bytes(buf[start:end])
-        if kind == NUMBER and not _NUMBER.fullmatch(text):
-            self._lex_error(text, out)
-        else:
-            self._token(kind, text, len(text), out)  # type: ignore[arg-type]
+        state = self._state
+        while pos < n:
+            if state in (DQ, SQ):
+                pos = _BODY[state].match(buf, pos).end()  # type: ignore[union-attr]
+                if pos >= n:
+                    break
+                c = buf[pos]
+                pos += 1
+                if c == _QUOTE[state]:
+                    return self._emit(STRING, buf, pos, out)
+                if c != _BACKSLASH:
+                    return self._lex_error(buf, pos, out)
+                state += 1  # DQ_ESC / SQ_ESC: the byte after the backslash is in the next chunk
+                continue
+            c = buf[pos]
+            if state in (DQ_ESC, SQ_ESC):
+                pos += 1
+                if not 0x20 <= c <= 0xFD:
+                    return self._lex_error(buf, pos, out)
+                state -= 1
+            elif state in (DIGITS, MANTISSA_DIGITS, EXP_DIGITS, KEYWORD_RUN):
+                pos = (_LOWER_RUN if state == KEYWORD_RUN else _DIGIT_RUN).match(buf, pos).end()  # type: ignore[union-attr]
+                if pos >= n:
+                    break
+                c = buf[pos]
+                if state == DIGITS and c == _DOT:
+                    state = MANTISSA
+                elif state in (DIGITS, MANTISSA_DIGITS) and c in _EXP:
+                    state = EXP_E
+                else:
+                    kind = KEYWORD if state == KEYWORD_RUN else INTEGER if state == DIGITS else FLOAT
+                    return self._emit(kind, buf, pos, out)
+                pos += 1
+            elif state == ZERO:
+                if c == _DOT:
+                    state = MANTISSA
+                    pos += 1
+                elif c in _DIGIT:
+                    return self._lex_error(buf, pos + 1, out)
+                else:
+                    return self._emit(INTEGER, buf, pos, out)
+            else:  # SIGN, MANTISSA, EXP_E, EXP_SIGN: one specific byte must follow
+                pos += 1
+                if state == SIGN and c in _DIGIT:
+                    state = ZERO if c == ord("0") else DIGITS
+                elif state in (MANTISSA, EXP_SIGN) and c in _DIGIT:
+                    state = MANTISSA_DIGITS if state == MANTISSA else EXP_DIGITS
+                elif state == EXP_E and (c in _DIGIT or c in _PLUS_MINUS):
+                    state = EXP_DIGITS if c in _DIGIT else EXP_SIGN
+                else:
+                    return self._lex_error(buf, pos, out)
+        self._state = state
+        return n
+
+    def _emit(self, kind: int, buf: bytearray, end: int, out: list[Message]) -> int:
+        self._state = START
+        raw = bytes(buf[self._tok_start : end])
+        self._token(kind, raw, len(raw), out)
         return end
 
-    def _incomplete(self, scanned_to: int, out: list[Message]) -> int:
-        self._pos = scanned_to
-        if self._size + (scanned_to - self._tok_start) + 1 > self.max_size:
-            # Too big even before it ends: drop it and what came before, resync after it.
-            self._partial = None
-            self._fail("JSON token size limit exceeded", out)
-            self._recovering = True
-            return len(self._buf)
-        return -1
-
-    def _lex_error(self, text: bytes, out: list[Message]) -> None:
-        quoted = text[:MAX_STRAY_QUOTE].decode("utf-8", "replace")
-        if len(text) > MAX_STRAY_QUOTE:
+    def _lex_error(self, buf: bytearray, end: int, out: list[Message]) -> int:
+        """The token so far, up to and including the offending byte, is reported; then recovery."""
+        text = bytes(buf[self._tok_start : min(end, self._tok_start + MAX_STRAY_QUOTE + 1)])
+        quoted = _render_c_string(text[:MAX_STRAY_QUOTE])
+        if end - self._tok_start > MAX_STRAY_QUOTE:
             quoted += "..."
         self._fail(f"JSON parse error, stray '{quoted}'", out)
-        self._recovering = True
+        self._state = RECOVERY
+        return end
 
     def _fail(self, desc: str, out: list[Message]) -> None:
         out.append(JsonError(desc))
@@ -265,14 +320,21 @@ class JsonStreamParser:
 # --- the parser: QEMU's grammar and messages, iterative (nesting may reach 1024) ---
 
 
+class _BadKey:
+    """Stack marker: the container being parsed sits where an object key belongs (an error once parsed)."""
+
+
+_BAD_KEY = _BadKey()
+
+
 def _parse(kinds: list[int], raws: list[bytes | None]) -> Any:
+    """QEMU's recursive-descent grammar, run iteratively (values may nest 1024 deep)."""
     n = len(kinds)
     i = 0
-    # Stack of open containers: [container, pending key or None].
+    # Open containers, innermost last: [container, its pending key (dicts)] or [_BAD_KEY, None].
     stack: list[list[Any]] = []
-    result: Any = None
     while True:
-        # Expect a value at kinds[i].
+        # A value starts at kinds[i].
         if i >= n:
             raise _ParseFailure("expecting value")
         k = kinds[i]
@@ -283,8 +345,8 @@ def _parse(kinds: list[int], raws: list[bytes | None]) -> Any:
                 i += 1
                 value: Any = obj
             else:
-                key, i = _parse_key(kinds, raws, i, n)
-                stack.append([obj, key])
+                stack.append([obj, None])
+                i = _start_pair(kinds, raws, i, n, stack)
                 continue
         elif k == LSQUARE:
             arr: list[Any] = []
@@ -296,7 +358,7 @@ def _parse(kinds: list[int], raws: list[bytes | None]) -> Any:
                 continue
         elif k == STRING:
             value = _decode_string(raws[i - 1])  # type: ignore[arg-type]
-        elif k == NUMBER:
+        elif k in (INTEGER, FLOAT):
             value = _number(raws[i - 1])  # type: ignore[arg-type]
         elif k == KEYWORD:
             value = _keyword(raws[i - 1])  # type: ignore[arg-type]
@@ -305,19 +367,19 @@ def _parse(kinds: list[int], raws: list[bytes | None]) -> Any:
         # Attach the value to its container; close containers as their ends come.
         while True:
             if not stack:
-                result = value
                 if i != n:
                     raise _ParseFailure("unexpected input after value")
-                return result
+                return value
             top = stack[-1]
             container = top[0]
+            if container is _BAD_KEY:
+                raise _ParseFailure("key is not a string in object")
             if isinstance(container, dict):
+                if top[1] in container:
+                    raise _ParseFailure("duplicate key")
                 container[top[1]] = value
                 if i < n and kinds[i] == COMMA:
-                    key, i = _parse_key(kinds, raws, i + 1, n)
-                    if key in container:
-                        raise _ParseFailure("duplicate key")
-                    top[1] = key
+                    i = _start_pair(kinds, raws, i + 1, n, stack)
                     break
                 if i < n and kinds[i] == RCURLY:
                     i += 1
@@ -337,15 +399,23 @@ def _parse(kinds: list[int], raws: list[bytes | None]) -> Any:
             raise _ParseFailure("expected separator in list")
 
 
-def _parse_key(kinds: list[int], raws: list[bytes | None], i: int, n: int) -> tuple[str, int]:
-    if i >= n or kinds[i] in (RCURLY, RSQUARE, COLON, COMMA):
-        raise _ParseFailure("expecting value")
-    if kinds[i] != STRING:
+def _start_pair(kinds: list[int], raws: list[bytes | None], i: int, n: int, stack: list[list[Any]]) -> int:
+    """Parse ``key :`` of the innermost object; returns where its value starts. Like QEMU, the key is
+    parsed as any value first, so its own errors come before "key is not a string"."""
+    k = kinds[i] if i < n else None
+    if k == STRING:
+        stack[-1][1] = _decode_string(raws[i])  # type: ignore[arg-type]
+        if i + 1 >= n or kinds[i + 1] != COLON:
+            raise _ParseFailure("missing : in object pair")
+        return i + 2
+    if k in (LCURLY, LSQUARE):
+        stack.append([_BAD_KEY, None])  # parse the container, then fail
+        return i
+    if k == KEYWORD:
+        _keyword(raws[i])  # type: ignore[arg-type]
+    if k in (KEYWORD, INTEGER, FLOAT):
         raise _ParseFailure("key is not a string in object")
-    key = _decode_string(raws[i])  # type: ignore[arg-type]
-    if i + 1 >= n or kinds[i + 1] != COLON:
-        raise _ParseFailure("missing : in object pair")
-    return key, i + 2
+    raise _ParseFailure("expecting value")
 
 
 def _keyword(raw: bytes) -> Any:
@@ -380,16 +450,38 @@ _SIMPLE_ESCAPES = {
     ord("t"): "\t",
 }
 _HEX4 = re.compile(rb"[0-9a-fA-F]{4}")
+# Noncharacters (U+FDD0..U+FDEF, U+xxFFFE, U+xxFFFF): QEMU refuses them, encoded or escaped.
+_NONCHARACTER = re.compile(
+    "[\ufdd0-\ufdef" + "".join(f"{chr(p << 16 | 0xFFFE)}{chr(p << 16 | 0xFFFF)}" for p in range(17)) + "]"
+)
+_MODIFIED_UTF8_NUL = b"\xc0\x80"
+
+
+def _valid_codepoint(cp: int) -> bool:
+    return 0 <= cp <= 0x10FFFF and not 0xD800 <= cp <= 0xDFFF and (cp & 0xFFFE) != 0xFFFE and not 0xFDD0 <= cp <= 0xFDEF
 
 
 def _utf8(raw: bytes) -> str:
+    """QEMU's "modified UTF-8": strict UTF-8, plus ``C0 80`` for NUL, minus noncharacters."""
     try:
-        return raw.decode("utf-8")
+        if _MODIFIED_UTF8_NUL in raw:
+            text = "\x00".join(part.decode("utf-8") for part in raw.split(_MODIFIED_UTF8_NUL))
+        else:
+            text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise _ParseFailure("invalid UTF-8 sequence in string") from None
+    if _NONCHARACTER.search(text):
+        raise _ParseFailure("invalid UTF-8 sequence in string")
+    return text
+
+
+def _hex4(raw: bytes, at: int) -> int:
+    m = _HEX4.match(raw, at)
+    return int(m.group(), 16) if m else -1
 
 
 def _decode_string(token: bytes) -> str:
+    """A string token (quotes included) to its value, with QEMU's escapes and error messages."""
     raw = token[1:-1]
     if b"\\" not in raw:
         return _utf8(raw)
@@ -409,26 +501,60 @@ def _decode_string(token: bytes) -> str:
             parts.append(simple)
             i = j + 2
             continue
-        cp, i = _hex_escape(raw, j + 2)
-        if 0xD800 <= cp < 0xDC00:
-            if raw[i : i + 2] != b"\\u":
-                raise _ParseFailure("missing \\uXXXX escape for low surrogate")
-            low, i = _hex_escape(raw, i + 2)
-            if not 0xDC00 <= low < 0xE000:
-                raise _ParseFailure("\\uXXXX escape is not a low surrogate")
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)
-        elif 0xDC00 <= cp < 0xE000:
-            raise _ParseFailure("stray \\uXXXX escape for low surrogate")
-        elif cp == 0:
-            raise _ParseFailure("\\u0000 is not supported")
+        cp = _hex4(raw, j + 2)
+        end = j + 6
+        if 0xD800 <= cp <= 0xDBFF and raw[end : end + 2] == b"\\u":
+            trailing = _hex4(raw, end + 2)
+            if 0xDC00 <= trailing <= 0xDFFF:
+                cp = 0x10000 + ((cp & 0x3FF) << 10) + (trailing & 0x3FF)
+                end += 6
+            else:
+                cp = -1
+        if not _valid_codepoint(cp):
+            # QEMU quotes the escape's six bytes (cut at the end of the token).
+            escape = _render_c_string(token[j + 1 : j + 7])
+            raise _ParseFailure(f"{escape} is not a valid Unicode character")
         parts.append(chr(cp))
+        i = end
 
 
-def _hex_escape(raw: bytes, at: int) -> tuple[int, int]:
-    m = _HEX4.match(raw, at)
-    if m is None:
-        raise _ParseFailure("invalid hex escape sequence in string")
-    return int(m.group(), 16), at + 4
+_MIN_CODEPOINT = {2: 0x80, 3: 0x800, 4: 0x10000, 5: 0x200000, 6: 0x4000000}
+
+
+def _render_c_string(data: bytes) -> str:
+    """Bytes as QEMU puts them in a message: a C string (ends at NUL), decoded as modified UTF-8 with
+    one U+FFFD per invalid sequence (a sequence ends at the first byte that does not continue it)."""
+    data = data.split(b"\0", 1)[0]
+    try:
+        text = data.decode("utf-8")
+        if not _NONCHARACTER.search(text):
+            return text
+    except UnicodeDecodeError:
+        pass
+    out: list[str] = []
+    i, n = 0, len(data)
+    while i < n:
+        byte = data[i]
+        i += 1
+        if byte < 0x80:
+            out.append(chr(byte))
+            continue
+        if byte >= 0xFE or not byte & 0x40:
+            out.append("\ufffd")
+            continue
+        length = 8 - (byte ^ 0xFF).bit_length()  # leading one bits
+        cp = byte & (0x7F >> length)
+        for _ in range(length - 1):
+            if i >= n or data[i] & 0xC0 != 0x80:
+                cp = -1
+                break
+            cp = cp << 6 | data[i] & 0x3F
+            i += 1
+        if cp >= 0 and _valid_codepoint(cp) and (cp >= _MIN_CODEPOINT[length] or (cp == 0 and length == 2)):
+            out.append(chr(cp))
+        else:
+            out.append("\ufffd")
+    return "".join(out)
 
 
 def encode(obj: Any) -> bytes:

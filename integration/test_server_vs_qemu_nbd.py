@@ -128,6 +128,8 @@ OPTION_CASES = {
     ),
     "info with a truncated request": (6, _string("d")),
     "peek export": (4, b""),
+    "starttls without tls": (5, b""),
+    "structured replies with data": (8, b"x"),
 }
 
 

@@ -74,17 +74,9 @@ async def open_source(spec: str, *, fmt: str | None, connections: int | None, re
 
 async def create_destination_file(path: str, size: int, *, fmt: str | None) -> BlockDevice:
     """The one place a destination file is created (``backup.images`` decides what each format needs)."""
-    from backup import images
+    from backup.images import create_image
 
-    create_image = getattr(images, "create_image", None)
-    if create_image is not None:
-        device: BlockDevice = await create_image(path, size, format=fmt or "raw")
-        return device
-    if fmt not in (None, "raw"):
-        raise CopyError(f"cannot create {path!r}: format {fmt!r} is not supported by this build")
-    from backup.rawfile import RawFileDevice
-
-    return await RawFileDevice.create(path, size)
+    return await create_image(path, size, format=fmt or "raw")
 
 
 async def open_destination(

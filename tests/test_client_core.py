@@ -367,3 +367,14 @@ def test_mid_reply_is_visible() -> None:
     assert not tx.mid_reply
     done = tx.pop_completed()
     assert done == [req] and isinstance(done[0], Request)
+
+
+def test_hole_in_a_reused_buffer_is_zeroed() -> None:
+    tx = ClientTransmission(structured=True)
+    buffer = bytearray(b"\xff" * 100)
+    req, _ = tx.request(c.Cmd.READ, 1000, 100, buffer=buffer, fresh=False)
+    hole = (1000).to_bytes(8, "big") + (60).to_bytes(4, "big")
+    tx.feed(structured(req.cookie, c.ReplyType.OFFSET_HOLE, hole, done=False))
+    tx.feed(structured(req.cookie, c.ReplyType.OFFSET_DATA, (1060).to_bytes(8, "big") + b"d" * 40, done=True))
+    assert tx.pop_completed() == [req]
+    assert buffer == bytes(60) + b"d" * 40

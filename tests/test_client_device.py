@@ -222,3 +222,16 @@ def test_subtract_ranges_matches_a_model(start: int, length: int, covers: list[t
     expected = [x for x in range(start, start + length) if x not in covered]
     assert [x for a, b in pieces for x in range(a, b)] == expected
     assert all(a < b for a, b in pieces)
+
+
+async def test_pread_into_reused_buffers_over_holes(served: tuple[NbdServer, MemoryDevice, str]) -> None:
+    _, _, uri = served
+    async with await NbdClient.connect(uri) as client:
+        await client.pwrite(0, b"\x11" * SIZE)
+        await client.zero(1 << 20, 1 << 20, may_trim=True)
+        buffer = bytearray(b"\xee" * (3 << 20))
+        await client.pread_into(0, buffer)
+        assert buffer == b"\x11" * (1 << 20) + bytes(1 << 20) + b"\x11" * (1 << 20)
+        view = memoryview(buffer)[10:20]
+        await client.pread_into((1 << 20) - 5, view)
+        assert bytes(view) == b"\x11" * 5 + bytes(5)

@@ -107,7 +107,13 @@ SEQUENCES: list[tuple[str, bytes, bool]] = [
     ("negotiate-enable-empty", b'{"execute":"qmp_capabilities","arguments":{"enable":[]},"id":1}', False),
     ("negotiate-bad-enum", b'{"execute":"qmp_capabilities","arguments":{"enable":["x"]},"id":1}', False),
     ("negotiate-bad-arg", b'{"execute":"qmp_capabilities","arguments":{"x":1},"id":1}', False),
-    ("negotiate-twice", b'{"execute":"qmp_capabilities","id":3}', True),
+    (
+        "negotiate-twice",
+        b'{"execute":"qmp_capabilities","id":3}{"execute":"qmp_capabilities","arguments":{"x":1},"id":4}'
+        b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":5}',
+        True,
+    ),
+    ("arguments-not-object-first", b'{"execute":"nope","arguments":5,"id":3}{"id":1,"execute":2}', False),
     ("unknown-command", b'{"execute":"nope","id":6}', True),
     ("execute-not-string", b'{"execute":1,"id":8}', True),
     ("lacks-execute", b'{"id":9}{}', True),

@@ -365,9 +365,9 @@ class _Session:
         name: str = request["execute"]
         arguments: dict[str, Any] = request.get("arguments", {})
         if name == "qmp_capabilities":
+            args = validate_arguments(_CAPABILITIES_ARGS, arguments)  # QEMU validates first
             if self.negotiated:
                 raise QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
-            args = validate_arguments(_CAPABILITIES_ARGS, arguments)
             unavailable = [cap for cap in args.get("enable", []) if cap not in OFFERED_CAPABILITIES]
             if unavailable:
                 raise QmpError(f"Capability {', '.join(unavailable)} not available")

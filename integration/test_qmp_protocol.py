@@ -544,3 +544,17 @@ def test_cli_timeout_on_a_silent_server(tmp_path: Path) -> None:
         srv.listen()
         proc = cli("qmp", "--qmp", f"unix:{path}", "--timeout", "1", "query-version")
         assert proc.returncode == 2 and "no answer" in proc.stderr
+
+
+def test_quit_replies_then_the_daemon_exits_cleanly(tmp_path: Path) -> None:
+    with our_daemon(tmp_path) as daemon:
+        other = Raw(daemon.qmp_path)
+        other.negotiate()
+        proc = cli("qmp", "--qmp", f"unix:{daemon.qmp_path}", "quit")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == {}
+        assert daemon.proc.wait(TIMEOUT) == 0
+        with pytest.raises(ConnectionError):  # the other client is disconnected, not left hanging
+            other.recv()
+        other.close()
+        assert not daemon.qmp_path.exists()

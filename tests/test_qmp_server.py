@@ -448,3 +448,26 @@ async def test_cancellation_is_not_swallowed(ctx: Ctx) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_client_limit(ctx: Ctx, tmp_path: Path) -> None:
+    srv = QmpServer(make_registry(), ctx, max_clients=2)
+    await srv.listen_unix(tmp_path / "s")
+    try:
+        first, second = await connect(tmp_path / "s"), await connect(tmp_path / "s")
+        await first.recv()
+        await second.recv()
+        third = await connect(tmp_path / "s")
+        assert await asyncio.wait_for(third.reader.read(), TIMEOUT) == b""  # refused
+        await third.close()
+        await first.close()
+        for _ in range(100):  # the server notices the departure asynchronously
+            if srv.client_count < 2:
+                break
+            await asyncio.sleep(0.02)
+        fourth = await connect(tmp_path / "s")
+        assert "QMP" in await fourth.recv()
+        await fourth.close()
+        await second.close()
+    finally:
+        await srv.stop()

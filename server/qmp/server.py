@@ -31,6 +31,8 @@ __all__ = ["QmpServer", "package_version"]
 #: Output a client may leave unread before it is disconnected (QEMU buffers without bound; we don't).
 MAX_PENDING_OUTPUT = 16 << 20
 READ_CHUNK = 64 << 10
+#: Clients served at once; more are disconnected right away (each one costs buffers and a task).
+MAX_CLIENTS = 64
 #: How long ``stop()`` lets sessions flush queued output (e.g. the reply to ``quit``).
 STOP_FLUSH_TIMEOUT = 2.0
 
@@ -88,12 +90,14 @@ class QmpServer:
         version: str | None = None,
         max_message_size: int | None = None,
         max_pending_output: int = MAX_PENDING_OUTPUT,
+        max_clients: int = MAX_CLIENTS,
     ) -> None:
         self.registry = registry
         self.context = context
         self.version = version or package_version()
         self.max_message_size = max_message_size
         self.max_pending_output = max_pending_output
+        self.max_clients = max_clients
         self._on_quit = on_quit
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
@@ -181,8 +185,10 @@ class QmpServer:
     # --- sessions ---
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._closing:
-            writer.close()
+        if self._closing or len(self._sessions) >= self.max_clients:
+            if not self._closing:
+                log.warning("QMP: %d clients already connected; refusing another", len(self._sessions))
+            writer.transport.abort()
             return
         task = asyncio.current_task()
         assert task is not None

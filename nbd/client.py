@@ -59,6 +59,7 @@ _RETRY_INTERVAL = 1.0
 _ZEROES = bytes(1024 * 1024)
 _UNCORK_PAYLOAD = 64 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
+_MAX_OPTION_REPLIES = 100_000  # e.g. exports in one NBD_OPT_LIST: a bound against endless replies
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ class _Connection(asyncio.BufferedProtocol):
             events.append(event)
             if isinstance(event, OptionAck | OptionError):
                 return events
+            if len(events) > _MAX_OPTION_REPLIES:
+                raise ProtocolError(f"{self.label}: more than {_MAX_OPTION_REPLIES} replies to one option")
 
     def start_transmission(self, tx: ClientTransmission) -> None:
         self.tx = tx

@@ -659,7 +659,7 @@ class NbdClient:
                 self._ready.set()  # wake waiters so they see the failure
                 for other in self._conns:
                     if other is not conn and other.transport is not None:
-                        other.abort(DisconnectedError(f"{self.uri}: another connection failed: {reason}"))
+                        other.abort(DisconnectedError(str(reason)))  # one cause, one message
             return
         log.warning("%s: %s; reconnecting (requests wait up to %g s)", self.uri, reason, self._reconnect_delay)
         task = asyncio.get_running_loop().create_task(self._reconnect(conn, ops, reason))

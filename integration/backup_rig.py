@@ -29,6 +29,7 @@ from backup.images import open_image
 from backup.node import BlockNode
 from backup.rawfile import RawFileDevice
 from backup.targets import BackupTarget
+from nbd.device import BlockDevice
 from nbd.server import Export, NbdServer
 
 MiB = 1024 * 1024
@@ -84,9 +85,13 @@ def write_sparse_image(path: Path, size: int, pieces: Sequence[tuple[int, bytes]
 
 
 @asynccontextmanager
-async def served_source(tmp: Path, image: Path, *, format: str = "raw") -> AsyncIterator[Source]:
-    """Export ``image`` as ``disk`` over TCP from our server, in this event loop."""
-    device = await RawFileDevice.open(image) if format == "raw" else await open_image(image, format=format)
+async def served_source(
+    tmp: Path, image: Path, *, format: str = "raw", device: BlockDevice | None = None
+) -> AsyncIterator[Source]:
+    """Export ``image`` (or ``device``, whose contents ``image`` then holds) as ``disk`` over TCP from
+    our server, in this event loop."""
+    if device is None:
+        device = await RawFileDevice.open(image) if format == "raw" else await open_image(image, format=format)
     node = BlockNode("disk", device, filename=str(image))
     server = NbdServer()
     server.add_export(Export("disk", node))

@@ -17,6 +17,7 @@ from backup_rig import (
     same_bytes,
     served_source,
     start_backup,
+    tool,
     write_random_image,
 )
 from conftest import require
@@ -24,6 +25,7 @@ from test_client_peers import nbdkit
 
 from backup.backup_job import BackupOptions
 from backup.targets import open_target
+from nbd.client import NbdClient
 
 SIZE = 4 * MiB
 BOUND = 30.0  # generous bound on anything that must not hang
@@ -144,3 +146,30 @@ async def test_dead_target_never_hangs_a_guest_write(tmp_path: Path, how: str) -
         finally:
             if how == "stopped" and proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
+
+
+async def test_source_read_errors_stop_and_resume(tmp_path: Path) -> None:
+    """The source itself is remote (an nbdkit export behind our node): its read faults go through
+    ``on-source-error``."""
+    require("nbdkit", "nbdcopy")
+    image = write_random_image(tmp_path / "disk.img", SIZE, seed=23)
+    trigger = tmp_path / "read-fault"
+    filter_args = ["error-pread=EIO", "error-pread-rate=100%", f"error-file={trigger}"]
+    with nbdkit(tmp_path, "--filter=error", "memory", f"size={SIZE}", *filter_args) as peer:
+        await tool("nbdcopy", image, peer.uri)
+        remote = await NbdClient.connect(peer.uri)
+        async with served_source(tmp_path, image, device=remote) as source:
+            target = await open_target(str(tmp_path / "target.img"), size=SIZE)
+            options = BackupOptions(speed=4 * MiB, max_chunk=128 * 1024, on_source_error="stop")
+            backup = await start_backup(source, target, options)  # the image file is the oracle
+            job = backup.job
+            await until(lambda: job.current_progress > 0)
+            trigger.touch()
+            assert await backup.wait_event("BLOCK_JOB_ERROR") == {"device": "b0", "operation": "read", "action": "stop"}
+            await until(lambda: job.status == "paused")
+            assert job.io_status == "failed"
+            trigger.unlink()
+            job.resume()
+            await backup.finish()
+            assert job.error is None, job.error
+        same_bytes(image, tmp_path / "target.img")

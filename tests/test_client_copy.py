@@ -1,0 +1,127 @@
+"""The copy engine of ``nbd-backup copy`` between memory devices: holes, zero detection, progress, bounded
+concurrency, and the first error cancelling the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+
+import pytest
+
+from backup.memory import MemoryDevice
+from nbd.constants import State
+from nbd.device import Extent
+from server.commands.copy import CopyError, copy_device
+from server.progress import Progress
+
+SIZE = 4 << 20
+
+
+async def sparse_source(seed: int = 1) -> tuple[MemoryDevice, bytes]:
+    """A device with a few random runs of data and holes elsewhere (only non-zero pages are written)."""
+    rng = random.Random(seed)
+    device = MemoryDevice(SIZE)
+    data = bytearray(SIZE)
+    for _ in range(10):
+        offset, length = rng.randrange(0, SIZE - 200_000), rng.randrange(1, 200_000)
+        data[offset : offset + length] = rng.randbytes(length)
+    for page in range(0, SIZE, 4096):
+        chunk = data[page : page + 4096]
+        if any(chunk):
+            await device.pwrite(page, chunk)
+    return device, bytes(data)
+
+
+class Recording(MemoryDevice):
+    """Counts what the copy asks of the destination, and how many requests overlap."""
+
+    def __init__(self, size: int, fill: bytes = b"\0") -> None:
+        super().__init__(size, data=fill * size if fill != b"\0" else None)
+        self.writes = 0
+        self.zeroes = 0
+        self.active = 0
+        self.peak = 0
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        self.writes += 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0)
+        await super().pwrite(offset, data, fua=fua)
+        self.active -= 1
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        self.zeroes += 1
+        await super().zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+
+async def test_sparse_copy_onto_garbage() -> None:
+    src, data = await sparse_source()
+    dst = Recording(SIZE, fill=b"\xee")
+    progress = Progress(SIZE, enabled=False)
+    stats = await copy_device(src, dst, request_size=65536, requests=4, progress=progress)
+    assert dst.data == data
+    assert stats.data_bytes + stats.zero_bytes == SIZE and stats.skipped_bytes == 0
+    assert stats.data_bytes < SIZE // 2  # holes went as zero requests, not data
+    assert dst.zeroes > 0 and 1 <= dst.peak <= 4
+    assert progress.done == SIZE
+
+
+async def test_zero_destination_skips_holes_and_zero_data() -> None:
+    src, data = await sparse_source(2)
+    await src.pwrite(SIZE - 65536, bytes(65536))  # allocated, but zeroes: detected
+    dst = Recording(SIZE)
+    stats = await copy_device(src, dst, dst_is_zero=True, request_size=65536)
+    assert dst.data == data[: SIZE - 65536] + bytes(65536)
+    assert dst.zeroes == 0 and stats.skipped_bytes > 0
+    extents = await dst.block_status(0, SIZE)
+    assert any(e.flags & State.HOLE for e in extents)  # the destination stayed sparse
+
+
+async def test_no_zero_detection_writes_zero_data() -> None:
+    src = MemoryDevice(SIZE, data=bytes(SIZE))  # all allocated, all zero
+    dst = Recording(SIZE)
+    stats = await copy_device(src, dst, detect_zeroes=False, request_size=1 << 20)
+    assert stats.data_bytes == SIZE and dst.writes == 4
+
+
+async def test_first_error_wins_and_nothing_is_left_running() -> None:
+    class Failing(MemoryDevice):
+        reads = 0
+
+        async def pread(self, offset: int, length: int) -> bytes:
+            self.reads += 1
+            if self.reads == 3:
+                raise OSError(errno.EIO, "bad sector")
+            await asyncio.sleep(0)
+            return await super().pread(offset, length)
+
+    src = Failing(SIZE, data=b"\1" * SIZE)
+    before = len(asyncio.all_tasks())
+    with pytest.raises(OSError) as info:
+        await copy_device(src, MemoryDevice(SIZE), request_size=65536, requests=8)
+    assert info.value.errno == errno.EIO
+    assert len(asyncio.all_tasks()) == before
+
+
+async def test_size_and_read_only_checks() -> None:
+    with pytest.raises(CopyError, match="smaller"):
+        await copy_device(MemoryDevice(SIZE), MemoryDevice(SIZE // 2))
+    with pytest.raises(CopyError, match="read-only"):
+        await copy_device(MemoryDevice(SIZE), MemoryDevice(SIZE, read_only=True))
+
+
+async def test_block_status_failure_falls_back_to_data() -> None:
+    from nbd.errors import NbdRequestError
+
+    class NoStatus(MemoryDevice):
+        async def block_status(self, offset: int, length: int) -> list[Extent]:
+            raise NbdRequestError(errno.ENOTSUP, "no block status here")
+
+    src = NoStatus(SIZE, data=b"x" * 1000)
+    dst = MemoryDevice(SIZE)
+    await copy_device(src, dst, request_size=1 << 20)
+    assert dst.data == b"x" * 1000 + bytes(SIZE - 1000)

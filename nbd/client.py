@@ -850,7 +850,10 @@ class NbdClient:
             raise OSError(errno.ENOTSUP, f"{self.uri}: server cannot zero fast")
         minimum = self._minimum
         head = -offset % minimum if minimum > 1 else 0
-        if minimum > 1 and (head or (offset + length) % minimum) and not fast:
+        unaligned = minimum > 1 and bool(head or (offset + length) % minimum)
+        if unaligned and fast:
+            raise OSError(errno.ENOTSUP, f"{self.uri}: an unaligned zero needs writes, it cannot be fast")
+        if unaligned:
             start = offset + min(head, length)
             end = max(start, offset + length - (offset + length) % minimum)
             if head:
@@ -875,10 +878,13 @@ class NbdClient:
     async def _write_zero_buffers(self, offset: int, length: int, *, fua: bool) -> None:
         step = min(len(_ZEROES), self._max_payload)
         step -= step % self._minimum
-        await _gather(
-            self.pwrite(offset + pos, memoryview(_ZEROES)[: min(step, length - pos)], fua=fua)
-            for pos in range(0, length, step)
-        )
+        window = step * self._max_in_flight  # a few requests at a time, however big the range
+        zeroes = memoryview(_ZEROES)
+        for base in range(0, length, window):
+            end = min(base + window, length)
+            await _gather(
+                self.pwrite(offset + pos, zeroes[: min(step, end - pos)], fua=fua) for pos in range(base, end, step)
+            )
 
     async def _ranged(self, cmd: int, offset: int, length: int, flags: int = 0) -> None:
         step = self._max_length

@@ -201,6 +201,10 @@ async def test_minimum_block_size_is_obeyed(tmp_path: Path) -> None:
             assert await client.pread(1 << 20, 3 << 20) == b"y" * (3 << 20)
             await client.zero(4001, 10000)
             assert await client.pread(4000, len(data)) == data[:1] + bytes(10000) + data[10001:]
+            with pytest.raises(OSError) as info:
+                await client.zero(4001, 10000, fast=True)
+            assert info.value.errno == errno.ENOTSUP
+            await client.zero(8192, 8192, fast=True)  # aligned: the server does it
         finally:
             await client.close()
 

@@ -29,7 +29,7 @@ json_values = st.recursive(
 json_objects = st.dictionaries(st.text(alphabet=ALPHABET, max_size=6), json_values, max_size=4)
 
 
-def feed_all(chunks: list[bytes], **limits: int) -> list[Message]:
+def feed_all(chunks: list[bytes], **limits: Any) -> list[Message]:
     parser = JsonStreamParser(**limits)
     out: list[Message] = []
     for chunk in chunks:
@@ -189,3 +189,45 @@ def test_encode_is_ascii_crlf() -> None:
     assert encode({"return": {}, "id": "\u00e9"}) == b'{"return": {}, "id": "\\u00e9"}\r\n'
     with pytest.raises(ValueError):
         encode({"x": float("nan")})
+
+
+TRICKY = [
+    b'{"a":1,"a":2}',
+    b'{"n":0e5}',
+    b'{"n":-0E+1}',
+    b'{"n":NaN}',
+    b'{"n":-Infinity}',
+    b'{"s":"\\ud800"}',
+    b'{"s":"\\udc00\\ud800"}',
+    b'{"s":"\\ud83d\\ude00"}',
+    b'{"s":"\\ufffe"}',
+    b'{"s":"\\uFDD5"}',
+    b'{"s":"\\u0000"}',
+    b'{"s":"\xef\xbf\xbe"}',
+    b'{"s":"\xc3\xa9"}',
+    b'{"s":"\xc0\x80"}',
+    b'{"n":18446744073709551616,"m":-9223372036854775809,"k":18446744073709551615}',
+    b'{"a":' * 1100 + b"1" + b"}" * 1100,
+    b'{"a":' * 900 + b"1" + b"}" * 900,
+    b"{'a':1}",
+    b'{"a":"\x01"}',
+    b'{"a":[1,2,{"b":null}],"c":true,"d":-0.5e-3}',
+    b'{"a":1}}',
+    b'{"a":"' + b"x" * 5000 + b'"}',
+]
+
+
+@given(
+    st.lists(st.sampled_from(TRICKY) | json_objects.map(lambda o: json.dumps(o).encode()), min_size=1, max_size=6),
+    st.lists(st.integers(0, 20_000), max_size=8),
+)
+def test_fast_path_agrees_with_the_automaton(parts: list[bytes], cuts: list[int]) -> None:
+    """The stdlib fast path is only an optimisation: every stream parses exactly as without it."""
+    data = b" ".join(parts)
+    limits = {"max_size": 3000, "max_nesting": 1024}
+    fast = feed_all(split(data, cuts), **limits)
+    slow = JsonStreamParser(fast_path=False, **limits)
+    expected: list[Message] = []
+    for chunk in split(data, cuts):
+        expected.extend(slow.feed(chunk))
+    assert fast == expected

@@ -21,7 +21,7 @@ from typing import Any
 from backup.events import Event
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry, run_handler
-from server.qmp.framing import JsonError, JsonStreamParser, Message, encode
+from server.qmp.framing import MAX_TOKEN_SIZE, JsonError, JsonStreamParser, Message, encode
 from server.qmp.schema import Enum, Struct, validate_arguments
 
 log = logging.getLogger(__name__)
@@ -257,8 +257,7 @@ class _Session:
         self.negotiated = False
         peer = writer.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
-        limits = {} if server.max_message_size is None else {"max_size": server.max_message_size}
-        self.parser = JsonStreamParser(**limits)
+        self.parser = JsonStreamParser(max_size=server.max_message_size or MAX_TOKEN_SIZE)
         self._out: asyncio.Queue[bytes] = asyncio.Queue()
         self._out_bytes = 0
         self._closed = False

@@ -169,6 +169,7 @@ async def _open_driver(
 ) -> _Opened:
     if driver == "file":
         path = str(reg.paths.resolve(options["filename"]))
+        check_not_open(reg, path, read_only=read_only)
         from backup.rawfile import RawFileDevice
 
         try:
@@ -217,6 +218,7 @@ async def _open_qcow2(reg: Registry, ref: str | dict[str, Any], *, read_only: bo
         if "node-name" in ref:
             raise generic("give the qcow2 node's file inline without a node-name, or add it first and refer to it")
         path = str(reg.paths.resolve(ref["filename"]))
+        check_not_open(reg, path, read_only=read_only)
     from backup.images import open_image
 
     try:
@@ -224,6 +226,14 @@ async def _open_qcow2(reg: Registry, ref: str | dict[str, Any], *, read_only: bo
     except OSError as exc:
         raise generic(f"Could not open '{path}': {exc.strerror or exc}") from exc
     return _Opened(device, "qcow2", path, referenced=referenced)
+
+
+def check_not_open(reg: Registry, path: str, *, read_only: bool) -> None:
+    """One writer per image, as QEMU's image locking enforces: a file another node has open may be
+    opened again only if both are read-only (use a node reference to stack a format on a file node)."""
+    other = reg.filename_in_use(path)
+    if other is not None and not (read_only and other.read_only):
+        raise generic(f"Failed to get \"write\" lock: '{path}' is already open as node '{other.name}'")
 
 
 def nbd_uri(server: dict[str, Any], export: str) -> NbdUri:

@@ -1,0 +1,256 @@
+"""The daemon's QMP commands in-process: the registry's checks (QEMU's texts and classes), node
+trees, exports, backups, transactions and job verbs — without sockets or external programs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backup.events import Event
+from server.daemon import build_commands, parse_qmp_address
+from server.errors import ConfigError, QmpError
+from server.paths import PathPolicy
+from server.qmp.dispatch import CommandRegistry
+from server.registry import Registry, id_wellformed
+
+MiB = 1 << 20
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, allow: list[Path] | None = None) -> None:
+        self.tmp = tmp_path
+        self.reg = Registry(paths=PathPolicy(allow or []))
+        self.commands: CommandRegistry = build_commands()
+        self.events: list[Event] = []
+        self.reg.events.subscribe(self.events.append)
+
+    async def __call__(self, command: str, /, **args: Any) -> Any:
+        return await self.commands.dispatch(self.reg, command, args)
+
+    async def error(self, command: str, /, **args: Any) -> tuple[str, str]:
+        with pytest.raises(QmpError) as info:
+            await self(command, **args)
+        return info.value.error_class, info.value.desc
+
+    def image(self, name: str, size: int = MiB, fill: int = 0x5A) -> Path:
+        path = self.tmp / name
+        path.write_bytes(bytes([fill]) * size)
+        return path
+
+    def statuses(self, job_id: str) -> list[str]:
+        return [e.data["status"] for e in self.events if e.name == "JOB_STATUS_CHANGE" and e.data["id"] == job_id]
+
+    async def wait_gone(self, job_id: str) -> None:
+        for _ in range(2000):
+            if job_id not in self.reg.jobs:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"job {job_id} still exists: {self.statuses(job_id)}")
+
+
+def exists(path: str | Path) -> bool:
+    return Path(path).exists()
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> Any:
+    harness = Harness(tmp_path)
+    yield harness
+    await harness.reg.close()
+
+
+def test_ids_and_addresses() -> None:
+    assert id_wellformed("disk0") and id_wellformed("a.b-c_d")
+    assert not id_wellformed("0disk") and not id_wellformed("") and not id_wellformed("a b")
+    assert parse_qmp_address("unix:/run/q.sock") == ("unix", "/run/q.sock")
+    assert parse_qmp_address("tcp:127.0.0.1:4444") == ("tcp", ("127.0.0.1", 4444))
+    assert parse_qmp_address("tcp:[::1]:4444") == ("tcp", ("::1", 4444))
+    for bad in ("unix:", "udp:1:2", "tcp:host", "tcp::1", "tcp:h:99999", "nothing"):
+        with pytest.raises(ConfigError):
+            parse_qmp_address(bad)
+
+
+async def test_blockdev_add_trees_and_errors(h: Harness) -> None:
+    img = h.image("a.raw")
+    await h("blockdev-add", driver="file", filename=str(img), **{"node-name": "f0"})
+    await h("blockdev-add", driver="raw", file="f0", **{"node-name": "r0"})
+    await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "n0"})
+    await h("blockdev-add", driver="raw", file={"driver": "null-co", "size": 4096}, **{"node-name": "r1"})
+    nodes = await h("query-named-block-nodes")
+    assert [n["node-name"] for n in nodes] == ["r1", "n0", "r0", "f0"]  # newest first, as QEMU
+    assert nodes[2]["drv"] == "raw" and nodes[2]["file"] == str(img.resolve())
+    assert nodes[1]["image"]["virtual-size"] == MiB
+    assert [b["inserted"]["node-name"] for b in await h("query-block")] == ["r0", "n0", "r1"]
+
+    assert await h.error("blockdev-add", driver="file", filename=str(img), **{"node-name": "f0"}) == (
+        "GenericError",
+        "Duplicate nodes with node-name='f0'",
+    )
+    assert (await h.error("blockdev-add", driver="null-co", **{"node-name": "1x"}))[1] == "Invalid node-name: '1x'"
+    desc = (await h.error("blockdev-add", driver="null-co"))[1]
+    assert desc == "'node-name' must be specified for the root node"
+    desc = (await h.error("blockdev-add", driver="file", filename=str(h.tmp / "no"), **{"node-name": "x"}))[1]
+    assert desc.startswith("Could not open") and "No such file" in desc
+    desc = (await h.error("blockdev-add", driver="raw", file="nope", **{"node-name": "x"}))[1]
+    assert desc == "Cannot find device='nope' nor node-name='nope'"
+    desc = (await h.error("blockdev-add", driver="file", filename=str(img), **{"node-name": "f9"}))[1]
+    assert desc.startswith('Failed to get "write" lock')
+    assert (await h.error("blockdev-add", driver="vmdk", **{"node-name": "x"}))[1].endswith("value 'vmdk'")
+
+    assert await h.error("blockdev-del", **{"node-name": "f0"}) == ("GenericError", "Block device f0 is in use")
+    assert (await h.error("blockdev-del", **{"node-name": "zz"}))[1] == "Failed to find node with node-name='zz'"
+    await h("blockdev-del", **{"node-name": "r0"})
+    await h("blockdev-del", **{"node-name": "f0"})  # free once its parent is gone
+    assert "x" not in h.reg.nodes
+
+
+async def test_allow_dir_confines_blockdev_add(tmp_path: Path) -> None:
+    allowed = tmp_path / "ok"
+    allowed.mkdir()
+    h = Harness(tmp_path, allow=[allowed])
+    try:
+        outside = h.image("outside.raw")
+        (allowed / "link.raw").symlink_to(outside)
+        for path in (outside, allowed / "link.raw"):
+            desc = (await h.error("blockdev-add", driver="file", filename=str(path), **{"node-name": "x"}))[1]
+            assert "outside the allowed directories" in desc
+        assert h.reg.nodes == {}
+    finally:
+        await h.reg.close()
+
+
+async def test_nbd_server_and_exports(h: Harness) -> None:
+    await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "n0"})
+    await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "ro"}, **{"read-only": True})
+    assert (await h.error("block-export-add", type="nbd", id="e0", **{"node-name": "n0"}))[1] == (
+        "NBD server not running"
+    )
+    sock = str(h.tmp / "nbd.sock")
+    await h("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    assert (await h.error("nbd-server-start", addr={"type": "unix", "data": {"path": sock}}))[1] == (
+        "NBD server already running"
+    )
+    await h("block-export-add", type="nbd", id="e0", **{"node-name": "n0"}, writable=True, description="d")
+    assert (await h.error("block-export-add", type="nbd", id="e0", **{"node-name": "n0"}))[1] == (
+        "Block export id 'e0' is already in use"
+    )
+    desc = (await h.error("block-export-add", type="nbd", id="e1", **{"node-name": "ro"}, writable=True))[1]
+    assert desc == "Cannot export read-only node as writable"
+    desc = (await h.error("block-export-add", type="nbd", id="e1", **{"node-name": "ro"}, name="n0"))[1]
+    assert desc == "NBD server already has export named 'n0'"
+    desc = (await h.error("block-export-add", type="nbd", id="e1", **{"node-name": "zz"}))[1]
+    assert desc == "Cannot find device='' nor node-name='zz'"
+    await h("block-export-add", type="nbd", id="e1", **{"node-name": "ro"}, name="other")
+    exports = await h("query-block-exports")
+    assert exports == [
+        {"node-name": "ro", "shutting-down": False, "type": "nbd", "id": "e1"},
+        {"node-name": "n0", "shutting-down": False, "type": "nbd", "id": "e0"},
+    ]
+    assert (await h.error("blockdev-del", **{"node-name": "n0"}))[1] == "Node n0 is in use"
+    await h("block-export-del", id="e0")
+    assert (await h.error("block-export-del", id="e0"))[1] == "Export 'e0' is not found"
+    await h("nbd-server-stop")
+    deleted = [e.data["id"] for e in h.events if e.name == "BLOCK_EXPORT_DELETED"]
+    assert deleted == ["e0", "e1"]
+    assert await h("query-block-exports") == []
+    assert (await h.error("nbd-server-stop"))[1] == "NBD server not running"
+    await h("blockdev-del", **{"node-name": "n0"})
+
+
+async def test_drive_backup_creates_target_and_reports_events(h: Harness) -> None:
+    src = h.image("src.raw", 2 * MiB)
+    await h("blockdev-add", driver="file", filename=str(src), **{"node-name": "src"})
+    target = h.tmp / "b.raw"
+    await h("drive-backup", device="src", target=str(target), sync="full")
+    await h.wait_gone("src")  # the job id defaults to the device name
+    assert h.statuses("src") == ["created", "running", "waiting", "pending", "concluded", "null"]
+    completed = [e.data for e in h.events if e.name == "BLOCK_JOB_COMPLETED"]
+    assert completed == [{"type": "backup", "device": "src", "len": 2 * MiB, "offset": 2 * MiB, "speed": 0}]
+    assert target.read_bytes() == src.read_bytes()
+    assert await h("query-block-jobs") == [] and await h("query-jobs") == []
+    assert h.reg.nodes["src"].users == set() and h.reg.nodes["src"].filters == []
+
+
+async def test_backup_refusals_happen_before_side_effects(h: Harness) -> None:
+    src = h.image("src.raw")
+    await h("blockdev-add", driver="file", filename=str(src), **{"node-name": "src"})
+    t = str(h.tmp / "t.raw")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"device": "nope", "sync": "full"}, "Cannot find device='nope' nor node-name='nope'"),
+        ({"device": "src", "sync": "incremental"}, "must provide a valid bitmap name for 'incremental' sync mode"),
+        ({"device": "src", "sync": "full", "bitmap": "b0"}, "Dirty bitmap 'b0' not found"),
+        ({"device": "src", "sync": "full", "speed": -1}, "Parameter 'speed' expects a non-negative value"),
+        ({"device": "src", "sync": "full", "format": "vmdk"}, "Unknown file format 'vmdk'"),
+        ({"device": "src", "sync": "full", "compress": True, "format": "raw"}, "Compression is not supported"),
+        ({"device": "src", "sync": "full", "job-id": "9"}, "Invalid job ID '9'"),
+        ({"device": "src", "sync": "full", "target": str(src)}, "Source and target cannot be the same"),
+        ({"device": "src", "sync": "full", "mode": "existing"}, "Could not open"),
+    ]
+    for args, text in cases:
+        desc = (await h.error("drive-backup", **{"target": t, **args}))[1]
+        assert desc.startswith(text), (args, desc)
+    assert not exists(t)
+    assert [e for e in h.events if e.name == "JOB_STATUS_CHANGE"] == []
+    await h("blockdev-add", driver="null-co", size=2 * MiB, **{"node-name": "big"})
+    desc = (await h.error("blockdev-backup", device="src", target="big", sync="full"))[1]
+    assert "different sizes" in desc
+    desc = (await h.error("blockdev-backup", device="src", target="src", sync="full"))[1]
+    assert desc == "Source and target cannot be the same"
+
+
+async def test_transaction_all_or_nothing(h: Harness) -> None:
+    await h("blockdev-add", driver="file", filename=str(h.image("a.raw")), **{"node-name": "a"})
+    await h("blockdev-add", driver="file", filename=str(h.image("b.raw", fill=1)), **{"node-name": "b"})
+    ta, tb = h.tmp / "ta.raw", h.tmp / "tb.raw"
+
+    def action(kind: str, **data: Any) -> dict[str, Any]:
+        return {"type": kind, "data": data}
+
+    good = action("drive-backup", **{"job-id": "ja"}, device="a", target=str(ta), sync="full")
+    for last in (action("abort"), action("drive-backup", device="zz", target=str(tb), sync="full")):
+        with pytest.raises(QmpError):
+            await h("transaction", actions=[good, last])
+        assert h.reg.jobs == {} and not exists(ta)
+        assert h.statuses("ja")[-4:] == ["created", "aborting", "concluded", "null"]
+    assert h.reg.nodes["a"].filters == [] and h.reg.nodes["a"].users == set()
+
+    second = action("drive-backup", **{"job-id": "jb"}, device="b", target=str(tb), sync="full")
+    await h("transaction", actions=[good, second], properties={"completion-mode": "grouped"})
+    await h.wait_gone("ja")
+    await h.wait_gone("jb")
+    assert ta.read_bytes() == (h.tmp / "a.raw").read_bytes() and tb.read_bytes() == (h.tmp / "b.raw").read_bytes()
+
+
+async def test_job_verbs(h: Harness) -> None:
+    await h("blockdev-add", driver="file", filename=str(h.image("s.raw", 4 * MiB)), **{"node-name": "s"})
+    await h("drive-backup", **{"job-id": "j"}, device="s", target=str(h.tmp / "t.raw"), sync="full", speed=1)
+    assert await h.error("block-job-pause", device="nope") == ("DeviceNotActive", "Block job 'nope' not found")
+    assert await h.error("job-pause", id="nope") == ("GenericError", "Job not found")
+    await h("block-job-pause", device="j")
+    assert (await h.error("job-pause", id="j"))[1] == "Job is already paused"
+    [info] = await h("query-block-jobs")
+    assert info["status"] == "paused" and info["paused"] is True and info["speed"] == 1
+    await h("job-resume", id="j")
+    assert (await h.error("block-job-resume", device="j"))[1] == "Can't resume a job that was not paused"
+    assert (await h.error("block-job-set-speed", device="j", speed=-1))[1] == (
+        "Parameter 'speed' expects a non-negative value"
+    )
+    assert (await h.error("job-dismiss", id="j"))[
+        1
+    ] == "Job 'j' in state 'running' cannot accept command verb 'dismiss'"
+    await h("block-job-cancel", device="j")
+    await h.wait_gone("j")
+    assert [e.name for e in h.events if e.name.startswith("BLOCK_JOB")] == ["BLOCK_JOB_CANCELLED"]
+    assert h.reg.nodes["s"].filters == []
+
+
+async def test_close_cancels_jobs(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    await h("blockdev-add", driver="file", filename=str(h.image("s.raw")), **{"node-name": "s"})
+    await h("drive-backup", **{"job-id": "j"}, device="s", target=str(h.tmp / "t.raw"), sync="full", speed=1)
+    await h.reg.close()
+    assert h.statuses("j")[-3:] == ["aborting", "concluded", "null"]
+    assert h.reg.nodes == {} and h.reg.jobs == {}

@@ -54,10 +54,10 @@ guest_uri="nbd+unix:///disk?socket=$work/nbd.sock"
     # Wait until the backup job exists: from then on its point in time is fixed.
     "$PY" - "unix:$work/qmp.sock" <<'PYEOF'
 import asyncio, sys
-from server.commands.backup import QmpConnection
+from server.qmp.client import QmpClient
 
 async def wait_for_job() -> None:
-    conn = await QmpConnection.open(sys.argv[1])
+    conn = await QmpClient.connect(sys.argv[1])
     try:
         while not await conn.execute("query-block-jobs"):
             await asyncio.sleep(0.02)

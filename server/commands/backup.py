@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 from typing import Any
 
 from nbd.loop import run
-from server.daemon import parse_qmp_address
 from server.errors import ConfigError
 from server.progress import Progress
+from server.qmp.client import QmpClient, QmpClientError, QmpCommandError
 
 EPILOG = """\
 TARGET is a file (created at the source's size unless --mode existing), an NBD URI
@@ -34,7 +33,6 @@ exit status: 0 when the backup completed; 1 when it could not start, failed, or 
 
 #: How often the progress bar asks the daemon for the job's offset.
 POLL_INTERVAL = 0.2
-CONNECT_TIMEOUT = 10.0
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -56,74 +54,6 @@ def parse_size(text: str) -> int:
     return int(result)
 
 
-class QmpConnection:
-    """A minimal asyncio QMP client: one command at a time, events queued for the caller."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._next_id = 0
-
-    @classmethod
-    async def open(cls, address: str) -> QmpConnection:
-        kind, where = parse_qmp_address(address)
-        if kind == "unix":
-            assert isinstance(where, str)
-            opening = asyncio.open_unix_connection(where, limit=1 << 24)
-        else:
-            assert isinstance(where, tuple)
-            opening = asyncio.open_connection(*where, limit=1 << 24)
-        reader, writer = await asyncio.wait_for(opening, CONNECT_TIMEOUT)
-        conn = cls(reader, writer)
-        greeting = await asyncio.wait_for(conn._read(), CONNECT_TIMEOUT)
-        if "QMP" not in greeting:
-            raise BackupFailed(f"{address} is not a QMP monitor")
-        await conn.execute("qmp_capabilities")
-        return conn
-
-    async def _read(self) -> dict[str, Any]:
-        line = await self.reader.readline()
-        if not line:
-            raise BackupFailed("the daemon closed the QMP connection")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    async def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run a command; its ``return`` value, or ``BackupFailed`` with the error's ``desc``."""
-        self._next_id += 1
-        request: dict[str, Any] = {"execute": name, "id": self._next_id}
-        if arguments:
-            request["arguments"] = arguments
-        self.writer.write(json.dumps(request).encode())
-        await self.writer.drain()
-        while True:
-            message = await self._read()
-            if "event" in message:
-                self.events.put_nowait(message)
-            elif message.get("id") == self._next_id:
-                if "error" in message:
-                    raise BackupFailed(f"{name}: {message['error'].get('desc', message['error'])}")
-                return message.get("return")
-
-    async def next_event(self, timeout: float) -> dict[str, Any] | None:
-        """The next event (queued or read from the socket), or None after ``timeout`` seconds."""
-        if not self.events.empty():
-            return self.events.get_nowait()
-        try:
-            message = await asyncio.wait_for(self._read(), timeout)
-        except TimeoutError:
-            return None
-        if "event" in message:
-            return message
-        return None  # a stray reply: nothing is pending, ignore it
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self.writer.wait_closed()
-
-
 def backup_arguments(args: argparse.Namespace, job_id: str) -> tuple[str, dict[str, Any]]:
     arguments: dict[str, Any] = {"job-id": job_id, "device": args.device, "target": args.target, "sync": args.sync}
     if args.speed:
@@ -143,13 +73,28 @@ def backup_arguments(args: argparse.Namespace, job_id: str) -> tuple[str, dict[s
     return "drive-backup", arguments
 
 
-async def follow(conn: QmpConnection, job_id: str, progress: Progress | None, log: Any) -> None:
+async def next_event(conn: QmpClient, timeout: float) -> dict[str, Any] | None:
+    """The next event, or None when none arrives within ``timeout`` seconds."""
+    try:
+        return await asyncio.wait_for(conn.next_event(), timeout)
+    except TimeoutError:
+        return None
+
+
+async def execute(conn: QmpClient, name: str, arguments: dict[str, Any] | None = None) -> Any:
+    try:
+        return await conn.execute(name, arguments)
+    except QmpCommandError as exc:
+        raise BackupFailed(f"{name}: {exc.desc}") from exc
+
+
+async def follow(conn: QmpClient, job_id: str, progress: Progress | None, log: Any) -> None:
     """Show progress until the job's final event; raise ``BackupFailed`` unless it completed."""
     while True:
-        event = await conn.next_event(POLL_INTERVAL)
+        event = await next_event(conn, POLL_INTERVAL)
         if event is None:
             if progress is not None:
-                for job in await conn.execute("query-block-jobs"):
+                for job in await execute(conn, "query-block-jobs"):
                     if job.get("device") == job_id:
                         progress.set_total(job["len"])
                         progress.update(job["offset"])
@@ -175,16 +120,16 @@ async def follow(conn: QmpConnection, job_id: str, progress: Progress | None, lo
 
 
 async def run_backup(args: argparse.Namespace, log: Any = sys.stderr) -> None:
-    conn = await QmpConnection.open(args.qmp)
+    conn = await QmpClient.connect(args.qmp)
     job_id = args.job_id or args.device
     try:
         command, arguments = backup_arguments(args, job_id)
-        await conn.execute(command, arguments)
+        await execute(conn, command, arguments)
         progress = _make_progress(args)
         try:
             await follow(conn, job_id, progress, log)
         except asyncio.CancelledError:
-            with contextlib.suppress(BackupFailed, OSError, ConnectionError, TimeoutError):
+            with contextlib.suppress(BackupFailed, QmpClientError, OSError, ConnectionError, TimeoutError):
                 await asyncio.wait_for(_cancel(conn, job_id), 10)
             raise
         if not args.quiet:
@@ -193,10 +138,10 @@ async def run_backup(args: argparse.Namespace, log: Any = sys.stderr) -> None:
         await conn.close()
 
 
-async def _cancel(conn: QmpConnection, job_id: str) -> None:
-    await conn.execute("block-job-cancel", {"device": job_id, "force": True})
+async def _cancel(conn: QmpClient, job_id: str) -> None:
+    await execute(conn, "block-job-cancel", {"device": job_id, "force": True})
     while True:
-        event = await conn.next_event(1.0)
+        event = await next_event(conn, 1.0)
         if (
             event is not None
             and event["event"] in ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED")
@@ -261,7 +206,10 @@ def main(args: argparse.Namespace) -> int:
     except (BackupFailed, ConfigError) as exc:
         print(f"nbd-backup backup: {exc}", file=sys.stderr)
         return 1
-    except (OSError, TimeoutError) as exc:
-        print(f"nbd-backup backup: cannot reach the daemon at {args.qmp}: {exc}", file=sys.stderr)
+    except (QmpClientError, OSError) as exc:
+        print(f"nbd-backup backup: cannot reach the daemon: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a malformed --qmp address
+        print(f"nbd-backup backup: {exc}", file=sys.stderr)
         return 1
     return 0

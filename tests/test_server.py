@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from backup.filter import BlockFilter
 from backup.memory import MemoryDevice
 from backup.node import BlockNode
 from nbd import constants as c
@@ -418,3 +419,39 @@ def test_connection_flood_is_cut_off(loop: str) -> None:
             await client.close()
 
     run_on(loop, serving(MemoryDevice(1 << 20), body, max_connections=1))
+
+
+class RecordingFilter(BlockFilter):
+    def __init__(self, next_device: Any) -> None:
+        super().__init__(next_device)
+        self.writes: list[tuple[int, int]] = []
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        self.writes.append((offset, len(data)))
+        await super().pwrite(offset, data, fua=fua)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_filter_inserted_under_a_live_export(loop: str) -> None:
+    """What a backup does: drain the node, put its filter on top; the connection never notices."""
+    node = BlockNode("n", MemoryDevice(1 << 20))
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk", structured=False)
+        client.request(Cmd.WRITE, 1, 0, 4096, data=b"\x01" * 4096)
+        assert (await client.reply())[1:3] == (1, 0)
+        async with node.drained():
+            recorder = node.insert_filter(RecordingFilter)
+        client.request(Cmd.WRITE, 2, 8192, 4096, data=b"\x02" * 4096)
+        assert (await client.reply())[1:3] == (2, 0)
+        assert isinstance(recorder, RecordingFilter) and recorder.writes == [(8192, 4096)]
+        async with node.drained():
+            node.remove_filter(recorder)
+        client.request(Cmd.WRITE, 3, 0, 4096, data=b"\x03" * 4096)
+        assert (await client.reply())[1:3] == (3, 0)
+        assert recorder.writes == [(8192, 4096)]
+        assert node.device.data[:4096] == b"\x03" * 4096  # type: ignore[attr-defined]
+        await client.close()
+
+    run_on(loop, serving(node, body))

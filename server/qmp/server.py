@@ -166,7 +166,10 @@ class QmpServer:
                 os.unlink(path)
         sessions = list(self._sessions)
         if sessions:
-            await asyncio.wait([asyncio.ensure_future(s.flush()) for s in sessions], timeout=STOP_FLUSH_TIMEOUT)
+            flushing = [asyncio.ensure_future(s.flush()) for s in sessions]
+            _, unflushed = await asyncio.wait(flushing, timeout=STOP_FLUSH_TIMEOUT)
+            for future in unflushed:  # a client that does not read: its output is dropped below
+                future.cancel()
         for session in sessions:
             session.close()  # their read loops see EOF and end
         tasks = list(self._tasks)
@@ -275,8 +278,8 @@ class _Session:
                 return
             for message in self.parser.feed(data):
                 reply = await self.handle(message)
-                if reply is not None and not self._closed:
-                    self.send(reply)
+                if not self._closed:
+                    self.send_line(reply)
 
     def send(self, obj: Any) -> None:
         self.send_line(encode(obj))
@@ -333,27 +336,27 @@ class _Session:
 
     # --- one request ---
 
-    async def handle(self, message: Message) -> dict[str, Any] | None:
+    async def handle(self, message: Message) -> bytes:
+        """The reply line to one input message (every message gets exactly one)."""
         if isinstance(message, JsonError):
-            return _error(message.desc, "GenericError", None, False)
+            return encode(_error(message.desc, "GenericError", None, False))
         request = message.value
         if not isinstance(request, dict):
-            return _error("QMP input must be a JSON object", "GenericError", None, False)
+            return encode(_error("QMP input must be a JSON object", "GenericError", None, False))
         has_id = "id" in request
         request_id = request.get("id")
         try:
             result = await self._execute(request)
         except QmpError as exc:
-            return _error(exc.desc, exc.error_class, request_id, has_id)
+            return encode(_error(exc.desc, exc.error_class, request_id, has_id))
         reply: dict[str, Any] = {"return": result}
         if has_id:
             reply["id"] = request_id
         try:
-            encode(reply)
+            return encode(reply)
         except (TypeError, ValueError) as exc:
             log.error("QMP reply is not JSON-serialisable: %r", result)
-            return _error(f"Internal error: reply is not JSON: {exc}", "GenericError", request_id, has_id)
-        return reply
+            return encode(_error(f"Internal error: reply is not JSON: {exc}", "GenericError", request_id, has_id))
 
     async def _execute(self, request: dict[str, Any]) -> Any:
         for key, value in request.items():

@@ -571,7 +571,7 @@ class ServerCore:
         if not self.structured:
             raise _Refusal(Rep.ERR_INVALID, "negotiate structured replies before meta contexts")
         name, queries = _parse_meta_request(data)
-        self._find(name)
+        canonical = self._find(name).name  # "" may stand for the default export
         if not queries:
             selected = not is_set
         else:
@@ -581,7 +581,7 @@ class ServerCore:
             self._reply(option, Rep.META_CONTEXT, _U32.pack(context_id) + c.META_BASE_ALLOCATION.encode())
         if is_set:
             self._meta_selected = selected
-            self._meta_export = name
+            self._meta_export = canonical
         self._reply(option, Rep.ACK)
         return False
 

@@ -455,3 +455,15 @@ def test_filter_inserted_under_a_live_export(loop: str) -> None:
         await client.close()
 
     run_on(loop, serving(node, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_default_export_keeps_its_meta_context(loop: str) -> None:
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("")  # SET_META_CONTEXT and GO both name the default export ""
+        client.request(Cmd.BLOCK_STATUS, 1, 0, 4096)
+        assert (await client.reply())[2] == ReplyType.BLOCK_STATUS
+        await client.close()
+
+    run_on(loop, serving(MemoryDevice(1 << 20), body))

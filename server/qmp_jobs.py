@@ -1,12 +1,13 @@
 """QMP backup and job commands: ``drive-backup``, ``blockdev-backup``, ``transaction``, the
 ``block-job-*`` and ``job-*`` verbs, ``query-block-jobs`` and ``query-jobs``.
 
-A backup is set up in two halves so that a transaction can be all-or-nothing: *prepare* checks
-everything, opens (or creates) the target and creates the job (``JOB_STATUS_CHANGE`` created); then
-the sources are drained together and every job's copy-before-write filter goes in with no ``await``
-in between — that instant is the point in time of every backup in the transaction — and the jobs
-start. If anything fails before that, every prepared job is cancelled (aborting, concluded, null, as
-qemu-storage-daemon reports it) and every target file the transaction created is deleted.
+Every backup command runs as a transaction (``backup.transaction.run_transaction``), as in QEMU: each
+action's *prepare* checks everything, opens (or creates) the target, creates the job (``created``),
+drains its source until the transaction ends and installs the copy-before-write filter — so all the
+sources are quiet together and the point in time is common to every backup of the transaction; the
+commits start every job with no ``await`` in between. If any action fails, every prepared job is
+cancelled (aborting, concluded, null, as qemu-storage-daemon reports it) newest first, and every
+target file the transaction created is deleted.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 
 from backup.backup_job import BackupJob, BackupOptions
 from backup.errors import BackupError
-from backup.job import Job, JobGroup, JobStatus
+from backup.job import Job, JobStatus
 from backup.node import BlockNode
 from backup.targets import BackupTarget, open_target
+from backup.transaction import AbortAction, Transaction, TransactionAction, run_transaction
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
 from server.errors import QmpError
@@ -234,48 +236,70 @@ async def prepare_blockdev_backup(reg: Registry, args: dict[str, Any]) -> Prepar
     return PreparedBackup(job, target, target_node)
 
 
-async def start_backups(prepared: list[PreparedBackup]) -> None:
-    """The point in time: drain every source, install every filter (no await in between), start."""
-    sources: list[BlockNode] = []
-    for p in prepared:
-        if p.job.source not in sources:
-            sources.append(p.job.source)
-    async with contextlib.AsyncExitStack() as stack:
-        for source in sources:
-            await stack.enter_async_context(source.drained())
-        for p in prepared:
-            p.job.install_filter()
-    for p in prepared:
-        p.job.start()
+class BackupAction:
+    """A ``drive-backup`` / ``blockdev-backup`` as a transaction action (QEMU's ``BlkActionOps``).
+
+    ``prepare`` creates the job, then drains its source — held until ``clean``, so every source of
+    the transaction is quiet at once — installs the copy-before-write filter (the point in time) and
+    holds the job paused; ``commit`` starts it; ``clean`` ends the drain and lets it run. That gives
+    QEMU's events: created, running, paused, running. ``abort`` cancels the job and deletes a target
+    file it created.
+    """
+
+    def __init__(self, reg: Registry, kind: str, args: dict[str, Any], txn: Transaction) -> None:
+        self.reg = reg
+        self.kind = kind
+        self.args = args
+        self.txn = txn
+        self.prepared: PreparedBackup | None = None
+        self._drain: contextlib.AbstractAsyncContextManager[None] | None = None
+        self._held = False
+        self._committed = False
+
+    async def prepare(self) -> None:
+        if self.kind == "drive-backup":
+            self.prepared = await prepare_drive_backup(self.reg, self.args)
+        else:
+            self.prepared = await prepare_blockdev_backup(self.reg, self.args)
+        job = self.prepared.job
+        self.txn.add_job(job)
+        drain = job.source.drained()
+        await drain.__aenter__()
+        self._drain = drain
+        job.install_filter()
+        job.pause_internal()
+        self._held = True
+
+    def commit(self) -> None:
+        assert self.prepared is not None
+        self.prepared.job.start()
+        self._committed = True
+
+    async def abort(self) -> None:
+        if self.prepared is not None:
+            await self.prepared.abort()
+
+    async def clean(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            await drain.__aexit__(None, None, None)
+        if self._held and self._committed and self.prepared is not None:
+            self.prepared.job.resume_internal()
+        self._held = False
 
 
-async def abort_all(prepared: list[PreparedBackup]) -> None:
-    for p in reversed(prepared):
-        try:
-            await p.abort()
-        except Exception:
-            log.exception("aborting job %s failed", p.job.id)
-
-
-async def run_backups(reg: Registry, actions: list[tuple[str, dict[str, Any]]], *, grouped: bool = False) -> None:
-    """Prepare every action in order, then start them all together; any failure undoes everything."""
-    prepared: list[PreparedBackup] = []
-    try:
-        for kind, data in actions:
-            if kind == "abort":
-                raise generic("Transaction aborted using Abort action")
-            if kind == "drive-backup":
-                prepared.append(await prepare_drive_backup(reg, data))
-            else:
-                prepared.append(await prepare_blockdev_backup(reg, data))
-        if grouped and len(prepared) > 1:
-            group = JobGroup()
-            for p in prepared:
-                group.add(p.job)
-        await start_backups(prepared)
-    except BaseException:
-        await abort_all(prepared)
-        raise
+async def run_backups(
+    reg: Registry, actions: list[tuple[str, dict[str, Any]]], *, completion_mode: str = "individual"
+) -> None:
+    """Run backup actions as one transaction: every job starts at one point in time, or none exists."""
+    txn = Transaction(completion_mode)
+    steps: list[TransactionAction] = []
+    for kind, data in actions:
+        if kind == "abort":
+            steps.append(AbortAction())
+        else:
+            steps.append(BackupAction(reg, kind, data, txn))
+    await run_transaction(steps)
 
 
 def _verb(call: Any) -> dict[str, Any]:
@@ -333,8 +357,8 @@ def register(commands: CommandRegistry) -> None:
     @commands.command("transaction", args={"actions": [TRANSACTION_ACTION], "*properties": TRANSACTION_PROPERTIES})
     async def transaction(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Start several backups at one point in time; if one action fails, none happens."""
-        grouped = args.get("properties", {}).get("completion-mode") == "grouped"
-        await run_backups(reg, [(a["type"], a["data"]) for a in args["actions"]], grouped=grouped)
+        mode = args.get("properties", {}).get("completion-mode", "individual")
+        await run_backups(reg, [(a["type"], a["data"]) for a in args["actions"]], completion_mode=mode)
         return {}
 
     @commands.command("query-block-jobs")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+from pathlib import Path
+
 import pytest
 
 from server.cli import build_parser
@@ -68,3 +73,65 @@ def test_addresses() -> None:
 def test_subcommand_is_registered() -> None:
     args = build_parser().parse_args(["qmp", "--qmp", "unix:/x", "query-block-jobs"])
     assert args.command == "qmp" and args.qmp_command == "query-block-jobs" and args.func is not None
+
+
+async def test_run_qmp_prints_reply_then_follows_events(tmp_path: Path) -> None:
+    import argparse
+
+    from backup.events import Event
+    from server.commands.qmp import run_qmp
+    from server.qmp import CommandRegistry, QmpServer
+
+    srv = QmpServer(CommandRegistry(), object(), version="2.3.4")
+    await srv.listen_unix(tmp_path / "s")
+    out, err = io.StringIO(), io.StringIO()
+    args = argparse.Namespace(
+        qmp=f"unix:{tmp_path}/s",
+        qmp_command="query-version",
+        arguments=[],
+        events=True,
+        until="DONE",
+        raw=False,
+        compact=True,
+        timeout=None,
+    )
+    try:
+        task = asyncio.ensure_future(run_qmp(args, out, err))
+        while not task.done():  # events reach only negotiated clients: repeat until the CLI has one
+            srv.broadcast(Event("TICK", {"n": 1}, 1.0))
+            srv.broadcast(Event("DONE", {}, 2.0))
+            await asyncio.wait([task], timeout=0.05)
+        assert task.result() == 0
+    finally:
+        await srv.stop()
+    lines = out.getvalue().splitlines()
+    assert json.loads(lines[0]) == {"qemu": {"micro": 4, "minor": 3, "major": 2}, "package": "nbd-backup 2.3.4"}
+    assert json.loads(lines[-1])["event"] == "DONE"
+    assert err.getvalue() == ""
+
+
+async def test_run_qmp_error_reply(tmp_path: Path) -> None:
+    import argparse
+
+    from server.commands.qmp import run_qmp
+    from server.qmp import CommandRegistry, QmpServer
+
+    srv = QmpServer(CommandRegistry(), object())
+    await srv.listen_unix(tmp_path / "s")
+    out, err = io.StringIO(), io.StringIO()
+    args = argparse.Namespace(
+        qmp=f"unix:{tmp_path}/s",
+        qmp_command="query-version",
+        arguments=["x=1"],
+        events=False,
+        until=None,
+        raw=True,
+        compact=True,
+        timeout=None,
+    )
+    try:
+        assert await asyncio.wait_for(run_qmp(args, out, err), 10) == 1
+    finally:
+        await srv.stop()
+    assert err.getvalue() == "ERROR GenericError: Parameter 'x' is unexpected\n"
+    assert json.loads(out.getvalue())["error"]["class"] == "GenericError"

@@ -471,3 +471,28 @@ async def test_client_limit(ctx: Ctx, tmp_path: Path) -> None:
         await second.close()
     finally:
         await srv.stop()
+
+
+async def test_qemu_qmp_client_over_tcp(ctx: Ctx) -> None:
+    """QEMU's own asyncio client (no newlines between requests) against the in-process server."""
+    from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+    srv = QmpServer(make_registry(), ctx)
+    host, port = await srv.listen_tcp("127.0.0.1", 0)
+    client = QMPClient("unit")
+    try:
+        await asyncio.wait_for(client.connect((host, port)), TIMEOUT)
+        assert await client.execute("echo", {"msg": "x", "n": 1}) == {"msg": "x", "n": 1}
+        with pytest.raises(ExecuteError) as info:
+            await client.execute("fail-device")
+        assert info.value.error_class == "DeviceNotFound"
+        listener = EventListener()
+        with client.listen(listener):
+            srv.broadcast(
+                Event("BLOCK_JOB_COMPLETED", {"device": "j", "len": 1, "offset": 1, "speed": 0, "type": "backup"}, 5.5)
+            )
+            event = await asyncio.wait_for(listener.get(), TIMEOUT)
+        assert event["event"] == "BLOCK_JOB_COMPLETED" and event["timestamp"] == {"seconds": 5, "microseconds": 500000}
+    finally:
+        await client.disconnect()
+        await srv.stop()

@@ -103,7 +103,10 @@ def timed_backup(q: QmpSync, work: Path, images: list[Path], fmt: str, run: int)
     return elapsed
 
 
-def measure(side: Callable[[Path], AbstractContextManager[QmpSync]], base: Path, label: str, images: list[Path], fmt: str, runs: int) -> float:
+Side = Callable[[Path], AbstractContextManager[QmpSync]]
+
+
+def measure(side: Side, base: Path, label: str, images: list[Path], fmt: str, runs: int) -> float:
     work = base / label
     work.mkdir(exist_ok=True)
     with side(work) as q:

@@ -276,6 +276,64 @@ def test_replies_are_crlf_lines_in_qemu_member_order(ours: OurDaemon) -> None:
         raw.close()
 
 
+# --- every command's argument checks, generated from our schemas, against QEMU's ---------------
+
+
+def _wrong_values(qtype: Any) -> list[Any]:
+    from server.qmp.schema import BUILTINS, Alternate, Enum, Int, List, ObjectType
+
+    if isinstance(qtype, Enum):
+        return [12345, "__bogus__"]
+    if qtype is BUILTINS["str"]:
+        return [12345]
+    if isinstance(qtype, Int):
+        return ["x", 1.5, -1]
+    if qtype is BUILTINS["bool"]:
+        return ["x"]
+    if isinstance(qtype, ObjectType | List):
+        return [5]
+    if isinstance(qtype, Alternate):
+        return [[]]
+    return []
+
+
+def _argument_probes() -> list[Any]:
+    """For each command: no arguments (if some are required), each member with wrong values, an
+    unknown member. Each probe fails validation on both sides, so nothing runs (``quit`` excluded)."""
+    from server.daemon import build_commands
+    from server.qmp.schema import Struct, Union
+
+    registry = build_commands()
+    probes = []
+    for cmd in registry:
+        members = (
+            cmd.args.members if isinstance(cmd.args, Struct) else cmd.args.base if isinstance(cmd.args, Union) else ()
+        )
+        cases: list[dict[str, Any]] = [{}] if any(not m.optional for m in members) else []
+        cases += [{m.name: w} for m in members for w in _wrong_values(m.type)]
+        cases.append({"__unknown__": 1})
+        for args in cases:
+            marks = []
+            if cmd.name == "nbd-server-start" and set(args) - {"addr", "__unknown__"}:
+                # Our member order is QEMU 10's (NbdServerOptionsBase first, 'addr' last); 7.2 visits
+                # 'addr' first, so "addr is missing" comes before a bad optional member there.
+                marks.append(
+                    pytest.mark.xfail(reason="nbd-server-start member order differs from 7.2 (server/qmp_nbd.py)")
+                )
+            probes.append(pytest.param(cmd.name, args, marks=marks, id=f"{cmd.name}-{json.dumps(args)}"))
+    return probes
+
+
+@pytest.mark.parametrize(("command", "arguments"), _argument_probes())
+def test_argument_refusals_same_as_qemu_storage_daemon(
+    qsd: Qsd, ours: OurDaemon, command: str, arguments: Json
+) -> None:
+    payload = json.dumps({"execute": command, "arguments": arguments, "id": 1}).encode()
+    mine = exchange(ours.qmp_path, payload, negotiate=True)
+    assert "return" not in mine[0]  # a probe must never run a command
+    assert mine == exchange(qsd.qmp_path, payload, negotiate=True)
+
+
 # --- hostile clients: the right error or a clean close, and the daemon keeps serving -----------
 
 

@@ -312,6 +312,12 @@ def _argument_probes() -> list[Any]:
         cases: list[dict[str, Any]] = [{}] if any(not m.optional for m in members) else []
         cases += [{m.name: w} for m in members for w in _wrong_values(m.type)]
         cases.append({"__unknown__": 1})
+        if isinstance(cmd.args, Union):  # each branch's own members (blockdev-add's drivers)
+            for value, branch in cmd.args.variants.items():
+                chosen = {cmd.args.discriminator: value}
+                if any(not m.optional for m in branch):
+                    cases.append(chosen)
+                cases += [{**chosen, m.name: w} for m in branch for w in _wrong_values(m.type)]
         for args in cases:
             marks = []
             if cmd.name == "nbd-server-start" and set(args) - {"addr", "__unknown__"}:

@@ -25,9 +25,11 @@ from typing import Any, TypeAlias
 from server.errors import QmpError
 
 __all__ = [
+    "BUILTINS",
     "Alternate",
     "Any_",
     "Enum",
+    "Int",
     "List",
     "Member",
     "ObjectType",
@@ -37,6 +39,7 @@ __all__ = [
     "Struct",
     "Union",
     "resolve",
+    "resolve_arguments",
     "validate_arguments",
 ]
 

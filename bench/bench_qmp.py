@@ -121,7 +121,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
         if path.exists():
             return
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited {proc.returncode}")
         time.sleep(0.02)
     raise RuntimeError(f"{path} did not appear")
 

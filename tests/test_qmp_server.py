@@ -496,3 +496,27 @@ async def test_qemu_qmp_client_over_tcp(ctx: Ctx) -> None:
     finally:
         await client.disconnect()
         await srv.stop()
+
+
+async def test_events_emitted_by_a_command_precede_its_reply(ctx: Ctx, tmp_path: Path) -> None:
+    """As in QEMU: drive-backup's JOB_STATUS_CHANGE "created" arrives before drive-backup's return."""
+    reg = CommandRegistry()
+    srv = QmpServer(reg, ctx)
+
+    @reg.command("start-job")
+    async def start_job(ctx: Any, args: dict[str, Any]) -> Any:
+        srv.broadcast(Event("JOB_STATUS_CHANGE", {"id": "j", "status": "created"}, 1.0))
+        srv.broadcast(Event("JOB_STATUS_CHANGE", {"id": "j", "status": "running"}, 1.0))
+        return {}
+
+    await srv.listen_unix(tmp_path / "s")
+    try:
+        c = await connect(tmp_path / "s")
+        await c.recv()
+        await c.negotiate()
+        await c.send({"execute": "start-job", "id": 1})
+        got = [await c.recv() for _ in range(3)]
+        assert [m.get("event") or m.get("return") for m in got] == ["JOB_STATUS_CHANGE", "JOB_STATUS_CHANGE", {}]
+        await c.close()
+    finally:
+        await srv.stop()

@@ -164,7 +164,9 @@ def test_cancel(tmp_path: Path) -> None:
 def test_pause_resume(tmp_path: Path) -> None:
     def scenario(run: Run) -> list[str]:
         run("drive-backup", **{"job-id": "j1"}, device="src", target=target(run, "b.raw"), sync="full", speed=SLOW)
+        run.q.pending_events.clear()  # forget the start's transient paused/running
         run("block-job-pause", device="j1")
+        run.q.wait_job_status("j1", "paused", timeout=60)  # QEMU pauses a job busy with I/O a bit later
         run("query-block-jobs")
         run("block-job-pause", device="j1")
         run("block-job-resume", device="j1")

@@ -76,12 +76,12 @@ def register(commands: CommandRegistry) -> None:
 
     @commands.command(
         "nbd-server-start",
+        # QEMU 7.2's members in its order ('addr' first; handshake-max-seconds came in 10.0)
         args={
-            "*handshake-max-seconds": "uint32",
+            "addr": SOCKET_ADDRESS_LEGACY,
             "*tls-creds": "str",
             "*tls-authz": "str",
             "*max-connections": "uint32",
-            "addr": SOCKET_ADDRESS_LEGACY,
         },
     )
     async def nbd_server_start(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:

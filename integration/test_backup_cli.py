@@ -4,6 +4,7 @@ target, progress lines, and the exit status when the backup cannot start, fails,
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -127,3 +128,32 @@ def test_exit_status_when_cancelled(tmp_path: Path) -> None:
         worker.join(120)
         assert result and result[0].returncode == 1
         assert "cancelled" in result[0].stderr
+
+
+def test_ctrl_c_cancels_the_job(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw", SIZE)
+    with our_daemon(tmp_path / "run") as daemon:
+        add_disk(daemon, image)
+        with daemon.connect() as q:
+            proc = subprocess.Popen(
+                nbd_backup_argv(
+                    "backup", "--qmp", f"unix:{daemon.qmp_path}", "disk0", str(tmp_path / "b.raw"), "--speed", "1"
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
+            try:
+                q.wait_job_status("disk0", "running", timeout=60)  # the CLI has sent drive-backup
+                proc.send_signal(signal.SIGINT)
+                _, stderr = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert proc.returncode == 130, stderr
+            assert "cancelled" in stderr
+            q.wait_event("BLOCK_JOB_CANCELLED", lambda d: d["device"] == "disk0", timeout=30)
+            q.wait_job_status("disk0", "null", timeout=30)
+            assert q.ok("query-jobs") == []

@@ -124,11 +124,13 @@ async def run_backup(args: argparse.Namespace, log: Any = sys.stderr) -> None:
     job_id = args.job_id or args.device
     try:
         command, arguments = backup_arguments(args, job_id)
-        await execute(conn, command, arguments)
         progress = _make_progress(args)
         try:
+            await execute(conn, command, arguments)
             await follow(conn, job_id, progress, log)
         except asyncio.CancelledError:
+            # Ctrl-C, possibly before the command's reply arrived: the job may exist, cancel it
+            # (a refusal because it does not is fine) and wait for it to go before exiting.
             with contextlib.suppress(BackupFailed, QmpClientError, OSError, ConnectionError, TimeoutError):
                 await asyncio.wait_for(_cancel(conn, job_id), 10)
             raise

@@ -162,6 +162,11 @@ class RawFileDevice:
 
     # --- verbs -------------------------------------------------------------------------------------
 
+    def direct_read_fd(self) -> int | None:
+        """A file descriptor whose bytes are this device's (past its end: zeroes), for zero-copy
+        ``sendfile`` reads by the NBD server; None once closed."""
+        return self._fd if self._fd >= 0 else None
+
     async def pread(self, offset: int, length: int) -> bytes:
         self._check_read(offset, length)
         if length >= THREADED_IO_MIN:

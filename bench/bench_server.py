@@ -9,6 +9,7 @@ at queue depth 16. Prints MiB/s, IOPS, p50/p99 completion latency and the ratio 
     .venv/bin/python bench/bench_server.py                 # everything (about 5 minutes)
     .venv/bin/python bench/bench_server.py --runtime 3 --servers ours,qemu-nbd --workloads randread
     NBD_BACKUP_LOOP=asyncio .venv/bin/python bench/bench_server.py   # our server on the stdlib loop
+    NBD_BACKUP_SENDFILE_MIN=0 .venv/bin/python bench/bench_server.py # big reads without sendfile
 
 Not part of the test suite: numbers depend on the machine and on whoever else is using it.
 """

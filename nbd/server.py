@@ -51,6 +51,7 @@ from nbd.server_core import (
 log = logging.getLogger(__name__)
 
 SPARSE_READ_MIN = 64 * 1024  # reads at least this long ask the device for holes first
+SENDFILE_MIN = int(os.environ.get("NBD_BACKUP_SENDFILE_MIN", 256 * 1024))  # 0: never sendfile
 RECEIVE_BUFFER = 256 * 1024  # the reused receive buffer (write payloads bypass it)
 MAX_IN_FLIGHT = 64  # requests per connection before reading pauses
 MAX_IN_FLIGHT_BYTES = 64 << 20  # ... or bytes of their lengths (bounded memory per connection)
@@ -229,6 +230,17 @@ class NbdServer:
                 await asyncio.wait(pending, timeout=1.0)
 
 
+def _direct_read_fd(device: Any) -> int | None:
+    """The fd a read may be served from by sendfile: a node without filters (a filter may change
+    what reads return) over a device that offers one (``direct_read_fd``, raw files)."""
+    filters = getattr(device, "filters", None)
+    if filters:
+        return None
+    base = device.device if filters is not None else device
+    direct = getattr(base, "direct_read_fd", None)
+    return direct() if direct is not None else None
+
+
 def _buffered(request: Request) -> int:
     """Bytes a request holds in memory while in flight: its payload or its read data."""
     return request.length if request.cmd == CMD_READ or request.cmd == CMD_WRITE else 0
@@ -270,6 +282,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._lost = False
         self._timer: asyncio.TimerHandle | None = None
         self._sparse = False
+        self._sock_fd = -1  # the socket, for sendfile (-1: not usable)
 
     # --- protocol callbacks ------------------------------------------------------------------------
 
@@ -379,6 +392,11 @@ class _Connection(asyncio.BufferedProtocol):
         self.export = export
         self.device = export.device
         self._sparse = event.structured and event.export.size > 0
+        self._sock_fd = -1
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and self.transport.get_extra_info("sslcontext") is None and SENDFILE_MIN:
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                self._sock_fd = sock.fileno()
         log.info("NBD client %s: export '%s'", self.peer, export.name)
 
     def _client_closed(self, event: Closed) -> None:
@@ -562,8 +580,62 @@ class _Connection(asyncio.BufferedProtocol):
             if any(e.flags & _ZERO for e in extents):
                 await self._read_sparse(request, extents)
                 return
+        if length >= SENDFILE_MIN and self._sock_fd >= 0:
+            fd = _direct_read_fd(device)
+            if fd is not None and self._sendfile(request, fd):
+                return
         data = await device.pread(offset, length)
         self._sendv(self.core.reply_read(cookie, offset, data))
+
+    def _sendfile(self, request: Request, fd: int) -> bool:
+        """Send a read reply with ``sendfile`` straight from the page cache (one copy fewer).
+
+        Only when nothing is queued in the transport, so writing to the socket directly keeps the
+        order; whatever the socket does not take at once goes through the transport after it, all
+        in this one synchronous call. False when the ordinary path must be used."""
+        transport = self.transport
+        batch = self._batch
+        if batch:
+            transport.writelines(batch)
+            batch.clear()
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        offset, length, sock = request.offset, request.length, self._sock_fd
+        header = self.core.read_header(request.cookie, offset, length)
+        try:
+            n = os.write(sock, header)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return False  # nothing was sent: the ordinary path meets the same error
+        sent = 0
+        try:
+            if n < len(header):
+                transport.write(header[n:])
+            else:
+                while sent < length:
+                    k = os.sendfile(sock, fd, offset + sent, length - sent)
+                    if k == 0:
+                        break  # the end of the file: the unaligned tail reads as zeroes
+                    sent += k
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            # The reply header is out: the spec's only way on is a hard disconnect.
+            log.warning("NBD client %s: sendfile failed after the reply header: %s", self.peer, exc)
+            self.abort()
+            return True
+        if sent < length:
+            try:
+                rest = os.pread(fd, length - sent, offset + sent)
+            except OSError as exc:
+                log.warning("NBD client %s: read failed after the reply header: %s", self.peer, exc)
+                self.abort()
+                return True
+            if len(rest) < length - sent:
+                rest += bytes(length - sent - len(rest))
+            transport.write(rest)
+        return True
 
     async def _read_sparse(self, request: Request, extents: list[Any]) -> None:
         """Send zero extents as hole chunks (with DF only when the whole range is one hole)."""

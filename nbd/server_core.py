@@ -730,6 +730,12 @@ class ServerCore:
             return _DATA.pack(STRUCTURED_MAGIC, DONE, ReplyType.OFFSET_DATA, cookie, 8 + len(data), offset), data
         return _SIMPLE.pack(SIMPLE_MAGIC, 0, cookie), data
 
+    def read_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """The header of a successful read reply whose ``length`` data bytes the caller sends itself."""
+        if self.structured:
+            return _DATA.pack(STRUCTURED_MAGIC, DONE, ReplyType.OFFSET_DATA, cookie, 8 + length, offset)
+        return _SIMPLE.pack(SIMPLE_MAGIC, 0, cookie)
+
     def reply_read_sparse(
         self, cookie: int, offset: int, pieces: Sequence[tuple[int, bytes | bytearray | memoryview | None]]
     ) -> list[bytes | bytearray | memoryview]:

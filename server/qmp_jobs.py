@@ -30,7 +30,7 @@ from nbd.uri import looks_like_uri
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.schema import Enum, Struct, Union
-from server.registry import Registry, generic
+from server.registry import Registry, generic, same_image
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,9 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
     if looks_like_uri(text):
         if fmt == "qcow2":
             raise generic("an NBD target is written as raw; 'format' must be 'raw'")
+        exported = reg.own_export_node(text)
+        if exported is not None and same_image(exported, source):
+            raise generic("Source and target cannot be the same")
         target_ref = text
         fmt = None
     else:

@@ -21,7 +21,9 @@ from backup.events import EventBus
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
 from nbd.constants import MAX_STRING
+from nbd.errors import UriError
 from nbd.server import Export, NbdServer
+from nbd.uri import parse_uri
 from server.errors import QmpError
 from server.paths import PathPolicy
 
@@ -143,6 +145,27 @@ class Registry:
                     return node
             except OSError:
                 continue
+        return None
+
+    def own_export_node(self, uri_text: str) -> BlockNode | None:
+        """The node behind ``uri_text`` when it names one of our own exports (a loopback target)."""
+        if self.nbd is None:
+            return None
+        try:
+            uri = parse_uri(uri_text)
+        except (UriError, ValueError):
+            return None
+        if uri.socket is not None:
+            ours = f"unix:{uri.socket}" in self.nbd_addresses
+        else:
+            local = uri.host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", None, "")
+            ports = {a.rpartition(":")[2] for a in self.nbd_addresses if not a.startswith("unix:")}
+            ours = local and str(uri.port) in ports
+        if not ours:
+            return None
+        for entry in self.exports.values():
+            if entry.name == uri.export or (uri.export == "" and len(self.exports) == 1):
+                return entry.node
         return None
 
     # --- the NBD server --------------------------------------------------------------------------
@@ -327,6 +350,18 @@ class Registry:
             except OSError as exc:
                 log.error("closing node '%s' failed: %s", name, exc)
         self._unsubscribe()
+
+
+def same_image(a: BlockNode, b: BlockNode) -> bool:
+    """Whether two nodes end on the same opened image (a format node over a file node, or the same)."""
+
+    def bottom(node: BlockNode) -> object:
+        device: object = node
+        while isinstance(device, BlockNode):
+            device = device.device
+        return device
+
+    return bottom(a) is bottom(b) or (a.filename is not None and a.filename == b.filename)
 
 
 def _close_order(nodes: dict[str, BlockNode]) -> list[str]:

@@ -255,3 +255,15 @@ async def test_close_cancels_jobs(tmp_path: Path) -> None:
     await h.reg.close()
     assert h.statuses("j")[-3:] == ["aborting", "concluded", "null"]
     assert h.reg.nodes == {} and h.reg.jobs == {}
+
+
+async def test_backup_to_own_export_of_the_source_refused(h: Harness) -> None:
+    await h("blockdev-add", driver="file", filename=str(h.image("s.raw")), **{"node-name": "f"})
+    await h("blockdev-add", driver="raw", file="f", **{"node-name": "s"})
+    sock = h.tmp / "nbd.sock"
+    await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    await h("block-export-add", type="nbd", id="e", **{"node-name": "s"}, writable=True)
+    for device in ("s", "f"):
+        for uri in (f"nbd+unix:///s?socket={sock}", f"nbd+unix://?socket={sock}"):
+            desc = (await h.error("drive-backup", device=device, target=uri, sync="full", mode="existing"))[1]
+            assert desc == "Source and target cannot be the same"

@@ -65,6 +65,7 @@ class CopyBeforeWriteFilter(BlockFilter):
         self.on_snapshot_broken = on_snapshot_broken
         self.snapshot_error: OSError | None = None
         self.guest_copies = 0  # how many guest requests had to copy (or wait for a copy) first
+        self.refused = 0  # guest requests failed by break-guest-write
         self._chunk_clusters = max(1, GUEST_COPY_CHUNK // copier.cluster_size)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
@@ -103,7 +104,9 @@ class CopyBeforeWriteFilter(BlockFilter):
         if self.on_cbw_error is OnCbwError.BREAK_SNAPSHOT:
             self.break_snapshot(failure)
             return
-        log.warning("guest write at %d+%d refused: %s", offset, length, failure)
+        # A dead target refuses every guest write: say it loudly once, then quietly.
+        log.log(logging.DEBUG if self.refused else logging.WARNING, "guest write at %d+%d refused: %s", offset, length, failure)
+        self.refused += 1
         raise failure
 
     def break_snapshot(self, error: OSError) -> None:

@@ -105,7 +105,8 @@ class CopyBeforeWriteFilter(BlockFilter):
             self.break_snapshot(failure)
             return
         # A dead target refuses every guest write: say it loudly once, then quietly.
-        log.log(logging.DEBUG if self.refused else logging.WARNING, "guest write at %d+%d refused: %s", offset, length, failure)
+        level = logging.DEBUG if self.refused else logging.WARNING
+        log.log(level, "guest write at %d+%d refused: %s", offset, length, failure)
         self.refused += 1
         raise failure
 

@@ -85,6 +85,8 @@ class Registry:
         self._unsubscribe = self.events.subscribe(self._on_event)
         #: Called by ``quit``; the daemon sets it.
         self.stop_requested: Callable[[], None] | None = None
+        #: Set once shutdown began: no new jobs.
+        self.closing = False
 
     def request_stop(self) -> None:
         """QMP ``quit``: ask the daemon to shut down (after the reply is sent)."""
@@ -265,6 +267,8 @@ class Registry:
     # --- jobs ------------------------------------------------------------------------------------
 
     def check_new_job_id(self, job_id: str) -> str:
+        if self.closing:
+            raise generic("nbd-backup is shutting down: no new jobs")
         if not id_wellformed(job_id):
             raise generic(f"Invalid job ID '{job_id}'")
         if job_id in self.jobs:
@@ -308,6 +312,7 @@ class Registry:
 
     async def cancel_jobs(self, timeout: float = JOB_CANCEL_TIMEOUT) -> None:
         """Shutdown: cancel every job that still works (its events go out), wait for them to conclude."""
+        self.closing = True
         waiting: list[Job] = []
         for job in list(self.jobs.values()):
             if job.status in (JobStatus.CONCLUDED, JobStatus.NULL):

@@ -9,11 +9,13 @@ without ``top_allocation`` — a raw file — has no backing, so that is a full 
 nothing in the background and keeps only the old data of what the guest overwrites, running until
 cancelled like QEMU's.
 
-Bounded memory and parallelism: ``max_workers`` tasks each hold at most ``max_chunk`` bytes; a run
-that the source reports as zeroes is claimed whole (up to 1 GiB) since it costs nothing (or one
-write-zeroes) to copy. Background errors go through the job's error policies (``on_source_error`` /
-``on_target_error``); copy-before-write errors through ``on_cbw_error`` (``break-snapshot`` fails the
-job). The target is flushed at the end.
+Bounded memory and parallelism: ``max_workers`` tasks each claim at most ``max_chunk`` bytes and
+copy them in 1 MiB pieces (two in flight: one read, one written), so a job holds at most
+2 MiB per worker; a run that the source reports as zeroes is claimed whole (up to 1 GiB) since it
+costs nothing (or one write-zeroes) to copy. Background errors go through the job's error policies
+(``on_source_error`` / ``on_target_error``); copy-before-write errors through ``on_cbw_error``
+(``break-snapshot`` fails the job). The target is flushed at the end (and, best effort, when a
+cancelled job closes a target it owns).
 """
 
 from __future__ import annotations

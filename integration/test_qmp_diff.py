@@ -37,9 +37,9 @@ class Run:
     work: Path
     replies: list[Any] = field(default_factory=list)
 
-    def __call__(self, name: str, **args: Any) -> dict[str, Any]:
-        reply = self.q.execute(name, args)
-        self.replies.append((name, normalise_reply(reply)))
+    def __call__(self, command: str, /, **args: Any) -> dict[str, Any]:
+        reply = self.q.execute(command, args)
+        self.replies.append((command, normalise_reply(reply)))
         return reply
 
     def wait_gone(self, job_id: str) -> None:
@@ -332,3 +332,28 @@ def test_on_target_error_report(tmp_path: Path, policy: str) -> None:
         return ["e1"]
 
     differential(tmp_path, scenario)
+
+
+def test_nbd_server_and_exports(tmp_path: Path) -> None:
+    def scenario(run: Run) -> list[str]:
+        sock = {"type": "unix", "data": {"path": str(run.work / "nbd.sock")}}
+        run("block-export-add", type="nbd", id="e0", **{"node-name": "src"})
+        run("nbd-server-stop")
+        run("nbd-server-start", addr=sock)
+        run("nbd-server-start", addr=sock)
+        run("block-export-add", type="nbd", id="e0", **{"node-name": "src"}, writable=True, description="d")
+        run("block-export-add", type="nbd", id="e0", **{"node-name": "src"})
+        run("block-export-add", type="nbd", id="e1", **{"node-name": "nope"})
+        run("block-export-add", type="nbd", id="e1", **{"node-name": "src-file"}, name="src")
+        run("block-export-add", type="nbd", id="e1", **{"node-name": "src-file"}, name="other")
+        run("query-block-exports")
+        run("blockdev-del", **{"node-name": "src"})
+        run("block-export-del", id="e0")
+        run("block-export-del", id="e0")
+        run("nbd-server-stop")
+        run("query-block-exports")
+        run("blockdev-del", **{"node-name": "src"})
+        return []
+
+    qsd, ours = differential(tmp_path, scenario)
+    assert ours.q.transcript.events("BLOCK_EXPORT_DELETED") == qsd.q.transcript.events("BLOCK_EXPORT_DELETED")

@@ -219,9 +219,11 @@ async def _open_qcow2(reg: Registry, ref: str | dict[str, Any], *, read_only: bo
             raise generic("give the qcow2 node's file inline without a node-name, or add it first and refer to it")
         path = str(reg.paths.resolve(ref["filename"]))
         check_not_open(reg, path, read_only=read_only)
-    from backup.images import open_image
+    from backup.images import open_image, probe_format
 
     try:
+        if probe_format(path) != "qcow2":
+            raise generic("Image is not in qcow2 format")  # QEMU's text
         device = await open_image(path, format="qcow2", read_only=read_only)
     except OSError as exc:
         raise generic(f"Could not open '{path}': {exc.strerror or exc}") from exc

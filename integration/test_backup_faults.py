@@ -173,3 +173,27 @@ async def test_source_read_errors_stop_and_resume(tmp_path: Path) -> None:
             await backup.finish()
             assert job.error is None, job.error
         same_bytes(image, tmp_path / "target.img")
+
+
+async def test_break_snapshot_lets_the_guest_write_and_fails_the_backup(tmp_path: Path) -> None:
+    require("nbdkit", "qemu-io")
+    image = write_random_image(tmp_path / "disk.img", SIZE, seed=29)
+    with nbdkit(tmp_path, "memory", f"size={SIZE}") as peer:
+        proc = peer.procs[0]
+        try:
+            async with served_source(tmp_path, image) as source:
+                target = await open_target(peer.uri, size=SIZE)
+                options = BackupOptions(speed=1 * MiB, max_chunk=65536, cbw_timeout=0.5, on_cbw_error="break-snapshot")
+                backup = await start_backup(source, target, options)
+                job = backup.job
+                await until(lambda: job.current_progress > 0)
+                proc.send_signal(signal.SIGSTOP)
+                await qemu_io(source.uri, [f"write -P 0x42 {SIZE - 4096} 4096"], timeout=BOUND)  # succeeds
+                assert (await source.node.pread(SIZE - 4096, 4096)) == b"\x42" * 4096
+                await backup.finish(BOUND)
+                completed = backup.named("BLOCK_JOB_COMPLETED")
+                assert completed and completed[0]["error"] == "Connection timed out"
+                assert source.node.filters == []
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)

@@ -73,9 +73,9 @@ PYEOF
     done
 ) >"$work/guest.log" 2>&1 &
 writer_pid=$!
-started=$(date +%s.%N)
+started=$EPOCHREALTIME
 nbd_backup backup --qmp "unix:$work/qmp.sock" disk "$work/backup.qcow2" --format qcow2 --speed "$SPEED" --progress
-finished=$(date +%s.%N)
+finished=$EPOCHREALTIME
 wait "$writer_pid"
 writer_pid=""
 sed 's/^/    /' "$work/guest.log"
@@ -94,8 +94,8 @@ echo "    backup job had reached it."
 kill -TERM "$daemon_pid"
 wait "$daemon_pid"
 daemon_pid=""
-printf '\n\033[1mLive backup done in %.1f s; the daemon stopped cleanly on SIGTERM.\033[0m\n' \
-    "$(echo "$finished - $started" | bc -l 2>/dev/null || echo 0)"
+elapsed=$("$PY" -c "print(f'{$finished - $started:.1f}')")
+printf '\n\033[1mLive backup done in %s s; the daemon stopped cleanly on SIGTERM.\033[0m\n' "$elapsed"
 cat <<EOF
 Try it yourself:
   .venv/bin/nbd-backup serve --export disk=disk.raw --qmp unix:qmp.sock &

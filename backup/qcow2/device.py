@@ -45,6 +45,7 @@ DEFAULT_L2_CACHE = 8 * 1024 * 1024
 _IOV_MAX = 1024
 _HOST, _ZERO, _BACKING, _COMPRESSED = range(4)  # kinds of runs in a read mapping
 _U64 = q.U64
+_CPUS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class _Writer:
@@ -651,21 +652,37 @@ class Qcow2Device:
         self._check(offset, len(mv), write=True)
         blobs = None
         if self.compress and len(mv) >= self._cs:
-            # zlib releases the GIL: concurrent requests compress on several cores, outside the lock
-            blobs = await asyncio.to_thread(self._compress_clusters, offset, mv)
+            blobs = await self._compress_parallel(offset, mv)
         async with self._lock:
             await self._write(offset, mv, blobs)
             if fua:
                 self._flush_locked()
 
-    def _compress_clusters(self, offset: int, mv: memoryview) -> dict[int, bytes]:
-        """Compressed images of the whole clusters the request covers, by guest cluster index."""
+    async def _compress_parallel(self, offset: int, mv: memoryview) -> dict[int, bytes]:
+        """Compressed images of the whole clusters the request covers, by guest cluster index.
+
+        The codecs release the GIL: the clusters are split over one worker thread per core, outside
+        the lock, so even a single sequential writer compresses on every core.
+        """
         cs = self._cs
         first = -(-offset // cs) * cs
-        return {
-            pos >> self._cb: self._compress(mv[pos - offset : pos - offset + cs])
-            for pos in range(first, offset + len(mv) - cs + 1, cs)
-        }
+        positions = list(range(first, offset + len(mv) - cs + 1, cs))
+        if not positions:
+            return {}
+        parts = min(len(positions), _CPUS)
+        step = -(-len(positions) // parts)
+        chunks = [positions[i : i + step] for i in range(0, len(positions), step)]
+        results = await asyncio.gather(
+            *(asyncio.to_thread(self._compress_clusters, offset, mv, chunk) for chunk in chunks)
+        )
+        blobs: dict[int, bytes] = {}
+        for part in results:
+            blobs.update(part)
+        return blobs
+
+    def _compress_clusters(self, offset: int, mv: memoryview, positions: list[int]) -> dict[int, bytes]:
+        cs = self._cs
+        return {pos >> self._cb: self._compress(mv[pos - offset : pos - offset + cs]) for pos in positions}
 
     async def _write(self, offset: int, mv: memoryview, blobs: dict[int, bytes] | None = None) -> None:
         """Write through the L2 tables, one table at a time.

@@ -384,3 +384,28 @@ def test_blockdev_add_and_del(tmp_path: Path) -> None:
         return []
 
     differential(tmp_path, scenario)
+
+
+def test_blockdev_backup_to_nbd_node(tmp_path: Path) -> None:
+    require("nbdkit")
+
+    def scenario(run: Run) -> list[str]:
+        with nbdkit_unix(run.work, "target", "memory", str(SIZE)) as sock:
+            server = {"type": "unix", "path": str(sock)}
+            run("blockdev-add", driver="nbd", server=server, **{"node-name": "tgt"})
+            run(
+                "blockdev-add",
+                driver="nbd",
+                server={"type": "unix", "path": str(run.work / "none")},
+                **{"node-name": "x"},
+            )
+            run("blockdev-backup", **{"job-id": "b1"}, device="src", target="tgt", sync="full")
+            run.wait_gone("b1")
+            run("blockdev-backup", **{"job-id": "b2"}, device="src", target="tgt", sync="full", speed=SLOW)
+            run("blockdev-del", **{"node-name": "tgt"})
+            run("block-job-cancel", device="b2")
+            run.wait_gone("b2")
+            run("blockdev-del", **{"node-name": "tgt"})
+        return ["b1", "b2"]
+
+    differential(tmp_path, scenario)

@@ -122,10 +122,14 @@ class Registry:
         node = self.nodes.get(name)
         if node is None:
             raise generic(f"Failed to find node with node-name='{name}'")
-        if node.users:
-            if all(isinstance(user, BlockNode) for user in node.users):
-                raise generic(f"Block device {name} is in use")
+        # QEMU's checks in QEMU's order: an export, then a job's blocker, then a parent node
+        if any(isinstance(user, Export) for user in node.users):
             raise generic(f"Node {name} is in use")
+        job = next((user for user in node.users if isinstance(user, Job)), None)
+        if job is not None:
+            raise generic(f"Node '{name}' is busy: block device is in use by block job: {job.type}")
+        if node.users:
+            raise generic(f"Block device {name} is in use")
         del self.nodes[name]
         for other in self.nodes.values():  # the nodes it was built on are free again
             other.users.discard(node)

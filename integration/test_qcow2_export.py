@@ -114,3 +114,22 @@ def test_copy_from_qemu_qcow2(tmp_path: Path, compressed: bool) -> None:
     run(*nbd_backup_argv("copy", "--no-progress", "-O", "qcow2", str(image), str(out)), timeout=120)
     run("qemu-img", "check", out)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", out, raw)
+
+
+def test_killed_export_is_dirty_then_repaired_on_the_next_start(tmp_path: Path) -> None:
+    require("qemu-img", "qemu-io")
+    image, raw = _qemu_image(tmp_path)
+    with serve(tmp_path, [f"disk={image},format=qcow2"]) as served:
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "flush", served.uri("disk"))
+        served.proc.kill()  # no clean shutdown: the image keeps its dirty bit
+        served.proc.wait()
+    info = json.loads(run("qemu-img", "info", "--output=json", image).stdout)
+    assert info["dirty-flag"] is True
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", raw)
+    with serve(tmp_path, [f"disk={image},format=qcow2"]) as served:  # writable: refcounts rebuilt first
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", served.uri("disk"), raw)
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x5b 2M 64k", served.uri("disk"))
+        assert served.stop() == 0
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5b 2M 64k", raw)
+    run("qemu-img", "check", image)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, raw)

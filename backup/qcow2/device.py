@@ -571,7 +571,7 @@ class Qcow2Device:
                 new_off = refs.alloc(1) << self._cb
                 new_table = self._l2.new(new_off)
                 new_table[:] = table
-                for i in range(len(table) // 8):  # the clusters are now referenced twice
+                for i in range(len(table) // 8):  # shared clusters: refcounts already count both tables
                     e = _U64.unpack_from(table, i * 8)[0]
                     if e & q.L2E_OFFSET_MASK and not e & q.OFLAG_COMPRESSED:
                         _U64.pack_into(new_table, i * 8, e & ~q.OFLAG_COPIED)

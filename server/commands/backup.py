@@ -185,8 +185,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--job-id", metavar="ID", help="the job's id (default: DEVICE)")
     parser.add_argument("--to-node", action="store_true", help="TARGET is a block node (blockdev-backup)")
     parser.add_argument("--compress", action="store_true", help="compress the (qcow2) target")
-    parser.add_argument("--on-source-error", choices=("report", "ignore", "stop", "enospc"), metavar="ACTION")
-    parser.add_argument("--on-target-error", choices=("report", "ignore", "stop", "enospc"), metavar="ACTION")
+    for side in ("source", "target"):
+        parser.add_argument(
+            f"--on-{side}-error",
+            choices=("report", "ignore", "stop", "enospc"),
+            metavar="ACTION",
+            help=f"on a {side} I/O error: report (fail; the default), ignore (retry), stop (pause until "
+            "block-job-resume), enospc (stop on ENOSPC, else report)",
+        )
     parser.add_argument(
         "--progress",
         nargs="?",

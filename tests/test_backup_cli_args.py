@@ -1,0 +1,47 @@
+"""``nbd-backup backup`` argument handling: sizes, and the QMP command it builds."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server.cli import build_parser
+from server.commands.backup import backup_arguments, parse_size
+
+
+def test_parse_size() -> None:
+    assert parse_size("1048576") == 1 << 20
+    assert parse_size("512K") == 512 << 10
+    assert parse_size("50M") == 50 << 20
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("2MiB") == 2 << 20
+    for bad in ("", "fast", "-1M", "1X"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
+
+
+def test_drive_backup_arguments() -> None:
+    argv = ["backup", "--qmp", "unix:/q", "d0", "/b/d0.qcow2", "--format", "qcow2", "--speed", "1M"]
+    args = build_parser().parse_args([*argv, "--on-target-error", "stop", "--mode", "existing", "--sync", "top"])
+    assert backup_arguments(args, "j") == (
+        "drive-backup",
+        {
+            "job-id": "j",
+            "device": "d0",
+            "target": "/b/d0.qcow2",
+            "sync": "top",
+            "speed": 1 << 20,
+            "on-target-error": "stop",
+            "format": "qcow2",
+            "mode": "existing",
+        },
+    )
+
+
+def test_blockdev_backup_arguments() -> None:
+    args = build_parser().parse_args(["backup", "--qmp", "tcp:127.0.0.1:4444", "d0", "t0", "--to-node", "--compress"])
+    assert backup_arguments(args, "d0") == (
+        "blockdev-backup",
+        {"job-id": "d0", "device": "d0", "target": "t0", "sync": "full", "compress": True},
+    )

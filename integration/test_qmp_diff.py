@@ -409,3 +409,24 @@ def test_blockdev_backup_to_nbd_node(tmp_path: Path) -> None:
         return ["b1", "b2"]
 
     differential(tmp_path, scenario)
+
+
+def test_legacy_nbd_server_add_remove(tmp_path: Path) -> None:
+    def scenario(run: Run) -> list[str]:
+        run("nbd-server-add", device="src")
+        run("nbd-server-remove", name="src")
+        run("nbd-server-start", addr={"type": "unix", "data": {"path": str(run.work / "nbd.sock")}})
+        run("blockdev-add", driver="null-co", size=SIZE, **{"node-name": "ro", "read-only": True})
+        run("nbd-server-add", device="src", writable=True)
+        run("nbd-server-add", device="ro", writable=True, name="r", description="read only")
+        run("nbd-server-add", device="nope")
+        run("nbd-server-add", device="src")
+        run("query-block-exports")
+        run("nbd-server-remove", name="src")
+        run("nbd-server-remove", name="src")
+        run("nbd-server-remove", name="r", mode="hard")
+        run("query-block-exports")
+        return []
+
+    qsd, ours = differential(tmp_path, scenario)
+    assert ours.q.transcript.events("BLOCK_EXPORT_DELETED") == qsd.q.transcript.events("BLOCK_EXPORT_DELETED")

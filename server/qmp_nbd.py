@@ -35,6 +35,8 @@ SOCKET_ADDRESS_LEGACY = Union(
     },
 )
 
+REMOVE_MODE = Enum("BlockExportRemoveMode", ["safe", "hard"])
+
 BLOCK_EXPORT_OPTIONS = Union(
     "BlockExportOptions",
     {
@@ -118,10 +120,32 @@ def register(commands: CommandRegistry) -> None:
         )
         return {}
 
-    @commands.command("block-export-del", args={"id": "str", "*mode": Enum("BlockExportRemoveMode", ["safe", "hard"])})
+    @commands.command("block-export-del", args={"id": "str", "*mode": REMOVE_MODE})
     async def block_export_del(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Remove an export (``mode: hard`` disconnects its clients)."""
         reg.remove_export(args["id"], mode=args.get("mode", "safe"))
+        return {}
+
+    @commands.command(
+        "nbd-server-add",
+        args={"*name": "str", "*description": "str", "device": "str", "*writable": "bool", "*bitmap": "str"},
+    )
+    async def nbd_server_add(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Export a node over NBD (the older form of block-export-add; the export id is its name)."""
+        if reg.nbd is None:
+            raise generic("NBD server not running")
+        if "bitmap" in args:
+            raise generic(f"Bitmap '{args['bitmap']}' is not found")
+        name = args.get("name", args["device"])
+        node = reg.node(args["device"])
+        writable = args.get("writable", False) and not node.read_only  # QEMU downgrades, as here
+        reg.add_export(name, args["device"], name=name, writable=writable, description=args.get("description", ""))
+        return {}
+
+    @commands.command("nbd-server-remove", args={"name": "str", "*mode": REMOVE_MODE})
+    async def nbd_server_remove(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove an export added by nbd-server-add (or block-export-add) by its name."""
+        reg.remove_export(args["name"], mode=args.get("mode", "safe"))
         return {}
 
     @commands.command("query-block-exports")

@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Iterator
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
@@ -449,10 +450,11 @@ class Qcow2Device:
 
     # --- block status --------------------------------------------------------------------------------
 
-    def _entries(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """(bytes, L2 entry) runs over the range: equal entries kinds merged per cluster."""
-        runs: list[tuple[int, int]] = []
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """(bytes, kind) runs over the range, neighbours of one kind merged (see ``_kind``); a range
+        without an L2 table is one run, so sparse regions cost nothing per cluster."""
         cs, cb = self._cs, self._cb
+        run_n, run_kind = 0, -1
         pos, end = offset, offset + length
         while pos < end:
             vc = pos >> cb
@@ -460,16 +462,28 @@ class Qcow2Device:
             table = self._l2_table(l1i)
             table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
             if table is None:
-                runs.append((table_end - pos, 0))
+                if run_kind == 2:
+                    run_n += table_end - pos
+                else:
+                    if run_n:
+                        yield run_n, run_kind
+                    run_n, run_kind = table_end - pos, 2
                 pos = table_end
                 continue
             i = vc & self._l2_mask
             while pos < table_end:
                 n = min(cs - (pos & (cs - 1)), table_end - pos)
-                runs.append((n, _U64.unpack_from(table, i * 8)[0]))
+                kind = self._kind(_U64.unpack_from(table, i * 8)[0])
+                if kind == run_kind:
+                    run_n += n
+                else:
+                    if run_n:
+                        yield run_n, run_kind
+                    run_n, run_kind = n, kind
                 pos += n
                 i += 1
-        return runs
+        if run_n:
+            yield run_n, run_kind
 
     def _kind(self, entry: int) -> int:
         """0 data, 1 zero, 2 unallocated."""
@@ -493,8 +507,7 @@ class Qcow2Device:
             else:
                 extents.append(Extent(n, flags))
 
-        runs = self._merge_kinds(self._entries(offset, length))
-        for n, kind in runs:
+        for n, kind in self._runs(offset, length):
             if kind == 0:
                 add(n, 0)
             elif kind == 1 or self.backing is None or pos >= self.backing.size:
@@ -512,21 +525,11 @@ class Qcow2Device:
             pos += n
         return extents
 
-    def _merge_kinds(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        merged: list[tuple[int, int]] = []
-        for n, entry in runs:
-            kind = self._kind(entry)
-            if merged and merged[-1][1] == kind:
-                merged[-1] = (merged[-1][0] + n, kind)
-            else:
-                merged.append((n, kind))
-        return merged
-
     async def top_allocation(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """Runs of (length, allocated in this image): what ``sync=top`` copies (zero clusters count)."""
         self._check(offset, length)
         out: list[tuple[int, bool]] = []
-        for n, kind in self._merge_kinds(self._entries(offset, length)):
+        for n, kind in self._runs(offset, length):
             allocated = kind != 2
             if out and out[-1][1] == allocated:
                 out[-1] = (out[-1][0] + n, allocated)
@@ -807,8 +810,7 @@ class Qcow2Device:
 
     async def _reads_zero(self, offset: int, length: int) -> bool:
         """Whether the range already reads as zeroes without looking at data (zero/unallocated)."""
-        for _, entry in self._entries(offset, length):
-            kind = self._kind(entry)
+        for _, kind in self._runs(offset, length):
             if kind == 0 or (kind == 2 and self.backing is not None and offset < self.backing.size):
                 return False
         return True
@@ -863,7 +865,8 @@ class Qcow2Device:
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch: loading the L2 tables is the useful part (the data is in the page cache's hands)."""
         self._check(offset, length)
-        self._entries(offset, length)
+        for _ in self._runs(offset, min(length, self._cs << 16)):
+            pass
 
     # --- durability ------------------------------------------------------------------------------
 

@@ -198,7 +198,7 @@ class Qcow2Device:
                 l1,
                 read_only=read_only,
                 refcounts=refs,
-                backing=backing if backing_device is None else backing_device,
+                backing=backing if backing_device is None or header.backing_file is None else backing_device,
                 owns_backing=backing_device is None,
                 compress=compress,
                 l2_cache_size=l2_cache_size,
@@ -235,6 +235,8 @@ class Qcow2Device:
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 1 << q.MAX_CLUSTER_BITS:
             raise ImageFormatError(f"cluster size {cluster_size} must be a power of two from 512 B to 2 MiB")
         cluster_bits = cluster_size.bit_length() - 1
+        if backing_device is not None and backing_file is None:
+            raise ImageFormatError("backing_device needs backing_file: the image must name its backing file")
         compression = type_id_of(compression_type)
         codec_for(compression, path)
         if backing_file is not None:

@@ -11,6 +11,8 @@ a failed transaction leaves no target file behind with us (QEMU leaves the file 
 from __future__ import annotations
 
 import filecmp
+import json
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -430,3 +432,34 @@ def test_legacy_nbd_server_add_remove(tmp_path: Path) -> None:
 
     qsd, ours = differential(tmp_path, scenario)
     assert ours.q.transcript.events("BLOCK_EXPORT_DELETED") == qsd.q.transcript.events("BLOCK_EXPORT_DELETED")
+
+
+def test_sync_none_and_top_new_images(tmp_path: Path) -> None:
+    def scenario(run: Run) -> list[str]:
+        run("drive-backup", **{"job-id": "n0"}, device="src", target=target(run, "n0.raw"), sync="none")
+        run(
+            "drive-backup",
+            **{"job-id": "n1"},
+            device="src",
+            target=target(run, "n1.qcow2"),
+            sync="none",
+            format="qcow2",
+        )
+        run("query-block-jobs")
+        run("block-job-cancel", device="n1")
+        run.wait_gone("n1")
+        # sync=top of an image without a backing file copies everything, like full
+        run("drive-backup", **{"job-id": "t0"}, device="src", target=target(run, "t0.raw"), sync="top")
+        run.wait_gone("t0")
+        return ["n0", "n1", "t0"]
+
+    qsd, ours = differential(tmp_path, scenario)
+    for run in (qsd, ours):
+        assert filecmp.cmp(run.work / "src.raw", run.work / "t0.raw", shallow=False)
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(run.work / "n1.qcow2")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(info.stdout)["full-backing-filename"] == str(run.work / "src.raw")

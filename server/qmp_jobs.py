@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from backup.backup_job import BackupJob, BackupOptions
@@ -152,6 +154,63 @@ def _check_filter_name(reg: Registry, args: dict[str, Any]) -> None:
         reg.check_new_node_name(name)
 
 
+@dataclass
+class Backing:
+    """The backing file a new target image gets (QEMU's ``absolute-paths`` for sync top/none)."""
+
+    path: str
+    format: str
+    device: Any  # the already open image, read through instead of opening the file again
+
+
+def _bottom(node: BlockNode) -> Any:
+    device: Any = node
+    while isinstance(device, BlockNode):
+        device = device.device
+    return device
+
+
+def new_image_backing(source: BlockNode, sync: str) -> Backing | None:
+    """QEMU's drive-backup: ``sync=none`` backs the new image by the source itself (a fleecing
+    image), ``sync=top`` by the source's backing file (or copies in full when there is none)."""
+    bottom = _bottom(source)
+    if sync == "none" and source.filename is not None and source.driver in ("raw", "file", "qcow2"):
+        return Backing(source.filename, "qcow2" if source.driver == "qcow2" else "raw", bottom)
+    if sync == "top":
+        backing = getattr(bottom, "backing", None)
+        path = getattr(backing, "path", None)
+        if backing is not None and path is not None:
+            fmt = "qcow2" if getattr(backing, "format_name", None) == "qcow2" else "raw"
+            return Backing(os.path.abspath(os.fspath(path)), fmt, backing)
+    return None
+
+
+async def create_backed_target(path: str, size: int, backing: Backing) -> BackupTarget:
+    """Create a qcow2 target over ``backing``; it does not read as zeroes, so nothing is skipped."""
+    from backup.images import create_image
+
+    existed = _exists(path)
+    try:
+        device = await create_image(
+            path,
+            size,
+            format="qcow2",
+            backing_file=backing.path,
+            backing_format=backing.format,
+            backing_device=backing.device,
+        )
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    return BackupTarget(device, zero_init=False, created=None if existed else Path(path), description=path)
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
 async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedBackup:
     source = reg.node(args["device"])
     job_id = _job_id(reg, args)
@@ -183,15 +242,21 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
             fmt = source.driver if source.driver in ("raw", "qcow2") else "raw"
     if options.compress and fmt != "qcow2":
         raise generic(f"Compression is not supported for this drive {text}")
+    backing = new_image_backing(source, options.sync) if mode == "absolute-paths" and fmt is not None else None
+    if backing is not None and fmt != "qcow2":
+        raise generic(f"Backing file not supported for file format '{fmt}'")
     try:
-        target = await open_target(
-            target_ref,
-            size=source.size,
-            format=fmt,
-            mode=mode,
-            source_device=source,
-            source_filename=source.filename,
-        )
+        if backing is not None:
+            target = await create_backed_target(target_ref, source.size, backing)
+        else:
+            target = await open_target(
+                target_ref,
+                size=source.size,
+                format=fmt,
+                mode=mode,
+                source_device=source,
+                source_filename=source.filename,
+            )
     except (BackupError, QmpError):
         raise
     except (NbdError, OSError) as exc:

@@ -463,3 +463,33 @@ def test_sync_none_and_top_new_images(tmp_path: Path) -> None:
             check=True,
         )
         assert json.loads(info.stdout)["full-backing-filename"] == str(run.work / "src.raw")
+
+
+def test_sync_top_of_a_qcow2_with_backing(tmp_path: Path) -> None:
+    def scenario(run: Run) -> list[str]:
+        base = make_image(run.work / "base.raw", SIZE, pattern=0x11)
+        top = run.work / "top.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top)], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x77 1M 512K", str(top)], check=True)
+        run("blockdev-add", driver="qcow2", file={"driver": "file", "filename": str(top)}, **{"node-name": "top"})
+        run("drive-backup", **{"job-id": "k"}, device="top", target=target(run, "k.qcow2"), sync="top")
+        run.wait_gone("k")
+        return ["k"]
+
+    qsd, ours = differential(tmp_path, scenario)
+    for run in (qsd, ours):
+        compare = subprocess.run(
+            ["qemu-img", "compare", str(run.work / "top.qcow2"), str(run.work / "k.qcow2")],
+            capture_output=True,
+            text=True,
+        )
+        assert compare.returncode == 0, compare.stdout + compare.stderr
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(run.work / "k.qcow2")], capture_output=True, text=True, check=True
+        )
+        assert json.loads(info.stdout)["full-backing-filename"] == str(run.work / "base.raw")
+        mapping = subprocess.run(
+            ["qemu-img", "map", "--output=json", str(run.work / "k.qcow2")], capture_output=True, text=True, check=True
+        )
+        in_top = [m for m in json.loads(mapping.stdout) if m["depth"] == 0 and m["data"]]
+        assert [(m["start"], m["length"]) for m in in_top] == [(1 << 20, 512 << 10)], in_top

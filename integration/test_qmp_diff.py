@@ -493,3 +493,25 @@ def test_sync_top_of_a_qcow2_with_backing(tmp_path: Path) -> None:
         )
         in_top = [m for m in json.loads(mapping.stdout) if m["depth"] == 0 and m["data"]]
         assert [(m["start"], m["length"]) for m in in_top] == [(1 << 20, 512 << 10)], in_top
+
+
+def test_two_jobs_listed_newest_first(tmp_path: Path) -> None:
+    def scenario(run: Run) -> list[str]:
+        for job in ("a1", "a2"):
+            run(
+                "drive-backup",
+                **{"job-id": job},
+                device="src",
+                target=target(run, f"{job}.raw"),
+                sync="full",
+                speed=SLOW,
+            )
+        run("query-jobs")
+        run("query-block-jobs")
+        run("job-cancel", id="a1")
+        run("job-cancel", id="a2")
+        run.wait_gone("a1")
+        run.wait_gone("a2")
+        return ["a1", "a2"]
+
+    differential(tmp_path, scenario)

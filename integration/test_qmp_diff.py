@@ -515,3 +515,42 @@ def test_two_jobs_listed_newest_first(tmp_path: Path) -> None:
         return ["a1", "a2"]
 
     differential(tmp_path, scenario)
+
+
+def test_on_source_error_stop(tmp_path: Path) -> None:
+    require("nbdkit")
+
+    def scenario(run: Run) -> list[str]:
+        fault = run.work / "fault"
+        fault.touch()
+        with nbdkit_unix(
+            run.work,
+            "source",
+            "--filter=error",
+            "file",
+            str(make_image(run.work / "remote.raw", SIZE, pattern=0x33)),
+            "error-pread-rate=100%",
+            f"error-pread-file={fault}",
+            "error=EIO",
+        ) as sock:
+            run("blockdev-add", driver="nbd", server={"type": "unix", "path": str(sock)}, **{"node-name": "bad"})
+            run(
+                "drive-backup",
+                **{"job-id": "s1", "on-source-error": "stop"},
+                device="bad",
+                target=target(run, "s1.raw"),
+                sync="full",
+                format="raw",
+            )
+            run.q.wait_event("BLOCK_JOB_ERROR", lambda d: d["device"] == "s1", timeout=60)
+            run.q.wait_job_status("s1", "paused", timeout=60)
+            run("query-block-jobs")
+            fault.unlink()
+            run("block-job-resume", device="s1")
+            run.wait_gone("s1")
+            run("blockdev-del", **{"node-name": "bad"})
+        return ["s1"]
+
+    qsd, ours = differential(tmp_path, scenario)
+    for run in (qsd, ours):
+        assert filecmp.cmp(run.work / "remote.raw", run.work / "s1.raw", shallow=False)

@@ -154,6 +154,7 @@ def _make_qemu_image(tmp_path: Path, variant: str) -> Path:
         "refcount1": "refcount_bits=1",
         "refcount64": "refcount_bits=64",
         "lazy": "lazy_refcounts=on",
+        "extl2": "extended_l2=on",
     }
     if variant.startswith("compressed"):
         src = tmp_path / "src.raw"
@@ -162,7 +163,7 @@ def _make_qemu_image(tmp_path: Path, variant: str) -> Path:
         run("qemu-img", "convert", "-c", "-O", "qcow2", *codec, src, path)
         qemu_io(path, "write -P 0x33 100000 5000", "write -z 1048576 65536")
         return path
-    if variant.startswith("backing"):
+    if variant.startswith("backing") or variant == "extl2-backing":
         base = tmp_path / "base.img"
         if variant == "backing-raw":
             base.write_bytes(os.urandom(SIZE // 2))  # a backing file shorter than the image
@@ -171,8 +172,11 @@ def _make_qemu_image(tmp_path: Path, variant: str) -> Path:
             run("qemu-img", "create", "-f", "qcow2", base, str(SIZE))
             qemu_io(base, "write -P 0x11 0 2M", "write -z 2M 64k")
             fmt = "qcow2"
-        run("qemu-img", "create", "-f", "qcow2", "-b", base.name, "-F", fmt, path, str(SIZE), cwd=str(tmp_path))
+        extl2 = ["-o", "extended_l2=on"] if variant == "extl2-backing" else []
+        run("qemu-img", "create", "-f", "qcow2", *extl2, "-b", base.name, "-F", fmt, path, str(SIZE), cwd=str(tmp_path))
         qemu_io(path, "write -P 0x22 65536 65536", "write -P 0x23 300000 1000", "write -z 196608 65536")
+        if extl2:  # subclusters: some allocated, some zero, the rest still from the backing file
+            qemu_io(path, "write -P 0x24 1050624 4096", "write -z 1060864 2048", "write -P 0x25 3145728 2048")
         return path
     run("qemu-img", "create", "-f", "qcow2", "-o", opts[variant], path, str(SIZE))
     qemu_io(
@@ -212,7 +216,7 @@ def _flags_per_block(extents: list[tuple[int, int, bool, bool]], size: int, bloc
     return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "extl2", "extl2-backing"])
 async def test_qemu_images_read_back_byte_for_byte(tmp_path: Path, variant: str) -> None:
     path = _make_qemu_image(tmp_path, variant)
     expected = qemu_read(path, tmp_path)
@@ -351,3 +355,12 @@ async def test_image_with_internal_snapshots_reads_its_active_state(tmp_path: Pa
     await dev.close()
     with pytest.raises(ImageFormatError, match="snapshots"):
         await Qcow2Device.open(path)
+
+
+async def test_extended_l2_images_are_read_only(tmp_path: Path) -> None:
+    path = _make_qemu_image(tmp_path, "extl2")
+    with pytest.raises(ImageFormatError, match="read-only"):
+        await Qcow2Device.open(path)
+    dev = await Qcow2Device.open(path, read_only=True)
+    assert await dev.top_allocation(0, 65536) == [(65536, True)]
+    await dev.close()

@@ -152,7 +152,7 @@ def test_small_cluster_header_drops_the_optional_feature_table() -> None:
     [
         (dict(refcount_order=7), "refcount_order 7"),
         (dict(incompatible=1 << 40), "unknown incompatible"),
-        (dict(incompatible=q.INCOMPAT_EXTL2), "extended L2"),
+        (dict(incompatible=q.INCOMPAT_EXTL2, cluster_bits=12), "extended L2 entries need clusters"),
         (dict(l1_size=0), "L1 table has 0 entries"),
         (dict(l1_table_offset=100 << 16), "past the end"),
         (dict(refcount_table_offset=100 << 16), "past the end"),

@@ -59,6 +59,8 @@ def read_header(fd: int, path: str) -> ImageHeader:
     h = parse_header(head, file_size, path)
     if h.nb_snapshots:
         raise ImageFormatError(f"{path}: images with internal snapshots cannot be checked or repaired here")
+    if h.incompatible & q.INCOMPAT_EXTL2:
+        raise ImageFormatError(f"{path}: images with extended L2 entries cannot be checked or repaired here")
     return h
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 HOLE_ZERO = State.HOLE | State.ZERO
 DEFAULT_L2_CACHE = 8 * 1024 * 1024
 _IOV_MAX = 1024
-_HOST, _ZERO, _BACKING, _COMPRESSED = range(4)  # kinds of runs in a read mapping
+_HOST, _ZERO, _BACKING, _COMPRESSED, _UNALLOCATED = range(5)  # kinds of runs in a read mapping
 _U64 = q.U64
 _CPUS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -116,7 +116,8 @@ class Qcow2Device:
         self._l1_dirty_hi = -1
         self._cb = header.cluster_bits
         self._cs = header.cluster_size
-        self._l2_bits = self._cb - 3
+        self._extl2 = bool(header.incompatible & q.INCOMPAT_EXTL2)  # subclusters (read-only)
+        self._l2_bits = self._cb - (4 if self._extl2 else 3)
         self._l2_mask = (1 << self._l2_bits) - 1
         self._zero_flag = q.OFLAG_ZERO if header.version >= 3 else 0
         self._l2 = TableCache(
@@ -408,6 +409,8 @@ class Qcow2Device:
     def _map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """The range as (kind, host offset or L2 entry, guest offset, bytes) runs, neighbours merged:
         one ``pread`` per contiguous host run."""
+        if self._extl2:
+            return self._map_extended(offset, length)
         segs: list[tuple[int, int, int, int]] = []
         cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
         unallocated = _ZERO if self.backing is None else _BACKING
@@ -455,6 +458,9 @@ class Qcow2Device:
     def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         """(bytes, kind) runs over the range, neighbours of one kind merged (see ``_kind``); a range
         without an L2 table is one run, so sparse regions cost nothing per cluster."""
+        if self._extl2:
+            yield from self._runs_extended(offset, length)
+            return
         cs, cb = self._cs, self._cb
         run_n, run_kind = 0, -1
         pos, end = offset, offset + length
@@ -484,6 +490,83 @@ class Qcow2Device:
                     run_n, run_kind = n, kind
                 pos += n
                 i += 1
+        if run_n:
+            yield run_n, run_kind
+
+    # --- extended L2 entries (subclusters): read-only ---------------------------------------------
+
+    def _subclusters(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """(guest offset, bytes, kind, host offset or compressed entry) per subcluster piece; kinds
+        _HOST, _ZERO (the zero bit), _COMPRESSED (whole clusters) and _UNALLOCATED."""
+        cs, cb = self._cs, self._cb
+        sc = cs >> 5
+        unallocated = _UNALLOCATED
+        pos, end = offset, offset + length
+        while pos < end:
+            vc = pos >> cb
+            l1i = vc >> self._l2_bits
+            table = self._l2_table(l1i)
+            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
+            if table is None:
+                yield pos, table_end - pos, unallocated, 0
+                pos = table_end
+                continue
+            i = vc & self._l2_mask
+            while pos < table_end:
+                in_off = pos & (cs - 1)
+                entry = _U64.unpack_from(table, i * 16)[0]
+                if entry & q.OFLAG_COMPRESSED:
+                    n = min(cs - in_off, table_end - pos)
+                    yield pos, n, _COMPRESSED, entry
+                    pos += n
+                    i += 1
+                    continue
+                bitmap = _U64.unpack_from(table, i * 16 + 8)[0]
+                host = entry & q.L2E_OFFSET_MASK
+                cluster_end = min(table_end, pos - in_off + cs)
+                while pos < cluster_end:
+                    in_off = pos & (cs - 1)
+                    j = in_off // sc
+                    n = min(sc - in_off % sc, cluster_end - pos)
+                    if bitmap >> j & 1:
+                        if not host:
+                            raise self._corrupt(f"subcluster {j} of guest cluster {vc} is allocated at offset 0")
+                        yield pos, n, _HOST, host + in_off
+                    elif bitmap >> (32 + j) & 1:
+                        yield pos, n, _ZERO, 0
+                    else:
+                        yield pos, n, unallocated, 0
+                    pos += n
+                i += 1
+
+    def _map_extended(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        segs: list[tuple[int, int, int, int]] = []
+        unallocated = _ZERO if self.backing is None else _BACKING
+        for pos, n, kind, arg in self._subclusters(offset, length):
+            if kind == _UNALLOCATED:
+                kind = unallocated
+            if (
+                segs
+                and kind != _COMPRESSED
+                and segs[-1][0] == kind
+                and (kind != _HOST or segs[-1][1] + segs[-1][3] == arg)
+            ):
+                k, a, p, m = segs[-1]
+                segs[-1] = (k, a, p, m + n)
+            else:
+                segs.append((kind, arg, pos, n))
+        return segs
+
+    def _runs_extended(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        run_n, run_kind = 0, -1
+        for _, n, kind, _ in self._subclusters(offset, length):
+            k = 2 if kind == _UNALLOCATED else 1 if kind == _ZERO else 0
+            if k == run_kind:
+                run_n += n
+            else:
+                if run_n:
+                    yield run_n, run_kind
+                run_n, run_kind = n, k
         if run_n:
             yield run_n, run_kind
 
@@ -939,6 +1022,8 @@ class Qcow2Device:
 def _check_writable(h: ImageHeader, path: str, *, repair: bool) -> None:
     if h.incompatible & q.INCOMPAT_CORRUPT:
         raise ImageFormatError(f"{path}: image is marked corrupt; it can only be opened read-only")
+    if h.incompatible & q.INCOMPAT_EXTL2:
+        raise ImageFormatError(f"{path}: images with extended L2 entries (subclusters) can only be opened read-only")
     if h.incompatible & q.INCOMPAT_DIRTY and not repair:
         raise ImageFormatError(
             f"{path}: image was not cleanly closed ({incompatible_names(h.incompatible)} set): it may be an "

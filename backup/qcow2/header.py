@@ -70,9 +70,9 @@ def _refuse(path: str, message: str) -> ImageFormatError:
     return ImageFormatError(f"{path}: {message}")
 
 
-def l1_entries_for(size: int, cluster_bits: int) -> int:
-    """How many L1 entries a virtual size needs."""
-    per_l2 = 1 << (2 * cluster_bits - 3)
+def l1_entries_for(size: int, cluster_bits: int, *, extended_l2: bool = False) -> int:
+    """How many L1 entries a virtual size needs (extended L2 entries are 16 bytes, not 8)."""
+    per_l2 = 1 << (2 * cluster_bits - (4 if extended_l2 else 3))
     return -(-size // per_l2)
 
 
@@ -134,8 +134,8 @@ def _check_features(h: ImageHeader, path: str) -> None:
         raise _refuse(path, f"unknown incompatible feature bits {unknown:#x}")
     if h.incompatible & q.INCOMPAT_DATA_FILE:
         raise _refuse(path, "images with an external data file are not supported")
-    if h.incompatible & q.INCOMPAT_EXTL2:
-        raise _refuse(path, "images with extended L2 entries (subclusters) are not supported")
+    if h.incompatible & q.INCOMPAT_EXTL2 and h.cluster_bits < 14:
+        raise _refuse(path, "extended L2 entries need clusters of at least 16 KiB")
     if h.incompatible & q.INCOMPAT_COMPRESSION:
         if h.compression_type == 0:
             raise _refuse(path, "compression type bit set but compression_type is 0")
@@ -146,7 +146,7 @@ def _check_features(h: ImageHeader, path: str) -> None:
 
 def _check_tables(h: ImageHeader, file_size: int, path: str) -> None:
     cs = h.cluster_size
-    needed = l1_entries_for(h.size, h.cluster_bits)
+    needed = l1_entries_for(h.size, h.cluster_bits, extended_l2=bool(h.incompatible & q.INCOMPAT_EXTL2))
     if h.l1_size < needed:
         raise _refuse(path, f"L1 table has {h.l1_size} entries, the virtual size needs {needed}")
     if h.l1_size * 8 > q.MAX_L1_BYTES:

@@ -1,17 +1,15 @@
 """Run ``nbd-backup serve --qmp`` as a real process for end-to-end QMP tests, and stop it cleanly.
 
-The daemon is ready when it has written its ``--pid-file`` (it does so only once every socket
-listens). ``stop()`` sends SIGTERM and returns the exit status; a daemon that ignores SIGTERM is
-killed and the test fails. Its stderr goes to a file, shown when something goes wrong.
+The daemon is ready when it has printed its ready line (after every socket listens and its ``--pid-file``
+is written). ``stop()`` sends SIGTERM and returns the exit status; a daemon that ignores SIGTERM is killed
+and the test fails. Its stderr goes to a file, shown when something goes wrong.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,16 +17,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qsd import QmpSync  # noqa: E402  (the harness lives next to this file)
-
-READY = "nbd-backup: ready"
-
-
-def nbd_backup_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", *args]
+from peers import READY, log_text, nbd_backup_argv, start_ours, stop_ours  # noqa: F401 (re-exported)
+from qsd import QmpSync
 
 
 @dataclass
@@ -43,48 +35,21 @@ class OurDaemon:
         return QmpSync(self.qmp_path, timeout=timeout)
 
     def stderr(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return log_text(self.log_path)
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM and the exit status (a daemon still running after ``timeout`` fails the test)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                pytest.fail(f"nbd-backup serve ignored SIGTERM for {timeout} s\n{self.stderr()}")
-        return self.proc.returncode
-
-
-def wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.stat().st_size > 0):
-        if proc.poll() is not None:
-            pytest.fail(f"nbd-backup serve exited {proc.returncode}:\n{log.read_text(errors='replace')}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"nbd-backup serve not ready after {timeout} s:\n{log.read_text(errors='replace')}")
-        time.sleep(0.02)
+        return stop_ours(self.proc, self.log_path, timeout)
 
 
 def start_daemon(workdir: Path, *extra: str, name: str = "ours") -> OurDaemon:
+    """``nbd-backup serve --qmp unix:… --pid-file …``, returned once it has printed its ready line."""
     workdir.mkdir(parents=True, exist_ok=True)
     qmp_path = workdir / f"{name}-qmp.sock"
     pid_path = workdir / f"{name}.pid"
     log_path = workdir / f"{name}.log"
-    argv = nbd_backup_argv("serve", "--qmp", f"unix:{qmp_path}", "--pid-file", str(pid_path), *extra)
-    with open(log_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
-    daemon = OurDaemon(proc, workdir, qmp_path, pid_path, log_path)
-    try:
-        wait_for_file(pid_path, proc, log_path)
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon
+    proc = start_ours(["serve", "--qmp", f"unix:{qmp_path}", "--pid-file", str(pid_path), *extra], log_path)
+    return OurDaemon(proc, workdir, qmp_path, pid_path, log_path)
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from conftest import require
+from peers import log_text, pid_file_written, spawn, stop_process, wait_until
 
 Json = dict[str, Any]
 EventFilter = Callable[[Json], bool]
@@ -279,7 +280,7 @@ class Qsd:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, workdir: Path, *extra_args: str, timeout: float = DEFAULT_TIMEOUT) -> Iterator[Qsd]:
+    def start(cls, workdir: Path, *extra_args: str, timeout: float = 60.0) -> Iterator[Qsd]:
         """Run the daemon for the duration of the ``with`` block; it is stopped whatever happens."""
         qsd = cls(workdir, extra_args)
         qsd.launch(timeout=timeout)
@@ -288,7 +289,8 @@ class Qsd:
         finally:
             qsd.stop()
 
-    def launch(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def launch(self, *, timeout: float = 60.0) -> None:
+        """Start the daemon; it is ready once it has written its pid file (after setting up every option)."""
         binary = shutil.which("qemu-storage-daemon")
         if binary is None:
             raise FileNotFoundError("qemu-storage-daemon is not installed")
@@ -303,26 +305,11 @@ class Qsd:
             str(self.pid_path),
             *self.extra_args,
         ]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not self._listening():
-            if self.proc.poll() is not None:
-                raise QmpError(f"qemu-storage-daemon exited {self.proc.returncode}: {self.log()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise QmpError(f"qemu-storage-daemon did not listen on its QMP socket: {self.log()}")
-            time.sleep(0.01)
-
-    def _listening(self) -> bool:
-        """The daemon writes its pid file once every option (the QMP socket too) is set up."""
-        return self.pid_path.exists() and self.pid_path.stat().st_size > 0
+        self.proc = spawn(argv, self.log_path)
+        wait_until(lambda: pid_file_written(self.pid_path), self.proc, self.log_path, "qemu-storage-daemon", timeout)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return log_text(self.log_path)
 
     def connect(self, *, timeout: float = DEFAULT_TIMEOUT) -> QmpSync:
         return QmpSync(self.qmp_path, timeout=timeout)
@@ -337,53 +324,10 @@ class Qsd:
             return
         with contextlib.suppress(Exception), QmpSync(self.qmp_path, timeout=5) as qmp:
             qmp.execute("quit")
-        for signal_it in (None, proc.terminate, proc.kill):
-            if signal_it is not None:
-                signal_it()
-            try:
-                proc.wait(timeout=5)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-        proc.wait()
-
-
-@contextlib.contextmanager
-def nbdkit_unix(workdir: Path, name: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> Iterator[Path]:
-    """Run ``nbdkit -f -U SOCK ARGS…`` (plugin, filters, parameters) for the ``with`` block; yields SOCK.
-
-    E.g. ``nbdkit_unix(tmp, "t", "--filter=error", "memory", "4M", "error-pwrite-rate=1",
-    f"error-pwrite-file={fault}")`` gives a target that fails writes while ``fault`` exists.
-    """
-    binary = shutil.which("nbdkit")
-    if binary is None:
-        raise FileNotFoundError("nbdkit is not installed")
-    sock = Path(workdir) / f"{name}.sock"
-    pid_path = Path(workdir) / f"{name}.nbdkit.pid"  # written once nbdkit accepts connections
-    log_path = Path(workdir) / f"{name}.nbdkit.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [binary, "-f", "-U", str(sock), "-P", str(pid_path), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while not (pid_path.exists() and pid_path.stat().st_size > 0):
-            if proc.poll() is not None:
-                raise QmpError(f"nbdkit exited {proc.returncode}: {log_path.read_text(errors='replace')}")
-            if time.monotonic() > deadline:
-                raise QmpError("nbdkit did not create its socket")
-            time.sleep(0.01)
-        yield sock
-    finally:
-        proc.terminate()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop_process(proc, 5)
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from conftest import require
+from peers import nbdkit_unix
 from qmp_daemon import OurDaemon, make_image, nbd_backup_argv, our_daemon
-from qsd import nbdkit_unix
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 4 << 20

@@ -30,7 +30,7 @@ from backup_rig import (
     write_sparse_image,
 )
 from conftest import require
-from test_client_peers import make_image, nbdkit, qemu_nbd
+from peers import make_image, nbdkit, qemu_nbd
 
 from backup.backup_job import BackupOptions
 from backup.targets import open_target

@@ -21,7 +21,7 @@ from backup_rig import (
     write_random_image,
 )
 from conftest import require
-from test_client_peers import nbdkit
+from peers import nbdkit
 
 from backup.backup_job import BackupOptions
 from backup.targets import open_target

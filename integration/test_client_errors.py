@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from test_client_peers import make_image, nbdkit, qemu_nbd
+from peers import make_image, nbdkit, qemu_nbd
 
 from nbd.client import NbdClient
 from nbd.errors import DisconnectedError, HandshakeError, NbdRequestError

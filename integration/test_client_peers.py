@@ -2,226 +2,30 @@
 our own ``nbd-backup serve``. What the client learns matches ``nbdinfo``; what it writes reads back with
 ``nbdcopy`` (and ``qemu-img compare`` for file-backed servers); holes and zeroes survive.
 
-The peer-starting helpers here are shared with the copy, info and error tests of the client area.
+The peer-starting helpers live in peers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
-import signal
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require, run
+from conftest import require, run
+from peers import KINDS, SIZE, Peer, nbdcopy_to_file, nbdinfo_json, nbdkit_tcp, peer_of_kind
 
 from nbd import constants as c
 from nbd.client import NbdClient
 from nbd.constants import State
-
-SIZE = 8 << 20
-
-
-@dataclass
-class Peer:
-    """A running NBD server: its URI, the image behind it (when there is one), and how to stop it."""
-
-    kind: str
-    uri: str
-    image: Path | None = None
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    pid_file: Path | None = None
-    log: Path | None = None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Stop the server abruptly (the tests of dropped connections use this)."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(sig)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self.pid_file is not None and self.pid_file.exists():
-            try:
-                os.kill(int(self.pid_file.read_text().strip()), sig)
-            except (ProcessLookupError, ValueError):
-                pass
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace") if self.log is not None and self.log.exists() else ""
-
-
-def _connectable(sock_path: Path | None, port: int | None, host: str = "127.0.0.1") -> bool:
-    try:
-        if sock_path is not None:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(sock_path))
-        else:
-            with socket.create_connection((host, port or 0), timeout=1):
-                pass
-    except OSError:
-        return False
-    return True
-
-
-def wait_listening(
-    proc: subprocess.Popen[bytes] | None,
-    *,
-    sock_path: Path | None = None,
-    port: int | None = None,
-    host: str = "127.0.0.1",
-    log: Path,
-) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if (sock_path is None or sock_path.exists()) and _connectable(sock_path, port, host):
-            return
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"server exited {proc.returncode} before listening:\n{log.read_text(errors='replace')}")
-        time.sleep(0.05)
-    pytest.fail(f"server not listening after 20 s:\n{log.read_text(errors='replace')}")
-
-
-def start_process(
-    argv: list[str],
-    tmp: Path,
-    name: str,
-    *,
-    sock_path: Path | None = None,
-    port: int | None = None,
-    host: str = "127.0.0.1",
-) -> tuple[subprocess.Popen[bytes], Path]:
-    log = tmp / f"{name}.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp)
-    wait_listening(proc, sock_path=sock_path, port=port, host=host, log=log)
-    return proc, log
-
-
-@contextmanager
-def nbdkit(tmp: Path, *args: str, name: str = "nbdkit", sock_path: Path | None = None) -> Iterator[Peer]:
-    """``nbdkit -U SOCK -f ARGS…`` (arguments are the plugin, its parameters and any filters)."""
-    require("nbdkit")
-    sock_path = sock_path or tmp / f"{name}.sock"
-    proc, log = start_process(
-        ["nbdkit", "-U", str(sock_path), "-f", "--exit-with-parent", *args], tmp, name, sock_path=sock_path
-    )
-    peer = Peer("nbdkit", f"nbd+unix:///?socket={sock_path}", procs=[proc], log=log)
-    try:
-        yield peer
-    finally:
-        peer.kill(signal.SIGTERM)
-
-
-@contextmanager
-def qemu_nbd(tmp: Path, image: Path, *, export: str = "disk", extra: tuple[str, ...] = ()) -> Iterator[Peer]:
-    require("qemu-nbd")
-    sock_path = tmp / "qemu-nbd.sock"
-    argv = ["qemu-nbd", "-k", str(sock_path), "-f", "raw", "-x", export, "-t", "--shared=8", *extra, str(image)]
-    proc, log = start_process(argv, tmp, "qemu-nbd", sock_path=sock_path)
-    peer = Peer("qemu-nbd", f"nbd+unix:///{export}?socket={sock_path}", image=image, procs=[proc], log=log)
-    try:
-        yield peer
-    finally:
-        peer.kill(signal.SIGTERM)
-
-
-@contextmanager
-def nbd_server(tmp: Path, image: Path, *, export: str = "disk") -> Iterator[Peer]:
-    """The reference ``nbd-server`` (it daemonizes: it is stopped through its pid file)."""
-    require("nbd-server")
-    port = free_port()
-    config = tmp / "nbd-server.conf"
-    pid_file = tmp / "nbd-server.pid"
-    config.write_text(
-        "[generic]\n"
-        "    listenaddr = 127.0.0.1\n"
-        f"    port = {port}\n"
-        "    allowlist = true\n"
-        f"[{export}]\n"
-        f"    exportname = {image}\n"
-        "    trim = true\n"
-        "    flush = true\n"
-        "    fua = true\n"
-    )
-    log = tmp / "nbd-server.log"
-    with open(log, "wb") as err:
-        subprocess.run(["nbd-server", "-C", str(config), "-p", str(pid_file)], stderr=err, check=True, timeout=30)
-    peer = Peer("nbd-server", f"nbd://127.0.0.1:{port}/{export}", image=image, pid_file=pid_file, log=log)
-    try:
-        wait_listening(None, port=port, log=log)
-        yield peer
-    finally:
-        peer.kill(signal.SIGTERM)
-
-
-@contextmanager
-def our_server(tmp: Path, image: Path, *, export: str = "disk") -> Iterator[Peer]:
-    from nbd_serve import serve
-
-    with serve(tmp, [f"{export}={image}"]) as served:
-        yield Peer("nbd-backup", served.uri(export, "unix"), image=image, procs=[served.proc], log=served.log)
-
-
-def make_image(path: Path, size: int = SIZE) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-@contextmanager
-def peer_of_kind(kind: str, tmp: Path) -> Iterator[Peer]:
-    if kind == "nbdkit-memory":
-        with nbdkit(tmp, "memory", f"size={SIZE}") as peer:
-            yield peer
-    elif kind == "nbdkit-file":
-        image = make_image(tmp / "nbdkit.img")
-        with nbdkit(tmp, "file", str(image)) as peer:
-            peer.image = image
-            yield peer
-    elif kind == "qemu-nbd":
-        with qemu_nbd(tmp, make_image(tmp / "qemu.img")) as peer:
-            yield peer
-    elif kind == "nbd-server":
-        with nbd_server(tmp, make_image(tmp / "nbd-server.img")) as peer:
-            yield peer
-    elif kind == "nbd-backup":
-        with our_server(tmp, make_image(tmp / "ours.img")) as peer:
-            yield peer
-    else:
-        raise AssertionError(kind)
-
-
-KINDS = ["qemu-nbd", "nbdkit-memory", "nbdkit-file", "nbd-server", "nbd-backup"]
 
 
 @pytest.fixture(params=KINDS)
 def peer(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Peer]:
     with peer_of_kind(request.param, tmp_path) as server:
         yield server
-
-
-def nbdinfo_json(uri: str, *extra: str) -> dict:
-    """``nbdinfo --json``, run outside the repository (libnbd's Python module is also called nbd)."""
-    require("nbdinfo")
-    return json.loads(run("nbdinfo", "--json", *extra, uri, cwd="/").stdout)
-
-
-def nbdcopy_to_file(uri: str, path: Path) -> bytes:
-    require("nbdcopy")
-    run("nbdcopy", uri, str(path), cwd="/")
-    return path.read_bytes()
 
 
 # --- the tests -------------------------------------------------------------------------------------------
@@ -380,10 +184,7 @@ async def test_tcp_uris(family: str, tmp_path: Path) -> None:
     if family == "ipv6" and not _ipv6_loopback():
         pytest.skip("no IPv6 loopback on this machine")
     host = "::1" if family == "ipv6" else "127.0.0.1"
-    port = free_port()
-    argv = ["nbdkit", "-i", host, "-p", str(port), "-f", "--exit-with-parent", "-e", "exp", "memory", f"size={SIZE}"]
-    proc, _ = start_process(argv, tmp_path, "tcp", port=port, host=host)
-    try:
+    with nbdkit_tcp(tmp_path, host, "-e", "exp", "memory", f"size={SIZE}") as (_, port):
         uri = {
             "ipv4": f"nbd://127.0.0.1:{port}/exp",
             "ipv6": f"nbd://[::1]:{port}/exp",
@@ -396,6 +197,3 @@ async def test_tcp_uris(family: str, tmp_path: Path) -> None:
             assert await client.pread(0, 3) == b"tcp"
         finally:
             await client.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)

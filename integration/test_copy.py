@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, nbd_backup_argv, require, run
-from test_client_peers import make_image, nbdcopy_to_file, nbdkit, our_server, qemu_nbd
+from peers import make_image, nbdcopy_to_file, nbdkit, our_server, qemu_nbd
 
 SIZE = 8 << 20
 # nbdkit's data plugin: bytes at a few offsets, the rest sparse (holes that read as zeroes).

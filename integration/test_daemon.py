@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
 import subprocess
 from pathlib import Path
 
-from conftest import free_port
-from qmp_daemon import READY, make_image, nbd_backup_argv, our_daemon, start_daemon, wait_for_file
+from peers import ready_nbd_port, start_ours, stop_ours
+from qmp_daemon import READY, make_image, nbd_backup_argv, our_daemon, start_daemon
 from qsd import QmpSync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,13 +33,14 @@ def tcp_qmp(port: int) -> dict[str, object]:
 
 
 def test_qmp_unix_and_tcp_pid_file_ready_line_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    daemon = start_daemon(tmp_path, "--qmp", f"tcp:127.0.0.1:{port}")
+    daemon = start_daemon(tmp_path, "--qmp", "tcp:127.0.0.1:0")  # port 0: it reports the one it got
     try:
         assert daemon.pid_path.read_text().strip() == str(daemon.proc.pid)
         assert stat.S_IMODE(os.stat(daemon.qmp_path).st_mode) == 0o600
         ready = daemon.stderr()
-        assert READY in ready and f"qmp=unix:{daemon.qmp_path},tcp:127.0.0.1:{port}" in ready
+        found = re.search(rf"{READY} .*qmp=unix:{re.escape(str(daemon.qmp_path))},tcp:127\.0\.0\.1:(\d+) ", ready)
+        assert found is not None, ready
+        port = int(found.group(1))
         greeting = tcp_qmp(port)
         assert set(greeting["QMP"]["version"]["qemu"]) == {"major", "minor", "micro"}  # type: ignore[index]
         with daemon.connect() as q:
@@ -83,12 +85,11 @@ def test_sigint_and_quit_stop_cleanly(tmp_path: Path) -> None:
 def test_config_file(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     make_image(tmp_path / "images" / "disk.raw", SIZE)
-    nbd_port = free_port()
     config = tmp_path / "serve.toml"
     config.write_text(
-        f"""
+        """
 qmp = ["unix:run/qmp.sock"]
-nbd = ["127.0.0.1:{nbd_port}"]
+nbd = ["127.0.0.1:0"]
 pid-file = "run/serve.pid"
 allow-dir = ["images"]
 max-connections = 4
@@ -101,12 +102,10 @@ readonly = true
     )
     (tmp_path / "run").mkdir()
     log = tmp_path / "serve.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(nbd_backup_argv("serve", "--config", str(config)), stderr=err, cwd=ROOT)
+    proc = start_ours(["serve", "--config", str(config)], log)
     try:
-        wait_for_file(tmp_path / "run" / "serve.pid", proc, log)
-        text = log.read_text()
-        assert f"nbd=127.0.0.1:{nbd_port}" in text and "exports=disk" in text
+        assert (tmp_path / "run" / "serve.pid").read_text().strip() == str(proc.pid)
+        assert ready_nbd_port(log) > 0 and "exports=disk" in log.read_text()
         with QmpSync(tmp_path / "run" / "qmp.sock") as q:
             assert [e["id"] for e in q.ok("query-block-exports")] == ["disk"]
             node = q.ok("query-named-block-nodes")[0]
@@ -114,8 +113,7 @@ readonly = true
             refused = q.execute("blockdev-add", driver="file", filename=str(config), **{"node-name": "x"})
             assert "outside the allowed directories" in refused["error"]["desc"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
+        assert stop_ours(proc, log) == 0, log.read_text()
 
 
 def test_bad_settings_refused(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, nbd_backup_argv, run
-from test_client_peers import KINDS, make_image, nbdinfo_json, nbdkit, peer_of_kind, qemu_nbd
+from peers import KINDS, make_image, nbdinfo_json, nbdkit, peer_of_kind, qemu_nbd
 
 SIZE = 8 << 20
 # Keys nbdinfo prints that need more than NBD to compute (file(1) of the first sector, a size string).

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import require, run
 
 from backup.backup_job import BackupJob, BackupOptions
 from backup.events import EventBus
@@ -21,7 +22,6 @@ from backup.images import create_image, open_image
 from backup.node import BlockNode
 from backup.qcow2 import Qcow2Device
 from backup.targets import open_target
-from integration.conftest import require, run
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB

@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-from integration.conftest import nbd_backup_argv, require, run
-from integration.nbd_serve import serve
+from conftest import nbd_backup_argv, require, run
+from peers import serve
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB

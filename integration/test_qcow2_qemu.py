@@ -12,12 +12,12 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import require, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import Qcow2Device
-from integration.conftest import require, run
 from nbd.constants import State
 
 MiB = 1024 * 1024

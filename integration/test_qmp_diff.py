@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 from conftest import require
+from peers import nbdkit_unix
 from qmp_daemon import make_image, our_daemon
-from qsd import QmpSync, Qsd, nbdkit_unix
+from qsd import QmpSync, Qsd
 
 SIZE = 4 << 20
 SLOW = 64 << 10  # bytes/s: a job that is still running when the next command arrives

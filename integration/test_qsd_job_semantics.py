@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 from conftest import require
-from qsd import QmpAsync, Qsd, nbdkit_unix, qsd_daemon  # noqa: F401 (a fixture)
+from peers import nbdkit_unix
+from qsd import QmpAsync, Qsd, qsd_daemon  # noqa: F401 (a fixture)
 
 from backup.errors import BackupError, JobStateError, NodeNotFound
 from backup.events import Event, EventBus

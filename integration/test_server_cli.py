@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import nbd_backup_argv, require, run
-from nbd_serve import serve
+from peers import serve
 
 MiB = 1 << 20
 

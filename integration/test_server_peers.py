@@ -4,14 +4,12 @@ nbdcopy and fio's nbd engine."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import require, run
-from nbd_serve import Served, serve
+from peers import Served, qemu_nbd, serve
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -190,18 +188,8 @@ def test_unaligned_image_matches_qemu_nbd(tmp_path: Path) -> None:
     require("qemu-nbd", "nbdinfo")
     odd = tmp_path / "odd.raw"
     odd.write_bytes(b"\x01" * 1000)
-    sock = tmp_path / "qemu.sock"
-    qemu = subprocess.Popen(["qemu-nbd", "-f", "raw", "-r", "-x", "odd", "-k", str(sock), str(odd)])
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert qemu.poll() is None, "qemu-nbd exited"
-            assert time.monotonic() < deadline, "qemu-nbd did not create its socket"
-            time.sleep(0.05)
-        theirs = int(run("nbdinfo", "--size", f"nbd+unix:///odd?socket={sock}", cwd=str(tmp_path)).stdout)
-    finally:
-        qemu.terminate()
-        qemu.wait(10)
+    with qemu_nbd(tmp_path, odd, export="odd", extra=("-r",), name="qemu") as qemu:
+        theirs = int(run("nbdinfo", "--size", qemu.uri, cwd=str(tmp_path)).stdout)
     with serve(tmp_path, [f"odd={odd},readonly"]) as s:
         ours = int(run("nbdinfo", "--size", s.uri("odd"), cwd=str(tmp_path)).stdout)
         back = tmp_path / "odd.out"

@@ -3,17 +3,16 @@ option reply types and request error values must be the same (qemu-nbd is the re
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import require
-from nbd_serve import serve
+from peers import qemu_nbd, serve
 
 IHAVEOPT = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
@@ -87,19 +86,13 @@ def servers(tmp_path: Path) -> Iterator[dict[str, dict[str, str]]]:
     require("qemu-nbd")
     image = tmp_path / "d.raw"
     image.write_bytes(bytes(SIZE))
-    procs = []
-    sockets = {}
-    for mode, extra in (("rw", []), ("ro", ["-r"])):
-        path = tmp_path / f"qemu-{mode}.sock"
-        argv = ["qemu-nbd", "-f", "raw", "-x", "d", "-t", "-k", str(path), *extra, str(image)]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        sockets[mode] = str(path)
-    try:
-        deadline = time.monotonic() + 20
-        while not all(Path(p).exists() for p in sockets.values()):
-            assert time.monotonic() < deadline, "qemu-nbd did not start"
-            assert all(p.poll() is None for p in procs), "qemu-nbd exited"
-            time.sleep(0.05)
+    with contextlib.ExitStack() as stack:
+        sockets = {}
+        for mode, extra in (("rw", ()), ("ro", ("-r",))):
+            peer = stack.enter_context(
+                qemu_nbd(tmp_path, image, export="d", extra=extra, name=f"qemu-{mode}", shared=1)
+            )
+            sockets[mode] = str(peer.socket)
         ours_dir = tmp_path / "ours"
         ours_dir.mkdir()
         with serve(ours_dir, [f"d={image}"]) as rw:
@@ -107,10 +100,6 @@ def servers(tmp_path: Path) -> Iterator[dict[str, dict[str, str]]]:
             ro_dir.mkdir()
             with serve(ro_dir, [f"d={image},readonly"]) as ro:
                 yield {"qemu-nbd": sockets, "ours": {"rw": str(rw.socket), "ro": str(ro.socket)}}
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
 
 
 def _string(text: str) -> bytes:

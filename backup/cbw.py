@@ -68,25 +68,38 @@ class CopyBeforeWriteFilter(BlockFilter):
         self.refused = 0  # guest requests failed by break-guest-write
         self._chunk_clusters = max(1, GUEST_COPY_CHUNK // copier.cluster_size)
 
+    # Every guest write passes here, so the test "is anything left to copy" is inlined in each verb:
+    # an extra coroutine per request measured ~0.5 µs of a ~9 µs request.
+
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
-        await self._before_write(offset, len(data))
+        copier = self.copier
+        if copier.active:
+            first, end = copier.clusters_of(offset, len(data))
+            if copier.needs_copy(first, end):
+                await self._copy_first(offset, len(data), first, end)
         await self.next.pwrite(offset, data, fua=fua)
 
     async def zero(
         self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
-        await self._before_write(offset, length)
+        copier = self.copier
+        if copier.active:
+            first, end = copier.clusters_of(offset, length)
+            if copier.needs_copy(first, end):
+                await self._copy_first(offset, length, first, end)
         await self.next.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        await self._before_write(offset, length)
+        copier = self.copier
+        if copier.active:
+            first, end = copier.clusters_of(offset, length)
+            if copier.needs_copy(first, end):
+                await self._copy_first(offset, length, first, end)
         await self.next.trim(offset, length, fua=fua)
 
-    async def _before_write(self, offset: int, length: int) -> None:
+    async def _copy_first(self, offset: int, length: int, first: int, end: int) -> None:
+        """The slow path: clusters ``[first, end)`` still need their old data on the target."""
         copier = self.copier
-        first, end = copier.clusters_of(offset, length)
-        if not copier.needs_copy(first, end):
-            return
         self.guest_copies += 1
         try:
             copy = copier.ensure_copied(first, end, chunk_clusters=self._chunk_clusters)

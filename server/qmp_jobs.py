@@ -30,7 +30,7 @@ from backup.transaction import AbortAction, Transaction, TransactionAction, run_
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
 from server.errors import QmpError
-from server.qmp.dispatch import CommandRegistry
+from server.qmp.dispatch import CommandRegistry, Handler
 from server.qmp.schema import Enum, Struct, Union
 from server.registry import Registry, generic, same_image
 
@@ -451,31 +451,11 @@ def register(commands: CommandRegistry) -> None:
         """Pause a block job."""
         return await pause_job(reg, reg.block_job(args["device"]))
 
-    @commands.command("block-job-resume", args={"device": "str"})
-    async def block_job_resume(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Resume a paused block job (also after an error with on-*-error=stop)."""
-        return _verb(reg.block_job(args["device"]).resume)
-
     @commands.command("block-job-set-speed", args={"device": "str", "speed": "int"})
     async def block_job_set_speed(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Change a block job's rate limit in bytes per second (0 = unlimited)."""
         job = reg.block_job(args["device"])
         return _verb(lambda: job.set_speed(args["speed"]))
-
-    @commands.command("block-job-complete", args={"device": "str"})
-    async def block_job_complete(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Complete a ready job (backup jobs never are)."""
-        return _verb(reg.block_job(args["device"]).complete)
-
-    @commands.command("block-job-finalize", args={"id": "str"})
-    async def block_job_finalize(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Finalize a pending job (auto-finalize=false)."""
-        return _verb(reg.block_job(args["id"]).finalize)
-
-    @commands.command("block-job-dismiss", args={"id": "str"})
-    async def block_job_dismiss(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Remove a concluded job (auto-dismiss=false)."""
-        return _verb(reg.block_job(args["id"]).dismiss)
 
     # --- job-* (id; "not found" is GenericError "Job not found") ---
 
@@ -489,25 +469,34 @@ def register(commands: CommandRegistry) -> None:
         """Pause a job."""
         return await pause_job(reg, reg.job(args["id"]))
 
-    @commands.command("job-resume", args={"id": "str"})
-    async def job_resume(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Resume a paused job."""
-        return _verb(reg.job(args["id"]).resume)
+    for name, key, method, summary in PLAIN_VERBS:
+        commands.register(name, _plain_verb(name, key, method, summary), {key: "str"})
 
-    @commands.command("job-complete", args={"id": "str"})
-    async def job_complete(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Complete a ready job."""
-        return _verb(reg.job(args["id"]).complete)
 
-    @commands.command("job-finalize", args={"id": "str"})
-    async def job_finalize(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Finalize a pending job."""
-        return _verb(reg.job(args["id"]).finalize)
+#: The verbs that only call the job's method and reply ``{}``: (command, id member, method, summary).
+PLAIN_VERBS = (
+    ("block-job-resume", "device", "resume", "Resume a paused block job (also after an error with on-*-error=stop)."),
+    ("block-job-complete", "device", "complete", "Complete a ready job (backup jobs never are)."),
+    ("block-job-finalize", "id", "finalize", "Finalize a pending job (auto-finalize=false)."),
+    ("block-job-dismiss", "id", "dismiss", "Remove a concluded job (auto-dismiss=false)."),
+    ("job-resume", "id", "resume", "Resume a paused job."),
+    ("job-complete", "id", "complete", "Complete a ready job."),
+    ("job-finalize", "id", "finalize", "Finalize a pending job."),
+    ("job-dismiss", "id", "dismiss", "Remove a concluded job."),
+)
 
-    @commands.command("job-dismiss", args={"id": "str"})
-    async def job_dismiss(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Remove a concluded job."""
-        return _verb(reg.job(args["id"]).dismiss)
+
+def _plain_verb(name: str, key: str, method: str, summary: str) -> Handler:
+    """The handler of one of ``PLAIN_VERBS``: ``block-job-*`` find the job as QEMU's block-job commands
+    do (DeviceNotActive), ``job-*`` as its job commands (GenericError "Job not found")."""
+    lookup = Registry.job if name.startswith("job-") else Registry.block_job
+
+    async def handler(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
+        return _verb(getattr(lookup(reg, args[key]), method))
+
+    handler.__doc__ = summary
+    handler.__name__ = handler.__qualname__ = name.replace("-", "_")
+    return handler
 
 
 def _newest_first(reg: Registry) -> list[Job]:

@@ -25,30 +25,11 @@ from nbd.uri import NbdUri
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.schema import Alternate, Enum, Union
+from server.qmp_sockets import SOCKET_ADDRESS, port_number, unix_path
 from server.registry import Registry, generic
 
 DRIVERS = ("file", "nbd", "null-co", "qcow2", "raw")
 NULL_CO_DEFAULT_SIZE = 1 << 30  # QEMU's null-co default
-
-SOCKET_ADDRESS = Union(
-    "SocketAddress",
-    {"type": Enum("SocketAddressType", ["inet", "unix", "vsock", "fd"])},
-    "type",
-    {
-        "inet": {
-            "host": "str",
-            "port": "str",
-            "*numeric": "bool",
-            "*to": "uint16",
-            "*ipv4": "bool",
-            "*ipv6": "bool",
-            "*keep-alive": "bool",
-        },
-        "unix": {"path": "str", "*abstract": "bool", "*tight": "bool"},
-        "vsock": {"cid": "str", "port": "str"},
-        "fd": {"str": "str"},
-    },
-)
 
 BLOCKDEV_OPTIONS = Union(
     "BlockdevOptions",
@@ -241,15 +222,9 @@ def check_not_open(reg: Registry, path: str, *, read_only: bool) -> None:
 def nbd_uri(server: dict[str, Any], export: str) -> NbdUri:
     """A ``SocketAddress`` and export name as our client's ``NbdUri``."""
     if server["type"] == "inet":
-        try:
-            port = int(server["port"])
-        except ValueError:
-            raise generic(f"Invalid port '{server['port']}'") from None
-        return NbdUri(export=export, host=server["host"], port=port)
+        return NbdUri(export=export, host=server["host"], port=port_number(server["port"]))
     if server["type"] == "unix":
-        if server.get("abstract"):
-            raise generic("abstract unix sockets are not supported")
-        return NbdUri(export=export, socket=server["path"])
+        return NbdUri(export=export, socket=unix_path(server))
     raise generic(f"NBD over '{server['type']}' sockets is not supported")
 
 

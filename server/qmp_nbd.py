@@ -11,29 +11,8 @@ from typing import Any
 
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.schema import Enum, Union
+from server.qmp_sockets import SOCKET_ADDRESS_LEGACY, port_number, unix_path
 from server.registry import Registry, generic
-
-SOCKET_ADDRESS_LEGACY = Union(
-    "SocketAddressLegacy",
-    {"type": Enum("SocketAddressType", ["inet", "unix", "vsock", "fd"])},
-    "type",
-    {
-        "inet": {
-            "data": {
-                "host": "str",
-                "port": "str",
-                "*numeric": "bool",
-                "*to": "uint16",
-                "*ipv4": "bool",
-                "*ipv6": "bool",
-                "*keep-alive": "bool",
-            }
-        },
-        "unix": {"data": {"path": "str", "*abstract": "bool", "*tight": "bool"}},
-        "vsock": {"data": {"cid": "str", "port": "str"}},
-        "fd": {"data": {"str": "str"}},
-    },
-)
 
 REMOVE_MODE = Enum("BlockExportRemoveMode", ["safe", "hard"])
 
@@ -59,17 +38,12 @@ def listen_address(addr: dict[str, Any]) -> tuple[list[tuple[str, int]], list[st
     if addr["type"] == "inet":
         if "to" in data:
             raise generic("port ranges ('to') are not supported")
-        try:
-            port = int(data["port"])
-        except ValueError:
-            raise generic(f"Invalid port '{data['port']}'") from None
+        port = port_number(data["port"])
         if not 0 <= port <= 65535:
             raise generic(f"Invalid port '{data['port']}'")
         return [(data["host"], port)], []
     if addr["type"] == "unix":
-        if data.get("abstract"):
-            raise generic("abstract unix sockets are not supported")
-        return [], [data["path"]]
+        return [], [unix_path(data)]
     raise generic(f"NBD server on '{addr['type']}' sockets is not supported")
 
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backup.memory import MemoryDevice
@@ -210,6 +210,7 @@ async def test_close_while_reconnecting_fails_pending_requests(tmp_path: Path) -
         await asyncio.wait_for(waiting, 5)
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(
     start=st.integers(0, 100),
     length=st.integers(1, 100),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.errors import QmpError
@@ -244,6 +244,7 @@ json_values = st.recursive(
 )
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(json_values)
 def test_validation_never_raises_anything_but_qmp_errors(value: Any) -> None:
     for spec in (TRANSACTION, NBD_SERVER_START, BLOCKDEV_OPTIONS, EXPORT_ADD, DRIVE_BACKUP):

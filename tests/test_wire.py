@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from construct import ConstError
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbd import constants as c
@@ -15,6 +15,7 @@ u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(flags=u16, type_=u16, cookie=u64, offset=u64, length=u32)
 def test_request_fast_path_matches_construct(flags: int, type_: int, cookie: int, offset: int, length: int) -> None:
     built = wire.Request.build(dict(flags=flags, type=type_, cookie=cookie, offset=offset, length=length))
@@ -32,6 +33,7 @@ def test_request_fast_path_matches_construct(flags: int, type_: int, cookie: int
     )
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(flags=u16, type_=u16, cookie=u64, offset=u64, length=u64)
 def test_extended_request_fast_path_matches_construct(
     flags: int, type_: int, cookie: int, offset: int, length: int
@@ -41,6 +43,7 @@ def test_extended_request_fast_path_matches_construct(
     assert wire.EXTENDED_REQUEST_FAST.size == wire.ExtendedRequest.sizeof() == 32
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(error=u32, cookie=u64)
 def test_simple_reply_fast_path_matches_construct(error: int, cookie: int) -> None:
     built = wire.SimpleReply.build(dict(error=error, cookie=cookie))
@@ -48,6 +51,7 @@ def test_simple_reply_fast_path_matches_construct(error: int, cookie: int) -> No
     assert wire.SimpleReply.parse(built).cookie == cookie
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(flags=u16, type_=u16, cookie=u64, length=u32, offset=u64, hole=u32)
 def test_structured_reply_fast_paths_match_construct(
     flags: int, type_: int, cookie: int, length: int, offset: int, hole: int
@@ -62,6 +66,7 @@ def test_structured_reply_fast_paths_match_construct(
     )
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(option=u32, length=u32, reply=u32)
 def test_option_headers_fast_paths_match_construct(option: int, length: int, reply: int) -> None:
     assert wire.OptionHeader.build(dict(option=option, length=length)) == wire.OPTION_HEADER_FAST.pack(
@@ -72,6 +77,7 @@ def test_option_headers_fast_paths_match_construct(option: int, length: int, rep
     ) == wire.OPTION_REPLY_HEADER_FAST.pack(c.OPT_REPLY_MAGIC, option, reply, length)
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(name=st.text(max_size=64), requests=st.lists(u16, max_size=8))
 def test_info_request_round_trip(name: str, requests: list[int]) -> None:
     built = wire.InfoRequest.build(dict(name=name, requests=requests))
@@ -79,6 +85,7 @@ def test_info_request_round_trip(name: str, requests: list[int]) -> None:
     assert (parsed.name, list(parsed.requests)) == (name, requests)
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(name=st.text(max_size=64), queries=st.lists(st.text(max_size=32), max_size=4))
 def test_meta_context_request_round_trip(name: str, queries: list[str]) -> None:
     built = wire.MetaContextRequest.build(dict(name=name, queries=queries))
@@ -86,6 +93,7 @@ def test_meta_context_request_round_trip(name: str, queries: list[str]) -> None:
     assert (parsed.name, list(parsed.queries)) == (name, queries)
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(ctx=u32, descriptors=st.lists(st.tuples(u32, u32), max_size=16))
 def test_block_status_payload_round_trip(ctx: int, descriptors: list[tuple[int, int]]) -> None:
     built = wire.BlockStatusPayload.build(
@@ -97,6 +105,7 @@ def test_block_status_payload_round_trip(ctx: int, descriptors: list[tuple[int, 
     assert [(d.length, d.status_flags) for d in parsed.descriptors] == descriptors
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(error=u32, message=st.text(max_size=100), offset=u64)
 def test_error_chunks_round_trip(error: int, message: str, offset: int) -> None:
     parsed = wire.ErrorOffsetChunk.parse(wire.ErrorOffsetChunk.build(dict(error=error, message=message, offset=offset)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backup.bitmap import ClusterBitmap
@@ -22,6 +22,7 @@ ops = st.lists(
 )
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(size=st.integers(0, 300), fill=st.booleans(), updates=ops, probes=st.lists(st.integers(0, 310), max_size=10))
 def test_matches_a_list_model(size: int, fill: bool, updates: list[tuple[bool, int, int]], probes: list[int]) -> None:
     bitmap = ClusterBitmap(size, fill=fill)

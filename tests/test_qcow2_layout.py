@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backup.errors import ImageFormatError
@@ -14,6 +14,7 @@ from backup.qcow2.refcount import Refcounts
 offsets = st.integers(0, (1 << 47) - 1).map(lambda v: v << 9)  # bits 9-55
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(offset=offsets, copied=st.booleans())
 def test_l1_entry_masks_match_construct(offset: int, copied: bool) -> None:
     value = offset | (q.OFLAG_COPIED if copied else 0)
@@ -24,6 +25,7 @@ def test_l1_entry_masks_match_construct(offset: int, copied: bool) -> None:
     assert parsed.copied == bool(value & q.OFLAG_COPIED)
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(offset=offsets, copied=st.booleans(), zero=st.booleans())
 def test_l2_standard_entry_masks_match_construct(offset: int, copied: bool, zero: bool) -> None:
     value = offset | (q.OFLAG_COPIED if copied else 0) | (q.OFLAG_ZERO if zero else 0)
@@ -36,6 +38,7 @@ def test_l2_standard_entry_masks_match_construct(offset: int, copied: bool, zero
     assert not value & q.L2E_STD_RESERVED_MASK
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(cluster_bits=st.integers(9, 21), data=st.data())
 def test_compressed_descriptor_matches_construct(cluster_bits: int, data: st.DataObject) -> None:
     offset = data.draw(st.integers(0, min((1 << (62 - (cluster_bits - 8))) - 1, (1 << 56) - 1)))
@@ -51,11 +54,13 @@ def test_compressed_descriptor_matches_construct(cluster_bits: int, data: st.Dat
     assert nbytes >= size and (offset + nbytes) % 512 == 0
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(offset=offsets)
 def test_refcount_table_entry_matches_construct(offset: int) -> None:
     assert q.RefcountTableEntry.build(dict(offset=offset >> 9, reserved=0)) == q.U64.pack(offset)
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(order=st.integers(3, 6), values=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=64))
 def test_refcount_block_struct_matches_construct(order: int, values: list[int]) -> None:
     bits = 1 << order
@@ -68,6 +73,7 @@ def test_refcount_block_struct_matches_construct(order: int, values: list[int]) 
     assert list(q.refcount_block(order, 512).parse(bytes(block)))[: len(values)] == values
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(
     incompat=st.integers(0, 2**64 - 1),
     compat=st.integers(0, 2**64 - 1),

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.qmp.framing import JsonError, JsonStreamParser, JsonValue, Message, encode
@@ -46,6 +46,7 @@ def values(messages: list[Message]) -> list[Any]:
     return [m.value if isinstance(m, JsonValue) else m for m in messages]
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(st.lists(json_objects, min_size=1, max_size=5), st.lists(st.integers(0, 10_000), max_size=20), st.booleans())
 def test_arbitrary_splits_parse_identically(objs: list[dict[str, Any]], cuts: list[int], spaced: bool) -> None:
     """qemu.qmp sends objects back to back with no separator; any TCP segmentation must not matter."""
@@ -57,6 +58,7 @@ def test_arbitrary_splits_parse_identically(objs: list[dict[str, Any]], cuts: li
     assert values(feed_all([bytes([b]) for b in data])) == objs
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(
     st.lists(json_objects, min_size=1, max_size=3),
     st.binary(max_size=30),
@@ -217,6 +219,7 @@ TRICKY = [
 ]
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(
     st.lists(st.sampled_from(TRICKY) | json_objects.map(lambda o: json.dumps(o).encode()), min_size=1, max_size=6),
     st.lists(st.integers(0, 20_000), max_size=8),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbd.errors import UriError
@@ -117,12 +117,14 @@ def test_looks_like_uri() -> None:
 names = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=40)
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(export=names, port=st.integers(1, 65535))
 def test_str_round_trips_tcp(export: str, port: int) -> None:
     uri = NbdUri(export=export, host="example.com", port=port)
     assert parse_uri(str(uri)) == uri
 
 
+@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(export=names, socket=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), min_size=1))
 def test_str_round_trips_unix(export: str, socket: str) -> None:
     uri = NbdUri(export=export, socket=socket)

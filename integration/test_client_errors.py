@@ -213,7 +213,7 @@ async def test_reconnect_replays_unacknowledged_requests(tmp_path: Path) -> None
     """Like QEMU's reconnect-delay: the server dies with writes in flight and comes back; nothing is lost."""
     image = make_image(tmp_path / "r.img", SIZE)
     sock_path = tmp_path / "r.sock"
-    first = nbdkit(tmp_path, "--filter=delay", "file", str(image), "wdelay=2", name="first", sock_path=sock_path)
+    first = nbdkit(tmp_path, "--filter=delay", "file", str(image), "wdelay=10", name="first", sock_path=sock_path)
     with first as peer:
         client = await asyncio.wait_for(
             NbdClient.connect(peer.uri, connections=1, reconnect_delay=30, connect_timeout=5), 30

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import errno
 
+from backup.fixed import FixedSizeDevice
 from nbd.constants import State
-from nbd.device import BlockLimits, Capabilities, Extent
+from nbd.device import Extent
 
 PAGE = 4096
 
 
-class MemoryDevice:
+class MemoryDevice(FixedSizeDevice):
     """A bytearray with an allocation map, so block status, trims and holes behave like a file's."""
 
+    write_beyond_end_errno = errno.ENOSPC
+
     def __init__(self, size: int, *, read_only: bool = False, data: bytes | None = None) -> None:
-        self._size = size
-        self._read_only = read_only
+        super().__init__(size, read_only=read_only)
         self._data = bytearray(size)
         self._allocated = bytearray((size + PAGE - 1) // PAGE)  # 1 = page holds data
-        self._closed = False
         self.flush_count = 0
         if data is not None:
             self._data[: len(data)] = data[:size]
@@ -26,33 +27,9 @@ class MemoryDevice:
                 self._allocated[page] = 1
 
     @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(can_fast_zero=True, can_cache=True, can_multi_conn=True)
-
-    @property
-    def block_limits(self) -> BlockLimits:
-        return BlockLimits()
-
-    @property
     def data(self) -> bytes:
         """A snapshot of the whole contents (for assertions)."""
         return bytes(self._data)
-
-    def _check(self, offset: int, length: int, *, write: bool = False) -> None:
-        if self._closed:
-            raise OSError(errno.EBADF, "device is closed")
-        if write and self._read_only:
-            raise OSError(errno.EPERM, "device is read-only")
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise OSError(errno.ENOSPC if write else errno.EINVAL, "request beyond the end of the device")
 
     def _mark(self, offset: int, length: int, allocated: int) -> None:
         if length == 0:
@@ -114,6 +91,3 @@ class MemoryDevice:
 
     async def cache(self, offset: int, length: int) -> None:
         self._check(offset, length)
-
-    async def close(self) -> None:
-        self._closed = True

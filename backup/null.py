@@ -3,43 +3,16 @@
 
 from __future__ import annotations
 
-import errno
-
+from backup.fixed import FixedSizeDevice
 from nbd.constants import State
-from nbd.device import BlockLimits, Capabilities, Extent
+from nbd.device import Extent
 
 
-class NullDevice:
+class NullDevice(FixedSizeDevice):
     def __init__(self, size: int, *, read_only: bool = False) -> None:
         if size < 0:
             raise ValueError("size must be non-negative")
-        self._size = size
-        self._read_only = read_only
-        self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(can_fast_zero=True, can_cache=True, can_multi_conn=True)
-
-    @property
-    def block_limits(self) -> BlockLimits:
-        return BlockLimits()
-
-    def _check(self, offset: int, length: int, *, write: bool = False) -> None:
-        if self._closed:
-            raise OSError(errno.EBADF, "device is closed")
-        if write and self._read_only:
-            raise OSError(errno.EPERM, "device is read-only")
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise OSError(errno.EINVAL, "request beyond the end of the device")
+        super().__init__(size, read_only=read_only)
 
     async def pread(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
@@ -65,6 +38,3 @@ class NullDevice:
 
     async def cache(self, offset: int, length: int) -> None:
         self._check(offset, length)
-
-    async def close(self) -> None:
-        self._closed = True

@@ -14,7 +14,7 @@ import filecmp
 import json
 import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,31 @@ class Run:
 
     def wait_gone(self, job_id: str) -> None:
         self.q.wait_job_status(job_id, "null", timeout=60)
+
+    def resume_after_error(self, job_id: str, fault: Path) -> dict[str, Any]:
+        """A job with on-*-error=stop met ``fault``: wait until it reports the error and pauses, then clear
+        the fault, resume it and wait until it is gone; returns ``query-block-jobs`` while it was paused."""
+        self.q.wait_event("BLOCK_JOB_ERROR", lambda d: d["device"] == job_id, timeout=60)
+        self.q.wait_job_status(job_id, "paused", timeout=60)
+        paused = self("query-block-jobs")
+        fault.unlink()
+        self("block-job-resume", device=job_id)
+        self.wait_gone(job_id)
+        return paused
+
+
+def failing_nbdkit(run: Run, name: str, op: str, fault: Path, error: str, *plugin: str) -> AbstractContextManager[Path]:
+    """nbdkit serving ``plugin`` whose ``op`` (pread/pwrite) requests fail with ``error`` while ``fault`` exists."""
+    fault.touch()
+    return nbdkit_unix(
+        run.work,
+        name,
+        "--filter=error",
+        *plugin,
+        f"error-{op}-rate=100%",
+        f"error-{op}-file={fault}",
+        f"error={error}",
+    )
 
 
 def shape(value: Any, key: str | None = None) -> Any:
@@ -283,35 +308,18 @@ def test_on_target_error_stop(tmp_path: Path) -> None:
     require("nbdkit")
 
     def scenario(run: Run) -> list[str]:
-        fault = run.work / "fault"
-        fault.touch()
-        with nbdkit_unix(
-            run.work,
-            "target",
-            "--filter=error",
-            "memory",
-            str(SIZE),
-            "error-pwrite-rate=100%",
-            f"error-pwrite-file={fault}",
-            "error=ENOSPC",
-        ) as sock:
-            uri = f"nbd+unix:///?socket={sock}"
+        with failing_nbdkit(run, "target", "pwrite", run.work / "fault", "ENOSPC", "memory", str(SIZE)) as sock:
             run(
                 "drive-backup",
                 **{"job-id": "e1", "on-target-error": "stop"},
                 device="src",
-                target=uri,
+                target=f"nbd+unix:///?socket={sock}",
                 sync="full",
                 format="raw",
                 mode="existing",
             )
-            run.q.wait_event("BLOCK_JOB_ERROR", lambda d: d["device"] == "e1", timeout=60)
-            run.q.wait_job_status("e1", "paused", timeout=60)
-            info = run("query-block-jobs")
+            info = run.resume_after_error("e1", run.work / "fault")
             assert info["return"][0]["io-status"] == "nospace"
-            fault.unlink()
-            run("block-job-resume", device="e1")
-            run.wait_gone("e1")
         return ["e1"]
 
     differential(tmp_path, scenario)
@@ -522,18 +530,8 @@ def test_on_source_error_stop(tmp_path: Path) -> None:
     require("nbdkit")
 
     def scenario(run: Run) -> list[str]:
-        fault = run.work / "fault"
-        fault.touch()
-        with nbdkit_unix(
-            run.work,
-            "source",
-            "--filter=error",
-            "file",
-            str(make_image(run.work / "remote.raw", SIZE, pattern=0x33)),
-            "error-pread-rate=100%",
-            f"error-pread-file={fault}",
-            "error=EIO",
-        ) as sock:
+        remote = make_image(run.work / "remote.raw", SIZE, pattern=0x33)
+        with failing_nbdkit(run, "source", "pread", run.work / "fault", "EIO", "file", str(remote)) as sock:
             run("blockdev-add", driver="nbd", server={"type": "unix", "path": str(sock)}, **{"node-name": "bad"})
             run(
                 "drive-backup",
@@ -543,12 +541,7 @@ def test_on_source_error_stop(tmp_path: Path) -> None:
                 sync="full",
                 format="raw",
             )
-            run.q.wait_event("BLOCK_JOB_ERROR", lambda d: d["device"] == "s1", timeout=60)
-            run.q.wait_job_status("s1", "paused", timeout=60)
-            run("query-block-jobs")
-            fault.unlink()
-            run("block-job-resume", device="s1")
-            run.wait_gone("s1")
+            run.resume_after_error("s1", run.work / "fault")
             run("blockdev-del", **{"node-name": "bad"})
         return ["s1"]
 

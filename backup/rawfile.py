@@ -1,7 +1,9 @@
 """``RawFileDevice``: a raw image file (or block device) as a ``BlockDevice``.
 
 Reads and writes are inline ``os.pread``/``os.pwrite``: on this machine page-cache hits cost less than
-a hop to a thread pool, and the NBD server's per-request tasks keep other clients going. Holes come
+a hop to a thread pool, and the NBD server's per-request tasks keep other clients going. Only large
+ones (``THREADED_IO_MIN``, 256 KiB) go to a thread, so a copy overlaps file I/O with network I/O;
+64 KiB copy-before-write copies in a thread measured 2x worse for guest IOPS (GIL hand-offs). Holes come
 from ``SEEK_DATA``/``SEEK_HOLE``; zeroing and trimming use ``fallocate`` (zero range, punch hole);
 flush and FUA are ``fdatasync``, which covers every connection at once — so ``CAN_MULTI_CONN`` holds.
 
@@ -28,7 +30,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 MAX_EXTENTS = 1024  # per block_status call: the caller asks again for the rest
-THREADED_IO_MIN = 256 * 1024  # reads this big run in a thread: the loop keeps the socket busy meanwhile
+THREADED_IO_MIN = 256 * 1024  # reads and writes this big run in a thread: the loop keeps the socket busy meanwhile
 _HOLE = int(State.HOLE | State.ZERO)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -190,10 +192,32 @@ class RawFileDevice:
             got += len(more)
         return b"".join(parts)
 
+    async def pread_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Read ``len(buffer)`` bytes into the caller's reused buffer (``nbd-backup copy``): a fresh
+        1 MiB ``bytes`` per read costs an mmap and 256 page faults; a reused buffer costs neither."""
+        length = len(buffer)
+        self._check_read(offset, length)
+        if length >= THREADED_IO_MIN:
+            got = await asyncio.get_running_loop().run_in_executor(None, os.preadv, self._fd, [buffer], offset)
+        else:
+            got = os.preadv(self._fd, [buffer], offset)
+        if got < length:
+            view = memoryview(buffer).cast("B")
+            while got < length:
+                n = os.preadv(self._fd, [view[got:]], offset + got)
+                if n <= 0:
+                    view[got:] = bytes(length - got)  # past the end of the file: zeroes
+                    break
+                got += n
+
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         length = len(data)
         self._check_write(offset, length)
-        written = os.pwrite(self._fd, data, offset)
+        if length >= THREADED_IO_MIN:
+            # Like large reads: the loop keeps the network busy (the next read) while this one is written.
+            written = await asyncio.get_running_loop().run_in_executor(None, os.pwrite, self._fd, data, offset)
+        else:
+            written = os.pwrite(self._fd, data, offset)
         if written < length:
             view = memoryview(data)
             while written < length:

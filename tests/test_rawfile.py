@@ -10,7 +10,7 @@ import pytest
 
 from backup.errors import ImageFormatError
 from backup.images import open_image, probe_format
-from backup.rawfile import RawFileDevice
+from backup.rawfile import THREADED_IO_MIN, RawFileDevice
 from nbd.device import BlockDevice, Extent
 
 MiB = 1 << 20
@@ -126,3 +126,34 @@ async def test_images_probe_and_refuse_qcow2_as_raw(tmp_path: Path) -> None:
         await open_image(raw, format="vmdk")
     with pytest.raises(ImageFormatError, match="cannot open"):
         await open_image(tmp_path / "missing.raw")
+
+
+@pytest.mark.parametrize("length", [4096, THREADED_IO_MIN, THREADED_IO_MIN * 2])
+async def test_pread_into_and_large_pwrite(tmp_path: Path, length: int) -> None:
+    """Reused-buffer reads and large (threaded) writes give the same bytes as the plain verbs."""
+    dev = await RawFileDevice.create(tmp_path / "f.img", 3 * length)
+    try:
+        data = bytes(range(256)) * (length // 256)
+        await dev.pwrite(length, data)
+        buffer = bytearray(b"\xff" * length)
+        await dev.pread_into(length, buffer)
+        assert buffer == data == await dev.pread(length, length)
+        await dev.pread_into(0, memoryview(buffer))  # a hole reads as zeroes
+        assert buffer == bytes(length)
+        with pytest.raises(OSError) as exc:
+            await dev.pread_into(3 * length - 512, bytearray(1024))
+        assert exc.value.errno == errno.EINVAL
+    finally:
+        await dev.close()
+
+
+async def test_pread_into_past_the_unaligned_end(tmp_path: Path) -> None:
+    path = tmp_path / "odd.img"
+    path.write_bytes(b"\x07" * 1000)
+    dev = await RawFileDevice.open(path)
+    try:
+        buffer = bytearray(b"\xff" * 1024)
+        await dev.pread_into(0, buffer)
+        assert buffer == b"\x07" * 1000 + bytes(24)
+    finally:
+        await dev.close()

@@ -56,15 +56,19 @@ class Transcript:
         return [data["status"] for name, data in self.events("JOB_STATUS_CHANGE") if data["id"] == job_id]
 
     def job_events(self, job_id: str) -> list[tuple[str, Any]]:
-        """The events about one job: status changes as ("status", S), others as (name, data)."""
-        out: list[tuple[str, Any]] = []
-        for name, data in self.events():
-            if name == "JOB_STATUS_CHANGE":
-                if data["id"] == job_id:
-                    out.append(("status", data["status"]))
-            elif job_id in (data.get("device"), data.get("id")):
-                out.append((name, data))
-        return out
+        return job_events_of(self.events(), job_id)
+
+
+def job_events_of(events: list[tuple[str, Json]], job_id: str, *, drop: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """The events about one job: status changes as ("status", S), others as (name, data without ``drop``)."""
+    out: list[tuple[str, Any]] = []
+    for name, data in events:
+        if name == "JOB_STATUS_CHANGE":
+            if data["id"] == job_id:
+                out.append(("status", data["status"]))
+        elif job_id in (data.get("device"), data.get("id")):
+            out.append((name, {k: v for k, v in data.items() if k not in drop} if drop else data))
+    return out
 
 
 class _Matcher:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import require
 from peers import nbdkit_unix
-from qsd import QmpAsync, Qsd, qsd_daemon  # noqa: F401 (a fixture)
+from qsd import QmpAsync, Qsd, job_events_of, qsd_daemon  # noqa: F401 (a fixture)
 
 from backup.errors import BackupError, JobStateError, NodeNotFound
 from backup.events import Event, EventBus
@@ -154,14 +154,7 @@ class Side(ABC):
         await self.wait("JOB_STATUS_CHANGE", lambda d: d["id"] == job_id and d["status"] == status)
 
     def job_events(self, job_id: str, *, drop: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
-        for name, data in self.events():
-            if name == "JOB_STATUS_CHANGE":
-                if data["id"] == job_id:
-                    out.append(("status", data["status"]))
-            elif job_id in (data.get("device"), data.get("id")):
-                out.append((name, {k: v for k, v in data.items() if k not in drop}))
-        return out
+        return job_events_of(self.events(), job_id, drop=drop)
 
     def nbd_target_args(self, err: str) -> list[str]:
         return [

@@ -47,7 +47,7 @@ def test_qmpclient_drives_live_backup(tmp_path: Path) -> None:
         await asyncio.wait_for(qmp.connect(str(qmp_path)), 30)
         events: list[dict[str, Any]] = []
         try:
-            version = await qmp.execute("query-version")
+            version: Any = await qmp.execute("query-version")
             assert set(version["qemu"]) == {"major", "minor", "micro"}
             await qmp.execute("blockdev-add", {"driver": "file", "filename": str(image), "node-name": "disk0-file"})
             await qmp.execute("blockdev-add", {"driver": "raw", "file": "disk0-file", "node-name": "disk0"})
@@ -66,7 +66,7 @@ def test_qmpclient_drives_live_backup(tmp_path: Path) -> None:
                         "x-perf": {"max-workers": 1, "max-chunk": 65536},
                     },
                 )
-                jobs = await qmp.execute("query-block-jobs")
+                jobs: Any = await qmp.execute("query-block-jobs")
                 assert [j["device"] for j in jobs] == ["bk0"] and jobs[0]["type"] == "backup"
                 assert jobs[0]["offset"] < SIZE // 2, "throttled: most of the disk is not copied yet"
                 # the guest writes while the backup runs: the backup must keep the old data
@@ -107,7 +107,7 @@ def test_legacy_monitor_protocol_backup(tmp_path: Path) -> None:
     with our_daemon(tmp_path) as daemon:
         mon = QEMUMonitorProtocol(str(daemon.qmp_path))
         greeting = mon.connect(negotiate=True)
-        assert "QMP" in greeting
+        assert greeting is not None and "QMP" in greeting
         try:
             mon.cmd("blockdev-add", driver="file", filename=str(image), **{"node-name": "d0"})
             reply = mon.cmd_raw("drive-backup", {"device": "nope", "target": str(target), "sync": "full"})

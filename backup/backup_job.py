@@ -32,7 +32,7 @@ from backup.block_copy import MAX_ZERO_REQUEST, BlockCopier, CopyError, CopyTask
 from backup.cbw import CopyBeforeWriteFilter, OnCbwError
 from backup.errors import InvalidArgument, JobStateError
 from backup.events import EventBus
-from backup.job import Job
+from backup.job import THROTTLE_SLICE, Job
 from backup.node import BlockNode
 from backup.policy import ErrorAction, OnError
 from nbd.constants import State
@@ -184,6 +184,7 @@ class BackupJob(Job):
             top_allocation=top_allocation,
         )
         copier.on_progress = self.progress_done
+        copier.on_skip = self._progress_skipped
 
         def make(below: BlockDevice) -> CopyBeforeWriteFilter:
             return CopyBeforeWriteFilter(
@@ -233,6 +234,8 @@ class BackupJob(Job):
             if self.options.sync == "none":
                 await broken  # only cancel (or a broken snapshot) ends it
             else:
+                if self.copier.top_allocation is not None:
+                    await self._drop_unallocated()
                 await self._copy_all(broken)
             self._check_snapshot()
             await self._flush_target()
@@ -268,6 +271,55 @@ class BackupJob(Job):
             await copier.wait_idle()
             if copier.bitmap.count == 0:
                 return
+
+    async def _drop_unallocated(self) -> None:
+        """``sync=top``, like QEMU's ``backup_run``: first take the clusters the top image does not
+        allocate out of the copy, shrinking ``len`` rather than counting them as done; the guest's
+        copy-before-write then skips them too. Source errors here go through ``on-source-error``."""
+        copier = self.copier
+        assert copier is not None and copier.top_allocation is not None
+        cs, pos = copier.cluster_size, 0
+        while pos < copier.size:
+            await self.pause_point()
+            if not copier.active:
+                return
+            try:
+                runs = await copier.top_allocation(pos, min(copier.size - pos, MAX_ZERO_REQUEST))
+            except OSError as exc:
+                action = await self.handle_error(exc, self.options.on_source_error, is_read=True)
+                if action is ErrorAction.REPORT:
+                    raise
+                if action is ErrorAction.IGNORE:
+                    await asyncio.sleep(self.options.retry_delay)
+                continue
+            if not runs or runs[0][0] <= 0:
+                return  # no answer: copy everything, the copier asks again per claim
+            for length, allocated in runs:
+                end = min(pos + length, copier.size)
+                if not allocated:
+                    # Whole clusters only: a cluster partly allocated is copied (its allocated part).
+                    first = -(-pos // cs)
+                    last = copier.clusters if end >= copier.size else end // cs
+                    if last > first:
+                        self._progress_skipped(copier.drop(first, last))
+                pos = end
+                if pos >= copier.size:
+                    break
+
+    def _progress_skipped(self, nbytes: int) -> None:
+        self.total_progress -= nbytes
+
+    def _claim_limit(self) -> int:
+        """Clusters per claim: ``max_chunk``, or under a speed limit about one throttle slice per
+        worker (at least a cluster), so progress and the limit advance by small steps instead of
+        every worker copying a whole chunk before the first sleep."""
+        copier = self.copier
+        assert copier is not None
+        limit = self.max_chunk >> copier.cluster_bits
+        if self.speed > 0:
+            workers = max(1, min(self.options.max_workers, 64))
+            limit = min(limit, max(1, int(self.speed * THROTTLE_SLICE / workers) >> copier.cluster_bits))
+        return limit
 
     async def _worker(self) -> None:
         copier = self.copier
@@ -318,7 +370,7 @@ class BackupJob(Job):
         first = self._find_next()
         if first is None:
             return None
-        limit = self.max_chunk // self.cluster_size
+        limit = self._claim_limit()
         zero_limit = await self._zero_run_hint(first)
         if not copier.bitmap[first]:  # another worker or a guest took it while we asked
             first = self._find_next()

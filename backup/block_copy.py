@@ -110,6 +110,7 @@ class BlockCopier:
         self.bitmap = bitmap if bitmap is not None else ClusterBitmap(self.clusters, fill=True)
         self.active = True
         self.on_progress: ProgressSink = _zero_progress
+        self.on_skip: ProgressSink = _zero_progress  # bytes the top image does not allocate: nothing to do
         self.copied_bytes = 0  # bytes whose old data is on the target (or known to need nothing)
         self.written_bytes = 0  # bytes actually written as data to the target
         self._tasks: list[CopyTask] = []
@@ -189,13 +190,32 @@ class BlockCopier:
         ok = False
         try:
             offset, length = self.bytes_of(task.start, task.end)
-            written = await self._copy_bytes(offset, length)
+            written, skipped = await self._copy_bytes(offset, length)
             ok = True
         finally:
             self._finish(task, ok)
         self.copied_bytes += length
-        self.on_progress(length)
+        if skipped:
+            self.on_skip(skipped)  # QEMU shrinks ``len`` for these rather than counting them as done
+        self.on_progress(length - skipped)
         return written
+
+    def drop(self, first: int, end: int) -> int:
+        """Mark every still-to-copy cluster of ``[first, end)`` as needing nothing (``sync=top``: not
+        allocated in the top image); returns the bytes dropped. Synchronous, and done as claims that
+        finish at once, so the invariant above holds: a bit still set means no guest write touched
+        the cluster, so what the caller learnt about it is still true."""
+        dropped = 0
+        pos = first
+        while pos < end:
+            start = self.bitmap.next_set(pos, end)
+            if start is None:
+                break
+            stop = self.bitmap.run_end(start, end)
+            self._finish(self.claim(start, stop), True)
+            dropped += self.bytes_of(start, stop)[1]
+            pos = stop
+        return dropped
 
     async def ensure_copied(self, first: int, end: int, *, chunk_clusters: int | None = None) -> None:
         """Guest path: return once every cluster of ``[first, end)`` has its old data on the target.
@@ -225,8 +245,10 @@ class BlockCopier:
             return self.bitmap[first]
         return self.bitmap.next_set(first, end) is not None
 
-    async def _copy_bytes(self, offset: int, length: int) -> int:
-        """Copy one claimed byte range, deciding per extent between skip, write-zeroes and data."""
+    async def _copy_bytes(self, offset: int, length: int) -> tuple[int, int]:
+        """Copy one claimed byte range, deciding per extent between skip, write-zeroes and data.
+
+        Returns (bytes written as data, bytes skipped as not allocated in the top image)."""
         end = offset + length
         if self.top_allocation is not None:
             try:
@@ -234,18 +256,20 @@ class BlockCopier:
             except OSError as exc:
                 raise CopyError(exc, is_read=True) from exc
             pos = offset
-            written = 0
+            written = skipped = 0
             for run_length, allocated in runs:
                 run_end = min(pos + run_length, end)
                 if allocated and run_end > pos:
                     written += await self._copy_allocated(pos, run_end)
+                elif run_end > pos:
+                    skipped += run_end - pos
                 pos = run_end
                 if pos >= end:
                     break
             if pos < end:  # the allocation map stopped short: be safe and copy the rest
                 written += await self._copy_allocated(pos, end)
-            return written
-        return await self._copy_allocated(offset, end)
+            return written, skipped
+        return await self._copy_allocated(offset, end), 0
 
     async def _copy_allocated(self, offset: int, end: int) -> int:
         pos = offset

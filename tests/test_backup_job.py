@@ -168,11 +168,39 @@ async def test_sync_top_copies_only_what_the_top_allocates() -> None:
     source = Overlay(size, data=pattern(size))
     node = BlockNode("disk", source)
     target = MemoryDevice(size)
-    job = BackupJob("t", node, target, BackupOptions(sync="top"), events=EventBus(), target_zero_init=True)
+    bus = EventBus()
+    rec = Recorder(bus)
+    job = BackupJob("t", node, target, BackupOptions(sync="top"), events=bus, target_zero_init=True)
     await job.attach()
+    assert job.total_progress == size
+    # A guest write to an unallocated cluster before the scan: nothing to copy, and not "done" either.
+    await node.pwrite(size - CS, b"\x09" * CS)
     job.start()
     await finish(job)
     assert target.data == pattern(size)[: size // 2] + bytes(size // 2)
+    # Like QEMU: the clusters the top image does not allocate shrink ``len``; they are not progress.
+    (completed,) = rec.named("BLOCK_JOB_COMPLETED")
+    assert completed["len"] == completed["offset"] == size // 2
+    assert job.total_progress == job.current_progress == size // 2
+
+
+async def test_throttled_job_claims_small_steps() -> None:
+    """Under a speed limit every worker claims about one throttle slice (at least a cluster), so
+    progress advances by small steps: here 1 B/s parks each of 2 workers after one cluster."""
+    size = 16 * CS
+    _node, target, _, job, _ = make_job(pattern(size), speed=1, max_workers=2, max_chunk=16 * CS)
+    await job.attach()
+    job.start()
+    while job.current_progress < 2 * CS:
+        await asyncio.sleep(0)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert job.current_progress == 2 * CS
+    assert not job.busy
+    job.set_speed(0)
+    await finish(job)
+    assert target.data == pattern(size)
+    assert job.current_progress == job.total_progress == size
 
 
 async def test_speed_limit_changes_while_running() -> None:

@@ -11,6 +11,7 @@ the best and median MiB/s of each and the ratio of the medians (the machine is s
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -47,10 +48,21 @@ def nbdkit_memory(tmp: Path, size: int, name: str) -> Iterator[str]:
         proc.wait()
 
 
-def timed(argv: list[str], before: Callable[[], None]) -> float:
+def python_env(pycache: Path) -> dict[str, str]:
+    """Our runs use compiled bytecode, as an installed package does (pip compiles it): with
+    PYTHONDONTWRITEBYTECODE set (as on the dev machine) every run would recompile every module —
+    ~40 ms of a ~1 s copy that nbdcopy never pays. The bytecode goes to a private cache directory."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "nbd", "backup", "server"], check=True, cwd=ROOT, env=env)
+    return env
+
+
+def timed(argv: list[str], before: Callable[[], None], env: dict[str, str] | None = None) -> float:
     before()
     start = time.perf_counter()
-    subprocess.run(argv, check=True, cwd=ROOT if argv[0] == sys.executable else "/", stdout=subprocess.DEVNULL)
+    cwd = ROOT if argv[0] == sys.executable else "/"
+    subprocess.run(argv, check=True, cwd=cwd, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
@@ -78,6 +90,7 @@ def main() -> int:
     rows: list[tuple[str, list[float], list[float]]] = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmpdir:
         tmp = Path(tmpdir)
+        env = python_env(tmp / "pycache")
         out = tmp / "out.img"
         source_file = tmp / "source.img"
 
@@ -90,20 +103,20 @@ def main() -> int:
             theirs_t, ours_t = [], []
             for _ in range(args.runs):
                 theirs_t.append(timed(nbdcopy(src, str(out)), remove_out))
-                ours_t.append(timed(ours(src, str(out), extra), remove_out))
+                ours_t.append(timed(ours(src, str(out), extra), remove_out, env))
             rows.append(("nbdkit memory -> tmpfs file", theirs_t, ours_t))
             subprocess.run(["nbdcopy", src, str(source_file)], check=True, cwd="/")
         with nbdkit_memory(tmp, size, "dst") as dst:
             theirs_t, ours_t = [], []
             for _ in range(args.runs):
                 theirs_t.append(timed(nbdcopy(str(source_file), dst), lambda: None))
-                ours_t.append(timed(ours(str(source_file), dst, extra), lambda: None))
+                ours_t.append(timed(ours(str(source_file), dst, extra), lambda: None, env))
             rows.append(("tmpfs file -> nbdkit memory", theirs_t, ours_t))
 
-    # What the interpreter and imports cost before any byte moves (parse only: --help).
-    startup = statistics.median(
-        timed([sys.executable, "-m", "server.cli", "copy", "--help"], lambda: None) for _ in range(args.runs)
-    )
+        # What the interpreter and imports cost before any byte moves (parse only: --help).
+        startup = statistics.median(
+            timed([sys.executable, "-m", "server.cli", "copy", "--help"], lambda: None, env) for _ in range(args.runs)
+        )
     print(f"\n{mib:.0f} MiB, {args.runs} runs each, best / median MiB/s (shared 2-core machine: noisy)")
     print(f"nbd-backup start-up (python + imports, `copy --help`): {startup:.2f} s\n")
     print("| case | nbdcopy | nbd-backup copy | ratio (median) | ratio without start-up |")

@@ -90,7 +90,7 @@ def wait_until(
         time.sleep(0.02)
 
 
-# --- our daemon ----------------------------------------------------------------------------------------------
+# --- our daemon ------------------------------------------------------------------------------------------
 
 
 def nbd_backup_argv(*args: str) -> list[str]:
@@ -123,7 +123,7 @@ def ready_nbd_port(log: Path) -> int:
     return int(found.group(1))
 
 
-# --- peer tools ---
+# --- peer tools ------------------------------------------------------------------------------------------
 
 
 def nbdinfo_json(uri: str, *extra: str) -> dict:

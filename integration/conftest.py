@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -69,3 +70,36 @@ def nbd_backup_argv(*args: str) -> list[str]:
 def outside_cwd(tmp_path: Path) -> Iterator[str]:
     """A working directory outside the repository: libnbd's Python module is also called ``nbd``."""
     yield str(tmp_path)
+
+
+def _live_children() -> list[tuple[int, str]]:
+    """(pid, command line) of every child of this process that still runs (zombies excluded)."""
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rpartition(")")[2].split()
+            if int(fields[1]) != me or fields[0] in ("Z", "X"):
+                continue
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # it exited meanwhile
+        found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every process a test starts must be stopped by its fixture: a leftover fails the run (and is killed)."""
+    leftovers = _live_children()
+    if not leftovers:
+        return
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    listing = "\n".join(f"  {pid}: {cmd}" for pid, cmd in leftovers)
+    sys.stderr.write(f"\nprocesses left running by the tests (killed now):\n{listing}\n")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -175,6 +175,28 @@ def make_image(path: Path, size: int = SIZE) -> Path:
 
 
 @contextmanager
+def _pid_file_peer(
+    kind: str,
+    argv: Sequence[str | os.PathLike[str]],
+    tmp: Path,
+    log: Path,
+    pid_file: Path,
+    uri: str,
+    *,
+    image: Path | None = None,
+    socket: Path | None = None,
+) -> Iterator[Peer]:
+    """A server that writes ``pid_file`` once it listens, as a ``Peer`` for the ``with`` block; SIGTERM after."""
+    proc = spawn(argv, log, cwd=tmp)
+    peer = Peer(kind, uri, image=image, procs=[proc], log=log, socket=socket)
+    try:
+        wait_until(lambda: pid_file_written(pid_file), proc, log, kind)
+        yield peer
+    finally:
+        peer.kill(signal.SIGTERM)
+
+
+@contextmanager
 def nbdkit(tmp: Path, *args: str, name: str = "nbdkit", sock_path: Path | None = None) -> Iterator[Peer]:
     """``nbdkit -U SOCK -f ARGS…`` (arguments are the plugin, its parameters and any filters).
 
@@ -186,13 +208,10 @@ def nbdkit(tmp: Path, *args: str, name: str = "nbdkit", sock_path: Path | None =
     pid_file = tmp / f"{name}.nbdkit.pid"  # nbdkit writes it once it accepts connections
     log = tmp / f"{name}.log"
     argv: list[str | os.PathLike[str]] = ["nbdkit", "-U", sock_path, "-P", pid_file, "-f", "--exit-with-parent", *args]
-    proc = spawn(argv, log, cwd=tmp)
-    peer = Peer("nbdkit", f"nbd+unix:///?socket={sock_path}", procs=[proc], log=log, socket=sock_path)
-    try:
-        wait_until(lambda: pid_file_written(pid_file), proc, log, "nbdkit")
+    with _pid_file_peer(
+        "nbdkit", argv, tmp, log, pid_file, f"nbd+unix:///?socket={sock_path}", socket=sock_path
+    ) as peer:
         yield peer
-    finally:
-        peer.kill(signal.SIGTERM)
 
 
 @contextmanager
@@ -223,15 +242,11 @@ def qemu_nbd(
         "-t",
         f"--shared={shared}",
     ]
-    proc = spawn([*argv, *extra, image], log, cwd=tmp)
-    peer = Peer(
-        "qemu-nbd", f"nbd+unix:///{export}?socket={sock_path}", image=image, procs=[proc], log=log, socket=sock_path
-    )
-    try:
-        wait_until(lambda: pid_file_written(pid_file), proc, log, "qemu-nbd")
+    uri = f"nbd+unix:///{export}?socket={sock_path}"
+    with _pid_file_peer(
+        "qemu-nbd", [*argv, *extra, image], tmp, log, pid_file, uri, image=image, socket=sock_path
+    ) as peer:
         yield peer
-    finally:
-        peer.kill(signal.SIGTERM)
 
 
 @contextmanager

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from backup_rig import (
     write_random_image,
 )
 from conftest import require
-from peers import nbdkit
+from peers import Peer, nbdkit
 
 from backup.backup_job import BackupOptions
 from backup.targets import open_target
@@ -37,6 +39,17 @@ async def until(predicate: object, timeout: float = BOUND) -> None:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(poll(), timeout)
+
+
+@contextmanager
+def stoppable_target(tmp_path: Path) -> Iterator[Peer]:
+    """An nbdkit memory target a test may SIGSTOP or SIGKILL; a stopped one is continued before it is stopped."""
+    with nbdkit(tmp_path, "memory", f"size={SIZE}") as peer:
+        try:
+            yield peer
+        finally:
+            if peer.procs[0].poll() is None:
+                peer.procs[0].send_signal(signal.SIGCONT)
 
 
 def statuses(backup: Backup) -> list[str]:
@@ -121,31 +134,27 @@ async def test_full_target_is_enospc(tmp_path: Path, policy: str) -> None:
 async def test_dead_target_never_hangs_a_guest_write(tmp_path: Path, how: str) -> None:
     require("nbdkit", "qemu-io")
     image = write_random_image(tmp_path / "disk.img", SIZE, seed=13)
-    with nbdkit(tmp_path, "memory", f"size={SIZE}") as peer:
+    with stoppable_target(tmp_path) as peer:
         proc = peer.procs[0]
-        try:
-            async with served_source(tmp_path, image) as source:
-                target = await open_target(peer.uri, size=SIZE)
-                options = BackupOptions(speed=1 * MiB, max_chunk=65536, cbw_timeout=1.0)
-                backup = await start_backup(source, target, options)
-                job = backup.job
-                await until(lambda: job.current_progress > 0)
-                proc.send_signal(signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
-                # the last cluster is still to copy: its old data cannot reach the dead target
-                _rc, out = await qemu_io(source.uri, [f"write -P 0x42 {SIZE - 4096} 4096"], timeout=BOUND, check=False)
-                assert "write failed" in out, out
-                assert (await source.node.pread(SIZE - 4096, 4096)) == backup.snapshot.read_bytes()[-4096:]
-                if not job.is_completed:
-                    job.cancel()
-                await backup.finish(BOUND)
-                assert job.status in ("concluded", "null")
-                assert job.error is not None
-                assert source.node.filters == []
-                # without the filter the guest writes freely again
-                await qemu_io(source.uri, [f"write -P 0x43 {SIZE - 4096} 4096"], timeout=BOUND)
-        finally:
-            if how == "stopped" and proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
+        async with served_source(tmp_path, image) as source:
+            target = await open_target(peer.uri, size=SIZE)
+            options = BackupOptions(speed=1 * MiB, max_chunk=65536, cbw_timeout=1.0)
+            backup = await start_backup(source, target, options)
+            job = backup.job
+            await until(lambda: job.current_progress > 0)
+            proc.send_signal(signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
+            # the last cluster is still to copy: its old data cannot reach the dead target
+            _rc, out = await qemu_io(source.uri, [f"write -P 0x42 {SIZE - 4096} 4096"], timeout=BOUND, check=False)
+            assert "write failed" in out, out
+            assert (await source.node.pread(SIZE - 4096, 4096)) == backup.snapshot.read_bytes()[-4096:]
+            if not job.is_completed:
+                job.cancel()
+            await backup.finish(BOUND)
+            assert job.status in ("concluded", "null")
+            assert job.error is not None
+            assert source.node.filters == []
+            # without the filter the guest writes freely again
+            await qemu_io(source.uri, [f"write -P 0x43 {SIZE - 4096} 4096"], timeout=BOUND)
 
 
 async def test_source_read_errors_stop_and_resume(tmp_path: Path) -> None:
@@ -178,22 +187,18 @@ async def test_source_read_errors_stop_and_resume(tmp_path: Path) -> None:
 async def test_break_snapshot_lets_the_guest_write_and_fails_the_backup(tmp_path: Path) -> None:
     require("nbdkit", "qemu-io")
     image = write_random_image(tmp_path / "disk.img", SIZE, seed=29)
-    with nbdkit(tmp_path, "memory", f"size={SIZE}") as peer:
+    with stoppable_target(tmp_path) as peer:
         proc = peer.procs[0]
-        try:
-            async with served_source(tmp_path, image) as source:
-                target = await open_target(peer.uri, size=SIZE)
-                options = BackupOptions(speed=1 * MiB, max_chunk=65536, cbw_timeout=0.5, on_cbw_error="break-snapshot")
-                backup = await start_backup(source, target, options)
-                job = backup.job
-                await until(lambda: job.current_progress > 0)
-                proc.send_signal(signal.SIGSTOP)
-                await qemu_io(source.uri, [f"write -P 0x42 {SIZE - 4096} 4096"], timeout=BOUND)  # succeeds
-                assert (await source.node.pread(SIZE - 4096, 4096)) == b"\x42" * 4096
-                await backup.finish(BOUND)
-                completed = backup.named("BLOCK_JOB_COMPLETED")
-                assert completed and completed[0]["error"] == "Connection timed out"
-                assert source.node.filters == []
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
+        async with served_source(tmp_path, image) as source:
+            target = await open_target(peer.uri, size=SIZE)
+            options = BackupOptions(speed=1 * MiB, max_chunk=65536, cbw_timeout=0.5, on_cbw_error="break-snapshot")
+            backup = await start_backup(source, target, options)
+            job = backup.job
+            await until(lambda: job.current_progress > 0)
+            proc.send_signal(signal.SIGSTOP)
+            await qemu_io(source.uri, [f"write -P 0x42 {SIZE - 4096} 4096"], timeout=BOUND)  # succeeds
+            assert (await source.node.pread(SIZE - 4096, 4096)) == b"\x42" * 4096
+            await backup.finish(BOUND)
+            completed = backup.named("BLOCK_JOB_COMPLETED")
+            assert completed and completed[0]["error"] == "Connection timed out"
+            assert source.node.filters == []

@@ -235,15 +235,22 @@ class BlockCopier:
             stop = min(self.bitmap.run_end(start, end), start + limit)
             await self.run(self.claim(start, stop))
 
-    def needs_copy(self, first: int, end: int) -> bool:
-        """Cheap test for the guest fast path: does anything in ``[first, end)`` still need copying?"""
-        if not self.active or first >= end:
-            return False
+    def pending(self, offset: int, length: int) -> tuple[int, int] | None:
+        """The guest fast path in one call: the clusters ``[first, end)`` of bytes
+        ``[offset, offset+length)`` when any of them still needs copying, else None."""
+        if not self.active:
+            return None
+        stop = min(offset + length, self.size)
+        if length <= 0 or offset >= stop:
+            return None
+        bits = self.cluster_bits
+        first = offset >> bits
+        end = ((stop - 1) >> bits) + 1
         if self._tasks and self.overlapping(first, end) is not None:
-            return True
-        if end - first == 1:  # the usual small guest write: one bit test instead of a search
-            return self.bitmap[first]
-        return self.bitmap.next_set(first, end) is not None
+            return first, end
+        if end - first == 1:
+            return (first, end) if self.bitmap[first] else None
+        return (first, end) if self.bitmap.next_set(first, end) is not None else None
 
     async def _copy_bytes(self, offset: int, length: int) -> tuple[int, int]:
         """Copy one claimed byte range, deciding per extent between skip, write-zeroes and data.

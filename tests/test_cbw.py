@@ -256,3 +256,23 @@ async def test_source_read_errors_are_reported_as_reads() -> None:
     with pytest.raises(CopyError) as info:
         await copier.run(copier.claim(0, 2))
     assert info.value.is_read and copier.bitmap[0] and copier.bitmap[1]
+
+
+async def test_pending_is_the_guest_fast_path_test() -> None:
+    """``pending`` answers "does this request have to copy first" with the clusters it touches."""
+    r = rig(size=4 * CS + 100)  # a partial last cluster
+    c = r.copier
+    assert c.pending(0, 1) == (0, 1)
+    assert c.pending(CS - 1, 2) == (0, 2)
+    assert c.pending(4 * CS, 1000) == (4, 5)  # clipped to the device
+    assert c.pending(4 * CS + 100, 10) is None  # past the end
+    assert c.pending(CS, 0) is None
+    await r.node.pwrite(CS, b"x")
+    assert c.pending(CS + 5, 10) is None  # copied
+    assert c.pending(CS, CS + 1) == (1, 3)  # the next cluster still needs it
+    task = c.claim(2, 3)
+    assert c.pending(2 * CS, 1) == (2, 3)  # in flight: the caller must wait for it
+    c._finish(task, True)
+    assert c.pending(2 * CS, 1) is None
+    c.deactivate()
+    assert c.pending(0, 4 * CS) is None

@@ -235,3 +235,129 @@ def test_block_status_errors_fall_back_to_data(tmp_path: Path) -> None:
         copy(p.uri, str(out))
     with nbdkit(tmp_path, "-r", "data", SPARSE_DATA, f"size={SIZE}", name="plain") as plain:
         assert out.read_bytes() == nbdcopy_to_file(plain.uri, tmp_path / "expected.img")
+
+
+# --- parallel copies: worker processes over multi-conn exports and raw files -----------------------------
+
+
+def parallel_copy(*args: str, workers: int = 3, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``copy`` with ``--workers`` and info logging, which says how many processes copied."""
+    argv = nbd_backup_argv("-v", "copy", "--workers", str(workers), "--request-size", "64K", *args)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if check and proc.returncode != 0:
+        pytest.fail(f"copy {args} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def mapped_data(path: Path) -> int:
+    """Bytes ``qemu-img map`` reports as data (holes written as zeroes would count here)."""
+    import json
+
+    require("qemu-img")
+    out = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "raw", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(e["length"] for e in json.loads(out) if e["data"])
+
+
+def test_parallel_nbd_to_new_file_keeps_holes(tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "-r", "data", SPARSE_DATA, f"size={SIZE}") as peer:
+        out = tmp_path / "out.img"
+        proc = parallel_copy(peer.uri, str(out))
+        expected = nbdcopy_to_file(peer.uri, tmp_path / "nbdcopy.img")
+    assert "copying with 3 processes" in proc.stderr
+    assert out.read_bytes() == expected
+    assert mapped_data(out) < SIZE // 4, "holes were written as data"
+
+
+def test_parallel_file_to_multi_conn_servers_and_back(tmp_path: Path) -> None:
+    source = tmp_path / "src.img"
+    data = random_sparse_image(source, seed=21)
+    target = make_image(tmp_path / "q.img", SIZE)
+    target.write_bytes(b"\xee" * SIZE)  # the source's holes must become zeroes there
+    with nbdkit(tmp_path, "memory", f"size={SIZE}") as mem, qemu_nbd(tmp_path, target) as qemu:
+        for uri in (mem.uri, qemu.uri):
+            proc = parallel_copy(str(source), uri)
+            assert "copying with 3 processes" in proc.stderr
+            assert nbdcopy_to_file(uri, tmp_path / "back.img") == data
+        restored = tmp_path / "restored.img"
+        proc = parallel_copy(mem.uri, str(restored), workers=2)
+        assert "copying with 2 processes" in proc.stderr
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), str(restored))
+    assert mapped_data(restored) < SIZE // 2
+
+
+def test_parallel_file_to_file_with_progress(tmp_path: Path) -> None:
+    source = tmp_path / "a.img"
+    data = random_sparse_image(source, seed=23)
+    target = tmp_path / "b.img"
+    target.write_bytes(b"\xee" * SIZE)
+    read_fd, write_fd = os.pipe()
+    try:
+        argv = nbd_backup_argv("-v", "copy", "--workers", "4", "--request-size", "64K", f"--progress={write_fd}")
+        proc = subprocess.run(
+            [*argv, str(source), str(target)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            pass_fds=(write_fd,),
+        )
+        os.close(write_fd)
+        write_fd = -1
+        with os.fdopen(read_fd) as reader:
+            read_fd = -1
+            lines = reader.read().splitlines()
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+    assert proc.returncode == 0, proc.stderr
+    assert "copying with 4 processes" in proc.stderr
+    assert target.read_bytes() == data
+    percents = [int(line.split("/")[0]) for line in lines]
+    assert percents == sorted(percents) and percents[-1] == 100
+
+
+@pytest.mark.parametrize("failing", ["read", "write"])
+def test_parallel_worker_failure_stops_all_and_removes_the_new_file(tmp_path: Path, failing: str) -> None:
+    out = tmp_path / "out.img"
+    if failing == "read":
+        server = nbdkit(
+            tmp_path, "--filter=error", "pattern", f"size={SIZE}", "error-pread=EIO", "error-pread-rate=0.3"
+        )
+        with server as p:
+            proc = parallel_copy(p.uri, str(out), check=False)  # 128 reads over 3 processes: some fail
+    else:
+        source = tmp_path / "s.img"
+        random_sparse_image(source)
+        server = nbdkit(
+            tmp_path, "--filter=error", "memory", f"size={SIZE}", "error-pwrite=ENOSPC", "error-pwrite-rate=0.3"
+        )
+        with server as p:
+            proc = parallel_copy(str(source), p.uri, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "copying with 3 processes" in proc.stderr
+    message = "Input/output error" if failing == "read" else "No space left on device"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nbd-backup copy:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_single_process_for_qcow2_and_servers_without_multi_conn(tmp_path: Path) -> None:
+    require("qemu-img")
+    source = tmp_path / "src.img"
+    data = random_sparse_image(source, seed=25)
+    qcow = tmp_path / "out.qcow2"
+    proc = parallel_copy("-O", "qcow2", str(source), str(qcow))
+    assert "copying with one process" in proc.stderr and "processes" not in proc.stderr
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(source), str(qcow))
+    back = tmp_path / "back.img"
+    proc = parallel_copy(str(qcow), str(back))
+    assert "copying with one process" in proc.stderr
+    assert back.read_bytes() == data
+    with nbdkit(tmp_path, "--filter=multi-conn", "memory", f"size={SIZE}", "multi-conn-mode=disable") as single:
+        proc = parallel_copy(str(source), single.uri)
+        assert "copying with one process" in proc.stderr and "processes" not in proc.stderr
+        assert nbdcopy_to_file(single.uri, tmp_path / "check.img") == data

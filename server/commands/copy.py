@@ -4,7 +4,10 @@ Each side is a file (opened through ``backup.images``, so every image format it 
 URI. The copy is sparse-aware: the source's block status says where the data is; zero and hole ranges
 become ``zero`` requests on the destination (or nothing at all when the destination was just created
 and so reads as zeroes), and data chunks that turn out to be all zeroes are zeroed rather than written.
-Memory stays bounded: at most ``--requests`` chunks of ``--request-size`` bytes are in flight.
+Memory stays bounded: at most ``--requests`` chunks of ``--request-size`` bytes are in flight (per worker).
+When both sides allow it (raw files, NBD exports advertising multi-conn) the range is split into aligned
+stripes copied by ``--workers`` processes, since one event loop is the limit; qcow2 images (a single
+metadata writer) and servers without multi-conn are always copied by one process.
 The exit status is non-zero on any error, with a one-line message saying what failed.
 """
 
@@ -16,10 +19,10 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from backup.errors import BackupError
 from nbd.constants import State
@@ -34,6 +37,12 @@ DEFAULT_REQUEST_SIZE = 1 << 20
 DEFAULT_REQUESTS = 16
 STATUS_SPAN = 1 << 30  # block status is asked for at most this much at a time
 _MIN_REQUEST = 4096
+
+
+class ProgressSink(Protocol):
+    """Where a copy reports the bytes it finished (a ``Progress`` bar, or a worker's pipe to its parent)."""
+
+    def advance(self, nbytes: int) -> None: ...
 
 
 class CopyError(Exception):
@@ -56,6 +65,18 @@ class Endpoint:
     name: str
     is_zero: bool = False
     created_path: str | None = None
+    closed: bool = False
+
+    @property
+    def parallel_safe(self) -> bool:
+        """Several processes may each open this side and write disjoint ranges: a raw file (one page cache),
+        or an NBD export advertising multi-conn (a flush on one connection covers them all)."""
+        from backup.rawfile import RawFileDevice
+        from nbd.client import NbdClient
+
+        if isinstance(self.device, NbdClient):
+            return self.device.capabilities.can_multi_conn
+        return isinstance(self.device, RawFileDevice)
 
 
 # --- opening the two sides --------------------------------------------------------------------------
@@ -110,9 +131,11 @@ async def copy_device(
     request_size: int = DEFAULT_REQUEST_SIZE,
     requests: int = DEFAULT_REQUESTS,
     detect_zeroes: bool = True,
-    progress: Progress | None = None,
+    progress: ProgressSink | None = None,
+    ranges: Sequence[tuple[int, int]] | None = None,
 ) -> CopyStats:
-    """Copy all of ``src`` to the start of ``dst``; the first failure cancels the rest and is raised."""
+    """Copy all of ``src`` (or only its ``(offset, length)`` ``ranges``) to the same offsets of ``dst``;
+    the first failure cancels the rest and is raised."""
     size = src.size
     if dst.size < size:
         raise CopyError(f"the destination ({dst.size} bytes) is smaller than the source ({size} bytes)")
@@ -136,9 +159,14 @@ async def copy_device(
         account(length)
 
     async def produce() -> None:
-        offset = 0
-        while offset < size:
-            span = min(size - offset, STATUS_SPAN)
+        for start, length in ranges if ranges is not None else [(0, size)]:
+            await produce_range(start, min(start + length, size))
+        for _ in range(requests):
+            await queue.put(None)
+
+    async def produce_range(offset: int, end: int) -> None:
+        while offset < end:
+            span = min(end - offset, STATUS_SPAN)
             try:
                 extents = await src.block_status(offset, span)
             except NbdRequestError as exc:
@@ -148,7 +176,7 @@ async def copy_device(
             if not extents:
                 raise CopyError(f"the source reported no block status at offset {offset}")
             for extent in extents:
-                length = min(extent.length, size - offset)
+                length = min(extent.length, end - offset)
                 if length <= 0:
                     break
                 is_zero = bool(extent.flags & State.ZERO)
@@ -156,8 +184,6 @@ async def copy_device(
                 for pos in range(0, length, step):
                     await queue.put((offset + pos, min(step, length - pos), is_zero))
                 offset += length
-        for _ in range(requests):
-            await queue.put(None)
 
     read_into = getattr(src, "pread_into", None)  # optional: reads into our reused buffers
 
@@ -238,6 +264,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--connections", type=_positive, default=None, help="NBD connections (multi-conn servers)")
     parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="processes copying disjoint stripes in parallel (default: min(CPUs, 4) for copies of 256 MiB or more "
+        "when both sides are raw files or multi-conn NBD exports; always 1 for qcow2 and other servers)",
+    )
+    parser.add_argument(
         "--target-is-zero", action="store_true", help="the existing destination already reads as zeroes"
     )
     parser.add_argument(
@@ -283,10 +316,18 @@ async def _closing(endpoint: Endpoint) -> AsyncIterator[Endpoint]:
     try:
         yield endpoint
     finally:
-        try:
-            await endpoint.device.close()
-        except (OSError, NbdError) as exc:
-            log.debug("closing %s: %s", endpoint.name, exc)
+        await close_endpoint(endpoint)
+
+
+async def close_endpoint(endpoint: Endpoint) -> None:
+    """Close once (a parallel copy closes its sides before the end of the ``_closing`` block)."""
+    if endpoint.closed:
+        return
+    endpoint.closed = True
+    try:
+        await endpoint.device.close()
+    except (OSError, NbdError) as exc:
+        log.debug("closing %s: %s", endpoint.name, exc)
 
 
 async def run_copy(args: argparse.Namespace) -> CopyStats:
@@ -304,12 +345,31 @@ async def run_copy(args: argparse.Namespace) -> CopyStats:
         dst_ep = await _side("destination", opening)
         try:
             async with _closing(dst_ep) as dst:
-                stats = await _copy_with_progress(args, src, dst)
+                workers = choose_workers(args.workers, src, dst, request_size=args.request_size)
+                if workers > 1:
+                    from server.copy_workers import copy_in_parallel
+
+                    return await copy_in_parallel(args, src, dst, workers, _make_progress(args, src.device.size))
+                return await _copy_with_progress(args, src, dst)
         except BaseException:
             if dst_ep.created_path is not None:
                 _remove(dst_ep.created_path)
             raise
-        return stats
+
+
+AUTO_PARALLEL_MIN = 256 << 20  # below this, starting worker processes costs more than it saves
+
+
+def choose_workers(requested: int | None, src: Endpoint, dst: Endpoint, *, request_size: int) -> int:
+    """How many processes copy (1: this one alone); more only when both sides are ``parallel_safe``."""
+    size = src.device.size
+    if not (src.parallel_safe and dst.parallel_safe):
+        if requested is not None and requested > 1:
+            log.info("copying with one process: %s or %s allows no writers in parallel", src.name, dst.name)
+        return 1
+    if requested is None:
+        requested = min(os.cpu_count() or 1, 4) if size >= AUTO_PARALLEL_MIN else 1
+    return max(1, min(requested, -(-size // request_size)))
 
 
 async def _copy_with_progress(args: argparse.Namespace, src: Endpoint, dst: Endpoint) -> CopyStats:
@@ -356,16 +416,22 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def failure_message(exc: BaseException) -> str | None:
+    """The one-line message for a failure the user can act on; None for anything else (a bug)."""
+    if isinstance(exc, CopyError):
+        return str(exc)
+    if isinstance(exc, (OSError, NbdError, BackupError, TimeoutError)):
+        return f"copy failed: {_describe(exc)}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     from nbd.loop import run
 
     try:
         stats = run(run_copy(args))
-    except CopyError as exc:
-        print(f"nbd-backup copy: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, NbdError, BackupError, TimeoutError) as exc:
-        print(f"nbd-backup copy: copy failed: {_describe(exc)}", file=sys.stderr)
+    except (CopyError, OSError, NbdError, BackupError, TimeoutError) as exc:
+        print(f"nbd-backup copy: {failure_message(exc)}", file=sys.stderr)
         return 1
     log.info(
         "copied %d bytes: %d data, %d zeroed, %d skipped",

@@ -1,9 +1,10 @@
 """Parallel ``nbd-backup copy``: worker processes each copy their own aligned stripes of the range.
 
 One event loop tops out at about one core of socket and copy work, and threads do not help under the GIL,
-so the range is cut into stripes dealt round-robin to N copiers: this process copies the first share on
-the devices it already has open, and N-1 spawned processes open their own connections / file descriptors
-to the same endpoints (the parent created a new destination before any starts, so they only open it).
+so the range is cut into aligned stripes that N copiers claim one at a time from a shared counter: this
+process starts at once on the devices it already has open, N-1 spawned processes join as soon as they have
+started (so their start-up time is not idle time) and open their own connections / file descriptors to the
+same endpoints (the parent created a new destination before any starts, so they only open it).
 This is only used when writers in different processes are coherent — raw files and NBD exports advertising
 multi-conn (``Endpoint.parallel_safe``) — and each copier flushes its own writes at the end.
 
@@ -21,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -40,12 +42,39 @@ from server.commands.copy import (
 
 log = logging.getLogger(__name__)
 
-MAX_STRIPE = 64 << 20  # small enough to balance sparse images, large enough for few block-status calls
+MAX_STRIPE = 32 << 20  # small enough to balance the copiers' ends, large enough for few block-status calls
 PROGRESS_BATCH = 4 << 20  # a child reports progress after this many bytes (and at its end)
 STOP_TIMEOUT = 5.0  # seconds a terminated child gets before SIGKILL
 _PR_SET_PDEATHSIG = 1
 
 Range = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Stripes:
+    """``[0, size)`` in ``stripe``-byte pieces, handed out once each through a counter shared by processes."""
+
+    size: int
+    stripe: int
+    counter: Any  # multiprocessing.Value("q"): the index of the next unclaimed stripe
+
+    @classmethod
+    def plan(cls, size: int, workers: int, align: int, context: Any = None) -> Stripes:
+        """About eight stripes per copier, ``align``-aligned, at most ``MAX_STRIPE``."""
+        per = -(-size // (workers * 8))
+        stripe = max(align, min(MAX_STRIPE, -(-per // align) * align))
+        return cls(size, stripe, (context or multiprocessing.get_context("spawn")).Value("q", 0))
+
+    def claim(self) -> Iterator[Range]:
+        """The stripes this copier gets, claimed lazily (the copy asks for the next when it needs it)."""
+        while True:
+            with self.counter.get_lock():
+                index = self.counter.value
+                self.counter.value = index + 1
+            offset = index * self.stripe
+            if offset >= self.size:
+                return
+            yield offset, min(self.stripe, self.size - offset)
 
 
 @dataclass(frozen=True)
@@ -57,24 +86,13 @@ class WorkerJob:
     source_is_file: bool
     destination_is_file: bool
     size: int
-    ranges: tuple[Range, ...]
+    stripes: Stripes
     connections: int | None
     requests: int
     request_size: int
     detect_zeroes: bool
     dst_is_zero: bool
     parent_pid: int
-
-
-def plan_stripes(size: int, workers: int, align: int) -> list[list[Range]]:
-    """Cut ``[0, size)`` into ``align``-aligned stripes (about four per copier, at most ``MAX_STRIPE``)
-    dealt round-robin, so a copier's share is spread over the disk rather than one dense region."""
-    per = -(-size // (workers * 4))
-    stripe = max(align, min(MAX_STRIPE, -(-per // align) * align))
-    shares: list[list[Range]] = [[] for _ in range(workers)]
-    for index, offset in enumerate(range(0, size, stripe)):
-        shares[index % workers].append((offset, min(stripe, size - offset)))
-    return shares
 
 
 # --- the parent -------------------------------------------------------------------------------------
@@ -89,7 +107,8 @@ async def copy_in_parallel(
         raise CopyError(f"the destination ({dst.device.size} bytes) is smaller than the source ({size} bytes)")
     if dst.device.read_only:
         raise CopyError("the destination is read-only")
-    shares = plan_stripes(size, workers, args.request_size)
+    context = multiprocessing.get_context("spawn")  # no fork of a process running an event loop
+    stripes = Stripes.plan(size, workers, args.request_size, context)
     jobs = [
         WorkerJob(
             source=args.source,
@@ -97,7 +116,7 @@ async def copy_in_parallel(
             source_is_file=not looks_like_uri(args.source),
             destination_is_file=not looks_like_uri(args.destination),
             size=size,
-            ranges=tuple(share),
+            stripes=stripes,
             connections=args.connections,
             requests=args.requests,
             request_size=args.request_size,
@@ -105,14 +124,13 @@ async def copy_in_parallel(
             dst_is_zero=dst.is_zero,
             parent_pid=os.getpid(),
         )
-        for share in shares[1:]
-        if share
+        for _ in range(workers - 1)
     ]
-    log.info("copying with %d processes (%d stripes)", len(jobs) + 1, sum(map(len, shares)))
+    log.info("copying with %d processes (stripes of %d bytes)", workers, stripes.stripe)
     ok = False
     crew = Crew(progress)
     try:
-        crew.start(jobs)
+        crew.start(jobs, context)
         own = asyncio.ensure_future(
             copy_device(
                 src.device,
@@ -122,7 +140,7 @@ async def copy_in_parallel(
                 requests=args.requests,
                 detect_zeroes=not args.no_detect_zeroes,
                 progress=progress,
-                ranges=shares[0],
+                ranges=stripes.claim(),
             )
         )
         try:
@@ -159,8 +177,7 @@ class Crew:
         self._open = 0
         self.finished: asyncio.Future[list[CopyStats]] = self._loop.create_future()
 
-    def start(self, jobs: list[WorkerJob]) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork of a process running an event loop
+    def start(self, jobs: list[WorkerJob], context: Any) -> None:
         for index, job in enumerate(jobs):
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(target=worker_main, args=(writer, job), name=f"copy-worker-{index + 1}")
@@ -287,7 +304,7 @@ async def _copy_share(job: WorkerJob, progress: ProgressSink) -> CopyStats:
                 requests=job.requests,
                 detect_zeroes=job.detect_zeroes,
                 progress=progress,
-                ranges=job.ranges,
+                ranges=job.stripes.claim(),
             )
         finally:
             await close_endpoint(dst)

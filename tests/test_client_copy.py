@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +127,75 @@ async def test_block_status_failure_falls_back_to_data() -> None:
     dst = MemoryDevice(SIZE)
     await copy_device(src, dst, request_size=1 << 20)
     assert dst.data == b"x" * 1000 + bytes(SIZE - 1000)
+
+
+async def test_ranges_copy_only_those_ranges() -> None:
+    src = MemoryDevice(SIZE, data=b"\7" * SIZE)
+    dst = MemoryDevice(SIZE)
+    ranges = iter([(65536, 65536), (SIZE - 4096, 4096)])  # an iterator: taken lazily, once
+    stats = await copy_device(src, dst, request_size=65536, ranges=ranges)
+    expected = bytearray(SIZE)
+    expected[65536:131072] = b"\7" * 65536
+    expected[SIZE - 4096 :] = b"\7" * 4096
+    assert dst.data == bytes(expected) and stats.data_bytes == 65536 + 4096
+
+
+def test_stripes_are_aligned_disjoint_and_cover_the_disk_once() -> None:
+    from server.copy_workers import MAX_STRIPE, Stripes
+
+    size = (3 << 30) + 12345
+    stripes = Stripes.plan(size, 3, 1 << 20)
+    assert stripes.stripe == MAX_STRIPE
+    first, second = stripes.claim(), stripes.claim()  # two copiers taking turns
+    claimed: list[tuple[int, int] | None] = []
+    for piece in first:
+        claimed.append(piece)
+        claimed.extend(next(second, None) for _ in range(2))
+    claimed.extend(second)
+    pieces = sorted(p for p in claimed if p is not None)
+    assert all(offset % stripes.stripe == 0 for offset, _ in pieces)
+    assert [offset for offset, _ in pieces] == list(range(0, size, stripes.stripe))
+    assert sum(length for _, length in pieces) == size
+    small = Stripes.plan(SIZE, 4, 65536)
+    assert small.stripe == 131072  # about eight per copier, never below the alignment
+    assert list(Stripes.plan(1000, 2, 4096).claim()) == [(0, 1000)]
+
+
+async def test_workers_only_when_both_sides_allow_parallel_writers(tmp_path: Path) -> None:
+    from backup.rawfile import RawFileDevice
+    from server.commands.copy import AUTO_PARALLEL_MIN, Endpoint, choose_workers
+
+    small = await RawFileDevice.create(tmp_path / "a.img", SIZE)
+    big = await RawFileDevice.create(tmp_path / "b.img", AUTO_PARALLEL_MIN)
+    try:
+        files = Endpoint(small, "a"), Endpoint(big, "b")
+        memory = Endpoint(MemoryDevice(SIZE), "memory")
+        assert files[0].parallel_safe and not memory.parallel_safe
+        assert choose_workers(3, files[0], files[1], request_size=1 << 20) == 3
+        assert choose_workers(8, files[0], files[1], request_size=1 << 20) == 4  # one request per copier at least
+        assert choose_workers(None, files[0], files[1], request_size=1 << 20) == 1  # small: not worth processes
+        auto = choose_workers(None, files[1], files[0], request_size=1 << 20)
+        assert auto == max(1, min(os.cpu_count() or 1, 4))
+        assert choose_workers(3, memory, files[0], request_size=1 << 20) == 1
+        assert choose_workers(3, files[0], memory, request_size=1 << 20) == 1
+    finally:
+        await small.close()
+        await big.close()
+
+
+def test_pipe_progress_batches() -> None:
+    import multiprocessing
+
+    from server.copy_workers import PROGRESS_BATCH, PipeProgress
+
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    progress = PipeProgress(writer)
+    progress.advance(PROGRESS_BATCH // 2)
+    assert not reader.poll()
+    progress.advance(PROGRESS_BATCH // 2 + 1)
+    progress.advance(7)
+    progress.flush()
+    progress.flush()
+    assert reader.recv() == ("progress", PROGRESS_BATCH + 1)
+    assert reader.recv() == ("progress", 7)
+    assert not reader.poll()

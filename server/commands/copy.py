@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -132,10 +132,10 @@ async def copy_device(
     requests: int = DEFAULT_REQUESTS,
     detect_zeroes: bool = True,
     progress: ProgressSink | None = None,
-    ranges: Sequence[tuple[int, int]] | None = None,
+    ranges: Iterable[tuple[int, int]] | None = None,
 ) -> CopyStats:
-    """Copy all of ``src`` (or only its ``(offset, length)`` ``ranges``) to the same offsets of ``dst``;
-    the first failure cancels the rest and is raised."""
+    """Copy all of ``src`` (or only its ``(offset, length)`` ``ranges``, taken lazily from the iterable) to
+    the same offsets of ``dst``; the first failure cancels the rest and is raised."""
     size = src.size
     if dst.size < size:
         raise CopyError(f"the destination ({dst.size} bytes) is smaller than the source ({size} bytes)")

@@ -361,3 +361,42 @@ def test_single_process_for_qcow2_and_servers_without_multi_conn(tmp_path: Path)
         proc = parallel_copy(str(source), single.uri)
         assert "copying with one process" in proc.stderr and "processes" not in proc.stderr
         assert nbdcopy_to_file(single.uri, tmp_path / "check.img") == data
+
+
+def children_of(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text()
+        found.update(int(child) for child in text.split())
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupting_a_parallel_copy_leaves_no_process_behind(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C stops the workers and removes the new file; even a killed parent takes its workers along."""
+    with nbdkit(tmp_path, "--filter=delay", "pattern", "size=1G", "rdelay=20ms") as peer:
+        out = tmp_path / "out.img"
+        read_fd, write_fd = os.pipe()
+        argv = nbd_backup_argv("copy", f"--progress={write_fd}", "--workers", "3", peer.uri, str(out))
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT, pass_fds=(write_fd,))
+        os.close(write_fd)
+        try:
+            with os.fdopen(read_fd) as progress:
+                assert progress.readline().strip() == "0/100"
+                deadline = time.monotonic() + 30
+                while len(workers := children_of(proc.pid)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the workers (and multiprocessing's resource tracker) have started
+                assert len(workers) >= 2
+                proc.send_signal(sig)
+                proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    assert proc.returncode != 0
+    if sig == signal.SIGINT:
+        assert not out.exists()

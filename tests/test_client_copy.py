@@ -175,7 +175,7 @@ async def test_workers_only_when_both_sides_allow_parallel_writers(tmp_path: Pat
         assert choose_workers(8, files[0], files[1], request_size=1 << 20) == 4  # one request per copier at least
         assert choose_workers(None, files[0], files[1], request_size=1 << 20) == 1  # small: not worth processes
         auto = choose_workers(None, files[1], files[0], request_size=1 << 20)
-        assert auto == max(1, min(os.cpu_count() or 1, 4))
+        assert auto == max(1, min((os.cpu_count() or 1) // 2, 4))
         assert choose_workers(3, memory, files[0], request_size=1 << 20) == 1
         assert choose_workers(3, files[0], memory, request_size=1 << 20) == 1
     finally:

@@ -141,10 +141,13 @@ async def test_ranges_copy_only_those_ranges() -> None:
 
 
 def test_stripes_are_aligned_disjoint_and_cover_the_disk_once() -> None:
+    import multiprocessing
+
     from server.copy_workers import MAX_STRIPE, Stripes
 
+    fork = multiprocessing.get_context("fork")  # no process here: a spawn context would start a resource tracker
     size = (3 << 30) + 12345
-    stripes = Stripes.plan(size, 3, 1 << 20)
+    stripes = Stripes.plan(size, 3, 1 << 20, fork)
     assert stripes.stripe == MAX_STRIPE
     first, second = stripes.claim(), stripes.claim()  # two copiers taking turns
     claimed: list[tuple[int, int] | None] = []
@@ -156,9 +159,9 @@ def test_stripes_are_aligned_disjoint_and_cover_the_disk_once() -> None:
     assert all(offset % stripes.stripe == 0 for offset, _ in pieces)
     assert [offset for offset, _ in pieces] == list(range(0, size, stripes.stripe))
     assert sum(length for _, length in pieces) == size
-    small = Stripes.plan(SIZE, 4, 65536)
+    small = Stripes.plan(SIZE, 4, 65536, fork)
     assert small.stripe == 131072  # about eight per copier, never below the alignment
-    assert list(Stripes.plan(1000, 2, 4096).claim()) == [(0, 1000)]
+    assert list(Stripes.plan(1000, 2, 4096, fork).claim()) == [(0, 1000)]
 
 
 async def test_workers_only_when_both_sides_allow_parallel_writers(tmp_path: Path) -> None:

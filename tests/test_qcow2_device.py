@@ -487,3 +487,28 @@ async def test_dirty_image_with_a_wild_pointer_is_refused_not_repaired(tmp_path:
     with pytest.raises(ImageFormatError, match="past the end"):
         await asyncio.wait_for(Qcow2Device.open(path), 20)
     assert not check_image(str(path)).clean
+
+
+async def test_write_racing_close_never_touches_a_reused_descriptor(tmp_path: Path) -> None:
+    """A compressed write is in its compression threads (outside the lock) when the image is closed;
+    the descriptor number is then reused by another file. The write must fail with EBADF, not write
+    qcow2 data (or the dirty bit) into whatever file now owns that number."""
+    path = tmp_path / "race.qcow2"
+    dev = await Qcow2Device.create(path, MiB, compress=True)
+    await dev.pwrite(0, b"a" * 65536)  # marked dirty: close takes the lock and flushes
+    old_fd = dev._fd
+    write = asyncio.ensure_future(dev.pwrite(65536, os.urandom(4 * 65536)))
+    await asyncio.sleep(0)  # the write passes its checks and starts compressing in threads
+    await dev.close()
+    other = tmp_path / "other"
+    fd = os.open(other, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fd != old_fd:
+            pytest.skip("the descriptor number was not reused")
+        with pytest.raises(OSError) as info:
+            await asyncio.wait_for(write, 30)
+        assert info.value.errno == errno.EBADF
+        assert os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
+    assert check_image(str(path)).clean

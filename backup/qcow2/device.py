@@ -348,6 +348,12 @@ class Qcow2Device:
 
     # --- helpers -------------------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        """Again under the lock: a request that waited (for the lock or its compression threads)
+        while ``close`` ran must not use the descriptor number, which another file may own by now."""
+        if self._closed:
+            raise OSError(errno.EBADF, f"{self.path}: device is closed")
+
     def _check(self, offset: int, length: int, *, write: bool = False) -> None:
         if self._closed:
             raise OSError(errno.EBADF, f"{self.path}: device is closed")
@@ -742,6 +748,7 @@ class Qcow2Device:
         if self.compress and len(mv) >= self._cs:
             blobs = await self._compress_parallel(offset, mv)
         async with self._lock:
+            self._check_open()
             await self._write(offset, mv, blobs)
             if fua:
                 self._flush_locked()
@@ -882,6 +889,7 @@ class Qcow2Device:
         if fast and (partial or not self._zero_flag):
             raise OSError(errno.ENOTSUP, "fast zero needs whole clusters of a v3 qcow2 image")
         async with self._lock:
+            self._check_open()
             for o, n in partial:
                 await self._zero_partial(o, n)
             if whole_end > whole_start:
@@ -942,6 +950,7 @@ class Qcow2Device:
         self._check(offset, length, write=True)
         _, whole_start, whole_end = self._split(offset, length)
         async with self._lock:
+            self._check_open()
             if whole_end > whole_start and (self._zero_flag or self.backing is None):
                 await self._zero_clusters(whole_start, whole_end - whole_start, may_trim=True)
             if fua:
@@ -989,6 +998,7 @@ class Qcow2Device:
         if self._read_only:
             return
         async with self._lock:
+            self._check_open()
             self._flush_locked()
 
     async def close(self) -> None:

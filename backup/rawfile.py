@@ -20,6 +20,8 @@ import ctypes.util
 import errno
 import os
 import stat
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent
@@ -30,6 +32,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 MAX_EXTENTS = 1024  # per block_status call: the caller asks again for the rest
+_T = TypeVar("_T")
 THREADED_IO_MIN = 256 * 1024  # reads and writes this big run in a thread: the loop keeps the socket busy meanwhile
 _HOLE = int(State.HOLE | State.ZERO)
 
@@ -68,6 +71,7 @@ class RawFileDevice:
         # (trim/zero), and the last data run found is remembered (writes never turn data into holes).
         self._may_have_holes = self._seek_works and (file_size != self._size or self._find_hole(0) < file_size)
         self._data_run = (0, 0)
+        self._threaded: set[asyncio.Future[Any]] = set()  # I/O running in threads, holding ``_fd``
 
     # --- opening -----------------------------------------------------------------------------------
 
@@ -172,7 +176,7 @@ class RawFileDevice:
     async def pread(self, offset: int, length: int) -> bytes:
         self._check_read(offset, length)
         if length >= THREADED_IO_MIN:
-            data = await asyncio.get_running_loop().run_in_executor(None, os.pread, self._fd, length, offset)
+            data = await self._in_thread(os.pread, self._fd, length, offset)
         else:
             data = os.pread(self._fd, length, offset)
         if len(data) < length:
@@ -198,7 +202,7 @@ class RawFileDevice:
         length = len(buffer)
         self._check_read(offset, length)
         if length >= THREADED_IO_MIN:
-            got = await asyncio.get_running_loop().run_in_executor(None, os.preadv, self._fd, [buffer], offset)
+            got = await self._in_thread(os.preadv, self._fd, [buffer], offset)
         else:
             got = os.preadv(self._fd, [buffer], offset)
         if got < length:
@@ -215,7 +219,7 @@ class RawFileDevice:
         self._check_write(offset, length)
         if length >= THREADED_IO_MIN:
             # Like large reads: the loop keeps the network busy (the next read) while this one is written.
-            written = await asyncio.get_running_loop().run_in_executor(None, os.pwrite, self._fd, data, offset)
+            written = await self._in_thread(os.pwrite, self._fd, data, offset)
         else:
             written = os.pwrite(self._fd, data, offset)
         if written < length:
@@ -332,7 +336,27 @@ class RawFileDevice:
             pos = run_end
         return extents
 
+    def _in_thread(self, func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run a syscall on ``_fd`` in the default executor, remembered until it is done."""
+        future = asyncio.get_running_loop().run_in_executor(None, func, *args)
+        self._threaded.add(future)
+        future.add_done_callback(self._threaded.discard)
+        return future
+
     async def close(self) -> None:
         fd, self._fd = self._fd, -1
-        if fd >= 0:
+        if fd >= 0 and self._threaded:
+            # A thread may still be queued with the descriptor number: freeing it now would let the
+            # next open() reuse it and receive that thread's write. Shielded, so a cancelled close
+            # still closes, once the threads are done.
+            await asyncio.shield(self._close_after(fd, set(self._threaded)))
+        elif fd >= 0:
+            os.close(fd)
+
+    @staticmethod
+    async def _close_after(fd: int, pending: set[asyncio.Future[Any]]) -> None:
+        try:
+            if pending:
+                await asyncio.wait(pending)
+        finally:
             os.close(fd)

@@ -3,7 +3,11 @@ and ``backup.images`` refusing a qcow2 image opened as raw."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -157,3 +161,29 @@ async def test_pread_into_past_the_unaligned_end(tmp_path: Path) -> None:
         assert buffer == b"\x07" * 1000 + bytes(24)
     finally:
         await dev.close()
+
+
+async def test_close_waits_for_threaded_io_before_freeing_the_descriptor(tmp_path: Path) -> None:
+    """A big write queued in the thread pool holds the descriptor *number*: if close() freed it at
+    once, a file opened meanwhile would get that number and receive the write."""
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(1)
+    loop.set_default_executor(pool)
+    gate = threading.Event()
+    blocker = loop.run_in_executor(None, gate.wait, 30)  # the only worker is busy: the write queues
+    dev = await RawFileDevice.create(tmp_path / "t.raw", 4 * THREADED_IO_MIN)
+    write = asyncio.ensure_future(dev.pwrite(0, b"w" * THREADED_IO_MIN))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(dev.close())
+    await asyncio.sleep(0)
+    fd = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        gate.set()
+        await asyncio.wait_for(blocker, 30)
+        await asyncio.wait_for(write, 30)
+        await asyncio.wait_for(closing, 30)
+        assert os.fstat(fd).st_size == 0  # the write did not land in the other file
+    finally:
+        gate.set()
+        os.close(fd)
+    assert (tmp_path / "t.raw").read_bytes()[:THREADED_IO_MIN] == b"w" * THREADED_IO_MIN

@@ -512,3 +512,30 @@ async def test_write_racing_close_never_touches_a_reused_descriptor(tmp_path: Pa
     finally:
         os.close(fd)
     assert check_image(str(path)).clean
+
+
+async def test_concurrent_closes_close_the_descriptor_once(tmp_path: Path) -> None:
+    """Two close() calls that both wait for the lock (a write holds it across a backing read that
+    suspends): the second must find the image closed, not flush through and close() a descriptor
+    number that is no longer ours (another file may own it by then)."""
+    from backup.memory import MemoryDevice
+
+    class SlowBacking(MemoryDevice):
+        async def pread(self, offset: int, length: int) -> bytes:
+            await asyncio.sleep(0.01)
+            return await super().pread(offset, length)
+
+    (tmp_path / "base.raw").write_bytes(b"")
+    dev = await Qcow2Device.create(
+        tmp_path / "top.qcow2",
+        MiB,
+        backing_file="base.raw",
+        backing_format="raw",
+        backing_device=SlowBacking(MiB, data=b"b" * MiB),
+    )
+    write = asyncio.ensure_future(dev.pwrite(100, b"x" * 10))  # merges a backing read, holding the lock
+    await asyncio.sleep(0)
+    closes = [asyncio.ensure_future(dev.close()) for _ in range(2)]
+    results = await asyncio.wait_for(asyncio.gather(write, *closes, return_exceptions=True), 30)
+    assert results == [None, None, None]
+    assert check_image(str(tmp_path / "top.qcow2")).clean

@@ -1008,6 +1008,8 @@ class Qcow2Device:
         try:
             if not self._read_only and self._marked_dirty:
                 async with self._lock:
+                    if self._closed:
+                        return  # another close() ran while this one waited for the lock
                     self._flush_locked()
                     h = self.header
                     if h.version >= 3:
@@ -1017,10 +1019,11 @@ class Qcow2Device:
                         )
                         os.fdatasync(self._fd)
         finally:
-            self._closed = True
-            os.close(self._fd)
-            if self.backing is not None and self._owns_backing:
-                await self.backing.close()
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+                if self.backing is not None and self._owns_backing:
+                    await self.backing.close()
 
     def abandon(self) -> None:
         """Close without flushing or clearing the dirty bit (what a crash leaves; for tests/aborts)."""

@@ -100,13 +100,14 @@ def test_file_to_file(tmp_path: Path) -> None:
     assert (tmp_path / "b.img").read_bytes() == data
 
 
-def test_progress_fd_lines(tmp_path: Path) -> None:
-    source = tmp_path / "p.img"
-    random_sparse_image(source)
+def copy_with_progress_fd(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run ``nbd-backup [args…] --progress=FD SRC DST`` (the last two of ``args``) and return the
+    process and the lines it wrote to FD."""
+    *options, src, dst = args
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.run(
-            nbd_backup_argv("copy", f"--progress={write_fd}", str(source), str(tmp_path / "q.img")),
+            nbd_backup_argv(*options, f"--progress={write_fd}", src, dst),
             capture_output=True,
             text=True,
             timeout=60,
@@ -115,7 +116,6 @@ def test_progress_fd_lines(tmp_path: Path) -> None:
         )
         os.close(write_fd)
         write_fd = -1
-        assert proc.returncode == 0, proc.stderr
         with os.fdopen(read_fd) as reader:
             read_fd = -1
             lines = reader.read().splitlines()
@@ -123,6 +123,14 @@ def test_progress_fd_lines(tmp_path: Path) -> None:
         for fd in (read_fd, write_fd):
             if fd >= 0:
                 os.close(fd)
+    return proc, lines
+
+
+def test_progress_fd_lines(tmp_path: Path) -> None:
+    source = tmp_path / "p.img"
+    random_sparse_image(source)
+    proc, lines = copy_with_progress_fd("copy", str(source), str(tmp_path / "q.img"))
+    assert proc.returncode == 0, proc.stderr
     assert lines[-1] == "100/100"
     percents = [int(line.split("/")[0]) for line in lines]
     assert percents == sorted(percents) and all(line.endswith("/100") for line in lines)
@@ -292,26 +300,9 @@ def test_parallel_file_to_file_with_progress(tmp_path: Path) -> None:
     data = random_sparse_image(source, seed=23)
     target = tmp_path / "b.img"
     target.write_bytes(b"\xee" * SIZE)
-    read_fd, write_fd = os.pipe()
-    try:
-        argv = nbd_backup_argv("-v", "copy", "--workers", "4", "--request-size", "64K", f"--progress={write_fd}")
-        proc = subprocess.run(
-            [*argv, str(source), str(target)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            pass_fds=(write_fd,),
-        )
-        os.close(write_fd)
-        write_fd = -1
-        with os.fdopen(read_fd) as reader:
-            read_fd = -1
-            lines = reader.read().splitlines()
-    finally:
-        for fd in (read_fd, write_fd):
-            if fd >= 0:
-                os.close(fd)
+    proc, lines = copy_with_progress_fd(
+        "-v", "copy", "--workers", "4", "--request-size", "64K", str(source), str(target)
+    )
     assert proc.returncode == 0, proc.stderr
     assert "copying with 4 processes" in proc.stderr
     assert target.read_bytes() == data

@@ -173,6 +173,12 @@ class RawFileDevice:
         ``sendfile`` reads by the NBD server; None once closed."""
         return self._fd if self._fd >= 0 else None
 
+    def direct_write_fd(self) -> int | None:
+        """A file descriptor that a plain ``os.pwrite`` inside this device's size may write through
+        (the copy-before-write fast path copies a cluster without a coroutine per layer); None when
+        read-only or closed."""
+        return self._fd if self._fd >= 0 and not self._read_only else None
+
     async def pread(self, offset: int, length: int) -> bytes:
         self._check_read(offset, length)
         if length >= THREADED_IO_MIN:

@@ -164,22 +164,48 @@ async def test_pread_into_past_the_unaligned_end(tmp_path: Path) -> None:
 
 
 async def test_close_waits_for_threaded_io_before_freeing_the_descriptor(tmp_path: Path) -> None:
-    """A big write queued in the thread pool holds the descriptor *number*: if close() freed it at
-    once, a file opened meanwhile would get that number and receive the write."""
+    """A big read queued in the thread pool holds the descriptor *number*: if close() freed it at
+    once, a file opened meanwhile would get that number and the read would return its bytes."""
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(1)
     loop.set_default_executor(pool)
     gate = threading.Event()
-    blocker = loop.run_in_executor(None, gate.wait, 30)  # the only worker is busy: the write queues
+    blocker = loop.run_in_executor(None, gate.wait, 30)  # the only worker is busy: the read queues
+    path = tmp_path / "t.raw"
+    path.write_bytes(b"r" * THREADED_IO_MIN)
+    dev = await RawFileDevice.open(path)
+    read = asyncio.ensure_future(dev.pread(0, THREADED_IO_MIN))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(dev.close())
+    await asyncio.sleep(0)
+    fd = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"o" * THREADED_IO_MIN)
+        gate.set()
+        await asyncio.wait_for(blocker, 30)
+        assert await asyncio.wait_for(read, 30) == b"r" * THREADED_IO_MIN  # not the other file's bytes
+        await asyncio.wait_for(closing, 30)
+    finally:
+        gate.set()
+        os.close(fd)
+
+
+async def test_close_waits_for_the_writer_thread_before_freeing_the_descriptor(tmp_path: Path) -> None:
+    """Large writes go to the device's own writer thread: one queued there also holds the descriptor
+    number, so close() waits for it too, and then stops the thread."""
     dev = await RawFileDevice.create(tmp_path / "t.raw", 4 * THREADED_IO_MIN)
+    gate = threading.Event()
+    writer = dev._writer_pool()
+    blocker = writer.submit(gate.wait, 30)  # the writer thread is busy: the write queues behind it
     write = asyncio.ensure_future(dev.pwrite(0, b"w" * THREADED_IO_MIN))
     await asyncio.sleep(0)
     closing = asyncio.ensure_future(dev.close())
     await asyncio.sleep(0)
     fd = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        assert not write.done() and not closing.done()
         gate.set()
-        await asyncio.wait_for(blocker, 30)
+        await asyncio.wait_for(asyncio.wrap_future(blocker), 30)
         await asyncio.wait_for(write, 30)
         await asyncio.wait_for(closing, 30)
         assert os.fstat(fd).st_size == 0  # the write did not land in the other file
@@ -187,3 +213,37 @@ async def test_close_waits_for_threaded_io_before_freeing_the_descriptor(tmp_pat
         gate.set()
         os.close(fd)
     assert (tmp_path / "t.raw").read_bytes()[:THREADED_IO_MIN] == b"w" * THREADED_IO_MIN
+    assert writer._shutdown and dev._writer is None
+    with pytest.raises(OSError) as exc:  # no new writer thread for a closed device
+        await dev.pwrite(0, b"w" * THREADED_IO_MIN)
+    assert exc.value.errno == errno.EBADF
+
+
+async def test_large_writes_run_one_at_a_time_in_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent large writes are serialised on the device's writer thread (never two pwrite calls on
+    the file at once), and every one lands at its offset."""
+    active, most, threads = 0, 0, set()
+    lock = threading.Lock()
+    real_pwrite = os.pwrite
+
+    def counting_pwrite(fd: int, data: bytes, offset: int) -> int:
+        nonlocal active, most
+        with lock:
+            active += 1
+            most = max(most, active)
+            threads.add(threading.get_ident())
+        try:
+            return real_pwrite(fd, data, offset)
+        finally:
+            with lock:
+                active -= 1
+
+    monkeypatch.setattr("backup.rawfile.os.pwrite", counting_pwrite)
+    dev = await RawFileDevice.create(tmp_path / "w.raw", 8 * THREADED_IO_MIN)
+    try:
+        await asyncio.gather(*(dev.pwrite(i * THREADED_IO_MIN, bytes([i + 1]) * THREADED_IO_MIN) for i in range(8)))
+    finally:
+        await dev.close()
+    assert most == 1 and len(threads) == 1 and threading.get_ident() not in threads
+    data = (tmp_path / "w.raw").read_bytes()
+    assert data == b"".join(bytes([i + 1]) * THREADED_IO_MIN for i in range(8))

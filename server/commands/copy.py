@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import os
 import sys
@@ -343,6 +344,9 @@ async def run_copy(args: argparse.Namespace) -> CopyStats:
             target_is_zero=args.target_is_zero,
         )
         dst_ep = await _side("destination", opening)
+        # What start-up built (modules, classes, the two sides) lives until exit: the collector need not
+        # walk it again every time the copy's short-lived futures trigger a collection (~4 % of the CPU).
+        gc.freeze()
         try:
             async with _closing(dst_ep) as dst:
                 workers = choose_workers(args.workers, src, dst, request_size=args.request_size)

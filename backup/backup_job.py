@@ -182,6 +182,7 @@ class BackupJob(Job):
             target_zero_init=self.target_zero_init,
             max_chunk=self.max_chunk,
             top_allocation=top_allocation,
+            widen_guest_copies=options.sync != "none",  # sync=none copies exactly what guests overwrite
         )
         copier.on_progress = self.progress_done
         copier.on_skip = self._progress_skipped

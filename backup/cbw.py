@@ -44,6 +44,8 @@ class OnCbwError(StrEnum):
 class CopyBeforeWriteFilter(BlockFilter):
     """A ``BlockFilter`` whose write verbs copy the old data of not-yet-copied clusters first."""
 
+    passes_reads = True
+
     def __init__(
         self,
         next_device: BlockDevice,

@@ -9,6 +9,10 @@ from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent
 
 
 class BlockFilter:
+    #: True when ``pread`` returns exactly what ``next`` returns (the filter only changes writes), so
+    #: a reader may go straight to the device underneath (``direct_read_fd``).
+    passes_reads = False
+
     def __init__(self, next_device: BlockDevice) -> None:
         self.next = next_device
 
@@ -53,3 +57,20 @@ class BlockFilter:
 
     async def close(self) -> None:
         """Filters do not own ``next``; closing one releases only what the filter itself holds."""
+
+
+def direct_read_fd(device: object) -> int | None:
+    """The fd whose bytes are what ``device.pread`` returns, looking through filters that pass reads
+    (``passes_reads``) and nodes down to a device offering ``direct_read_fd`` (raw files); None otherwise."""
+    while True:
+        if isinstance(device, BlockFilter):
+            if not device.passes_reads:
+                return None
+            device = device.next
+        elif isinstance(getattr(device, "filters", None), list):  # a BlockNode: read through its stack
+            device = device.top  # type: ignore[attr-defined]
+        else:
+            break
+    direct = getattr(device, "direct_read_fd", None)
+    fd = direct() if direct is not None else None
+    return fd if isinstance(fd, int) else None

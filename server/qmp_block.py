@@ -71,6 +71,8 @@ BLOCKDEV_OPTIONS.set_variant("null-co", {"*size": "int", "*read-zeroes": "bool"}
 class ReadOnlyFilter(BlockFilter):
     """``read-only: true`` over a device that could write (a writable NBD export)."""
 
+    passes_reads = True
+
     @property
     def read_only(self) -> bool:
         return True

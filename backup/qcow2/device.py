@@ -349,8 +349,9 @@ class Qcow2Device:
     # --- helpers -------------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        """Again under the lock: a request that waited (for the lock or its compression threads)
-        while ``close`` ran must not use the descriptor number, which another file may own by now."""
+        """Again after any wait: a request that waited (for the lock, its compression threads, the
+        backing file) while ``close`` ran must not use the descriptor number, which another file may
+        own by now."""
         if self._closed:
             raise OSError(errno.EBADF, f"{self.path}: device is closed")
 
@@ -397,19 +398,33 @@ class Qcow2Device:
     # --- reads -----------------------------------------------------------------------------------------
 
     async def pread(self, offset: int, length: int) -> bytes:
+        """Reads take no lock, so every host cluster the mapping names is read before the first await.
+
+        A backing read suspends; while it does, a trim/zero/rewrite may free a mapped host cluster
+        and the allocator may hand it to another guest cluster (or ``close`` may free the descriptor
+        number). Reading the image's own clusters first, with no await since ``_map``, means they
+        hold exactly what the mapping said; only the backing pieces are read after a suspension,
+        and they come from the backing file, which this image never frees or reuses.
+        """
         self._check(offset, length)
+        segs = self._map(offset, length)
         pieces: list[bytes] = []
-        for kind, arg, pos, n in self._map(offset, length):
+        backing: list[int] = []  # indexes into pieces still to read from the backing file
+        for kind, arg, pos, n in segs:
             if kind == _HOST:
                 data = os.pread(self._fd, n, arg)
                 pieces.append(data if len(data) == n else data.ljust(n, b"\0"))  # past EOF: zeroes, as QEMU
             elif kind == _ZERO:
                 pieces.append(self._zero_cluster[:n] if n <= self._cs else bytes(n))
             elif kind == _BACKING:
-                pieces.append(await self._backing_read(pos, n))
+                backing.append(len(pieces))
+                pieces.append(b"")
             else:
                 in_off = pos & (self._cs - 1)
                 pieces.append(self._read_compressed(arg)[in_off : in_off + n])
+        for index in backing:
+            _, _, pos, n = segs[index]
+            pieces[index] = await self._backing_read(pos, n)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
@@ -609,6 +624,7 @@ class Qcow2Device:
                 for ext in await self.backing.block_status(pos, below):
                     add(ext.length, ext.flags)
                     got += ext.length
+                self._check_open()  # the walk goes on loading L2 tables through the descriptor
                 if got < below:
                     break  # the backing stopped early: report what we know
                 if below < n:

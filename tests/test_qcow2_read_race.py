@@ -189,3 +189,38 @@ async def test_block_status_racing_close_never_reads_a_reused_descriptor(tmp_pat
     finally:
         os.close(fd)
         backing.gate.set()
+
+
+async def test_cancelled_close_never_frees_the_descriptor_under_a_write(tmp_path: Path) -> None:
+    """A write merging a partial cluster holds the lock while it waits in the backing file; a close
+    waiting for that lock is cancelled (a caller's timeout). The descriptor must not be closed under
+    the write — whose data, L2 and refcount updates would then land in whatever file reuses the
+    number — and the image must still end up closed cleanly once the write is done."""
+    dev, backing = await _image(tmp_path)
+    await dev.pwrite(CS, b"A" * CS)
+    backing.gate.clear()
+    backing.waiting.clear()
+    write = asyncio.create_task(dev.pwrite(2 * CS + 100, b"W" * 100))  # merges cluster 2's backing data
+    await asyncio.wait_for(backing.waiting.wait(), 10)
+    close = asyncio.create_task(dev.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    close.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await close
+    other = tmp_path / "other"
+    fd = os.open(other, os.O_RDWR | os.O_CREAT, 0o600)  # most likely takes the image's number, if freed
+    try:
+        backing.gate.set()
+        await asyncio.wait_for(write, 10)  # the write finishes on the image (nothing asked it to stop)
+        await asyncio.wait_for(dev.close(), 10)
+        assert os.fstat(fd).st_size == 0, "the image's write went into another file"
+    finally:
+        os.close(fd)
+    check = check_image(str(tmp_path / "top.qcow2"))
+    assert check.clean, check
+    image = await Qcow2Device.open(tmp_path / "top.qcow2", read_only=True, backing_device=backing)
+    try:
+        assert await image.pread(2 * CS, CS) == b"b" * 100 + b"W" * 100 + b"b" * (CS - 200)
+    finally:
+        await image.close()

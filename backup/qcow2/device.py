@@ -132,6 +132,7 @@ class Qcow2Device:
         self._lock = asyncio.Lock()
         self._marked_dirty = self.was_dirty
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         self._zero_cluster = bytes(self._cs)
         self._decompressed: tuple[int, bytes] | None = None  # last compressed cluster read
 
@@ -1018,14 +1019,28 @@ class Qcow2Device:
             self._flush_locked()
 
     async def close(self) -> None:
-        """Flush, then clear the dirty bit: only now is the image complete and clean."""
+        """Flush, then clear the dirty bit: only now is the image complete and clean.
+
+        The work runs in one task shared by every caller and shielded from their cancellation: a
+        close given up on (a caller's timeout) while a write holds the lock must neither free the
+        descriptor under that write (its data and metadata would land in whatever file reuses the
+        number) nor stop half-way; it finishes, cleanly, once the write is done.
+        """
+        if self._closed:
+            return
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+            self._closing.add_done_callback(_retrieve_close_error)
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         if self._closed:
             return
         try:
             if not self._read_only and self._marked_dirty:
                 async with self._lock:
                     if self._closed:
-                        return  # another close() ran while this one waited for the lock
+                        return  # abandon() ran while this one waited for the lock
                     self._flush_locked()
                     h = self.header
                     if h.version >= 3:
@@ -1046,6 +1061,12 @@ class Qcow2Device:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+
+
+def _retrieve_close_error(task: asyncio.Future[None]) -> None:
+    """A close whose callers all gave up still fails somewhere: log it rather than lose it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("closing a qcow2 image failed: %s", task.exception())
 
 
 def _check_writable(h: ImageHeader, path: str, *, repair: bool) -> None:

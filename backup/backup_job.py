@@ -15,7 +15,7 @@ copy them in 1 MiB pieces (two in flight: one read, one written), so a job holds
 costs nothing (or one write-zeroes) to copy. Background errors go through the job's error policies
 (``on_source_error`` / ``on_target_error``); copy-before-write errors through ``on_cbw_error``
 (``break-snapshot`` fails the job). The target is flushed at the end (and, best effort, when a
-cancelled job closes a target it owns).
+cancelled job closes a target it owns — after the guest copies still in flight have finished).
 """
 
 from __future__ import annotations
@@ -426,13 +426,28 @@ class BackupJob(Job):
 
     # --- lifecycle hooks ----------------------------------------------------------------------------
 
+    async def _wait_for_guest_copies(self) -> None:
+        """What QEMU's drained section around removing the filter gives: guest writes already in the
+        filter finish the copy they started (``detach`` stops any further one), so the old data they
+        carry reaches the target before it is flushed and closed, and no copy writes to a closed
+        target. A copy stuck on a dead target gets a short grace only, so cancel stays prompt; it
+        then fails on the closed target and its guest write goes through (the copier is inactive)."""
+        copier = self.copier
+        if copier is None or not copier.in_flight:
+            return
+        try:
+            await asyncio.wait_for(copier.wait_idle(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.warning("job %s: %d copy-before-write copies still in flight", self.id, len(copier.in_flight))
+
     def early_fail(self) -> None:
         self.detach()
         super().early_fail()
 
     async def clean(self) -> None:
-        written_before = self.copier.written_bytes if self.copier is not None else 0
         self.detach()
+        await self._wait_for_guest_copies()
+        written_before = self.copier.written_bytes if self.copier is not None else 0
         if not self.close_target:
             return
         if written_before and not self._flushed:

@@ -6,6 +6,10 @@ The protocol lives in ``nbd.client_core``; this module only moves bytes and keep
   caller's buffer (no intermediate copies), and the cookie → future table is the core's in-flight map.
 * Requests are pipelined up to ``max_in_flight`` across all connections, split to the server's maximum
   payload and aligned to its minimum block size (read-modify-write for unaligned writes).
+* ``pwrite_from_fd`` sends a write's payload with ``sendfile`` straight from a file into the socket (no
+  copy through Python). Only while the transport holds nothing do we write to the socket ourselves; when
+  the socket is full mid-payload, later requests wait in the connection's own queue and the rest follows
+  once a duplicate of the socket's descriptor polls writable, so nothing interleaves with a payload.
 * Several connections are opened when the server advertises ``CAN_MULTI_CONN`` (which is what makes a
   flush on one connection cover writes completed on the others).
 * A dropped connection fails every pending request at once with :class:`DisconnectedError`, unless
@@ -105,6 +109,45 @@ class _Op:
     parts: int = 0  # a write replayed in pieces (part of it was superseded): pieces still out
     parent: _Op | None = None  # set on such a piece
     fresh: bool = True  # READ into a buffer known to be zeroed (holes need no filling)
+    source: _Source | None = None  # WRITE: the payload is in this file, from source_offset (``pwrite_from_fd``)
+    source_offset: int = 0
+
+
+class _Source:
+    """A private duplicate of a caller's file descriptor for ``pwrite_from_fd``, closed when its last user
+    lets go: the payload of a cancelled write may still be going out after the caller closed its own
+    descriptor, whose number a newly opened file may already have taken."""
+
+    __slots__ = ("fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = os.dup(fd)
+        self.users = 1
+
+    def hold(self) -> _Source:
+        self.users += 1
+        return self
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(slots=True, eq=False)
+class _FilePayload:
+    """What is left to send of a WRITE payload that is still in its source file."""
+
+    op: _Op
+    source: _Source
+    offset: int
+    length: int
+
+
+_Out = bytes | bytearray | memoryview | _FilePayload
+_SOCKET_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED})
+_IOV_MAX = 512
 
 
 _WRITE_CMDS = frozenset({c.Cmd.WRITE, c.Cmd.WRITE_ZEROES, c.Cmd.TRIM})
@@ -129,8 +172,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.on_replies: Callable[[list[Request]], None] = lambda done: None
         self.on_lost: Callable[[_Connection, BaseException], None] = lambda conn, exc: None
         self.ready = False
-        self._corked: list[bytes | bytearray | memoryview] = []
+        self._corked: list[_Out] = []
         self._uncork_scheduled = False
+        self._files = 0  # file payloads in ``_corked``: then the pump sends it, not the transport
+        self._pumping = False  # the pump waits for the socket to take more (polling ``_poll_fd``)
+        self._poll_fd = -1  # a dup of the socket: the transport already polls the socket's own descriptor
+        self._sock_fd = -1
 
     # -- asyncio.BufferedProtocol
 
@@ -167,6 +214,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_pump(close=True)
         self._eof = True
         self._hs_event.set()
         self._writable.set()
@@ -187,6 +235,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Drop the connection now; pending requests fail (or are replayed) from ``connection_lost``."""
         if self.reason is None:
             self.reason = reason
+        self._stop_pump(close=False)
         if self.transport is not None:
             self.transport.abort()
 
@@ -231,6 +280,11 @@ class _Connection(asyncio.BufferedProtocol):
         # and cost us the CPU on a busy machine); large payloads are written at once, no point holding them.
         corked = self._corked
         corked.append(header)
+        if op.source is not None:
+            corked.append(_FilePayload(op, op.source.hold(), op.source_offset, op.length))
+            self._files += 1
+            self._uncork()
+            return
         if op.data is not None:
             corked.append(op.data)
             if len(op.data) >= _UNCORK_PAYLOAD:
@@ -242,6 +296,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _uncork(self) -> None:
         self._uncork_scheduled = False
+        if self._pumping:
+            return  # the pump sends everything corked, in order, once the socket takes more
+        if self._files:
+            self._pump()
+            return
         corked = self._corked
         if not corked:
             return
@@ -250,9 +309,122 @@ class _Connection(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return  # connection_lost fails (or replays) the requests
         if len(corked) == 1:
-            transport.write(corked[0])
+            transport.write(corked[0])  # type: ignore[arg-type]  # no file payload in there
         else:
-            transport.writelines(corked)
+            transport.writelines(corked)  # type: ignore[arg-type]
+
+    def write_last(self, data: bytes) -> None:
+        """Queue ``data`` after everything corked (``NBD_CMD_DISC``) and send what can be sent."""
+        self._corked.append(data)
+        self._uncork()
+
+    # -- the pump: corked output that holds file payloads goes to the socket directly
+
+    def _pump(self) -> None:
+        """Send ``_corked`` in order: bytes with ``writev``, file payloads with ``sendfile``. Direct writes
+        only while the transport's buffer is empty (whatever it holds was queued first); whenever the
+        socket is full, wait for it to be writable and go on from there."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._stop_pump(close=False)
+            return  # connection_lost fails (or replays) the requests
+        if transport.get_write_buffer_size():
+            self._wait_writable()
+            return
+        corked = self._corked
+        sock = self._socket_fd()
+        done = 0
+        try:
+            while done < len(corked):
+                item = corked[done]
+                if isinstance(item, _FilePayload):
+                    if not self._send_file(sock, item):
+                        break
+                    self._files -= 1
+                    item.source.release()
+                    done += 1
+                    continue
+                end = done + 1
+                while end < len(corked) and end - done < _IOV_MAX and not isinstance(corked[end], _FilePayload):
+                    end += 1
+                sent = os.writev(sock, cast(list[bytes], corked[done:end]))
+                while done < end:
+                    size = memoryview(corked[done]).nbytes  # type: ignore[arg-type]
+                    if sent < size:
+                        if sent:
+                            corked[done] = memoryview(corked[done]).cast("B")[sent:]  # type: ignore[arg-type]
+                        break
+                    sent -= size
+                    done += 1
+                if done < end:
+                    break  # the socket took part of it: full
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            del corked[:done]
+            self.abort(DisconnectedError(f"connection to {self.label} lost: {exc}"))
+            return
+        del corked[:done]
+        if corked:
+            self._wait_writable()
+        else:
+            self._stop_pump(close=False)
+
+    def _send_file(self, sock: int, item: _FilePayload) -> bool:
+        """Send what is left of a file payload; False when the socket is full. A source that ends early
+        reads as zeroes from there (like a raw file's unaligned tail); a source that fails fails its
+        request and — the header being out, with no way to take it back — the connection."""
+        while item.length:
+            try:
+                sent = os.sendfile(sock, item.source.fd, item.offset, item.length)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in _SOCKET_ERRNOS:
+                    raise
+                op = item.op.parent or item.op
+                if not op.future.done():
+                    op.future.set_exception(
+                        OSError(exc.errno, f"reading the write payload at offset {item.offset}: {exc.strerror}")
+                    )
+                raise OSError(exc.errno, f"the source of a write payload failed: {exc.strerror}") from exc
+            if sent == 0:
+                zeroes = bytes(item.length)
+                sent = os.write(sock, zeroes)  # raises BlockingIOError when full: the rest stays a file payload
+            item.offset += sent
+            item.length -= sent
+        return True
+
+    def _wait_writable(self) -> None:
+        if self._pumping:
+            return
+        if self._poll_fd < 0:
+            assert self.transport is not None
+            self._poll_fd = os.dup(self._socket_fd())
+        self.loop.add_writer(self._poll_fd, self._pump)
+        self._pumping = True
+
+    def _socket_fd(self) -> int:
+        if self._sock_fd < 0:
+            assert self.transport is not None
+            self._sock_fd = self.transport.get_extra_info("socket").fileno()
+        return self._sock_fd
+
+    def _stop_pump(self, *, close: bool) -> None:
+        """Stop polling; on ``close`` also give back the duplicate descriptor (it keeps the socket open)
+        and the file payloads that will never be sent."""
+        if self._pumping:
+            self._pumping = False
+            self.loop.remove_writer(self._poll_fd)
+        if close:
+            if self._poll_fd >= 0:
+                os.close(self._poll_fd)
+                self._poll_fd = -1
+            for item in self._corked:
+                if isinstance(item, _FilePayload):
+                    item.source.release()
+            self._corked.clear()
+            self._files = 0
 
     @property
     def inflight(self) -> int:
@@ -583,6 +755,8 @@ class NbdClient:
         data: bytes | bytearray | memoryview | None = None,
         buffer: bytearray | memoryview | None = None,
         fresh: bool = True,
+        source: _Source | None = None,
+        source_offset: int = 0,
     ) -> Request:
         self._check_usable()
         loop = asyncio.get_running_loop()
@@ -592,6 +766,8 @@ class NbdClient:
             if not conn.ready:
                 conn = await self._pick()
             op = _Op(cmd, offset, length, flags, loop.create_future(), data, buffer, fresh=fresh)
+            if source is not None:
+                op.source, op.source_offset = source, source_offset
             if cmd in _WRITE_CMDS:
                 self._write_seq += 1
                 op.seq = self._write_seq
@@ -751,7 +927,10 @@ class NbdClient:
                 data = None
                 if op.data is not None:
                     data = memoryview(op.data)[start - op.offset : end - op.offset]
-                conn.send(_Op(op.cmd, start, end - start, op.flags, parent.future, data, None, op.seq, 0, parent))
+                piece = _Op(op.cmd, start, end - start, op.flags, parent.future, data, None, op.seq, 0, parent)
+                if op.source is not None:
+                    piece.source, piece.source_offset = op.source, op.source_offset + start - op.offset
+                conn.send(piece)
 
     def _unsuperseded(self, op: _Op) -> list[tuple[int, int]]:
         """Parts of ``op``'s range that no newer acknowledged write has covered."""
@@ -826,6 +1005,39 @@ class NbdClient:
                 self._submit(c.Cmd.WRITE, offset + pos, min(step, length - pos), flags, data=view[pos : pos + step])
                 for pos in range(0, length, step)
             )
+        if fua and not self._capabilities.can_fua:
+            await self.flush()
+
+    async def pwrite_from_fd(self, offset: int, fd: int, file_offset: int, length: int, *, fua: bool = False) -> None:
+        """Write ``length`` bytes of the file ``fd`` (from ``file_offset``; past its end: zeroes) at
+        ``offset``, sent with ``sendfile`` from the page cache into the socket — no copy through Python.
+
+        Not part of ``BlockDevice``; ``nbd-backup copy`` uses it when the source is a raw file. ``fd`` is
+        duplicated: the caller may close its own once this returns or is cancelled."""
+        self._bounds(offset, length, write=True)
+        if length == 0:
+            return
+        minimum = self._minimum
+        if minimum > 1 and (offset % minimum or length % minimum):
+            await self.pwrite(offset, _pread_exactly(fd, file_offset, length), fua=fua)
+            return
+        flags = c.CmdFlag.FUA if fua and self._capabilities.can_fua else 0
+        source = _Source(fd)
+        try:
+            step = self._max_payload
+            await _gather(
+                self._submit(
+                    c.Cmd.WRITE,
+                    offset + pos,
+                    min(step, length - pos),
+                    flags,
+                    source=source,
+                    source_offset=file_offset + pos,
+                )
+                for pos in range(0, length, step)
+            )
+        finally:
+            source.release()
         if fua and not self._capabilities.can_fua:
             await self.flush()
 
@@ -962,8 +1174,7 @@ class NbdClient:
                 continue
             if conn.ready and conn.tx is not None:
                 try:
-                    conn._uncork()
-                    transport.write(ClientTransmission.disconnect_request())
+                    conn.write_last(ClientTransmission.disconnect_request())
                 except (OSError, RuntimeError):
                     pass
             transport.close()
@@ -1004,6 +1215,19 @@ def subtract_ranges(start: int, end: int, covers: Iterable[tuple[int, int]]) -> 
                 remaining.append((cover_end, b))
         pieces = remaining
     return pieces
+
+
+def _pread_exactly(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``fd`` at ``offset``, zeroes past its end."""
+    parts, got = [], 0
+    while got < length:
+        part = os.pread(fd, length - got, offset + got)
+        if not part:
+            parts.append(bytes(length - got))
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _load(conn: _Connection) -> int:

@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 
 from backup.memory import MemoryDevice
+from backup.rawfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RawFileDevice, fallocate
+from nbd import client as client_module
+from nbd.client import NbdClient
 from nbd.constants import State
 from nbd.device import Extent
+from nbd.errors import DisconnectedError
+from nbd.server import Export, NbdServer
 from server.commands.copy import CopyError, copy_device
 from server.progress import Progress
 
@@ -202,3 +207,99 @@ def test_pipe_progress_batches() -> None:
     assert reader.recv() == ("progress", PROGRESS_BATCH + 1)
     assert reader.recv() == ("progress", 7)
     assert not reader.poll()
+
+
+# --- a raw file into an NBD export: payloads go with sendfile ------------------------------------------------
+
+
+async def _file_source_and_served_target(tmp_path: Path) -> tuple[Path, bytes, Recording, NbdServer, str]:
+    """A raw file with data chunks, a chunk that starts with 8 KiB of zeroes, an allocated all-zero chunk,
+    a hole and an unaligned tail; and an NBD export of garbage to copy it onto."""
+    chunk = 1 << 20
+    rng = random.Random(11)
+    data = bytearray(rng.randbytes(6 * chunk + 1000))
+    data[chunk : chunk + 8192] = bytes(8192)  # first bytes zero, the rest data: the full check decides
+    data[2 * chunk : 3 * chunk] = bytes(chunk)  # allocated zeroes: detected and zeroed
+    path = tmp_path / "src.raw"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4 * chunk, chunk)  # a real hole
+    finally:
+        os.close(fd)
+    data[4 * chunk : 5 * chunk] = bytes(chunk)
+    target = Recording(7 * chunk, fill=b"\xee")
+    server = NbdServer()
+    server.add_export(Export("t", target))
+    await server.listen_unix(tmp_path / "t.sock")
+    return path, bytes(data), target, server, f"nbd+unix:///t?socket={tmp_path / 't.sock'}"
+
+
+@pytest.mark.parametrize("detect_zeroes", [True, False])
+async def test_raw_file_to_nbd_sends_payloads_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detect_zeroes: bool
+) -> None:
+    path, data, target, server, uri = await _file_source_and_served_target(tmp_path)
+    sent_from_file: list[tuple[int, int]] = []
+    real = NbdClient.pwrite_from_fd
+
+    async def spy(self: NbdClient, offset: int, fd: int, file_offset: int, length: int, *, fua: bool = False) -> None:
+        assert offset == file_offset
+        sent_from_file.append((offset, length))
+        await real(self, offset, fd, file_offset, length, fua=fua)
+
+    monkeypatch.setattr(NbdClient, "pwrite_from_fd", spy)
+    src = await RawFileDevice.open(path, read_only=True)
+    dst = await NbdClient.connect(uri, connections=2)
+    try:
+        stats = await copy_device(src, dst, request_size=1 << 20, requests=4, detect_zeroes=detect_zeroes)
+    finally:
+        await dst.close()
+        await src.close()
+        await server.stop()
+    size = src.size  # the unaligned tail rounded up to 512 bytes: a hole past the end of the file
+    tail = size - len(data)
+    assert target.data[:size] == data + bytes(size - len(data))
+    assert target.data[size:] == b"\xee" * (len(target.data) - size)
+    chunk = 1 << 20
+    if detect_zeroes:
+        assert sorted(sent_from_file) == [
+            (0, chunk),
+            (3 * chunk, chunk),
+            (5 * chunk, chunk),
+            (6 * chunk, 1000),
+        ]
+        assert stats.zero_bytes == 2 * chunk + tail  # the allocated zeroes, the holes
+        assert stats.data_bytes == len(data) - 2 * chunk  # the chunk starting with zeroes went the ordinary way
+    else:
+        assert (2 * chunk, chunk) in sent_from_file and (chunk, chunk) in sent_from_file
+        assert stats.zero_bytes == chunk + tail and stats.data_bytes == len(data) - chunk
+
+
+async def test_raw_file_to_nbd_fails_when_the_file_fails_mid_payload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _, target, server, uri = await _file_source_and_served_target(tmp_path)
+    calls = 0
+    real = os.sendfile
+
+    def failing(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(out_fd, in_fd, offset, min(count, 65536))  # part of a payload: later calls go on with it
+
+    monkeypatch.setattr(client_module.os, "sendfile", failing)
+    src = await RawFileDevice.open(path, read_only=True)
+    dst = await NbdClient.connect(uri, connections=1)
+    try:
+        with pytest.raises(OSError) as info:
+            await copy_device(src, dst, request_size=1 << 20, requests=4)
+        assert info.value.errno == errno.EIO or isinstance(info.value, DisconnectedError)
+        assert calls >= 3
+    finally:
+        await dst.close()
+        await src.close()
+        await server.stop()
+    assert target.data[: 1 << 20] == b"\xee" * (1 << 20)  # the failed payload was never applied

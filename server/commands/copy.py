@@ -187,6 +187,10 @@ async def copy_device(
                 offset += length
 
     read_into = getattr(src, "pread_into", None)  # optional: reads into our reused buffers
+    # A raw file into an NBD export: payloads go from the page cache into the socket (sendfile).
+    source_fd = getattr(src, "direct_read_fd", None)
+    write_from_fd = getattr(dst, "pwrite_from_fd", None) if source_fd is not None else None
+    sample = bytearray(_ZERO_SAMPLE)
 
     async def work() -> None:
         buffer = bytearray(request_size) if read_into is not None else None
@@ -199,6 +203,15 @@ async def copy_device(
             if is_zero:
                 await zero_range(offset, length)
                 continue
+            if write_from_fd is not None and source_fd is not None:
+                fd = source_fd()
+                # A chunk is all zeroes only if its first bytes are: most data chunks are told by a tiny
+                # read, and a chunk that starts with zeroes takes the ordinary path (which checks it all).
+                if fd is not None and not (detect_zeroes and _starts_with_zeroes(fd, offset, sample)):
+                    await write_from_fd(offset, fd, offset, length)
+                    stats.data_bytes += length
+                    account(length)
+                    continue
             data: bytes | bytearray | memoryview
             if read_into is not None and buffer is not None and view is not None:
                 data = buffer if length == request_size else view[:length]
@@ -227,6 +240,16 @@ async def copy_device(
         await asyncio.gather(*tasks, return_exceptions=True)
     await dst.flush()
     return stats
+
+
+_ZERO_SAMPLE = 4096
+_SAMPLE_ZEROES = bytes(_ZERO_SAMPLE)
+
+
+def _starts_with_zeroes(fd: int, offset: int, sample: bytearray) -> bool:
+    """True when the file's bytes at ``offset`` (up to ``len(sample)``, fewer at its end) are all zero."""
+    got = os.preadv(fd, [sample], offset)
+    return _SAMPLE_ZEROES.startswith(memoryview(sample)[:got])  # a memcmp
 
 
 def _is_zero(data: bytes | bytearray | memoryview, zeroes: memoryview) -> bool:

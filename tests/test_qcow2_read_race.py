@@ -224,3 +224,32 @@ async def test_cancelled_close_never_frees_the_descriptor_under_a_write(tmp_path
         assert await image.pread(2 * CS, CS) == b"b" * 100 + b"W" * 100 + b"b" * (CS - 200)
     finally:
         await image.close()
+
+
+async def test_fleecing_read_in_the_backing_file_finishes_before_the_write_returns(tmp_path: Path) -> None:
+    """The fleecing scheme (``sync=none``): the image is backed by the live source and the
+    copy-before-write puts a cluster's old data into it before the guest overwrites the source. A
+    read of that cluster that is already in the backing file when the copy lands must finish before
+    the copy's write returns — else the guest's write goes down meanwhile and the read, which a
+    thread may run late, returns data from after the point in time."""
+    dev, backing = await _image(tmp_path)
+    old = b"b" * CS
+    read = await _start_read(dev, backing, 2 * CS, CS)
+    order: list[str] = []
+
+    async def guest_write() -> None:
+        await dev.pwrite(2 * CS, old)  # the copy-before-write of cluster 2
+        order.append("copied")
+        await MemoryDevice.pwrite(backing, 2 * CS, b"G" * CS)  # then the guest's write to the source
+        order.append("guest")
+
+    guest = asyncio.create_task(guest_write())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    backing.gate.set()
+    assert await asyncio.wait_for(read, 10) == old
+    await asyncio.wait_for(guest, 10)
+    assert order == ["copied", "guest"]
+    assert await dev.pread(2 * CS, CS) == old
+    await dev.close()
+    assert check_image(str(tmp_path / "top.qcow2")).clean

@@ -83,6 +83,17 @@ class _Writer:
         self._end = -1
 
 
+class _BackingRead:
+    """A read in flight in the backing file, over guest bytes ``[start, end)``."""
+
+    __slots__ = ("done", "end", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.done = asyncio.Event()
+
+
 class Qcow2Device:
     """A qcow2 image opened for reading (any image) or reading and writing (see ``open``)."""
 
@@ -133,6 +144,7 @@ class Qcow2Device:
         self._marked_dirty = self.was_dirty
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        self._backing_reads: list[_BackingRead] = []  # see _after_backing_reads
         self._zero_cluster = bytes(self._cs)
         self._decompressed: tuple[int, bytes] | None = None  # last compressed cluster read
 
@@ -423,10 +435,27 @@ class Qcow2Device:
             else:
                 in_off = pos & (self._cs - 1)
                 pieces.append(self._read_compressed(arg)[in_off : in_off + n])
-        for index in backing:
-            _, _, pos, n = segs[index]
-            pieces[index] = await self._backing_read(pos, n)
+        if backing:
+            first, last = segs[backing[0]], segs[backing[-1]]
+            record = _BackingRead(first[2], last[2] + last[3])
+            self._backing_reads.append(record)
+            try:
+                for index in backing:
+                    _, _, pos, n = segs[index]
+                    pieces[index] = await self._backing_read(pos, n)
+            finally:
+                self._backing_reads.remove(record)
+                record.done.set()
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def _after_backing_reads(self, offset: int, length: int) -> None:
+        """A write is done once the reads that mapped its range to the backing file are: reads that
+        start later find the new mapping. In the fleecing scheme the backing file is the live source
+        and this write is a copy-before-write, after which the guest overwrites the source: a read
+        still in the backing file (a thread may run it late) would return the guest's new data."""
+        end = offset + length
+        for record in [r for r in self._backing_reads if r.start < end and offset < r.end]:
+            await record.done.wait()
 
     def _map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """The range as (kind, host offset or L2 entry, guest offset, bytes) runs, neighbours merged:
@@ -769,6 +798,8 @@ class Qcow2Device:
             await self._write(offset, mv, blobs)
             if fua:
                 self._flush_locked()
+        if self._backing_reads:
+            await self._after_backing_reads(offset, len(mv))
 
     async def _compress_parallel(self, offset: int, mv: memoryview) -> dict[int, bytes]:
         """Compressed images of the whole clusters the request covers, by guest cluster index.
@@ -913,6 +944,8 @@ class Qcow2Device:
                 await self._zero_clusters(whole_start, whole_end - whole_start, may_trim=may_trim)
             if fua:
                 self._flush_locked()
+        if self._backing_reads:
+            await self._after_backing_reads(offset, length)
 
     async def _zero_partial(self, offset: int, length: int) -> None:
         if not await self._reads_zero(offset, length):
@@ -972,6 +1005,8 @@ class Qcow2Device:
                 await self._zero_clusters(whole_start, whole_end - whole_start, may_trim=True)
             if fua:
                 self._flush_locked()
+        if self._backing_reads:
+            await self._after_backing_reads(offset, length)
 
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch: loading the L2 tables is the useful part (the data is in the page cache's hands)."""

@@ -62,13 +62,13 @@ class SlowTarget(BlockFilter):
         await self.next.close()
 
 
-async def test_cancel_waits_for_a_guest_copy_in_flight_before_closing_the_target(tmp_path: Path) -> None:
+async def _cancel_mid_copy(tmp_path: Path) -> tuple[MemoryDevice, SlowTarget, BackupJob, asyncio.Task[None]]:
+    """A running ``sync=none`` job owning a qcow2 target (``target.qcow2``) behind a ``SlowTarget``,
+    cancelled while a guest write's copy of cluster 3 waits in the target (the guest write task)."""
     size = 8 * CS
-    old = pattern(size)
-    source = MemoryDevice(size, data=old)
+    source = MemoryDevice(size, data=pattern(size))
     node = BlockNode("disk", source)
-    path = tmp_path / "target.qcow2"
-    target = SlowTarget(await Qcow2Device.create(path, size))
+    target = SlowTarget(await Qcow2Device.create(tmp_path / "target.qcow2", size))
     job = BackupJob(
         "job0", node, target, BackupOptions(sync="none"), events=EventBus(), target_zero_init=True, close_target=True
     )
@@ -79,6 +79,13 @@ async def test_cancel_waits_for_a_guest_copy_in_flight_before_closing_the_target
     guest = asyncio.create_task(node.pwrite(3 * CS + 10, b"N" * 100))
     await asyncio.wait_for(target.waiting.wait(), 10)  # its old data is on the way to the target
     job.cancel()
+    return source, target, job, guest
+
+
+async def test_cancel_waits_for_a_guest_copy_in_flight_before_closing_the_target(tmp_path: Path) -> None:
+    old = pattern(8 * CS)
+    source, target, job, guest = await _cancel_mid_copy(tmp_path)
+    path = tmp_path / "target.qcow2"
     await until(lambda: job.status != "running")
     for _ in range(20):  # let the cancelled job get as far as it goes while the copy is stuck
         await asyncio.sleep(0)
@@ -87,7 +94,7 @@ async def test_cancel_waits_for_a_guest_copy_in_flight_before_closing_the_target
     await asyncio.wait_for(guest, 10)  # never failed because the job went away under it
     assert target.closed
     assert target.released_under_io == []
-    assert node.filters == []
+    assert job.source.filters == []
     assert source.data[3 * CS + 10 : 3 * CS + 110] == b"N" * 100
     check = check_image(str(path))
     assert check.clean, check
@@ -106,22 +113,8 @@ async def test_cancel_with_a_guest_copy_stuck_on_a_dead_target_stays_prompt(
     closes the target; when the copy finally arrives it meets a closed image (EBADF), which is no
     longer the guest's concern — the write goes through, and the closed image stays untouched."""
     monkeypatch.setattr(backup_job, "CLOSE_TIMEOUT", 0.05)
-    size = 8 * CS
-    old = pattern(size)
-    source = MemoryDevice(size, data=old)
-    node = BlockNode("disk", source)
+    source, target, job, guest = await _cancel_mid_copy(tmp_path)
     path = tmp_path / "target.qcow2"
-    target = SlowTarget(await Qcow2Device.create(path, size))
-    job = BackupJob(
-        "job0", node, target, BackupOptions(sync="none"), events=EventBus(), target_zero_init=True, close_target=True
-    )
-    await job.attach()
-    job.start()
-    await node.pwrite(0, b"first" * 100)
-    target.gate.clear()
-    guest = asyncio.create_task(node.pwrite(3 * CS + 10, b"N" * 100))
-    await asyncio.wait_for(target.waiting.wait(), 10)
-    job.cancel()
     await asyncio.wait_for(job.wait(), 30)  # the gate is still shut: the copy is stuck
     assert target.closed and not guest.done()
     before = path.read_bytes()

@@ -178,6 +178,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pumping = False  # the pump waits for the socket to take more (polling ``_poll_fd``)
         self._poll_fd = -1  # a dup of the socket: the transport already polls the socket's own descriptor
         self._sock_fd = -1
+        self._plain: bool | None = None
 
     # -- asyncio.BufferedProtocol
 
@@ -275,6 +276,17 @@ class _Connection(asyncio.BufferedProtocol):
     def send(self, op: _Op) -> None:
         tx = self.tx
         assert tx is not None and self.transport is not None
+        if op.source is not None and not self._plain_socket():
+            # TLS (or a transport without a socket): the payload must go through the transport as bytes.
+            try:
+                op.data = _pread_exactly(op.source.fd, op.source_offset, op.length)
+            except OSError as exc:
+                future = (op.parent or op).future
+                if not future.done():
+                    future.set_exception(exc)  # the caller sees the file's errno; the rest is bookkeeping
+                self.on_replies([Request(0, op.cmd, op.flags, op.offset, op.length, userdata=op, error=c.Errno.EIO)])
+                return
+            op.source = None
         _, header = tx.request(op.cmd, op.offset, op.length, op.flags, buffer=op.buffer, userdata=op, fresh=op.fresh)
         # Cork: requests issued in one loop iteration leave in one write (each write can wake the server
         # and cost us the CPU on a busy machine); large payloads are written at once, no point holding them.
@@ -403,6 +415,16 @@ class _Connection(asyncio.BufferedProtocol):
             self._poll_fd = os.dup(self._socket_fd())
         self.loop.add_writer(self._poll_fd, self._pump)
         self._pumping = True
+
+    def _plain_socket(self) -> bool:
+        """Bytes written to the socket reach the peer as they are (no TLS layer above it)."""
+        if self._plain is None:
+            transport = self.transport
+            assert transport is not None
+            self._plain = transport.get_extra_info("socket") is not None and (
+                transport.get_extra_info("ssl_object") is None
+            )
+        return self._plain
 
     def _socket_fd(self) -> int:
         if self._sock_fd < 0:

@@ -449,3 +449,34 @@ def test_close_after_file_writes_leaves_no_descriptor_behind(loop_name: str, tmp
             await server.stop()
 
     run_on(loop_name, scenario())
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_without_a_plain_socket_payloads_are_read_and_written_as_bytes(loop_name: str, tmp_path: Path) -> None:
+    """Over TLS sendfile would bypass the encryption: the payload is read and goes through the transport
+    (forced here on a plain connection); a source that cannot be read fails only its own write."""
+    src_path, src = source_file(tmp_path, 1 << 20, 9)
+    device = MemoryDevice(SIZE)
+
+    async def scenario() -> None:
+        server, uri = await serve(device, tmp_path / "p.sock")
+        fd = os.open(src_path, os.O_RDONLY)
+        directory = os.open(tmp_path, os.O_RDONLY)
+        try:
+            client = await NbdClient.connect(uri, connections=1)
+            client._conns[0]._plain = False
+            await client.pwrite_from_fd(4096, fd, 0, 1 << 20)
+            assert device.data[4096 : 4096 + (1 << 20)] == src
+            with pytest.raises(OSError) as info:
+                await client.pwrite_from_fd(0, directory, 0, 4096)  # pread of a directory: EISDIR
+            assert info.value.errno == errno.EISDIR
+            assert not client._pending_writes  # nothing left waiting for an acknowledgement
+            await client.pwrite(0, b"still usable")
+            assert device.data[:12] == b"still usable"
+            await client.close()
+        finally:
+            os.close(directory)
+            os.close(fd)
+            await server.stop()
+
+    run_on(loop_name, scenario())

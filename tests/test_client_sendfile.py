@@ -12,12 +12,14 @@ import errno
 import os
 import random
 import socket
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_client_device import StuckFirstWrite
+from test_server import LOOPS, run_on
 
 from backup.memory import MemoryDevice
 from nbd import client as client_module
@@ -30,17 +32,7 @@ from nbd.errors import DisconnectedError
 from nbd.server import Export, NbdServer
 
 SIZE = 8 << 20
-LOOPS = ["asyncio", "uvloop"]
 PAYLOAD = 1 << 20
-
-
-def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
-    factory = None
-    if loop_name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(coro, 60))
 
 
 class LimitedDevice(MemoryDevice):
@@ -93,6 +85,18 @@ async def serve(device: MemoryDevice, path: Path) -> tuple[NbdServer, str]:
     return server, f"nbd+unix:///d?socket={path}"
 
 
+@asynccontextmanager
+async def served(device: MemoryDevice, path: Path, source: Path) -> AsyncIterator[tuple[str, int]]:
+    """Our server exporting ``device`` on ``path``, and ``source`` open for reading: (URI, descriptor)."""
+    server, uri = await serve(device, path)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        yield uri, fd
+    finally:
+        os.close(fd)
+        await server.stop()
+
+
 def shrink_send_buffers(client: NbdClient) -> None:
     """A send buffer of a few KiB: every large payload stops part-way and waits for the socket."""
     for conn in client._conns:
@@ -118,9 +122,7 @@ def test_file_payloads_are_byte_exact_among_other_requests(
     device = LimitedDevice(SIZE)
 
     async def scenario() -> None:
-        server, uri = await serve(device, tmp_path / "s.sock")
-        fd = os.open(src_path, os.O_RDONLY)
-        try:
+        async with served(device, tmp_path / "s.sock", src_path) as (uri, fd):
             with spying(monkeypatch) as spy:
                 client = await NbdClient.connect(uri, connections=2, max_in_flight=16)
                 if small_buffer:
@@ -157,9 +159,6 @@ def test_file_payloads_are_byte_exact_among_other_requests(
             assert spy.sent == expected_sent  # the fast path carried the aligned payloads (up to the source's end)
             if small_buffer:
                 assert spy.partial and spy.eagain  # payloads stopped half-way and went on later
-        finally:
-            os.close(fd)
-            await server.stop()
 
     run_on(loop_name, scenario())
 
@@ -172,9 +171,7 @@ def test_a_file_payload_waits_for_what_the_transport_holds(loop_name: str, tmp_p
     device = MemoryDevice(SIZE)
 
     async def scenario() -> None:
-        server, uri = await serve(device, tmp_path / "t.sock")
-        fd = os.open(src_path, os.O_RDONLY)
-        try:
+        async with served(device, tmp_path / "t.sock", src_path) as (uri, fd):
             client = await NbdClient.connect(uri, connections=1)
             for _ in range(3):
                 await asyncio.gather(
@@ -186,9 +183,6 @@ def test_a_file_payload_waits_for_what_the_transport_holds(loop_name: str, tmp_p
                 (1 << 20) - 300_000
             ) + src + b"\x22" * 4096 + bytes((1 << 20) - 4096)
             await client.close()
-        finally:
-            os.close(fd)
-            await server.stop()
 
     run_on(loop_name, scenario())
 
@@ -272,9 +266,7 @@ def test_a_source_failing_mid_payload_fails_that_write_and_the_rest_replays(
     device = MemoryDevice(SIZE, data=b"\xee" * SIZE)
 
     async def scenario() -> None:
-        server, uri = await serve(device, tmp_path / "f.sock")
-        fd = os.open(src_path, os.O_RDONLY)
-        try:
+        async with served(device, tmp_path / "f.sock", src_path) as (uri, fd):
             with spying(monkeypatch) as spy:
                 client = await NbdClient.connect(uri, connections=1, max_in_flight=8, reconnect_delay=20)
                 shrink_send_buffers(client)
@@ -293,9 +285,6 @@ def test_a_source_failing_mid_payload_fails_that_write_and_the_rest_replays(
                     assert device.data[i << 20 : (i + 1) << 20] == expected, i
                     assert await client.pread(i << 20, 1 << 20) == expected
                 await client.close()
-        finally:
-            os.close(fd)
-            await server.stop()
 
     run_on(loop_name, scenario())
 
@@ -308,9 +297,7 @@ def test_without_reconnect_a_failing_source_fails_the_client_not_the_data(
     device = MemoryDevice(SIZE, data=b"\xee" * SIZE)
 
     async def scenario() -> None:
-        server, uri = await serve(device, tmp_path / "n.sock")
-        fd = os.open(src_path, os.O_RDONLY)
-        try:
+        async with served(device, tmp_path / "n.sock", src_path) as (uri, fd):
             with spying(monkeypatch) as spy:
                 client = await NbdClient.connect(uri, connections=1)
                 shrink_send_buffers(client)
@@ -329,29 +316,8 @@ def test_without_reconnect_a_failing_source_fails_the_client_not_the_data(
                 with pytest.raises(DisconnectedError):  # one connection, dropped: the client is done
                     await client.pread(0, 512)
                 await client.close()
-        finally:
-            os.close(fd)
-            await server.stop()
 
     run_on(loop_name, scenario())
-
-
-class StuckFirstWrite(MemoryDevice):
-    """The first write never completes: its reply is never sent (so a reconnect replays it)."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.release = asyncio.Event()
-        self.stuck = asyncio.Event()
-        self.writes = 0
-
-    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
-        self.writes += 1
-        if self.writes == 1:
-            self.stuck.set()
-            await self.release.wait()
-            raise OSError(errno.EIO, "the old connection is gone")
-        await super().pwrite(offset, data, fua=fua)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -365,9 +331,7 @@ def test_replayed_file_writes_send_the_same_bytes(
     device = StuckFirstWrite(SIZE)
 
     async def scenario() -> None:
-        server, uri = await serve(device, tmp_path / "r.sock")
-        fd = os.open(src_path, os.O_RDONLY)
-        try:
+        async with served(device, tmp_path / "r.sock", src_path) as (uri, fd):
             client = await NbdClient.connect(uri, connections=1, reconnect_delay=20)
             first = asyncio.ensure_future(client.pwrite_from_fd(0, fd, 1000, 8192))
             await asyncio.wait_for(device.stuck.wait(), 10)
@@ -384,9 +348,6 @@ def test_replayed_file_writes_send_the_same_bytes(
             assert device.data[:8192] == expected
             device.release.set()
             await client.close()
-        finally:
-            os.close(fd)
-            await server.stop()
 
     run_on(loop_name, scenario())
 
@@ -432,9 +393,7 @@ def test_close_after_file_writes_leaves_no_descriptor_behind(loop_name: str, tmp
         return set(os.listdir("/proc/self/fd"))
 
     async def scenario() -> None:
-        server, uri = await serve(device, tmp_path / "c.sock")
-        fd = os.open(src_path, os.O_RDONLY)
-        try:
+        async with served(device, tmp_path / "c.sock", src_path) as (uri, fd):
             before = open_fds()
             client = await NbdClient.connect(uri, connections=1)
             shrink_send_buffers(client)
@@ -444,9 +403,6 @@ def test_close_after_file_writes_leaves_no_descriptor_behind(loop_name: str, tmp
                 await asyncio.sleep(0)
             assert open_fds() <= before  # the duplicates of the socket and of the source are closed
             assert device.data[: 2 << 20] == src
-        finally:
-            os.close(fd)
-            await server.stop()
 
     run_on(loop_name, scenario())
 
@@ -459,24 +415,21 @@ def test_without_a_plain_socket_payloads_are_read_and_written_as_bytes(loop_name
     device = MemoryDevice(SIZE)
 
     async def scenario() -> None:
-        server, uri = await serve(device, tmp_path / "p.sock")
-        fd = os.open(src_path, os.O_RDONLY)
-        directory = os.open(tmp_path, os.O_RDONLY)
-        try:
-            client = await NbdClient.connect(uri, connections=1)
-            client._conns[0]._plain = False
-            await client.pwrite_from_fd(4096, fd, 0, 1 << 20)
-            assert device.data[4096 : 4096 + (1 << 20)] == src
-            with pytest.raises(OSError) as info:
-                await client.pwrite_from_fd(0, directory, 0, 4096)  # pread of a directory: EISDIR
-            assert info.value.errno == errno.EISDIR
-            assert not client._pending_writes  # nothing left waiting for an acknowledgement
-            await client.pwrite(0, b"still usable")
-            assert device.data[:12] == b"still usable"
-            await client.close()
-        finally:
-            os.close(directory)
-            os.close(fd)
-            await server.stop()
+        async with served(device, tmp_path / "p.sock", src_path) as (uri, fd):
+            directory = os.open(tmp_path, os.O_RDONLY)
+            try:
+                client = await NbdClient.connect(uri, connections=1)
+                client._conns[0]._plain = False
+                await client.pwrite_from_fd(4096, fd, 0, 1 << 20)
+                assert device.data[4096 : 4096 + (1 << 20)] == src
+                with pytest.raises(OSError) as info:
+                    await client.pwrite_from_fd(0, directory, 0, 4096)  # pread of a directory: EISDIR
+                assert info.value.errno == errno.EISDIR
+                assert not client._pending_writes  # nothing left waiting for an acknowledgement
+                await client.pwrite(0, b"still usable")
+                assert device.data[:12] == b"still usable"
+                await client.close()
+            finally:
+                os.close(directory)
 
     run_on(loop_name, scenario())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -40,7 +39,9 @@ _T = TypeVar("_T")
 THREADED_IO_MIN = 256 * 1024  # reads and writes this big run in a thread: the loop keeps the socket busy meanwhile
 _HOLE = int(State.HOLE | State.ZERO)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The process's own symbols include libc's: ``find_library`` would run ``ldconfig -p`` (a fork and
+# ~20 ms) at every start-up of the CLI and the daemon.
+_libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate64 if hasattr(_libc, "fallocate64") else _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int

@@ -662,13 +662,31 @@ class NbdClient:
                 log.info("%s: server does not allow multi-conn; using one connection", target)
             wanted = 1
         try:
-            for _ in range(wanted - 1):
-                conn, _ = await cls._open(target, connect_timeout, list_contexts=False)
-                client._adopt(conn)
+            await client._open_more(target, connect_timeout, wanted - 1)
         except BaseException:
             await client.close()
             raise
         return client
+
+    async def _open_more(self, target: NbdUri, timeout: float, count: int) -> None:
+        """Open ``count`` more connections side by side (each handshake is a few round trips), adopting
+        every one that opened, even when another failed or the caller was cancelled, so that ``close``
+        finds them all; the first failure is raised."""
+        if count <= 0:
+            return
+        opening = [asyncio.ensure_future(self._open(target, timeout, list_contexts=False)) for _ in range(count)]
+        try:
+            await asyncio.wait(opening)
+        finally:
+            for task in opening:
+                task.cancel()
+            await asyncio.gather(*opening, return_exceptions=True)
+            for task in opening:
+                if not task.cancelled() and task.exception() is None:
+                    self._adopt(task.result()[0])
+        for task in opening:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
 
     @staticmethod
     async def _open(uri: NbdUri, timeout: float, *, list_contexts: bool) -> tuple[_Connection, ExportInfo]:

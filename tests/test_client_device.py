@@ -236,3 +236,32 @@ async def test_pread_into_reused_buffers_over_holes(served: tuple[NbdServer, Mem
         view = memoryview(buffer)[10:20]
         await client.pread_into((1 << 20) - 5, view)
         assert bytes(view) == b"\x11" * 5 + bytes(5)
+
+
+async def test_multi_conn_opens_side_by_side_and_a_failure_closes_every_one(
+    served: tuple[NbdServer, MemoryDevice, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _, uri = served
+    async with await NbdClient.connect(uri, connections=4) as client:
+        assert client.connections == 4
+        assert server.connections == 4
+    real_open = NbdClient._open
+    calls = 0
+
+    async def open_some(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the second extra connection is refused; the others open
+            await asyncio.sleep(0.01)
+            raise ConnectionRefusedError(111, "refused")
+        return await real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NbdClient, "_open", staticmethod(open_some))
+    with pytest.raises(ConnectionRefusedError):
+        await NbdClient.connect(uri, connections=4)
+    assert calls == 4
+    for _ in range(200):  # the server notices the closed sockets
+        if server.connections == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.connections == 0

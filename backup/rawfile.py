@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from nbd.constants import State
-from nbd.device import BlockLimits, Capabilities, Extent
+from nbd.device import BlockLimits, Capabilities, Extent, pread_padded
 
 SECTOR = 512
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -193,20 +193,8 @@ class RawFileDevice:
             data = os.pread(self._fd, length, offset)
         if len(data) < length:
             # Past the end of the file (the unaligned tail, or a file shrunk under us): zeroes.
-            data = self._read_rest(data, offset, length)
+            data += pread_padded(self._fd, offset + len(data), length - len(data))
         return data
-
-    def _read_rest(self, data: bytes, offset: int, length: int) -> bytes:
-        parts = [data]
-        got = len(data)
-        while got < length:
-            more = os.pread(self._fd, length - got, offset + got)
-            if not more:
-                parts.append(bytes(length - got))
-                break
-            parts.append(more)
-            got += len(more)
-        return b"".join(parts)
 
     async def pread_into(self, offset: int, buffer: bytearray | memoryview) -> None:
         """Read ``len(buffer)`` bytes into the caller's reused buffer (``nbd-backup copy``): a fresh

@@ -48,7 +48,7 @@ from nbd.client_core import (
     _NeedData,
     describe_rep_error,
 )
-from nbd.device import BlockLimits, Capabilities, Extent
+from nbd.device import BlockLimits, Capabilities, Extent, pread_padded
 from nbd.errors import DisconnectedError, HandshakeError, NbdError, NbdRequestError, ProtocolError, nbd_to_errno
 from nbd.uri import NbdUri, parse_uri
 
@@ -279,7 +279,7 @@ class _Connection(asyncio.BufferedProtocol):
         if op.source is not None and not self._plain_socket():
             # TLS (or a transport without a socket): the payload must go through the transport as bytes.
             try:
-                op.data = _pread_exactly(op.source.fd, op.source_offset, op.length)
+                op.data = pread_padded(op.source.fd, op.source_offset, op.length)
             except OSError as exc:
                 future = (op.parent or op).future
                 if not future.done():
@@ -1059,7 +1059,7 @@ class NbdClient:
             return
         minimum = self._minimum
         if minimum > 1 and (offset % minimum or length % minimum):
-            await self.pwrite(offset, _pread_exactly(fd, file_offset, length), fua=fua)
+            await self.pwrite(offset, pread_padded(fd, file_offset, length), fua=fua)
             return
         flags = c.CmdFlag.FUA if fua and self._capabilities.can_fua else 0
         source = _Source(fd)
@@ -1255,19 +1255,6 @@ def subtract_ranges(start: int, end: int, covers: Iterable[tuple[int, int]]) -> 
                 remaining.append((cover_end, b))
         pieces = remaining
     return pieces
-
-
-def _pread_exactly(fd: int, offset: int, length: int) -> bytes:
-    """``length`` bytes of ``fd`` at ``offset``, zeroes past its end."""
-    parts, got = [], 0
-    while got < length:
-        part = os.pread(fd, length - got, offset + got)
-        if not part:
-            parts.append(bytes(length - got))
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
 
 
 def _load(conn: _Connection) -> int:

@@ -10,6 +10,7 @@ with an errno (``NbdRequestError`` is one), which ``nbd.errors.errno_to_nbd`` ma
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -107,3 +108,17 @@ class BlockDevice(Protocol):
     async def close(self) -> None:
         """Release resources; further calls fail."""
         ...
+
+
+def pread_padded(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes of the file ``fd`` at ``offset``; past its end they read as zeroes (a raw image
+    whose size was rounded up, or a file that ends before the range a request names)."""
+    parts, got = [], 0
+    while got < length:
+        part = os.pread(fd, length - got, offset + got)
+        if not part:
+            parts.append(bytes(length - got))
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)

@@ -468,9 +468,7 @@ class BlockCopier:
                 pos = stop
             if run_start < end:
                 written += await self._send_run(send_from_fd, source_fd, run_start, end)
-        except CopyError:
-            raise
-        except OSError as exc:  # a sample read
+        except OSError as exc:  # a sample read (the device paths raise CopyError, not OSError)
             raise CopyError(exc, is_read=True) from exc
         return written
 

@@ -11,8 +11,9 @@ cancelled like QEMU's.
 
 Bounded memory and parallelism: ``max_workers`` tasks each claim at most ``max_chunk`` bytes and
 copy them in 1 MiB pieces (two in flight: one read, one written), so a job holds at most
-2 MiB per worker; a run that the source reports as zeroes is claimed whole (up to 1 GiB) since it
-costs nothing (or one write-zeroes) to copy. Background errors go through the job's error policies
+2 MiB per worker (from a raw file into an NBD target nothing is held: the data goes by sendfile);
+a run that the source reports as zeroes is claimed whole (up to 1 GiB) since it costs nothing (or
+one write-zeroes) to copy. Background errors go through the job's error policies
 (``on_source_error`` / ``on_target_error``); copy-before-write errors through ``on_cbw_error``
 (``break-snapshot`` fails the job). The target is flushed at the end (and, best effort, when a
 cancelled job closes a target it owns — after the guest copies still in flight have finished).

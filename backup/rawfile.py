@@ -23,9 +23,9 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from backup.io_thread import IoThread
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent, pread_padded
 
@@ -77,7 +77,7 @@ class RawFileDevice:
         self._may_have_holes = self._seek_works and (file_size != self._size or self._find_hole(0) < file_size)
         self._data_run = (0, 0)
         self._threaded: set[asyncio.Future[Any]] = set()  # I/O running in threads, holding ``_fd``
-        self._writer: ThreadPoolExecutor | None = None  # large writes, one at a time (created on first use)
+        self._writer: IoThread | None = None  # large writes, one at a time (created on first use)
 
     # --- opening -----------------------------------------------------------------------------------
 
@@ -219,7 +219,8 @@ class RawFileDevice:
         self._check_write(offset, length)
         if length >= THREADED_IO_MIN:
             # Like large reads: the loop keeps the network busy (the next read) while this one is written.
-            written = await self._in_thread(os.pwrite, self._fd, data, offset, executor=self._writer_pool())
+            # The writer thread finishes every queued write before close() frees the descriptor.
+            written = await self._writer_thread().submit(os.pwrite, self._fd, data, offset)
         else:
             written = os.pwrite(self._fd, data, offset)
         if written < length:
@@ -336,18 +337,16 @@ class RawFileDevice:
             pos = run_end
         return extents
 
-    def _writer_pool(self) -> ThreadPoolExecutor:
+    def _writer_thread(self) -> IoThread:
         if self._fd < 0:
             raise OSError(errno.EBADF, f"'{self.path}' is closed")
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="rawfile-writer")
+            self._writer = IoThread("rawfile-writer")
         return self._writer
 
-    def _in_thread(
-        self, func: Callable[..., _T], *args: Any, executor: ThreadPoolExecutor | None = None
-    ) -> asyncio.Future[_T]:
-        """Run a syscall on ``_fd`` in ``executor`` (default: the loop's), remembered until it is done."""
-        future = asyncio.get_running_loop().run_in_executor(executor, func, *args)
+    def _in_thread(self, func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run a syscall on ``_fd`` in the loop's default executor, remembered until it is done."""
+        future = asyncio.get_running_loop().run_in_executor(None, func, *args)
         self._threaded.add(future)
         future.add_done_callback(self._threaded.discard)
         return future
@@ -355,22 +354,20 @@ class RawFileDevice:
     async def close(self) -> None:
         fd, self._fd = self._fd, -1
         writer, self._writer = self._writer, None
-        if fd >= 0 and self._threaded:
+        if fd >= 0 and (self._threaded or writer is not None):
             # A thread may still be queued with the descriptor number: freeing it now would let the
             # next open() reuse it and receive that thread's write. Shielded, so a cancelled close
             # still closes, once the threads are done.
             await asyncio.shield(self._close_after(fd, set(self._threaded), writer))
         elif fd >= 0:
             os.close(fd)
-            if writer is not None:
-                writer.shutdown(wait=False)
 
     @staticmethod
-    async def _close_after(fd: int, pending: set[asyncio.Future[Any]], writer: ThreadPoolExecutor | None) -> None:
+    async def _close_after(fd: int, pending: set[asyncio.Future[Any]], writer: IoThread | None) -> None:
         try:
             if pending:
                 await asyncio.wait(pending)
+            if writer is not None:
+                await writer.stop()  # every write queued before this close has run
         finally:
             os.close(fd)
-            if writer is not None:
-                writer.shutdown(wait=False)  # idle by now: its thread exits without being waited for

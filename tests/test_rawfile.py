@@ -195,7 +195,7 @@ async def test_close_waits_for_the_writer_thread_before_freeing_the_descriptor(t
     number, so close() waits for it too, and then stops the thread."""
     dev = await RawFileDevice.create(tmp_path / "t.raw", 4 * THREADED_IO_MIN)
     gate = threading.Event()
-    writer = dev._writer_pool()
+    writer = dev._writer_thread()
     blocker = writer.submit(gate.wait, 30)  # the writer thread is busy: the write queues behind it
     write = asyncio.ensure_future(dev.pwrite(0, b"w" * THREADED_IO_MIN))
     await asyncio.sleep(0)
@@ -205,7 +205,7 @@ async def test_close_waits_for_the_writer_thread_before_freeing_the_descriptor(t
     try:
         assert not write.done() and not closing.done()
         gate.set()
-        await asyncio.wait_for(asyncio.wrap_future(blocker), 30)
+        await asyncio.wait_for(blocker, 30)
         await asyncio.wait_for(write, 30)
         await asyncio.wait_for(closing, 30)
         assert os.fstat(fd).st_size == 0  # the write did not land in the other file
@@ -213,7 +213,7 @@ async def test_close_waits_for_the_writer_thread_before_freeing_the_descriptor(t
         gate.set()
         os.close(fd)
     assert (tmp_path / "t.raw").read_bytes()[:THREADED_IO_MIN] == b"w" * THREADED_IO_MIN
-    assert writer._shutdown and dev._writer is None
+    assert writer.stopped and dev._writer is None
     with pytest.raises(OSError) as exc:  # no new writer thread for a closed device
         await dev.pwrite(0, b"w" * THREADED_IO_MIN)
     assert exc.value.errno == errno.EBADF

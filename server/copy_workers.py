@@ -30,6 +30,7 @@ from typing import Any
 
 from nbd.uri import looks_like_uri
 from server.commands.copy import (
+    DEFAULT_REQUESTS,
     CopyError,
     CopyStats,
     Endpoint,
@@ -88,7 +89,7 @@ class WorkerJob:
     size: int
     stripes: Stripes
     connections: int | None
-    requests: int
+    requests: int | None  # None: copy_device's default for the pair of devices
     request_size: int
     detect_zeroes: bool
     dst_is_zero: bool
@@ -322,5 +323,6 @@ async def _open(spec: str, is_file: bool, job: WorkerJob, *, read_only: bool) ->
     from nbd.client import NbdClient
     from nbd.uri import parse_uri
 
-    client = await NbdClient.connect(parse_uri(spec), connections=job.connections or 1, max_in_flight=job.requests)
+    in_flight = job.requests or DEFAULT_REQUESTS
+    client = await NbdClient.connect(parse_uri(spec), connections=job.connections or 1, max_in_flight=in_flight)
     return Endpoint(client, str(client.uri))

@@ -303,3 +303,15 @@ async def test_raw_file_to_nbd_fails_when_the_file_fails_mid_payload(
         await src.close()
         await server.stop()
     assert target.data[: 1 << 20] == b"\xee" * (1 << 20)  # the failed payload was never applied
+
+
+@pytest.mark.parametrize(("request_size", "expected"), [(1 << 20, 4), (256 << 10, 16), (2 << 20, 2), (8 << 20, 2)])
+async def test_buffered_copies_keep_a_bounded_buffer_budget_in_flight(request_size: int, expected: int) -> None:
+    """Without ``requests`` a copy through our buffers keeps 4 MiB of them in flight (at least two
+    requests, at most 16): fewer, cache-warm buffers cost less CPU than 16 MiB of them."""
+    size = 64 << 20
+    src = MemoryDevice(size, data=b"\5" * size)
+    dst = Recording(size)
+    await copy_device(src, dst, request_size=request_size)
+    assert dst.peak == expected
+    assert dst.data == src.data

@@ -4,7 +4,8 @@ Each side is a file (opened through ``backup.images``, so every image format it 
 URI. The copy is sparse-aware: the source's block status says where the data is; zero and hole ranges
 become ``zero`` requests on the destination (or nothing at all when the destination was just created
 and so reads as zeroes), and data chunks that turn out to be all zeroes are zeroed rather than written.
-Memory stays bounded: at most ``--requests`` chunks of ``--request-size`` bytes are in flight (per worker).
+Memory stays bounded: at most ``--requests`` chunks of ``--request-size`` bytes are in flight (per worker;
+by default 4 MiB worth).
 When both sides allow it (raw files, NBD exports advertising multi-conn) the range is split into aligned
 stripes copied by ``--workers`` processes, since one event loop is the limit; qcow2 images (a single
 metadata writer) and servers without multi-conn are always copied by one process.
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_SIZE = 1 << 20
 DEFAULT_REQUESTS = 16
+# Copies through our buffers keep at most this much in flight: the buffers stay in the CPU caches
+# (measured into tmpfs: 4 x 1 MiB in flight takes ~12 % less CPU than 16 x 1 MiB, at the same speed).
+# A raw file sent to NBD holds no buffers (sendfile) and keeps DEFAULT_REQUESTS in flight.
+BUFFER_BUDGET = 4 << 20
 STATUS_SPAN = 1 << 30  # block status is asked for at most this much at a time
 _MIN_REQUEST = 4096
 
@@ -130,18 +135,25 @@ async def copy_device(
     *,
     dst_is_zero: bool = False,
     request_size: int = DEFAULT_REQUEST_SIZE,
-    requests: int = DEFAULT_REQUESTS,
+    requests: int | None = None,
     detect_zeroes: bool = True,
     progress: ProgressSink | None = None,
     ranges: Iterable[tuple[int, int]] | None = None,
 ) -> CopyStats:
     """Copy all of ``src`` (or only its ``(offset, length)`` ``ranges``, taken lazily from the iterable) to
-    the same offsets of ``dst``; the first failure cancels the rest and is raised."""
+    the same offsets of ``dst``; the first failure cancels the rest and is raised. ``requests`` in flight:
+    by default as many as ``default_requests`` says for this pair of devices."""
     size = src.size
     if dst.size < size:
         raise CopyError(f"the destination ({dst.size} bytes) is smaller than the source ({size} bytes)")
     if dst.read_only:
         raise CopyError("the destination is read-only")
+    read_into = getattr(src, "pread_into", None)  # optional: reads into our reused buffers
+    # A raw file into an NBD export: payloads go from the page cache into the socket (sendfile).
+    source_fd = getattr(src, "direct_read_fd", None)
+    write_from_fd = getattr(dst, "pwrite_from_fd", None) if source_fd is not None else None
+    if requests is None:
+        requests = default_requests(request_size, buffered=write_from_fd is None)
     stats = CopyStats(size=size)
     zero_buffer = bytes(request_size)
     zero_view = memoryview(zero_buffer)
@@ -186,10 +198,6 @@ async def copy_device(
                     await queue.put((offset + pos, min(step, length - pos), is_zero))
                 offset += length
 
-    read_into = getattr(src, "pread_into", None)  # optional: reads into our reused buffers
-    # A raw file into an NBD export: payloads go from the page cache into the socket (sendfile).
-    source_fd = getattr(src, "direct_read_fd", None)
-    write_from_fd = getattr(dst, "pwrite_from_fd", None) if source_fd is not None else None
     sample = bytearray(_ZERO_SAMPLE)
 
     async def work() -> None:
@@ -242,6 +250,14 @@ async def copy_device(
     return stats
 
 
+def default_requests(request_size: int, *, buffered: bool) -> int:
+    """Requests in flight when the user did not say: ``BUFFER_BUDGET`` worth of buffers (at least two,
+    so one transfer always overlaps another), or ``DEFAULT_REQUESTS`` when the copy holds no buffers."""
+    if not buffered:
+        return DEFAULT_REQUESTS
+    return max(2, min(DEFAULT_REQUESTS, BUFFER_BUDGET // request_size))
+
+
 _ZERO_SAMPLE = 4096
 _SAMPLE_ZEROES = bytes(_ZERO_SAMPLE)
 
@@ -282,7 +298,13 @@ def register(subparsers: Any) -> None:
         help="show a progress bar; --progress=FD writes 'N/100' lines to file descriptor FD instead",
     )
     parser.add_argument("--no-progress", action="store_true", help="never show progress, even on a terminal")
-    parser.add_argument("--requests", type=_positive, default=DEFAULT_REQUESTS, help="requests in flight (16)")
+    parser.add_argument(
+        "--requests",
+        type=_positive,
+        default=None,
+        help="requests in flight (default: 4 MiB worth of requests, 4 at the default size; 16 when a raw file "
+        "is sent to an NBD export, which holds no buffers)",
+    )
     parser.add_argument(
         "--request-size", type=_size, default=DEFAULT_REQUEST_SIZE, help="bytes per request (1M; K/M suffixes)"
     )
@@ -355,7 +377,8 @@ async def close_endpoint(endpoint: Endpoint) -> None:
 
 
 async def run_copy(args: argparse.Namespace) -> CopyStats:
-    opening = open_source(args.source, fmt=args.src_format, connections=args.connections, requests=args.requests)
+    in_flight = args.requests or DEFAULT_REQUESTS  # what the NBD clients allow; the copy decides within it
+    opening = open_source(args.source, fmt=args.src_format, connections=args.connections, requests=in_flight)
     src_ep = await _side("source", opening)
     async with _closing(src_ep) as src:
         opening = open_destination(
@@ -363,7 +386,7 @@ async def run_copy(args: argparse.Namespace) -> CopyStats:
             src.device.size,
             fmt=args.dst_format,
             connections=args.connections,
-            requests=args.requests,
+            requests=in_flight,
             target_is_zero=args.target_is_zero,
         )
         dst_ep = await _side("destination", opening)

@@ -6,6 +6,11 @@
 Cases (issue 3): an ``nbdkit memory`` export filled with data copied to a file on tmpfs, and that file
 copied into an ``nbdkit memory`` export. Each tool runs ``--runs`` times, alternating; the table shows
 the best and median MiB/s of each and the ratio of the medians (the machine is shared: noisy).
+
+Both tools are CPU-bound here, and a large part of the cost is the kernel allocating fresh tmpfs pages:
+other big files on the same tmpfs (or a busy page cache) make that slower and the numbers much noisier
+(seen: medians of both tools down by a third with 3 GiB of leftovers in /dev/shm), so the benchmark
+warns when it finds the tmpfs already holding more than a quarter of the copy size.
 """
 
 from __future__ import annotations
@@ -74,6 +79,18 @@ def nbdcopy(src: str, dst: str) -> list[str]:
     return ["nbdcopy", src, dst]
 
 
+def warn_if_busy(directory: str, size: int) -> None:
+    """Say so when the file system under ``directory`` already holds a lot (see the module docstring)."""
+    stat = os.statvfs(directory)
+    used = (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+    if used > size // 4:
+        print(
+            f"warning: {directory} already holds {used >> 20} MiB: fresh pages are slower to get, "
+            "expect slower and noisier numbers",
+            file=sys.stderr,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=parse_size, default=1 << 30)
@@ -86,6 +103,7 @@ def main() -> int:
             raise SystemExit(f"{tool} is not installed")
     extra = args.ours_args.split()
     size = args.size
+    warn_if_busy(args.dir, size)
     mib = size / (1 << 20)
     rows: list[tuple[str, list[float], list[float]]] = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmpdir:

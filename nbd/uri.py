@@ -14,6 +14,7 @@ query parameters) are refused with a clear :class:`~nbd.errors.UriError` because
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -40,6 +41,19 @@ class NbdUri:
     @property
     def is_unix(self) -> bool:
         return self.socket is not None
+
+    @property
+    def is_local(self) -> bool:
+        """On this machine: a unix socket or a loopback address (no network latency to cover)."""
+        if self.socket is not None:
+            return True
+        host = self.host or ""
+        if host.lower() in ("localhost", "localhost.localdomain"):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False  # a host name: may be anywhere
 
     def __str__(self) -> str:
         """The canonical ``nbd://`` / ``nbd+unix://`` spelling (percent-encoded), for messages and logs."""

@@ -315,3 +315,31 @@ async def test_buffered_copies_keep_a_bounded_buffer_budget_in_flight(request_si
     await copy_device(src, dst, request_size=request_size)
     assert dst.peak == expected
     assert dst.data == src.data
+
+
+def test_default_requests_keep_a_window_for_sendfile_and_for_distant_servers() -> None:
+    from server.commands.copy import DEFAULT_REQUESTS, default_requests
+
+    assert default_requests(1 << 20, buffered=True) == 4
+    assert default_requests(64 << 10, buffered=True) == DEFAULT_REQUESTS  # 4 MiB would be 64: capped
+    assert default_requests(1 << 20, buffered=False) == DEFAULT_REQUESTS
+    assert default_requests(1 << 20, buffered=True, nearby=False) == DEFAULT_REQUESTS
+
+
+async def test_a_distant_nbd_source_keeps_sixteen_requests_in_flight() -> None:
+    """The window is decided from the source's URI: a server across a network gets 16 requests."""
+    from nbd.uri import parse_uri
+
+    class Distant(MemoryDevice):
+        uri = parse_uri("nbd://192.0.2.7/disk")
+
+        async def pread(self, offset: int, length: int) -> bytes:
+            await asyncio.sleep(0)
+            return await super().pread(offset, length)
+
+    size = 32 << 20
+    src = Distant(size, data=b"\3" * size)
+    dst = Recording(size)
+    await copy_device(src, dst, request_size=1 << 20)
+    assert dst.peak == 16
+    assert dst.data == src.data

@@ -129,3 +129,21 @@ def test_str_round_trips_tcp(export: str, port: int) -> None:
 def test_str_round_trips_unix(export: str, socket: str) -> None:
     uri = NbdUri(export=export, socket=socket)
     assert parse_uri(str(uri)) == uri
+
+
+@pytest.mark.parametrize(
+    ("text", "local"),
+    [
+        ("nbd+unix:///disk?socket=/run/nbd.sock", True),
+        ("nbd://localhost/disk", True),
+        ("nbd://127.0.0.1:10810/disk", True),
+        ("nbd://127.8.9.10/disk", True),
+        ("nbd://[::1]/disk", True),
+        ("nbd://192.168.1.20/disk", False),
+        ("nbd://[2001:db8::1]/disk", False),
+        ("nbd://backup.example.com/disk", False),
+        ("nbd:127.0.0.1:10809", True),
+    ],
+)
+def test_is_local_means_unix_socket_or_loopback(text: str, local: bool) -> None:
+    assert parse_uri(text).is_local is local

@@ -5,7 +5,7 @@ URI. The copy is sparse-aware: the source's block status says where the data is;
 become ``zero`` requests on the destination (or nothing at all when the destination was just created
 and so reads as zeroes), and data chunks that turn out to be all zeroes are zeroed rather than written.
 Memory stays bounded: at most ``--requests`` chunks of ``--request-size`` bytes are in flight (per worker;
-by default 4 MiB worth).
+by default 4 MiB worth from a local source, 16 requests from an NBD server across a network).
 When both sides allow it (raw files, NBD exports advertising multi-conn) the range is split into aligned
 stripes copied by ``--workers`` processes, since one event loop is the limit; qcow2 images (a single
 metadata writer) and servers without multi-conn are always copied by one process.

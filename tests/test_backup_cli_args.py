@@ -45,3 +45,29 @@ def test_blockdev_backup_arguments() -> None:
         "blockdev-backup",
         {"job-id": "d0", "device": "d0", "target": "t0", "sync": "full", "compress": True},
     )
+
+
+async def test_ctrl_c_that_lands_as_an_event_arrives_is_not_lost() -> None:
+    """The command follows its job by waiting for events with a timeout; a cancellation (Ctrl-C) that
+    lands in the same loop iteration as an event must still cancel. (``asyncio.wait_for`` on Python
+    3.11 returns the event and drops the cancellation: the command then kept following a job it was
+    told to cancel.)"""
+    import asyncio
+
+    from server.commands.backup import next_event
+
+    class Conn:
+        def __init__(self) -> None:
+            self.arrived: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+
+        async def next_event(self) -> dict[str, str]:
+            return await self.arrived
+
+    conn = Conn()
+    waiting = asyncio.ensure_future(next_event(conn, 5.0))  # type: ignore[arg-type]
+    for _ in range(3):
+        await asyncio.sleep(0)  # the follower is waiting for the event
+    conn.arrived.set_result({"event": "JOB_STATUS_CHANGE"})
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting

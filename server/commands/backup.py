@@ -74,9 +74,14 @@ def backup_arguments(args: argparse.Namespace, job_id: str) -> tuple[str, dict[s
 
 
 async def next_event(conn: QmpClient, timeout: float) -> dict[str, Any] | None:
-    """The next event, or None when none arrives within ``timeout`` seconds."""
+    """The next event, or None when none arrives within ``timeout`` seconds.
+
+    ``asyncio.timeout``, not ``wait_for``: on Python 3.11 ``wait_for`` swallows a cancellation (Ctrl-C)
+    that lands while the event it waited for arrives, and the command then followed a job it should
+    have cancelled (seen: one Ctrl-C in ten ignored)."""
     try:
-        return await asyncio.wait_for(conn.next_event(), timeout)
+        async with asyncio.timeout(timeout):
+            return await conn.next_event()
     except TimeoutError:
         return None
 
@@ -132,7 +137,8 @@ async def run_backup(args: argparse.Namespace, log: Any = sys.stderr) -> None:
             # Ctrl-C, possibly before the command's reply arrived: the job may exist, cancel it
             # (a refusal because it does not is fine) and wait for it to go before exiting.
             with contextlib.suppress(BackupFailed, QmpClientError, OSError, ConnectionError, TimeoutError):
-                await asyncio.wait_for(_cancel(conn, job_id), 10)
+                async with asyncio.timeout(10):
+                    await _cancel(conn, job_id)
             raise
         if not args.quiet:
             print(f"nbd-backup backup: {args.device} → {args.target}: completed", file=log)

@@ -437,7 +437,8 @@ class BackupJob(Job):
         if copier is None or not copier.in_flight:
             return
         try:
-            await asyncio.wait_for(copier.wait_idle(), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await copier.wait_idle()
         except TimeoutError:
             log.warning("job %s: %d copy-before-write copies still in flight", self.id, len(copier.in_flight))
 
@@ -455,11 +456,13 @@ class BackupJob(Job):
             # A cancelled job (sync=none always ends so) still leaves what it copied durable; a
             # dead target gets a short grace only, so cancel stays prompt.
             try:
-                await asyncio.wait_for(self.target.flush(), FLUSH_ON_CLOSE_TIMEOUT)
+                async with asyncio.timeout(FLUSH_ON_CLOSE_TIMEOUT):
+                    await self.target.flush()
             except (OSError, TimeoutError) as exc:
                 log.warning("job %s: flushing the target failed: %s", self.id, exc)
         try:
-            await asyncio.wait_for(self.target.close(), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.target.close()
         except (OSError, TimeoutError) as exc:
             log.warning("job %s: closing the target failed: %s", self.id, exc)
 

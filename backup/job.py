@@ -561,7 +561,8 @@ class Job(ABC):
     async def _sleep(self, delay: float, wakeup: asyncio.Event) -> None:
         """Sleep up to ``delay`` seconds, or less when ``wakeup`` fires (set_speed, pause, cancel)."""
         try:
-            await asyncio.wait_for(wakeup.wait(), delay)
+            async with asyncio.timeout(delay):
+                await wakeup.wait()
         except TimeoutError:
             pass
 

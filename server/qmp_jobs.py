@@ -100,7 +100,8 @@ class PreparedBackup:
         if job.status is JobStatus.CREATED:
             job.cancel(force=True)
         try:
-            await asyncio.wait_for(job.wait(), ABORT_TIMEOUT)
+            async with asyncio.timeout(ABORT_TIMEOUT):
+                await job.wait()
         except TimeoutError:
             log.error("job %s did not wind down after an aborted transaction", job.id)
         self.target.owned = False  # the job's clean() closed it
@@ -388,7 +389,8 @@ async def settle(reg: Registry, job: Job, until: Callable[[], bool], timeout: fl
 
     unsubscribe = reg.events.subscribe(on_event)
     try:
-        await asyncio.wait_for(reached.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await reached.wait()
     except TimeoutError:
         pass
     finally:

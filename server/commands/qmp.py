@@ -169,7 +169,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     async def bounded() -> int:
-        return await asyncio.wait_for(run_qmp(args), args.timeout)
+        async with asyncio.timeout(args.timeout):
+            return await run_qmp(args)
 
     try:
         return run(bounded())

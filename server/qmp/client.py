@@ -70,12 +70,14 @@ class QmpClient:
             else:
                 assert isinstance(where, tuple)
                 opening = asyncio.open_connection(*where)
-            reader, writer = await asyncio.wait_for(opening, timeout)
+            async with asyncio.timeout(timeout):
+                reader, writer = await opening
         except (OSError, TimeoutError) as exc:
             raise QmpClientError(f"cannot connect to {address}: {exc or 'timed out'}") from exc
         client = cls(reader, writer, {})
         try:
-            greeting = await asyncio.wait_for(client._receive(), timeout)
+            async with asyncio.timeout(timeout):
+                greeting = await client._receive()
         except TimeoutError:
             await client.close()
             raise QmpClientError(f"{address}: no QMP greeting") from None

@@ -274,7 +274,8 @@ class _Session:
             if not data:
                 # The client half-closed (``socat`` does after its last request): let the replies out.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.flush(), STOP_FLUSH_TIMEOUT)
+                    async with asyncio.timeout(STOP_FLUSH_TIMEOUT):
+                        await self.flush()
                 return
             for message in self.parser.feed(data):
                 reply = await self.handle(message)

@@ -15,7 +15,8 @@ copy them in 1 MiB pieces (two in flight: one read, one written), so a job holds
 a run that the source reports as zeroes is claimed whole (up to 1 GiB) since it costs nothing (or
 one write-zeroes) to copy. Background errors go through the job's error policies
 (``on_source_error`` / ``on_target_error``); copy-before-write errors through ``on_cbw_error``
-(``break-snapshot`` fails the job). The target is flushed at the end (and, best effort, when a
+(``break-snapshot`` fails the job). The target is flushed at the end — a failed flush fails the job
+whatever its policy, since the target may have lost acknowledged writes — (and, best effort, when a
 cancelled job closes a target it owns — after the guest copies still in flight have finished).
 """
 
@@ -413,17 +414,15 @@ class BackupJob(Job):
         return (pos >> copier.cluster_bits) - first
 
     async def _flush_target(self) -> None:
-        while True:
-            try:
-                await self.target.flush()
-                self._flushed = True
-                return
-            except OSError as exc:
-                action = await self.handle_error(exc, self.options.on_target_error, is_read=False)
-                if action is ErrorAction.REPORT:
-                    raise
-                if action is ErrorAction.IGNORE:
-                    await asyncio.sleep(self.options.retry_delay)
+        """Make the copy durable. A failed flush ends the job whatever ``on-target-error`` says: the
+        target may have dropped writes it had acknowledged (Linux reports a writeback error once,
+        then marks the pages clean), so a retry that succeeds proves nothing about the copy."""
+        try:
+            await self.target.flush()
+        except OSError as exc:
+            await self.handle_error(exc, OnError.REPORT, is_read=False)
+            raise
+        self._flushed = True
 
     # --- lifecycle hooks ----------------------------------------------------------------------------
 

@@ -481,7 +481,7 @@ class BackupJob(Job):
             return
         written = self.copier is not None and (self.copier.written_bytes > 0 or self.current_progress > 0)
         keep = self._keeps_target_on_cancel()
-        durable = self._flushed
+        durable = self._flushed or not written
         if written and not self._flushed and (keep or owner.partial is None):
             # What a cancelled job copied into a target that stays is made durable (sync=none ends so
             # and keeps its target); a dead target gets a short grace only, so cancel stays prompt.

@@ -180,3 +180,12 @@ async def test_an_existing_qcow2_target_that_did_not_complete_is_marked_corrupt(
     target = await open_target(str(path2), size=SIZE, mode="existing")
     await target.discard(written=False)
     assert _incompatible(path2) & q.INCOMPAT_CORRUPT == 0
+
+
+async def test_sync_none_keeps_its_target_when_cancelled_before_any_guest_write(tmp_path: Path) -> None:
+    path = tmp_path / "idle.qcow2"
+    target = await open_target(str(path), size=SIZE, format="qcow2", mode="absolute-paths")
+    _, _, job, _ = await start(target, sync="none")
+    job.cancel(force=True)
+    await finish(job)
+    assert os.listdir(tmp_path) == ["idle.qcow2"]

@@ -189,3 +189,36 @@ async def test_sync_none_keeps_its_target_when_cancelled_before_any_guest_write(
     job.cancel(force=True)
     await finish(job)
     assert os.listdir(tmp_path) == ["idle.qcow2"]
+
+
+async def test_a_group_that_fails_leaves_none_of_its_files(tmp_path: Path) -> None:
+    """``completion-mode: grouped``: one job finished, the other fails — neither file appears."""
+    from backup.job import JobGroup
+
+    done = await open_target(str(tmp_path / "done.img"), size=SIZE)
+    failing = await open_target(str(tmp_path / "failing.img"), size=SIZE)
+    node = BlockNode("disk", MemoryDevice(SIZE, data=pattern(SIZE)))
+    bus = EventBus()
+    events = Events(bus)
+    faulty = FaultyDevice(failing.device)
+    faulty.gate.clear()
+    jobs = [
+        BackupJob("a", node, done.device, BackupOptions(), events=bus, target_zero_init=True, owner=done),
+        BackupJob("b", node, faulty, BackupOptions(), events=bus, target_zero_init=True, owner=failing),
+    ]
+    JobGroup(jobs)
+    async with node.drained():
+        for job in jobs:
+            job.install_filter()
+    for job in jobs:
+        job.start()
+    async with asyncio.timeout(30):
+        while jobs[0].status != "waiting":
+            await asyncio.sleep(0.001)
+    faulty.fail_writes = errno.EIO
+    faulty.gate.set()
+    for job in jobs:
+        await finish(job)
+    assert {e["device"]: e.get("error") for e in events.named("BLOCK_JOB_COMPLETED")} == {"b": "Input/output error"}
+    assert [e["device"] for e in events.named("BLOCK_JOB_CANCELLED")] == ["a"]
+    assert os.listdir(tmp_path) == []

@@ -55,6 +55,9 @@ SYNC_MODES = ("full", "top", "none")
 #: How long closing a target may take before the job gives up on it (a dead NBD server).
 CLOSE_TIMEOUT = 2.0
 FLUSH_ON_CLOSE_TIMEOUT = 1.0
+#: The close that completes a backup (qcow2: the clean header, synced) may wait for a busy disk; only
+#: a dead target takes this long — and then the backup is not complete.
+FINAL_CLOSE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -460,10 +463,10 @@ class BackupJob(Job):
         if self.owner is None:
             return
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
+            async with asyncio.timeout(FINAL_CLOSE_TIMEOUT):
                 await self.owner.close()
         except TimeoutError:
-            raise OSError(errno.ETIMEDOUT, f"closing the target timed out after {CLOSE_TIMEOUT:g} s") from None
+            raise OSError(errno.ETIMEDOUT, f"closing the target timed out after {FINAL_CLOSE_TIMEOUT:g} s") from None
         except OSError as exc:
             log.error("job %s: closing the target failed: %s", self.id, exc)
             raise

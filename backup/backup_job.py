@@ -15,8 +15,12 @@ copy them in 1 MiB pieces (two in flight: one read, one written), so a job holds
 a run that the source reports as zeroes is claimed whole (up to 1 GiB) since it costs nothing (or
 one write-zeroes) to copy. Background errors go through the job's error policies
 (``on_source_error`` / ``on_target_error``); copy-before-write errors through ``on_cbw_error``
-(``break-snapshot`` fails the job). The target is flushed at the end (and, best effort, when a
-cancelled job closes a target it owns — after the guest copies still in flight have finished).
+(``break-snapshot`` fails the job). The target is flushed at the end — a failed flush fails the job
+whatever its policy, since the target may have lost acknowledged writes. A target the job owns
+(``owner``) is closed in ``prepare`` — a failure there fails the job — and, when it was written under
+a temporary name, renamed into place in ``commit``; a cancelled or failed job discards it (see
+``backup.targets``), except ``sync=none``, whose cancel is its normal end: its target is flushed
+(best effort, after the guest copies still in flight have finished) and kept.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from backup.events import EventBus
 from backup.job import THROTTLE_SLICE, Job
 from backup.node import BlockNode
 from backup.policy import ErrorAction, OnError
+from backup.targets import BackupTarget
 from nbd.constants import State
 from nbd.device import BlockDevice
 
@@ -50,6 +55,9 @@ SYNC_MODES = ("full", "top", "none")
 #: How long closing a target may take before the job gives up on it (a dead NBD server).
 CLOSE_TIMEOUT = 2.0
 FLUSH_ON_CLOSE_TIMEOUT = 1.0
+#: The close that completes a backup (qcow2: the clean header, synced) may wait for a busy disk; only
+#: a dead target takes this long — and then the backup is not complete.
+FINAL_CLOSE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -127,6 +135,7 @@ class BackupJob(Job):
         events: EventBus,
         target_zero_init: bool,
         close_target: bool = False,
+        owner: BackupTarget | None = None,
     ) -> None:
         options = options or BackupOptions()
         if _is_same_device(source, target):
@@ -148,7 +157,9 @@ class BackupJob(Job):
         self.target = target
         self.options = options
         self.target_zero_init = target_zero_init
-        self.close_target = close_target
+        if owner is None and close_target:
+            owner = BackupTarget(target, target_zero_init)
+        self.owner = owner  # the target is ours: closed (and put in place, or discarded) at the end
         self.cluster_size = backup_cluster_size(target, options.cluster_size)
         self.max_chunk = max(self.cluster_size, options.max_chunk - options.max_chunk % self.cluster_size)
         self.copier: BlockCopier | None = None
@@ -413,17 +424,15 @@ class BackupJob(Job):
         return (pos >> copier.cluster_bits) - first
 
     async def _flush_target(self) -> None:
-        while True:
-            try:
-                await self.target.flush()
-                self._flushed = True
-                return
-            except OSError as exc:
-                action = await self.handle_error(exc, self.options.on_target_error, is_read=False)
-                if action is ErrorAction.REPORT:
-                    raise
-                if action is ErrorAction.IGNORE:
-                    await asyncio.sleep(self.options.retry_delay)
+        """Make the copy durable. A failed flush ends the job whatever ``on-target-error`` says: the
+        target may have dropped writes it had acknowledged (Linux reports a writeback error once,
+        then marks the pages clean), so a retry that succeeds proves nothing about the copy."""
+        try:
+            await self.target.flush()
+        except OSError as exc:
+            await self.handle_error(exc, OnError.REPORT, is_read=False)
+            raise
+        self._flushed = True
 
     # --- lifecycle hooks ----------------------------------------------------------------------------
 
@@ -446,25 +455,62 @@ class BackupJob(Job):
         self.detach()
         super().early_fail()
 
+    async def prepare(self) -> None:
+        """The copy is complete and flushed: stop copying and close a target we own. A close that
+        fails (the qcow2 metadata write, a dead NBD server) fails the job, which then aborts."""
+        self.detach()
+        await self._wait_for_guest_copies()
+        if self.owner is None:
+            return
+        try:
+            async with asyncio.timeout(FINAL_CLOSE_TIMEOUT):
+                await self.owner.close()
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, f"closing the target timed out after {FINAL_CLOSE_TIMEOUT:g} s") from None
+        except OSError as exc:
+            log.error("job %s: closing the target failed: %s", self.id, exc)
+            raise
+
+    def commit(self) -> None:
+        """Put a target file written under a temporary name in place (a failure fails the job)."""
+        if self.owner is not None:
+            self.owner.complete()
+
     async def clean(self) -> None:
         self.detach()
         await self._wait_for_guest_copies()
-        written_before = self.copier.written_bytes if self.copier is not None else 0
-        if not self.close_target:
+        owner = self.owner
+        if owner is None or owner.completed:
             return
-        if written_before and not self._flushed:
-            # A cancelled job (sync=none always ends so) still leaves what it copied durable; a
-            # dead target gets a short grace only, so cancel stays prompt.
+        written = self.copier is not None and (self.copier.written_bytes > 0 or self.current_progress > 0)
+        keep = self._keeps_target_on_cancel()
+        durable = self._flushed or not written
+        if written and not self._flushed and (keep or owner.partial is None):
+            # What a cancelled job copied into a target that stays is made durable (sync=none ends so
+            # and keeps its target); a dead target gets a short grace only, so cancel stays prompt.
             try:
                 async with asyncio.timeout(FLUSH_ON_CLOSE_TIMEOUT):
                     await self.target.flush()
+                durable = True
             except (OSError, TimeoutError) as exc:
-                log.warning("job %s: flushing the target failed: %s", self.id, exc)
+                log.error("job %s: flushing the target failed: %s", self.id, exc)
+        if keep and durable:
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await owner.close()
+                owner.complete()
+                return
+            except (OSError, TimeoutError) as exc:
+                log.error("job %s: closing the target failed, discarding it: %s", self.id, exc)
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self.target.close()
+                await owner.discard(written=written)
         except (OSError, TimeoutError) as exc:
-            log.warning("job %s: closing the target failed: %s", self.id, exc)
+            log.error("job %s: closing the target failed: %s", self.id, exc)
+
+    def _keeps_target_on_cancel(self) -> bool:
+        """``sync=none`` ends with a cancel, normally: its target is the result, kept like QEMU's."""
+        return self.options.sync == "none" and self.started and self.is_cancelled and self.snapshot_error is None
 
 
 __all__ = ["MIN_CLUSTER_SIZE", "BackupJob", "BackupOptions", "backup_cluster_size"]

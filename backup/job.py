@@ -208,13 +208,20 @@ class JobGroup:
     async def _finalize_single(self, job: Job) -> None:
         job._update_rc()
         if job._ret is None:
-            _call_hook(job, job.commit)
+            try:
+                job.commit()
+            except Exception as exc:
+                job._failed_late("commit", exc)
+                _call_hook(job, job.abort)
         else:
             _call_hook(job, job.abort)
         try:
             await job.clean()
-        except Exception:
-            log.exception("job %s: clean failed", job.id)
+        except Exception as exc:
+            if job._ret is None:
+                job._failed_late("clean-up", exc)
+            else:
+                log.error("job %s: clean-up failed: %s", job.id, exc)
         if job._started:
             if job.is_cancelled:
                 job._emit_block_event("BLOCK_JOB_CANCELLED")
@@ -475,13 +482,15 @@ class Job(ABC):
         """Before commit: the last step that may still fail (and then aborts the whole group)."""
 
     def commit(self) -> None:  # noqa: B027 (an optional hook)
-        """The job succeeded (for the whole group); make its result visible. Must not fail."""
+        """The job succeeded (for the whole group); make its result visible. Should not fail: if it
+        does, this job completes with the error and its ``abort`` runs (the group's others stay committed)."""
 
     def abort(self) -> None:  # noqa: B027 (an optional hook)
         """The job failed or was cancelled (or a group peer did); undo what must not stay."""
 
     async def clean(self) -> None:  # noqa: B027 (an optional hook)
-        """After commit or abort, always: release what the job held (filters, nodes, files)."""
+        """After commit or abort, always: release what the job held (filters, nodes, files). A failure
+        is reported: a job that had succeeded completes with the error instead."""
 
     def on_user_resume(self) -> None:
         """A user resume (or a cancel of a user-paused job): a new attempt, so io-status is ok again."""
@@ -655,6 +664,13 @@ class Job(ABC):
     def on_cancel(self, force: bool) -> bool:
         """Driver hook: return whether this cancel ends the job (True: none of our jobs soft-cancels)."""
         return True
+
+    def _failed_late(self, step: str, exc: Exception) -> None:
+        """A job that did its work but whose commit or clean-up failed (the target's last write or
+        close): it completes with the error, as a failure, not silently as a success."""
+        log.error("job %s: %s failed: %s", self.id, step, exc)
+        self._ret = exc
+        self._update_rc()
 
     def _update_rc(self) -> None:
         if self._ret is None and self.is_cancelled:

@@ -8,7 +8,9 @@ reads run in the default executor, in parallel; large writes go to one writer th
 concurrent ``pwrite`` calls on one file only spin and sleep on its inode lock (measured: ~9 % of all
 CPU in ``rwsem_spin_on_owner`` with six writers, ~10 % faster copies with one). Holes come
 from ``SEEK_DATA``/``SEEK_HOLE``; zeroing and trimming use ``fallocate`` (zero range, punch hole);
-flush and FUA are ``fdatasync``, which covers every connection at once — so ``CAN_MULTI_CONN`` holds.
+flush and FUA are ``fdatasync``, which covers every connection at once — so ``CAN_MULTI_CONN`` holds;
+once one failed, every later flush and FUA write fails too (``FlushLatch``: Linux reports a writeback
+error only once).
 
 A file whose size is not a multiple of 512 bytes is presented the way qemu-nbd presents it (QEMU
 clients count in 512-byte sectors): the size is rounded up, the tail past the end of the file reads as
@@ -27,7 +29,7 @@ from typing import Any, TypeVar
 
 from backup.io_thread import IoThread
 from nbd.constants import State
-from nbd.device import BlockLimits, Capabilities, Extent, pread_padded
+from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch, pread_padded
 
 SECTOR = 512
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -78,6 +80,7 @@ class RawFileDevice:
         self._data_run = (0, 0)
         self._threaded: set[asyncio.Future[Any]] = set()  # I/O running in threads, holding ``_fd``
         self._writer: IoThread | None = None  # large writes, one at a time (created on first use)
+        self._flush_latch = FlushLatch(path)
 
     # --- opening -----------------------------------------------------------------------------------
 
@@ -217,6 +220,8 @@ class RawFileDevice:
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         length = len(data)
         self._check_write(offset, length)
+        if fua:
+            self._flush_latch.check()
         if length >= THREADED_IO_MIN:
             # Like large reads: the loop keeps the network busy (the next read) while this one is written.
             # The writer thread finishes every queued write before close() frees the descriptor.
@@ -231,15 +236,16 @@ class RawFileDevice:
                     raise OSError(errno.EIO, "short write")
                 written += n
         if fua:
-            os.fdatasync(self._fd)
+            self._datasync()
 
     async def zero(
         self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
         self._check_write(offset, length)
+        if fua:
+            self._flush_latch.check()
         if length == 0:
             return
-        fd = self._fd
         self._holes_may_appear()
         done = False
         if may_trim:
@@ -259,7 +265,7 @@ class RawFileDevice:
                 raise OSError(errno.ENOTSUP, "zeroing would not be faster than writing zeroes")
             self._write_zeroes(offset, length)
         if fua:
-            os.fdatasync(fd)
+            self._datasync()
 
     def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
         try:
@@ -280,16 +286,27 @@ class RawFileDevice:
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_write(offset, length)
+        if fua:
+            self._flush_latch.check()
         if length:
             # Advisory: a file system that cannot punch holes simply keeps the data.
             self._holes_may_appear()
             self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         if fua:
-            os.fdatasync(self._fd)
+            self._datasync()
 
     async def flush(self) -> None:
         if not self._read_only:
+            self._datasync()
+
+    def _datasync(self) -> None:
+        """``fdatasync``, latched: once it failed, it fails for good (see ``FlushLatch``)."""
+        self._flush_latch.check()
+        try:
             os.fdatasync(self._fd)
+        except OSError as exc:
+            self._flush_latch.failed(exc)
+            raise
 
     async def cache(self, offset: int, length: int) -> None:
         self._check_read(offset, length)

@@ -5,13 +5,27 @@ existing image of the right size; qcow2 through ``backup.images``), an NBD URI (
 through ``NbdClient``), or any ``BlockDevice`` (a block node). The result says whether the target is
 known to read as zeroes — only then may the job skip zero clusters instead of writing zeroes — and
 what was created, so an aborted transaction or a failed start leaves nothing behind.
+
+A backup that did not complete must not look complete. A new file (and a file that ``absolute-paths``
+recreates) is written under a temporary name next to it, ``.NAME.partial-XXXXXXXX``, and renamed to
+NAME only by ``complete`` — after its last flush and close succeeded — with the directory fsynced
+after the creation and after the rename; ``discard`` deletes it. (A file that existed keeps its old
+contents until then.) An existing image written in place (``mode=existing``) cannot be renamed: a
+qcow2 v3 image that the backup wrote to and did not complete is marked corrupt (incompatible feature
+bit 1) — ``qemu-img info`` shows ``corrupt: true``, QEMU and we refuse to open it for writing until
+``qemu-img check -r all`` clears the bit. Raw images, qcow2 v2 images, block devices and NBD targets
+have no such mark: there, the job's error or cancel event is the only record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import secrets
+import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,6 +58,10 @@ class BackupTarget:
     owned: bool = True  # opened here (closed by ``close``); False for a device handed in by the caller
     description: str = field(default="")
     closed: bool = field(default=False, repr=False)
+    path: Path | None = None  # a file target's name
+    partial: Path | None = None  # the temporary name it is written under until ``complete``
+    mark_incomplete: bool = False  # an existing qcow2 image: marked corrupt unless the backup completes
+    completed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
         """Close the device if it was opened here (once: the job may have closed it already)."""
@@ -51,14 +69,32 @@ class BackupTarget:
             self.closed = True
             await self.device.close()
 
-    async def discard(self) -> None:
-        """Undo ``open_target``: close, and delete the file if this created it (transaction abort)."""
+    def complete(self) -> None:
+        """The backup succeeded and the device is closed: move a file written under a temporary name
+        into place and make the rename durable. Raises OSError (the file then stays temporary)."""
+        if self.partial is not None and self.path is not None:
+            os.replace(self.partial, self.path)
+            self.partial = None
+            fsync_dir(self.path.parent)
+        self.created = None  # in place and complete: the user's now
+        self.completed = True
+
+    async def discard(self, *, written: bool = False) -> None:
+        """Undo ``open_target`` (transaction abort) or abandon a backup that did not complete: close,
+        delete the file if this created it (or its temporary copy); when ``written``, mark an
+        existing qcow2 image incomplete."""
         try:
             await self.close()
         finally:
-            if self.created is not None:
+            if self.partial is not None:
+                _remove(self.partial)
+                self.partial = None
+                self.created = None
+            elif self.created is not None:
                 _remove(self.created)
                 self.created = None
+            if written and self.mark_incomplete and not self.completed and self.path is not None:
+                mark_qcow2_incomplete(self.path)
 
 
 async def reads_as_zeroes(device: BlockDevice) -> bool:
@@ -154,6 +190,57 @@ def _exists(path: Path) -> bool:
     return path.exists()
 
 
+def partial_path(final: Path) -> Path:
+    """A fresh temporary name next to ``final``: the same directory, so the final rename is atomic."""
+    return final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
+
+
+def renamable(final: Path) -> bool:
+    """Whether a new ``final`` may be written elsewhere and renamed over it: not when an existing
+    non-regular file (a block device) is the target itself."""
+    try:
+        return stat.S_ISREG(os.lstat(final).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the creation, removal or rename of a name in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a file system that cannot sync a directory: nothing to do
+            raise
+    finally:
+        os.close(fd)
+
+
+def mark_qcow2_incomplete(path: Path) -> None:
+    """Set the corrupt bit of a qcow2 v3 image (a backup into it did not complete), durably; a
+    failure is logged only: the job has already failed with its own error."""
+    from backup.qcow2 import layout as q
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        log.error("cannot mark '%s' incomplete: %s", path, exc)
+        return
+    try:
+        head = os.pread(fd, q.INCOMPAT_OFFSET + 8, 0)
+        if len(head) < q.INCOMPAT_OFFSET + 8 or head[:4] != q.MAGIC or q.U32.unpack_from(head, 4)[0] < 3:
+            log.warning("'%s' did not receive a complete backup (a qcow2 v2 image cannot be marked so)", path)
+            return
+        incompatible = int.from_bytes(head[q.INCOMPAT_OFFSET : q.INCOMPAT_OFFSET + 8], "big") | q.INCOMPAT_CORRUPT
+        os.pwrite(fd, incompatible.to_bytes(8, "big"), q.INCOMPAT_OFFSET)
+        os.fsync(fd)
+        log.warning("'%s' did not receive a complete backup: marked corrupt ('qemu-img check -r all' clears it)", path)
+    except OSError as exc:
+        log.error("cannot mark '%s' incomplete: %s", path, exc)
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -165,28 +252,48 @@ async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | 
         raise InvalidArgument(f"Could not open '{path}': No such file or directory")
     create = mode == "absolute-paths" or not exists
     fmt = format or ("raw" if create else None)
-    created: Path | None = None
     device: BlockDevice
     if create:
-        try:
-            device = await _create_image(path, size, fmt or "raw", exists=exists, compress=compress)
-        except BaseException:
-            if not exists:
-                _remove(path)
-            raise
-        if not exists:
-            created = path
+        target = await create_file_target(
+            path, lambda where, in_place: _create_image(where, size, fmt or "raw", exists=in_place, compress=compress)
+        )
+        device = target.device
     else:
         device = await _open_image(path, fmt)
+        qcow2 = getattr(device, "format_name", None) == "qcow2"
+        target = BackupTarget(device, False, description=str(path), path=path, mark_incomplete=qcow2)
     try:
         check_size(device.size, size, f"target '{path}'")
-        zero_init = await reads_as_zeroes(device)
+        target.zero_init = await reads_as_zeroes(device)
     except BaseException:
-        await device.close()
-        if created is not None:
-            _remove(created)
+        await target.discard()
         raise
-    return BackupTarget(device, zero_init, created=created, description=str(path))
+    return target
+
+
+async def create_file_target(path: Path, create: Callable[[Path, bool], Awaitable[BlockDevice]]) -> BackupTarget:
+    """Create the image file of a new target with ``create(where, in_place)``: under a temporary name
+    (renamed by ``complete``) unless ``path`` is an existing block device, which is written in place.
+    The directory is fsynced, so the new name survives a crash; a failure leaves nothing behind."""
+    exists = _exists(path)
+    if not renamable(path):
+        device = await create(path, True)
+        return BackupTarget(device, True, description=str(path), path=path)
+    partial = partial_path(path)
+    try:
+        device = await create(partial, False)
+    except BaseException:
+        _remove(partial)
+        raise
+    target = BackupTarget(
+        device, True, created=None if exists else path, description=str(path), path=path, partial=partial
+    )
+    try:
+        fsync_dir(partial.parent)
+    except BaseException:
+        await target.discard()
+        raise
+    return target
 
 
 async def _create_image(path: Path, size: int, fmt: str, *, exists: bool, compress: bool) -> BlockDevice:
@@ -210,4 +317,13 @@ async def _open_image(path: Path, fmt: str | None) -> BlockDevice:
     return device
 
 
-__all__ = ["BackupTarget", "check_size", "open_target", "reads_as_zeroes", "round_up"]
+__all__ = [
+    "BackupTarget",
+    "check_size",
+    "create_file_target",
+    "fsync_dir",
+    "mark_qcow2_incomplete",
+    "open_target",
+    "reads_as_zeroes",
+    "round_up",
+]

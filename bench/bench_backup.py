@@ -159,7 +159,7 @@ async def ours_backup(source: Path, target_kind: str, work: Path, size: int, opt
                 options,
                 events=EventBus(),
                 target_zero_init=target.zero_init,
-                close_target=True,
+                owner=target,
             )
             started = time.perf_counter()
             await job.attach()
@@ -195,7 +195,7 @@ async def ours_guest(source: Path, work: Path, runtime: int, with_backup: bool) 
                 BackupOptions(speed=GUEST_SPEED),
                 events=EventBus(),
                 target_zero_init=target.zero_init,
-                close_target=True,
+                owner=target,
             )
             await job.attach()
             job.start()

@@ -115,7 +115,7 @@ async def start_backup(source: Source, target: BackupTarget, options: BackupOpti
         options,
         events=bus,
         target_zero_init=target.zero_init,
-        close_target=target.owned,
+        owner=target if target.owned else None,
     )
     snapshot = source.tmp / f"snapshot-{job_id}.img"
     async with source.node.drained():

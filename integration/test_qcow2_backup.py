@@ -100,6 +100,7 @@ async def test_full_backup_of_a_qcow2_disk_into_qcow2(tmp_path: Path, backing: b
     assert isinstance(target.device, Qcow2Device)
     await _run_job(node, target.device, "full", zero_init=target.zero_init)
     await target.close()
+    target.complete()  # written under a temporary name until now
     await device.close()
     _check_equal(target_path, snapshot)
     run("qemu-img", "check", src)  # the guest's writes left the live qcow2 disk clean too

@@ -48,7 +48,7 @@ from nbd.client_core import (
     _NeedData,
     describe_rep_error,
 )
-from nbd.device import BlockLimits, Capabilities, Extent, pread_padded
+from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch, pread_padded
 from nbd.errors import DisconnectedError, HandshakeError, NbdError, NbdRequestError, ProtocolError, nbd_to_errno
 from nbd.uri import NbdUri, parse_uri
 
@@ -606,6 +606,7 @@ class NbdClient:
         self._pending_writes: dict[int, _Op] = {}  # seq → write op not yet acknowledged
         self._acked_log: list[tuple[int, int, int]] = []  # (seq, offset, end) acked while older writes pend
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_latch = FlushLatch(str(uri))  # a failed remote FLUSH fails every later flush and FUA write
         flags = info.flags
         minimum = info.block_minimum or 1
         maximum = info.block_maximum or DEFAULT_MAX_PAYLOAD
@@ -1029,6 +1030,8 @@ class NbdClient:
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         length = len(data)
         self._bounds(offset, length, write=True)
+        if fua:
+            self._flush_latch.check()
         if length == 0:
             return
         minimum = self._minimum
@@ -1055,6 +1058,8 @@ class NbdClient:
         Not part of ``BlockDevice``; ``nbd-backup copy`` uses it when the source is a raw file. ``fd`` is
         duplicated: the caller may close its own once this returns or is cancelled."""
         self._bounds(offset, length, write=True)
+        if fua:
+            self._flush_latch.check()
         if length == 0:
             return
         minimum = self._minimum
@@ -1095,6 +1100,8 @@ class NbdClient:
         self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
         self._bounds(offset, length, write=True)
+        if fua:
+            self._flush_latch.check()
         if length == 0:
             return
         caps = self._capabilities
@@ -1144,6 +1151,8 @@ class NbdClient:
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._bounds(offset, length, write=True)
+        if fua:
+            self._flush_latch.check()
         if not self._capabilities.can_trim:
             return  # advisory
         minimum = self._minimum
@@ -1158,8 +1167,13 @@ class NbdClient:
 
     async def flush(self) -> None:
         self._check_usable()
+        self._flush_latch.check()
         if self._capabilities.can_flush:
-            await self._submit(c.Cmd.FLUSH, 0, 0)
+            try:
+                await self._submit(c.Cmd.FLUSH, 0, 0)
+            except OSError as exc:  # an error reply, a lost connection, a timeout: durability unknown
+                self._flush_latch.failed(exc)
+                raise
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         self._bounds(offset, length, write=False)

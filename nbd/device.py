@@ -10,6 +10,7 @@ with an errno (``NbdRequestError`` is one), which ``nbd.errors.errno_to_nbd`` ma
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -108,6 +109,32 @@ class BlockDevice(Protocol):
     async def close(self) -> None:
         """Release resources; further calls fail."""
         ...
+
+
+class FlushLatch:
+    """The first failed flush of a device, remembered for as long as the device is open.
+
+    Linux reports a writeback error to one ``fdatasync`` and then marks the pages clean, so the next
+    one succeeds although the data never reached the disk; a remote server may do the same. As QEMU's
+    file driver does, a device whose flush failed fails every later flush and FUA write with EIO, so
+    no caller (a backup job, a client retrying) mistakes lost data for durable data.
+    """
+
+    __slots__ = ("_what", "error")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self.error: str | None = None
+
+    def check(self) -> None:
+        """Raise EIO once a flush has failed."""
+        if self.error is not None:
+            raise OSError(errno.EIO, f"{self._what}: an earlier flush failed ({self.error}); written data may be lost")
+
+    def failed(self, exc: BaseException) -> None:
+        """Record a failed flush (the first cause is kept)."""
+        if self.error is None:
+            self.error = str(exc) or type(exc).__name__
 
 
 def pread_padded(fd: int, offset: int, length: int) -> bytes:

@@ -23,7 +23,7 @@ from backup.images import open_image
 from backup.node import BlockNode
 from nbd.server import Export, NbdServer
 from server import qmp_block, qmp_jobs, qmp_nbd
-from server.errors import ConfigError
+from server.errors import ConfigError, ShutdownError
 from server.paths import PathPolicy
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.server import QmpServer
@@ -199,7 +199,9 @@ class Daemon:
 
     async def shutdown(self) -> None:
         """Cancel jobs (their events still reach QMP clients), close the monitor, stop NBD, flush and
-        close every node, remove the pid file. Safe to call twice."""
+        close every node, remove the pid file. Safe to call twice. Raises ``ShutdownError`` when an
+        image could not be flushed or closed (or a job would not stop): the data may not be safe, so
+        the process must not exit as if all went well."""
         if self._closed:
             return
         self._closed = True
@@ -210,6 +212,8 @@ class Daemon:
         finally:
             if self._pid_written and self.pid_file is not None:
                 remove_pid_file(self.pid_file)
+        if self.registry.shutdown_errors:
+            raise ShutdownError("; ".join(self.registry.shutdown_errors))
 
 
 def _realpath(path: str | os.PathLike[str]) -> str:

@@ -19,6 +19,11 @@ class QmpError(Exception):
         return cls(str(exc), exc.qmp_class)
 
 
+class ShutdownError(Exception):
+    """Shutting down hit errors (an image that could not be flushed or closed, a job that would not
+    stop): each was logged; together they make ``nbd-backup serve`` exit non-zero."""
+
+
 class ConfigError(Exception):
     """The command line or configuration file is wrong; the daemon does not start."""
 

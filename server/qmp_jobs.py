@@ -25,8 +25,9 @@ from backup.backup_job import BackupJob, BackupOptions
 from backup.errors import BackupError
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
-from backup.targets import BackupTarget, open_target
+from backup.targets import BackupTarget, create_file_target, open_target
 from backup.transaction import AbortAction, Transaction, TransactionAction, run_transaction
+from nbd.device import BlockDevice
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
 from server.errors import QmpError
@@ -187,29 +188,24 @@ def new_image_backing(source: BlockNode, sync: str) -> Backing | None:
 
 
 async def create_backed_target(path: str, size: int, backing: Backing) -> BackupTarget:
-    """Create a qcow2 target over ``backing``; it does not read as zeroes, so nothing is skipped."""
+    """Create a qcow2 target over ``backing`` (under a temporary name until the job completes); it
+    does not read as zeroes, so nothing is skipped."""
     from backup.images import create_image
 
-    existed = _exists(path)
-    try:
-        device = await create_image(
-            path,
+    async def create(where: Path, in_place: bool) -> BlockDevice:
+        device: BlockDevice = await create_image(
+            where,
             size,
             format="qcow2",
             backing_file=backing.path,
             backing_format=backing.format,
             backing_device=backing.device,
         )
-    except BaseException:
-        if not existed:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise
-    return BackupTarget(device, zero_init=False, created=None if existed else Path(path), description=path)
+        return device
 
-
-def _exists(path: str) -> bool:
-    return os.path.lexists(path)
+    target = await create_file_target(Path(path), create)
+    target.zero_init = False
+    return target
 
 
 async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedBackup:
@@ -279,7 +275,7 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
             options,
             events=reg.events,
             target_zero_init=target.zero_init,
-            close_target=target.owned,
+            owner=target if target.owned else None,
         )
     except BaseException:
         await target.discard()

@@ -87,6 +87,8 @@ class Registry:
         self.stop_requested: Callable[[], None] | None = None
         #: Set once shutdown began: no new jobs.
         self.closing = False
+        #: What went wrong while shutting down (reported by the daemon's exit status).
+        self.shutdown_errors: list[str] = []
 
     def request_stop(self) -> None:
         """QMP ``quit``: ask the daemon to shut down (after the reply is sent)."""
@@ -331,7 +333,7 @@ class Registry:
             for fut in pending:
                 fut.cancel()
             if pending:
-                log.warning("%d job(s) did not stop within %.0f s", len(pending), timeout)
+                self._shutdown_error(f"{len(pending)} job(s) did not stop within {timeout:.0f} s")
         for job_id in list(self.jobs):
             self.forget_job(job_id)
 
@@ -352,13 +354,17 @@ class Registry:
             try:
                 if not node.read_only:
                     await node.device.flush()
-            except OSError as exc:
-                log.error("flushing node '%s' failed: %s", name, exc)
+            except Exception as exc:
+                self._shutdown_error(f"flushing node '{name}' failed: {exc}")
             try:
                 await node.close()
-            except OSError as exc:
-                log.error("closing node '%s' failed: %s", name, exc)
+            except Exception as exc:
+                self._shutdown_error(f"closing node '{name}' failed: {exc}")
         self._unsubscribe()
+
+    def _shutdown_error(self, message: str) -> None:
+        log.error("%s", message)
+        self.shutdown_errors.append(message)
 
 
 def same_image(a: BlockNode, b: BlockNode) -> bool:

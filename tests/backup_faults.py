@@ -21,6 +21,8 @@ class FaultyDevice(BlockFilter):
         self.fail_reads: int | None = None
         self.fail_writes: int | None = None
         self.fail_writes_times = -1  # with fail_writes: how many more failures (-1: until cleared)
+        self.flush_failures = 0  # the next N flushes fail with EIO, then flushes succeed again (Linux)
+        self.flushes = 0
         self.gate = asyncio.Event()
         self.gate.set()
         self.writes: list[tuple[str, int, int]] = []
@@ -66,6 +68,10 @@ class FaultyDevice(BlockFilter):
 
     async def flush(self) -> None:
         await self._maybe_stall()
+        if self.flush_failures:
+            self.flush_failures -= 1
+            raise OSError(errno.EIO, "injected flush failure (once)")
+        self.flushes += 1
         if self.fail_writes is not None and self.fail_writes_times != 0:
             self.fail_writes_times -= self.fail_writes_times > 0
             raise OSError(self.fail_writes, "injected flush failure")

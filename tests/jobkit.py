@@ -30,6 +30,8 @@ class FakeJob(Job):
         is_read: bool = False,
         fail_prepare: bool = False,
         fail_run: Exception | None = None,
+        fail_commit: Exception | None = None,
+        fail_clean: Exception | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(job_id, events=events, **kwargs)
@@ -41,6 +43,8 @@ class FakeJob(Job):
         self.is_read = is_read
         self.fail_prepare = fail_prepare
         self.fail_run = fail_run
+        self.fail_commit = fail_commit
+        self.fail_clean = fail_clean
         self.hooks: list[str] = []
         self.attempts = 0
 
@@ -69,6 +73,8 @@ class FakeJob(Job):
 
     def commit(self) -> None:
         self.hooks.append("commit")
+        if self.fail_commit is not None:
+            raise self.fail_commit
 
     def abort(self) -> None:
         self.hooks.append("abort")
@@ -76,6 +82,8 @@ class FakeJob(Job):
     async def clean(self) -> None:
         await asyncio.sleep(0)
         self.hooks.append("clean")
+        if self.fail_clean is not None:
+            raise self.fail_clean
 
 
 def short(event: Event) -> tuple[Any, ...]:

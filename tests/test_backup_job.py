@@ -388,3 +388,26 @@ async def test_refusals() -> None:
     assert isinstance(node.top, CopyBeforeWriteFilter)
     job.early_fail()  # a transaction that failed before start: nothing left behind
     assert node.filters == [] and node.users == set()
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore", "stop", "enospc", "auto"])
+async def test_a_target_flush_that_failed_once_fails_the_job_whatever_the_policy(policy: str) -> None:
+    """The target's flush fails once and would succeed if asked again (Linux marks the pages clean
+    after reporting a writeback error): the data may be lost, so the job must fail — not retry,
+    not pause — under every ``on-target-error`` policy."""
+    size = 8 * CS
+    _node, _, target, job, rec = make_job(pattern(size), on_target_error=policy, retry_delay=0)
+    target.flush_failures = 1
+    await job.attach()
+    job.start()
+    for _ in range(10_000):  # a job that paused (stop) is resumed once: it must still fail
+        if job.status in ("concluded", "null"):
+            break
+        if job.status == "paused" and job.user_paused:
+            job.resume()
+        await asyncio.sleep(0)
+    await finish(job)
+    completed = rec.named("BLOCK_JOB_COMPLETED")
+    assert completed and completed[0]["error"] == "Input/output error"
+    assert [e["action"] for e in rec.named("BLOCK_JOB_ERROR")] == ["report"]
+    assert target.flushes == 0

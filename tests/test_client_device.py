@@ -265,3 +265,37 @@ async def test_multi_conn_opens_side_by_side_and_a_failure_closes_every_one(
             break
         await asyncio.sleep(0.01)
     assert server.connections == 0
+
+
+async def test_a_failed_remote_flush_latches(tmp_path: Path) -> None:
+    """A server whose FLUSH failed once and then succeeds (what Linux does after a writeback error)
+    must not make the client report the data as durable: every later flush and FUA write fails."""
+    from backup_faults import FaultyDevice
+
+    device = FaultyDevice(MemoryDevice(SIZE))
+    server = NbdServer()
+    server.add_export(Export("mem", device))
+    path = tmp_path / "f.sock"
+    await server.listen_unix(path)
+    try:
+        async with await NbdClient.connect(f"nbd+unix:///mem?socket={path}", connections=1) as client:
+            await client.pwrite(0, b"a" * 4096)
+            device.flush_failures = 1
+            with pytest.raises(OSError) as info:
+                await client.flush()
+            assert info.value.errno == errno.EIO
+            flushes = device.flushes
+            for call in (
+                client.flush,
+                lambda: client.pwrite(0, b"b" * 4096, fua=True),
+                lambda: client.zero(0, 4096, fua=True),
+                lambda: client.trim(0, 4096, fua=True),
+            ):
+                with pytest.raises(OSError) as info:
+                    await call()
+                assert info.value.errno == errno.EIO
+                assert "earlier flush failed" in str(info.value)
+            assert device.flushes == flushes  # refused locally: the server's "success" is never asked for
+            await client.pwrite(4096, b"c" * 4096)  # plain writes go on
+    finally:
+        await server.stop()

@@ -233,6 +233,31 @@ async def test_prepare_failure_aborts() -> None:
     assert job.hooks == ["run", "prepare", "abort", "clean"]
 
 
+@pytest.mark.parametrize("step", ["commit", "clean"])
+async def test_a_failed_commit_or_clean_up_is_reported_as_the_jobs_error(step: str) -> None:
+    """The target's last close fails in clean-up: the job must not complete "without error"."""
+    bus = make_bus()
+    rec = Recorder(bus)
+    failure = OSError(errno.EIO, "close failed")
+    job = FakeJob("j", events=bus, auto_dismiss=False, **{f"fail_{step}": failure})  # type: ignore[arg-type]
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert rec.statuses("j")[-3:] == ["pending", "aborting", "concluded"]
+    assert completed(error="Input/output error") in rec.seq()
+    assert job.error == "Input/output error" and job.query_job()["error"] == "Input/output error"
+    assert job.hooks == (
+        ["run", "prepare", "commit", "abort", "clean"] if step == "commit" else ["run", "prepare", "commit", "clean"]
+    )
+
+
+async def test_a_failed_clean_up_of_a_failed_job_keeps_the_first_error() -> None:
+    bus = make_bus()
+    job = FakeJob("j", events=bus, fail_run=OSError(errno.ENOSPC, "x"), fail_clean=OSError(errno.EIO, "y"))
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert job.error == "No space left on device"
+
+
 async def test_error_report() -> None:
     bus = make_bus()
     rec = Recorder(bus)

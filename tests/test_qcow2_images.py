@@ -61,6 +61,7 @@ async def test_backup_target_created_as_qcow2(tmp_path: Path) -> None:
     assert isinstance(target.device, Qcow2Device) and target.zero_init and target.created == path
     await target.device.pwrite(0, b"x" * 65536)
     await target.close()
+    target.complete()
     assert check_image(str(path)).clean
     reopened = await open_target(str(path), size=MiB, mode="existing")
     assert isinstance(reopened.device, Qcow2Device) and not reopened.zero_init

@@ -247,3 +247,46 @@ async def test_large_writes_run_one_at_a_time_in_one_thread(tmp_path: Path, monk
     assert most == 1 and len(threads) == 1 and threading.get_ident() not in threads
     data = (tmp_path / "w.raw").read_bytes()
     assert data == b"".join(bytes([i + 1]) * THREADED_IO_MIN for i in range(8))
+
+
+class _FailingSyncOnce:
+    """``os.fdatasync`` as Linux behaves after a writeback error: it fails once, then succeeds (the
+    dirty pages were marked clean although they never reached the disk)."""
+
+    def __init__(self) -> None:
+        self.failures_left = 1
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        if self.failures_left:
+            self.failures_left -= 1
+            raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("first", ["flush", "pwrite-fua", "zero-fua", "trim-fua"])
+async def test_a_failed_fdatasync_latches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    dev = await RawFileDevice.create(tmp_path / "t.raw", 1 << 20)
+    sync = _FailingSyncOnce()
+    monkeypatch.setattr(os, "fdatasync", sync)
+    calls = {
+        "flush": dev.flush,
+        "pwrite-fua": lambda: dev.pwrite(0, b"x" * 512, fua=True),
+        "zero-fua": lambda: dev.zero(0, 4096, fua=True),
+        "trim-fua": lambda: dev.trim(0, 4096, fua=True),
+    }
+    with pytest.raises(OSError) as info:
+        await calls[first]()
+    assert info.value.errno == errno.EIO
+    # The kernel would now report success: the device must not.
+    for name in ("flush", "pwrite-fua", "zero-fua", "trim-fua", "flush"):
+        with pytest.raises(OSError) as info:
+            await calls[name]()
+        assert info.value.errno == errno.EIO, name
+        assert "earlier flush failed" in str(info.value)
+    await dev.pwrite(0, b"plain writes still work", fua=False)
+    await dev.close()
+    # A fresh open is a fresh start (as QEMU reopening the file).
+    again = await RawFileDevice.open(tmp_path / "t.raw")
+    await again.flush()
+    await again.close()

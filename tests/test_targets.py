@@ -19,12 +19,36 @@ async def test_creates_a_sparse_raw_file_rounded_up(tmp_path: Path) -> None:
     target = await open_target(str(path), size=SIZE)
     try:
         assert target.zero_init and target.owned
-        assert target.created == path
-        assert path.stat().st_size == 1024 * 1024 + 512
-        assert os.stat(path).st_blocks == 0
+        assert target.created == path and target.partial is not None
+        assert target.partial.parent == tmp_path and target.partial.name.startswith(".new.img.partial-")
+        assert not path.exists()  # written under the temporary name until the backup completes
+        assert target.partial.stat().st_size == 1024 * 1024 + 512
+        assert os.stat(target.partial).st_blocks == 0
     finally:
         await target.discard()
-    assert not path.exists()  # discard removes what open_target created
+    assert os.listdir(tmp_path) == []  # discard removes what open_target created
+
+
+async def test_a_completed_target_is_renamed_into_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "done.img"
+    target = await open_target(str(path), size=SIZE)
+    assert synced == [str(tmp_path)]  # the new name is durable
+    await target.device.pwrite(0, b"data")
+    await target.device.flush()
+    await target.close()
+    target.complete()
+    assert synced == [str(tmp_path)] * 2  # and so is the rename
+    assert os.listdir(tmp_path) == ["done.img"] and path.read_bytes()[:4] == b"data"
+    await target.discard()  # after completion: nothing to undo
+    assert path.exists()
 
 
 async def test_existing_file_of_the_right_size_is_used_and_kept(tmp_path: Path) -> None:
@@ -53,7 +77,12 @@ async def test_modes(tmp_path: Path) -> None:
     target = await open_target(path, size=SIZE, mode="absolute-paths")
     assert target.zero_init and target.created is None  # recreated, but it was not ours to delete
     await target.discard()
-    assert path.exists() and path.stat().st_size == 1024 * 1024 + 512
+    assert path.read_bytes() == b"\x02" * 8192  # an abandoned recreation leaves the old file as it was
+    assert os.listdir(tmp_path) == ["recreate.img"]
+    target = await open_target(path, size=SIZE, mode="absolute-paths")
+    await target.close()
+    target.complete()
+    assert path.stat().st_size == 1024 * 1024 + 512 and os.stat(path).st_blocks == 0
 
 
 async def test_same_file_as_the_source_is_refused(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from nbd.constants import DEFAULT_PORT, MAX_STRING
 from nbd.loop import run
 from server.config import apply_config, load_config
 from server.daemon import Daemon, parse_qmp_address
-from server.errors import ConfigError, QmpError
+from server.errors import ConfigError, QmpError, ShutdownError
 from server.paths import PathPolicy
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ examples:
   nbd-backup serve --config /etc/nbd-backup/serve.toml
 
 The daemon writes --pid-file and prints a line starting with "nbd-backup: ready" on stderr once
-every socket is listening. SIGTERM/SIGINT (or QMP quit) cancel running jobs, flush and exit 0.
+every socket is listening. SIGTERM/SIGINT (or QMP quit) cancel running jobs, flush and exit 0 (1 when
+an image could not be flushed or closed).
 """
 
 
@@ -248,5 +249,8 @@ def main(args: argparse.Namespace) -> int:
         return 1
     except OSError as exc:
         print(f"nbd-backup serve: error: {exc}", file=sys.stderr)
+        return 1
+    except ShutdownError as exc:
+        print(f"nbd-backup serve: error while shutting down: {exc}", file=sys.stderr)
         return 1
     return 0

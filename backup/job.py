@@ -25,8 +25,9 @@ each scenario against it and against us and asserts both see the same):
 - pause / resume: paused, running. Texts: "Job is already paused", "Can't resume a job that was not
   paused" (checked before the verb table), "Job 'ID' in state 'S' cannot accept command verb 'V'",
   negative speed (set-speed, or at creation, which emits created then null): "Parameter 'speed'
-  expects a non-negative value". (``block-job-cancel`` of a user-paused job without force is refused
-  by the QMP layer: "The block job for device 'ID' is currently paused"; unknown id: "Job not found".)
+  expects a non-negative value". (``block-job-cancel`` without force of a job paused by the user or by
+  an error is refused by the QMP layer: "The block job for device 'ID' is currently paused", the job
+  stays paused; ``job-cancel`` always forces; unknown id: "Job not found".)
 - an I/O error with ``report``: ``BLOCK_JOB_ERROR`` {device, operation, action: report}, aborting,
   ``BLOCK_JOB_COMPLETED`` with ``error`` (strerror, e.g. "Input/output error"), concluded, null.
   ``stop`` (and ``enospc``/``auto`` on ENOSPC): ``BLOCK_JOB_ERROR`` action stop, paused; query shows

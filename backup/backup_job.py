@@ -296,10 +296,11 @@ class BackupJob(Job):
             await self.pause_point()
             if not copier.active:
                 return
+            epoch = self.run_epoch
             try:
                 runs = await copier.top_allocation(pos, min(copier.size - pos, MAX_ZERO_REQUEST))
             except OSError as exc:
-                action = await self.handle_error(exc, self.options.on_source_error, is_read=True)
+                action = await self.handle_error(exc, self.options.on_source_error, is_read=True, epoch=epoch)
                 if action is ErrorAction.REPORT:
                     raise
                 if action is ErrorAction.IGNORE:
@@ -341,6 +342,7 @@ class BackupJob(Job):
             await self.pause_point()
             if not copier.active:
                 return
+            epoch = self.run_epoch  # before the claim: whatever the claim starts belongs to this run
             task = await self._claim_next()
             if task is None:
                 busy = copier.in_flight
@@ -358,6 +360,7 @@ class BackupJob(Job):
                     exc.cause,
                     self.options.on_source_error if exc.is_read else self.options.on_target_error,
                     is_read=exc.is_read,
+                    epoch=epoch,
                 )
                 if action is ErrorAction.REPORT:
                     raise exc.cause from exc

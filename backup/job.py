@@ -25,13 +25,17 @@ each scenario against it and against us and asserts both see the same):
 - pause / resume: paused, running. Texts: "Job is already paused", "Can't resume a job that was not
   paused" (checked before the verb table), "Job 'ID' in state 'S' cannot accept command verb 'V'",
   negative speed (set-speed, or at creation, which emits created then null): "Parameter 'speed'
-  expects a non-negative value". (``block-job-cancel`` of a user-paused job without force is refused
-  by the QMP layer: "The block job for device 'ID' is currently paused"; unknown id: "Job not found".)
+  expects a non-negative value". (``block-job-cancel`` without force of a job paused by the user or by
+  an error is refused by the QMP layer: "The block job for device 'ID' is currently paused", the job
+  stays paused; ``job-cancel`` always forces; unknown id: "Job not found".)
 - an I/O error with ``report``: ``BLOCK_JOB_ERROR`` {device, operation, action: report}, aborting,
   ``BLOCK_JOB_COMPLETED`` with ``error`` (strerror, e.g. "Input/output error"), concluded, null.
   ``stop`` (and ``enospc``/``auto`` on ENOSPC): ``BLOCK_JOB_ERROR`` action stop, paused; query shows
   ``io-status`` "failed" ("nospace" for ENOSPC) and ``paused: true``; resume resets io-status to "ok"
   and retries. ``ignore``: one ``BLOCK_JOB_ERROR`` action ignore per failed attempt, the job goes on.
+  QEMU's backup acts on an error only once every request of its block-copy call has ended, so a
+  failure never outlives the stop it caused; ours has several requests in flight, so a failure of a
+  request issued before the last resume is retried without stopping again (``run_epoch``).
 - a job cancelled before it started (a transaction that aborts): created, aborting, concluded, null
   and no BLOCK_JOB_* event.
 """
@@ -270,6 +274,9 @@ class Job(ABC):
         self.io_status = "ok"
         self.error: str | None = None
         self.user_paused = False
+        #: Bumped by every user resume (also after an ``on-*-error=stop`` pause): a request records it
+        #: when issued, so ``handle_error`` can tell a failure of the current run from a late one.
+        self.run_epoch = 0
         self.group = JobGroup()
         self.group.jobs.append(self)
         self._pause_count = 1  # created jobs count as paused until start()
@@ -396,6 +403,7 @@ class Job(ABC):
         self._apply_verb(JobVerb.RESUME)
         self.on_user_resume()
         self.user_paused = False
+        self.run_epoch += 1
         self._pause_count -= 1
         self._unpark_if_resumed()
         self._wake()
@@ -575,12 +583,22 @@ class Job(ABC):
         except TimeoutError:
             pass
 
-    async def handle_error(self, exc: OSError, policy: OnError | str, *, is_read: bool) -> ErrorAction:
+    async def handle_error(
+        self, exc: OSError, policy: OnError | str, *, is_read: bool, epoch: int | None = None
+    ) -> ErrorAction:
         """Apply an error policy to a failed request: event, io-status, and for STOP a pause until resume.
 
-        The caller retries after IGNORE and STOP and gives up (raises) after REPORT.
+        The caller retries after IGNORE and STOP and gives up (raises) after REPORT. ``epoch`` is
+        ``run_epoch`` when the request was issued (None: now). A STOP for a request issued before the
+        last resume returns at once, with no event and no pause: its failure belongs to the run the
+        job was stopped and resumed for (several requests in flight fail with one cause, and their
+        replies may arrive after the resume), so the caller just retries it; if the fault is still
+        there, the retry fails in the current run and stops the job again.
         """
         action = decide(policy, exc.errno, is_read=is_read)
+        if action is ErrorAction.STOP and epoch is not None and epoch != self.run_epoch:
+            log.debug("job %s: retrying a request that failed before the last resume: %s", self.id, exc)
+            return action
         self.events.emit(
             "BLOCK_JOB_ERROR",
             {"device": self.id, "operation": "read" if is_read else "write", "action": str(action)},

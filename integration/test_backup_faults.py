@@ -14,6 +14,7 @@ import pytest
 from backup_rig import (
     Backup,
     MiB,
+    Source,
     nbd_export_to_file,
     qemu_io,
     same_bytes,
@@ -202,3 +203,50 @@ async def test_break_snapshot_lets_the_guest_write_and_fails_the_backup(tmp_path
             completed = backup.named("BLOCK_JOB_COMPLETED")
             assert completed and completed[0]["error"] == "Connection timed out"
             assert source.node.filters == []
+
+
+LOOP_SIZE = 4 * MiB
+
+
+async def stop_then_resume_at_once(tmp_path: Path, source: Source, run: int) -> None:
+    """One backup onto a fresh nbdkit target whose writes fail with ENOSPC while a trigger file exists:
+    at the first ``BLOCK_JOB_ERROR`` remove the trigger and resume, then check the job completes
+    without stopping again and the target holds the point in time."""
+    trigger = tmp_path / "fault"
+    trigger.touch()
+    filter_args = ["error-pwrite=ENOSPC", "error-pwrite-rate=1", f"error-file={trigger}"]
+    with nbdkit(tmp_path, "--filter=error", "memory", f"size={LOOP_SIZE}", *filter_args, name=f"t{run}") as peer:
+        target = await open_target(peer.uri, size=LOOP_SIZE)
+        # one cluster per claim, 64 workers: every write of the disk is in flight at once
+        options = BackupOptions(on_target_error="stop", max_workers=64, max_chunk=65536)
+        first_error = asyncio.Event()
+        backup = await start_backup(source, target, options, job_id=f"b{run}")
+        job = backup.job
+        # subscribed before the job ran: no event is missed
+        job.events.subscribe(lambda event: first_error.set() if event.name == "BLOCK_JOB_ERROR" else None)
+        async with asyncio.timeout(BOUND):
+            await first_error.wait()
+        assert job.user_paused and job.io_status == "nospace"
+        trigger.unlink()
+        job.resume()  # the failures of the other writes may not have been seen yet
+        errors_before_resume = len(backup.named("BLOCK_JOB_ERROR"))
+        await until(lambda: job.status == "null" or job.user_paused)
+        assert not job.user_paused, f"run {run}: stopped again after the resume"
+        await backup.finish(BOUND)
+        assert len(backup.named("BLOCK_JOB_ERROR")) == errors_before_resume, f"run {run}"
+        assert job.error is None, (run, job.error)
+        assert job.io_status == "ok"
+        same_bytes(backup.snapshot, await nbd_export_to_file(peer.uri, tmp_path / f"readback{run}.img"))
+
+
+async def test_stop_resume_loop_ignores_late_failures_from_before_the_pause(tmp_path: Path) -> None:
+    """on-target-error=stop, the trigger removed and the job resumed as soon as the first failure
+    stops it, five times: the other writes in flight failed before the stop and their replies may
+    arrive after the resume. Those failures belong to the run before the stop: they must not stop the
+    job again (no ``BLOCK_JOB_ERROR`` after the resume), and every run must complete with the target
+    equal to the point in time."""
+    require("nbdkit", "nbdcopy")
+    image = write_random_image(tmp_path / "disk.img", LOOP_SIZE, seed=31)
+    async with served_source(tmp_path, image) as source:
+        for run in range(5):
+            await stop_then_resume_at_once(tmp_path, source, run)

@@ -325,6 +325,51 @@ def test_on_target_error_stop(tmp_path: Path) -> None:
     differential(tmp_path, scenario)
 
 
+def test_cancel_of_a_paused_job_needs_force(tmp_path: Path) -> None:
+    """block-job-cancel without force refuses a user-paused job and one stopped by an error (the job
+    stays paused); force=true and job-cancel cancel it; once resumed, no force is needed."""
+    require("nbdkit")
+
+    def scenario(run: Run) -> list[str]:
+        run("drive-backup", **{"job-id": "j1"}, device="src", target=target(run, "j1.raw"), sync="full", speed=SLOW)
+        run("drive-backup", **{"job-id": "j2"}, device="src", target=target(run, "j2.raw"), sync="full", speed=SLOW)
+        run.q.pending_events.clear()  # forget the starts' transient paused/running
+        run("block-job-pause", device="j1")
+        run("job-pause", id="j2")
+        run.q.wait_job_status("j1", "paused", timeout=60)
+        run.q.wait_job_status("j2", "paused", timeout=60)
+        run("block-job-cancel", device="j1")
+        run("block-job-cancel", device="j1", force=False)
+        run("query-block-jobs")
+        run("block-job-cancel", device="j2", force=True)
+        run.wait_gone("j2")
+        run("block-job-resume", device="j1")
+        run.q.wait_job_status("j1", "running", timeout=60)
+        run("block-job-cancel", device="j1")
+        run.wait_gone("j1")
+        fault = run.work / "fault"
+        with failing_nbdkit(run, "target", "pwrite", fault, "ENOSPC", "memory", str(SIZE)) as sock:
+            run(
+                "drive-backup",
+                **{"job-id": "e1", "on-target-error": "stop"},
+                device="src",
+                target=f"nbd+unix:///?socket={sock}",
+                sync="full",
+                format="raw",
+                mode="existing",
+            )
+            run.q.pending_events.clear()
+            run.q.wait_event("BLOCK_JOB_ERROR", lambda d: d["device"] == "e1", timeout=60)
+            run.q.wait_job_status("e1", "paused", timeout=60)
+            run("block-job-cancel", device="e1")
+            run("query-block-jobs")
+            run("job-cancel", id="e1")
+            run.wait_gone("e1")
+        return ["j1", "j2", "e1"]
+
+    differential(tmp_path, scenario)
+
+
 @pytest.mark.parametrize("policy", ["report"])
 def test_on_target_error_report(tmp_path: Path, policy: str) -> None:
     require("nbdkit")

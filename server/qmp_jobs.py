@@ -441,8 +441,14 @@ def register(commands: CommandRegistry) -> None:
 
     @commands.command("block-job-cancel", args={"device": "str", "*force": "bool"})
     async def block_job_cancel(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
-        """Cancel a block job (BLOCK_JOB_CANCELLED follows)."""
-        return await cancel_job(reg, reg.block_job(args["device"]), force=args.get("force", False))
+        """Cancel a block job (BLOCK_JOB_CANCELLED follows); a paused one only with force=true."""
+        job = reg.block_job(args["device"])
+        force = args.get("force", False)
+        if job.user_paused and not force:
+            # QEMU's qmp_block_job_cancel: a paused job (by the user or by an on-*-error=stop error)
+            # needs force, and stays paused otherwise; job-cancel always forces.
+            raise generic(f"The block job for device '{args['device']}' is currently paused")
+        return await cancel_job(reg, job, force=force)
 
     @commands.command("block-job-pause", args={"device": "str"})
     async def block_job_pause(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:

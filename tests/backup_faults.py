@@ -25,6 +25,9 @@ class FaultyDevice(BlockFilter):
         self.flushes = 0
         self.gate = asyncio.Event()
         self.gate.set()
+        #: When a list: a write that fails (decided as it arrives, like a server answering at once) keeps
+        #: its reply back until the test resolves the future it appends — a failure that arrives late.
+        self.held_failures: list[asyncio.Future[None]] | None = None
         self.writes: list[tuple[str, int, int]] = []
         self.reads = 0
         self.stalled = 0
@@ -49,7 +52,12 @@ class FaultyDevice(BlockFilter):
         await self._maybe_stall()
         if self.fail_writes is not None and self.fail_writes_times != 0:
             self.fail_writes_times -= self.fail_writes_times > 0
-            raise OSError(self.fail_writes, "injected write failure")
+            failure = OSError(self.fail_writes, "injected write failure")
+            if self.held_failures is not None:
+                reply = asyncio.get_running_loop().create_future()
+                self.held_failures.append(reply)
+                await reply
+            raise failure
         self.writes.append((verb, offset, length))
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:

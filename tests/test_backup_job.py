@@ -315,6 +315,48 @@ async def test_stop_policy_pauses_then_resume_completes() -> None:
     assert "error" not in rec.named("BLOCK_JOB_COMPLETED")[0]
 
 
+async def spin_until(predicate: Any, bound: int = 10_000) -> None:
+    """Let the loop run until ``predicate()`` holds (a bounded number of turns, no clock)."""
+    for _ in range(bound):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+async def test_failures_from_before_a_stop_do_not_stop_the_resumed_job() -> None:
+    """Four copies are in flight when the target starts failing; their failures arrive one by one:
+    the first stops the job, one more arrives while it is stopped, the fault is repaired and the job
+    resumed, then the last two arrive. They belong to requests issued before the stop: they are
+    retried, do not stop the job again (no event), and the backup completes with the point in time."""
+    size = 8 * CS
+    node, target_mem, target, job, rec = make_job(pattern(size), on_target_error="stop", max_workers=4, max_chunk=CS)
+    snapshot = bytes(node.device.data)  # type: ignore[attr-defined]
+    held: list[asyncio.Future[None]] = []
+    target.held_failures = held
+    target.fail_writes = errno.ENOSPC
+    await job.attach()
+    job.start()
+    await spin_until(lambda: len(held) == 4)  # every worker's write failed, no reply delivered yet
+    held[0].set_result(None)
+    await spin_until(lambda: job.status == "paused")
+    assert job.io_status == "nospace"
+    held[1].set_result(None)  # a failure that arrives while the job is stopped
+    await spin_until(lambda: len(rec.named("BLOCK_JOB_ERROR")) == 2)
+    target.fail_writes = None  # the fault is repaired
+    await node.pwrite(7 * CS, b"g" * 100)  # a guest write copies the old data first (the target works again)
+    job.resume()
+    held[2].set_result(None)  # late failures of requests issued before the stop
+    held[3].set_result(None)
+    await spin_until(lambda: job.status == "null" or job.user_paused)
+    assert not job.user_paused, "a failure from before the stop stopped the resumed job"
+    await finish(job)
+    assert [e["action"] for e in rec.named("BLOCK_JOB_ERROR")] == ["stop", "stop"]
+    assert "error" not in rec.named("BLOCK_JOB_COMPLETED")[0]
+    assert job.io_status == "ok"
+    assert target_mem.data == snapshot
+
+
 async def test_break_snapshot_fails_the_job() -> None:
     size = 8 * CS
     node, _, target, job, rec = make_job(pattern(size), on_cbw_error="break-snapshot", sync="none")

@@ -15,7 +15,7 @@ from jobkit import FakeJob, Recorder, until
 from backup.errors import InvalidArgument, JobStateError
 from backup.events import EventBus
 from backup.job import TRANSITIONS, VERBS, Job, JobGroup, JobStatus, JobVerb
-from backup.policy import OnError
+from backup.policy import ErrorAction, OnError
 
 EIO = OSError(errno.EIO, "Input/output error")
 
@@ -312,6 +312,37 @@ async def test_error_stop_then_resume_retries(policy: OnError, err: int, io_stat
     await asyncio.wait_for(job.wait(), 10)
     assert rec.statuses("j")[2:] == ["paused", "running", "waiting", "pending", "concluded", "null"]
     assert job.attempts == 4
+
+
+async def test_a_stop_for_a_request_issued_before_the_last_resume_is_only_a_retry() -> None:
+    """A request records ``run_epoch`` when issued; if it fails after a resume that came later, STOP
+    returns at once (the caller retries) with no event, no pause and io-status untouched. IGNORE and
+    REPORT apply as always; a failure of the current run still stops the job."""
+    bus = make_bus()
+    rec = Recorder(bus)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    job = FakeJob("j", events=bus, units=1, gate=gate)
+    job.start()
+    before = job.run_epoch
+    job.pause()
+    job.resume()
+    assert job.run_epoch == before + 1
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    assert await job.handle_error(enospc, OnError.STOP, is_read=False, epoch=before) is ErrorAction.STOP
+    assert await job.handle_error(enospc, OnError.ENOSPC, is_read=False, epoch=before) is ErrorAction.STOP
+    assert not job.user_paused and job.io_status == "ok"
+    assert [e for e in rec.seq("j") if e[0] == "BLOCK_JOB_ERROR"] == []
+    assert await job.handle_error(EIO, OnError.IGNORE, is_read=True, epoch=before) is ErrorAction.IGNORE
+    assert await job.handle_error(EIO, OnError.ENOSPC, is_read=True, epoch=before) is ErrorAction.REPORT
+    stop = asyncio.ensure_future(job.handle_error(enospc, OnError.STOP, is_read=False, epoch=job.run_epoch))
+    await until(lambda: job.status is JobStatus.PAUSED)
+    assert job.user_paused and job.io_status == "nospace"
+    job.resume()
+    assert await stop is ErrorAction.STOP
+    assert [e[1]["action"] for e in rec.seq("j") if e[0] == "BLOCK_JOB_ERROR"] == ["ignore", "report", "stop"]
+    gate.put_nowait(None)
+    await asyncio.wait_for(job.wait(), 10)
+    assert job.error is None
 
 
 async def test_cancel_while_stopped() -> None:

@@ -248,6 +248,35 @@ async def test_job_verbs(h: Harness) -> None:
     assert h.reg.nodes["s"].filters == []
 
 
+async def test_block_job_cancel_of_a_paused_job_needs_force(h: Harness) -> None:
+    """QEMU 7.2's qmp_block_job_cancel: a user-paused job (also one stopped by an error) is only
+    cancelled with force=true; without it the job stays, paused. job-cancel always forces."""
+    await h("blockdev-add", driver="file", filename=str(h.image("s.raw", 4 * MiB)), **{"node-name": "s"})
+    for job_id in ("j", "k"):
+        await h(
+            "drive-backup", **{"job-id": job_id}, device="s", target=str(h.tmp / f"{job_id}.raw"), speed=1, sync="full"
+        )
+        await h("block-job-pause", device=job_id)
+    paused = ("GenericError", "The block job for device 'j' is currently paused")
+    assert await h.error("block-job-cancel", device="j") == paused
+    assert await h.error("block-job-cancel", device="j", force=False) == paused
+    assert [(i["device"], i["status"], i["paused"]) for i in await h("query-block-jobs")] == [
+        ("k", "paused", True),
+        ("j", "paused", True),
+    ]
+    assert [e.name for e in h.events if e.name.startswith("BLOCK_JOB")] == []
+    await h("block-job-resume", device="j")
+    await h("block-job-cancel", device="j")  # no longer paused: no force needed
+    await h("job-cancel", id="k")  # job-cancel is always a forced cancel
+    await h.wait_gone("j")
+    await h.wait_gone("k")
+    assert [e.name for e in h.events if e.name.startswith("BLOCK_JOB")] == ["BLOCK_JOB_CANCELLED"] * 2
+    await h("drive-backup", **{"job-id": "m"}, device="s", target=str(h.tmp / "m.raw"), speed=1, sync="full")
+    await h("job-pause", id="m")
+    await h("block-job-cancel", device="m", force=True)
+    await h.wait_gone("m")
+
+
 async def test_close_cancels_jobs(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     await h("blockdev-add", driver="file", filename=str(h.image("s.raw")), **{"node-name": "s"})

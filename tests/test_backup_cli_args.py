@@ -56,7 +56,9 @@ def test_cbw_arguments() -> None:
     assert arguments["x-cbw-timeout"] == 5 and arguments["x-on-cbw-error"] == "break-snapshot"
     _, arguments = backup_arguments(parser.parse_args(["backup", "--qmp", "unix:/q", "d0", "/b.raw"]), "j")
     assert not any(key.startswith("x-") for key in arguments)
-    _, arguments = backup_arguments(parser.parse_args(["backup", "--qmp", "unix:/q", "d0", "/b", "--cbw-timeout=0"]), "j")
+    _, arguments = backup_arguments(
+        parser.parse_args(["backup", "--qmp", "unix:/q", "d0", "/b", "--cbw-timeout=0"]), "j"
+    )
     assert arguments["x-cbw-timeout"] == 0
     for bad in (["--cbw-timeout", "-1"], ["--cbw-timeout", "1.5"], ["--cbw-timeout", "x"], ["--on-cbw-error", "oops"]):
         with pytest.raises(SystemExit):

@@ -822,6 +822,10 @@ class NbdClient:
     def connections(self) -> int:
         return len(self._conns)
 
+    @property
+    def request_timeout(self) -> float | None:
+        return self._request_timeout
+
     def __repr__(self) -> str:
         return f"<NbdClient {self.uri} size={self.size} connections={len(self._conns)}>"
 

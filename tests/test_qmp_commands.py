@@ -325,3 +325,29 @@ async def test_cbw_options_reach_the_filter(h: Harness) -> None:
         await h.wait_gone(job_id)
     await h.wait_gone("c")
     assert h.reg.nodes["s"].filters == []
+
+
+async def test_nbd_node_request_timeout(h: Harness) -> None:
+    """``x-request-timeout`` (our extension; QEMU's nbd driver has none): a node whose server stays silent
+    with requests in flight fails them with ETIMEDOUT. Default none, as QEMU."""
+    from nbd.client import NbdClient
+
+    await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "n0"})
+    sock = str(h.tmp / "nbd.sock")
+    await h("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    await h("block-export-add", type="nbd", id="e0", **{"node-name": "n0"}, writable=True)
+    server = {"type": "unix", "path": sock}
+    desc = (await h.error("blockdev-add", driver="nbd", server=server, **{"node-name": "r", "x-request-timeout": -1}))[
+        1
+    ]
+    assert desc == "Parameter 'x-request-timeout' expects uint32_t"
+    await h("blockdev-add", driver="nbd", server=server, export="n0", **{"node-name": "r5", "x-request-timeout": 5})
+    await h("blockdev-add", driver="nbd", server=server, export="n0", **{"node-name": "r0"})
+    timeouts = {}
+    for name in ("r5", "r0"):
+        device = h.reg.nodes[name].device
+        assert isinstance(device, NbdClient)
+        timeouts[name] = device.request_timeout
+    assert timeouts == {"r5": 5.0, "r0": None}
+    for name in ("r5", "r0"):
+        await h("blockdev-del", **{"node-name": name})

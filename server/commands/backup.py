@@ -21,6 +21,9 @@ from server.qmp.client import QmpClient, QmpClientError, QmpCommandError
 EPILOG = """\
 TARGET is a file (created at the source's size unless --mode existing), an NBD URI
 (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH), or with --to-node another block node.
+An NBD target that leaves requests unanswered for 60 s is dropped: they fail with ETIMEDOUT (as a
+write error: --on-target-error decides);
+--cbw-timeout bounds how long guest writes wait for a slow or stalled target meanwhile.
 
 examples:
   nbd-backup backup --qmp unix:/run/nbd-backup/qmp.sock disk0 /backups/disk0-monday.qcow2 --format qcow2

@@ -16,7 +16,8 @@ The protocol lives in ``nbd.client_core``; this module only moves bytes and keep
   considered dead and dropped (its requests fail with ``ETIMEDOUT``), whether or not anyone still waits
   for them; a slow server that keeps answering is never cut off, and a connection waiting only for a
   FLUSH (which may take minutes on a large dirty cache) gets ``FLUSH_TIMEOUT_FACTOR`` times as long.
-* ``close`` never leaves a socket open: connections whose orderly close (the DISC going out) does not
+* ``close`` never leaves a socket open: it does not wait for requests stuck on a connection that has
+  been silent for ``CLOSE_GRACE``, and connections whose orderly close (the DISC going out) does not
   finish within ``CLOSE_GRACE`` — a server that stopped reading — are aborted, as they are when
   ``close`` itself is cancelled.
 * A dropped connection fails every pending request at once with :class:`DisconnectedError`, unless
@@ -760,20 +761,25 @@ class NbdClient:
         timeout = self._request_timeout
         if timeout is None or self._closed:
             return
+        self._drop_silent(timeout, flush_factor=FLUSH_TIMEOUT_FACTOR)
+        self._arm_watchdog()
+
+    def _drop_silent(self, limit: float, *, flush_factor: float = 1) -> None:
+        """Abort the connections that have had requests in flight and received nothing for ``limit``
+        seconds (``limit * flush_factor`` when they wait only for FLUSH replies)."""
         now = asyncio.get_running_loop().time()
         for conn in self._conns:
             tx = conn.tx
             if tx is None or not tx.inflight or conn.reason is not None or conn.closed.done():
                 continue
             silent = now - conn.last_progress
-            if silent < timeout:
+            if silent < limit:
                 continue
-            if silent < timeout * FLUSH_TIMEOUT_FACTOR and all(r.cmd == c.Cmd.FLUSH for r in tx.inflight.values()):
+            if silent < limit * flush_factor and all(r.cmd == c.Cmd.FLUSH for r in tx.inflight.values()):
                 continue
             message = f"{self.uri}: request timed out: no reply for {silent:.0f} s ({len(tx.inflight)} in flight)"
             log.warning("%s", message)
             conn.abort(RequestTimeoutError(message))
-        self._arm_watchdog()
 
     @classmethod
     async def list_exports(
@@ -1258,10 +1264,7 @@ class NbdClient:
         for task in list(self._tasks):
             task.cancel()
         try:
-            try:
-                await asyncio.wait_for(self._drain(), self._connect_timeout)
-            except TimeoutError:
-                log.warning("%s: closing with requests still in flight", self.uri)
+            await self._drain_or_drop()
             for conn in self._conns:
                 transport = conn.transport
                 if transport is None or transport.is_closing():
@@ -1290,6 +1293,25 @@ class NbdClient:
             log.warning("%s: aborting %d connection(s) that did not close", self.uri, len(stuck))
         for conn in stuck:
             conn.abort(DisconnectedError(f"{self.uri}: client closed"))
+
+    async def _drain_or_drop(self) -> None:
+        """Wait (up to the connect timeout) for the requests in flight, but not for those stuck on a
+        connection that has been silent for ``CLOSE_GRACE`` (ten times that for FLUSH only, as for the
+        request timeout): that one is dropped and they fail."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        drain = asyncio.ensure_future(self._drain())
+        try:
+            while not drain.done():
+                self._drop_silent(CLOSE_GRACE, flush_factor=FLUSH_TIMEOUT_FACTOR)
+                left = deadline - loop.time()
+                if left <= 0:
+                    log.warning("%s: closing with requests still in flight", self.uri)
+                    return
+                await asyncio.wait({drain}, timeout=min(left, CLOSE_GRACE / 4))
+        finally:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
 
     async def _drain(self) -> None:
         """Wait until every request slot is free (then hand them back: late callers get EBADF, not a hang)."""

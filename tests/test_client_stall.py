@@ -176,3 +176,26 @@ async def test_a_cancelled_close_still_aborts_every_connection(frozen: str) -> N
     await until(lambda: all_closed(client))
     results = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), BOUND)
     assert all(isinstance(r, OSError) for r in results), results
+
+
+async def test_close_does_not_wait_for_requests_on_a_silent_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request stuck on a server that went silent (a guest's copy-before-write on a stopped target)
+    does not hold ``close`` for the connect timeout: a connection silent for ``CLOSE_GRACE`` is dropped."""
+    import nbd.client
+
+    monkeypatch.setattr(nbd.client, "CLOSE_GRACE", 0.2)
+    device = StallingDevice(SIZE)
+    server, uri = await serve(tmp_path, device)
+    try:
+        client = await NbdClient.connect(uri, connections=1, connect_timeout=60)
+        read = asyncio.ensure_future(client.pread(0, 4096))
+        await asyncio.wait_for(device.stuck.wait(), BOUND)
+        await asyncio.wait_for(client.close(), BOUND)
+        assert all_closed(client)
+        with pytest.raises(DisconnectedError):
+            await asyncio.wait_for(read, BOUND)
+    finally:
+        device.release.set()
+        await server.stop()

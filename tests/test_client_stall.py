@@ -103,13 +103,13 @@ async def test_every_request_of_a_timed_out_connection_fails_with_etimedout(tmp_
 
 
 async def test_a_slow_server_that_keeps_answering_is_not_timed_out(tmp_path: Path) -> None:
-    """40 reads answered one by one every 50 ms: the last waits ~2 s, twice the timeout, but the
+    """60 reads answered one by one every 40 ms: the last waits ~2.4 s, well past the timeout, but the
     connection is never silent for long, so nothing fails."""
-    server, uri = await serve(tmp_path, SlowDevice(SIZE, 0.05))
+    server, uri = await serve(tmp_path, SlowDevice(SIZE, 0.04))
     try:
-        client = await NbdClient.connect(uri, connections=1, request_timeout=1.0)
-        reads = [client.pread(o, 4096) for o in range(0, 40 * 4096, 4096)]
-        assert await asyncio.wait_for(asyncio.gather(*reads), BOUND) == [bytes(4096)] * 40
+        client = await NbdClient.connect(uri, connections=1, request_timeout=1.5)
+        reads = [client.pread(o, 4096) for o in range(0, 60 * 4096, 4096)]
+        assert await asyncio.wait_for(asyncio.gather(*reads), BOUND) == [bytes(4096)] * 60
         await asyncio.wait_for(client.close(), BOUND)
     finally:
         await server.stop()

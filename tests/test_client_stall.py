@@ -199,3 +199,34 @@ async def test_close_does_not_wait_for_requests_on_a_silent_connection(
     finally:
         device.release.set()
         await server.stop()
+
+
+class StallsOnce(MemoryDevice):
+    """The first read never completes (a request the server lost); the others are answered."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, data=b"\x42" * size)
+        self.reads = 0
+        self.release = asyncio.Event()
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            await self.release.wait()
+        return await super().pread(offset, length)
+
+
+async def test_a_timed_out_connection_is_reconnected_and_its_requests_replayed(tmp_path: Path) -> None:
+    """With ``reconnect_delay`` (QEMU's ``reconnect-delay``) a connection dropped by the request timeout
+    is replaced like any lost one, and the unanswered request is sent again."""
+    device = StallsOnce(SIZE)
+    server, uri = await serve(tmp_path, device)
+    try:
+        client = await NbdClient.connect(uri, connections=1, request_timeout=0.3, reconnect_delay=20)
+        first = client._conns[0]
+        assert await asyncio.wait_for(client.pread(0, 16), BOUND) == b"\x42" * 16
+        assert first.closed.done() and client._conns[0] is not first and device.reads == 2
+        await asyncio.wait_for(client.close(), BOUND)
+    finally:
+        device.release.set()
+        await server.stop()

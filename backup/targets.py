@@ -2,9 +2,11 @@
 
 A target is one of: a path (a raw image created at the source's size rounded up to 512 bytes, or an
 existing image of the right size; qcow2 through ``backup.images``), an NBD URI (a remote export
-through ``NbdClient``), or any ``BlockDevice`` (a block node). The result says whether the target is
-known to read as zeroes — only then may the job skip zero clusters instead of writing zeroes — and
-what was created, so an aborted transaction or a failed start leaves nothing behind.
+through ``NbdClient``, with a request timeout: a target that stops answering fails the backup
+instead of holding it, and its connections, forever), or any ``BlockDevice`` (a block node). The
+result says whether the target is known to read as zeroes — only then may the job skip zero clusters
+instead of writing zeroes — and what was created, so an aborted transaction or a failed start leaves
+nothing behind.
 
 A backup that did not complete must not look complete. A new file (and a file that ``absolute-paths``
 recreates) is written under a temporary name next to it, ``.NAME.partial-XXXXXXXX``, and renamed to
@@ -40,6 +42,10 @@ SECTOR = 512
 #: How many block-status replies ``reads_as_zeroes`` looks at before giving up (a fragmented target
 #: is simply treated as not zero-initialised).
 _MAX_STATUS_CALLS = 64
+#: Seconds an NBD target may stay silent with requests in flight before its connection is dropped and
+#: the requests fail with ETIMEDOUT (the job's on-target-error decides). Generous: a healthy target
+#: answers in milliseconds, a busy one within seconds; a FLUSH-only wait gets ten times as long.
+TARGET_REQUEST_TIMEOUT = 60.0
 
 Mode = Literal["existing", "absolute-paths"]
 
@@ -144,6 +150,7 @@ async def open_target(
     source_device: BlockDevice | None = None,
     source_filename: str | None = None,
     nbd_connections: int | None = None,
+    nbd_request_timeout: float | None = TARGET_REQUEST_TIMEOUT,
     compress: bool = False,
 ) -> BackupTarget:
     """Open (or create) the target of a backup of ``size`` bytes.
@@ -152,6 +159,7 @@ async def open_target(
     creates a new one; ``None`` uses an existing image or creates a missing one. ``compress`` creates
     a qcow2 target that stores compressed clusters (raw targets refuse it, as QEMU does). ``source_device`` /
     ``source_filename`` identify the source so that backing a disk up onto itself is refused.
+    ``nbd_request_timeout``: for an NBD URI, the client's request timeout (None or 0: none).
     """
     if not isinstance(target, str | os.PathLike):
         if source_device is not None and target is source_device:
@@ -163,18 +171,18 @@ async def open_target(
     from nbd.uri import looks_like_uri
 
     if looks_like_uri(text):
-        return await _open_nbd(text, size=size, connections=nbd_connections)
+        return await _open_nbd(text, size=size, connections=nbd_connections, request_timeout=nbd_request_timeout)
     if source_filename is not None and _same_file(text, source_filename):
         raise InvalidArgument("Source and target cannot be the same")
     return await _open_file(Path(text), size=size, format=format, mode=mode, compress=compress)
 
 
-async def _open_nbd(text: str, *, size: int, connections: int | None) -> BackupTarget:
+async def _open_nbd(text: str, *, size: int, connections: int | None, request_timeout: float | None) -> BackupTarget:
     from nbd.client import NbdClient
     from nbd.uri import parse_uri
 
     uri = parse_uri(text)
-    client = await NbdClient.connect(uri, connections=connections)
+    client = await NbdClient.connect(uri, connections=connections, request_timeout=request_timeout)
     try:
         if client.read_only:
             raise InvalidArgument(f"NBD target {text} is read-only")

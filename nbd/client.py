@@ -12,6 +12,14 @@ The protocol lives in ``nbd.client_core``; this module only moves bytes and keep
   once a duplicate of the socket's descriptor polls writable, so nothing interleaves with a payload.
 * Several connections are opened when the server advertises ``CAN_MULTI_CONN`` (which is what makes a
   flush on one connection cover writes completed on the others).
+* ``request_timeout``: a connection with requests in flight that receives nothing for that long is
+  considered dead and dropped (its requests fail with ``ETIMEDOUT``), whether or not anyone still waits
+  for them; a slow server that keeps answering is never cut off, and a connection waiting only for a
+  FLUSH (which may take minutes on a large dirty cache) gets ``FLUSH_TIMEOUT_FACTOR`` times as long.
+* ``close`` never leaves a socket open: it does not wait for requests stuck on a connection that has
+  been silent for ``CLOSE_GRACE``, and connections whose orderly close (the DISC going out) does not
+  finish within ``CLOSE_GRACE`` — a server that stopped reading — are aborted, as they are when
+  ``close`` itself is cancelled.
 * A dropped connection fails every pending request at once with :class:`DisconnectedError`, unless
   ``reconnect_delay`` is set: then (like QEMU's ``reconnect-delay``) new requests wait, and requests the
   server never acknowledged are replayed on a new connection — only once the old one is fully closed,
@@ -49,7 +57,15 @@ from nbd.client_core import (
     describe_rep_error,
 )
 from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch, pread_padded
-from nbd.errors import DisconnectedError, HandshakeError, NbdError, NbdRequestError, ProtocolError, nbd_to_errno
+from nbd.errors import (
+    DisconnectedError,
+    HandshakeError,
+    NbdError,
+    NbdRequestError,
+    ProtocolError,
+    RequestTimeoutError,
+    nbd_to_errno,
+)
 from nbd.uri import NbdUri, parse_uri
 
 log = logging.getLogger(__name__)
@@ -64,6 +80,10 @@ _ZEROES = bytes(1024 * 1024)
 _UNCORK_PAYLOAD = 64 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
 _MAX_OPTION_REPLIES = 100_000  # e.g. exports in one NBD_OPT_LIST: a bound against endless replies
+#: How long ``close`` lets connections send their DISC and close before aborting them.
+CLOSE_GRACE = 2.0
+#: A connection waiting only for FLUSH replies is dead after this many request timeouts.
+FLUSH_TIMEOUT_FACTOR = 10
 
 
 @dataclass(frozen=True)
@@ -169,6 +189,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.reason: BaseException | None = None  # why we aborted, when we did
+        self.last_progress = 0.0  # loop time of the last bytes received, or of a request sent while idle
         self.on_replies: Callable[[list[Request]], None] = lambda done: None
         self.on_lost: Callable[[_Connection, BaseException], None] = lambda conn, exc: None
         self.ready = False
@@ -195,6 +216,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.hs.receive_data(self._hs_buffer[:nbytes])
             self._hs_event.set()
             return
+        self.last_progress = self.loop.time()
         try:
             tx.buffer_updated(nbytes)
         except ProtocolError as exc:
@@ -287,6 +309,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self.on_replies([Request(0, op.cmd, op.flags, op.offset, op.length, userdata=op, error=c.Errno.EIO)])
                 return
             op.source = None
+        if not tx.inflight:
+            self.last_progress = self.loop.time()  # the request timeout runs from here
         _, header = tx.request(op.cmd, op.offset, op.length, op.flags, buffer=op.buffer, userdata=op, fresh=op.fresh)
         # Cork: requests issued in one loop iteration leave in one write (each write can wake the server
         # and cost us the CPU on a busy machine); large payloads are written at once, no point holding them.
@@ -591,7 +615,8 @@ class NbdClient:
         self.uri = uri
         self.export_info = info
         self._connect_timeout = connect_timeout
-        self._request_timeout = request_timeout
+        self._request_timeout = request_timeout if request_timeout and request_timeout > 0 else None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._reconnect_delay = reconnect_delay
         self._slots = asyncio.Semaphore(max_in_flight)
         self._max_in_flight = max_in_flight
@@ -643,7 +668,9 @@ class NbdClient:
         request_timeout: float | None = None,
         reconnect_delay: float = 0,
     ) -> NbdClient:
-        """Connect and negotiate. ``connections=None`` opens up to 4 when the server allows multi-conn."""
+        """Connect and negotiate. ``connections=None`` opens up to 4 when the server allows multi-conn.
+        ``request_timeout`` (seconds; None or 0: none) drops a connection that goes silent with requests
+        in flight (see the module docstring)."""
         target = _as_uri(uri)
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -716,6 +743,44 @@ class NbdClient:
         if conn not in self._conns:
             self._conns.append(conn)
         self._ready.set()
+        self._arm_watchdog()
+
+    # -- the request timeout
+
+    def _arm_watchdog(self) -> None:
+        timeout = self._request_timeout
+        if timeout is None or self._watchdog is not None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(min(timeout / 4, 1.0), self._watch)
+
+    def _watch(self) -> None:
+        """Drop every connection that has had requests in flight and received nothing for the timeout.
+        A periodic check rather than a timer per request: it costs nothing per request and also covers
+        requests whose caller stopped waiting (a cancelled copy still holds the connection)."""
+        self._watchdog = None
+        timeout = self._request_timeout
+        if timeout is None or self._closed:
+            return
+        self._drop_silent(timeout, flush_factor=FLUSH_TIMEOUT_FACTOR)
+        self._arm_watchdog()
+
+    def _drop_silent(self, limit: float, *, flush_factor: float = 1) -> None:
+        """Abort the connections that have had requests in flight and received nothing for ``limit``
+        seconds (``limit * flush_factor`` when they wait only for FLUSH replies)."""
+        now = asyncio.get_running_loop().time()
+        for conn in self._conns:
+            tx = conn.tx
+            if tx is None or not tx.inflight or conn.reason is not None or conn.closed.done():
+                continue
+            silent = now - conn.last_progress
+            if silent < limit:
+                continue
+            if silent < limit * flush_factor and all(r.cmd == c.Cmd.FLUSH for r in tx.inflight.values()):
+                continue
+            message = f"{self.uri}: request timed out: no reply for {silent:.0f} s ({len(tx.inflight)} in flight)"
+            log.warning("%s", message)
+            conn.abort(RequestTimeoutError(message))
 
     @classmethod
     async def list_exports(
@@ -763,6 +828,10 @@ class NbdClient:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def request_timeout(self) -> float | None:
+        return self._request_timeout
 
     def __repr__(self) -> str:
         return f"<NbdClient {self.uri} size={self.size} connections={len(self._conns)}>"
@@ -814,18 +883,7 @@ class NbdClient:
                 op.seq = self._write_seq
                 self._pending_writes[op.seq] = op
             conn.send(op)
-            if self._request_timeout is None:
-                return await op.future
-            try:
-                return await asyncio.wait_for(asyncio.shield(op.future), self._request_timeout)
-            except TimeoutError:
-                message = f"{self.uri}: {c.Cmd(cmd).name} request timed out after {self._request_timeout:g} s"
-                for candidate in self._conns:
-                    if candidate.tx is not None and any(r.userdata is op for r in candidate.tx.inflight.values()):
-                        candidate.abort(DisconnectedError(message))
-                if not op.future.done():
-                    op.future.cancel()
-                raise OSError(errno.ETIMEDOUT, message) from None
+            return await op.future
 
     def _on_replies(self, done: list[Request]) -> None:
         for req in done:
@@ -1211,7 +1269,8 @@ class NbdClient:
             await self._ranged(c.Cmd.CACHE, offset, length)
 
     async def close(self) -> None:
-        """Wait for what is in flight, send ``NBD_CMD_DISC``, and close every connection."""
+        """Wait for what is in flight, send ``NBD_CMD_DISC``, and close every connection; a connection
+        that has not closed within ``CLOSE_GRACE`` (or when this is cancelled) is aborted."""
         if self._closed:
             return
         self._closing = True
@@ -1219,22 +1278,54 @@ class NbdClient:
         for task in list(self._tasks):
             task.cancel()
         try:
-            await asyncio.wait_for(self._drain(), self._connect_timeout)
-        except TimeoutError:
-            log.warning("%s: closing with requests still in flight", self.uri)
-        for conn in self._conns:
-            transport = conn.transport
-            if transport is None or transport.is_closing():
-                continue
-            if conn.ready and conn.tx is not None:
-                try:
-                    conn.write_last(ClientTransmission.disconnect_request())
-                except (OSError, RuntimeError):
-                    pass
-            transport.close()
-        self._closed = True
-        if self._conns:
-            await asyncio.wait([asyncio.ensure_future(conn.closed) for conn in self._conns], timeout=5)
+            await self._drain_or_drop()
+            for conn in self._conns:
+                transport = conn.transport
+                if transport is None or transport.is_closing():
+                    continue
+                if conn.ready and conn.tx is not None:
+                    try:
+                        conn.write_last(ClientTransmission.disconnect_request())
+                    except (OSError, RuntimeError):
+                        pass
+                transport.close()
+            self._closed = True
+            if self._conns:
+                await asyncio.wait([asyncio.ensure_future(conn.closed) for conn in self._conns], timeout=CLOSE_GRACE)
+        finally:
+            self._closed = True
+            self._abort_unclosed()
+
+    def _abort_unclosed(self) -> None:
+        """Drop the sockets an orderly close could not finish (a server that stopped reading): a closed
+        client holds no connection, whatever the server does."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        stuck = [conn for conn in self._conns if not conn.closed.done()]
+        if stuck:
+            log.warning("%s: aborting %d connection(s) that did not close", self.uri, len(stuck))
+        for conn in stuck:
+            conn.abort(DisconnectedError(f"{self.uri}: client closed"))
+
+    async def _drain_or_drop(self) -> None:
+        """Wait (up to the connect timeout) for the requests in flight, but not for those stuck on a
+        connection that has been silent for ``CLOSE_GRACE`` (ten times that for FLUSH only, as for the
+        request timeout): that one is dropped and they fail."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        drain = asyncio.ensure_future(self._drain())
+        try:
+            while not drain.done():
+                self._drop_silent(CLOSE_GRACE, flush_factor=FLUSH_TIMEOUT_FACTOR)
+                left = deadline - loop.time()
+                if left <= 0:
+                    log.warning("%s: closing with requests still in flight", self.uri)
+                    return
+                await asyncio.wait({drain}, timeout=min(left, CLOSE_GRACE / 4))
+        finally:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
 
     async def _drain(self) -> None:
         """Wait until every request slot is free (then hand them back: late callers get EBADF, not a hang)."""
@@ -1284,6 +1375,8 @@ def _request_error(req: Request) -> NbdRequestError:
 
 
 def _copy_exception(reason: BaseException) -> BaseException:
+    if isinstance(reason, RequestTimeoutError):
+        return RequestTimeoutError(str(reason))
     if isinstance(reason, DisconnectedError):
         return DisconnectedError(str(reason))
     if isinstance(reason, NbdError):

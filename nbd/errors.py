@@ -7,7 +7,8 @@ Split by who is at fault and whether the connection survives:
   remote failure exactly like a local device failure.
 * ``ProtocolError`` — the peer broke the protocol; the connection is unusable.
 * ``HandshakeError`` — negotiation refused or failed (an option error reply, no such export).
-* ``DisconnectedError`` — the connection is gone; every pending request fails with it.
+* ``DisconnectedError`` — the connection is gone; every pending request fails with it
+  (``RequestTimeoutError`` when it went silent for the request timeout).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ class HandshakeError(NbdError):
 
 class DisconnectedError(NbdError, ConnectionError):
     """The connection closed (or was closed) while requests were pending or being sent."""
+
+
+class RequestTimeoutError(DisconnectedError):
+    """A connection with requests in flight received nothing for the request timeout: it is considered
+    dead and dropped, and every request on it fails with this (``errno`` ``ETIMEDOUT``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_mod.ETIMEDOUT  # only errno: str() stays the message
 
 
 class NbdRequestError(NbdError, OSError):

@@ -63,6 +63,7 @@ BLOCKDEV_OPTIONS.set_variant(
         "*tls-creds": "str",
         "*reconnect-delay": "uint32",
         "*open-timeout": "uint32",
+        "*x-request-timeout": "uint32",  # our extension: seconds a silent server may hold requests (0: none)
     },
 )
 BLOCKDEV_OPTIONS.set_variant("null-co", {"*size": "int", "*read-zeroes": "bool"})
@@ -239,7 +240,10 @@ async def _open_nbd(options: dict[str, Any], *, read_only: bool) -> _Opened:
     timeout = options.get("open-timeout") or 30
     try:
         client = await NbdClient.connect(
-            uri, connect_timeout=float(timeout), reconnect_delay=float(options.get("reconnect-delay", 0))
+            uri,
+            connect_timeout=float(timeout),
+            reconnect_delay=float(options.get("reconnect-delay", 0)),
+            request_timeout=float(options.get("x-request-timeout", 0)) or None,
         )
     except (OSError, NbdError) as exc:
         where = f"{uri.host}:{uri.port}" if uri.socket is None else uri.socket

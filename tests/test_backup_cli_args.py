@@ -47,6 +47,24 @@ def test_blockdev_backup_arguments() -> None:
     )
 
 
+def test_cbw_arguments() -> None:
+    """``--cbw-timeout``/``--on-cbw-error`` become our QMP extension ``x-cbw-timeout``/``x-on-cbw-error``
+    (sent only when given, so the command still works against QEMU without them)."""
+    parser = build_parser()
+    argv = ["backup", "--qmp", "unix:/q", "d0", "t0", "--to-node", "--cbw-timeout", "5", "--on-cbw-error"]
+    _, arguments = backup_arguments(parser.parse_args([*argv, "break-snapshot"]), "j")
+    assert arguments["x-cbw-timeout"] == 5 and arguments["x-on-cbw-error"] == "break-snapshot"
+    _, arguments = backup_arguments(parser.parse_args(["backup", "--qmp", "unix:/q", "d0", "/b.raw"]), "j")
+    assert not any(key.startswith("x-") for key in arguments)
+    _, arguments = backup_arguments(
+        parser.parse_args(["backup", "--qmp", "unix:/q", "d0", "/b", "--cbw-timeout=0"]), "j"
+    )
+    assert arguments["x-cbw-timeout"] == 0
+    for bad in (["--cbw-timeout", "-1"], ["--cbw-timeout", "1.5"], ["--cbw-timeout", "x"], ["--on-cbw-error", "oops"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["backup", "--qmp", "unix:/q", "d0", "/b.raw", *bad])
+
+
 async def test_ctrl_c_that_lands_as_an_event_arrives_is_not_lost() -> None:
     """The command follows its job by waiting for events with a timeout; a cancellation (Ctrl-C) that
     lands in the same loop iteration as an event must still cancel. (``asyncio.wait_for`` on Python

@@ -296,3 +296,87 @@ async def test_backup_to_own_export_of_the_source_refused(h: Harness) -> None:
         for uri in (f"nbd+unix:///s?socket={sock}", f"nbd+unix://?socket={sock}"):
             desc = (await h.error("drive-backup", device=device, target=uri, sync="full", mode="existing"))[1]
             assert desc == "Source and target cannot be the same"
+
+
+async def test_cbw_options_are_validated_before_side_effects(h: Harness) -> None:
+    """``x-cbw-timeout`` / ``x-on-cbw-error``: our extension (QEMU's copy-before-write filter options),
+    checked with QEMU's texts like every argument, before any target or job exists."""
+    await h("blockdev-add", driver="file", filename=str(h.image("src.raw")), **{"node-name": "src"})
+    await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "t0"})
+    t = str(h.tmp / "t.raw")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"x-cbw-timeout": "1"}, "Parameter 'x-cbw-timeout' expects uint64"),  # QEMU's unsigned visitor
+        ({"x-cbw-timeout": 1.5}, "Parameter 'x-cbw-timeout' expects uint64"),
+        ({"x-cbw-timeout": -1}, "Parameter 'x-cbw-timeout' expects uint32_t"),
+        ({"x-cbw-timeout": 1 << 32}, "Parameter 'x-cbw-timeout' expects uint32_t"),
+        ({"x-on-cbw-error": "break-both"}, "Parameter 'x-on-cbw-error' does not accept value 'break-both'"),
+        ({"x-on-cbw-error": 1}, "Invalid parameter type for 'x-on-cbw-error', expected: string"),
+        ({"on-cbw-error": "break-snapshot"}, "Parameter 'on-cbw-error' is unexpected"),  # as QEMU 7.2
+        ({"cbw-timeout": 1}, "Parameter 'cbw-timeout' is unexpected"),
+    ]
+    for extra, text in cases:
+        assert await h.error("drive-backup", device="src", target=t, sync="full", **extra) == ("GenericError", text)
+        assert (await h.error("blockdev-backup", device="src", target="t0", sync="full", **extra))[1] == text
+        action = {"type": "drive-backup", "data": {"device": "src", "target": t, "sync": "full", **extra}}
+        desc = (await h.error("transaction", actions=[action]))[1]
+        name = next(iter(extra))  # QEMU names the full path in some texts, the bare member in others
+        assert desc in (text, text.replace(f"'{name}'", f"'actions[0].data.{name}'")), desc
+    assert not exists(t)
+    assert h.events == [] and h.reg.jobs == {}
+    assert h.reg.nodes["src"].filters == []
+
+
+async def test_cbw_options_reach_the_filter(h: Harness) -> None:
+    await h("blockdev-add", driver="file", filename=str(h.image("s.raw", 4 * MiB)), **{"node-name": "s"})
+    await h("blockdev-add", driver="null-co", size=4 * MiB, **{"node-name": "n"})
+
+    def action(kind: str, **data: Any) -> dict[str, Any]:
+        return {"type": kind, "data": data}
+
+    await h(
+        "transaction",
+        actions=[
+            action("drive-backup", **{"job-id": "a", "x-cbw-timeout": 7}, device="s", target=str(h.tmp / "t.raw"),
+                   sync="full", speed=1),
+            action("blockdev-backup", **{"job-id": "b", "x-on-cbw-error": "break-snapshot"}, device="s", target="n",
+                   sync="none"),
+        ],
+    )  # fmt: skip
+    await h("drive-backup", **{"job-id": "c", "x-cbw-timeout": 0}, device="s", target=str(h.tmp / "c.raw"), sync="full")
+    seen = {}
+    for job_id in ("a", "b"):
+        job = h.reg.jobs[job_id]
+        assert job.filter is not None  # type: ignore[attr-defined]
+        seen[job_id] = (job.filter.cbw_timeout, str(job.filter.on_cbw_error))  # type: ignore[attr-defined]
+    assert seen == {"a": (7.0, "break-guest-write"), "b": (0.0, "break-snapshot")}
+    for job_id in ("a", "b"):
+        await h("block-job-cancel", device=job_id, force=True)
+        await h.wait_gone(job_id)
+    await h.wait_gone("c")
+    assert h.reg.nodes["s"].filters == []
+
+
+async def test_nbd_node_request_timeout(h: Harness) -> None:
+    """``x-request-timeout`` (our extension; QEMU's nbd driver has none): a node whose server stays silent
+    with requests in flight fails them with ETIMEDOUT. Default none, as QEMU."""
+    from nbd.client import NbdClient
+
+    await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "n0"})
+    sock = str(h.tmp / "nbd.sock")
+    await h("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    await h("block-export-add", type="nbd", id="e0", **{"node-name": "n0"}, writable=True)
+    server = {"type": "unix", "path": sock}
+    desc = (await h.error("blockdev-add", driver="nbd", server=server, **{"node-name": "r", "x-request-timeout": -1}))[
+        1
+    ]
+    assert desc == "Parameter 'x-request-timeout' expects uint32_t"
+    await h("blockdev-add", driver="nbd", server=server, export="n0", **{"node-name": "r5", "x-request-timeout": 5})
+    await h("blockdev-add", driver="nbd", server=server, export="n0", **{"node-name": "r0"})
+    timeouts = {}
+    for name in ("r5", "r0"):
+        device = h.reg.nodes[name].device
+        assert isinstance(device, NbdClient)
+        timeouts[name] = device.request_timeout
+    assert timeouts == {"r5": 5.0, "r0": None}
+    for name in ("r5", "r0"):
+        await h("blockdev-del", **{"node-name": name})

@@ -102,3 +102,29 @@ async def test_a_device_is_used_as_is() -> None:
     assert not await reads_as_zeroes(device)
     with pytest.raises(InvalidArgument, match="cannot be the same"):
         await open_target(device, size=SIZE, source_device=device)
+
+
+async def test_an_nbd_target_gets_a_request_timeout(tmp_path: Path) -> None:
+    """A stalled NBD target must not hold a backup forever: the client drops a connection that stays
+    silent with requests in flight (``TARGET_REQUEST_TIMEOUT`` unless the caller says otherwise)."""
+    from backup.targets import TARGET_REQUEST_TIMEOUT
+    from nbd.client import NbdClient
+    from nbd.server import Export, NbdServer
+
+    server = NbdServer()
+    server.add_export(Export("t", MemoryDevice(1 << 20)))
+    await server.listen_unix(tmp_path / "t.sock")
+    uri = f"nbd+unix:///t?socket={tmp_path / 't.sock'}"
+    try:
+        for kwargs, expected in (
+            ({}, TARGET_REQUEST_TIMEOUT),
+            ({"nbd_request_timeout": 5}, 5),
+            ({"nbd_request_timeout": 0}, None),
+        ):
+            target = await open_target(uri, size=1 << 20, **kwargs)  # type: ignore[arg-type]
+            assert isinstance(target.device, NbdClient)
+            assert target.device.request_timeout == expected
+            await target.close()
+    finally:
+        await server.stop()
+    assert 30 <= TARGET_REQUEST_TIMEOUT <= 300

@@ -21,11 +21,15 @@ from server.qmp.client import QmpClient, QmpClientError, QmpCommandError
 EPILOG = """\
 TARGET is a file (created at the source's size unless --mode existing), an NBD URI
 (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH), or with --to-node another block node.
+An NBD target that leaves requests unanswered for 60 s is dropped: they fail with ETIMEDOUT (as a
+write error: --on-target-error decides);
+--cbw-timeout bounds how long guest writes wait for a slow or stalled target meanwhile.
 
 examples:
   nbd-backup backup --qmp unix:/run/nbd-backup/qmp.sock disk0 /backups/disk0-monday.qcow2 --format qcow2
   nbd-backup backup --qmp tcp:127.0.0.1:4444 disk0 nbd://backup-host/disk0 --speed 50M
   nbd-backup backup --qmp unix:qmp.sock disk0 /backups/disk0.raw --progress=3 3>progress.log
+  nbd-backup backup --qmp unix:qmp.sock disk0 nbd://backup-host/disk0 --cbw-timeout 10 --on-cbw-error break-snapshot
 
 exit status: 0 when the backup completed; 1 when it could not start, failed, or was cancelled;
 130 after Ctrl-C (the job is cancelled first).
@@ -54,6 +58,17 @@ def parse_size(text: str) -> int:
     return int(result)
 
 
+def seconds(text: str) -> int:
+    """A whole number of seconds, 0 or more (QEMU's ``cbw-timeout`` is a uint32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"out of range: {text!r}")
+    return value
+
+
 def backup_arguments(args: argparse.Namespace, job_id: str) -> tuple[str, dict[str, Any]]:
     arguments: dict[str, Any] = {"job-id": job_id, "device": args.device, "target": args.target, "sync": args.sync}
     if args.speed:
@@ -64,6 +79,10 @@ def backup_arguments(args: argparse.Namespace, job_id: str) -> tuple[str, dict[s
         arguments["on-target-error"] = args.on_target_error
     if args.compress:
         arguments["compress"] = True
+    if args.cbw_timeout is not None:
+        arguments["x-cbw-timeout"] = args.cbw_timeout
+    if args.on_cbw_error:
+        arguments["x-on-cbw-error"] = args.on_cbw_error
     if args.to_node:
         return "blockdev-backup", arguments
     if args.format:
@@ -199,6 +218,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             help=f"on a {side} I/O error: report (fail; the default), ignore (retry), stop (pause until "
             "block-job-resume), enospc (stop on ENOSPC, else report)",
         )
+    parser.add_argument(
+        "--cbw-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="how long a guest write may wait for its old data to reach the target (copy-before-write); "
+        "0 or unset: no limit. Sent as our QMP extension x-cbw-timeout",
+    )
+    parser.add_argument(
+        "--on-cbw-error",
+        choices=("break-guest-write", "break-snapshot"),
+        metavar="ACTION",
+        help="when that copy fails or times out: break-guest-write (the guest write fails with EIO and the "
+        "backup goes on; the default) or break-snapshot (the guest write proceeds and the backup fails). "
+        "Sent as x-on-cbw-error",
+    )
     parser.add_argument(
         "--progress",
         nargs="?",

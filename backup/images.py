@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from backup.errors import ImageFormatError
 from nbd.device import BlockDevice
+
+if TYPE_CHECKING:
+    from backup.qcow2.backing import BackingCheck
 
 Format = Literal["raw", "qcow2"]
 FORMATS: tuple[str, ...] = ("raw", "qcow2")
@@ -23,9 +26,14 @@ def probe_format(path: str | os.PathLike[str]) -> Format:
 
 
 async def open_image(
-    path: str | os.PathLike[str], *, format: str | None = None, read_only: bool = False
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    read_only: bool = False,
+    check_backing: BackingCheck | None = None,
 ) -> BlockDevice:
-    """Open ``path`` as ``format`` (probed when None) and return the device."""
+    """Open ``path`` as ``format`` (probed when None) and return the device; ``check_backing`` sees
+    every file of a qcow2 image's backing chain before it is opened (see ``backup.qcow2.backing``)."""
     if format is not None and format not in FORMATS:
         raise ImageFormatError(f"unknown image format '{format}' (expected one of: {', '.join(FORMATS)})")
     try:
@@ -49,7 +57,7 @@ async def open_image(
         qcow2 = importlib.import_module("backup.qcow2")
     except ImportError as exc:
         raise ImageFormatError(f"'{os.fspath(path)}': qcow2 images are not supported by this build") from exc
-    device: BlockDevice = await qcow2.Qcow2Device.open(path, read_only=read_only)
+    device: BlockDevice = await qcow2.Qcow2Device.open(path, read_only=read_only, check_backing=check_backing)
     return device
 
 

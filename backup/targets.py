@@ -14,11 +14,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from backup.errors import InvalidArgument
 from nbd.constants import State
 from nbd.device import BlockDevice
+
+if TYPE_CHECKING:
+    from backup.qcow2.backing import BackingCheck
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,7 @@ async def open_target(
     source_filename: str | None = None,
     nbd_connections: int | None = None,
     compress: bool = False,
+    check_backing: BackingCheck | None = None,
 ) -> BackupTarget:
     """Open (or create) the target of a backup of ``size`` bytes.
 
@@ -116,6 +120,7 @@ async def open_target(
     creates a new one; ``None`` uses an existing image or creates a missing one. ``compress`` creates
     a qcow2 target that stores compressed clusters (raw targets refuse it, as QEMU does). ``source_device`` /
     ``source_filename`` identify the source so that backing a disk up onto itself is refused.
+    ``check_backing`` sees every backing file of an existing qcow2 target before it opens (the path policy).
     """
     if not isinstance(target, str | os.PathLike):
         if source_device is not None and target is source_device:
@@ -130,7 +135,9 @@ async def open_target(
         return await _open_nbd(text, size=size, connections=nbd_connections)
     if source_filename is not None and _same_file(text, source_filename):
         raise InvalidArgument("Source and target cannot be the same")
-    return await _open_file(Path(text), size=size, format=format, mode=mode, compress=compress)
+    return await _open_file(
+        Path(text), size=size, format=format, mode=mode, compress=compress, check_backing=check_backing
+    )
 
 
 async def _open_nbd(text: str, *, size: int, connections: int | None) -> BackupTarget:
@@ -159,7 +166,15 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | None, compress: bool) -> BackupTarget:
+async def _open_file(
+    path: Path,
+    *,
+    size: int,
+    format: str | None,
+    mode: Mode | None,
+    compress: bool,
+    check_backing: BackingCheck | None = None,
+) -> BackupTarget:
     exists = _exists(path)
     if mode == "existing" and not exists:
         raise InvalidArgument(f"Could not open '{path}': No such file or directory")
@@ -177,7 +192,7 @@ async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | 
         if not exists:
             created = path
     else:
-        device = await _open_image(path, fmt)
+        device = await _open_image(path, fmt, check_backing)
     try:
         check_size(device.size, size, f"target '{path}'")
         zero_init = await reads_as_zeroes(device)
@@ -203,10 +218,10 @@ async def _create_image(path: Path, size: int, fmt: str, *, exists: bool, compre
     return device
 
 
-async def _open_image(path: Path, fmt: str | None) -> BlockDevice:
+async def _open_image(path: Path, fmt: str | None, check_backing: BackingCheck | None) -> BlockDevice:
     from backup import images
 
-    device: BlockDevice = await images.open_image(str(path), format=fmt)
+    device: BlockDevice = await images.open_image(str(path), format=fmt, check_backing=check_backing)
     return device
 
 

@@ -122,6 +122,58 @@ async def test_allow_dir_confines_blockdev_add(tmp_path: Path) -> None:
         await h.reg.close()
 
 
+async def _qcow2(path: Path, backing: str | None = None, size: int = MiB) -> Path:
+    from backup.qcow2 import Qcow2Device
+
+    device = await Qcow2Device.create(path, None if backing else size, backing_file=backing)
+    await device.close()
+    return path
+
+
+async def test_allow_dir_confines_backing_chains(tmp_path: Path) -> None:
+    """Every image of a backing chain passes --allow-dir, as the named file does (blockdev-add and
+    drive-backup mode=existing), whether the backing name is relative, absolute, a symlink or deeper."""
+    allowed, outside = tmp_path / "ok", tmp_path / "out"
+    allowed.mkdir()
+    outside.mkdir()
+    h = Harness(tmp_path, allow=[allowed])
+    try:
+        secret = outside / "secret.raw"
+        secret.write_bytes(b"S" * MiB)
+        (allowed / "link.raw").symlink_to(secret)
+        await _qcow2(allowed / "mid.qcow2", str(secret))
+        escapes = {
+            "rel.qcow2": "../out/secret.raw",
+            "abs.qcow2": str(secret),
+            "sym.qcow2": "link.raw",
+            "deep.qcow2": "mid.qcow2",  # inside, but its own backing file is not
+        }
+        for name, backing in escapes.items():
+            await _qcow2(allowed / name, backing)
+        await h("blockdev-add", driver="raw", file={"driver": "null-co", "size": MiB}, **{"node-name": "src"})
+        for name in escapes:
+            image = str(allowed / name)
+            file = {"driver": "file", "filename": image}
+            kind, desc = await h.error("blockdev-add", driver="qcow2", file=file, **{"node-name": "x"})
+            assert kind == "GenericError" and str(secret) in desc and "outside the allowed directories" in desc, desc
+            await h("blockdev-add", driver="file", filename=image, **{"node-name": "f"}, **{"read-only": True})
+            kind, desc = await h.error("blockdev-add", driver="qcow2", file="f", **{"node-name": "x"})
+            assert str(secret) in desc, desc
+            await h("blockdev-del", **{"node-name": "f"})
+            for fmt in ({"format": "qcow2"}, {}):
+                args = {"device": "src", "target": image, "sync": "full", "mode": "existing", **fmt}
+                kind, desc = await h.error("drive-backup", **args)
+                assert kind == "GenericError" and str(secret) in desc, desc
+        assert set(h.reg.nodes) == {"src"} and not h.reg.jobs
+        (allowed / "base.raw").write_bytes(b"B" * MiB)
+        await _qcow2(allowed / "top.qcow2", "base.raw")  # a chain inside the allowed directory opens
+        file = {"driver": "file", "filename": str(allowed / "top.qcow2")}
+        await h("blockdev-add", driver="qcow2", file=file, **{"node-name": "top"})
+        assert await h.reg.node("top").pread(0, 4) == b"BBBB"
+    finally:
+        await h.reg.close()
+
+
 async def test_nbd_server_and_exports(h: Harness) -> None:
     await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "n0"})
     await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "ro"}, **{"read-only": True})

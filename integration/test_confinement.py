@@ -4,6 +4,7 @@ another format (checked with our client and with qemu-io)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -50,3 +51,46 @@ def test_backing_chain_outside_allow_dir_refused(tmp_path: Path) -> None:
         node = q.ok("query-named-block-nodes")[0]
         assert node["node-name"] == "ok" and node["backing_file_depth"] == 1, node
     assert (allowed / "top.qcow2").exists() and secret.read_bytes() == make_image(tmp_path / "x", SIZE).read_bytes()
+
+
+def _listening(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(4)
+    return sock
+
+
+def _answers(listener: socket.socket) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(listener.getsockname())
+        listener.settimeout(10)
+        listener.accept()[0].close()
+    return True
+
+
+def test_nbd_server_start_socket_confined_and_live_sockets_kept(tmp_path: Path) -> None:
+    """Another service's live socket (outside or inside --allow-dir) is never unlinked or taken over;
+    a path outside is refused with GenericError; a stale socket file inside is replaced and serves."""
+    require("nbdinfo")
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    live_out, live_in = _listening(outside / "svc.sock"), _listening(allowed / "svc.sock")
+    try:
+        with our_daemon(tmp_path / "run", "--allow-dir", str(allowed)) as daemon, daemon.connect() as q:
+            for path, words in ((outside / "svc.sock", "outside the allowed"), (allowed / "svc.sock", "listening")):
+                reply = q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(path)}})
+                assert reply["error"]["class"] == "GenericError" and words in reply["error"]["desc"], reply
+            assert _answers(live_out) and _answers(live_in)
+            _listening(allowed / "stale.sock").close()
+            q.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(allowed / "stale.sock")}})
+            q.ok("blockdev-add", driver="null-co", size=SIZE, **{"node-name": "n0"})
+            q.ok("block-export-add", type="nbd", id="e0", **{"node-name": "n0"})
+            uri = f"nbd+unix:///n0?socket={allowed / 'stale.sock'}"
+            out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60)
+            assert out.stdout.strip() == str(SIZE), out
+    finally:
+        live_out.close()
+        live_in.close()
+    assert (outside / "svc.sock").exists() and (allowed / "svc.sock").exists()

@@ -4,6 +4,7 @@ trees, exports, backups, transactions and job verbs — without sockets or exter
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,65 @@ async def test_allow_dir_confines_backing_chains(tmp_path: Path) -> None:
         assert await h.reg.node("top").pread(0, 4) == b"BBBB"
     finally:
         await h.reg.close()
+
+
+def _listener(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    return sock
+
+
+async def test_nbd_server_start_unix_socket_confined_and_never_taken_over(tmp_path: Path) -> None:
+    """nbd-server-start's unix path goes through --allow-dir; a socket something answers on is never
+    unlinked (inside or outside the allowed directories); a stale one is replaced."""
+    allowed, outside = tmp_path / "ok", tmp_path / "out"
+    allowed.mkdir()
+    outside.mkdir()
+    h = Harness(tmp_path, allow=[allowed])
+    free = Harness(tmp_path)
+    live_in, live_out = _listener(allowed / "live.sock"), _listener(outside / "live.sock")
+    try:
+        (allowed / "link.sock").symlink_to(outside / "new.sock")
+        for path in (outside / "new.sock", allowed / "link.sock", "nbd.sock", outside / "live.sock"):
+            kind, desc = await h.error("nbd-server-start", addr={"type": "unix", "data": {"path": str(path)}})
+            assert kind == "GenericError" and ("allowed directories" in desc or "--allow-dir" in desc), desc
+        for harness, live in ((h, allowed / "live.sock"), (free, outside / "live.sock")):
+            kind, desc = await harness.error("nbd-server-start", addr={"type": "unix", "data": {"path": str(live)}})
+            assert kind == "GenericError" and str(live) in desc and "listening" in desc, desc
+            assert harness.reg.nbd is None
+        for live in (live_in, live_out):  # still the other service's: it accepts a connection
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(live.getsockname())
+                live.accept()[0].close()
+        assert not (outside / "new.sock").exists()
+
+        _listener(allowed / "stale.sock").close()  # bound, then its owner went away: the file remains
+        await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(allowed / "stale.sock")}})
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(allowed / "stale.sock"))
+        await h("nbd-server-stop")
+        assert not (allowed / "stale.sock").exists()
+    finally:
+        live_in.close()
+        live_out.close()
+        await h.reg.close()
+        await free.reg.close()
+
+
+async def test_nbd_server_stop_leaves_a_socket_file_that_is_no_longer_its_own(tmp_path: Path) -> None:
+    from nbd.server import NbdServer
+
+    server = NbdServer()
+    path = tmp_path / "nbd.sock"
+    await server.listen_unix(path)
+    path.unlink()
+    other = _listener(path)  # another service took the path meanwhile
+    try:
+        await server.stop()
+        assert path.exists()
+    finally:
+        other.close()
 
 
 async def test_nbd_server_and_exports(h: Harness) -> None:

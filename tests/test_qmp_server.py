@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -381,17 +382,26 @@ async def test_stop_closes_clients_and_removes_socket(ctx: Ctx, tmp_path: Path) 
     await c.close()
 
 
-async def test_stale_socket_replaced_but_not_regular_files(ctx: Ctx, tmp_path: Path) -> None:
+async def test_stale_socket_replaced_but_not_live_sockets_or_regular_files(ctx: Ctx, tmp_path: Path) -> None:
     srv = QmpServer(make_registry(), ctx)
     await srv.listen_unix(tmp_path / "s")
     srv2 = QmpServer(make_registry(), ctx)
-    await srv2.listen_unix(tmp_path / "s")  # replaces the first one's socket file
+    with pytest.raises(OSError, match="listening"):
+        await srv2.listen_unix(tmp_path / "s")  # the first one answers there: its socket is not taken over
+    c = await connect(tmp_path / "s")
+    assert "QMP" in await c.recv()
+    await c.close()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "t"))
+    stale.close()  # the file stays, nothing listens: replaced
+    await srv2.listen_unix(tmp_path / "t")
     (tmp_path / "f").write_text("keep me")
     with pytest.raises(OSError):
         await srv2.listen_unix(tmp_path / "f")
     assert (tmp_path / "f").read_text() == "keep me"
     await srv.stop()
     await srv2.stop()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
 
 
 async def test_huge_object_is_refused_and_the_session_continues(ctx: Ctx, tmp_path: Path) -> None:

@@ -1,8 +1,14 @@
 """Opening disk images by format: probe the format from the image's first bytes, and refuse to open
-an image as a format it is not (a qcow2 image exported as raw would hand its metadata to a guest)."""
+an image as a format it is not (a qcow2 image exported as raw would hand its metadata to a guest).
+
+A probed image is guarded as QEMU guards one: its writers must not be able to choose its format or
+what it reads through. A probed raw image refuses first-sector writes that would make it probe as
+another format (``backup.probed_raw``), and a probed qcow2 image that names a backing file is
+refused (the name came from whoever wrote the file; ``format=qcow2`` says the user trusts it)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import TYPE_CHECKING, Literal
@@ -31,15 +37,21 @@ async def open_image(
     format: str | None = None,
     read_only: bool = False,
     check_backing: BackingCheck | None = None,
+    guard_probed: bool = True,
 ) -> BlockDevice:
     """Open ``path`` as ``format`` (probed when None) and return the device; ``check_backing`` sees
-    every file of a qcow2 image's backing chain before it is opened (see ``backup.qcow2.backing``)."""
+    every file of a qcow2 image's backing chain before it is opened (see ``backup.qcow2.backing``).
+
+    A probed image is guarded (see the module docstring) unless ``guard_probed`` is False: for the
+    user's own command-line copies, which trust their files as ``qemu-img`` does.
+    """
     if format is not None and format not in FORMATS:
         raise ImageFormatError(f"unknown image format '{format}' (expected one of: {', '.join(FORMATS)})")
     try:
         probed = probe_format(path)
     except OSError as exc:
         raise ImageFormatError(f"cannot open '{os.fspath(path)}': {exc.strerror or exc}") from exc
+    guard = guard_probed and format is None
     if format is None:
         format = probed
     if format == "raw" and probed == "qcow2":
@@ -52,13 +64,32 @@ async def open_image(
     if format == "raw":
         from backup.rawfile import RawFileDevice
 
-        return await RawFileDevice.open(path, read_only=read_only)
+        raw = await RawFileDevice.open(path, read_only=read_only)
+        if guard and not read_only:
+            from backup.probed_raw import ProbedRawGuard
+
+            return ProbedRawGuard(raw)
+        return raw
+    if guard:
+        check_backing = functools.partial(_refuse_backing_of_probed, check_backing)
     try:
         qcow2 = importlib.import_module("backup.qcow2")
     except ImportError as exc:
         raise ImageFormatError(f"'{os.fspath(path)}': qcow2 images are not supported by this build") from exc
     device: BlockDevice = await qcow2.Qcow2Device.open(path, read_only=read_only, check_backing=check_backing)
     return device
+
+
+def _refuse_backing_of_probed(check: BackingCheck | None, backing: str, image: str) -> str:
+    """The ``BackingCheck`` of a probed image: the caller's check first (its error is the more
+    precise one), then the refusal."""
+    if check is not None:
+        backing = check(backing, image)
+    raise ImageFormatError(
+        f"'{image}' was opened without a format (probed as qcow2) and names a backing file "
+        f"('{os.path.normpath(backing)}'); "
+        "the backing file of a probed image is never followed — open it with format=qcow2 to use its backing chain"
+    )
 
 
 async def create_image(

@@ -4,11 +4,14 @@ another format (checked with our client and with qemu-io)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import require
+from peers import serve
 from qmp_daemon import make_image, our_daemon
 
 SIZE = 1 << 20
@@ -94,3 +97,53 @@ def test_nbd_server_start_socket_confined_and_live_sockets_kept(tmp_path: Path) 
         live_out.close()
         live_in.close()
     assert (outside / "svc.sock").exists() and (allowed / "svc.sock").exists()
+
+
+def qemu_io(uri: str, command: str) -> str:
+    """``qemu-io -f raw URI -c COMMAND``: its output (errors included)."""
+    done = subprocess.run(["qemu-io", "-f", "raw", uri, "-c", command], capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
+async def test_probed_raw_export_cannot_be_turned_into_qcow2(tmp_path: Path) -> None:
+    """``serve --export g=disk.img`` (no format): a client writing a qcow2 header that names a host
+    file as backing file gets EPERM (our client and qemu-io), the image is unchanged and still
+    probes raw after a restart; other writes work; with format=raw the same write is allowed."""
+    require("qemu-img", "qemu-io")
+    from nbd.client import NbdClient
+
+    secret = make_image(tmp_path / "secret.raw", SIZE, pattern=0x77)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", tmp_path / "evil.qcow2", str(SIZE))
+    header = (tmp_path / "evil.qcow2").read_bytes()[: 64 << 10]  # magic, then the backing file's name
+    (tmp_path / "header.bin").write_bytes(header)
+    disk, explicit = make_image(tmp_path / "disk.img", SIZE), make_image(tmp_path / "raw.img", SIZE)
+    original = disk.read_bytes()
+    with serve(tmp_path, [f"g={disk}", f"r={explicit},format=raw"]) as served:
+        log = served.stderr()
+        assert f"'{disk}' and probing guessed raw" in log and str(explicit) not in log, log
+        client = await NbdClient.connect(served.uri("g", "unix"))
+        try:
+            with pytest.raises(OSError) as info:
+                await client.pwrite(0, header)
+            assert info.value.errno == errno.EPERM
+            await client.flush()
+            await client.pwrite(4096, header)  # past the first sector: data like any other
+            await client.pwrite(0, b"\xeb\x63\x90")  # a first sector that still probes raw
+        finally:
+            await client.close()
+        write_header = f"write -s {tmp_path / 'header.bin'} 0 64k"
+        assert "Operation not permitted" in qemu_io(served.uri("g", "unix"), write_header)
+        assert "wrote 512/512" in qemu_io(served.uri("g", "unix"), "write -P 0x51 0 512")
+        # format=raw given: the user's choice, as in QEMU
+        assert "wrote 65536/65536" in qemu_io(served.uri("r", "unix"), write_header)
+    expected = bytearray(original)
+    expected[4096 : 4096 + len(header)] = header
+    expected[:512] = b"\x51" * 512
+    assert disk.read_bytes() == bytes(expected)
+    assert explicit.read_bytes()[:4] == b"QFI\xfb"
+    with serve(tmp_path, [f"g={disk}"]) as served:  # restarted: still probed as raw, serves the disk's bytes
+        client = await NbdClient.connect(served.uri("g", "unix"))
+        try:
+            assert await client.pread(0, 4096) == bytes(expected[:4096])
+        finally:
+            await client.close()

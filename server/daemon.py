@@ -108,6 +108,18 @@ class Daemon:
         self.registry.check_new_node_name(name)
         device = await open_image(path, format=format, read_only=read_only)
         driver = format or getattr(device, "format_name", None) or "raw"
+        if format is None:  # QEMU's warning for a probed image, with what the probe restricts
+            restricted = "" if read_only or driver != "raw" else ", write operations on block 0 will be restricted"
+            log.warning(
+                "Image format was not specified for '%s' and probing guessed %s (export '%s'): automatically "
+                "detecting the format is dangerous%s, and a backing file is never followed. Specify "
+                "format=%s explicitly to remove the restrictions.",
+                os.fspath(path),
+                driver,
+                name,
+                restricted,
+                driver,
+            )
         node = BlockNode(name, device, driver=str(driver), filename=_realpath(path))
         return self.registry.add_node(node)
 

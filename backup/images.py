@@ -104,7 +104,8 @@ async def create_image(
     compression_type: str = "zlib",
     backing_device: BlockDevice | None = None,
 ) -> BlockDevice:
-    """Create (or recreate, as ``qemu-img create`` does) an image and return it open for writing.
+    """Create (or recreate, as ``qemu-img create`` does) an image and return it open for writing;
+    its directory is fsynced, so the new file survives a crash as its contents will.
 
     qcow2 takes a ``backing_file`` (the fleecing schemes of ``sync=none``/``top``; ``size`` None
     means the backing file's size), a cluster size, and ``compress`` for compressed backups; raw
@@ -122,10 +123,11 @@ async def create_image(
             raise ImageFormatError("creating a raw image needs a size")
         from backup.rawfile import RawFileDevice
 
-        return await RawFileDevice.create(path, size, exist_ok=True)
+        raw = await RawFileDevice.create(path, size, exist_ok=True)
+        return await _synced_dir(path, raw)
     from backup.qcow2 import Qcow2Device
 
-    return await Qcow2Device.create(
+    qcow2 = await Qcow2Device.create(
         path,
         size,
         cluster_size=cluster_size or 65536,
@@ -135,3 +137,23 @@ async def create_image(
         compression_type=compression_type,
         backing_device=backing_device,
     )
+    return await _synced_dir(path, qcow2)
+
+
+async def _synced_dir(path: str | os.PathLike[str], device: BlockDevice) -> BlockDevice:
+    """``device`` once ``path``'s directory is fsynced (closed if that fails)."""
+    try:
+        fsync_parent_dir(path)
+    except BaseException:
+        await device.close()
+        raise
+    return device
+
+
+def fsync_parent_dir(path: str | os.PathLike[str]) -> None:
+    """Make the directory entry of ``path`` (a file just created or renamed) durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -66,7 +66,8 @@ def register(commands: CommandRegistry) -> None:
         if reg.nbd is not None:
             raise generic("NBD server already running")
         tcp, unix = listen_address(args["addr"])
-        unix = [str(reg.paths.resolve(path)) for path in unix]  # a client-named path, confined like images
+        if reg.paths.confined:  # a client-named path, confined like images (and bound where it resolved)
+            unix = [str(reg.paths.resolve(path)) for path in unix]
         if "tls-creds" in args:
             raise generic(f"No TLS credentials with id '{args['tls-creds']}'")
         if "tls-authz" in args:

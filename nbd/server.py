@@ -200,10 +200,18 @@ class NbdServer:
         answers on it) or any other file is refused with ``EADDRINUSE`` (see ``nbd.unix_path``)."""
         path = os.fspath(path)
         remove_stale_socket(path)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: _Connection(self), path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        own: SocketFileId | None = None
+        try:
+            sock.bind(path)  # bound here: asyncio, given a path, would unlink any socket file there first
+            own = socket_file_id(path)
+            server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), sock=sock)
+        except BaseException:
+            sock.close()
+            remove_own_socket(path, own)
+            raise
         self._servers.append(server)
-        self._unix_paths.append((path, socket_file_id(path)))
+        self._unix_paths.append((path, own))
         log.info("NBD server listening on unix:%s", path)
 
     async def stop(self, *, timeout: float = 5.0) -> None:

@@ -235,6 +235,28 @@ async def test_nbd_server_stop_leaves_a_socket_file_that_is_no_longer_its_own(tm
         other.close()
 
 
+async def test_nbd_listen_unix_binds_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even past the liveness check (a listener that appeared just after it), the path is never
+    unlinked: the server binds its own socket (asyncio, given a path, would unlink one first)."""
+    import errno
+
+    import nbd.server
+    from nbd.server import NbdServer
+
+    monkeypatch.setattr(nbd.server, "remove_stale_socket", lambda path: None)
+    other = _listener(tmp_path / "nbd.sock")
+    server = NbdServer()
+    try:
+        with pytest.raises(OSError) as info:
+            await server.listen_unix(tmp_path / "nbd.sock")
+        assert info.value.errno == errno.EADDRINUSE
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(tmp_path / "nbd.sock"))  # still the other listener's
+    finally:
+        await server.stop()
+        other.close()
+
+
 async def test_nbd_server_and_exports(h: Harness) -> None:
     await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "n0"})
     await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "ro"}, **{"read-only": True})

@@ -298,11 +298,13 @@ class _Session:
         try:
             while True:
                 line = await self._out.get()
-                self.writer.write(line)
-                self._out_bytes -= len(line)
-                if self._out.empty():
-                    await self.writer.drain()
-                self._out.task_done()
+                try:
+                    self.writer.write(line)
+                    self._out_bytes -= len(line)
+                    if self._out.empty():
+                        await self.writer.drain()
+                finally:
+                    self._out.task_done()  # also when the write failed: flush() must not wait for it
         except (ConnectionError, OSError) as exc:
             log.debug("QMP client %s: write failed: %s", self.peer, exc)
             self._closed = True

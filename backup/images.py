@@ -1,14 +1,24 @@
 """Opening disk images by format: probe the format from the image's first bytes, and refuse to open
-an image as a format it is not (a qcow2 image exported as raw would hand its metadata to a guest)."""
+an image as a format it is not (a qcow2 image exported as raw would hand its metadata to a guest).
+
+A probed image is guarded as QEMU guards one: its writers must not be able to choose its format or
+what it reads through. A probed raw image refuses first-sector writes that would make it probe as
+another format (``backup.probed_raw``), and a probed qcow2 image that names a backing file is
+refused (the name came from whoever wrote the file; ``format=qcow2`` says the user trusts it)."""
 
 from __future__ import annotations
 
+import errno
+import functools
 import importlib
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from backup.errors import ImageFormatError
 from nbd.device import BlockDevice
+
+if TYPE_CHECKING:
+    from backup.qcow2.backing import BackingCheck
 
 Format = Literal["raw", "qcow2"]
 FORMATS: tuple[str, ...] = ("raw", "qcow2")
@@ -23,15 +33,26 @@ def probe_format(path: str | os.PathLike[str]) -> Format:
 
 
 async def open_image(
-    path: str | os.PathLike[str], *, format: str | None = None, read_only: bool = False
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    read_only: bool = False,
+    check_backing: BackingCheck | None = None,
+    guard_probed: bool = True,
 ) -> BlockDevice:
-    """Open ``path`` as ``format`` (probed when None) and return the device."""
+    """Open ``path`` as ``format`` (probed when None) and return the device; ``check_backing`` sees
+    every file of a qcow2 image's backing chain before it is opened (see ``backup.qcow2.backing``).
+
+    A probed image is guarded (see the module docstring) unless ``guard_probed`` is False: for the
+    user's own command-line copies, which trust their files as ``qemu-img`` does.
+    """
     if format is not None and format not in FORMATS:
         raise ImageFormatError(f"unknown image format '{format}' (expected one of: {', '.join(FORMATS)})")
     try:
         probed = probe_format(path)
     except OSError as exc:
         raise ImageFormatError(f"cannot open '{os.fspath(path)}': {exc.strerror or exc}") from exc
+    guard = guard_probed and format is None
     if format is None:
         format = probed
     if format == "raw" and probed == "qcow2":
@@ -44,13 +65,32 @@ async def open_image(
     if format == "raw":
         from backup.rawfile import RawFileDevice
 
-        return await RawFileDevice.open(path, read_only=read_only)
+        raw = await RawFileDevice.open(path, read_only=read_only)
+        if guard and not read_only:
+            from backup.probed_raw import ProbedRawGuard
+
+            return ProbedRawGuard(raw)
+        return raw
+    if guard:
+        check_backing = functools.partial(_refuse_backing_of_probed, check_backing)
     try:
         qcow2 = importlib.import_module("backup.qcow2")
     except ImportError as exc:
         raise ImageFormatError(f"'{os.fspath(path)}': qcow2 images are not supported by this build") from exc
-    device: BlockDevice = await qcow2.Qcow2Device.open(path, read_only=read_only)
+    device: BlockDevice = await qcow2.Qcow2Device.open(path, read_only=read_only, check_backing=check_backing)
     return device
+
+
+def _refuse_backing_of_probed(check: BackingCheck | None, backing: str, image: str) -> str:
+    """The ``BackingCheck`` of a probed image: the caller's check first (its error is the more
+    precise one), then the refusal."""
+    if check is not None:
+        backing = check(backing, image)
+    raise ImageFormatError(
+        f"'{image}' was opened without a format (probed as qcow2) and names a backing file "
+        f"('{os.path.normpath(backing)}'); "
+        "the backing file of a probed image is never followed — open it with format=qcow2 to use its backing chain"
+    )
 
 
 async def create_image(
@@ -65,7 +105,8 @@ async def create_image(
     compression_type: str = "zlib",
     backing_device: BlockDevice | None = None,
 ) -> BlockDevice:
-    """Create (or recreate, as ``qemu-img create`` does) an image and return it open for writing.
+    """Create (or recreate, as ``qemu-img create`` does) an image and return it open for writing;
+    its directory is fsynced, so the new file survives a crash as its contents will.
 
     qcow2 takes a ``backing_file`` (the fleecing schemes of ``sync=none``/``top``; ``size`` None
     means the backing file's size), a cluster size, and ``compress`` for compressed backups; raw
@@ -83,10 +124,11 @@ async def create_image(
             raise ImageFormatError("creating a raw image needs a size")
         from backup.rawfile import RawFileDevice
 
-        return await RawFileDevice.create(path, size, exist_ok=True)
+        raw = await RawFileDevice.create(path, size, exist_ok=True)
+        return await _synced_dir(path, raw)
     from backup.qcow2 import Qcow2Device
 
-    return await Qcow2Device.create(
+    qcow2 = await Qcow2Device.create(
         path,
         size,
         cluster_size=cluster_size or 65536,
@@ -96,3 +138,31 @@ async def create_image(
         compression_type=compression_type,
         backing_device=backing_device,
     )
+    return await _synced_dir(path, qcow2)
+
+
+async def _synced_dir(path: str | os.PathLike[str], device: BlockDevice) -> BlockDevice:
+    """``device`` once ``path``'s directory is fsynced (closed if that fails)."""
+    try:
+        fsync_parent_dir(path)
+    except BaseException:
+        await device.close()
+        raise
+    return device
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make the creation, removal or rename of a name in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a file system that cannot sync a directory: nothing to do
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_parent_dir(path: str | os.PathLike[str]) -> None:
+    """Make the directory entry of ``path`` (a file just created or renamed) durable."""
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -22,7 +22,6 @@ have no such mark: there, the job's error or cancel event is the only record.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -30,11 +29,15 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from backup.errors import InvalidArgument
+from backup.images import fsync_dir
 from nbd.constants import State
 from nbd.device import BlockDevice
+
+if TYPE_CHECKING:
+    from backup.qcow2.backing import BackingCheck
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,7 @@ async def open_target(
     nbd_connections: int | None = None,
     nbd_request_timeout: float | None = TARGET_REQUEST_TIMEOUT,
     compress: bool = False,
+    check_backing: BackingCheck | None = None,
 ) -> BackupTarget:
     """Open (or create) the target of a backup of ``size`` bytes.
 
@@ -160,6 +164,7 @@ async def open_target(
     a qcow2 target that stores compressed clusters (raw targets refuse it, as QEMU does). ``source_device`` /
     ``source_filename`` identify the source so that backing a disk up onto itself is refused.
     ``nbd_request_timeout``: for an NBD URI, the client's request timeout (None or 0: none).
+    ``check_backing`` sees every backing file of an existing qcow2 target before it opens (the path policy).
     """
     if not isinstance(target, str | os.PathLike):
         if source_device is not None and target is source_device:
@@ -174,7 +179,9 @@ async def open_target(
         return await _open_nbd(text, size=size, connections=nbd_connections, request_timeout=nbd_request_timeout)
     if source_filename is not None and _same_file(text, source_filename):
         raise InvalidArgument("Source and target cannot be the same")
-    return await _open_file(Path(text), size=size, format=format, mode=mode, compress=compress)
+    return await _open_file(
+        Path(text), size=size, format=format, mode=mode, compress=compress, check_backing=check_backing
+    )
 
 
 async def _open_nbd(text: str, *, size: int, connections: int | None, request_timeout: float | None) -> BackupTarget:
@@ -212,18 +219,6 @@ def renamable(final: Path) -> bool:
         return True
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make the creation, removal or rename of a name in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # a file system that cannot sync a directory: nothing to do
-            raise
-    finally:
-        os.close(fd)
-
-
 def mark_qcow2_incomplete(path: Path) -> None:
     """Set the corrupt bit of a qcow2 v3 image (a backup into it did not complete), durably; a
     failure is logged only: the job has already failed with its own error."""
@@ -254,7 +249,15 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | None, compress: bool) -> BackupTarget:
+async def _open_file(
+    path: Path,
+    *,
+    size: int,
+    format: str | None,
+    mode: Mode | None,
+    compress: bool,
+    check_backing: BackingCheck | None = None,
+) -> BackupTarget:
     exists = _exists(path)
     if mode == "existing" and not exists:
         raise InvalidArgument(f"Could not open '{path}': No such file or directory")
@@ -267,7 +270,7 @@ async def _open_file(path: Path, *, size: int, format: str | None, mode: Mode | 
         )
         device = target.device
     else:
-        device = await _open_image(path, fmt)
+        device = await _open_image(path, fmt, check_backing)
         qcow2 = getattr(device, "format_name", None) == "qcow2"
         target = BackupTarget(device, False, description=str(path), path=path, mark_incomplete=qcow2)
     try:
@@ -318,10 +321,10 @@ async def _create_image(path: Path, size: int, fmt: str, *, exists: bool, compre
     return device
 
 
-async def _open_image(path: Path, fmt: str | None) -> BlockDevice:
+async def _open_image(path: Path, fmt: str | None, check_backing: BackingCheck | None) -> BlockDevice:
     from backup import images
 
-    device: BlockDevice = await images.open_image(str(path), format=fmt)
+    device: BlockDevice = await images.open_image(str(path), format=fmt, check_backing=check_backing)
     return device
 
 
@@ -329,7 +332,6 @@ __all__ = [
     "BackupTarget",
     "check_size",
     "create_file_target",
-    "fsync_dir",
     "mark_qcow2_incomplete",
     "open_target",
     "reads_as_zeroes",

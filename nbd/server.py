@@ -18,7 +18,6 @@ import errno as errno_mod
 import logging
 import os
 import socket
-import stat
 from collections.abc import Coroutine, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
@@ -47,6 +46,7 @@ from nbd.server_core import (
     Request,
     ServerCore,
 )
+from nbd.unix_path import SocketFileId, remove_own_socket, remove_stale_socket, socket_file_id
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class NbdServer:
         self.max_options = max_options
         self._exports: dict[str, Export] = {}
         self._servers: list[asyncio.AbstractServer] = []
-        self._unix_paths: list[str] = []
+        self._unix_paths: list[tuple[str, SocketFileId | None]] = []
         self._connections: set[_Connection] = set()
         self._stopping = False
 
@@ -196,15 +196,22 @@ class NbdServer:
         return str(addr[0]), int(addr[1])
 
     async def listen_unix(self, path: str | os.PathLike[str]) -> None:
-        """Listen on a unix socket (a stale socket file at ``path`` is replaced)."""
+        """Listen on a unix socket: a stale socket file at ``path`` is replaced, a live one (something
+        answers on it) or any other file is refused with ``EADDRINUSE`` (see ``nbd.unix_path``)."""
         path = os.fspath(path)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: _Connection(self), path)
+        remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        own: SocketFileId | None = None
+        try:
+            sock.bind(path)  # bound here: asyncio, given a path, would unlink any socket file there first
+            own = socket_file_id(path)
+            server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), sock=sock)
+        except BaseException:
+            sock.close()
+            remove_own_socket(path, own)
+            raise
         self._servers.append(server)
-        self._unix_paths.append(path)
+        self._unix_paths.append((path, own))
         log.info("NBD server listening on unix:%s", path)
 
     async def stop(self, *, timeout: float = 5.0) -> None:
@@ -213,9 +220,8 @@ class NbdServer:
         for server in self._servers:
             server.close()
         self._servers.clear()
-        for path in self._unix_paths:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        for path, own in self._unix_paths:
+            remove_own_socket(path, own)
         self._unix_paths.clear()
         conns = list(self._connections)
         for conn in conns:

@@ -68,6 +68,21 @@ def parse_qmp_address(text: str) -> tuple[str, str | tuple[str, int]]:
     return "tcp", (host, port)
 
 
+def probed_warning(path: str, name: str, driver: str, *, read_only: bool) -> str:
+    """QEMU's warning for an image opened without a format, with what the probe restricts here."""
+    text = f"Image format was not specified for '{path}' and probing guessed {driver} (export '{name}')."
+    if driver == "raw" and read_only:
+        return f"{text} Specify format=raw explicitly to silence this."
+    if driver == "raw":
+        restriction = "write operations on block 0 will be restricted"
+    else:
+        restriction = "an image naming a backing file is refused"
+    return (
+        f"{text} Automatically detecting the format is dangerous: {restriction}. "
+        f"Specify format={driver} explicitly to remove the restrictions."
+    )
+
+
 class Daemon:
     """Registry + NBD server + QMP monitor; ``await run()`` serves until asked to stop, then shuts down."""
 
@@ -108,6 +123,8 @@ class Daemon:
         self.registry.check_new_node_name(name)
         device = await open_image(path, format=format, read_only=read_only)
         driver = format or getattr(device, "format_name", None) or "raw"
+        if format is None:
+            log.warning(probed_warning(os.fspath(path), name, str(driver), read_only=read_only))
         node = BlockNode(name, device, driver=str(driver), filename=_realpath(path))
         return self.registry.add_node(node)
 

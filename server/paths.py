@@ -7,7 +7,9 @@ Resolution follows every symlink (including a dangling final one, which ``open(O
 follow), so a link inside an allowed directory that points outside is refused. Callers open the
 resolved path, not the one the client sent. A symlink planted between the check and the open remains
 a window, as in any path-based check: the allowed directories must not be writable by untrusted users.
-Without any ``--allow-dir`` every path is allowed, as in QEMU.
+Without any ``--allow-dir`` every path is allowed, as in QEMU. The files an image names itself (a
+qcow2 backing chain) are checked one by one as the chain opens (``check_backing``), so an image
+inside an allowed directory cannot reach outside it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ class PathPolicy:
                     break  # a directory itself is never an image
                 return real
         raise PathNotAllowed(f"Path '{text}' is outside the allowed directories ({self.describe()})")
+
+    def check_backing(self, path: str, image: str) -> str:
+        """The ``BackingCheck`` of the policy: ``path`` (the backing file of ``image``, resolved next
+        to it as QEMU does) must be allowed like any named file; returns the path to open."""
+        if not self.confined:
+            return path
+        try:
+            return str(self.resolve(path))
+        except PathNotAllowed:
+            shown = os.path.normpath(path)
+            real = os.path.realpath(path)
+            via = "" if real == shown else f" (resolved: '{real}')"
+            raise PathNotAllowed(
+                f"Backing file '{shown}'{via} of '{image}' is outside the allowed directories ({self.describe()})"
+            ) from None
 
     def describe(self) -> str:
         return ", ".join(str(d) for d in self.allow_dirs) if self.allow_dirs else "any"

@@ -208,7 +208,7 @@ async def _open_qcow2(reg: Registry, ref: str | dict[str, Any], *, read_only: bo
     try:
         if probe_format(path) != "qcow2":
             raise generic("Image is not in qcow2 format")  # QEMU's text
-        device = await open_image(path, format="qcow2", read_only=read_only)
+        device = await open_image(path, format="qcow2", read_only=read_only, check_backing=reg.paths.check_backing)
     except OSError as exc:
         raise generic(f"Could not open '{path}': {exc.strerror or exc}") from exc
     return _Opened(device, "qcow2", path, referenced=referenced)

@@ -256,6 +256,7 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
                 mode=mode,
                 source_device=source,
                 source_filename=source.filename,
+                check_backing=reg.paths.check_backing,
             )
     except (BackupError, QmpError):
         raise

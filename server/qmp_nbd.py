@@ -2,7 +2,8 @@
 
 As in qemu-storage-daemon, the NBD server is one per daemon: started by ``--nbd``/``--nbd-socket``
 or ``nbd-server-start``, and an export (``block-export-add`` type ``nbd``) serves a block node under
-an export name (default: the node-name), read-only unless ``writable``.
+an export name (default: the node-name), read-only unless ``writable``. A unix socket path given to
+``nbd-server-start`` is confined by ``--allow-dir`` like every other path a client names.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def register(commands: CommandRegistry) -> None:
         if reg.nbd is not None:
             raise generic("NBD server already running")
         tcp, unix = listen_address(args["addr"])
+        if reg.paths.confined:  # a client-named path, confined like images (and bound where it resolved)
+            unix = [str(reg.paths.resolve(path)) for path in unix]
         if "tls-creds" in args:
             raise generic(f"No TLS credentials with id '{args['tls-creds']}'")
         if "tls-authz" in args:

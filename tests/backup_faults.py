@@ -23,6 +23,7 @@ class FaultyDevice(BlockFilter):
         self.fail_writes_times = -1  # with fail_writes: how many more failures (-1: until cleared)
         self.flush_failures = 0  # the next N flushes fail with EIO, then flushes succeed again (Linux)
         self.flushes = 0
+        self.failed_flushes = 0  # flushes that raised (a job must fail after any of them)
         self.gate = asyncio.Event()
         self.gate.set()
         #: When a list: a write that fails (decided as it arrives, like a server answering at once) keeps
@@ -78,10 +79,12 @@ class FaultyDevice(BlockFilter):
         await self._maybe_stall()
         if self.flush_failures:
             self.flush_failures -= 1
+            self.failed_flushes += 1
             raise OSError(errno.EIO, "injected flush failure (once)")
         self.flushes += 1
         if self.fail_writes is not None and self.fail_writes_times != 0:
             self.fail_writes_times -= self.fail_writes_times > 0
+            self.failed_flushes += 1
             raise OSError(self.fail_writes, "injected flush failure")
         await self.next.flush()
 

@@ -72,3 +72,18 @@ def test_symlink_within_allowed_ok_and_allowed_dir_via_symlink(tree: tuple[Path,
     alias_dir.symlink_to(allowed)
     policy = PathPolicy([alias_dir])  # the allowed directory itself given through a symlink
     assert policy.resolve(allowed / "alias.img") == allowed.resolve() / "real.img"
+
+
+def test_check_backing_confines_chain_elements(tree: tuple[Path, Path]) -> None:
+    """A backing file is checked like a named file; the error names it and the image that names it."""
+    allowed, outside = tree
+    image = str(allowed / "top.qcow2")
+    assert PathPolicy().check_backing(str(outside / "secret.img"), image) == str(outside / "secret.img")
+    policy = PathPolicy([allowed])
+    (allowed / "base.img").write_bytes(b"")
+    assert policy.check_backing(f"{allowed}/sub/../base.img", image) == str(allowed.resolve() / "base.img")
+    (allowed / "link.img").symlink_to(outside / "secret.img")
+    for name in (f"{allowed}/../outside/secret.img", str(allowed / "link.img")):
+        with pytest.raises(PathNotAllowed, match="outside the allowed") as info:
+            policy.check_backing(name, image)
+        assert str(outside / "secret.img") in info.value.desc and image in info.value.desc

@@ -66,3 +66,27 @@ async def test_backup_target_created_as_qcow2(tmp_path: Path) -> None:
     reopened = await open_target(str(path), size=MiB, mode="existing")
     assert isinstance(reopened.device, Qcow2Device) and not reopened.zero_init
     await reopened.close()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_created_image_is_durable_in_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """A new image's directory entry is fsynced too (else a crash can lose the whole file)."""
+    import os
+    import stat
+
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            synced.append((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    dev = await create_image(tmp_path / f"new.{fmt}", MiB, format=fmt)
+    await dev.close()
+    st = os.stat(tmp_path)
+    assert (st.st_dev, st.st_ino) in synced

@@ -4,6 +4,7 @@ trees, exports, backups, transactions and job verbs — without sockets or exter
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,140 @@ async def test_allow_dir_confines_blockdev_add(tmp_path: Path) -> None:
         assert h.reg.nodes == {}
     finally:
         await h.reg.close()
+
+
+async def _qcow2(path: Path, backing: str | None = None, size: int = MiB) -> Path:
+    from backup.qcow2 import Qcow2Device
+
+    device = await Qcow2Device.create(path, None if backing else size, backing_file=backing)
+    await device.close()
+    return path
+
+
+async def test_allow_dir_confines_backing_chains(tmp_path: Path) -> None:
+    """Every image of a backing chain passes --allow-dir, as the named file does (blockdev-add and
+    drive-backup mode=existing), whether the backing name is relative, absolute, a symlink or deeper."""
+    allowed, outside = tmp_path / "ok", tmp_path / "out"
+    allowed.mkdir()
+    outside.mkdir()
+    h = Harness(tmp_path, allow=[allowed])
+    try:
+        secret = outside / "secret.raw"
+        secret.write_bytes(b"S" * MiB)
+        (allowed / "link.raw").symlink_to(secret)
+        await _qcow2(allowed / "mid.qcow2", str(secret))
+        escapes = {
+            "rel.qcow2": "../out/secret.raw",
+            "abs.qcow2": str(secret),
+            "sym.qcow2": "link.raw",
+            "deep.qcow2": "mid.qcow2",  # inside, but its own backing file is not
+        }
+        for name, backing in escapes.items():
+            await _qcow2(allowed / name, backing)
+        await h("blockdev-add", driver="raw", file={"driver": "null-co", "size": MiB}, **{"node-name": "src"})
+        for name in escapes:
+            image = str(allowed / name)
+            file = {"driver": "file", "filename": image}
+            kind, desc = await h.error("blockdev-add", driver="qcow2", file=file, **{"node-name": "x"})
+            assert kind == "GenericError" and str(secret) in desc and "outside the allowed directories" in desc, desc
+            await h("blockdev-add", driver="file", filename=image, **{"node-name": "f"}, **{"read-only": True})
+            kind, desc = await h.error("blockdev-add", driver="qcow2", file="f", **{"node-name": "x"})
+            assert str(secret) in desc, desc
+            await h("blockdev-del", **{"node-name": "f"})
+            args = {"device": "src", "target": image, "sync": "full", "mode": "existing"}
+            kind, desc = await h.error("drive-backup", **args, format="qcow2")
+            assert kind == "GenericError" and str(secret) in desc, desc
+            kind, desc = await h.error("drive-backup", **args)  # probed: no backing file is followed at all
+            assert kind == "GenericError" and (str(secret) in desc or "never followed" in desc), desc
+        assert set(h.reg.nodes) == {"src"} and not h.reg.jobs
+        (allowed / "base.raw").write_bytes(b"B" * MiB)
+        await _qcow2(allowed / "top.qcow2", "base.raw")  # a chain inside the allowed directory opens
+        file = {"driver": "file", "filename": str(allowed / "top.qcow2")}
+        await h("blockdev-add", driver="qcow2", file=file, **{"node-name": "top"})
+        assert await h.reg.node("top").pread(0, 4) == b"BBBB"
+    finally:
+        await h.reg.close()
+
+
+def _listener(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    return sock
+
+
+async def test_nbd_server_start_unix_socket_confined_and_never_taken_over(tmp_path: Path) -> None:
+    """nbd-server-start's unix path goes through --allow-dir; a socket something answers on is never
+    unlinked (inside or outside the allowed directories); a stale one is replaced."""
+    allowed, outside = tmp_path / "ok", tmp_path / "out"
+    allowed.mkdir()
+    outside.mkdir()
+    h = Harness(tmp_path, allow=[allowed])
+    free = Harness(tmp_path)
+    live_in, live_out = _listener(allowed / "live.sock"), _listener(outside / "live.sock")
+    try:
+        (allowed / "link.sock").symlink_to(outside / "new.sock")
+        for path in (outside / "new.sock", allowed / "link.sock", "nbd.sock", outside / "live.sock"):
+            kind, desc = await h.error("nbd-server-start", addr={"type": "unix", "data": {"path": str(path)}})
+            assert kind == "GenericError" and ("allowed directories" in desc or "--allow-dir" in desc), desc
+        for harness, live in ((h, allowed / "live.sock"), (free, outside / "live.sock")):
+            kind, desc = await harness.error("nbd-server-start", addr={"type": "unix", "data": {"path": str(live)}})
+            assert kind == "GenericError" and str(live) in desc and "listening" in desc, desc
+            assert harness.reg.nbd is None
+        for live in (live_in, live_out):  # still the other service's: it accepts a connection
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(live.getsockname())
+                live.accept()[0].close()
+        assert not (outside / "new.sock").exists()
+
+        _listener(allowed / "stale.sock").close()  # bound, then its owner went away: the file remains
+        await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(allowed / "stale.sock")}})
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(allowed / "stale.sock"))
+        await h("nbd-server-stop")
+        assert not (allowed / "stale.sock").exists()
+    finally:
+        live_in.close()
+        live_out.close()
+        await h.reg.close()
+        await free.reg.close()
+
+
+async def test_nbd_server_stop_leaves_a_socket_file_that_is_no_longer_its_own(tmp_path: Path) -> None:
+    from nbd.server import NbdServer
+
+    server = NbdServer()
+    path = tmp_path / "nbd.sock"
+    await server.listen_unix(path)
+    path.unlink()
+    other = _listener(path)  # another service took the path meanwhile
+    try:
+        await server.stop()
+        assert path.exists()
+    finally:
+        other.close()
+
+
+async def test_nbd_listen_unix_binds_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even past the liveness check (a listener that appeared just after it), the path is never
+    unlinked: the server binds its own socket (asyncio, given a path, would unlink one first)."""
+    import errno
+
+    import nbd.server
+    from nbd.server import NbdServer
+
+    monkeypatch.setattr(nbd.server, "remove_stale_socket", lambda path: None)
+    other = _listener(tmp_path / "nbd.sock")
+    server = NbdServer()
+    try:
+        with pytest.raises(OSError) as info:
+            await server.listen_unix(tmp_path / "nbd.sock")
+        assert info.value.errno == errno.EADDRINUSE
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(tmp_path / "nbd.sock"))  # still the other listener's
+    finally:
+        await server.stop()
+        other.close()
 
 
 async def test_nbd_server_and_exports(h: Harness) -> None:

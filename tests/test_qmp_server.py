@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import stat
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -381,17 +383,30 @@ async def test_stop_closes_clients_and_removes_socket(ctx: Ctx, tmp_path: Path) 
     await c.close()
 
 
-async def test_stale_socket_replaced_but_not_regular_files(ctx: Ctx, tmp_path: Path) -> None:
+async def test_stale_socket_replaced_but_not_live_sockets_or_regular_files(ctx: Ctx, tmp_path: Path) -> None:
     srv = QmpServer(make_registry(), ctx)
     await srv.listen_unix(tmp_path / "s")
     srv2 = QmpServer(make_registry(), ctx)
-    await srv2.listen_unix(tmp_path / "s")  # replaces the first one's socket file
+    with pytest.raises(OSError, match="listening"):
+        await srv2.listen_unix(tmp_path / "s")  # the first one answers there: its socket is not taken over
+    c = await connect(tmp_path / "s")
+    assert "QMP" in await c.recv()
+    await c.close()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "t"))
+    stale.close()  # the file stays, nothing listens: replaced
+    await srv2.listen_unix(tmp_path / "t")
     (tmp_path / "f").write_text("keep me")
     with pytest.raises(OSError):
         await srv2.listen_unix(tmp_path / "f")
     assert (tmp_path / "f").read_text() == "keep me"
+    for _ in range(1000):  # the probe's and the client's sessions end (EOF), so stop has nothing to flush
+        if srv.client_count == 0:
+            break
+        await asyncio.sleep(0.005)
     await srv.stop()
     await srv2.stop()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
 
 
 async def test_huge_object_is_refused_and_the_session_continues(ctx: Ctx, tmp_path: Path) -> None:
@@ -519,4 +534,30 @@ async def test_events_emitted_by_a_command_precede_its_reply(ctx: Ctx, tmp_path:
         assert [m.get("event") or m.get("return") for m in got] == ["JOB_STATUS_CHANGE", "JOB_STATUS_CHANGE", {}]
         await c.close()
     finally:
+        await srv.stop()
+
+
+async def test_client_gone_before_its_greeting_is_written_ends_its_session(
+    ctx: Ctx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects and leaves at once (a liveness probe of the socket) must not leave a
+    session waiting for output that can never be written (which held stop() up)."""
+    import server.qmp.server as qmp_server
+
+    monkeypatch.setattr(qmp_server, "STOP_FLUSH_TIMEOUT", 600.0)
+    srv = QmpServer(make_registry(), ctx)
+    await srv.listen_unix(tmp_path / "s")
+    try:
+        for _ in range(3):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            probe.connect(str(tmp_path / "s"))
+            probe.close()
+        for _ in range(2000):  # bounded: a lingering session would stay for STOP_FLUSH_TIMEOUT (600 s)
+            await asyncio.sleep(0.005)
+            if srv.client_count == 0:
+                break
+        assert srv.client_count == 0
+    finally:
+        monkeypatch.setattr(qmp_server, "STOP_FLUSH_TIMEOUT", 0.1)  # a failure must not hang stop()
         await srv.stop()

@@ -119,8 +119,11 @@ async def test_images_probe_and_refuse_qcow2_as_raw(tmp_path: Path) -> None:
     qcow = tmp_path / "d.qcow2"
     qcow.write_bytes(b"QFI\xfb" + bytes(4092))
     assert probe_format(raw) == "raw" and probe_format(qcow) == "qcow2"
-    dev = await open_image(raw)
+    dev = await open_image(raw, read_only=True)
     assert isinstance(dev, RawFileDevice) and dev.size == 4096
+    await dev.close()
+    dev = await open_image(raw)  # writable and probed: guarded (tests/test_probed_images.py)
+    assert isinstance(getattr(dev, "next", None), RawFileDevice) and dev.size == 4096
     await dev.close()
     with pytest.raises(ImageFormatError, match="qcow2 image"):
         await open_image(qcow, format="raw")

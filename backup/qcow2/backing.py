@@ -2,7 +2,9 @@
 
 A chain is opened bottom-up through ``open_backing``, which carries the list of files already in
 the chain so that a cycle (an image that is, directly or not, its own backing file) is refused
-instead of recursing forever, and so that an absurdly deep chain is refused too.
+instead of recursing forever, and so that an absurdly deep chain is refused too. A ``BackingCheck``
+handed down from the caller sees every backing file before it is opened: the daemon's ``--allow-dir``
+policy (which lives above this package) confines a whole chain that way, as it confines named files.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from backup.errors import ImageFormatError
@@ -21,6 +24,10 @@ if TYPE_CHECKING:
     from backup.qcow2.device import Qcow2Device
 
 MAX_CHAIN_DEPTH = 64
+
+BackingCheck = Callable[[str, str], str]
+"""``(backing file path as QEMU resolves it, path of the image naming it) -> the path to open``; it
+raises to refuse the file (and the whole image with it)."""
 
 
 class BackingImage(Protocol):
@@ -89,9 +96,11 @@ def chain_key(path: str) -> str:
     return os.path.realpath(path)
 
 
-def locate_backing(name: str, image_path: str, chain: tuple[str, ...]) -> str:
-    """The backing file's path, refusing cycles, over-deep chains and missing files."""
+def locate_backing(name: str, image_path: str, chain: tuple[str, ...], check: BackingCheck | None = None) -> str:
+    """The backing file's path, refusing what ``check`` refuses, cycles, over-deep chains and missing files."""
     path = resolve_backing_path(name, image_path)
+    if check is not None:
+        path = check(path, image_path)
     real = chain_key(path)
     if real in chain:
         shown = " -> ".join([*chain, real])
@@ -114,15 +123,18 @@ def probe_backing_format(path: str) -> str:
         return "qcow2" if f.read(4) == q.MAGIC else "raw"
 
 
-async def open_backing(name: str, fmt: str | None, image_path: str, chain: tuple[str, ...]) -> BackingImage:
-    """Open the backing file of ``image_path`` read-only; ``chain`` holds the real paths above it."""
+async def open_backing(
+    name: str, fmt: str | None, image_path: str, chain: tuple[str, ...], check: BackingCheck | None = None
+) -> BackingImage:
+    """Open the backing file of ``image_path`` read-only; ``chain`` holds the real paths above it and
+    ``check`` sees this file and every one below it."""
     from backup.qcow2.device import Qcow2Device  # the device opens its own backing files
 
-    path = locate_backing(name, image_path, chain)
+    path = locate_backing(name, image_path, chain, check)
     if fmt is None:
         fmt = probe_backing_format(path)
     if fmt == "qcow2":
-        device: Qcow2Device = await Qcow2Device.open(path, read_only=True, _chain=chain)
+        device: Qcow2Device = await Qcow2Device.open(path, read_only=True, check_backing=check, _chain=chain)
         return device
     if fmt == "raw":
         return RawBacking(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))

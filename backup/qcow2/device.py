@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
 from backup.qcow2.backing import (
+    BackingCheck,
     BackingImage,
     chain_key,
     locate_backing,
@@ -160,6 +161,7 @@ class Qcow2Device:
         l2_cache_size: int = DEFAULT_L2_CACHE,
         backing_device: BackingImage | None = None,
         repair: bool = True,
+        check_backing: BackingCheck | None = None,
         _chain: tuple[str, ...] = (),
     ) -> Qcow2Device:
         """Open an image; its backing chain (if any) is opened read-only.
@@ -168,7 +170,8 @@ class Qcow2Device:
         (the live source of a fleecing backup: its caches are the truth, not the file's metadata);
         it stays open when this device closes. An image that was not cleanly closed (dirty bit) opens
         read-only as it is; for writing its refcounts are rebuilt first, as QEMU does, unless
-        ``repair`` is False, which refuses it.
+        ``repair`` is False, which refuses it. ``check_backing`` sees every file of the backing chain
+        before it is opened (the daemon's path policy) and may refuse it.
         """
         path = os.fspath(path)
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -196,13 +199,14 @@ class Qcow2Device:
                         l2_cache_size=l2_cache_size,
                         backing_device=backing_device,
                         repair=False,
+                        check_backing=check_backing,
                         _chain=_chain,
                     )
             l1 = _read_l1(fd, header, file_size, path)
             refs = None if read_only else _load_refcounts(fd, header, file_size, path)
             if header.backing_file is not None and backing_device is None:
                 chain = (*_chain, chain_key(path))
-                backing = await open_backing(header.backing_file, header.backing_format, path, chain)
+                backing = await open_backing(header.backing_file, header.backing_format, path, chain, check_backing)
             if header.incompatible & q.INCOMPAT_DIRTY:
                 log.warning("%s was not cleanly closed (dirty bit set); reading it as it is", path)
             return cls(

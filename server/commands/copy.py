@@ -97,7 +97,8 @@ async def open_source(spec: str, *, fmt: str | None, connections: int | None, re
         return Endpoint(client, str(client.uri))
     from backup.images import open_image
 
-    return Endpoint(await open_image(spec, format=fmt, read_only=True), spec)
+    # the user's own files, trusted as qemu-img trusts them: a probed image's backing file is followed
+    return Endpoint(await open_image(spec, format=fmt, read_only=True, guard_probed=False), spec)
 
 
 async def create_destination_file(path: str, size: int, *, fmt: str | None) -> BlockDevice:
@@ -118,7 +119,8 @@ async def open_destination(
     if _exists(spec):
         from backup.images import open_image
 
-        return Endpoint(await open_image(spec, format=fmt), spec, is_zero=target_is_zero)
+        device = await open_image(spec, format=fmt, guard_probed=False)  # qemu-img convert writes raw unprobed
+        return Endpoint(device, spec, is_zero=target_is_zero)
     device = await create_destination_file(spec, size, fmt=fmt)
     return Endpoint(device, spec, is_zero=True, created_path=spec)
 

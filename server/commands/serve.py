@@ -25,7 +25,10 @@ exports:
   --export NAME=PATH[,readonly][,format=raw|qcow2][,description=TEXT]
       opens the image PATH as block node NAME and exports it over NBD as NAME (writable unless
       'readonly'; the format is probed when not given, and a qcow2 image is never served as raw).
-      Repeat it for several exports. Without --nbd/--nbd-socket it listens on {DEFAULT_HOST}:{DEFAULT_PORT}.
+      As in QEMU, a probed image is restricted (a warning says so): clients cannot write a first
+      sector that would make a raw image probe as another format, and a probed qcow2 image that
+      names a backing file is refused. Give format= to lift this. Repeat it for several exports.
+      Without --nbd/--nbd-socket it listens on {DEFAULT_HOST}:{DEFAULT_PORT}.
 
 for qemu-nbd users:
   qemu-nbd -x NAME -f FMT [-r] FILE   -->  --export NAME=FILE[,format=FMT][,readonly]

@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from backup.events import Event
+from nbd.unix_path import SocketFileId, remove_own_socket, remove_stale_socket, socket_file_id
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry, run_handler
 from server.qmp.framing import MAX_TOKEN_SIZE, JsonError, JsonStreamParser, Message, encode
@@ -100,7 +101,7 @@ class QmpServer:
         self.max_clients = max_clients
         self._on_quit = on_quit
         self._servers: list[asyncio.Server] = []
-        self._unix_paths: list[str] = []
+        self._unix_paths: list[tuple[str, SocketFileId | None]] = []
         self._sessions: set[_Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -109,11 +110,10 @@ class QmpServer:
     # --- listening ---
 
     async def listen_unix(self, path: str | os.PathLike[str]) -> str:
-        """Listen on a unix socket created with mode 0600 (a stale socket file is replaced)."""
+        """Listen on a unix socket created with mode 0600 (a stale socket file is replaced, a live one
+        is refused: see ``nbd.unix_path``)."""
         path = os.fspath(path)
-        with contextlib.suppress(FileNotFoundError):
-            if _is_socket(path):
-                os.unlink(path)
+        remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             old_umask = os.umask(0o177)  # no window where the socket is group/world accessible
@@ -127,7 +127,7 @@ class QmpServer:
             sock.close()
             raise
         self._servers.append(server)
-        self._unix_paths.append(path)
+        self._unix_paths.append((path, socket_file_id(path)))
         log.info("QMP monitor listening on unix:%s", path)
         return path
 
@@ -161,9 +161,8 @@ class QmpServer:
         self._closing = True
         for server in self._servers:
             server.close()
-        for path in self._unix_paths:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        for path, own in self._unix_paths:
+            remove_own_socket(path, own)
         sessions = list(self._sessions)
         if sessions:
             flushing = [asyncio.ensure_future(s.flush()) for s in sessions]
@@ -299,11 +298,13 @@ class _Session:
         try:
             while True:
                 line = await self._out.get()
-                self.writer.write(line)
-                self._out_bytes -= len(line)
-                if self._out.empty():
-                    await self.writer.drain()
-                self._out.task_done()
+                try:
+                    self.writer.write(line)
+                    self._out_bytes -= len(line)
+                    if self._out.empty():
+                        await self.writer.drain()
+                finally:
+                    self._out.task_done()  # also when the write failed: flush() must not wait for it
         except (ConnectionError, OSError) as exc:
             log.debug("QMP client %s: write failed: %s", self.peer, exc)
             self._closed = True
@@ -387,12 +388,3 @@ class _Session:
         cmd = self.server.registry.lookup(name)
         args = validate_arguments(cmd.args, arguments)
         return await run_handler(cmd, self.server.context, args)
-
-
-def _is_socket(path: str) -> bool:
-    import stat
-
-    try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False

@@ -13,7 +13,7 @@ import contextlib
 import errno
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from backup.filter import BlockFilter
@@ -168,7 +168,7 @@ async def _open_driver(
         desc = json.dumps({"driver": "null-co", "size": size})
         return _Opened(NullDevice(size, read_only=read_only), "null-co", f"json:{desc}")
     if driver == "nbd":
-        return await _open_nbd(options, read_only=read_only)
+        return await _open_nbd(reg, options, read_only=read_only)
     if driver == "raw":
         return await _open_raw(reg, options["file"], read_only=read_only, names=names)
     if driver == "qcow2":
@@ -231,10 +231,31 @@ def nbd_uri(server: dict[str, Any], export: str) -> NbdUri:
     raise generic(f"NBD over '{server['type']}' sockets is not supported")
 
 
-async def _open_nbd(options: dict[str, Any], *, read_only: bool) -> _Opened:
+def confine_socket(reg: Registry, uri: NbdUri) -> NbdUri:
+    """A unix socket the daemon is told to connect to is a client-named path like any image: with
+    ``--allow-dir`` it must resolve inside an allowed directory (and is connected where it resolved)."""
+    if uri.socket is None or not reg.paths.confined:
+        return uri
+    return replace(uri, socket=str(reg.paths.resolve(uri.socket)))
+
+
+def confined_uri(reg: Registry, text: str) -> str:
+    """An NBD URI that a client named as a target, with its unix socket confined (``confine_socket``);
+    a URI that does not parse is returned as it is, for the opener to refuse."""
+    from nbd.uri import parse_uri
+
+    try:
+        uri = parse_uri(text)
+    except ValueError:
+        return text
+    confined = confine_socket(reg, uri)
+    return text if confined is uri else str(confined)
+
+
+async def _open_nbd(reg: Registry, options: dict[str, Any], *, read_only: bool) -> _Opened:
     if "tls-creds" in options:
         raise generic(f"No TLS credentials with id '{options['tls-creds']}'")
-    uri = nbd_uri(options["server"], options.get("export", ""))
+    uri = confine_socket(reg, nbd_uri(options["server"], options.get("export", "")))
     from nbd.client import NbdClient
 
     timeout = options.get("open-timeout") or 30

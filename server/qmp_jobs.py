@@ -33,6 +33,7 @@ from nbd.uri import looks_like_uri
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry, Handler
 from server.qmp.schema import Enum, Struct, Union
+from server.qmp_block import confined_uri
 from server.registry import Registry, generic, same_image
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
         exported = reg.own_export_node(text)
         if exported is not None and same_image(exported, source):
             raise generic("Source and target cannot be the same")
-        target_ref = text
+        target_ref = confined_uri(reg, text)
         fmt = None
     else:
         real = str(reg.paths.resolve(text))

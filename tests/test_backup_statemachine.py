@@ -3,10 +3,10 @@
 Guest writes, write-zeroes and trims — aligned, unaligned, crossing clusters, touching the partial
 last cluster — run as concurrent tasks while the job copies, pauses, resumes and changes speed, and
 while the target fails writes for a while (guest writes over uncopied clusters then fail, the job's
-``ignore`` policy retries; a failed target flush fails the job). At the end the target must equal the snapshot model (the source as it
-was when the filter went in; for ``sync=none`` the clusters the guest overwrote, nothing else but
-possibly old data), no cluster may have been copied twice, and everything must finish (a hang fails
-the ``wait_for``).
+``ignore`` policy retries; a target flush that fails fails the job). At the end the target must equal
+the snapshot model (the source as it was when the filter went in; for ``sync=none`` the clusters the
+guest overwrote, nothing else but possibly old data), no cluster may have been copied twice, and
+everything must finish (a hang fails the ``wait_for``).
 """
 
 from __future__ import annotations

@@ -515,3 +515,43 @@ async def test_nbd_node_request_timeout(h: Harness) -> None:
     assert timeouts == {"r5": 5.0, "r0": None}
     for name in ("r5", "r0"):
         await h("blockdev-del", **{"node-name": name})
+
+
+async def test_allow_dir_confines_the_unix_sockets_the_daemon_connects_to(tmp_path: Path) -> None:
+    """blockdev-add driver=nbd and drive-backup nbd+unix targets name a socket the daemon connects
+    to: with --allow-dir it must resolve inside an allowed directory (a symlink does not help), and a
+    refused one is never connected to."""
+    from backup.memory import MemoryDevice
+    from nbd.server import Export, NbdServer
+
+    allowed, outside = tmp_path / "ok", tmp_path / "out"
+    allowed.mkdir()
+    outside.mkdir()
+    h = Harness(tmp_path, allow=[allowed])
+    spy = _listener(outside / "spy.sock")  # another service's socket: nothing may connect to it
+    spy.setblocking(False)
+    (allowed / "link.sock").symlink_to(outside / "spy.sock")
+    server = NbdServer()
+    server.add_export(Export("disk", MemoryDevice(MiB)))
+    await server.listen_unix(allowed / "nbd.sock")
+    try:
+        await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "src"})
+        for path in (outside / "spy.sock", allowed / "link.sock"):
+            server_arg = {"type": "unix", "path": str(path)}
+            kind, desc = await h.error("blockdev-add", driver="nbd", server=server_arg, **{"node-name": "t"})
+            assert kind == "GenericError" and "allowed directories" in desc, desc
+            target = f"nbd+unix:///disk?socket={path}"
+            kind, desc = await h.error("drive-backup", device="src", target=target, sync="full")
+            assert kind == "GenericError" and "allowed directories" in desc, desc
+        with pytest.raises(BlockingIOError):
+            spy.accept()  # nobody connected
+        assert not h.reg.jobs
+
+        inside = {"type": "unix", "path": str(allowed / "nbd.sock")}
+        await h("blockdev-add", driver="nbd", server=inside, export="disk", **{"node-name": "t"})
+        assert server.connections >= 1  # connected where the socket resolved
+        await h("blockdev-del", **{"node-name": "t"})
+    finally:
+        spy.close()
+        await h.reg.close()
+        await server.stop()

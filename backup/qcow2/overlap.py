@@ -1,0 +1,46 @@
+"""Which host clusters hold metadata, so guest data is never written over it (QEMU's overlap check).
+
+A corrupt image (an L2 entry pointing at the L1 table, a refcount of 0 on a refcount block) would
+otherwise turn a guest write into a metadata overwrite. QEMU checks every write against its
+metadata; so do we, against a sorted list of metadata cluster indexes kept up to date as tables
+are allocated: one ``bisect`` per contiguous run written, nothing per cluster.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Iterable
+
+
+class MetadataMap:
+    """Cluster indexes of the header, L1/L2 tables, the refcount table and refcount blocks."""
+
+    __slots__ = ("_clusters",)
+
+    def __init__(self) -> None:
+        self._clusters: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._clusters)
+
+    def add(self, cluster: int, count: int = 1) -> None:
+        for c in range(cluster, cluster + count):
+            i = bisect_left(self._clusters, c)
+            if i == len(self._clusters) or self._clusters[i] != c:
+                insort(self._clusters, c, lo=i)
+
+    def add_all(self, clusters: Iterable[int]) -> None:
+        """Many at once (opening an image: every L2 table and refcount block)."""
+        self._clusters = sorted(set(self._clusters).union(clusters))
+
+    def discard(self, cluster: int) -> None:
+        i = bisect_left(self._clusters, cluster)
+        if i < len(self._clusters) and self._clusters[i] == cluster:
+            del self._clusters[i]
+
+    def first_in(self, first: int, last: int) -> int:
+        """The first metadata cluster in ``[first, last]``, or -1."""
+        i = bisect_left(self._clusters, first)
+        if i < len(self._clusters) and self._clusters[i] <= last:
+            return self._clusters[i]
+        return -1

@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 import struct
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 from backup.errors import ImageFormatError
@@ -57,7 +58,8 @@ _CPUS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") 
 
 class _Writer:
     """Coalesces guest data writes at consecutive host offsets into one ``pwritev``, each run
-    checked against the metadata clusters first (``refuse`` makes the error)."""
+    checked against the metadata clusters first (``refuse`` makes the error). One per device,
+    used under its lock."""
 
     __slots__ = ("_bufs", "_cb", "_end", "_fd", "_meta", "_refuse", "_start")
 
@@ -65,12 +67,17 @@ class _Writer:
         self, fd: int, meta: MetadataMap, cluster_bits: int, refuse: Callable[[int, int, int], Exception]
     ) -> None:
         self._fd = fd
-        self._meta = meta
+        self._meta = meta.clusters
         self._cb = cluster_bits
         self._refuse = refuse
         self._start = 0
         self._end = -1
         self._bufs: list[bytes | bytearray | memoryview] = []
+
+    def reset(self) -> None:
+        """Forget what a failed request left queued."""
+        self._bufs = []
+        self._end = -1
 
     def add(self, offset: int, buf: bytes | bytearray | memoryview) -> None:
         if offset != self._end or len(self._bufs) >= _IOV_MAX:
@@ -83,10 +90,11 @@ class _Writer:
     def finish(self) -> None:
         if not self._bufs:
             return
-        hit = self._meta.first_in(self._start >> self._cb, (self._end - 1) >> self._cb)
-        if hit >= 0:
-            self._bufs = []
-            raise self._refuse(self._start, self._end, hit)
+        meta = self._meta
+        i = bisect_left(meta, self._start >> self._cb)
+        if i < len(meta) and meta[i] <= (self._end - 1) >> self._cb:
+            self.reset()
+            raise self._refuse(self._start, self._end, meta[i])
         total = self._end - self._start
         done = os.pwritev(self._fd, self._bufs, self._start)
         if done != total:  # short write: finish the rest the slow way
@@ -172,6 +180,7 @@ class Qcow2Device:
                 self._meta.add(header.l1_table_offset >> self._cb, -(-header.l1_size * 8 // self._cs))
             self._meta.add_all((e & q.L1E_OFFSET_MASK) >> self._cb for e in l1 if e & q.L1E_OFFSET_MASK)
             self._l2.before_evict = self._before_l2_evict
+        self._writer = _Writer(fd, self._meta, self._cb, self._metadata_overlap)
 
     # --- opening and creating ------------------------------------------------------------------
 
@@ -911,7 +920,8 @@ class Qcow2Device:
         blobs: dict[int, bytes] | None,
     ) -> None:
         cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
-        writer = _Writer(self._fd, self._meta, cb, self._metadata_overlap)
+        writer = self._writer
+        writer.reset()
         updates: list[tuple[int, int]] = []  # (L2 index, new entry) once the data is written
         released: list[int] = []  # old entries whose clusters to release after the update
         fresh: list[tuple[int, memoryview | bytearray]] = []  # (L2 index, cluster data) to allocate
@@ -1152,9 +1162,13 @@ class Qcow2Device:
 
     def _before_l2_evict(self) -> None:
         """A changed L2 table is about to be written early (cache eviction): what its entries
-        point to, the data and its refcounts, becomes durable first (steps 1-2 of a flush)."""
+        point to, the data and its refcounts, becomes durable first (steps 1-2 of a flush). After
+        a failed sync nothing written since is known durable and every flush fails: no ordering to
+        keep, and reads that evict must not fail for it."""
         refs = self._refs
         assert refs is not None
+        if self._flush_error is not None:
+            return
         refs.write_blocks()
         self._sync()
         if self._write_reftable(refs):

@@ -13,34 +13,38 @@ from collections.abc import Iterable
 
 
 class MetadataMap:
-    """Cluster indexes of the header, L1/L2 tables, the refcount table and refcount blocks."""
+    """Cluster indexes of the header, L1/L2 tables, the refcount table and refcount blocks.
 
-    __slots__ = ("_clusters",)
+    ``clusters`` is the sorted list itself, only ever changed in place: the hot path bisects it
+    without a method call.
+    """
+
+    __slots__ = ("clusters",)
 
     def __init__(self) -> None:
-        self._clusters: list[int] = []
+        self.clusters: list[int] = []
 
     def __len__(self) -> int:
-        return len(self._clusters)
+        return len(self.clusters)
 
     def add(self, cluster: int, count: int = 1) -> None:
         for c in range(cluster, cluster + count):
-            i = bisect_left(self._clusters, c)
-            if i == len(self._clusters) or self._clusters[i] != c:
-                insort(self._clusters, c, lo=i)
+            i = bisect_left(self.clusters, c)
+            if i == len(self.clusters) or self.clusters[i] != c:
+                insort(self.clusters, c, lo=i)
 
     def add_all(self, clusters: Iterable[int]) -> None:
         """Many at once (opening an image: every L2 table and refcount block)."""
-        self._clusters = sorted(set(self._clusters).union(clusters))
+        self.clusters[:] = sorted(set(self.clusters).union(clusters))
 
     def discard(self, cluster: int) -> None:
-        i = bisect_left(self._clusters, cluster)
-        if i < len(self._clusters) and self._clusters[i] == cluster:
-            del self._clusters[i]
+        i = bisect_left(self.clusters, cluster)
+        if i < len(self.clusters) and self.clusters[i] == cluster:
+            del self.clusters[i]
 
     def first_in(self, first: int, last: int) -> int:
         """The first metadata cluster in ``[first, last]``, or -1."""
-        i = bisect_left(self._clusters, first)
-        if i < len(self._clusters) and self._clusters[i] <= last:
-            return self._clusters[i]
+        i = bisect_left(self.clusters, first)
+        if i < len(self.clusters) and self.clusters[i] <= last:
+            return self.clusters[i]
         return -1

@@ -145,3 +145,16 @@ async def test_a_failed_flush_fails_every_later_flush(tmp_path: Path, monkeypatc
     assert closing.value.errno == errno.EIO
     assert check_image(str(path)).dirty  # never marked clean: detectably incomplete
     assert len(failures) == 1
+
+
+async def test_check_reports_a_wild_refcount_table_entry(tmp_path: Path) -> None:
+    """What a refcount table made durable before its blocks can hold: a finding, not a crash."""
+    path = tmp_path / "img.qcow2"
+    dev = await Qcow2Device.create(path, 4 * MiB)
+    await dev.close()
+    with path.open("r+b") as f:
+        reftable_offset = struct.unpack_from(">Q", f.read(104), 48)[0]
+        f.seek(reftable_offset + 8)
+        f.write(struct.pack(">Q", 0x8000_0000_0080_8000))
+    result = check_image(str(path))
+    assert any("refcount table entry 1" in c for c in result.corruptions)

@@ -1095,22 +1095,26 @@ class Qcow2Device:
             log.error("%s: flush failed, every later flush will fail: %s", self.path, exc)
             raise
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self) -> bool:
+        """Whether it wrote refcount decrements after its sync (``close`` syncs them too)."""
         if self._flush_error is not None:
             self._sync()  # raises the latched error
         self._write_metadata()
         self._sync()
-        self._release_quarantine()
+        return self._release_quarantine()
 
-    def _release_quarantine(self) -> None:
-        """The freeing of quarantined clusters is durable now: they may be reused."""
+    def _release_quarantine(self) -> bool:
+        """The freeing of quarantined clusters is durable now: they may be reused, and their new
+        refcounts may reach the file at any time (written now: the file counts what it references)."""
         refs = self._refs
         if refs is None or not refs.quarantined:
-            return
+            return False
         for cluster in refs.release():
             if self._cbyte and cluster == (self._cbyte - 1) >> self._cb:
                 self._cbyte = 0  # the compressed tail cluster was freed: never append to it again
             self._l2.discard(cluster << self._cb)
+        refs.write_blocks()
+        return True
 
     def _write_metadata(self) -> None:
         """Write the cached metadata in QEMU's order, with syncs between the steps, so that whatever
@@ -1206,9 +1210,8 @@ class Qcow2Device:
                 async with self._lock:
                     if self._closed:
                         return  # abandon() ran while this one waited for the lock
-                    self._flush_locked()
-                    if self._refs is not None and self._refs.cache.dirty_count:
-                        self._flush_locked()  # the decrements of the clusters released just now
+                    if self._flush_locked():
+                        self._sync()  # the refcounts of the clusters released just now, before "clean"
                     h = self.header
                     if h.version >= 3:
                         h.incompatible &= ~q.INCOMPAT_DIRTY

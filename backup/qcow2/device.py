@@ -1109,11 +1109,14 @@ class Qcow2Device:
         refs = self._refs
         if refs is None or not refs.quarantined:
             return False
-        for cluster in refs.release():
+        freed, error = refs.release()
+        for cluster in freed:
             if self._cbyte and cluster == (self._cbyte - 1) >> self._cb:
                 self._cbyte = 0  # the compressed tail cluster was freed: never append to it again
             self._l2.discard(cluster << self._cb)
         refs.write_blocks()
+        if error is not None:
+            raise error
         return True
 
     def _write_metadata(self) -> None:

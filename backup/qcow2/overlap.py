@@ -41,10 +41,3 @@ class MetadataMap:
         i = bisect_left(self.clusters, cluster)
         if i < len(self.clusters) and self.clusters[i] == cluster:
             del self.clusters[i]
-
-    def first_in(self, first: int, last: int) -> int:
-        """The first metadata cluster in ``[first, last]``, or -1."""
-        i = bisect_left(self.clusters, first)
-        if i < len(self.clusters) and self.clusters[i] <= last:
-            return self.clusters[i]
-        return -1

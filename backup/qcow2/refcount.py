@@ -240,23 +240,31 @@ class Refcounts:
     def free(self, cluster: int, *, metadata: bool = False) -> None:
         """Drop a reference once what dropped it is durable (see ``release``); ``metadata``: the
         cluster held a table, which it no longer does once its refcount reaches 0."""
+        if not self.get(cluster):
+            raise self._corrupt(f"refcount of cluster {cluster:#x} would drop below zero")
         self._quarantine.append((cluster, metadata))
 
     @property
     def quarantined(self) -> int:
         return len(self._quarantine)
 
-    def release(self) -> list[int]:
+    def release(self) -> tuple[list[int], Qcow2CorruptError | None]:
         """After a successful flush: apply the quarantined decrements; returns the clusters whose
-        refcount reached 0 (allocatable from now on)."""
+        refcount reached 0 (allocatable from now on) and the error of a cluster freed twice."""
         freed = []
+        error: Qcow2CorruptError | None = None
         quarantine, self._quarantine = self._quarantine, []
         for cluster, metadata in quarantine:
-            if self.add(cluster, -1) == 0:
+            try:
+                left = self.add(cluster, -1)
+            except Qcow2CorruptError as exc:  # freed twice (a corrupt image): apply the others
+                error = error or exc
+                continue
+            if left == 0:
                 freed.append(cluster)
                 if metadata:
                     self.meta.discard(cluster)
-        return freed
+        return freed, error
 
     def write_blocks(self) -> None:
         """Write the dirty refcount blocks (always safe: they only count more than is durable)."""

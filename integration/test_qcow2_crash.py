@@ -133,6 +133,7 @@ async def test_crash_with_l2_tables_evicted_before_the_flush(tmp_path: Path, mon
     async def ops(dev: Qcow2Device) -> None:
         for t in tables:  # a cache of 4 tables: dirty tables are written back before the flush
             await dev.pwrite(t + 4096, fill(8, 4096))
+        assert dev._l2.writes >= 3  # evictions wrote changed tables
 
     await crash_everywhere(
         tmp_path, monkeypatch, size=14 * MiB, cluster_size=4096, setup=setup, ops=ops, l2_cache_size=4 * 4096

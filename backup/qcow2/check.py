@@ -131,10 +131,14 @@ def _check(fd: int, path: str) -> CheckResult:
     walk.ref(h.refcount_table_offset, h.refcount_table_clusters * cs, cb)
     n = h.refcount_table_clusters * cs // 8
     reftable = list(struct.unpack(f">{n}Q", os.pread(fd, n * 8, h.refcount_table_offset).ljust(n * 8, b"\0")))
-    for entry in reftable:
-        if entry & q.REFT_OFFSET_MASK:
-            walk.ref(entry & q.REFT_OFFSET_MASK, cs, cb)
     file_size = os.lseek(fd, 0, os.SEEK_END)
+    for index, entry in enumerate(reftable):
+        off = entry & q.REFT_OFFSET_MASK
+        if off and (off & (cs - 1) or off >= file_size):  # e.g. a table written before its blocks
+            result.corruptions.append(f"refcount table entry {index} ({off:#x}) is unaligned or past the end")
+            reftable[index] = 0
+        elif off:
+            walk.ref(off, cs, cb)
     refs = Refcounts(
         fd,
         path,

@@ -8,6 +8,11 @@ mutation sets the header's dirty bit (durably, before any metadata is written) a
 ``qemu-img info`` (and ``was_dirty`` here) — detectably incomplete, never silently wrong. Opening
 such an image for writing first rebuilds its refcounts (``repair.py``), as QEMU does. All I/O is
 inline ``os.pread``/``os.pwrite`` (page cache hits beat a thread hop); compression runs in threads.
+
+Whatever a crash keeps, nothing durable points to what is not: a flush writes the metadata in
+steps separated by syncs (``_write_metadata``), freed clusters are reused only after the flush
+that made their freeing durable (``Refcounts.free``), guest data is never written over metadata
+(``overlap.py``), and a failed sync fails every later flush, as QEMU's does.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
@@ -35,6 +41,7 @@ from backup.qcow2.cache import TableCache
 from backup.qcow2.codec import CodecError, codec_for, type_id_of
 from backup.qcow2.errors import Qcow2CorruptError
 from backup.qcow2.header import ImageHeader, build_header, incompatible_names, l1_entries_for, parse_header
+from backup.qcow2.overlap import MetadataMap
 from backup.qcow2.refcount import Refcounts
 from backup.qcow2.repair import repair_image
 from nbd.constants import State
@@ -51,15 +58,27 @@ _CPUS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") 
 
 
 class _Writer:
-    """Coalesces writes at consecutive host offsets into one ``pwritev``."""
+    """Coalesces guest data writes at consecutive host offsets into one ``pwritev``, each run
+    checked against the metadata clusters first (``refuse`` makes the error). One per device,
+    used under its lock."""
 
-    __slots__ = ("_bufs", "_end", "_fd", "_start")
+    __slots__ = ("_bufs", "_cb", "_end", "_fd", "_meta", "_refuse", "_start")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(
+        self, fd: int, meta: MetadataMap, cluster_bits: int, refuse: Callable[[int, int, int], Exception]
+    ) -> None:
         self._fd = fd
+        self._meta = meta.clusters
+        self._cb = cluster_bits
+        self._refuse = refuse
         self._start = 0
         self._end = -1
         self._bufs: list[bytes | bytearray | memoryview] = []
+
+    def reset(self) -> None:
+        """Forget what a failed request left queued."""
+        self._bufs = []
+        self._end = -1
 
     def add(self, offset: int, buf: bytes | bytearray | memoryview) -> None:
         if offset != self._end or len(self._bufs) >= _IOV_MAX:
@@ -72,6 +91,11 @@ class _Writer:
     def finish(self) -> None:
         if not self._bufs:
             return
+        meta = self._meta
+        i = bisect_left(meta, self._start >> self._cb)
+        if i < len(meta) and meta[i] <= (self._end - 1) >> self._cb:
+            self.reset()
+            raise self._refuse(self._start, self._end, meta[i])
         total = self._end - self._start
         done = os.pwritev(self._fd, self._bufs, self._start)
         if done != total:  # short write: finish the rest the slow way
@@ -148,6 +172,16 @@ class Qcow2Device:
         self._backing_reads: list[_BackingRead] = []  # see _after_backing_reads
         self._zero_cluster = bytes(self._cs)
         self._decompressed: tuple[int, bytes] | None = None  # last compressed cluster read
+        self._flush_error: OSError | None = None  # the sync that failed: every later one fails
+        self._marked_corrupt = False  # a write would have hit metadata: no more writes
+        self._meta = MetadataMap() if refcounts is None else refcounts.meta  # for the overlap check
+        if refcounts is not None:
+            self._meta.add(0)  # the header, its extensions and the backing file name
+            if header.l1_size:
+                self._meta.add(header.l1_table_offset >> self._cb, -(-header.l1_size * 8 // self._cs))
+            self._meta.add_all((e & q.L1E_OFFSET_MASK) >> self._cb for e in l1 if e & q.L1E_OFFSET_MASK)
+            self._l2.before_evict = self._before_l2_evict
+        self._writer = _Writer(fd, self._meta, self._cb, self._metadata_overlap)
 
     # --- opening and creating ------------------------------------------------------------------
 
@@ -684,15 +718,43 @@ class Qcow2Device:
         """Before the first change: make the dirty bit durable (v3), so a crash stays detectable."""
         refs = self._refs
         assert refs is not None
+        if self._marked_corrupt:
+            raise self._corrupt("a write would have overwritten metadata; the image is marked corrupt")
         if not self._marked_dirty:
             h = self.header
             if h.version >= 3:
                 h.autoclear = 0  # bitmaps and other auto-clear data become stale once we write
                 h.incompatible |= q.INCOMPAT_DIRTY
                 os.pwrite(self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, 0), q.INCOMPAT_OFFSET)
-                os.fdatasync(self._fd)
+                self._sync()
             self._marked_dirty = True
         return refs
+
+    def _metadata_overlap(self, start: int, end: int, cluster: int) -> Qcow2CorruptError:
+        """QEMU's answer to guest data aimed at metadata: refuse the write, mark the image corrupt
+        (it then opens read-only until ``qemu-img check -r`` repairs it) and refuse later writes."""
+        log.error(
+            "%s: refusing to write guest data to host bytes %#x-%#x: cluster %#x holds metadata; "
+            "marking the image corrupt",
+            self.path,
+            start,
+            end,
+            cluster << self._cb,
+        )
+        if not self._marked_corrupt:
+            self._marked_corrupt = True
+            h = self.header
+            if h.version >= 3:
+                h.incompatible |= q.INCOMPAT_CORRUPT
+                try:
+                    os.pwrite(self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, 0), q.INCOMPAT_OFFSET)
+                    self._sync()
+                except OSError as exc:
+                    log.error("%s: could not mark the image corrupt: %s", self.path, exc)
+        return self._corrupt(
+            f"refusing a guest write to host bytes {start:#x}-{end:#x}: "
+            f"it overlaps metadata (cluster {cluster << self._cb:#x})"
+        )
 
     def _l1_set(self, index: int, value: int) -> None:
         self._l1[index] = value
@@ -704,6 +766,7 @@ class Qcow2Device:
         off = entry & q.L1E_OFFSET_MASK
         if not off:
             off = refs.alloc(1) << self._cb
+            self._meta.add(off >> self._cb)
             table = self._l2.new(off)
             self._l1_set(l1_index, off | q.OFLAG_COPIED)
             return off, table
@@ -713,13 +776,14 @@ class Qcow2Device:
                 self._l1_set(l1_index, off | q.OFLAG_COPIED)
             else:  # shared with a snapshot: copy on write
                 new_off = refs.alloc(1) << self._cb
+                self._meta.add(new_off >> self._cb)
                 new_table = self._l2.new(new_off)
                 new_table[:] = table
                 for i in range(len(table) // 8):  # shared clusters: refcounts already count both tables
                     e = _U64.unpack_from(table, i * 8)[0]
                     if e & q.L2E_OFFSET_MASK and not e & q.OFLAG_COMPRESSED:
                         _U64.pack_into(new_table, i * 8, e & ~q.OFLAG_COPIED)
-                refs.add(off >> self._cb, -1)
+                refs.free(off >> self._cb, metadata=True)
                 self._l1_set(l1_index, new_off | q.OFLAG_COPIED)
                 return new_off, new_table
         return off, table
@@ -741,8 +805,7 @@ class Qcow2Device:
             self._unref(refs, host >> self._cb)
 
     def _unref(self, refs: Refcounts, cluster: int) -> None:
-        if refs.add(cluster, -1) == 0 and self._cbyte and cluster == (self._cbyte - 1) >> self._cb:
-            self._cbyte = 0  # the compressed tail cluster was freed: never append to it again
+        refs.free(cluster)  # quarantined until the next flush: see _release_quarantine
 
     def _check_host(self, refs: Refcounts, host: int) -> None:
         if host >> self._cb >= refs.alloc_end:
@@ -861,7 +924,8 @@ class Qcow2Device:
         blobs: dict[int, bytes] | None,
     ) -> None:
         cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
-        writer = _Writer(self._fd)
+        writer = self._writer
+        writer.reset()
         updates: list[tuple[int, int]] = []  # (L2 index, new entry) once the data is written
         released: list[int] = []  # old entries whose clusters to release after the update
         fresh: list[tuple[int, memoryview | bytearray]] = []  # (L2 index, cluster data) to allocate
@@ -1020,22 +1084,83 @@ class Qcow2Device:
 
     # --- durability ------------------------------------------------------------------------------
 
-    def _flush_locked(self) -> None:
+    def _sync(self) -> None:
+        """``fdatasync``, its failure latched as QEMU latches it: Linux reports a writeback error
+        once and then marks the pages clean, so a later sync that succeeds proves nothing about
+        the writes that were lost; every later flush (and FUA write) fails with EIO."""
+        if self._flush_error is not None:
+            raise OSError(
+                errno.EIO, f"{self.path}: an earlier flush failed ({self._flush_error}); writes may have been lost"
+            )
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._flush_error = exc
+            log.error("%s: flush failed, every later flush will fail: %s", self.path, exc)
+            raise
+
+    def _flush_locked(self) -> bool:
+        """Whether it wrote refcount decrements after its sync (``close`` syncs them too)."""
+        if self._flush_error is not None:
+            self._sync()  # raises the latched error
         self._write_metadata()
-        os.fdatasync(self._fd)
+        self._sync()
+        return self._release_quarantine()
+
+    def _release_quarantine(self) -> bool:
+        """The freeing of quarantined clusters is durable now: they may be reused, and their new
+        refcounts may reach the file at any time (written now: the file counts what it references)."""
+        refs = self._refs
+        if refs is None or not refs.quarantined:
+            return False
+        freed, error = refs.release()
+        for cluster in freed:
+            if self._cbyte and cluster == (self._cbyte - 1) >> self._cb:
+                self._cbyte = 0  # the compressed tail cluster was freed: never append to it again
+            self._l2.discard(cluster << self._cb)
+        refs.write_blocks()
+        if error is not None:
+            raise error
+        return True
 
     def _write_metadata(self) -> None:
+        """Write the cached metadata in QEMU's order, with syncs between the steps, so that whatever
+        a crash keeps, nothing durable points to what is not durable yet:
+
+        1. refcount blocks (they never count less than is referenced: a crash leaks at worst), the
+           new L2 tables (nothing durable points to them yet), the file size; sync: these and the
+           guest data written before are durable before anything points to them;
+        2. a changed refcount table; for a moved one, sync, then the header; sync;
+        3. the changed L2 tables and L1 entries (the caller's sync ends the flush).
+        """
         refs = self._refs
         if refs is None or not self._marked_dirty:
             return
+        self._l2.flush(new_only=True)
+        refs.write_blocks()
+        needed = refs.alloc_end << self._cb
+        if os.lseek(self._fd, 0, os.SEEK_END) < needed:  # a block device is big enough or fails here
+            os.ftruncate(self._fd, needed)
+        l1_dirty = self._l1_dirty_hi >= self._l1_dirty_lo
+        if not (l1_dirty or self._l2.dirty_count or refs.reftable_dirty or refs.header_dirty):
+            return
+        self._sync()
+        if self._write_reftable(refs) and (l1_dirty or self._l2.dirty_count):
+            self._sync()
         self._l2.flush()
-        refs.flush()
-        if self._l1_dirty_hi >= self._l1_dirty_lo:
+        if l1_dirty:
             lo, hi = self._l1_dirty_lo, self._l1_dirty_hi + 1
             data = b"".join(_U64.pack(e) for e in self._l1[lo:hi])
             os.pwrite(self._fd, data, self.header.l1_table_offset + lo * 8)
             self._l1_dirty_lo, self._l1_dirty_hi = len(self._l1), -1
+
+    def _write_reftable(self, refs: Refcounts) -> bool:
+        """Step 2 of ``_write_metadata`` (its refcount blocks are durable); whether it wrote."""
+        if not (refs.reftable_dirty or refs.header_dirty):
+            return False
+        refs.write_table()
         if refs.header_dirty:
+            self._sync()
             self.header.refcount_table_offset = refs.reftable_offset
             self.header.refcount_table_clusters = refs.reftable_clusters
             os.pwrite(
@@ -1044,9 +1169,21 @@ class Qcow2Device:
                 q.REFTABLE_FIELDS_OFFSET,
             )
             refs.header_dirty = False
-        needed = refs.alloc_end << self._cb
-        if os.lseek(self._fd, 0, os.SEEK_END) < needed:  # a block device is big enough or fails here
-            os.ftruncate(self._fd, needed)
+        return True
+
+    def _before_l2_evict(self) -> None:
+        """A changed L2 table is about to be written early (cache eviction): what its entries
+        point to, the data and its refcounts, becomes durable first (steps 1-2 of a flush). After
+        a failed sync nothing written since is known durable and every flush fails: no ordering to
+        keep, and reads that evict must not fail for it."""
+        refs = self._refs
+        assert refs is not None
+        if self._flush_error is not None:
+            return
+        refs.write_blocks()
+        self._sync()
+        if self._write_reftable(refs):
+            self._sync()
 
     async def flush(self) -> None:
         if self._closed:
@@ -1080,14 +1217,15 @@ class Qcow2Device:
                 async with self._lock:
                     if self._closed:
                         return  # abandon() ran while this one waited for the lock
-                    self._flush_locked()
+                    if self._flush_locked():
+                        self._sync()  # the refcounts of the clusters released just now, before "clean"
                     h = self.header
                     if h.version >= 3:
                         h.incompatible &= ~q.INCOMPAT_DIRTY
                         os.pwrite(
                             self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, 0), q.INCOMPAT_OFFSET
                         )
-                        os.fdatasync(self._fd)
+                        self._sync()
         finally:
             if not self._closed:
                 self._closed = True

@@ -4,6 +4,13 @@ New clusters come from the end of the file (so a backup's data lands in one cont
 written with one syscall) or from clusters freed earlier in this session. A refcount block that
 does not exist yet is allocated on demand and counts itself when it falls in its own range; the
 refcount table grows (moves to a bigger contiguous area) when the file outgrows it.
+
+Crash ordering: increments may reach the file at any time (a crash then leaks clusters, which the
+refcount rebuild of a dirty image reclaims), decrements only after the metadata that dropped the
+reference is durable. So ``free`` only quarantines a cluster; ``release``, called after a
+successful flush, applies the decrements: a freed cluster is never reused (and overwritten) while
+a durable L2 entry may still point to it. ``meta`` knows where the refcount structures are, for
+the overlap check.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import struct
 from backup.qcow2 import layout as q
 from backup.qcow2.cache import TableCache
 from backup.qcow2.errors import Qcow2CorruptError
+from backup.qcow2.overlap import MetadataMap
 
 
 class Refcounts:
@@ -50,9 +58,13 @@ class Refcounts:
         self.header_dirty = False  # the reftable moved: the header must point to it
         self.alloc_end = alloc_end  # first cluster index never used so far
         self._free: list[int] = []  # min-heap of clusters freed in this session
+        self._quarantine: list[tuple[int, bool]] = []  # (cluster, was metadata) freed since the last flush
         self.cache = TableCache(
             fd, self._cs, cache_tables, on_short_read=lambda off: self._corrupt(f"refcount block {off:#x} past EOF")
         )
+        self.meta = MetadataMap()
+        self.meta.add(reftable_offset >> cluster_bits, reftable_clusters)
+        self.meta.add_all((e & q.REFT_OFFSET_MASK) >> cluster_bits for e in reftable if e & q.REFT_OFFSET_MASK)
 
     def _corrupt(self, message: str) -> Qcow2CorruptError:
         return Qcow2CorruptError(self._path, message)
@@ -95,6 +107,7 @@ class Refcounts:
         off = index << self._cb
         self.reftable[ti] = off
         self.reftable_dirty = True
+        self.meta.add(index)
         self.cache.new(off)
         self.add(index, 1)
         return off, self.cache.get(off)
@@ -219,17 +232,52 @@ class Refcounts:
         self.reftable_clusters = clusters
         self.reftable_dirty = True
         self.header_dirty = True
+        self.meta.add(start, clusters)
         self._set_fresh(start, clusters)
         for c in range(old_start, old_start + old_clusters):
-            self.add(c, -1)
+            self.free(c, metadata=True)  # the durable header points to it until the next flush
 
-    def free(self, cluster: int) -> None:
-        self.add(cluster, -1)
+    def free(self, cluster: int, *, metadata: bool = False) -> None:
+        """Drop a reference once what dropped it is durable (see ``release``); ``metadata``: the
+        cluster held a table, which it no longer does once its refcount reaches 0."""
+        if not self.get(cluster):
+            raise self._corrupt(f"refcount of cluster {cluster:#x} would drop below zero")
+        self._quarantine.append((cluster, metadata))
 
-    def flush(self) -> None:
-        """Write dirty refcount blocks, then the table if it changed."""
+    @property
+    def quarantined(self) -> int:
+        return len(self._quarantine)
+
+    def release(self) -> tuple[list[int], Qcow2CorruptError | None]:
+        """After a successful flush: apply the quarantined decrements; returns the clusters whose
+        refcount reached 0 (allocatable from now on) and the error of a cluster freed twice."""
+        freed = []
+        error: Qcow2CorruptError | None = None
+        quarantine, self._quarantine = self._quarantine, []
+        for cluster, metadata in quarantine:
+            try:
+                left = self.add(cluster, -1)
+            except Qcow2CorruptError as exc:  # freed twice (a corrupt image): apply the others
+                error = error or exc
+                continue
+            if left == 0:
+                freed.append(cluster)
+                if metadata:
+                    self.meta.discard(cluster)
+        return freed, error
+
+    def write_blocks(self) -> None:
+        """Write the dirty refcount blocks (always safe: they only count more than is durable)."""
         self.cache.flush()
+
+    def write_table(self) -> None:
+        """Write the refcount table if it changed (once the blocks it points to are durable)."""
         if self.reftable_dirty:
             data = struct.pack(f">{len(self.reftable)}Q", *self.reftable)
             os.pwrite(self._fd, data, self.reftable_offset)
             self.reftable_dirty = False
+
+    def flush(self) -> None:
+        """Write dirty refcount blocks, then the table if it changed (a new image: no ordering)."""
+        self.write_blocks()
+        self.write_table()

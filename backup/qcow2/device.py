@@ -45,7 +45,7 @@ from backup.qcow2.overlap import MetadataMap
 from backup.qcow2.refcount import Refcounts
 from backup.qcow2.repair import repair_image
 from nbd.constants import State
-from nbd.device import BlockLimits, Capabilities, Extent
+from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class Qcow2Device:
         self._backing_reads: list[_BackingRead] = []  # see _after_backing_reads
         self._zero_cluster = bytes(self._cs)
         self._decompressed: tuple[int, bytes] | None = None  # last compressed cluster read
-        self._flush_error: OSError | None = None  # the sync that failed: every later one fails
+        self._flush_latch = FlushLatch(str(path))  # once a sync failed, every later one fails
         self._marked_corrupt = False  # a write would have hit metadata: no more writes
         self._meta = MetadataMap() if refcounts is None else refcounts.meta  # for the overlap check
         if refcounts is not None:
@@ -1085,23 +1085,19 @@ class Qcow2Device:
     # --- durability ------------------------------------------------------------------------------
 
     def _sync(self) -> None:
-        """``fdatasync``, its failure latched as QEMU latches it: Linux reports a writeback error
-        once and then marks the pages clean, so a later sync that succeeds proves nothing about
-        the writes that were lost; every later flush (and FUA write) fails with EIO."""
-        if self._flush_error is not None:
-            raise OSError(
-                errno.EIO, f"{self.path}: an earlier flush failed ({self._flush_error}); writes may have been lost"
-            )
+        """``fdatasync``, its failure latched (``FlushLatch``): every later flush (and FUA write)
+        fails with EIO."""
+        self._flush_latch.check()
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
-            self._flush_error = exc
+            self._flush_latch.failed(exc)
             log.error("%s: flush failed, every later flush will fail: %s", self.path, exc)
             raise
 
     def _flush_locked(self) -> bool:
         """Whether it wrote refcount decrements after its sync (``close`` syncs them too)."""
-        if self._flush_error is not None:
+        if self._flush_latch.error is not None:
             self._sync()  # raises the latched error
         self._write_metadata()
         self._sync()
@@ -1178,7 +1174,7 @@ class Qcow2Device:
         keep, and reads that evict must not fail for it."""
         refs = self._refs
         assert refs is not None
-        if self._flush_error is not None:
+        if self._flush_latch.error is not None:
             return
         refs.write_blocks()
         self._sync()

@@ -650,7 +650,8 @@ class ServerCore:
     def _check_other(self, cmd: int, flags: int, offset: int, length: int) -> int:
         advertised = self._flags
         if cmd == CMD_FLUSH:
-            return Errno.EINVAL if flags or not advertised & TransmissionFlag.SEND_FLUSH else 0
+            # The spec: offset and length MUST be zero (nbdkit answers others with EINVAL too).
+            return Errno.EINVAL if flags or offset or length or not advertised & TransmissionFlag.SEND_FLUSH else 0
         if cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
             allowed = FLAG_FUA if advertised & TransmissionFlag.SEND_FUA else 0
             if cmd == CMD_WRITE_ZEROES:

@@ -419,6 +419,9 @@ def test_write_payload_in_pieces() -> None:
         (request(Cmd.BLOCK_STATUS, offset=SIZE, length=1), Errno.EINVAL),
         (request(Cmd.BLOCK_STATUS, length=0), Errno.EINVAL),
         (request(Cmd.FLUSH, flags=CmdFlag.FUA), Errno.EINVAL),
+        # The spec: FLUSH offset and length MUST be zero (nbdkit answers EINVAL too).
+        (request(Cmd.FLUSH, offset=512), Errno.EINVAL),
+        (request(Cmd.FLUSH, length=512), Errno.EINVAL),
         (request(Cmd.RESIZE, length=1), Errno.EINVAL),
         (request(200, length=1), Errno.EINVAL),
     ],

@@ -59,6 +59,9 @@ WRITE_HIGH_WATER = 4 << 20  # unsent reply bytes before request tasks wait for t
 MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one chunk
 _ZERO = int(State.ZERO)
 
+#: What ``_run`` hands back: the reply's bytes, or None when it has been sent already (sendfile).
+_Reply = bytes | Iterable[bytes | bytearray | memoryview] | None
+
 
 class Export:
     """A named view of a block device over NBD (usually a ``BlockNode``, so filters can be inserted
@@ -494,58 +497,79 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.writelines(buffers)
 
     async def _handle(self, request: Request) -> None:
+        """Run one request and answer it exactly once.
+
+        ``_run`` only computes the reply (a read sent by sendfile is the one exception: it is sent
+        there and ``_run`` returns None); the send below is the only place a request's reply is
+        written, and nothing after it can answer again — a failure there is logged, not replied to."""
         cmd = request.cmd
-        device = self.device
-        core = self.core
+        payload = request.payload
         try:
-            if cmd == CMD_READ:
-                await self._read(request)
-            elif cmd == CMD_WRITE:
-                payload = request.payload
-                assert payload is not None
-                request.payload = None
-                await device.pwrite(request.offset, payload, fua=bool(request.flags & FLAG_FUA))
-                self._send(core.reply_ok(request.cookie))
-                if type(payload) is bytearray:
-                    core.recycle(payload)
-            elif cmd == CMD_FLUSH:
-                await device.flush()
-                self._send(core.reply_ok(request.cookie))
-            elif cmd == CMD_WRITE_ZEROES:
-                flags = request.flags
-                await device.zero(
-                    request.offset,
-                    request.length,
-                    may_trim=not flags & FLAG_NO_HOLE,
-                    fast=bool(flags & FLAG_FAST_ZERO),
-                    fua=bool(flags & FLAG_FUA),
-                )
-                self._send(core.reply_ok(request.cookie))
-            elif cmd == CMD_TRIM:
-                await device.trim(request.offset, request.length, fua=bool(request.flags & FLAG_FUA))
-                self._send(core.reply_ok(request.cookie))
-            elif cmd == CMD_CACHE:
-                await device.cache(request.offset, request.length)
-                self._send(core.reply_ok(request.cookie))
-            elif cmd == CMD_BLOCK_STATUS:
-                await self._block_status(request)
-            else:  # the core lets no other command through
-                self._send(core.reply_error(cmd, request.cookie, errno_mod.EINVAL))
-            if self._writing_paused:
-                await self._wait_drained()
+            reply = await self._run(request)
         except OSError as exc:
-            err = errno_to_nbd(exc.errno, request.flags)
             log.debug("NBD client %s: %r failed: %s", self.peer, request, exc)
-            self._send(core.reply_error(cmd, request.cookie, err, exc.strerror or str(exc)))
+            reply = self.core.reply_error(
+                cmd, request.cookie, errno_to_nbd(exc.errno, request.flags), exc.strerror or str(exc)
+            )
         except asyncio.CancelledError:
             # Answer anyway (the client would wait forever), then let the cancellation go on.
-            self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, "request cancelled"))
+            self._send(self.core.reply_error(cmd, request.cookie, c.Errno.EIO, "request cancelled"))
+            self._done(_buffered(request))
             raise
         except Exception as exc:  # a bug below us must not take the connection (or the daemon) down
             log.exception("NBD client %s: %r failed", self.peer, request)
-            self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}"))
+            reply = self.core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}")
+        try:
+            if type(reply) is bytes:
+                self._send(reply)
+            elif reply is not None:
+                self._sendv(reply)
+            reply = None
+            if type(payload) is bytearray:
+                self.core.recycle(payload)
+            if self._writing_paused:
+                await self._wait_drained()
+        except Exception:
+            log.exception("NBD client %s: %r failed after its reply", self.peer, request)
         finally:
             self._done(_buffered(request))
+
+    async def _run(self, request: Request) -> _Reply:
+        """Carry out a request; returns its reply (None: already sent)."""
+        cmd = request.cmd
+        device = self.device
+        core = self.core
+        if cmd == CMD_READ:
+            return await self._read(request)
+        if cmd == CMD_WRITE:
+            payload = request.payload
+            assert payload is not None
+            request.payload = None
+            await device.pwrite(request.offset, payload, fua=bool(request.flags & FLAG_FUA))
+            return core.reply_ok(request.cookie)
+        if cmd == CMD_FLUSH:
+            await device.flush()
+            return core.reply_ok(request.cookie)
+        if cmd == CMD_WRITE_ZEROES:
+            flags = request.flags
+            await device.zero(
+                request.offset,
+                request.length,
+                may_trim=not flags & FLAG_NO_HOLE,
+                fast=bool(flags & FLAG_FAST_ZERO),
+                fua=bool(flags & FLAG_FUA),
+            )
+            return core.reply_ok(request.cookie)
+        if cmd == CMD_TRIM:
+            await device.trim(request.offset, request.length, fua=bool(request.flags & FLAG_FUA))
+            return core.reply_ok(request.cookie)
+        if cmd == CMD_CACHE:
+            await device.cache(request.offset, request.length)
+            return core.reply_ok(request.cookie)
+        if cmd == CMD_BLOCK_STATUS:
+            return await self._block_status(request)
+        # the core lets no other command through
+        return core.reply_error(cmd, request.cookie, errno_mod.EINVAL)
 
     def _done(self, length: int) -> None:
         self._in_flight -= 1
@@ -572,20 +596,19 @@ class _Connection(asyncio.BufferedProtocol):
             self._drain = self.loop.create_future()
         await self._drain
 
-    async def _read(self, request: Request) -> None:
+    async def _read(self, request: Request) -> _Reply:
         offset, length, cookie = request.offset, request.length, request.cookie
         device = self.device
         if self._sparse and length >= SPARSE_READ_MIN:
             extents = await device.block_status(offset, length)
             if any(e.flags & _ZERO for e in extents):
-                await self._read_sparse(request, extents)
-                return
+                return await self._read_sparse(request, extents)
         if length >= SENDFILE_MIN and self._sock_fd >= 0:
             fd = _direct_read_fd(device)
             if fd is not None and self._sendfile(request, fd):
-                return
+                return None
         data = await device.pread(offset, length)
-        self._sendv(self.core.reply_read(cookie, offset, data))
+        return self.core.reply_read(cookie, offset, data)
 
     def _sendfile(self, request: Request, fd: int) -> bool:
         """Send a read reply with ``sendfile`` straight from the page cache (one copy fewer).
@@ -608,36 +631,37 @@ class _Connection(asyncio.BufferedProtocol):
             n = 0
         except OSError:
             return False  # nothing was sent: the ordinary path meets the same error
-        sent = 0
         try:
-            if n < len(header):
-                transport.write(header[n:])
-            else:
+            self._send_rest(fd, header, n, offset, length)
+        except Exception as exc:
+            # The reply header is out: no error reply may follow; the spec's only way on is a
+            # hard disconnect.
+            log.warning("NBD client %s: read failed after the reply header: %s", self.peer, exc)
+            self.abort()
+        return True
+
+    def _send_rest(self, fd: int, header: bytes, n: int, offset: int, length: int) -> None:
+        """The rest of a sendfile reply whose first ``n`` header bytes went out."""
+        transport = self.transport
+        sent = 0
+        if n < len(header):
+            transport.write(header[n:])
+        else:
+            try:
                 while sent < length:
-                    k = os.sendfile(sock, fd, offset + sent, length - sent)
+                    k = os.sendfile(self._sock_fd, fd, offset + sent, length - sent)
                     if k == 0:
                         break  # the end of the file: the unaligned tail reads as zeroes
                     sent += k
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            # The reply header is out: the spec's only way on is a hard disconnect.
-            log.warning("NBD client %s: sendfile failed after the reply header: %s", self.peer, exc)
-            self.abort()
-            return True
+            except BlockingIOError:
+                pass
         if sent < length:
-            try:
-                rest = os.pread(fd, length - sent, offset + sent)
-            except OSError as exc:
-                log.warning("NBD client %s: read failed after the reply header: %s", self.peer, exc)
-                self.abort()
-                return True
+            rest = os.pread(fd, length - sent, offset + sent)
             if len(rest) < length - sent:
                 rest += bytes(length - sent - len(rest))
             transport.write(rest)
-        return True
 
-    async def _read_sparse(self, request: Request, extents: list[Any]) -> None:
+    async def _read_sparse(self, request: Request, extents: list[Any]) -> _Reply:
         """Send zero extents as hole chunks (with DF only when the whole range is one hole)."""
         offset, length = request.offset, request.length
         end = offset + length
@@ -661,16 +685,15 @@ class _Connection(asyncio.BufferedProtocol):
         device = self.device
         if request.flags & FLAG_DF and (len(runs) > 1 or runs[0][1]):
             data = await device.pread(offset, length)
-            self._sendv(self.core.reply_read(request.cookie, offset, data))
-            return
+            return self.core.reply_read(request.cookie, offset, data)
         pieces: list[tuple[int, bytes | None]] = []
         pos = offset
         for run, is_data in runs:
             pieces.append((run, await device.pread(pos, run) if is_data else None))
             pos += run
-        self._sendv(self.core.reply_read_sparse(request.cookie, offset, pieces))
+        return self.core.reply_read_sparse(request.cookie, offset, pieces)
 
-    async def _block_status(self, request: Request) -> None:
+    async def _block_status(self, request: Request) -> bytes:
         offset, length = request.offset, request.length
         extents = await self.device.block_status(offset, length)
         descriptors: list[tuple[int, int]] = []
@@ -691,7 +714,7 @@ class _Connection(asyncio.BufferedProtocol):
             raise OSError(errno_mod.EIO, "the device reported no extents")
         if request.flags & FLAG_REQ_ONE:
             descriptors = descriptors[:1]
-        self._send(self.core.reply_block_status(request.cookie, descriptors))
+        return self.core.reply_block_status(request.cookie, descriptors)
 
 
 __all__ = ["Export", "NbdServer"]

@@ -335,11 +335,13 @@ class ServerCore:
     def recycle(self, payload: bytearray) -> None:
         """Offer a finished write payload for reuse: the next write of the same size is received into
         it instead of a fresh (zero-filled) allocation — once nothing else references it."""
-        if len(payload) < SPARE_MIN:
+        size = len(payload)
+        if size < SPARE_MIN or size > SPARE_BYTES:
             return
         spares = self._spares
-        if len(spares) >= SPARE_MAX or sum(map(len, spares)) + len(payload) > SPARE_BYTES:
-            del spares[0]
+        kept = sum(map(len, spares))
+        while spares and (len(spares) >= SPARE_MAX or kept + size > SPARE_BYTES):
+            kept -= len(spares.pop(0))  # the oldest goes first
         spares.append(payload)
 
     def payload_received(self, nbytes: int) -> list[Event]:

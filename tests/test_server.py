@@ -540,3 +540,50 @@ def test_big_reads_of_a_raw_file(loop: str, structured: bool, tmp_path: Path) ->
 class InvertingFilter(BlockFilter):
     async def pread(self, offset: int, length: int) -> bytes:
         return bytes(b ^ 0xFF for b in await super().pread(offset, length))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_big_writes_are_answered_once(loop: str) -> None:
+    """Writes over the 16 MiB spare budget, up to the 32 MiB we advertise: one reply each, so the
+    read after them gets its own reply (a second, EIO reply to the write used to come first)."""
+    device = MemoryDevice(64 << 20)
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        for cookie, size in ((1, 20 << 20), (3, 32 << 20), (5, 32 << 20)):
+            fill = bytes([cookie]) * size
+            client.request(Cmd.WRITE, cookie, 0, size, data=fill)
+            client.request(Cmd.READ, cookie + 1, size - 4096, 4096)
+            assert (await client.reply())[1:3] == (cookie, 0)
+            data, _ = await client.read_data(cookie + 1)
+            assert data == fill[:4096]
+        client.request(Cmd.DISC, 9)
+        assert await asyncio.wait_for(client.reader.read(), 5) == b""
+        await client.close()
+
+    run_on(loop, serving(device, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_nothing_after_a_reply_can_answer_again(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever raises once a request's reply went out is logged, never answered a second time."""
+    from nbd.server_core import ServerCore
+
+    def broken(self: ServerCore, payload: bytearray) -> None:
+        raise RuntimeError("a bug after the reply")
+
+    monkeypatch.setattr(ServerCore, "recycle", broken)
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        client.request(Cmd.WRITE, 1, 0, 1 << 20, data=b"\x07" * (1 << 20))
+        client.request(Cmd.READ, 2, 0, 4096)
+        assert (await client.reply())[1:3] == (1, 0)
+        assert (await client.read_data(2))[0] == b"\x07" * 4096
+        client.request(Cmd.FLUSH, 3)
+        assert (await client.reply())[1:3] == (3, 0)
+        await client.close()
+
+    run_on(loop, serving(MemoryDevice(4 << 20), body))

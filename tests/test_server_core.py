@@ -700,3 +700,27 @@ def test_minimum_block_size_is_enforced() -> None:
     rest = data[20 + len(payload) :]
     assert simple_error(rest[:16]) == (Errno.EINVAL, 8)
     assert simple_error(rest[16:]) == (Errno.EINVAL, 9)
+
+
+@pytest.mark.parametrize("size", [20 << 20, 32 << 20])
+def test_recycling_a_payload_bigger_than_the_spare_budget(size: int) -> None:
+    """A write payload over the spare budget (16 MiB) is not kept, and recycling it never fails."""
+    big = {"disk": ExportEntry("disk", 64 << 20, RW_FLAGS)}
+    core = negotiate(core=ServerCore(big.get, lambda: big.values()))
+    for cookie in (1, 2):
+        core.receive(request(Cmd.WRITE, cookie=cookie, length=size))
+        target = core.payload_buffer()
+        assert target is not None
+        (write,) = core.payload_received(len(target))
+        del target
+        assert isinstance(write, Request) and write.payload is not None
+        core.recycle(write.payload)  # raised IndexError with nothing kept yet
+        write.payload = None
+    # A small one is still kept.
+    core.receive(request(Cmd.WRITE, cookie=3, length=1 << 20))
+    target = core.payload_buffer()
+    assert target is not None
+    (write,) = core.payload_received(len(target))
+    del target
+    assert isinstance(write, Request) and write.payload is not None
+    core.recycle(write.payload)

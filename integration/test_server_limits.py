@@ -4,10 +4,18 @@ the middle of write payloads or open many silent sockets."""
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 from pathlib import Path
 
+import pytest
 from conftest import require, run
 from peers import serve
+
+from nbd import constants as c
+from nbd import wire
+from nbd.constants import Cmd, Opt, Rep
 
 MiB = 1 << 20
 
@@ -28,3 +36,113 @@ def test_qemu_io_writes_and_reads_32_mib(tmp_path: Path) -> None:
         assert out.count("wrote") == 2 and out.count("read ") == 2, out
         assert "error" not in out.lower() and "failed" not in out.lower(), out
         assert "Traceback" not in served.stderr()
+
+
+# --- memory under hostile clients --------------------------------------------------------------------
+
+
+class RawNbd:
+    """A blocking NBD client by hand: negotiates, then sends whatever it is told and reads nothing."""
+
+    def __init__(self, port: int, export: str = "disk") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # little room for replies
+        self._exactly(18)  # greeting
+        self.sock.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes; simple replies only
+        data = wire.InfoRequest.build({"name": export, "requests": []})
+        self.sock.sendall(wire.OptionHeader.build({"option": Opt.GO, "length": len(data)}) + data)
+        while True:
+            header = wire.OptionReplyHeader.parse(self._exactly(20))
+            self._exactly(header.length)
+            if header.reply != Rep.INFO:
+                assert header.reply == Rep.ACK, header
+                return
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            assert chunk, "the server hung up"
+            data += chunk
+        return data
+
+    def requests(self, cmd: int, count: int, length: int, *, first_cookie: int = 0) -> bytes:
+        return b"".join(
+            wire.REQUEST_FAST.pack(c.REQUEST_MAGIC, 0, cmd, first_cookie + i, 0, length) for i in range(count)
+        )
+
+    def read_round_trip(self) -> None:
+        """One small read, answered: by then the server has been through everything sent before on
+        other connections too (one event loop)."""
+        self.sock.sendall(wire.REQUEST_FAST.pack(c.REQUEST_MAGIC, 0, Cmd.READ, 1 << 40, 0, 512))
+        magic, error, cookie = struct.unpack(">IIQ", self._exactly(16))
+        assert (magic, error, cookie) == (c.SIMPLE_REPLY_MAGIC, 0, 1 << 40)
+        self._exactly(512)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def peak_growth_mib(pid: int, before_kib: int) -> float:
+    """How far the daemon's peak RSS (VmHWM) rose above ``before_kib``, in MiB."""
+    return (status_kib(pid, "VmHWM") - before_kib) / 1024
+
+
+def settle(probe: RawNbd, rounds: int = 20) -> None:
+    """Round trips on an honest connection, a few, so whatever the flood set off has run."""
+    for _ in range(rounds):
+        probe.read_round_trip()
+
+
+def make_data_image(path: Path, fmt: str, size_mib: int = 64) -> Path:
+    """An image full of data (no holes, so no read can be answered with a hole)."""
+    raw = path.with_suffix(".src")
+    block = bytes((i * 7 + 1) & 0xFF or 1 for i in range(MiB))
+    with open(raw, "wb") as f:
+        for _ in range(size_mib):
+            f.write(block)
+    if fmt == "raw":
+        raw.rename(path)
+    else:
+        run("qemu-img", "convert", "-f", "raw", "-O", fmt, raw, path)
+        raw.unlink()
+    return path
+
+
+READ_FLOOD = [(2000, 256 << 10), (24, 32 << 20)]  # (count, length) of pipelined READs never read
+
+
+@pytest.mark.parametrize(
+    ("fmt", "sendfile"), [("qcow2", True), ("raw", True), ("raw", False)], ids=["qcow2", "raw-sendfile", "raw-pread"]
+)
+def test_unread_read_replies_are_bounded(tmp_path: Path, fmt: str, sendfile: bool) -> None:
+    """Pipelined READs whose replies are never read: the daemon stops reading requests once its reply
+    budget is used, rather than queueing every reply (2,000 READs of 256 KiB grew it by 418 MiB; 24 of 32 MiB
+    on a read-only qcow2 export by 768 MiB)."""
+    require("qemu-img")
+    image = make_data_image(tmp_path / f"disk.{fmt}", fmt)
+    env = dict(os.environ, NBD_BACKUP_SENDFILE_MIN="262144" if sendfile else "0")
+    with serve(tmp_path, [f"disk={image},readonly,format={fmt}"], env=env) as served:
+        pid = served.proc.pid
+        probe = RawNbd(served.port)
+        probe.read_round_trip()
+        before = status_kib(pid, "VmRSS")
+        flooders = []
+        for count, length in READ_FLOOD:
+            flooder = RawNbd(served.port)
+            flooder.sock.sendall(flooder.requests(Cmd.READ, count, length))
+            flooders.append(flooder)
+        settle(probe)
+        growth = peak_growth_mib(pid, before)
+        for flooder in flooders:
+            flooder.close()
+        probe.read_round_trip()  # still serving
+        probe.close()
+        assert growth < 200, f"the daemon grew by {growth:.0f} MiB"

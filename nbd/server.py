@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import stat
+from collections import deque
 from collections.abc import Coroutine, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
@@ -44,6 +45,7 @@ from nbd.server_core import (
     Event,
     ExportEntry,
     Negotiated,
+    Phase,
     Request,
     ServerCore,
 )
@@ -52,10 +54,14 @@ log = logging.getLogger(__name__)
 
 SPARSE_READ_MIN = 64 * 1024  # reads at least this long ask the device for holes first
 SENDFILE_MIN = int(os.environ.get("NBD_BACKUP_SENDFILE_MIN", 256 * 1024))  # 0: never sendfile
-RECEIVE_BUFFER = 256 * 1024  # the reused receive buffer (write payloads bypass it)
-MAX_IN_FLIGHT = 64  # requests per connection before reading pauses
-MAX_IN_FLIGHT_BYTES = 64 << 20  # ... or bytes of their lengths (bounded memory per connection)
-WRITE_HIGH_WATER = 4 << 20  # unsent reply bytes before request tasks wait for the socket
+HANDSHAKE_BUFFER = 4096  # the receive buffer until an export is selected (option data is small)
+RECEIVE_BUFFER = 256 * 1024  # ... and after (write payloads bypass it)
+MAX_IN_FLIGHT = 64  # requests per connection before it stops starting more
+MAX_IN_FLIGHT_BYTES = 64 << 20  # ... or bytes it holds: request data, write payloads, unsent replies
+BUFFER_BUDGET = 256 << 20  # the same bytes, all connections together
+WRITE_HIGH_WATER = 1 << 20  # unsent reply bytes before a connection stops starting requests
+BATCH_BYTES = 256 << 10  # replies batched in one receive callback are written once this is reached
+STALL_TIMEOUT = 60.0  # seconds a client may hold buffers (unread replies, a partial payload) unmoving
 MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one chunk
 _ZERO = int(State.ZERO)
 
@@ -129,18 +135,64 @@ class NbdServer:
         *,
         max_connections: int = 100,
         handshake_timeout: float = 10.0,
+        idle_timeout: float = 0.0,
+        max_connections_per_client: int | None = None,
+        buffer_budget: int = BUFFER_BUDGET,
+        stall_timeout: float = STALL_TIMEOUT,
         max_in_flight: int = MAX_IN_FLIGHT,
         max_options: int = 64,
     ) -> None:
+        """``idle_timeout``: close a negotiated connection after that many seconds without a request
+        (0: never). ``max_connections_per_client``: TCP connections from one address (default half
+        of ``max_connections``). ``buffer_budget``: bytes of request data, write payloads and unsent
+        replies of all connections together; a connection that would go over waits (stops reading)."""
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        if max_connections_per_client is None:
+            max_connections_per_client = max(1, max_connections // 2)
+        self.max_connections_per_client = max_connections_per_client
+        self.buffer_budget = buffer_budget
+        self.stall_timeout = stall_timeout
         self.max_in_flight = max_in_flight
         self.max_options = max_options
         self._exports: dict[str, Export] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
         self._connections: set[_Connection] = set()
+        self._handshaking: dict[_Connection, None] = {}  # not negotiated yet, oldest first
+        self._per_client: dict[str, int] = {}  # TCP connections by peer address
+        self._charged = 0  # bytes charged by all connections (see ``buffer_budget``)
+        self._waiters: deque[_Connection] = deque()  # connections waiting for budget, in order
         self._stopping = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of request data, write payloads and unsent replies held now (all connections)."""
+        return self._charged
+
+    def _release(self, size: int) -> None:
+        self._charged -= size
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Let waiting connections go on, in the order they started waiting, as far as budget allows."""
+        waiters = self._waiters
+        while waiters:
+            conn = waiters[0]
+            need = conn._need
+            if not conn._lost and self._charged and self._charged + need > self.buffer_budget:
+                return
+            waiters.popleft()
+            conn._waiting = False
+            if not conn._lost:
+                # Reserved now, so nobody overtakes it; started from the loop, not from inside
+                # another connection's bookkeeping.
+                conn._reserved += need
+                conn._charge += need
+                self._charged += need
+                conn.loop.call_soon(conn._pump)
 
     # --- exports -----------------------------------------------------------------------------------
 
@@ -261,6 +313,12 @@ class _Connection(asyncio.BufferedProtocol):
     and their replies go out in completion order.
 
     Replying: replies produced inside one receive callback are batched into one ``writelines``.
+
+    Bounding: every request is charged the bytes it holds (its read data or write payload, and then
+    its reply until the transport is under its high-water mark); a request starts only while the
+    connection and the server (``buffer_budget``) are under their limits, the rest of what was
+    received waits in a backlog with reading paused. A write payload is charged when its header is
+    read, before any of it is received.
     """
 
     def __init__(self, server: NbdServer) -> None:
@@ -272,18 +330,30 @@ class _Connection(asyncio.BufferedProtocol):
         self.core: ServerCore
         self.transport: asyncio.Transport
         self.peer = "?"
+        self._client: str | None = None  # the peer address counted in the per-client limit
         self._tasks: set[asyncio.Task[None]] = set()  # strong references to suspended requests
         self._in_flight = 0
-        self._in_flight_bytes = 0  # read and write lengths of the requests in flight
-        self._rbuf = memoryview(bytearray(RECEIVE_BUFFER))
+        # Bytes charged against the limits (this connection's and the server's budget): the data of
+        # requests in flight, ``_held`` replies, the ``_precharged`` payload and ``_reserved`` budget.
+        self._charge = 0
+        self._held = 0  # of requests done whose replies sit in a transport over its high-water mark
+        self._precharged = 0  # the write payload being received
+        self._reserved = 0  # budget the server set aside for this connection when it woke it
+        self._need = 0  # what it waits for, while in the server's waiters
+        self._waiting = False
+        self._backlog: deque[Event] = deque()  # events received but not started (limits reached)
+        self._rbuf: memoryview | None = None  # allocated on first use: small until negotiated
         self._into_payload = False
         self._batch: list[bytes | bytearray | memoryview] | None = None
+        self._batch_bytes = 0
         self._reading_paused = False
         self._writing_paused = False
-        self._drain: asyncio.Future[None] | None = None
         self._closing = False
         self._lost = False
         self._timer: asyncio.TimerHandle | None = None
+        self._received = False  # anything received (since the idle timer last looked, once negotiated)
+        self._quiet_since = 0.0
+        self._unsent = 0  # the transport's unsent bytes when the idle timer last looked
         self._sparse = False
         self._sock_fd = -1  # the socket, for sendfile (-1: not usable)
 
@@ -295,15 +365,11 @@ class _Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         server = self.server
-        refuse = None
-        if server._stopping:
-            refuse = "the server is shutting down"
-        elif len(server._connections) >= server.max_connections:
-            refuse = f"too many connections (limit {server.max_connections})"
-            if len(server._connections) >= 2 * server.max_connections:
-                transport.abort()  # not even a greeting: we are being flooded
-                return
+        refuse = self._admission(peer[0] if isinstance(peer, tuple) else None)
+        if self._lost:
+            return
         server._connections.add(self)
+        server._handshaking[self] = None
         if refuse:
             log.warning("refusing NBD client %s: %s", self.peer, refuse)
         # Listing exports takes a few options per export (nbdinfo --list asks each for its details).
@@ -313,13 +379,66 @@ class _Connection(asyncio.BufferedProtocol):
         transport.writelines(self.core.data_to_send())
         self._timer = self.loop.call_later(server.handshake_timeout, self._handshake_expired)
 
+    def _admission(self, address: str | None) -> str | None:
+        """Whether this new connection is served: None, or why it is refused (with a greeting and
+        ERR_POLICY replies, so the client can say why); a flood gets no greeting at all."""
+        server = self.server
+        if server._stopping:
+            return "the server is shutting down"
+        refuse = None
+        if address is not None:
+            count = server._per_client.get(address, 0)
+            if count >= server.max_connections_per_client:
+                refuse = f"too many connections from {address} (limit {server.max_connections_per_client})"
+                if count >= 2 * server.max_connections_per_client:
+                    self.abort()
+                    self._lost = True
+                    return refuse
+            server._per_client[address] = count + 1
+            self._client = address
+        if len(server._connections) >= server.max_connections:
+            # A client that has said nothing since its greeting makes room: a real client answers
+            # the greeting at once, so only silent sockets are ever evicted.
+            for conn in server._handshaking:
+                if not conn._received and not conn._closing:
+                    log.warning("NBD client %s: dropped (silent, and the server is full)", conn.peer)
+                    conn.abort()
+                    server._connections.discard(conn)
+                    break
+        if len(server._connections) >= server.max_connections and refuse is None:
+            refuse = f"too many connections (limit {server.max_connections})"
+        if refuse and len(server._connections) >= 2 * server.max_connections:
+            self._forget_client()
+            self.abort()  # not even a greeting: we are being flooded
+            self._lost = True
+        return refuse
+
+    def _forget_client(self) -> None:
+        address = self._client
+        if address is not None:
+            self._client = None
+            per_client = self.server._per_client
+            left = per_client[address] - 1
+            if left:
+                per_client[address] = left
+            else:
+                del per_client[address]
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server._connections.discard(self)
+        server = self.server
+        server._connections.discard(self)
+        server._handshaking.pop(self, None)
+        self._forget_client()
         self._closing = True
         self._lost = True
         if self._timer is not None:
             self._timer.cancel()
-        self._wake_writers()
+            self._timer = None
+        self._backlog.clear()
+        idle = self._held + self._precharged + self._reserved
+        self._held = self._precharged = self._reserved = 0
+        if idle:
+            self._uncharge(idle)
         if not self._in_flight and not self.closed.done():
             self.closed.set_result(None)
         log.debug("NBD client %s gone", self.peer)
@@ -330,34 +449,33 @@ class _Connection(asyncio.BufferedProtocol):
             self._into_payload = True
             return view
         self._into_payload = False
-        return self._rbuf
+        rbuf = self._rbuf
+        if rbuf is None:
+            size = RECEIVE_BUFFER if self.export is not None else HANDSHAKE_BUFFER
+            rbuf = self._rbuf = memoryview(bytearray(size))
+        return rbuf
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
+        self._received = True
         core = self.core
         if self._into_payload:
             events: list[Event] = core.payload_received(nbytes)
         else:
+            assert self._rbuf is not None
             events = core.receive(self._rbuf[:nbytes], reused=True)
         if core.has_output:
             self.transport.writelines(core.data_to_send())
-        if not events:
-            return
-        batch: list[bytes | bytearray | memoryview] = []
-        self._batch = batch
-        try:
-            for event in events:
-                if type(event) is Request:
-                    self._start(event)
-                elif type(event) is Negotiated:
-                    self._negotiated(event)
-                elif type(event) is Closed:
-                    self._client_closed(event)
-        finally:
-            self._batch = None
-            if batch and not self.transport.is_closing():
-                self.transport.writelines(batch)
+        if events:
+            if self._backlog:
+                self._backlog.extend(events)
+            else:
+                self._start_events(events)
+        if self._backlog or self._writing_paused:
+            self._pause_reading()
+        elif core.phase is Phase.WRITE_PAYLOAD and not self._precharged and not self._closing:
+            self._charge_payload()
 
     def eof_received(self) -> bool | None:
         self.shutdown()
@@ -368,13 +486,119 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._wake_writers()
+        held = self._held
+        if held:
+            self._held = 0
+            self._uncharge(held)
+        if self._reading_paused or self._backlog:
+            self._pump()
 
-    def _wake_writers(self) -> None:
-        if self._drain is not None:
-            if not self._drain.done():
-                self._drain.set_result(None)
-            self._drain = None
+    # --- flow control ------------------------------------------------------------------------------
+
+    def _admit(self, size: int) -> bool:
+        """Charge a request (or write payload) holding ``size`` bytes, if the limits let it start now.
+
+        This connection waits (False) while its transport is over the high-water mark or it has
+        too much in flight, and goes on by itself when that ends (``_done``, ``resume_writing``);
+        it waits for the server's budget in line behind the others, and is woken by the server."""
+        if (
+            self._writing_paused
+            or self._in_flight >= self.server.max_in_flight
+            or self._charge - self._reserved >= MAX_IN_FLIGHT_BYTES
+        ):
+            return False
+        if not size:
+            return True
+        reserved = self._reserved
+        if reserved:
+            self._reserved = 0
+            if reserved >= size:
+                if reserved > size:
+                    self._uncharge(reserved - size)
+                return True
+            self._uncharge(reserved)
+        server = self.server
+        if server._charged and (server._waiters or server._charged + size > server.buffer_budget):
+            self._need = size
+            if not self._waiting:
+                self._waiting = True
+                server._waiters.append(self)
+            return False
+        self._charge += size
+        server._charged += size
+        return True
+
+    def _uncharge(self, size: int) -> None:
+        self._charge -= size
+        self.server._release(size)
+
+    def _charge_payload(self) -> bool:
+        """Charge the write payload being received before any more of it is read."""
+        size = self.core.pending_write_length
+        if not self._admit(size):
+            self._pause_reading()
+            return False
+        self._precharged = size
+        return True
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and not self._lost:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _pump(self) -> None:
+        """Start what waits (backlogged requests, then the payload being received) as far as the
+        limits allow; resume reading once nothing waits."""
+        if self._lost:
+            return
+        backlog = self._backlog
+        if backlog:
+            events = list(backlog)
+            backlog.clear()
+            self._start_events(events)
+            if backlog:
+                return
+        if self._closing:
+            self._maybe_close()
+            return
+        if self.core.phase is Phase.WRITE_PAYLOAD and not self._precharged and not self._charge_payload():
+            return
+        if self._reading_paused and not self._writing_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _start_events(self, events: list[Event]) -> None:
+        """Start the events in order until a request must wait; the rest go to the backlog."""
+        outer = self._batch
+        batch: list[bytes | bytearray | memoryview] = [] if outer is None else outer
+        self._batch = batch
+        try:
+            for i, event in enumerate(events):
+                if type(event) is Request:
+                    if event.cmd == CMD_WRITE and self._precharged:
+                        self._precharged = 0  # the payload's charge is now this request's
+                    elif not self._admit(_buffered(event)):
+                        self._backlog.extend(events[i:])
+                        break
+                    self._start(event)
+                elif type(event) is Negotiated:
+                    self._negotiated(event)
+                elif type(event) is Closed:
+                    self._client_closed(event)
+        finally:
+            if outer is None:
+                self._batch = None
+                self._batch_bytes = 0
+                if batch and not self.transport.is_closing():
+                    self.transport.writelines(batch)
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        self._batch_bytes = 0
+        if batch:
+            if not self.transport.is_closing():
+                self.transport.writelines(batch)
+            batch.clear()
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -394,13 +618,43 @@ class _Connection(asyncio.BufferedProtocol):
         assert isinstance(export, Export)
         self.export = export
         self.device = export.device
+        self.server._handshaking.pop(self, None)
+        self._rbuf = None  # the big receive buffer from now on
         self._sparse = event.structured and event.export.size > 0
         self._sock_fd = -1
         sock = self.transport.get_extra_info("socket")
         if sock is not None and self.transport.get_extra_info("sslcontext") is None and SENDFILE_MIN:
             with contextlib.suppress(OSError, AttributeError, ValueError):
                 self._sock_fd = sock.fileno()
+        server = self.server
+        timeouts = [t for t in (server.idle_timeout, server.stall_timeout) if t > 0]
+        if timeouts:
+            timeout = min(timeouts)
+            self._quiet_since = self.loop.time()
+            self._timer = self.loop.call_later(timeout / 4, self._idle_check, timeout / 4)
         log.info("NBD client %s: export '%s'", self.peer, export.name)
+
+    def _idle_check(self, period: float) -> None:
+        """Close a connection that is idle (no request: ``idle_timeout``) or stalled (holding unsent
+        replies or a partial write payload that do not move: ``stall_timeout``)."""
+        self._timer = None
+        if self._lost:
+            return
+        now = self.loop.time()
+        unsent = self.transport.get_write_buffer_size()
+        if self._received or self._in_flight or unsent < self._unsent:
+            self._quiet_since = now  # the client sent something, the device works, or replies move
+        self._received = False
+        self._unsent = unsent
+        server = self.server
+        stalled = unsent or self._held or self._backlog or self.core.phase is Phase.WRITE_PAYLOAD
+        limit = server.stall_timeout if stalled else server.idle_timeout
+        if limit > 0 and now - self._quiet_since >= limit:
+            what = "stalled" if stalled else "idle"
+            log.warning("NBD client %s: closed, %s for %.0f s", self.peer, what, now - self._quiet_since)
+            self.abort()
+            return
+        self._timer = self.loop.call_later(period, self._idle_check, period)
 
     def _client_closed(self, event: Closed) -> None:
         if event.error:
@@ -410,22 +664,27 @@ class _Connection(asyncio.BufferedProtocol):
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop reading; close once the in-flight requests have replied."""
+        """Stop reading; close once the requests received so far have replied."""
         if self._closing:
             return
         self._closing = True
         transport = getattr(self, "transport", None)
         if transport is None:
             return
-        batch = self._batch
-        if batch:
-            transport.writelines(batch)  # replies of this receive callback go out before the close
-            batch.clear()
-        if not self._in_flight:
+        self._flush_batch()  # replies of this receive callback go out before the close
+        if not self._in_flight and not self._backlog:
             transport.close()
-        elif not self._reading_paused and not transport.is_closing():
-            self._reading_paused = True  # nothing more is read; in-flight requests still reply
-            transport.pause_reading()
+        elif not transport.is_closing():
+            self._pause_reading()  # nothing more is read; what was received still gets its reply
+
+    def _maybe_close(self) -> None:
+        if not self._in_flight and not self._backlog and self._closing:
+            if self._lost:
+                if not self.closed.done():
+                    self.closed.set_result(None)
+            elif not self.transport.is_closing():
+                self._flush_batch()
+                self.transport.close()
 
     def abort(self) -> None:
         self._closing = True
@@ -436,8 +695,8 @@ class _Connection(asyncio.BufferedProtocol):
     # --- requests ----------------------------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
+        """Run a request (already charged): eagerly, and in a task only if it suspends."""
         self._in_flight += 1
-        self._in_flight_bytes += _buffered(request)
         coro = self._handle(request)
         try:
             yielded = coro.send(None)
@@ -451,11 +710,6 @@ class _Connection(asyncio.BufferedProtocol):
         task = self.loop.create_task(self._resume(coro, yielded))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if not self._reading_paused and (
-            self._in_flight >= self.server.max_in_flight or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES
-        ):
-            self._reading_paused = True
-            self.transport.pause_reading()
 
     @staticmethod
     async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
@@ -520,15 +774,12 @@ class _Connection(asyncio.BufferedProtocol):
             log.exception("NBD client %s: %r failed", self.peer, request)
             reply = self.core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}")
         try:
-            if type(reply) is bytes:
+            if isinstance(reply, bytes):
                 self._send(reply)
             elif reply is not None:
                 self._sendv(reply)
-            reply = None
             if type(payload) is bytearray:
                 self.core.recycle(payload)
-            if self._writing_paused:
-                await self._wait_drained()
         except Exception:
             log.exception("NBD client %s: %r failed after its reply", self.peer, request)
         finally:
@@ -571,30 +822,23 @@ class _Connection(asyncio.BufferedProtocol):
         # the core lets no other command through
         return core.reply_error(cmd, request.cookie, errno_mod.EINVAL)
 
-    def _done(self, length: int) -> None:
+    def _done(self, size: int) -> None:
+        """A request replied: its bytes stop counting once its reply is in a transport that is
+        under its high-water mark (or when it gets there: ``resume_writing``)."""
         self._in_flight -= 1
-        self._in_flight_bytes -= length
-        if (
-            self._reading_paused
-            and self._in_flight <= self.server.max_in_flight // 2
-            and self._in_flight_bytes <= MAX_IN_FLIGHT_BYTES // 2
-            and not self._closing
-        ):
-            self._reading_paused = False
-            self.transport.resume_reading()
-        if not self._in_flight and self._closing:
-            if self._lost:
-                if not self.closed.done():
-                    self.closed.set_result(None)
-            elif not self.transport.is_closing():
-                self.transport.close()
-
-    async def _wait_drained(self) -> None:
-        if self.transport.is_closing():
-            return
-        if self._drain is None:
-            self._drain = self.loop.create_future()
-        await self._drain
+        if size:
+            if self._batch is not None:
+                self._batch_bytes += size
+                if self._batch_bytes >= BATCH_BYTES:
+                    self._flush_batch()  # the transport sees it now, and may pause writing
+            if self._writing_paused:
+                self._held += size
+            else:
+                self._uncharge(size)
+        if self._batch is None and (self._reading_paused or self._backlog):
+            self._pump()
+        elif self._closing and not self._in_flight:
+            self._maybe_close()
 
     async def _read(self, request: Request) -> _Reply:
         offset, length, cookie = request.offset, request.length, request.cookie

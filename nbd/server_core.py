@@ -344,6 +344,12 @@ class ServerCore:
             kept -= len(spares.pop(0))  # the oldest goes first
         spares.append(payload)
 
+    @property
+    def pending_write_length(self) -> int:
+        """The payload length of the write being received (0: none)."""
+        request = self._pending_write
+        return request.length if request is not None and self.phase is Phase.WRITE_PAYLOAD else 0
+
     def payload_received(self, nbytes: int) -> list[Event]:
         """``nbytes`` arrived in the buffer ``payload_buffer`` returned."""
         events: list[Event] = []

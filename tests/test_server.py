@@ -587,3 +587,58 @@ def test_nothing_after_a_reply_can_answer_again(loop: str, monkeypatch: pytest.M
         await client.close()
 
     run_on(loop, serving(MemoryDevice(4 << 20), body))
+
+
+async def _settle(port: int, rounds: int = 5) -> None:
+    """Round trips on an honest connection: by then the server has been through what others sent."""
+    probe = await RawClient.connect(port)
+    await probe.go("disk", structured=False)
+    for cookie in range(rounds):
+        probe.request(Cmd.READ, cookie, 0, 512)
+        assert (await probe.reply())[1:3] == (cookie, 0)
+        await probe.reader.readexactly(512)
+    await probe.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_unread_replies_are_bounded_per_connection_and_server(loop: str) -> None:
+    """Clients that pipeline reads of a fast device and never read the replies: each connection
+    stops starting requests at its limits, all of them together at the server's budget; once the
+    clients read, every request is answered and nothing stays charged."""
+    from nbd import server as server_mod
+
+    count, length, budget = 200, 256 << 10, 8 << 20
+
+    async def body(server: NbdServer, port: int) -> None:
+        flooders = [await RawClient.connect(port) for _ in range(3)]
+        for flooder in flooders:
+            await flooder.go("disk", structured=False)
+            for cookie in range(count):
+                flooder.request(Cmd.READ, cookie, 0, length)
+        await _settle(port)
+        assert server.buffered <= budget
+        unsent = sum(conn.transport.get_write_buffer_size() for conn in server._connections)
+        # Each transport holds what was charged, plus at most its high-water mark and one batch.
+        slack = server_mod.WRITE_HIGH_WATER + server_mod.BATCH_BYTES + length
+        assert unsent <= budget + 3 * slack, unsent
+
+        async def drain(client: RawClient) -> set[int]:
+            cookies = set()
+            for _ in range(count):
+                _magic, cookie, error, _, _ = await client.reply()
+                assert error == 0
+                await client.reader.readexactly(length)
+                cookies.add(cookie)
+            return cookies
+
+        got = await asyncio.gather(*(drain(flooder) for flooder in flooders))
+        assert all(cookies == set(range(count)) for cookies in got)
+        for _ in range(100):
+            if not server.buffered:
+                break
+            await asyncio.sleep(0.01)
+        assert server.buffered == 0
+        for flooder in flooders:
+            await flooder.close()
+
+    run_on(loop, serving(MemoryDevice(1 << 20), body, buffer_budget=budget))

@@ -48,6 +48,7 @@ from nbd.server_core import (
     Phase,
     Request,
     ServerCore,
+    SparePool,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ MAX_IN_FLIGHT_BYTES = 64 << 20  # ... or bytes it holds: request data, write pay
 BUFFER_BUDGET = 256 << 20  # the same bytes, all connections together
 WRITE_HIGH_WATER = 1 << 20  # unsent reply bytes before a connection stops starting requests
 BATCH_BYTES = 256 << 10  # replies batched in one receive callback are written once this is reached
+SPARE_BYTES = 64 << 20  # finished write payload buffers kept for reuse, all connections together
+SPARE_COUNT = 64
 STALL_TIMEOUT = 60.0  # seconds a client may hold buffers (unread replies, a partial payload) unmoving
 MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one chunk
 _ZERO = int(State.ZERO)
@@ -145,7 +148,10 @@ class NbdServer:
         """``idle_timeout``: close a negotiated connection after that many seconds without a request
         (0: never). ``max_connections_per_client``: TCP connections from one address (default half
         of ``max_connections``). ``buffer_budget``: bytes of request data, write payloads and unsent
-        replies of all connections together; a connection that would go over waits (stops reading)."""
+        replies of all connections together; a connection that would go over waits (stops reading),
+        and the connections of one client (address; all unix socket clients are one) get at most
+        half of it, so no client can starve the others. ``stall_timeout``: close a connection whose
+        unsent replies or partial write payload have not moved for that long (0: never)."""
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
@@ -161,9 +167,10 @@ class NbdServer:
         self._unix_paths: list[str] = []
         self._connections: set[_Connection] = set()
         self._handshaking: dict[_Connection, None] = {}  # not negotiated yet, oldest first
-        self._per_client: dict[str, int] = {}  # TCP connections by peer address
+        self._clients: dict[str, _Client] = {}  # connections and charges by peer address
         self._charged = 0  # bytes charged by all connections (see ``buffer_budget``)
         self._waiters: deque[_Connection] = deque()  # connections waiting for budget, in order
+        self._spares = SparePool(max_bytes=SPARE_BYTES, max_count=SPARE_COUNT)  # shared by all connections
         self._stopping = False
 
     @property
@@ -171,26 +178,35 @@ class NbdServer:
         """Bytes of request data, write payloads and unsent replies held now (all connections)."""
         return self._charged
 
-    def _release(self, size: int) -> None:
+    def _release(self, client: _Client, size: int) -> None:
         self._charged -= size
+        client.charged -= size
+        if not client.charged and not client.connections and self._clients.get(client.key) is client:
+            del self._clients[client.key]
         if self._waiters:
             self._wake()
 
     def _wake(self) -> None:
-        """Let waiting connections go on, in the order they started waiting, as far as budget allows."""
+        """Let waiting connections go on, in the order they started waiting, as far as the budget
+        allows (one whose client has used its share is passed over)."""
         waiters = self._waiters
-        while waiters:
-            conn = waiters[0]
+        share = self.buffer_budget // 2
+        for conn in list(waiters):
             need = conn._need
-            if not conn._lost and self._charged and self._charged + need > self.buffer_budget:
-                return
-            waiters.popleft()
+            if not conn._lost:
+                if self._charged and self._charged + need > self.buffer_budget:
+                    return
+                client = conn._client
+                if client.charged and client.charged + need > share:
+                    continue
+            waiters.remove(conn)
             conn._waiting = False
             if not conn._lost:
                 # Reserved now, so nobody overtakes it; started from the loop, not from inside
                 # another connection's bookkeeping.
                 conn._reserved += need
                 conn._charge += need
+                conn._client.charged += need
                 self._charged += need
                 conn.loop.call_soon(conn._pump)
 
@@ -285,6 +301,20 @@ class NbdServer:
                 await asyncio.wait(pending, timeout=1.0)
 
 
+class _Client:
+    """What the connections from one peer address hold together."""
+
+    __slots__ = ("charged", "connections", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.connections = 0
+        self.charged = 0
+
+
+_NO_CLIENT = _Client("")  # before admission (never charged: nothing starts before it)
+
+
 def _direct_read_fd(device: Any) -> int | None:
     """The fd a read may be served from by sendfile: a node without filters (a filter may change
     what reads return) over a device that offers one (``direct_read_fd``, raw files)."""
@@ -330,7 +360,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.core: ServerCore
         self.transport: asyncio.Transport
         self.peer = "?"
-        self._client: str | None = None  # the peer address counted in the per-client limit
+        self._client = _NO_CLIENT  # its client (peer address), once admitted
+        self._counted = False  # in its client's connection count
         self._tasks: set[asyncio.Task[None]] = set()  # strong references to suspended requests
         self._in_flight = 0
         # Bytes charged against the limits (this connection's and the server's budget): the data of
@@ -374,7 +405,9 @@ class _Connection(asyncio.BufferedProtocol):
             log.warning("refusing NBD client %s: %s", self.peer, refuse)
         # Listing exports takes a few options per export (nbdinfo --list asks each for its details).
         max_options = server.max_options + 4 * len(server._exports)
-        self.core = ServerCore(server._lookup, server._list, max_options=max_options, refuse=refuse)
+        self.core = ServerCore(
+            server._lookup, server._list, max_options=max_options, refuse=refuse, spares=server._spares
+        )
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         transport.writelines(self.core.data_to_send())
         self._timer = self.loop.call_later(server.handshake_timeout, self._handshake_expired)
@@ -385,17 +418,19 @@ class _Connection(asyncio.BufferedProtocol):
         server = self.server
         if server._stopping:
             return "the server is shutting down"
+        client = server._clients.get(address or "unix")
+        if client is None:
+            client = server._clients[address or "unix"] = _Client(address or "unix")
+        limit = server.max_connections_per_client
         refuse = None
-        if address is not None:
-            count = server._per_client.get(address, 0)
-            if count >= server.max_connections_per_client:
-                refuse = f"too many connections from {address} (limit {server.max_connections_per_client})"
-                if count >= 2 * server.max_connections_per_client:
-                    self.abort()
-                    self._lost = True
-                    return refuse
-            server._per_client[address] = count + 1
-            self._client = address
+        if address is not None and client.connections >= limit:
+            refuse = f"too many connections from {address} (limit {limit})"
+            if client.connections >= 2 * limit:
+                self._drop()
+                return refuse
+        client.connections += 1
+        self._client = client
+        self._counted = True
         if len(server._connections) >= server.max_connections:
             # A client that has said nothing since its greeting makes room: a real client answers
             # the greeting at once, so only silent sockets are ever evicted.
@@ -408,21 +443,22 @@ class _Connection(asyncio.BufferedProtocol):
         if len(server._connections) >= server.max_connections and refuse is None:
             refuse = f"too many connections (limit {server.max_connections})"
         if refuse and len(server._connections) >= 2 * server.max_connections:
-            self._forget_client()
-            self.abort()  # not even a greeting: we are being flooded
-            self._lost = True
+            self._drop()  # not even a greeting: we are being flooded
         return refuse
 
+    def _drop(self) -> None:
+        self._forget_client()
+        self.abort()
+        self._lost = True
+
     def _forget_client(self) -> None:
-        address = self._client
-        if address is not None:
-            self._client = None
-            per_client = self.server._per_client
-            left = per_client[address] - 1
-            if left:
-                per_client[address] = left
-            else:
-                del per_client[address]
+        if self._counted:
+            self._counted = False
+            client = self._client
+            client.connections -= 1
+            clients = self.server._clients
+            if not client.connections and not client.charged and clients.get(client.key) is client:
+                del clients[client.key]
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
@@ -518,19 +554,26 @@ class _Connection(asyncio.BufferedProtocol):
                 return True
             self._uncharge(reserved)
         server = self.server
-        if server._charged and (server._waiters or server._charged + size > server.buffer_budget):
+        client = self._client
+        if server._charged and (
+            server._waiters
+            or server._charged + size > server.buffer_budget
+            or (client.charged and client.charged + size > server.buffer_budget // 2)
+        ):
             self._need = size
             if not self._waiting:
                 self._waiting = True
                 server._waiters.append(self)
+                server._wake()  # those ahead may be waiting for their own client's share only
             return False
         self._charge += size
+        client.charged += size
         server._charged += size
         return True
 
     def _uncharge(self, size: int) -> None:
         self._charge -= size
-        self.server._release(size)
+        self.server._release(self._client, size)
 
     def _charge_payload(self) -> bool:
         """Charge the write payload being received before any more of it is read."""
@@ -642,8 +685,10 @@ class _Connection(asyncio.BufferedProtocol):
             return
         now = self.loop.time()
         unsent = self.transport.get_write_buffer_size()
-        if self._received or self._in_flight or unsent < self._unsent:
-            self._quiet_since = now  # the client sent something, the device works, or replies move
+        if self._received or self._in_flight or self._waiting or unsent < self._unsent:
+            # The client sent something, the device works, the server's budget holds it up, or
+            # replies move.
+            self._quiet_since = now
         self._received = False
         self._unsent = unsent
         server = self.server
@@ -778,7 +823,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._send(reply)
             elif reply is not None:
                 self._sendv(reply)
-            if type(payload) is bytearray:
+            if payload is not None and type(payload) is not bytes:
                 self.core.recycle(payload)
         except Exception:
             log.exception("NBD client %s: %r failed after its reply", self.peer, request)

@@ -642,3 +642,143 @@ def test_unread_replies_are_bounded_per_connection_and_server(loop: str) -> None
             await flooder.close()
 
     run_on(loop, serving(MemoryDevice(1 << 20), body, buffer_budget=budget))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stalled_write_payloads_are_bounded(loop: str, tmp_path: Path) -> None:
+    """Writes that stall one byte into their payload: each is charged its whole length before any of
+    it is read, the server's budget bounds them all, and one client (address) gets at most half of
+    it, so another client still writes and reads."""
+    size, budget = 4 << 20, 16 << 20
+
+    async def main() -> None:
+        server = NbdServer(buffer_budget=budget, stall_timeout=0)
+        server.add_export(Export("disk", MemoryDevice(size)))
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        path = tmp_path / "nbd.sock"
+        await server.listen_unix(path)
+        stalled = [await RawClient.connect(port) for _ in range(6)]
+        for client in stalled:
+            await client.go("disk")
+            client.request(Cmd.WRITE, 1, 0, size, data=b"\x01")
+            await client.writer.drain()
+        other = RawClient(*await asyncio.open_unix_connection(str(path)))
+        await other.go("disk")
+        other.request(Cmd.WRITE, 2, 0, size, data=b"\x02" * size)
+        assert (await other.reply())[1:3] == (2, 0)
+        other.request(Cmd.READ, 3, size - 512, 512)
+        assert (await other.read_data(3))[0] == b"\x02" * 512
+        # 127.0.0.1 holds half the budget (two payloads); the other four wait without reading.
+        assert server.buffered == budget // 2
+        for client in stalled:
+            await client.close()
+        await other.close()
+        for _ in range(100):
+            if not server.buffered:
+                break
+            await asyncio.sleep(0.01)
+        assert server.buffered == 0
+        await server.stop()
+
+    run_on(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_idle_and_stalled_connections_are_closed(loop: str) -> None:
+    device = GatedDevice(4 << 20)
+
+    async def body(server: NbdServer, port: int) -> None:
+        idle = await RawClient.connect(port)
+        await idle.go("disk")
+        not_reading = await RawClient.connect(port)
+        await not_reading.go("disk", structured=False)
+        not_reading.writer.transport.set_write_buffer_limits(high=0)
+        for cookie in range(64):
+            not_reading.request(Cmd.READ, cookie, 1 << 20, 1 << 20)
+        half_written = await RawClient.connect(port)
+        await half_written.go("disk")
+        half_written.request(Cmd.WRITE, 1, 0, 1 << 20, data=b"\x01")
+        # Waiting for the device is neither idle nor stalled: this one is answered.
+        busy = await RawClient.connect(port)
+        await busy.go("disk")
+        busy.request(Cmd.READ, 1, 0, 512)  # offset 0: waits for the gate
+        for client in (idle, half_written):
+            assert await asyncio.wait_for(client.reader.read(), 10) == b""
+        # The one that does not read is cut off once the server stops getting its replies out.
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(not_reading.reader.readexactly(1 << 30), 10)
+        device.gate.set()
+        assert (await busy.read_data(1))[0] == bytes(512)
+        for client in (idle, not_reading, half_written, busy):
+            await client.close()
+
+    run_on(loop, serving(device, body, idle_timeout=0.3, stall_timeout=0.3))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_per_client_limit_and_silent_sockets(loop: str, tmp_path: Path) -> None:
+    """One address gets at most its share of the connections; silent sockets (connected, then
+    nothing) make room for a real client when the server is full."""
+
+    async def main() -> None:
+        server = NbdServer(max_connections=4, max_connections_per_client=2)
+        server.add_export(Export("disk", MemoryDevice(1 << 20)))
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        path = tmp_path / "nbd.sock"
+        await server.listen_unix(path)
+        first = [await RawClient.connect(port) for _ in range(2)]
+        for client in first:
+            await client.go("disk")
+        third = await RawClient.connect(port)
+        await third.greeting()
+        third.option(Opt.GO, wire.InfoRequest.build({"name": "disk", "requests": []}))
+        reply, message = await third.option_reply()
+        assert reply == Rep.ERR_POLICY and b"too many connections from 127.0.0.1" in message
+        await third.close()
+        # Silent sockets (unix: no per-address limit) fill the server ...
+        silent = [await asyncio.open_unix_connection(str(path)) for _ in range(2)]
+        while server.connections < 4:
+            await asyncio.sleep(0.01)
+        # ... and a real client still gets in: a silent one is dropped for it.
+        real = RawClient(*await asyncio.open_unix_connection(str(path)))
+        await real.go("disk")
+        real.request(Cmd.READ, 1, 0, 512)
+        assert (await real.read_data(1))[0] == bytes(512)
+        dropped = 0
+        for reader, writer in silent:
+            await reader.readexactly(18)  # the greeting
+            if await asyncio.wait_for(reader.read(), 5) == b"":
+                dropped += 1
+                writer.close()
+                break
+        assert dropped == 1
+        for client in (*first, real):
+            await client.close()
+        for _, writer in silent:
+            writer.close()
+        await server.stop()
+
+    run_on(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_receive_buffer_is_small_until_negotiated(loop: str) -> None:
+    from nbd import server as server_mod
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.greeting()
+        client.option(Opt.LIST)
+        while (await client.option_reply())[0] != Rep.ACK:
+            pass
+        (conn,) = server._connections
+        assert conn._rbuf is not None and len(conn._rbuf) == server_mod.HANDSHAKE_BUFFER
+        client.option(Opt.GO, wire.InfoRequest.build({"name": "disk", "requests": []}))
+        while (await client.option_reply())[0] != Rep.ACK:
+            pass
+        client.request(Cmd.READ, 1, 0, 512)
+        assert (await client.reply())[1:3] == (1, 0)
+        assert conn._rbuf is not None and len(conn._rbuf) == server_mod.RECEIVE_BUFFER
+        await client.close()
+
+    run_on(loop, serving(MemoryDevice(1 << 20), body))

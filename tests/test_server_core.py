@@ -724,3 +724,32 @@ def test_recycling_a_payload_bigger_than_the_spare_budget(size: int) -> None:
     del target
     assert isinstance(write, Request) and write.payload is not None
     core.recycle(write.payload)
+
+
+def test_big_payloads_are_mapped_and_spares_are_shared() -> None:
+    """A big payload buffer is an anonymous mapping (pages used only as bytes arrive); finished ones
+    go to a pool several connections share, bounded in bytes."""
+    import mmap
+
+    from nbd.server_core import SparePool
+
+    big = {"disk": ExportEntry("disk", 64 << 20, RW_FLAGS)}
+    pool = SparePool(max_bytes=4 << 20, max_count=4)
+    first, second = (negotiate(core=ServerCore(big.get, lambda: big.values(), spares=pool)) for _ in range(2))
+    first.receive(request(Cmd.WRITE, length=2 << 20) + b"\x01")  # one byte of the payload
+    target = first.payload_buffer()
+    assert target is not None and isinstance(target.obj, mmap.mmap) and len(target) == (2 << 20) - 1
+    (write,) = first.payload_received(len(target))
+    del target
+    assert isinstance(write, Request) and write.payload is not None and write.payload[:1] == b"\x01"
+    first.recycle(write.payload)
+    write.payload = None
+    assert pool.held == 2 << 20
+    second.receive(request(Cmd.WRITE, length=2 << 20))
+    reused = second.payload_buffer()
+    assert reused is not None and reused[:1] == b"\x01"  # the first connection's buffer
+    assert pool.held == 0
+    # Never more than the pool's bytes.
+    for _ in range(3):
+        pool.give(memoryview(mmap.mmap(-1, 2 << 20)))
+    assert pool.held == 4 << 20

@@ -20,7 +20,7 @@ import os
 import socket
 import stat
 from collections import deque
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -69,7 +69,7 @@ MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one c
 _ZERO = int(State.ZERO)
 
 #: What ``_run`` hands back: the reply's bytes, or None when it has been sent already (sendfile).
-_Reply = bytes | Iterable[bytes | bytearray | memoryview] | None
+_Reply = bytes | Sequence[bytes | bytearray | memoryview] | None
 
 
 class Export:
@@ -324,11 +324,6 @@ def _direct_read_fd(device: Any) -> int | None:
     base = device.device if filters is not None else device
     direct = getattr(base, "direct_read_fd", None)
     return direct() if direct is not None else None
-
-
-def _buffered(request: Request) -> int:
-    """Bytes a request holds in memory while in flight: its payload or its read data."""
-    return request.length if request.cmd == CMD_READ or request.cmd == CMD_WRITE else 0
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -615,12 +610,29 @@ class _Connection(asyncio.BufferedProtocol):
         outer = self._batch
         batch: list[bytes | bytearray | memoryview] = [] if outer is None else outer
         self._batch = batch
+        server = self.server
+        client = self._client
         try:
             for i, event in enumerate(events):
                 if type(event) is Request:
-                    if event.cmd == CMD_WRITE and self._precharged:
+                    cmd = event.cmd
+                    size = event.length if cmd in (CMD_READ, CMD_WRITE) else 0
+                    if cmd == CMD_WRITE and self._precharged:
                         self._precharged = 0  # the payload's charge is now this request's
-                    elif not self._admit(_buffered(event)):
+                    elif (
+                        # _admit's common case inline: nothing waits, everything is under its limit
+                        not self._writing_paused
+                        and self._in_flight < server.max_in_flight
+                        and self._charge < MAX_IN_FLIGHT_BYTES
+                        and not self._reserved
+                        and not server._waiters
+                        and server._charged + size <= server.buffer_budget
+                        and client.charged + size <= server.buffer_budget // 2
+                    ):
+                        self._charge += size
+                        client.charged += size
+                        server._charged += size
+                    elif not self._admit(size):
                         self._backlog.extend(events[i:])
                         break
                     self._start(event)
@@ -788,98 +800,98 @@ class _Connection(asyncio.BufferedProtocol):
         elif not self.transport.is_closing():
             self.transport.write(data)
 
-    def _sendv(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+    def _sendv(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send a read reply (header and data, or chunks); a big one is not kept in the batch."""
         batch = self._batch
         if batch is not None:
             batch.extend(buffers)
+            self._batch_bytes += len(buffers[-1])
+            if self._batch_bytes >= BATCH_BYTES:
+                self._flush_batch()  # the transport sees it now, and may pause writing
         elif not self.transport.is_closing():
             self.transport.writelines(buffers)
 
     async def _handle(self, request: Request) -> None:
         """Run one request and answer it exactly once.
 
-        ``_run`` only computes the reply (a read sent by sendfile is the one exception: it is sent
-        there and ``_run`` returns None); the send below is the only place a request's reply is
+        The ``try`` only computes the reply (a read sent by sendfile is the one exception: it is
+        sent there and its reply is None); the send after it is the only place a request's reply is
         written, and nothing after it can answer again — a failure there is logged, not replied to."""
         cmd = request.cmd
+        core = self.core
         payload = request.payload
+        reply: _Reply
         try:
-            reply = await self._run(request)
+            device = self.device
+            if cmd == CMD_READ:
+                reply = await self._read(request)
+            elif cmd == CMD_WRITE:
+                assert payload is not None
+                request.payload = None
+                await device.pwrite(request.offset, payload, fua=bool(request.flags & FLAG_FUA))
+                reply = core.reply_ok(request.cookie)
+            elif cmd == CMD_FLUSH:
+                await device.flush()
+                reply = core.reply_ok(request.cookie)
+            elif cmd == CMD_WRITE_ZEROES:
+                flags = request.flags
+                await device.zero(
+                    request.offset,
+                    request.length,
+                    may_trim=not flags & FLAG_NO_HOLE,
+                    fast=bool(flags & FLAG_FAST_ZERO),
+                    fua=bool(flags & FLAG_FUA),
+                )
+                reply = core.reply_ok(request.cookie)
+            elif cmd == CMD_TRIM:
+                await device.trim(request.offset, request.length, fua=bool(request.flags & FLAG_FUA))
+                reply = core.reply_ok(request.cookie)
+            elif cmd == CMD_CACHE:
+                await device.cache(request.offset, request.length)
+                reply = core.reply_ok(request.cookie)
+            elif cmd == CMD_BLOCK_STATUS:
+                reply = await self._block_status(request)
+            else:  # the core lets no other command through
+                reply = core.reply_error(cmd, request.cookie, errno_mod.EINVAL)
         except OSError as exc:
             log.debug("NBD client %s: %r failed: %s", self.peer, request, exc)
-            reply = self.core.reply_error(
-                cmd, request.cookie, errno_to_nbd(exc.errno, request.flags), exc.strerror or str(exc)
-            )
+            err = errno_to_nbd(exc.errno, request.flags)
+            reply = core.reply_error(cmd, request.cookie, err, exc.strerror or str(exc))
         except asyncio.CancelledError:
             # Answer anyway (the client would wait forever), then let the cancellation go on.
-            self._send(self.core.reply_error(cmd, request.cookie, c.Errno.EIO, "request cancelled"))
-            self._done(_buffered(request))
+            self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, "request cancelled"))
+            self._done(request.length if cmd in (CMD_READ, CMD_WRITE) else 0)
             raise
         except Exception as exc:  # a bug below us must not take the connection (or the daemon) down
             log.exception("NBD client %s: %r failed", self.peer, request)
-            reply = self.core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}")
+            reply = core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}")
         try:
             if isinstance(reply, bytes):
                 self._send(reply)
             elif reply is not None:
                 self._sendv(reply)
             if payload is not None and type(payload) is not bytes:
-                self.core.recycle(payload)
+                core.recycle(payload)
         except Exception:
             log.exception("NBD client %s: %r failed after its reply", self.peer, request)
         finally:
-            self._done(_buffered(request))
-
-    async def _run(self, request: Request) -> _Reply:
-        """Carry out a request; returns its reply (None: already sent)."""
-        cmd = request.cmd
-        device = self.device
-        core = self.core
-        if cmd == CMD_READ:
-            return await self._read(request)
-        if cmd == CMD_WRITE:
-            payload = request.payload
-            assert payload is not None
-            request.payload = None
-            await device.pwrite(request.offset, payload, fua=bool(request.flags & FLAG_FUA))
-            return core.reply_ok(request.cookie)
-        if cmd == CMD_FLUSH:
-            await device.flush()
-            return core.reply_ok(request.cookie)
-        if cmd == CMD_WRITE_ZEROES:
-            flags = request.flags
-            await device.zero(
-                request.offset,
-                request.length,
-                may_trim=not flags & FLAG_NO_HOLE,
-                fast=bool(flags & FLAG_FAST_ZERO),
-                fua=bool(flags & FLAG_FUA),
-            )
-            return core.reply_ok(request.cookie)
-        if cmd == CMD_TRIM:
-            await device.trim(request.offset, request.length, fua=bool(request.flags & FLAG_FUA))
-            return core.reply_ok(request.cookie)
-        if cmd == CMD_CACHE:
-            await device.cache(request.offset, request.length)
-            return core.reply_ok(request.cookie)
-        if cmd == CMD_BLOCK_STATUS:
-            return await self._block_status(request)
-        # the core lets no other command through
-        return core.reply_error(cmd, request.cookie, errno_mod.EINVAL)
+            self._done(request.length if cmd in (CMD_READ, CMD_WRITE) else 0)
 
     def _done(self, size: int) -> None:
         """A request replied: its bytes stop counting once its reply is in a transport that is
         under its high-water mark (or when it gets there: ``resume_writing``)."""
         self._in_flight -= 1
         if size:
-            if self._batch is not None:
-                self._batch_bytes += size
-                if self._batch_bytes >= BATCH_BYTES:
-                    self._flush_batch()  # the transport sees it now, and may pause writing
             if self._writing_paused:
                 self._held += size
             else:
-                self._uncharge(size)
+                self._charge -= size
+                server = self.server
+                server._charged -= size
+                client = self._client
+                client.charged -= size
+                if server._waiters or not client.connections:
+                    server._release(client, 0)  # wake waiters, forget a client that is gone
         if self._batch is None and (self._reading_paused or self._backlog):
             self._pump()
         elif self._closing and not self._in_flight:

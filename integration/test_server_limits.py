@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require, run
+from conftest import nbd_backup_argv, require, run
 from peers import serve
 
 from nbd import constants as c
@@ -218,3 +218,18 @@ def test_stalled_write_payloads_are_bounded(tmp_path: Path, stall_at: str) -> No
         probe.read_round_trip()
         probe.close()
         assert growth < 200, f"the daemon grew by {growth:.0f} MiB"
+
+
+def test_copy_with_32_mib_requests(tmp_path: Path) -> None:
+    """Our own client at the advertised maximum: ``copy --request-size 32M`` used to stop with
+    "reply for unknown cookie" (the second reply to a big write)."""
+    source = make_data_image(tmp_path / "src.raw", "raw", 96)
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(96 * MiB)
+    with serve(tmp_path, [f"disk={image},format=raw"]) as served:
+        run(*nbd_backup_argv("copy", "--no-progress", "--request-size", "32M", source, served.uri("disk")))
+        back = tmp_path / "back.raw"
+        run(*nbd_backup_argv("copy", "--no-progress", "--request-size", "32M", served.uri("disk"), back))
+        assert "Traceback" not in served.stderr()
+    assert back.read_bytes() == source.read_bytes()

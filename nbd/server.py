@@ -5,9 +5,14 @@ copies, no per-request ``readexactly`` awaits, write payloads received in place)
 request starts at once and runs concurrently with the others, so many requests are in flight per
 connection and replies go out in completion order. A reply is always written with one synchronous
 ``transport.write``/``writelines`` call, which makes the transport's buffer the write lock: replies
-never interleave. When that buffer is over its high-water mark, requests wait for it to drain before
-they count as done; when too many requests (or bytes) are in flight, reading pauses — memory per
-connection stays bounded whatever the client sends.
+never interleave, and each request is answered exactly once (``_handle``).
+
+Memory stays bounded whatever clients send or fail to read: every request is charged the bytes it
+holds (read data, write payload, then its reply until the transport drains under its high-water
+mark) against its connection's limits and the server's ``buffer_budget``; a request that does not
+fit waits, with everything received after it, and reading pauses until it does. Sockets are bounded
+too: per client address, silent ones make room when the server is full, negotiated ones are closed
+when idle (``idle_timeout``) or stalled (``stall_timeout``).
 """
 
 from __future__ import annotations
@@ -466,6 +471,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         self._backlog.clear()
+        if self._waiting:
+            self._waiting = False
+            server._waiters.remove(self)
         idle = self._held + self._precharged + self._reserved
         self._held = self._precharged = self._reserved = 0
         if idle:

@@ -233,3 +233,25 @@ def test_copy_with_32_mib_requests(tmp_path: Path) -> None:
         run(*nbd_backup_argv("copy", "--no-progress", "--request-size", "32M", served.uri("disk"), back))
         assert "Traceback" not in served.stderr()
     assert back.read_bytes() == source.read_bytes()
+
+
+def test_silent_and_idle_sockets_do_not_lock_clients_out(tmp_path: Path) -> None:
+    """100 sockets from one address that never finish the handshake used to fill every slot for the
+    handshake timeout (10 s), again and again; a negotiated client that idles kept its slot forever."""
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(MiB)
+    with serve(tmp_path, [f"disk={image},format=raw"], "--idle-timeout", "1") as served:
+        silent = []
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", served.port), timeout=30)
+            silent.append(sock)
+        real = RawNbd(served.socket)  # another client: it gets in at once
+        real.read_round_trip()
+        idle = RawNbd(served.port)  # 127.0.0.1 itself: a silent one made room
+        idle.sock.settimeout(20)
+        assert idle.sock.recv(1) == b""  # closed by the daemon after --idle-timeout
+        real.close()
+        idle.close()
+        for sock in silent:
+            sock.close()

@@ -424,6 +424,8 @@ class _Connection(asyncio.BufferedProtocol):
         limit = server.max_connections_per_client
         refuse = None
         if address is not None and client.connections >= limit:
+            self._evict_silent(client)
+        if address is not None and client.connections >= limit:
             refuse = f"too many connections from {address} (limit {limit})"
             if client.connections >= 2 * limit:
                 self._drop()
@@ -432,19 +434,25 @@ class _Connection(asyncio.BufferedProtocol):
         self._client = client
         self._counted = True
         if len(server._connections) >= server.max_connections:
-            # A client that has said nothing since its greeting makes room: a real client answers
-            # the greeting at once, so only silent sockets are ever evicted.
-            for conn in server._handshaking:
-                if not conn._received and not conn._closing:
-                    log.warning("NBD client %s: dropped (silent, and the server is full)", conn.peer)
-                    conn.abort()
-                    server._connections.discard(conn)
-                    break
+            self._evict_silent(None)
         if len(server._connections) >= server.max_connections and refuse is None:
             refuse = f"too many connections (limit {server.max_connections})"
         if refuse and len(server._connections) >= 2 * server.max_connections:
             self._drop()  # not even a greeting: we are being flooded
         return refuse
+
+    def _evict_silent(self, client: _Client | None) -> None:
+        """Drop the oldest socket (of ``client``, or any) that has said nothing since its greeting, to
+        make room: a real client answers the greeting at once, so only silent sockets are evicted."""
+        server = self.server
+        for conn in server._handshaking:
+            if not conn._received and not conn._closing and (client is None or conn._client is client):
+                log.warning("NBD client %s: dropped to make room (silent since its greeting)", conn.peer)
+                conn.abort()
+                conn._forget_client()
+                server._connections.discard(conn)
+                del server._handshaking[conn]
+                return
 
     def _drop(self) -> None:
         self._forget_client()

@@ -435,7 +435,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._counted = True
         if len(server._connections) >= server.max_connections:
             self._evict_silent(None)
-        if len(server._connections) >= server.max_connections and refuse is None:
+        if len(server._connections) >= server.max_connections:
             refuse = f"too many connections (limit {server.max_connections})"
         if refuse and len(server._connections) >= 2 * server.max_connections:
             self._drop()  # not even a greeting: we are being flooded

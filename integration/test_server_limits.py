@@ -223,10 +223,10 @@ def test_stalled_write_payloads_are_bounded(tmp_path: Path, stall_at: str) -> No
 def test_copy_with_32_mib_requests(tmp_path: Path) -> None:
     """Our own client at the advertised maximum: ``copy --request-size 32M`` used to stop with
     "reply for unknown cookie" (the second reply to a big write)."""
-    source = make_data_image(tmp_path / "src.raw", "raw", 96)
+    source = make_data_image(tmp_path / "src.raw", "raw")
     image = tmp_path / "disk.raw"
     with open(image, "wb") as f:
-        f.truncate(96 * MiB)
+        f.truncate(64 * MiB)
     with serve(tmp_path, [f"disk={image},format=raw"]) as served:
         run(*nbd_backup_argv("copy", "--no-progress", "--request-size", "32M", source, served.uri("disk")))
         back = tmp_path / "back.raw"

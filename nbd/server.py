@@ -5,9 +5,14 @@ copies, no per-request ``readexactly`` awaits, write payloads received in place)
 request starts at once and runs concurrently with the others, so many requests are in flight per
 connection and replies go out in completion order. A reply is always written with one synchronous
 ``transport.write``/``writelines`` call, which makes the transport's buffer the write lock: replies
-never interleave. When that buffer is over its high-water mark, requests wait for it to drain before
-they count as done; when too many requests (or bytes) are in flight, reading pauses — memory per
-connection stays bounded whatever the client sends.
+never interleave, and each request is answered exactly once (``_handle``).
+
+Memory stays bounded whatever clients send or fail to read: every request is charged the bytes it
+holds (read data, write payload, then its reply until the transport drains under its high-water
+mark) against its connection's limits and the server's ``buffer_budget``; a request that does not
+fit waits, with everything received after it, and reading pauses until it does. Sockets are bounded
+too: per client address, silent ones make room when the server is full, negotiated ones are closed
+when idle (``idle_timeout``) or stalled (``stall_timeout``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import errno as errno_mod
 import logging
 import os
 import socket
-from collections.abc import Coroutine, Iterable, Mapping
+from collections import deque
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -43,8 +49,10 @@ from nbd.server_core import (
     Event,
     ExportEntry,
     Negotiated,
+    Phase,
     Request,
     ServerCore,
+    SparePool,
 )
 from nbd.unix_path import SocketFileId, remove_own_socket, remove_stale_socket, socket_file_id
 
@@ -52,12 +60,21 @@ log = logging.getLogger(__name__)
 
 SPARSE_READ_MIN = 64 * 1024  # reads at least this long ask the device for holes first
 SENDFILE_MIN = int(os.environ.get("NBD_BACKUP_SENDFILE_MIN", 256 * 1024))  # 0: never sendfile
-RECEIVE_BUFFER = 256 * 1024  # the reused receive buffer (write payloads bypass it)
-MAX_IN_FLIGHT = 64  # requests per connection before reading pauses
-MAX_IN_FLIGHT_BYTES = 64 << 20  # ... or bytes of their lengths (bounded memory per connection)
-WRITE_HIGH_WATER = 4 << 20  # unsent reply bytes before request tasks wait for the socket
+HANDSHAKE_BUFFER = 4096  # the receive buffer until an export is selected (option data is small)
+RECEIVE_BUFFER = 256 * 1024  # ... and after (write payloads bypass it)
+MAX_IN_FLIGHT = 64  # requests per connection before it stops starting more
+MAX_IN_FLIGHT_BYTES = 64 << 20  # ... or bytes it holds: request data, write payloads, unsent replies
+BUFFER_BUDGET = 256 << 20  # the same bytes, all connections together
+WRITE_HIGH_WATER = 1 << 20  # unsent reply bytes before a connection stops starting requests
+BATCH_BYTES = 256 << 10  # replies batched in one receive callback are written once this is reached
+SPARE_BYTES = 64 << 20  # finished write payload buffers kept for reuse, all connections together
+SPARE_COUNT = 64
+STALL_TIMEOUT = 60.0  # seconds a client may hold buffers (unread replies, a partial payload) unmoving
 MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one chunk
 _ZERO = int(State.ZERO)
+
+#: What ``_run`` hands back: the reply's bytes, or None when it has been sent already (sendfile).
+_Reply = bytes | Sequence[bytes | bytearray | memoryview] | None
 
 
 class Export:
@@ -126,18 +143,77 @@ class NbdServer:
         *,
         max_connections: int = 100,
         handshake_timeout: float = 10.0,
+        idle_timeout: float = 0.0,
+        max_connections_per_client: int | None = None,
+        buffer_budget: int = BUFFER_BUDGET,
+        stall_timeout: float = STALL_TIMEOUT,
         max_in_flight: int = MAX_IN_FLIGHT,
         max_options: int = 64,
     ) -> None:
+        """``idle_timeout``: close a negotiated connection after that many seconds without a request
+        (0: never). ``max_connections_per_client``: TCP connections from one address (default half
+        of ``max_connections``). ``buffer_budget``: bytes of request data, write payloads and unsent
+        replies of all connections together; a connection that would go over waits (stops reading),
+        and the connections of one client (address; all unix socket clients are one) get at most
+        half of it, so no client can starve the others. ``stall_timeout``: close a connection whose
+        unsent replies or partial write payload have not moved for that long (0: never)."""
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        if max_connections_per_client is None:
+            max_connections_per_client = max(1, max_connections // 2)
+        self.max_connections_per_client = max_connections_per_client
+        self.buffer_budget = buffer_budget
+        self.stall_timeout = stall_timeout
         self.max_in_flight = max_in_flight
         self.max_options = max_options
         self._exports: dict[str, Export] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[tuple[str, SocketFileId | None]] = []
         self._connections: set[_Connection] = set()
+        self._handshaking: dict[_Connection, None] = {}  # not negotiated yet, oldest first
+        self._clients: dict[str, _Client] = {}  # connections and charges by peer address
+        self._charged = 0  # bytes charged by all connections (see ``buffer_budget``)
+        self._waiters: deque[_Connection] = deque()  # connections waiting for budget, in order
+        self._spares = SparePool(max_bytes=SPARE_BYTES, max_count=SPARE_COUNT)  # shared by all connections
         self._stopping = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of request data, write payloads and unsent replies held now (all connections)."""
+        return self._charged
+
+    def _release(self, client: _Client, size: int) -> None:
+        self._charged -= size
+        client.charged -= size
+        if not client.charged and not client.connections and self._clients.get(client.key) is client:
+            del self._clients[client.key]
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Let waiting connections go on, in the order they started waiting, as far as the budget
+        allows (one whose client has used its share is passed over)."""
+        waiters = self._waiters
+        share = self.buffer_budget // 2
+        for conn in list(waiters):
+            need = conn._need
+            if not conn._lost:
+                if self._charged and self._charged + need > self.buffer_budget:
+                    return
+                client = conn._client
+                if client.charged and client.charged + need > share:
+                    continue
+            waiters.remove(conn)
+            conn._waiting = False
+            if not conn._lost:
+                # Reserved now, so nobody overtakes it; started from the loop, not from inside
+                # another connection's bookkeeping.
+                conn._reserved += need
+                conn._charge += need
+                conn._client.charged += need
+                self._charged += need
+                conn.loop.call_soon(conn._pump)
 
     # --- exports -----------------------------------------------------------------------------------
 
@@ -236,6 +312,20 @@ class NbdServer:
                 await asyncio.wait(pending, timeout=1.0)
 
 
+class _Client:
+    """What the connections from one peer address hold together."""
+
+    __slots__ = ("charged", "connections", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.connections = 0
+        self.charged = 0
+
+
+_NO_CLIENT = _Client("")  # before admission (never charged: nothing starts before it)
+
+
 def _direct_read_fd(device: Any) -> int | None:
     """The fd a read may be served from by sendfile: a node without filters (a filter may change
     what reads return) over a device that offers one (``direct_read_fd``, raw files)."""
@@ -245,11 +335,6 @@ def _direct_read_fd(device: Any) -> int | None:
     base = device.device if filters is not None else device
     direct = getattr(base, "direct_read_fd", None)
     return direct() if direct is not None else None
-
-
-def _buffered(request: Request) -> int:
-    """Bytes a request holds in memory while in flight: its payload or its read data."""
-    return request.length if request.cmd == CMD_READ or request.cmd == CMD_WRITE else 0
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -264,6 +349,12 @@ class _Connection(asyncio.BufferedProtocol):
     and their replies go out in completion order.
 
     Replying: replies produced inside one receive callback are batched into one ``writelines``.
+
+    Bounding: every request is charged the bytes it holds (its read data or write payload, and then
+    its reply until the transport is under its high-water mark); a request starts only while the
+    connection and the server (``buffer_budget``) are under their limits, the rest of what was
+    received waits in a backlog with reading paused. A write payload is charged when its header is
+    read, before any of it is received.
     """
 
     def __init__(self, server: NbdServer) -> None:
@@ -275,18 +366,31 @@ class _Connection(asyncio.BufferedProtocol):
         self.core: ServerCore
         self.transport: asyncio.Transport
         self.peer = "?"
+        self._client = _NO_CLIENT  # its client (peer address), once admitted
+        self._counted = False  # in its client's connection count
         self._tasks: set[asyncio.Task[None]] = set()  # strong references to suspended requests
         self._in_flight = 0
-        self._in_flight_bytes = 0  # read and write lengths of the requests in flight
-        self._rbuf = memoryview(bytearray(RECEIVE_BUFFER))
+        # Bytes charged against the limits (this connection's and the server's budget): the data of
+        # requests in flight, ``_held`` replies, the ``_precharged`` payload and ``_reserved`` budget.
+        self._charge = 0
+        self._held = 0  # of requests done whose replies sit in a transport over its high-water mark
+        self._precharged = 0  # the write payload being received
+        self._reserved = 0  # budget the server set aside for this connection when it woke it
+        self._need = 0  # what it waits for, while in the server's waiters
+        self._waiting = False
+        self._backlog: deque[Event] = deque()  # events received but not started (limits reached)
+        self._rbuf: memoryview | None = None  # allocated on first use: small until negotiated
         self._into_payload = False
         self._batch: list[bytes | bytearray | memoryview] | None = None
+        self._batch_bytes = 0
         self._reading_paused = False
         self._writing_paused = False
-        self._drain: asyncio.Future[None] | None = None
         self._closing = False
         self._lost = False
         self._timer: asyncio.TimerHandle | None = None
+        self._received = False  # anything received (since the idle timer last looked, once negotiated)
+        self._quiet_since = 0.0
+        self._unsent = 0  # the transport's unsent bytes when the idle timer last looked
         self._sparse = False
         self._sock_fd = -1  # the socket, for sendfile (-1: not usable)
 
@@ -298,31 +402,96 @@ class _Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         server = self.server
-        refuse = None
-        if server._stopping:
-            refuse = "the server is shutting down"
-        elif len(server._connections) >= server.max_connections:
-            refuse = f"too many connections (limit {server.max_connections})"
-            if len(server._connections) >= 2 * server.max_connections:
-                transport.abort()  # not even a greeting: we are being flooded
-                return
+        refuse = self._admission(peer[0] if isinstance(peer, tuple) else None)
+        if self._lost:
+            return
         server._connections.add(self)
+        server._handshaking[self] = None
         if refuse:
             log.warning("refusing NBD client %s: %s", self.peer, refuse)
         # Listing exports takes a few options per export (nbdinfo --list asks each for its details).
         max_options = server.max_options + 4 * len(server._exports)
-        self.core = ServerCore(server._lookup, server._list, max_options=max_options, refuse=refuse)
+        self.core = ServerCore(
+            server._lookup, server._list, max_options=max_options, refuse=refuse, spares=server._spares
+        )
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         transport.writelines(self.core.data_to_send())
         self._timer = self.loop.call_later(server.handshake_timeout, self._handshake_expired)
 
+    def _admission(self, address: str | None) -> str | None:
+        """Whether this new connection is served: None, or why it is refused (with a greeting and
+        ERR_POLICY replies, so the client can say why); a flood gets no greeting at all."""
+        server = self.server
+        if server._stopping:
+            return "the server is shutting down"
+        client = server._clients.get(address or "unix")
+        if client is None:
+            client = server._clients[address or "unix"] = _Client(address or "unix")
+        limit = server.max_connections_per_client
+        refuse = None
+        if address is not None and client.connections >= limit:
+            self._evict_silent(client)
+        if address is not None and client.connections >= limit:
+            refuse = f"too many connections from {address} (limit {limit})"
+            if client.connections >= 2 * limit:
+                self._drop()
+                return refuse
+        client.connections += 1
+        self._client = client
+        self._counted = True
+        if len(server._connections) >= server.max_connections:
+            self._evict_silent(None)
+        if len(server._connections) >= server.max_connections:
+            refuse = f"too many connections (limit {server.max_connections})"
+        if refuse and len(server._connections) >= 2 * server.max_connections:
+            self._drop()  # not even a greeting: we are being flooded
+        return refuse
+
+    def _evict_silent(self, client: _Client | None) -> None:
+        """Drop the oldest socket (of ``client``, or any) that has said nothing since its greeting, to
+        make room: a real client answers the greeting at once, so only silent sockets are evicted."""
+        server = self.server
+        for conn in server._handshaking:
+            if not conn._received and not conn._closing and (client is None or conn._client is client):
+                log.warning("NBD client %s: dropped to make room (silent since its greeting)", conn.peer)
+                conn.abort()
+                conn._forget_client()
+                server._connections.discard(conn)
+                del server._handshaking[conn]
+                return
+
+    def _drop(self) -> None:
+        self._forget_client()
+        self.abort()
+        self._lost = True
+
+    def _forget_client(self) -> None:
+        if self._counted:
+            self._counted = False
+            client = self._client
+            client.connections -= 1
+            clients = self.server._clients
+            if not client.connections and not client.charged and clients.get(client.key) is client:
+                del clients[client.key]
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server._connections.discard(self)
+        server = self.server
+        server._connections.discard(self)
+        server._handshaking.pop(self, None)
+        self._forget_client()
         self._closing = True
         self._lost = True
         if self._timer is not None:
             self._timer.cancel()
-        self._wake_writers()
+            self._timer = None
+        self._backlog.clear()
+        if self._waiting:
+            self._waiting = False
+            server._waiters.remove(self)
+        idle = self._held + self._precharged + self._reserved
+        self._held = self._precharged = self._reserved = 0
+        if idle:
+            self._uncharge(idle)
         if not self._in_flight and not self.closed.done():
             self.closed.set_result(None)
         log.debug("NBD client %s gone", self.peer)
@@ -333,34 +502,33 @@ class _Connection(asyncio.BufferedProtocol):
             self._into_payload = True
             return view
         self._into_payload = False
-        return self._rbuf
+        rbuf = self._rbuf
+        if rbuf is None:
+            size = RECEIVE_BUFFER if self.export is not None else HANDSHAKE_BUFFER
+            rbuf = self._rbuf = memoryview(bytearray(size))
+        return rbuf
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
+        self._received = True
         core = self.core
         if self._into_payload:
             events: list[Event] = core.payload_received(nbytes)
         else:
+            assert self._rbuf is not None
             events = core.receive(self._rbuf[:nbytes], reused=True)
         if core.has_output:
             self.transport.writelines(core.data_to_send())
-        if not events:
-            return
-        batch: list[bytes | bytearray | memoryview] = []
-        self._batch = batch
-        try:
-            for event in events:
-                if type(event) is Request:
-                    self._start(event)
-                elif type(event) is Negotiated:
-                    self._negotiated(event)
-                elif type(event) is Closed:
-                    self._client_closed(event)
-        finally:
-            self._batch = None
-            if batch and not self.transport.is_closing():
-                self.transport.writelines(batch)
+        if events:
+            if self._backlog:
+                self._backlog.extend(events)
+            else:
+                self._start_events(events)
+        if self._backlog or self._writing_paused:
+            self._pause_reading()
+        elif core.phase is Phase.WRITE_PAYLOAD and not self._precharged and not self._closing:
+            self._charge_payload()
 
     def eof_received(self) -> bool | None:
         self.shutdown()
@@ -371,13 +539,143 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._wake_writers()
+        held = self._held
+        if held:
+            self._held = 0
+            self._uncharge(held)
+        if self._reading_paused or self._backlog:
+            self._pump()
 
-    def _wake_writers(self) -> None:
-        if self._drain is not None:
-            if not self._drain.done():
-                self._drain.set_result(None)
-            self._drain = None
+    # --- flow control ------------------------------------------------------------------------------
+
+    def _admit(self, size: int) -> bool:
+        """Charge a request (or write payload) holding ``size`` bytes, if the limits let it start now.
+
+        This connection waits (False) while its transport is over the high-water mark or it has
+        too much in flight, and goes on by itself when that ends (``_done``, ``resume_writing``);
+        it waits for the server's budget in line behind the others, and is woken by the server."""
+        if (
+            self._writing_paused
+            or self._in_flight >= self.server.max_in_flight
+            or self._charge - self._reserved >= MAX_IN_FLIGHT_BYTES
+        ):
+            return False
+        if not size:
+            return True
+        reserved = self._reserved
+        if reserved:
+            self._reserved = 0
+            if reserved >= size:
+                if reserved > size:
+                    self._uncharge(reserved - size)
+                return True
+            self._uncharge(reserved)
+        server = self.server
+        client = self._client
+        if server._charged and (
+            server._waiters
+            or server._charged + size > server.buffer_budget
+            or (client.charged and client.charged + size > server.buffer_budget // 2)
+        ):
+            self._need = size
+            if not self._waiting:
+                self._waiting = True
+                server._waiters.append(self)
+                server._wake()  # those ahead may be waiting for their own client's share only
+            return False
+        self._charge += size
+        client.charged += size
+        server._charged += size
+        return True
+
+    def _uncharge(self, size: int) -> None:
+        self._charge -= size
+        self.server._release(self._client, size)
+
+    def _charge_payload(self) -> bool:
+        """Charge the write payload being received before any more of it is read."""
+        size = self.core.pending_write_length
+        if not self._admit(size):
+            self._pause_reading()
+            return False
+        self._precharged = size
+        return True
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and not self._lost:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _pump(self) -> None:
+        """Start what waits (backlogged requests, then the payload being received) as far as the
+        limits allow; resume reading once nothing waits."""
+        if self._lost:
+            return
+        backlog = self._backlog
+        if backlog:
+            events = list(backlog)
+            backlog.clear()
+            self._start_events(events)
+            if backlog:
+                return
+        if self._closing:
+            self._maybe_close()
+            return
+        if self.core.phase is Phase.WRITE_PAYLOAD and not self._precharged and not self._charge_payload():
+            return
+        if self._reading_paused and not self._writing_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _start_events(self, events: list[Event]) -> None:
+        """Start the events in order until a request must wait; the rest go to the backlog."""
+        outer = self._batch
+        batch: list[bytes | bytearray | memoryview] = [] if outer is None else outer
+        self._batch = batch
+        server = self.server
+        client = self._client
+        try:
+            for i, event in enumerate(events):
+                if type(event) is Request:
+                    cmd = event.cmd
+                    size = event.length if cmd in (CMD_READ, CMD_WRITE) else 0
+                    if cmd == CMD_WRITE and self._precharged:
+                        self._precharged = 0  # the payload's charge is now this request's
+                    elif (
+                        # _admit's common case inline: nothing waits, everything is under its limit
+                        not self._writing_paused
+                        and self._in_flight < server.max_in_flight
+                        and self._charge < MAX_IN_FLIGHT_BYTES
+                        and not self._reserved
+                        and not server._waiters
+                        and server._charged + size <= server.buffer_budget
+                        and client.charged + size <= server.buffer_budget // 2
+                    ):
+                        self._charge += size
+                        client.charged += size
+                        server._charged += size
+                    elif not self._admit(size):
+                        self._backlog.extend(events[i:])
+                        break
+                    self._start(event)
+                elif type(event) is Negotiated:
+                    self._negotiated(event)
+                elif type(event) is Closed:
+                    self._client_closed(event)
+        finally:
+            if outer is None:
+                self._batch = None
+                self._batch_bytes = 0
+                if batch and not self.transport.is_closing():
+                    self.transport.writelines(batch)
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        self._batch_bytes = 0
+        if batch:
+            if not self.transport.is_closing():
+                self.transport.writelines(batch)
+            batch.clear()
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -397,13 +695,45 @@ class _Connection(asyncio.BufferedProtocol):
         assert isinstance(export, Export)
         self.export = export
         self.device = export.device
+        self.server._handshaking.pop(self, None)
+        self._rbuf = None  # the big receive buffer from now on
         self._sparse = event.structured and event.export.size > 0
         self._sock_fd = -1
         sock = self.transport.get_extra_info("socket")
         if sock is not None and self.transport.get_extra_info("sslcontext") is None and SENDFILE_MIN:
             with contextlib.suppress(OSError, AttributeError, ValueError):
                 self._sock_fd = sock.fileno()
+        server = self.server
+        timeouts = [t for t in (server.idle_timeout, server.stall_timeout) if t > 0]
+        if timeouts:
+            timeout = min(timeouts)
+            self._quiet_since = self.loop.time()
+            self._timer = self.loop.call_later(timeout / 4, self._idle_check, timeout / 4)
         log.info("NBD client %s: export '%s'", self.peer, export.name)
+
+    def _idle_check(self, period: float) -> None:
+        """Close a connection that is idle (no request: ``idle_timeout``) or stalled (holding unsent
+        replies or a partial write payload that do not move: ``stall_timeout``)."""
+        self._timer = None
+        if self._lost:
+            return
+        now = self.loop.time()
+        unsent = self.transport.get_write_buffer_size()
+        if self._received or self._in_flight or self._waiting or unsent < self._unsent:
+            # The client sent something, the device works, the server's budget holds it up, or
+            # replies move.
+            self._quiet_since = now
+        self._received = False
+        self._unsent = unsent
+        server = self.server
+        stalled = unsent or self._held or self._backlog or self.core.phase is Phase.WRITE_PAYLOAD
+        limit = server.stall_timeout if stalled else server.idle_timeout
+        if limit > 0 and now - self._quiet_since >= limit:
+            what = "stalled" if stalled else "idle"
+            log.warning("NBD client %s: closed, %s for %.0f s", self.peer, what, now - self._quiet_since)
+            self.abort()
+            return
+        self._timer = self.loop.call_later(period, self._idle_check, period)
 
     def _client_closed(self, event: Closed) -> None:
         if event.error:
@@ -413,22 +743,27 @@ class _Connection(asyncio.BufferedProtocol):
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop reading; close once the in-flight requests have replied."""
+        """Stop reading; close once the requests received so far have replied."""
         if self._closing:
             return
         self._closing = True
         transport = getattr(self, "transport", None)
         if transport is None:
             return
-        batch = self._batch
-        if batch:
-            transport.writelines(batch)  # replies of this receive callback go out before the close
-            batch.clear()
-        if not self._in_flight:
+        self._flush_batch()  # replies of this receive callback go out before the close
+        if not self._in_flight and not self._backlog:
             transport.close()
-        elif not self._reading_paused and not transport.is_closing():
-            self._reading_paused = True  # nothing more is read; in-flight requests still reply
-            transport.pause_reading()
+        elif not transport.is_closing():
+            self._pause_reading()  # nothing more is read; what was received still gets its reply
+
+    def _maybe_close(self) -> None:
+        if not self._in_flight and not self._backlog and self._closing:
+            if self._lost:
+                if not self.closed.done():
+                    self.closed.set_result(None)
+            elif not self.transport.is_closing():
+                self._flush_batch()
+                self.transport.close()
 
     def abort(self) -> None:
         self._closing = True
@@ -439,8 +774,8 @@ class _Connection(asyncio.BufferedProtocol):
     # --- requests ----------------------------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
+        """Run a request (already charged): eagerly, and in a task only if it suspends."""
         self._in_flight += 1
-        self._in_flight_bytes += _buffered(request)
         coro = self._handle(request)
         try:
             yielded = coro.send(None)
@@ -454,11 +789,6 @@ class _Connection(asyncio.BufferedProtocol):
         task = self.loop.create_task(self._resume(coro, yielded))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if not self._reading_paused and (
-            self._in_flight >= self.server.max_in_flight or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES
-        ):
-            self._reading_paused = True
-            self.transport.pause_reading()
 
     @staticmethod
     async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
@@ -492,31 +822,39 @@ class _Connection(asyncio.BufferedProtocol):
         elif not self.transport.is_closing():
             self.transport.write(data)
 
-    def _sendv(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+    def _sendv(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send a read reply (header and data, or chunks); a big one is not kept in the batch."""
         batch = self._batch
         if batch is not None:
             batch.extend(buffers)
+            self._batch_bytes += len(buffers[-1])
+            if self._batch_bytes >= BATCH_BYTES:
+                self._flush_batch()  # the transport sees it now, and may pause writing
         elif not self.transport.is_closing():
             self.transport.writelines(buffers)
 
     async def _handle(self, request: Request) -> None:
+        """Run one request and answer it exactly once.
+
+        The ``try`` only computes the reply (a read sent by sendfile is the one exception: it is
+        sent there and its reply is None); the send after it is the only place a request's reply is
+        written, and nothing after it can answer again — a failure there is logged, not replied to."""
         cmd = request.cmd
-        device = self.device
         core = self.core
+        payload = request.payload
+        reply: _Reply
         try:
+            device = self.device
             if cmd == CMD_READ:
-                await self._read(request)
+                reply = await self._read(request)
             elif cmd == CMD_WRITE:
-                payload = request.payload
                 assert payload is not None
                 request.payload = None
                 await device.pwrite(request.offset, payload, fua=bool(request.flags & FLAG_FUA))
-                self._send(core.reply_ok(request.cookie))
-                if type(payload) is bytearray:
-                    core.recycle(payload)
+                reply = core.reply_ok(request.cookie)
             elif cmd == CMD_FLUSH:
                 await device.flush()
-                self._send(core.reply_ok(request.cookie))
+                reply = core.reply_ok(request.cookie)
             elif cmd == CMD_WRITE_ZEROES:
                 flags = request.flags
                 await device.zero(
@@ -526,72 +864,74 @@ class _Connection(asyncio.BufferedProtocol):
                     fast=bool(flags & FLAG_FAST_ZERO),
                     fua=bool(flags & FLAG_FUA),
                 )
-                self._send(core.reply_ok(request.cookie))
+                reply = core.reply_ok(request.cookie)
             elif cmd == CMD_TRIM:
                 await device.trim(request.offset, request.length, fua=bool(request.flags & FLAG_FUA))
-                self._send(core.reply_ok(request.cookie))
+                reply = core.reply_ok(request.cookie)
             elif cmd == CMD_CACHE:
                 await device.cache(request.offset, request.length)
-                self._send(core.reply_ok(request.cookie))
+                reply = core.reply_ok(request.cookie)
             elif cmd == CMD_BLOCK_STATUS:
-                await self._block_status(request)
+                reply = await self._block_status(request)
             else:  # the core lets no other command through
-                self._send(core.reply_error(cmd, request.cookie, errno_mod.EINVAL))
-            if self._writing_paused:
-                await self._wait_drained()
+                reply = core.reply_error(cmd, request.cookie, errno_mod.EINVAL)
         except OSError as exc:
-            err = errno_to_nbd(exc.errno, request.flags)
             log.debug("NBD client %s: %r failed: %s", self.peer, request, exc)
-            self._send(core.reply_error(cmd, request.cookie, err, exc.strerror or str(exc)))
+            err = errno_to_nbd(exc.errno, request.flags)
+            reply = core.reply_error(cmd, request.cookie, err, exc.strerror or str(exc))
         except asyncio.CancelledError:
             # Answer anyway (the client would wait forever), then let the cancellation go on.
             self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, "request cancelled"))
+            self._done(request.length if cmd in (CMD_READ, CMD_WRITE) else 0)
             raise
         except Exception as exc:  # a bug below us must not take the connection (or the daemon) down
             log.exception("NBD client %s: %r failed", self.peer, request)
-            self._send(core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}"))
+            reply = core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}")
+        try:
+            if isinstance(reply, bytes):
+                self._send(reply)
+            elif reply is not None:
+                self._sendv(reply)
+            if payload is not None and type(payload) is not bytes:
+                core.recycle(payload)
+        except Exception:
+            log.exception("NBD client %s: %r failed after its reply", self.peer, request)
         finally:
-            self._done(_buffered(request))
+            self._done(request.length if cmd in (CMD_READ, CMD_WRITE) else 0)
 
-    def _done(self, length: int) -> None:
+    def _done(self, size: int) -> None:
+        """A request replied: its bytes stop counting once its reply is in a transport that is
+        under its high-water mark (or when it gets there: ``resume_writing``)."""
         self._in_flight -= 1
-        self._in_flight_bytes -= length
-        if (
-            self._reading_paused
-            and self._in_flight <= self.server.max_in_flight // 2
-            and self._in_flight_bytes <= MAX_IN_FLIGHT_BYTES // 2
-            and not self._closing
-        ):
-            self._reading_paused = False
-            self.transport.resume_reading()
-        if not self._in_flight and self._closing:
-            if self._lost:
-                if not self.closed.done():
-                    self.closed.set_result(None)
-            elif not self.transport.is_closing():
-                self.transport.close()
+        if size:
+            if self._writing_paused:
+                self._held += size
+            else:
+                self._charge -= size
+                server = self.server
+                server._charged -= size
+                client = self._client
+                client.charged -= size
+                if server._waiters or not client.connections:
+                    server._release(client, 0)  # wake waiters, forget a client that is gone
+        if self._batch is None and (self._reading_paused or self._backlog):
+            self._pump()
+        elif self._closing and not self._in_flight:
+            self._maybe_close()
 
-    async def _wait_drained(self) -> None:
-        if self.transport.is_closing():
-            return
-        if self._drain is None:
-            self._drain = self.loop.create_future()
-        await self._drain
-
-    async def _read(self, request: Request) -> None:
+    async def _read(self, request: Request) -> _Reply:
         offset, length, cookie = request.offset, request.length, request.cookie
         device = self.device
         if self._sparse and length >= SPARSE_READ_MIN:
             extents = await device.block_status(offset, length)
             if any(e.flags & _ZERO for e in extents):
-                await self._read_sparse(request, extents)
-                return
+                return await self._read_sparse(request, extents)
         if length >= SENDFILE_MIN and self._sock_fd >= 0:
             fd = _direct_read_fd(device)
             if fd is not None and self._sendfile(request, fd):
-                return
+                return None
         data = await device.pread(offset, length)
-        self._sendv(self.core.reply_read(cookie, offset, data))
+        return self.core.reply_read(cookie, offset, data)
 
     def _sendfile(self, request: Request, fd: int) -> bool:
         """Send a read reply with ``sendfile`` straight from the page cache (one copy fewer).
@@ -614,36 +954,37 @@ class _Connection(asyncio.BufferedProtocol):
             n = 0
         except OSError:
             return False  # nothing was sent: the ordinary path meets the same error
-        sent = 0
         try:
-            if n < len(header):
-                transport.write(header[n:])
-            else:
+            self._send_rest(fd, header, n, offset, length)
+        except Exception as exc:
+            # The reply header is out: no error reply may follow; the spec's only way on is a
+            # hard disconnect.
+            log.warning("NBD client %s: read failed after the reply header: %s", self.peer, exc)
+            self.abort()
+        return True
+
+    def _send_rest(self, fd: int, header: bytes, n: int, offset: int, length: int) -> None:
+        """The rest of a sendfile reply whose first ``n`` header bytes went out."""
+        transport = self.transport
+        sent = 0
+        if n < len(header):
+            transport.write(header[n:])
+        else:
+            try:
                 while sent < length:
-                    k = os.sendfile(sock, fd, offset + sent, length - sent)
+                    k = os.sendfile(self._sock_fd, fd, offset + sent, length - sent)
                     if k == 0:
                         break  # the end of the file: the unaligned tail reads as zeroes
                     sent += k
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            # The reply header is out: the spec's only way on is a hard disconnect.
-            log.warning("NBD client %s: sendfile failed after the reply header: %s", self.peer, exc)
-            self.abort()
-            return True
+            except BlockingIOError:
+                pass
         if sent < length:
-            try:
-                rest = os.pread(fd, length - sent, offset + sent)
-            except OSError as exc:
-                log.warning("NBD client %s: read failed after the reply header: %s", self.peer, exc)
-                self.abort()
-                return True
+            rest = os.pread(fd, length - sent, offset + sent)
             if len(rest) < length - sent:
                 rest += bytes(length - sent - len(rest))
             transport.write(rest)
-        return True
 
-    async def _read_sparse(self, request: Request, extents: list[Any]) -> None:
+    async def _read_sparse(self, request: Request, extents: list[Any]) -> _Reply:
         """Send zero extents as hole chunks (with DF only when the whole range is one hole)."""
         offset, length = request.offset, request.length
         end = offset + length
@@ -667,16 +1008,15 @@ class _Connection(asyncio.BufferedProtocol):
         device = self.device
         if request.flags & FLAG_DF and (len(runs) > 1 or runs[0][1]):
             data = await device.pread(offset, length)
-            self._sendv(self.core.reply_read(request.cookie, offset, data))
-            return
+            return self.core.reply_read(request.cookie, offset, data)
         pieces: list[tuple[int, bytes | None]] = []
         pos = offset
         for run, is_data in runs:
             pieces.append((run, await device.pread(pos, run) if is_data else None))
             pos += run
-        self._sendv(self.core.reply_read_sparse(request.cookie, offset, pieces))
+        return self.core.reply_read_sparse(request.cookie, offset, pieces)
 
-    async def _block_status(self, request: Request) -> None:
+    async def _block_status(self, request: Request) -> bytes:
         offset, length = request.offset, request.length
         extents = await self.device.block_status(offset, length)
         descriptors: list[tuple[int, int]] = []
@@ -697,7 +1037,7 @@ class _Connection(asyncio.BufferedProtocol):
             raise OSError(errno_mod.EIO, "the device reported no extents")
         if request.flags & FLAG_REQ_ONE:
             descriptors = descriptors[:1]
-        self._send(self.core.reply_block_status(request.cookie, descriptors))
+        return self.core.reply_block_status(request.cookie, descriptors)
 
 
 __all__ = ["Export", "NbdServer"]

@@ -17,6 +17,7 @@ streams in (or the connection is closed when absurd), and request payloads are c
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -49,6 +50,7 @@ DONE = int(ReplyFlag.DONE)
 SPARE_MIN = 64 * 1024  # write payload buffers at least this big are reused
 SPARE_MAX = 8
 SPARE_BYTES = 16 << 20
+LAZY_MIN = 1 << 20  # payload buffers at least this big are mapped: memory is used as bytes arrive
 META_CONTEXT_ID = 1  # the id of base:allocation once selected (any non-zero value would do)
 
 CMD_READ = int(Cmd.READ)
@@ -114,6 +116,65 @@ TRANSITIONS: dict[tuple[Phase, Input], Phase] = {
 for _phase in Phase:
     TRANSITIONS[(_phase, In.CLOSE)] = P.CLOSED
 del P, In, _phase
+
+
+# --- write payload buffers ---------------------------------------------------------------------------
+
+
+def _allocate(size: int) -> bytearray | memoryview:
+    """A zeroed buffer for a write payload. A big one is an anonymous mapping, so the pages of a
+    payload that stalls halfway are never touched, never resident (a bytearray is zero-filled at once)."""
+    if size >= LAZY_MIN:
+        return memoryview(mmap.mmap(-1, size))
+    return bytearray(size)
+
+
+class SparePool:
+    """Finished write payload buffers kept for reuse, at most ``max_count`` and ``max_bytes``; one pool
+    may serve every connection of a server, so what idle buffers hold is bounded server-wide."""
+
+    def __init__(self, max_bytes: int = SPARE_BYTES, max_count: int = SPARE_MAX) -> None:
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self._spares: list[bytearray | mmap.mmap] = []
+        self._bytes = 0
+
+    @property
+    def held(self) -> int:
+        """Bytes the pool holds."""
+        return self._bytes
+
+    def take(self, size: int) -> bytearray | memoryview | None:
+        spares = self._spares
+        for i in range(len(spares)):
+            spare = spares[i]
+            # Reused only when nothing else references it any more (the list, ``spare`` and
+            # getrefcount's own argument are the three references expected; a view of a mapping
+            # anyone still holds keeps one more on it).
+            if len(spare) == size and sys.getrefcount(spare) == 3:
+                del spares[i]
+                self._bytes -= size
+                return spare if type(spare) is bytearray else memoryview(spare)
+        return None
+
+    def give(self, payload: bytes | bytearray | memoryview) -> None:
+        spare: bytearray | mmap.mmap
+        if type(payload) is bytearray:
+            spare = payload
+        elif type(payload) is memoryview and type(payload.obj) is mmap.mmap:
+            spare = payload.obj  # views given out keep a reference on it, not on this view
+        else:
+            return
+        size = len(spare)
+        if size < SPARE_MIN or size > self.max_bytes:
+            return
+        spares = self._spares
+        if any(s is spare for s in spares):
+            return
+        while spares and (len(spares) >= self.max_count or self._bytes + size > self.max_bytes):
+            self._bytes -= len(spares.pop(0))  # the oldest goes first
+        spares.append(spare)
+        self._bytes += size
 
 
 # --- what the core needs to know about exports -----------------------------------------------------
@@ -213,6 +274,7 @@ class ServerCore:
         max_option_data: int = 65536,
         max_option_discard: int = 1 << 20,
         refuse: str | None = None,
+        spares: SparePool | None = None,
     ) -> None:
         self._lookup = lookup
         self._list = list_exports
@@ -242,8 +304,8 @@ class ServerCore:
         self._read_only = True
         self._max_payload = c.MAX_PAYLOAD
         self._align = 0
-        self._payload: bytearray | None = None
-        self._spares: list[bytearray] = []
+        self._payload: bytearray | memoryview | None = None
+        self._spares = spares if spares is not None else SparePool()
         self._payload_have = 0
         self._pending_write: Request | None = None
         self._discard_then: tuple[int, int, int] | None = None  # (cmd, cookie, error) of a refused write
@@ -321,26 +383,19 @@ class ServerCore:
             self._payload_have = 0
         return memoryview(self._payload)[self._payload_have :]
 
-    def _new_payload(self, size: int) -> bytearray:
-        spares = self._spares
-        for i in range(len(spares)):
-            spare = spares[i]
-            # Reused only when nothing else references it any more (the list, ``spare`` and
-            # getrefcount's own argument are the three references expected).
-            if len(spare) == size and sys.getrefcount(spare) == 3:
-                del spares[i]
-                return spare
-        return bytearray(size)
+    def _new_payload(self, size: int) -> bytearray | memoryview:
+        return self._spares.take(size) or _allocate(size)
 
-    def recycle(self, payload: bytearray) -> None:
+    def recycle(self, payload: bytes | bytearray | memoryview) -> None:
         """Offer a finished write payload for reuse: the next write of the same size is received into
         it instead of a fresh (zero-filled) allocation — once nothing else references it."""
-        if len(payload) < SPARE_MIN:
-            return
-        spares = self._spares
-        if len(spares) >= SPARE_MAX or sum(map(len, spares)) + len(payload) > SPARE_BYTES:
-            del spares[0]
-        spares.append(payload)
+        self._spares.give(payload)
+
+    @property
+    def pending_write_length(self) -> int:
+        """The payload length of the write being received (0: none)."""
+        request = self._pending_write
+        return request.length if request is not None and self.phase is Phase.WRITE_PAYLOAD else 0
 
     def payload_received(self, nbytes: int) -> list[Event]:
         """``nbytes`` arrived in the buffer ``payload_buffer`` returned."""
@@ -650,7 +705,8 @@ class ServerCore:
     def _check_other(self, cmd: int, flags: int, offset: int, length: int) -> int:
         advertised = self._flags
         if cmd == CMD_FLUSH:
-            return Errno.EINVAL if flags or not advertised & TransmissionFlag.SEND_FLUSH else 0
+            # The spec: offset and length MUST be zero (nbdkit answers others with EINVAL too).
+            return Errno.EINVAL if flags or offset or length or not advertised & TransmissionFlag.SEND_FLUSH else 0
         if cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
             allowed = FLAG_FUA if advertised & TransmissionFlag.SEND_FUA else 0
             if cmd == CMD_WRITE_ZEROES:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from server.errors import ConfigError
 
-Kind = Literal["str", "int", "number", "bool", "list", "path", "paths", "addresses"]
+Kind = Literal["str", "int", "number", "seconds", "bool", "list", "path", "paths", "addresses"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("export", "list"),
         Setting("max-connections", "int"),
         Setting("handshake-timeout", "number"),
+        Setting("idle-timeout", "seconds"),
+        Setting("max-connections-per-client", "int"),
         Setting("pid-file", "path"),
         Setting("allow-dir", "paths"),
     )
@@ -105,6 +107,10 @@ def _convert(file: Path, base: Path, setting: Setting, value: Any) -> Any:
     if kind == "number":
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where} must be a positive number")
+        return float(value)
+    if kind == "seconds":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{where} must be a number of seconds (0: never)")
         return float(value)
     if kind == "bool":
         if not isinstance(value, bool):

@@ -91,10 +91,18 @@ class Daemon:
         *,
         max_connections: int = 100,
         handshake_timeout: float = 10.0,
+        idle_timeout: float = 0.0,
+        max_connections_per_client: int | None = None,
         paths: PathPolicy | None = None,
         pid_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.registry = Registry(paths=paths, max_connections=max_connections, handshake_timeout=handshake_timeout)
+        self.registry = Registry(
+            paths=paths,
+            max_connections=max_connections,
+            handshake_timeout=handshake_timeout,
+            idle_timeout=idle_timeout,
+            max_connections_per_client=max_connections_per_client,
+        )
         self.registry.stop_requested = self.request_stop
         self.nodes: dict[str, BlockNode] = self.registry.nodes
         self.qmp = QmpServer(build_commands(), self.registry)

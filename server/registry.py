@@ -70,11 +70,15 @@ class Registry:
         events: EventBus | None = None,
         max_connections: int = 100,
         handshake_timeout: float = 10.0,
+        idle_timeout: float = 0.0,
+        max_connections_per_client: int | None = None,
     ) -> None:
         self.paths = paths or PathPolicy()
         self.events = events or EventBus()
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections_per_client = max_connections_per_client
         self.nodes: dict[str, BlockNode] = {}
         self.exports: dict[str, BlockExport] = {}
         self.jobs: dict[str, Job] = {}
@@ -189,7 +193,10 @@ class Registry:
         if self.nbd is not None:
             raise generic("NBD server already running")
         server = NbdServer(
-            max_connections=max_connections or self.max_connections, handshake_timeout=self.handshake_timeout
+            max_connections=max_connections or self.max_connections,
+            handshake_timeout=self.handshake_timeout,
+            idle_timeout=self.idle_timeout,
+            max_connections_per_client=self.max_connections_per_client,
         )
         added: list[str] = []
         try:

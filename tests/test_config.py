@@ -24,6 +24,8 @@ def test_full_config(tmp_path: Path) -> None:
 qmp = ["unix:qmp.sock", "tcp:127.0.0.1:4444"]
 nbd = "127.0.0.1:10809"
 handshake-timeout = 5
+idle-timeout = 0
+max-connections-per-client = 4
 allow-dir = ["images", "/srv/backups"]
 pid-file = "run/serve.pid"
 max-connections = 8
@@ -40,6 +42,7 @@ readonly = true
     assert values["qmp"] == [f"unix:{base}/qmp.sock", "tcp:127.0.0.1:4444"]
     assert values["nbd"] == ["127.0.0.1:10809"]
     assert values["handshake_timeout"] == 5.0
+    assert values["idle_timeout"] == 0.0 and values["max_connections_per_client"] == 4
     assert values["allow_dir"] == [f"{base}/images", "/srv/backups"]
     assert values["pid_file"] == f"{base}/run/serve.pid"
     assert values["max_connections"] == 8
@@ -64,6 +67,8 @@ def test_command_line_wins_and_lists_concatenate(tmp_path: Path) -> None:
         ("max-connections = true", "non-negative"),
         ("pid-file = 5", "non-empty string"),
         ("handshake-timeout = 0", "positive number"),
+        ("idle-timeout = -5", "number of seconds"),
+        ("max-connections-per-client = -1", "non-negative"),
         ("qmp = [1]", "non-empty strings"),
         ("[[export]]\nname = 'x'", "need 'name' and 'path'"),
         ("[[export]]\nname = 'x'\npath = 'p'\nformat = 'vmdk'", "'format'"),

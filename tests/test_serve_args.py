@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from server.cli import build_parser
-from server.commands.serve import ExportSpec, config_from_args, parse_export, parse_hostport
+from server.commands.serve import ExportSpec, build_daemon, config_from_args, parse_export, parse_hostport
 from server.errors import ConfigError
 
 
@@ -51,3 +54,27 @@ def test_export_without_listener_listens_on_default() -> None:
     args = build_parser().parse_args(["serve", "--nbd", "0.0.0.0:1", "--nbd", "[::1]:2", "--max-connections", "0"])
     with pytest.raises(ConfigError, match="max-connections"):
         config_from_args(args)
+
+
+def test_connection_limits_reach_the_nbd_server(tmp_path: Path) -> None:
+    """--idle-timeout and --max-connections-per-client (or their config keys) end up in NbdServer."""
+    config_file = tmp_path / "serve.toml"
+    config_file.write_text("idle-timeout = 30\nmax-connections-per-client = 3\n")
+    args = build_parser().parse_args(["serve", "--config", str(config_file), "--idle-timeout", "120", "--nbd", ":0"])
+    config = config_from_args(args)
+    assert (config.idle_timeout, config.max_connections_per_client) == (120.0, 3)
+    default = config_from_args(build_parser().parse_args(["serve", "--max-connections", "10"]))
+    assert (default.idle_timeout, default.max_connections_per_client) == (0.0, None)
+
+    async def main() -> None:
+        daemon = await build_daemon(config)
+        try:
+            assert daemon.nbd is not None
+            assert (daemon.nbd.idle_timeout, daemon.nbd.max_connections_per_client) == (120.0, 3)
+        finally:
+            await daemon.shutdown()
+
+    asyncio.run(main())
+    for bad in (["--idle-timeout", "-1"], ["--max-connections-per-client", "0"]):
+        with pytest.raises(ConfigError, match=bad[0][2:]):
+            config_from_args(build_parser().parse_args(["serve", *bad]))

@@ -540,3 +540,245 @@ def test_big_reads_of_a_raw_file(loop: str, structured: bool, tmp_path: Path) ->
 class InvertingFilter(BlockFilter):
     async def pread(self, offset: int, length: int) -> bytes:
         return bytes(b ^ 0xFF for b in await super().pread(offset, length))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_big_writes_are_answered_once(loop: str) -> None:
+    """Writes over the 16 MiB spare budget, up to the 32 MiB we advertise: one reply each, so the
+    read after them gets its own reply (a second, EIO reply to the write used to come first)."""
+    device = MemoryDevice(64 << 20)
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        for cookie, size in ((1, 20 << 20), (3, 32 << 20), (5, 32 << 20)):
+            fill = bytes([cookie]) * size
+            client.request(Cmd.WRITE, cookie, 0, size, data=fill)
+            client.request(Cmd.READ, cookie + 1, size - 4096, 4096)
+            assert (await client.reply())[1:3] == (cookie, 0)
+            data, _ = await client.read_data(cookie + 1)
+            assert data == fill[:4096]
+        client.request(Cmd.DISC, 9)
+        assert await asyncio.wait_for(client.reader.read(), 5) == b""
+        await client.close()
+
+    run_on(loop, serving(device, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_nothing_after_a_reply_can_answer_again(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever raises once a request's reply went out is logged, never answered a second time."""
+    from nbd.server_core import ServerCore
+
+    def broken(self: ServerCore, payload: bytearray) -> None:
+        raise RuntimeError("a bug after the reply")
+
+    monkeypatch.setattr(ServerCore, "recycle", broken)
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        client.request(Cmd.WRITE, 1, 0, 1 << 20, data=b"\x07" * (1 << 20))
+        client.request(Cmd.READ, 2, 0, 4096)
+        assert (await client.reply())[1:3] == (1, 0)
+        assert (await client.read_data(2))[0] == b"\x07" * 4096
+        client.request(Cmd.FLUSH, 3)
+        assert (await client.reply())[1:3] == (3, 0)
+        await client.close()
+
+    run_on(loop, serving(MemoryDevice(4 << 20), body))
+
+
+async def _settle(port: int, rounds: int = 5) -> None:
+    """Round trips on an honest connection: by then the server has been through what others sent."""
+    probe = await RawClient.connect(port)
+    await probe.go("disk", structured=False)
+    for cookie in range(rounds):
+        probe.request(Cmd.READ, cookie, 0, 512)
+        assert (await probe.reply())[1:3] == (cookie, 0)
+        await probe.reader.readexactly(512)
+    await probe.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_unread_replies_are_bounded_per_connection_and_server(loop: str) -> None:
+    """Clients that pipeline reads of a fast device and never read the replies: each connection
+    stops starting requests at its limits, all of them together at the server's budget; once the
+    clients read, every request is answered and nothing stays charged."""
+    from nbd import server as server_mod
+
+    count, length, budget = 200, 256 << 10, 8 << 20
+
+    async def body(server: NbdServer, port: int) -> None:
+        flooders = [await RawClient.connect(port) for _ in range(3)]
+        for flooder in flooders:
+            await flooder.go("disk", structured=False)
+            for cookie in range(count):
+                flooder.request(Cmd.READ, cookie, 0, length)
+        await _settle(port)
+        assert server.buffered <= budget
+        unsent = sum(conn.transport.get_write_buffer_size() for conn in server._connections)
+        # Each transport holds what was charged, plus at most its high-water mark and one batch.
+        slack = server_mod.WRITE_HIGH_WATER + server_mod.BATCH_BYTES + length
+        assert unsent <= budget + 3 * slack, unsent
+
+        async def drain(client: RawClient) -> set[int]:
+            cookies = set()
+            for _ in range(count):
+                _magic, cookie, error, _, _ = await client.reply()
+                assert error == 0
+                await client.reader.readexactly(length)
+                cookies.add(cookie)
+            return cookies
+
+        got = await asyncio.gather(*(drain(flooder) for flooder in flooders))
+        assert all(cookies == set(range(count)) for cookies in got)
+        for _ in range(100):
+            if not server.buffered:
+                break
+            await asyncio.sleep(0.01)
+        assert server.buffered == 0
+        for flooder in flooders:
+            await flooder.close()
+
+    run_on(loop, serving(MemoryDevice(1 << 20), body, buffer_budget=budget))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stalled_write_payloads_are_bounded(loop: str, tmp_path: Path) -> None:
+    """Writes that stall one byte into their payload: each is charged its whole length before any of
+    it is read, the server's budget bounds them all, and one client (address) gets at most half of
+    it, so another client still writes and reads."""
+    size, budget = 4 << 20, 16 << 20
+
+    async def main() -> None:
+        server = NbdServer(buffer_budget=budget, stall_timeout=0)
+        server.add_export(Export("disk", MemoryDevice(size)))
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        path = tmp_path / "nbd.sock"
+        await server.listen_unix(path)
+        stalled = [await RawClient.connect(port) for _ in range(6)]
+        for client in stalled:
+            await client.go("disk")
+            client.request(Cmd.WRITE, 1, 0, size, data=b"\x01")
+            await client.writer.drain()
+        other = RawClient(*await asyncio.open_unix_connection(str(path)))
+        await other.go("disk")
+        other.request(Cmd.WRITE, 2, 0, size, data=b"\x02" * size)
+        assert (await other.reply())[1:3] == (2, 0)
+        other.request(Cmd.READ, 3, size - 512, 512)
+        assert (await other.read_data(3))[0] == b"\x02" * 512
+        # 127.0.0.1 holds half the budget (two payloads); the other four wait without reading.
+        assert server.buffered == budget // 2
+        for client in stalled:
+            await client.close()
+        await other.close()
+        for _ in range(100):
+            if not server.buffered:
+                break
+            await asyncio.sleep(0.01)
+        assert server.buffered == 0
+        await server.stop()
+
+    run_on(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_idle_and_stalled_connections_are_closed(loop: str) -> None:
+    device = GatedDevice(4 << 20)
+
+    async def body(server: NbdServer, port: int) -> None:
+        idle = await RawClient.connect(port)
+        await idle.go("disk")
+        not_reading = await RawClient.connect(port)
+        await not_reading.go("disk", structured=False)
+        not_reading.writer.transport.set_write_buffer_limits(high=0)
+        for cookie in range(64):
+            not_reading.request(Cmd.READ, cookie, 1 << 20, 1 << 20)
+        half_written = await RawClient.connect(port)
+        await half_written.go("disk")
+        half_written.request(Cmd.WRITE, 1, 0, 1 << 20, data=b"\x01")
+        # Waiting for the device is neither idle nor stalled: this one is answered.
+        busy = await RawClient.connect(port)
+        await busy.go("disk")
+        busy.request(Cmd.READ, 1, 0, 512)  # offset 0: waits for the gate
+        for client in (idle, half_written):
+            assert await asyncio.wait_for(client.reader.read(), 10) == b""
+        # The one that does not read is cut off once the server stops getting its replies out.
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(not_reading.reader.readexactly(1 << 30), 10)
+        device.gate.set()
+        assert (await busy.read_data(1))[0] == bytes(512)
+        for client in (idle, not_reading, half_written, busy):
+            await client.close()
+
+    run_on(loop, serving(device, body, idle_timeout=0.3, stall_timeout=0.3))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_per_client_limit_and_silent_sockets(loop: str, tmp_path: Path) -> None:
+    """One address gets at most its share of the connections; silent sockets (connected, then
+    nothing) make room for a real client when the server is full."""
+
+    async def main() -> None:
+        server = NbdServer(max_connections=4, max_connections_per_client=2)
+        server.add_export(Export("disk", MemoryDevice(1 << 20)))
+        _, port = await server.listen_tcp("127.0.0.1", 0)
+        path = tmp_path / "nbd.sock"
+        await server.listen_unix(path)
+        first = [await RawClient.connect(port) for _ in range(2)]
+        for client in first:
+            await client.go("disk")
+        third = await RawClient.connect(port)
+        await third.greeting()
+        third.option(Opt.GO, wire.InfoRequest.build({"name": "disk", "requests": []}))
+        reply, message = await third.option_reply()
+        assert reply == Rep.ERR_POLICY and b"too many connections from 127.0.0.1" in message
+        await third.close()
+        # Silent sockets (unix: no per-address limit) fill the server ...
+        silent = [await asyncio.open_unix_connection(str(path)) for _ in range(2)]
+        while server.connections < 4:
+            await asyncio.sleep(0.01)
+        # ... and a real client still gets in: a silent one is dropped for it.
+        real = RawClient(*await asyncio.open_unix_connection(str(path)))
+        await real.go("disk")
+        real.request(Cmd.READ, 1, 0, 512)
+        assert (await real.read_data(1))[0] == bytes(512)
+        dropped = 0
+        for reader, writer in silent:
+            await reader.readexactly(18)  # the greeting
+            if await asyncio.wait_for(reader.read(), 5) == b"":
+                dropped += 1
+                writer.close()
+                break
+        assert dropped == 1
+        for client in (*first, real):
+            await client.close()
+        for _, writer in silent:
+            writer.close()
+        await server.stop()
+
+    run_on(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_receive_buffer_is_small_until_negotiated(loop: str) -> None:
+    from nbd import server as server_mod
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.greeting()
+        client.option(Opt.LIST)
+        while (await client.option_reply())[0] != Rep.ACK:
+            pass
+        (conn,) = server._connections
+        assert conn._rbuf is not None and len(conn._rbuf) == server_mod.HANDSHAKE_BUFFER
+        client.option(Opt.GO, wire.InfoRequest.build({"name": "disk", "requests": []}))
+        while (await client.option_reply())[0] != Rep.ACK:
+            pass
+        client.request(Cmd.READ, 1, 0, 512)
+        assert (await client.reply())[1:3] == (1, 0)
+        assert conn._rbuf is not None and len(conn._rbuf) == server_mod.RECEIVE_BUFFER
+        await client.close()
+
+    run_on(loop, serving(MemoryDevice(1 << 20), body))

@@ -419,6 +419,9 @@ def test_write_payload_in_pieces() -> None:
         (request(Cmd.BLOCK_STATUS, offset=SIZE, length=1), Errno.EINVAL),
         (request(Cmd.BLOCK_STATUS, length=0), Errno.EINVAL),
         (request(Cmd.FLUSH, flags=CmdFlag.FUA), Errno.EINVAL),
+        # The spec: FLUSH offset and length MUST be zero (nbdkit answers EINVAL too).
+        (request(Cmd.FLUSH, offset=512), Errno.EINVAL),
+        (request(Cmd.FLUSH, length=512), Errno.EINVAL),
         (request(Cmd.RESIZE, length=1), Errno.EINVAL),
         (request(200, length=1), Errno.EINVAL),
     ],
@@ -697,3 +700,56 @@ def test_minimum_block_size_is_enforced() -> None:
     rest = data[20 + len(payload) :]
     assert simple_error(rest[:16]) == (Errno.EINVAL, 8)
     assert simple_error(rest[16:]) == (Errno.EINVAL, 9)
+
+
+@pytest.mark.parametrize("size", [20 << 20, 32 << 20])
+def test_recycling_a_payload_bigger_than_the_spare_budget(size: int) -> None:
+    """A write payload over the spare budget (16 MiB) is not kept, and recycling it never fails."""
+    big = {"disk": ExportEntry("disk", 64 << 20, RW_FLAGS)}
+    core = negotiate(core=ServerCore(big.get, lambda: big.values()))
+    for cookie in (1, 2):
+        core.receive(request(Cmd.WRITE, cookie=cookie, length=size))
+        target = core.payload_buffer()
+        assert target is not None
+        (write,) = core.payload_received(len(target))
+        del target
+        assert isinstance(write, Request) and write.payload is not None
+        core.recycle(write.payload)  # raised IndexError with nothing kept yet
+        write.payload = None
+    # A small one is still kept.
+    core.receive(request(Cmd.WRITE, cookie=3, length=1 << 20))
+    target = core.payload_buffer()
+    assert target is not None
+    (write,) = core.payload_received(len(target))
+    del target
+    assert isinstance(write, Request) and write.payload is not None
+    core.recycle(write.payload)
+
+
+def test_big_payloads_are_mapped_and_spares_are_shared() -> None:
+    """A big payload buffer is an anonymous mapping (pages used only as bytes arrive); finished ones
+    go to a pool several connections share, bounded in bytes."""
+    import mmap
+
+    from nbd.server_core import SparePool
+
+    big = {"disk": ExportEntry("disk", 64 << 20, RW_FLAGS)}
+    pool = SparePool(max_bytes=4 << 20, max_count=4)
+    first, second = (negotiate(core=ServerCore(big.get, lambda: big.values(), spares=pool)) for _ in range(2))
+    first.receive(request(Cmd.WRITE, length=2 << 20) + b"\x01")  # one byte of the payload
+    target = first.payload_buffer()
+    assert target is not None and isinstance(target.obj, mmap.mmap) and len(target) == (2 << 20) - 1
+    (write,) = first.payload_received(len(target))
+    del target
+    assert isinstance(write, Request) and write.payload is not None and write.payload[:1] == b"\x01"
+    first.recycle(write.payload)
+    write.payload = None
+    assert pool.held == 2 << 20
+    second.receive(request(Cmd.WRITE, length=2 << 20))
+    reused = second.payload_buffer()
+    assert reused is not None and reused[:1] == b"\x01"  # the first connection's buffer
+    assert pool.held == 0
+    # Never more than the pool's bytes.
+    for _ in range(3):
+        pool.give(memoryview(mmap.mmap(-1, 2 << 20)))
+    assert pool.held == 4 << 20

@@ -47,8 +47,17 @@ blockdev-backup, transaction, query-block-jobs, block-job-cancel …):
                            drive-backup targets) to DIR, symlinks resolved (repeatable)
   --config FILE            the same settings from TOML: qmp = ["unix:/run/nbd-backup/qmp.sock"],
                            nbd = ["127.0.0.1:10809"], export = ["disk=/img/disk.qcow2"],
-                           allow-dir = ["/backups"], pid-file = "...", max-connections = 16 …
+                           allow-dir = ["/backups"], pid-file = "...", max-connections = 16,
+                           idle-timeout = 600 …
                            (the command line wins; repeatable settings add up)
+
+limits (whatever clients do, connections and memory stay bounded):
+  --max-connections N (default 100), --max-connections-per-client N (one TCP address, default half
+  of it), --handshake-timeout SECONDS (10), --idle-timeout SECONDS (0: never). A full server drops
+  sockets that have said nothing since their greeting first. Request data, write payloads and
+  unsent replies are held to 64 MiB per connection and 256 MiB in all (a client address gets at
+  most half): beyond that, requests wait unread; a client that leaves its replies unread or its
+  write payload unfinished for 60 s is disconnected.
 
 examples:
   nbd-backup serve --export disk=disk.img
@@ -77,6 +86,8 @@ class ServeConfig:
     exports: list[ExportSpec] = field(default_factory=list)
     max_connections: int = 100
     handshake_timeout: float = 10.0
+    idle_timeout: float = 0.0
+    max_connections_per_client: int | None = None  # None: half of max_connections
     qmp: list[str] = field(default_factory=list)
     pid_file: str | None = None
     allow_dirs: list[str] = field(default_factory=list)
@@ -164,6 +175,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="drop NBD clients that have not finished the handshake by then (default 10)",
     )
     parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="close NBD connections that send no request for SECONDS (default 0: never, as qemu-nbd; "
+        "qemu's NBD client stays connected while its guest is idle, so set it where clients reconnect)",
+    )
+    parser.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=None,
+        metavar="N",
+        help="NBD connections at once from one TCP address (default: half of --max-connections)",
+    )
+    parser.add_argument(
         "--qmp",
         action="append",
         default=[],
@@ -188,12 +214,15 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         apply_config(args, load_config(args.config))
     max_connections = getattr(args, "max_connections", None)
     handshake_timeout = getattr(args, "handshake_timeout", None)
+    idle_timeout = getattr(args, "idle_timeout", None)
     config = ServeConfig(
         tcp=[parse_hostport(a) for a in args.nbd],
         unix=list(args.nbd_socket),
         exports=[parse_export(e) for e in args.export],
         max_connections=100 if max_connections is None else max_connections,
         handshake_timeout=10.0 if handshake_timeout is None else handshake_timeout,
+        idle_timeout=0.0 if idle_timeout is None else idle_timeout,
+        max_connections_per_client=getattr(args, "max_connections_per_client", None),
         qmp=list(getattr(args, "qmp", None) or []),
         pid_file=getattr(args, "pid_file", None),
         allow_dirs=list(getattr(args, "allow_dir", None) or []),
@@ -207,6 +236,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError("--max-connections must be at least 1")
     if config.handshake_timeout <= 0:
         raise ConfigError("--handshake-timeout must be positive")
+    if config.idle_timeout < 0:
+        raise ConfigError("--idle-timeout must be 0 (never) or positive")
+    if config.max_connections_per_client is not None and config.max_connections_per_client < 1:
+        raise ConfigError("--max-connections-per-client must be at least 1")
     names = [e.name for e in config.exports]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -221,6 +254,8 @@ async def build_daemon(config: ServeConfig) -> Daemon:
     daemon = Daemon(
         max_connections=config.max_connections,
         handshake_timeout=config.handshake_timeout,
+        idle_timeout=config.idle_timeout,
+        max_connections_per_client=config.max_connections_per_client,
         paths=PathPolicy(config.allow_dirs),
         pid_file=config.pid_file,
     )

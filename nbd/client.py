@@ -41,17 +41,17 @@ from nbd import constants as c
 from nbd.client_core import (
     ClientHandshake,
     ClientTransmission,
-    ExportNameReply,
+    ExportNameAccepted,
     Greeting,
     HandshakeEvent,
-    InfoBlockSize,
-    InfoDescription,
-    InfoExport,
-    InfoName,
+    InfoBlockSizeReceived,
+    InfoDescriptionReceived,
+    InfoExportReceived,
+    InfoNameReceived,
     MetaContext,
     OptionAck,
     OptionError,
-    Request,
+    ClientRequest,
     ServerEntry,
     _NeedData,
     describe_rep_error,
@@ -122,7 +122,7 @@ class _Op:
     offset: int
     length: int
     flags: int
-    future: asyncio.Future[Request]
+    future: asyncio.Future[ClientRequest]
     data: bytes | bytearray | memoryview | None = None
     buffer: bytearray | memoryview | None = None
     seq: int = 0  # writes (WRITE, WRITE_ZEROES, TRIM): issue order, for the replay rule
@@ -190,7 +190,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._writable.set()
         self.reason: BaseException | None = None  # why we aborted, when we did
         self.last_progress = 0.0  # loop time of the last bytes received, or of a request sent while idle
-        self.on_replies: Callable[[list[Request]], None] = lambda done: None
+        self.on_replies: Callable[[list[ClientRequest]], None] = lambda done: None
         self.on_lost: Callable[[_Connection, BaseException], None] = lambda conn, exc: None
         self.ready = False
         self._corked: list[_Out] = []
@@ -306,7 +306,7 @@ class _Connection(asyncio.BufferedProtocol):
                 future = (op.parent or op).future
                 if not future.done():
                     future.set_exception(exc)  # the caller sees the file's errno; the rest is bookkeeping
-                self.on_replies([Request(0, op.cmd, op.flags, op.offset, op.length, userdata=op, error=c.Errno.EIO)])
+                self.on_replies([ClientRequest(0, op.cmd, op.flags, op.offset, op.length, userdata=op, error=c.Errno.EIO)])
                 return
             op.source = None
         if not tx.inflight:
@@ -561,18 +561,18 @@ async def _negotiate(conn: _Connection, export: str, *, list_contexts: bool) -> 
         used_go = False
         conn.write(hs.send_export_name(export))
         reply = await conn.next_event()
-        if not isinstance(reply, ExportNameReply):
+        if not isinstance(reply, ExportNameAccepted):
             raise ProtocolError(f"expected the NBD_OPT_EXPORT_NAME reply, got {reply!r}")
         size, flags = reply.size, reply.transmission_flags
     else:
         for event in events:
-            if isinstance(event, InfoExport):
+            if isinstance(event, InfoExportReceived):
                 size, flags = event.size, event.transmission_flags
-            elif isinstance(event, InfoBlockSize):
+            elif isinstance(event, InfoBlockSizeReceived):
                 block = event
-            elif isinstance(event, InfoDescription):
+            elif isinstance(event, InfoDescriptionReceived):
                 description = event.description
-            elif isinstance(event, InfoName):
+            elif isinstance(event, InfoNameReceived):
                 pass
         if size is None or flags is None:
             raise ProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
@@ -867,7 +867,7 @@ class NbdClient:
         fresh: bool = True,
         source: _Source | None = None,
         source_offset: int = 0,
-    ) -> Request:
+    ) -> ClientRequest:
         self._check_usable()
         loop = asyncio.get_running_loop()
         async with self._slots:
@@ -885,7 +885,7 @@ class NbdClient:
             conn.send(op)
             return await op.future
 
-    def _on_replies(self, done: list[Request]) -> None:
+    def _on_replies(self, done: list[ClientRequest]) -> None:
         for req in done:
             op: _Op = req.userdata
             if op.parent is not None:
@@ -901,7 +901,7 @@ class NbdClient:
             else:
                 future.set_result(req)
 
-    def _piece_done(self, parent: _Op, req: Request) -> None:
+    def _piece_done(self, parent: _Op, req: ClientRequest) -> None:
         parent.parts -= 1
         if req.error and not parent.future.done():
             parent.future.set_exception(_request_error(req))
@@ -1014,7 +1014,7 @@ class NbdClient:
             # Split: the pieces count against the parent; an empty split completes this op at once.
             parent.parts += len(pieces) - (1 if op.parent is not None else 0)
             if not pieces:
-                done = Request(0, op.cmd, op.flags, op.offset, op.length)
+                done = ClientRequest(0, op.cmd, op.flags, op.offset, op.length)
                 if op.parent is not None:
                     parent.parts += 1  # undo the -1 above, then count this piece as done
                     self._piece_done(parent, done)
@@ -1366,7 +1366,7 @@ def _load(conn: _Connection) -> int:
     return conn.inflight
 
 
-def _request_error(req: Request) -> NbdRequestError:
+def _request_error(req: ClientRequest) -> NbdRequestError:
     err = nbd_to_errno(req.error)
     name = c.Cmd(req.cmd).name if req.cmd in c.Cmd._value2member_map_ else str(req.cmd)
     where = f" at offset {req.error_offset}" if req.error_offset is not None else ""

@@ -14,6 +14,7 @@ from nbd import wire
 from nbd.client_core import (
     NEED_DATA,
     ClientHandshake,
+    ClientRequest,
     ClientTransmission,
     ExportNameAccepted,
     Greeting,
@@ -25,7 +26,6 @@ from nbd.client_core import (
     MetaContext,
     OptionAck,
     OptionError,
-    ClientRequest,
     ServerEntry,
 )
 from nbd.errors import HandshakeError, ProtocolError

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from peers import SIZE, Peer, nbdcopy_to_file, nbdkit, peer_of_kind
 
-from nbd import client as client_module
+from nbd import client_transport
 from nbd.client import NbdClient
 
 KINDS = ["nbdkit-memory", "qemu-nbd", "nbd-server", "nbd-backup", "nbdkit-slow"]
@@ -78,7 +78,7 @@ async def test_file_payloads_read_back_byte_exact(
     path.write_bytes(source)
     model = bytearray(SIZE)
     spy = CountingSendfile()
-    monkeypatch.setattr(client_module.os, "sendfile", spy)
+    monkeypatch.setattr(client_transport.os, "sendfile", spy)
     fd = os.open(path, os.O_RDONLY)
     client = await asyncio.wait_for(NbdClient.connect(peer.uri, max_in_flight=16), 30)
     try:
@@ -121,7 +121,7 @@ async def test_a_source_failing_mid_payload_is_never_applied(
     finally:
         await setup.close()
     spy = CountingSendfile(fail_after=PIECE + 40_000)
-    monkeypatch.setattr(client_module.os, "sendfile", spy)
+    monkeypatch.setattr(client_transport.os, "sendfile", spy)
     fd = os.open(path, os.O_RDONLY)
     client = await asyncio.wait_for(NbdClient.connect(peer.uri, connections=1), 30)
     try:

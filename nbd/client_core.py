@@ -5,10 +5,10 @@ Two machines, one per phase:
 * :class:`ClientHandshake` — fixed newstyle negotiation. The caller builds option requests with its
   ``send_*`` methods (they return the bytes to write), feeds what the server sends to
   :meth:`ClientHandshake.receive_data` and pulls typed events with :meth:`ClientHandshake.next_event`.
-  Which options to send and when is the caller's policy (``nbd.client``); this class only knows
+  Which options to send and when is the caller's policy (``nbd.client_negotiate``); this class only knows
   what is legal on the wire and what the replies mean.
 * :class:`ClientTransmission` — the transmission phase. :meth:`ClientTransmission.request` returns a
-  :class:`Request` and the header to send; replies are fed either as bytes (:meth:`feed`) or through
+  :class:`ClientRequest` and the header to send; replies are fed either as bytes (:meth:`feed`) or through
   the zero-copy pair :meth:`get_buffer` / :meth:`buffer_updated` (the shape of
   ``asyncio.BufferedProtocol``), which lets read payloads land directly in the request's buffer.
   Finished requests come out of :meth:`ClientTransmission.pop_completed`.
@@ -44,6 +44,9 @@ class _NeedData:
 NEED_DATA = _NeedData()
 """Returned by :meth:`ClientHandshake.next_event` when more bytes are needed."""
 
+# The events below say what arrived; the byte layouts of the same messages are the structs in ``nbd.wire``
+# (``wire.InfoExport`` is the layout, :class:`InfoExportReceived` the event), hence the distinct names.
+
 
 @dataclass(frozen=True, slots=True)
 class Greeting:
@@ -77,37 +80,37 @@ class MetaContext:
 
 
 @dataclass(frozen=True, slots=True)
-class InfoExport:
+class InfoExportReceived:
     size: int
     transmission_flags: int
 
 
 @dataclass(frozen=True, slots=True)
-class InfoName:
+class InfoNameReceived:
     name: str
 
 
 @dataclass(frozen=True, slots=True)
-class InfoDescription:
+class InfoDescriptionReceived:
     description: str
 
 
 @dataclass(frozen=True, slots=True)
-class InfoBlockSize:
+class InfoBlockSizeReceived:
     minimum: int
     preferred: int
     maximum: int
 
 
 @dataclass(frozen=True, slots=True)
-class InfoUnknown:
+class InfoUnknownReceived:
     """An ``NBD_REP_INFO`` type we do not know; the spec says to ignore it."""
 
     info: int
 
 
 @dataclass(frozen=True, slots=True)
-class ExportNameReply:
+class ExportNameAccepted:
     """The reply to ``NBD_OPT_EXPORT_NAME``; transmission starts right after it."""
 
     size: int
@@ -120,12 +123,12 @@ HandshakeEvent = (
     | OptionError
     | ServerEntry
     | MetaContext
-    | InfoExport
-    | InfoName
-    | InfoDescription
-    | InfoBlockSize
-    | InfoUnknown
-    | ExportNameReply
+    | InfoExportReceived
+    | InfoNameReceived
+    | InfoDescriptionReceived
+    | InfoBlockSizeReceived
+    | InfoUnknownReceived
+    | ExportNameAccepted
 )
 
 
@@ -251,7 +254,7 @@ class ClientHandshake:
         self._option = None
         self.state = HandshakeState.READY
 
-    def _export_name_reply(self) -> ExportNameReply | _NeedData:
+    def _export_name_reply(self) -> ExportNameAccepted | _NeedData:
         need = _EXPORT_NAME_REPLY_SIZE + (0 if self.no_zeroes else 124)
         if len(self._buffer) < need:
             return NEED_DATA
@@ -259,7 +262,7 @@ class ClientHandshake:
         size, flags = parsed.size, parsed.transmission_flags
         del self._buffer[:need]
         self.state = HandshakeState.TRANSMISSION
-        return ExportNameReply(size, flags)
+        return ExportNameAccepted(size, flags)
 
     def receive_eof(self) -> None:
         """The server closed the connection: explain it in terms of where negotiation was."""
@@ -354,11 +357,11 @@ def _parse_info(payload: bytes) -> HandshakeEvent:
     if info == c.Info.EXPORT:
         if len(payload) != 12:
             raise ProtocolError("NBD_INFO_EXPORT of the wrong length")
-        return InfoExport(int.from_bytes(payload[2:10], "big"), int.from_bytes(payload[10:12], "big"))
+        return InfoExportReceived(int.from_bytes(payload[2:10], "big"), int.from_bytes(payload[10:12], "big"))
     if info == c.Info.NAME:
-        return InfoName(_utf8(payload[2:]))
+        return InfoNameReceived(_utf8(payload[2:]))
     if info == c.Info.DESCRIPTION:
-        return InfoDescription(_utf8(payload[2:]))
+        return InfoDescriptionReceived(_utf8(payload[2:]))
     if info == c.Info.BLOCK_SIZE:
         if len(payload) != 14:
             raise ProtocolError("NBD_INFO_BLOCK_SIZE of the wrong length")
@@ -368,8 +371,8 @@ def _parse_info(payload: bytes) -> HandshakeEvent:
             raise ProtocolError(f"invalid block sizes {minimum}/{preferred}/{maximum}")
         if maximum != 0xFFFFFFFF and (maximum < preferred or maximum % minimum):
             raise ProtocolError(f"invalid maximum payload {maximum} for minimum block {minimum}")
-        return InfoBlockSize(minimum, preferred, maximum)
-    return InfoUnknown(info)
+        return InfoBlockSizeReceived(minimum, preferred, maximum)
+    return InfoUnknownReceived(info)
 
 
 def _power_of_two(value: int) -> bool:
@@ -380,7 +383,7 @@ def _power_of_two(value: int) -> bool:
 
 
 @dataclass(slots=True, eq=False)
-class Request:
+class ClientRequest:
     """One request in flight: what was asked, and what the replies said so far."""
 
     cookie: int
@@ -413,14 +416,14 @@ _REQUEST = wire.REQUEST_FAST
 
 
 class ClientTransmission:
-    """Requests out, replies in; keeps the cookie → :class:`Request` table of one connection."""
+    """Requests out, replies in; keeps the cookie → :class:`ClientRequest` table of one connection."""
 
     def __init__(self, *, structured: bool, meta_context_id: int | None = None) -> None:
         self.structured = structured
         self.meta_context_id = meta_context_id
-        self.inflight: dict[int, Request] = {}
+        self.inflight: dict[int, ClientRequest] = {}
         self._next_cookie = 1
-        self._completed: list[Request] = []
+        self._completed: list[ClientRequest] = []
         self._rx = _Rx.HEADER
         self._header = bytearray(20)
         self._header_have = 0
@@ -429,7 +432,7 @@ class ClientTransmission:
         self._chunk_need = 0
         self._chunk_type = 0
         self._chunk_flags = 0
-        self._req: Request | None = None
+        self._req: ClientRequest | None = None
         self._data_view: memoryview | None = None
         self._data_pos = 0
         self._data_end = 0
@@ -450,11 +453,11 @@ class ClientTransmission:
         buffer: bytearray | memoryview | None = None,
         userdata: Any = None,
         fresh: bool = True,
-    ) -> tuple[Request, bytes]:
+    ) -> tuple[ClientRequest, bytes]:
         """Register a request and return it with the 28-byte header to send (a WRITE's data follows)."""
         cookie = self._next_cookie
         self._next_cookie = cookie + 1 if cookie < 0xFFFFFFFFFFFFFFFF else 1
-        req = Request(cookie, cmd, flags, offset, length, buffer, userdata)
+        req = ClientRequest(cookie, cmd, flags, offset, length, buffer, userdata)
         if cmd == c.Cmd.READ and buffer is None:
             req.buffer = bytearray(length)
         elif not fresh:
@@ -467,7 +470,7 @@ class ClientTransmission:
         """``NBD_CMD_DISC``: no reply; the server closes after finishing what is in flight."""
         return _REQUEST.pack(c.REQUEST_MAGIC, 0, c.Cmd.DISC, 0, 0, 0)
 
-    def pop_completed(self) -> list[Request]:
+    def pop_completed(self) -> list[ClientRequest]:
         done = self._completed
         if done:
             self._completed = []
@@ -554,7 +557,7 @@ class ClientTransmission:
                 self._simple_reply(error, cookie)
         return pos
 
-    def _lookup(self, cookie: int) -> Request:
+    def _lookup(self, cookie: int) -> ClientRequest:
         req = self.inflight.get(cookie)
         if req is None:
             raise ProtocolError(f"reply for unknown cookie {cookie}")
@@ -615,7 +618,7 @@ class ClientTransmission:
             raise ProtocolError(f"OFFSET_DATA chunk [{offset}, +{length}) outside the read request")
         self._start_data(req, start, length, done=bool(self._chunk_flags & c.ReplyFlag.DONE))
 
-    def _start_data(self, req: Request, start: int, length: int, *, done: bool) -> None:
+    def _start_data(self, req: ClientRequest, start: int, length: int, *, done: bool) -> None:
         self._req = req
         self._rx = _Rx.DATA
         self._data_view = memoryview(req.buffer) if req.buffer is not None else None
@@ -654,7 +657,7 @@ class ClientTransmission:
         if self._chunk_flags & c.ReplyFlag.DONE:
             self._complete(req)
 
-    def _hole(self, req: Request, payload: bytes) -> None:
+    def _hole(self, req: ClientRequest, payload: bytes) -> None:
         if req.cmd != c.Cmd.READ or len(payload) != 12:
             raise ProtocolError("bad OFFSET_HOLE chunk")
         offset, length = int.from_bytes(payload[:8], "big"), int.from_bytes(payload[8:], "big")
@@ -665,7 +668,7 @@ class ClientTransmission:
         if not req.fresh and req.buffer is not None:
             memoryview(req.buffer)[start : start + length] = bytes(length)
 
-    def _block_status(self, req: Request, payload: bytes) -> None:
+    def _block_status(self, req: ClientRequest, payload: bytes) -> None:
         if req.cmd != c.Cmd.BLOCK_STATUS or len(payload) < 12 or (len(payload) - 4) % 8:
             raise ProtocolError("bad BLOCK_STATUS chunk")
         context_id = int.from_bytes(payload[:4], "big")
@@ -690,7 +693,7 @@ class ClientTransmission:
                 extents.append((take, flags))
             remaining -= take
 
-    def _error_chunk(self, req: Request, type_: int, payload: bytes) -> None:
+    def _error_chunk(self, req: ClientRequest, type_: int, payload: bytes) -> None:
         if len(payload) < 6:
             raise ProtocolError("short error chunk")
         error = int.from_bytes(payload[:4], "big")
@@ -709,7 +712,7 @@ class ClientTransmission:
         if not req.error:
             req.error, req.message = error, message
 
-    def _complete(self, req: Request) -> None:
+    def _complete(self, req: ClientRequest) -> None:
         del self.inflight[req.cookie]
         if not req.error:
             if req.cmd == c.Cmd.READ and self.structured and req.received != req.length:

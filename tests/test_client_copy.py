@@ -13,7 +13,7 @@ import pytest
 
 from backup.memory import MemoryDevice
 from backup.rawfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RawFileDevice, fallocate
-from nbd import client as client_module
+from nbd import client_transport
 from nbd.client import NbdClient
 from nbd.constants import State
 from nbd.device import Extent
@@ -290,7 +290,7 @@ async def test_raw_file_to_nbd_fails_when_the_file_fails_mid_payload(
             raise OSError(errno.EIO, "Input/output error")
         return real(out_fd, in_fd, offset, min(count, 65536))  # part of a payload: later calls go on with it
 
-    monkeypatch.setattr(client_module.os, "sendfile", failing)
+    monkeypatch.setattr(client_transport.os, "sendfile", failing)
     src = await RawFileDevice.open(path, read_only=True)
     dst = await NbdClient.connect(uri, connections=1)
     try:

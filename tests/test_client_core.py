@@ -14,18 +14,18 @@ from nbd import wire
 from nbd.client_core import (
     NEED_DATA,
     ClientHandshake,
+    ClientRequest,
     ClientTransmission,
-    ExportNameReply,
+    ExportNameAccepted,
     Greeting,
     HandshakeState,
-    InfoBlockSize,
-    InfoDescription,
-    InfoExport,
-    InfoUnknown,
+    InfoBlockSizeReceived,
+    InfoDescriptionReceived,
+    InfoExportReceived,
+    InfoUnknownReceived,
     MetaContext,
     OptionAck,
     OptionError,
-    Request,
     ServerEntry,
 )
 from nbd.errors import HandshakeError, ProtocolError
@@ -99,10 +99,10 @@ def test_go_with_info_replies() -> None:
         + option_reply(c.Opt.GO, c.Rep.ACK)
     )
     assert events(hs) == [
-        InfoExport(1 << 30, 0x1ED),
-        InfoBlockSize(512, 4096, 1 << 25),
-        InfoDescription("hello"),
-        InfoUnknown(99),
+        InfoExportReceived(1 << 30, 0x1ED),
+        InfoBlockSizeReceived(512, 4096, 1 << 25),
+        InfoDescriptionReceived("hello"),
+        InfoUnknownReceived(99),
         OptionAck(c.Opt.GO),
     ]
     hs.enter_transmission()
@@ -150,7 +150,7 @@ def test_export_name_fallback_and_eof() -> None:
     hs = greeted()
     assert hs.send_export_name("x") == wire.OPTION_HEADER_FAST.pack(c.IHAVEOPT, c.Opt.EXPORT_NAME, 1) + b"x"
     hs.receive_data((4096).to_bytes(8, "big") + (3).to_bytes(2, "big"))  # NO_ZEROES agreed: no padding
-    assert events(hs) == [ExportNameReply(4096, 3)]
+    assert events(hs) == [ExportNameAccepted(4096, 3)]
     assert hs.state is HandshakeState.TRANSMISSION
     hs = greeted()
     hs.send_export_name("missing")
@@ -167,7 +167,7 @@ def test_export_name_reply_with_zero_padding() -> None:
     hs.receive_data((512).to_bytes(8, "big") + (1).to_bytes(2, "big") + bytes(100))
     assert hs.next_event() is NEED_DATA
     hs.receive_data(bytes(24))
-    assert hs.next_event() == ExportNameReply(512, 1)
+    assert hs.next_event() == ExportNameAccepted(512, 1)
 
 
 def test_options_only_in_order() -> None:
@@ -367,7 +367,7 @@ def test_mid_reply_is_visible() -> None:
     tx.feed(b"y")
     assert not tx.mid_reply
     done = tx.pop_completed()
-    assert done == [req] and isinstance(done[0], Request)
+    assert done == [req] and isinstance(done[0], ClientRequest)
 
 
 def test_hole_in_a_reused_buffer_is_zeroed() -> None:

@@ -22,9 +22,8 @@ from test_client_device import StuckFirstWrite
 from test_server import LOOPS, run_on
 
 from backup.memory import MemoryDevice
-from nbd import client as client_module
+from nbd import client_transport, wire
 from nbd import constants as c
-from nbd import wire
 from nbd.client import NbdClient
 from nbd.client_core import ClientTransmission
 from nbd.device import BlockLimits
@@ -74,7 +73,7 @@ class SendfileSpy:
 @contextmanager
 def spying(monkeypatch: pytest.MonkeyPatch) -> Iterator[SendfileSpy]:
     spy = SendfileSpy()
-    monkeypatch.setattr(client_module.os, "sendfile", spy)
+    monkeypatch.setattr(client_transport.os, "sendfile", spy)
     yield spy
 
 
@@ -217,15 +216,15 @@ def test_nothing_is_written_directly_while_the_transport_holds_data(loop_name: s
         ours.setblocking(False)
         peer.setblocking(False)
         transport = HoldingTransport(ours)
-        conn = client_module._Connection("test")
+        conn = client_transport.ClientConnection("test")
         conn.transport = transport  # type: ignore[assignment]
         conn.tx = ClientTransmission(structured=True)
         fd = os.open(src_path, os.O_RDONLY)
-        source = client_module._Source(fd)
+        source = client_transport.PayloadSource(fd)
         try:
             transport.held = 100
             future = asyncio.get_running_loop().create_future()
-            conn.send(client_module._Op(c.Cmd.WRITE, 4096, 65536, 0, future, source=source))
+            conn.send(client_transport.Op(c.Cmd.WRITE, 4096, 65536, 0, future, source=source))
             for _ in range(5):
                 await asyncio.sleep(0)
             with pytest.raises(BlockingIOError):

@@ -50,7 +50,7 @@ def handshake(server: ServerCore, structured: bool) -> tuple[cc.ClientHandshake,
         assert isinstance(events[0], cc.MetaContext) and events[0].name == "base:allocation"
     events = exchange(client.send_go("d"))
     assert events[-1] == cc.OptionAck(Opt.GO)
-    export = next(e for e in events if isinstance(e, cc.InfoExport))
+    export = next(e for e in events if isinstance(e, cc.InfoExportReceived))
     assert export.size == SIZE
     client.enter_transmission()
     return client, server_events

@@ -55,6 +55,7 @@ from nbd.server import Export, NbdServer
 MAX = c.MAX_PAYLOAD
 GOOD_REGION = 1 << 20  # the well-behaved client's part of the export, at its start
 BLOCK = 512  # granularity of the shadow's in-flight bookkeeping
+READ_LIMIT = 32 << 10  # what a stalled client buffers before the socket pushes back on the server
 WAIT = 60.0  # seconds after which a wait that should end is a failure (a hang), not slowness
 ERRNOS = frozenset(int(e) for e in c.Errno)
 OK, ERR, ANY = "ok", "error", "any"
@@ -87,7 +88,8 @@ class FuzzConfig:
     faults: float = 0.0  # share of device verbs (outside the good region) that fail
     suspend: float = 0.3  # share of device verbs that suspend first (task path, reordering)
     bad_handshakes: float = 0.15  # share of connections whose handshake is broken
-    handshake_timeout: float = 0.3
+    handshake_timeout: float = 1.0  # long enough for a valid handshake on a loaded machine
+    max_in_flight: int = 8  # the server's per-connection limit: low, so reading pauses and resumes often
     unix: bool = False
     raw: bool = False  # a raw file (sendfile, I/O thread) instead of memory; no fault injection then
 
@@ -122,7 +124,8 @@ class Stats:
 
 class FuzzDevice(BlockFilter):
     """Verbs that may suspend first (so replies overtake each other and the adapter's task path runs)
-    and may fail outside the good client's region (every errno the mapping knows, and a plain bug)."""
+    and may fail outside the good client's region (errnos the mapping knows or not, a plain bug, a
+    cancellation of the device's own)."""
 
     FAILURES = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ENOTSUP, errno.EPERM, errno.EINVAL, errno.ESTALE)
 
@@ -137,8 +140,11 @@ class FuzzDevice(BlockFilter):
         if rng.random() < self.suspend:
             await asyncio.sleep(0 if rng.random() < 0.8 else 0.001)
         if offset >= GOOD_REGION and rng.random() < self.faults:
-            if rng.random() < 0.1:
+            r = rng.random()
+            if r < 0.1:
                 raise RuntimeError("injected bug")
+            if r < 0.15:
+                raise asyncio.CancelledError  # a device that cancels its own work
             err = rng.choice(self.FAILURES)
             raise OSError(err, os.strerror(err))
 
@@ -272,6 +278,7 @@ class Send:
     payload: bytes | None = field(default=None, repr=False)  # a write's payload (None for the others)
     cut: int | None = None  # send only this many bytes of header + payload (the end follows)
     splits: tuple[int, ...] = ()
+    dawdle: float = 0.0  # seconds between the pieces (a slow sender, stopping mid-header or mid-payload)
     magic: int = c.REQUEST_MAGIC
 
 
@@ -460,7 +467,9 @@ def make_script(rng: random.Random, cfg: FuzzConfig, region: Region) -> Script:
         total = 28 + (len(payload) if payload is not None and cut is None else 0)
         if cut is None and rng.random() < 0.015:
             cut = rng.randrange(0, total)  # a truncated header or payload
-        actions.append(Send(cmd, flags, offset, length, payload, cut, _splits(rng, total if cut is None else cut)))
+        splits = _splits(rng, total if cut is None else cut)
+        dawdle = rng.uniform(0, cfg.pause) if splits and rng.random() < 0.2 else 0.0
+        actions.append(Send(cmd, flags, offset, length, payload, cut, splits, dawdle))
         if cut is not None:
             actions.append(End(rng.choice(["half-close", "abort"]), linger=rng.random() < 0.5))
             break
@@ -577,19 +586,25 @@ class FuzzConnection:
     async def main(self) -> Any:
         """Connect, run the script, end; returns the server's side of the connection."""
         run = self.run
+        loop = asyncio.get_running_loop()
         self.reader, self.writer, conn = await run.connect()
+        connected = loop.time()
         sock = self.writer.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             async with asyncio.timeout(WAIT):
                 if await self._handshake():
-                    self.reader_task = asyncio.get_running_loop().create_task(self._read_replies())
+                    self.reader_task = loop.create_task(self._read_replies())
                     await self._transmission()
         except TimeoutError:
             raise self.fail("the connection hung (no progress for a minute)") from None
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            if self.failure is None:
+            # A handshake slower than the server's timeout (a loaded machine) may be cut off; nothing else.
+            timed_out = conn.export is None and loop.time() - connected >= run.cfg.handshake_timeout
+            if timed_out:
+                run.stats.ends["handshake:timed-out"] = run.stats.ends.get("handshake:timed-out", 0) + 1
+            elif self.failure is None:
                 raise self.fail(f"the server dropped the connection: {exc!r}") from exc
         finally:
             if self.reader_task is not None and not self.reader_task.done():
@@ -643,6 +658,7 @@ class FuzzConnection:
                 await self._option(Opt.EXPORT_NAME, hs.export.encode())
             elif hs.kind == "garbage":
                 w.write(hs.garbage)
+                w.write_eof()  # the server closes at the end of the stream, not after its timeout
             elif hs.kind == "too-many-options":
                 for _ in range(self.run.server.max_options + 4 * len(self.run.server.exports) + 8):
                     await self._option(Opt.LIST, b"")
@@ -786,6 +802,8 @@ class FuzzConnection:
         for split in (*send.splits, len(data)):
             if split <= pos:
                 continue
+            if pos and send.dawdle:
+                await asyncio.sleep(send.dawdle)
             self.writer.write(data[pos:split])
             pos = split
             if stalled:
@@ -1031,7 +1049,7 @@ class FuzzRun:
         self.seed = seed
         self.rng = random.Random(seed)
         self.stats = Stats()
-        self.server = NbdServer(handshake_timeout=cfg.handshake_timeout)
+        self.server = NbdServer(handshake_timeout=cfg.handshake_timeout, max_in_flight=cfg.max_in_flight)
         self.regions = [Region(GOOD_REGION + i * cfg.region, cfg.region) for i in range(cfg.slots)]
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
         self._claim = asyncio.Lock()
@@ -1043,9 +1061,9 @@ class FuzzRun:
         reading the greeting, which the server sends once it has registered the connection)."""
         async with self._claim:
             if isinstance(self._address, str):
-                reader, writer = await asyncio.open_unix_connection(self._address)
+                reader, writer = await asyncio.open_unix_connection(self._address, limit=READ_LIMIT)
             else:
-                reader, writer = await asyncio.open_connection(*self._address)
+                reader, writer = await asyncio.open_connection(*self._address, limit=READ_LIMIT)
             async with asyncio.timeout(WAIT):
                 greeting = wire.ServerGreeting.parse(await reader.readexactly(18))
             if greeting.handshake_flags != c.HandshakeFlag.FIXED_NEWSTYLE | c.HandshakeFlag.NO_ZEROES:

@@ -29,8 +29,9 @@ def run_on(loop_name: str, coro: Coroutine[Any, Any, Any]) -> Any:
         return runner.run(coro)
 
 
-def fuzzed(loop: str, cfg: FuzzConfig, seed: int, examples: int) -> None:
-    """Run the fuzzer; a failure in one of its connections is raised as itself, not as a group."""
+def fuzzed(loop: str, cfg: FuzzConfig, seed: int, examples: int, *, reads: bool = True) -> None:
+    """Run the fuzzer; a failure in one of its connections is raised as itself, not as a group.
+    ``reads``: the run must have checked some read data against the shadow (the oracle did work)."""
     failures: list[BaseException] = []
     try:
         stats = run_on(loop, fuzz(cfg, seed, examples))
@@ -38,7 +39,8 @@ def fuzzed(loop: str, cfg: FuzzConfig, seed: int, examples: int) -> None:
         failures.extend(group.exceptions)
     if failures:
         raise failures[0]
-    assert stats.replies and stats.verified_reads and stats.good_probes
+    assert stats.replies and stats.good_probes
+    assert stats.verified_reads or not reads
 
 
 @pytest.mark.parametrize(
@@ -46,7 +48,7 @@ def fuzzed(loop: str, cfg: FuzzConfig, seed: int, examples: int) -> None:
     [(1, "asyncio", False, 0.0), (2, "uvloop", False, 0.0), (3, "asyncio", True, 0.05), (4, "uvloop", True, 0.0)],
 )
 def test_fuzz_server(seed: int, loop: str, unix: bool, faults: float) -> None:
-    fuzzed(loop, dataclasses.replace(CI, unix=unix, faults=faults), seed, examples=4)
+    fuzzed(loop, dataclasses.replace(CI, unix=unix, faults=faults), seed, examples=6)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -56,7 +58,7 @@ def test_fuzz_server_raw_file(loop: str) -> None:
 
 
 def test_fuzz_server_large_writes() -> None:
-    fuzzed("asyncio", LARGE, 6, examples=1)
+    fuzzed("asyncio", LARGE, 6, examples=1, reads=False)
 
 
 def test_fuzzer_catches_a_second_reply(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,6 +65,12 @@ def main() -> int:
     parser.add_argument("--large-writes", type=float, default=0.0, help="share of writes over 16 MiB")
     parser.add_argument("--faults", type=float, default=None, help="share of device verbs that fail")
     parser.add_argument("--stall", type=float, default=0.2, help="longest read-side stall, seconds")
+    parser.add_argument(
+        "--stop",
+        choices=["alternate", "always", "never"],
+        default="alternate",
+        help="end rounds by stopping the server while connections run (default: every other round)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the server's log (refusals, injected bugs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL)
@@ -92,9 +98,12 @@ def main() -> int:
             faults=0.0 if args.raw else faults,
             unix=unix,
             raw=args.raw,
+            stop_under_load=args.stop == "always" or (args.stop == "alternate" and done % 2 == 1),
         )
         where = "unix" if unix else "tcp"
-        print(f"round {done}: --seed {seed} --loop {loop} --{where} --faults {cfg.faults}", flush=True)
+        stops = "always" if cfg.stop_under_load else "never"
+        replay = f"--seed {seed} --rounds 1 --loop {loop} --{where} --faults {cfg.faults} --stop {stops}"
+        print(f"round {done}: {replay}", flush=True)
         t0 = time.monotonic()
         failures: list[BaseException] = []
         try:
@@ -102,7 +111,7 @@ def main() -> int:
         except* FuzzFailure as group:  # one slot's failure comes out of the TaskGroup in a group
             failures.extend(group.exceptions)
         if failures:
-            print(f"FAILED (replay: --seed {seed} --rounds 1 --loop {loop} --{where} --faults {cfg.faults}):")
+            print(f"FAILED (replay: {replay} and the same size options):")
             for exc in failures:
                 print(exc)
             return 1

@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
+import logging
 import os
 import random
 import socket
@@ -72,6 +74,10 @@ class FuzzFailure(AssertionError):
     """An oracle saw the server misbehave."""
 
 
+class Evicted(Exception):
+    """The server closed a fuzz connection because it is stopping (which ends a script early)."""
+
+
 @dataclass(frozen=True)
 class FuzzConfig:
     """The shape of a run. ``region`` is each fuzz connection's own part of the export: make it bigger
@@ -92,6 +98,8 @@ class FuzzConfig:
     max_in_flight: int = 8  # the server's per-connection limit: low, so reading pauses and resumes often
     unix: bool = False
     raw: bool = False  # a raw file (sendfile, I/O thread) instead of memory; no fault injection then
+    stop_under_load: bool = False  # end with ``NbdServer.stop`` while a last example's connections run
+    stop_timeout: float = 0.5  # what ``stop`` gives in-flight requests before it aborts
 
     @property
     def size(self) -> int:
@@ -575,6 +583,16 @@ class FuzzConnection:
         self._stall_seconds = 0.0
         self._last_cookie = 0
 
+    def closed(self, message: str) -> Exception:
+        """A failure about the connection ending, unless the server is being stopped (then it may end
+        anywhere, and requests it had not read go unanswered)."""
+        return Evicted(message) if self.run.stopping else self.fail(message)
+
+    def _refused(self, message: str, reply: int) -> Exception:
+        """An option refused: only a server that is stopping may (it refuses every option of a client
+        that connected as it began to stop)."""
+        return self.closed(message) if reply == Rep.ERR_POLICY else self.fail(message)
+
     def fail(self, message: str) -> FuzzFailure:
         recent = "\n    ".join(self.log[-12:])
         err = FuzzFailure(f"{self.label}: {message}\n  last actions:\n    {recent}")
@@ -599,12 +617,14 @@ class FuzzConnection:
                     await self._transmission()
         except TimeoutError:
             raise self.fail("the connection hung (no progress for a minute)") from None
+        except Evicted:
+            pass
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             # A handshake slower than the server's timeout (a loaded machine) may be cut off; nothing else.
             timed_out = conn.export is None and loop.time() - connected >= run.cfg.handshake_timeout
             if timed_out:
                 run.stats.ends["handshake:timed-out"] = run.stats.ends.get("handshake:timed-out", 0) + 1
-            elif self.failure is None:
+            elif self.failure is None and not run.stopping:
                 raise self.fail(f"the server dropped the connection: {exc!r}") from exc
         finally:
             if self.reader_task is not None and not self.reader_task.done():
@@ -616,6 +636,17 @@ class FuzzConnection:
             raise self.failure
         return conn
 
+    def _write(self, data: bytes, *, eof: bool = False) -> None:
+        """Send, or fail as a closed connection does (uvloop raises RuntimeError on a closed transport)."""
+        if self.writer.transport.is_closing():
+            if self.failure is not None:
+                raise self.failure
+            raise ConnectionResetError("the connection is closed")
+        if data:
+            self.writer.write(data)
+        if eof:
+            self.writer.write_eof()
+
     async def _until_eof(self) -> None:
         with contextlib.suppress(ConnectionError):
             while await self.reader.read(65536):
@@ -624,7 +655,7 @@ class FuzzConnection:
     # -- handshake
 
     async def _option(self, opt: int, data: bytes) -> None:
-        self.writer.write(wire.OptionHeader.build({"option": opt, "length": len(data)}) + data)
+        self._write(wire.OptionHeader.build({"option": opt, "length": len(data)}) + data)
 
     async def _option_reply(self, opt: int) -> tuple[int, bytes]:
         head = await self.reader.readexactly(20)
@@ -642,38 +673,37 @@ class FuzzConnection:
     async def _handshake(self) -> bool:
         """True when transmission begins; a broken handshake must end with the server hanging up."""
         hs = self.script.handshake
-        w = self.writer
         self.log.append(f"handshake {hs}, noise {[(opt, len(data)) for opt, data in hs.noise]}")
         if hs.kind != "ok":
             self.run.stats.ends[f"handshake:{hs.kind}"] = self.run.stats.ends.get(f"handshake:{hs.kind}", 0) + 1
             if hs.kind == "bad-flags":
-                w.write(struct.pack(">I", 0xFFFF_FFFC | c.ClientFlag.C_FIXED_NEWSTYLE))
+                self._write(struct.pack(">I", 0xFFFF_FFFC | c.ClientFlag.C_FIXED_NEWSTYLE))
             elif hs.kind != "silent":
-                w.write(struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES))
+                self._write(struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES))
             if hs.kind == "bad-option-magic":
-                w.write(struct.pack(">QII", 0x1234, Opt.GO, 0))
+                self._write(struct.pack(">QII", 0x1234, Opt.GO, 0))
             elif hs.kind == "abort":
                 await self._option(Opt.ABORT, b"")
             elif hs.kind == "unknown-export-name":
                 await self._option(Opt.EXPORT_NAME, hs.export.encode())
             elif hs.kind == "garbage":
-                w.write(hs.garbage)
-                w.write_eof()  # the server closes at the end of the stream, not after its timeout
+                self._write(hs.garbage, eof=True)  # the server closes at the end of the stream, not its timeout
             elif hs.kind == "too-many-options":
                 for _ in range(self.run.server.max_options + 4 * len(self.run.server.exports) + 8):
                     await self._option(Opt.LIST, b"")
             await self._until_eof()  # the server hangs up (at the latest after its handshake timeout)
             return False
         flags = c.ClientFlag.C_FIXED_NEWSTYLE | (c.ClientFlag.C_NO_ZEROES if hs.no_zeroes else 0)
-        w.write(struct.pack(">I", flags))
+        self._write(struct.pack(">I", flags))
         for opt, data in hs.noise:
             await self._option(opt, data)
             if await self._final_reply(opt) == Rep.ACK and opt in (Opt.GO, Opt.STARTTLS):
                 raise self.fail(f"option {opt} with {data[:32]!r} was accepted")
         if hs.structured:
             await self._option(Opt.STRUCTURED_REPLY, b"")
-            if (await self._option_reply(Opt.STRUCTURED_REPLY))[0] != Rep.ACK:
-                raise self.fail("structured replies refused")
+            reply, _ = await self._option_reply(Opt.STRUCTURED_REPLY)
+            if reply != Rep.ACK:
+                raise self._refused("structured replies refused", reply)
             self.n.structured = True
         if hs.meta:
             await self._option(
@@ -682,7 +712,7 @@ class FuzzConnection:
             )
             reply, payload = await self._option_reply(Opt.SET_META_CONTEXT)
             if reply != Rep.META_CONTEXT or payload[4:] != c.META_BASE_ALLOCATION.encode():
-                raise self.fail(f"base:allocation not selected: {reply:#x} {payload!r}")
+                raise self._refused(f"base:allocation not selected: {reply:#x} {payload!r}", reply)
             self.n.meta = _U32.unpack_from(payload)[0]
             if await self._final_reply(Opt.SET_META_CONTEXT) != Rep.ACK:
                 raise self.fail("SET_META_CONTEXT did not end with an ACK")
@@ -693,7 +723,7 @@ class FuzzConnection:
                 if reply == Rep.ACK:
                     break
                 if reply != Rep.INFO:
-                    raise self.fail(f"GO {hs.export!r} refused: {reply:#x} {payload!r}")
+                    raise self._refused(f"GO {hs.export!r} refused: {reply:#x} {payload!r}", reply)
                 if struct.unpack_from(">H", payload)[0] == c.Info.EXPORT:
                     self.n.size, self.n.flags = struct.unpack_from(">QH", payload, 2)
         else:
@@ -745,23 +775,24 @@ class FuzzConnection:
                 if stalled:
                     await self._end_stall()
                 if action.kind == "half-close":
-                    self.writer.write_eof()
+                    self._write(b"", eof=True)
                 elif action.kind == "disc":
                     self._register(Send(Cmd.DISC, 0, 0, 0), whole=False)
-                    self.writer.write(_HEADER.pack(c.REQUEST_MAGIC, 0, Cmd.DISC, self._last_cookie, 0, 0))
+                    self._write(_HEADER.pack(c.REQUEST_MAGIC, 0, Cmd.DISC, self._last_cookie, 0, 0))
                 assert self.reader_task is not None
                 await self.reader_task  # until the server hangs up
                 if self.failure is not None:
                     raise self.failure
                 missing = [p for p in self.pending.values() if p.whole]
                 if missing:
-                    raise self.fail(f"the server closed without answering {len(missing)} requests: {missing[:3]}")
+                    raise self.closed(f"the server closed without answering {len(missing)} requests: {missing[:3]}")
                 return
         raise AssertionError("a script ends with End")
 
     async def _end_stall(self) -> None:
         await asyncio.sleep(self._stall_seconds)
-        await self.run.good.probe()  # served while this connection is not reading
+        if not self.run.stopping:
+            await self.run.good.probe()  # served while this connection is not reading
         self.reading.set()
 
     async def _drain(self) -> None:
@@ -770,7 +801,7 @@ class FuzzConnection:
                 raise self.failure
             assert self.reader_task is not None
             if self.reader_task.done():
-                raise self.fail("the server closed with requests unanswered")
+                raise self.closed("the server closed with requests unanswered")
             await asyncio.sleep(0.001)
 
     def _register(self, send: Send, *, whole: bool) -> Pending:
@@ -804,7 +835,7 @@ class FuzzConnection:
                 continue
             if pos and send.dawdle:
                 await asyncio.sleep(send.dawdle)
-            self.writer.write(data[pos:split])
+            self._write(data[pos:split])
             pos = split
             if stalled:
                 await asyncio.sleep(0)
@@ -829,7 +860,7 @@ class FuzzConnection:
         except FuzzFailure:
             self.writer.transport.abort()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            self.fail(f"reply stream broken: {exc!r}")
+            self.closed(f"reply stream broken: {exc!r}")
             self.writer.transport.abort()
 
     async def _replies(self) -> None:
@@ -1029,6 +1060,17 @@ class GoodClient:
 # --- a run ----------------------------------------------------------------------------------------
 
 
+class _TracebacksAsText(logging.Filter):
+    """Turns a record's exception into text: a handler that keeps records (pytest's) would otherwise keep
+    the server's frames, and so its connection objects, alive past the leak check."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return True
+
+
 def _sockets() -> set[str]:
     """The process's open sockets (fds the event loop opens once for itself, such as uvloop's reserve
     ``/dev/null``, are not leaks of the server)."""
@@ -1055,20 +1097,29 @@ class FuzzRun:
         self._claim = asyncio.Lock()
         self._address: tuple[str, int] | str = ""
         self.good: GoodClient
+        self.stopping = False
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
         """Open a fuzz connection; returns its streams and the server's object for it (found by
         reading the greeting, which the server sends once it has registered the connection)."""
         async with self._claim:
-            if isinstance(self._address, str):
-                reader, writer = await asyncio.open_unix_connection(self._address, limit=READ_LIMIT)
-            else:
-                reader, writer = await asyncio.open_connection(*self._address, limit=READ_LIMIT)
-            async with asyncio.timeout(WAIT):
-                greeting = wire.ServerGreeting.parse(await reader.readexactly(18))
+            try:
+                if isinstance(self._address, str):
+                    reader, writer = await asyncio.open_unix_connection(self._address, limit=READ_LIMIT)
+                else:
+                    reader, writer = await asyncio.open_connection(*self._address, limit=READ_LIMIT)
+                async with asyncio.timeout(WAIT):
+                    greeting = wire.ServerGreeting.parse(await reader.readexactly(18))
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                if self.stopping:
+                    raise Evicted(repr(exc)) from exc
+                raise
             if greeting.handshake_flags != c.HandshakeFlag.FIXED_NEWSTYLE | c.HandshakeFlag.NO_ZEROES:
                 raise FuzzFailure(f"greeting flags {greeting.handshake_flags:#x}")
             new = [conn for conn in self.server._connections if conn not in self._seen]
+            if not new and self.stopping:
+                writer.transport.abort()
+                raise Evicted("the server stopped right after the greeting")
             if len(new) != 1:
                 raise FuzzFailure(f"{len(new)} new server connections for one client")
             self._seen.add(new[0])
@@ -1077,11 +1128,16 @@ class FuzzRun:
     async def _slot(self, example: int, slot: int) -> None:
         region = self.regions[slot]
         for i in range(self.cfg.connections):
+            if self.stopping:
+                return
             label = f"seed {self.seed} example {example} slot {slot} connection {i}"
             rng = random.Random(f"{self.seed}/{example}/{slot}/{i}")
             fuzz = FuzzConnection(self, make_script(rng, self.cfg, region), region, label)
             self.stats.connections += 1
-            conn = await fuzz.main()
+            try:
+                conn = await fuzz.main()
+            except Evicted:
+                return
             await self._server_side_gone(conn, fuzz)
             fuzz.orphans()
 
@@ -1104,11 +1160,30 @@ class FuzzRun:
                 group.create_task(self._slot(example, slot))
         await self.good.probe()
 
+    async def stop_under_load(self, example: int, stop_good: Callable[[], Any]) -> None:
+        """Stop the server in the middle of an example: its connections end wherever they are, in-flight
+        requests are answered (or cut off after the stop timeout), and nothing may be left behind."""
+        async with asyncio.TaskGroup() as group:
+            for slot in range(self.cfg.slots):
+                group.create_task(self._slot(example, slot))
+            await asyncio.sleep(random.Random(f"{self.seed}/stop").uniform(0, 0.5))
+            self.stopping = True
+            await stop_good()
+            try:
+                async with asyncio.timeout(WAIT):
+                    await self.server.stop(timeout=self.cfg.stop_timeout)
+            except TimeoutError:
+                raise FuzzFailure(f"seed {self.seed}: NbdServer.stop did not return") from None
+
     async def run(self, examples: int | None, *, until: Callable[[], bool] = lambda: False) -> Stats:
         """Run ``examples`` examples (or until ``until()``), then check that nothing is left behind."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         with contextlib.ExitStack() as files:
+            server_log = logging.getLogger("nbd.server")
+            texts = _TracebacksAsText()
+            server_log.addFilter(texts)
+            files.callback(server_log.removeFilter, texts)
             tmp = Path(files.enter_context(tempfile.TemporaryDirectory(prefix="nbd-fuzz-")))
             base: Any
             if cfg.raw:
@@ -1136,6 +1211,15 @@ class FuzzRun:
             self._seen.update(server._connections)
             self.good = GoodClient(client, random.Random(f"{self.seed}/good"), self.stats)
             keep_going = loop.create_task(self.good.keep_going(stop))
+
+            async def stop_good() -> None:
+                if stop.is_set():
+                    return
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await keep_going
+                await client.close()
+
             try:
                 example = 0
                 while (examples is None or example < examples) and not until():
@@ -1143,12 +1227,12 @@ class FuzzRun:
                     example += 1
                     if keep_going.done():
                         keep_going.result()
+                if cfg.stop_under_load:
+                    await self.stop_under_load(example, stop_good)
             finally:
-                stop.set()
-                with contextlib.suppress(Exception):
-                    await keep_going
-                await client.close()
-                await self._quiet()
+                await stop_good()
+                if not self.stopping:
+                    await self._quiet()
                 await server.stop()
             keep_going.result()
             await self._no_leaks(sockets)
@@ -1167,10 +1251,15 @@ class FuzzRun:
         current = asyncio.current_task()
         for _ in range(200):  # closing transports and finishing tasks take a few loop iterations
             tasks = [t for t in asyncio.all_tasks() if t is not current]
-            if not tasks and _sockets() <= sockets:
+            gc.collect()
+            kept = len(self._seen)  # server connection objects still referenced from anywhere
+            if not tasks and not kept and _sockets() <= sockets:
                 return
             await asyncio.sleep(0.005)
-        raise FuzzFailure(f"seed {self.seed}: left behind tasks {tasks} and sockets {sorted(_sockets() - sockets)}")
+        raise FuzzFailure(
+            f"seed {self.seed}: left behind tasks {tasks}, {kept} connection objects "
+            f"and sockets {sorted(_sockets() - sockets)}"
+        )
 
 
 async def fuzz(cfg: FuzzConfig, seed: int, examples: int | None = None, **kwargs: Any) -> Stats:

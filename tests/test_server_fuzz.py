@@ -1,6 +1,7 @@
 """The asyncio NBD server under the fuzzer of ``fuzz_nbd``: a few seeded examples on both event loops, over
-TCP and unix sockets, memory and raw file devices, with and without device faults — and checks that the
-fuzzer's oracles do catch a server that answers twice or returns wrong data. Longer runs:
+TCP and unix sockets, memory and raw file devices, with and without device faults, some ending with the
+server stopped under load — and checks that the fuzzer's oracles do catch a server that answers twice
+or returns wrong data. Longer runs:
 ``bench/fuzz_server.py`` (``--seed`` replays a failure reported here)."""
 
 from __future__ import annotations
@@ -44,17 +45,24 @@ def fuzzed(loop: str, cfg: FuzzConfig, seed: int, examples: int, *, reads: bool 
 
 
 @pytest.mark.parametrize(
-    ("seed", "loop", "unix", "faults"),
-    [(1, "asyncio", False, 0.0), (2, "uvloop", False, 0.0), (3, "asyncio", True, 0.05), (4, "uvloop", True, 0.0)],
+    ("seed", "loop", "unix", "faults", "stop"),
+    [
+        (1, "asyncio", False, 0.0, False),
+        (2, "uvloop", False, 0.0, True),
+        (3, "asyncio", True, 0.05, True),
+        (4, "uvloop", True, 0.0, False),
+    ],
 )
-def test_fuzz_server(seed: int, loop: str, unix: bool, faults: float) -> None:
-    fuzzed(loop, dataclasses.replace(CI, unix=unix, faults=faults), seed, examples=6)
+def test_fuzz_server(seed: int, loop: str, unix: bool, faults: float, stop: bool) -> None:
+    """``stop``: the run ends with ``NbdServer.stop`` while the connections of a last example run."""
+    cfg = dataclasses.replace(CI, unix=unix, faults=faults, stop_under_load=stop)
+    fuzzed(loop, cfg, seed, examples=6)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_fuzz_server_raw_file(loop: str) -> None:
     """Reads from a raw file go out by sendfile when the socket is free, and run in the I/O thread."""
-    fuzzed(loop, dataclasses.replace(CI, raw=True, max_length=1 << 20), 5, examples=2)
+    fuzzed(loop, dataclasses.replace(CI, raw=True, max_length=1 << 20, stop_under_load=loop == "uvloop"), 5, examples=2)
 
 
 def test_fuzz_server_large_writes() -> None:

@@ -464,6 +464,8 @@ def make_script(rng: random.Random, cfg: FuzzConfig, region: Region) -> Script:
             offset, length = _range(rng, cfg, region, cfg.max_length)
         if cmd == Cmd.FLUSH and rng.random() < 0.8:
             offset = length = 0
+        if cmd in (Cmd.TRIM, Cmd.WRITE_ZEROES) and offset + length <= cfg.size and offset + length > region.end:
+            length = cfg.size - offset + 1  # a long one must not reach another slot's region: past the end
         payload = None
         cut = None
         if cmd == Cmd.WRITE:
@@ -609,7 +611,8 @@ class FuzzConnection:
         connected = loop.time()
         sock = self.writer.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):  # the server may have closed it already (stopping)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             async with asyncio.timeout(WAIT):
                 if await self._handshake():
@@ -1032,10 +1035,19 @@ class GoodClient:
         self.rng = rng
         self.stats = stats
         self.lock = asyncio.Lock()
+        self.closed = False
+
+    async def close(self) -> None:
+        """Close once no probe is running; later probes do nothing (the server is being stopped)."""
+        async with self.lock:
+            self.closed = True
+            await self.client.close()
 
     async def probe(self) -> None:
         rng = self.rng
         async with self.lock:
+            if self.closed:
+                return
             length = rng.choice([512, 4096, 65536])
             offset = rng.randrange(0, GOOD_REGION - length + 1)
             data = _pattern(rng, length)
@@ -1218,7 +1230,7 @@ class FuzzRun:
                 stop.set()
                 with contextlib.suppress(Exception):
                     await keep_going
-                await client.close()
+                await self.good.close()
 
             try:
                 example = 0

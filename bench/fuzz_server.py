@@ -65,6 +65,7 @@ def main() -> int:
     parser.add_argument("--large-writes", type=float, default=0.0, help="share of writes over 16 MiB")
     parser.add_argument("--faults", type=float, default=None, help="share of device verbs that fail")
     parser.add_argument("--stall", type=float, default=0.2, help="longest read-side stall, seconds")
+    parser.add_argument("--minimum", type=int, default=None, help="minimum block size (default: 1 or 512)")
     parser.add_argument(
         "--stop",
         choices=["alternate", "always", "never"],
@@ -99,10 +100,14 @@ def main() -> int:
             unix=unix,
             raw=args.raw,
             stop_under_load=args.stop == "always" or (args.stop == "alternate" and done % 2 == 1),
+            minimum=args.minimum if args.minimum is not None else (512 if done % 5 == 4 and not args.raw else 1),
         )
         where = "unix" if unix else "tcp"
         stops = "always" if cfg.stop_under_load else "never"
-        replay = f"--seed {seed} --rounds 1 --loop {loop} --{where} --faults {cfg.faults} --stop {stops}"
+        replay = (
+            f"--seed {seed} --rounds 1 --loop {loop} --{where} --faults {cfg.faults} --stop {stops}"
+            f" --minimum {cfg.minimum}"
+        )
         print(f"round {done}: {replay}", flush=True)
         t0 = time.monotonic()
         failures: list[BaseException] = []

@@ -51,7 +51,7 @@ from nbd import constants as c
 from nbd import wire
 from nbd.client import NbdClient
 from nbd.constants import Cmd, CmdFlag, Opt, Rep, ReplyType, TransmissionFlag
-from nbd.device import BlockDevice, Extent
+from nbd.device import BlockDevice, BlockLimits, Extent
 from nbd.server import Export, NbdServer
 
 MAX = c.MAX_PAYLOAD
@@ -100,6 +100,7 @@ class FuzzConfig:
     raw: bool = False  # a raw file (sendfile, I/O thread) instead of memory; no fault injection then
     stop_under_load: bool = False  # end with ``NbdServer.stop`` while a last example's connections run
     stop_timeout: float = 0.5  # what ``stop`` gives in-flight requests before it aborts
+    minimum: int = 1  # the export's minimum block size (a power of two): unaligned requests must fail
 
     @property
     def size(self) -> int:
@@ -137,11 +138,19 @@ class FuzzDevice(BlockFilter):
 
     FAILURES = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ENOTSUP, errno.EPERM, errno.EINVAL, errno.ESTALE)
 
-    def __init__(self, next_device: BlockDevice, rng: random.Random, *, suspend: float, faults: float) -> None:
+    def __init__(
+        self, next_device: BlockDevice, rng: random.Random, *, suspend: float, faults: float, minimum: int = 1
+    ) -> None:
         super().__init__(next_device)
         self.rng = rng
         self.suspend = suspend
         self.faults = faults
+        self.minimum = minimum
+
+    @property
+    def block_limits(self) -> BlockLimits:
+        limits = self.next.block_limits
+        return BlockLimits(max(limits.minimum, self.minimum), max(limits.preferred, self.minimum), limits.maximum)
 
     async def _first(self, offset: int) -> None:
         rng = self.rng
@@ -400,6 +409,9 @@ def _range(rng: random.Random, cfg: FuzzConfig, region: Region, longest: int) ->
         offset = region.start + rng.randrange(0, room - length + 1)
         if rng.random() < 0.5:
             offset -= (offset - region.start) % 512
+        if cfg.minimum > 1 and rng.random() < 0.7:  # mostly aligned, so most requests get through
+            offset -= offset % cfg.minimum
+            length -= length % cfg.minimum
         return offset, length
     if r < 0.9:  # across the end of the export
         offset = size - rng.randrange(0, 8193)
@@ -503,6 +515,7 @@ class Negotiated:
     flags: int = 0
     structured: bool = False
     meta: int = 0  # the base:allocation context id, 0 when none
+    minimum: int = 1  # the export's minimum block size, which the server enforces
 
 
 @dataclass
@@ -526,6 +539,8 @@ def expectation(send: Send, n: Negotiated, faults: bool) -> str:
     inside = offset + length <= n.size
     read_only = bool(tf & TransmissionFlag.READ_ONLY)
     ok = ANY if faults else OK
+    if cmd != Cmd.FLUSH and (offset | length) % n.minimum:
+        return ERR  # the spec: a server SHOULD refuse requests not aligned to the minimum block size
     if cmd == Cmd.READ:
         if flags & ~DF or (flags and not tf & TransmissionFlag.SEND_DF) or length > MAX or not inside:
             return ERR
@@ -676,6 +691,7 @@ class FuzzConnection:
     async def _handshake(self) -> bool:
         """True when transmission begins; a broken handshake must end with the server hanging up."""
         hs = self.script.handshake
+        self.n.minimum = self.run.server.exports["disk"].entry().minimum
         self.log.append(f"handshake {hs}, noise {[(opt, len(data)) for opt, data in hs.noise]}")
         if hs.kind != "ok":
             self.run.stats.ends[f"handshake:{hs.kind}"] = self.run.stats.ends.get(f"handshake:{hs.kind}", 0) + 1
@@ -727,8 +743,11 @@ class FuzzConnection:
                     break
                 if reply != Rep.INFO:
                     raise self._refused(f"GO {hs.export!r} refused: {reply:#x} {payload!r}", reply)
-                if struct.unpack_from(">H", payload)[0] == c.Info.EXPORT:
+                info = struct.unpack_from(">H", payload)[0]
+                if info == c.Info.EXPORT:
                     self.n.size, self.n.flags = struct.unpack_from(">QH", payload, 2)
+                elif info == c.Info.BLOCK_SIZE and struct.unpack_from(">I", payload, 2)[0] != self.n.minimum:
+                    raise self.fail(f"minimum block size {struct.unpack_from('>I', payload, 2)[0]} advertised")
         else:
             await self._option(Opt.EXPORT_NAME, hs.export.encode())
             self.n.size, self.n.flags = struct.unpack(">QH", await self.reader.readexactly(10))
@@ -1206,7 +1225,8 @@ class FuzzRun:
                 device: Any = base
             else:
                 base = MemoryDevice(cfg.size)
-                device = FuzzDevice(base, random.Random(f"{self.seed}/device"), suspend=cfg.suspend, faults=cfg.faults)
+                rng = random.Random(f"{self.seed}/device")
+                device = FuzzDevice(base, rng, suspend=cfg.suspend, faults=cfg.faults, minimum=cfg.minimum)
             sockets = _sockets()
             server = self.server
             server.add_export(Export("disk", device))

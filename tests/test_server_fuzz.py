@@ -45,17 +45,18 @@ def fuzzed(loop: str, cfg: FuzzConfig, seed: int, examples: int, *, reads: bool 
 
 
 @pytest.mark.parametrize(
-    ("seed", "loop", "unix", "faults", "stop"),
+    ("seed", "loop", "unix", "faults", "stop", "minimum"),
     [
-        (1, "asyncio", False, 0.0, False),
-        (2, "uvloop", False, 0.0, True),
-        (3, "asyncio", True, 0.05, True),
-        (4, "uvloop", True, 0.0, False),
+        (1, "asyncio", False, 0.0, False, 1),
+        (2, "uvloop", False, 0.0, True, 1),
+        (3, "asyncio", True, 0.05, True, 1),
+        (4, "uvloop", True, 0.0, False, 512),
     ],
 )
-def test_fuzz_server(seed: int, loop: str, unix: bool, faults: float, stop: bool) -> None:
-    """``stop``: the run ends with ``NbdServer.stop`` while the connections of a last example run."""
-    cfg = dataclasses.replace(CI, unix=unix, faults=faults, stop_under_load=stop)
+def test_fuzz_server(seed: int, loop: str, unix: bool, faults: float, stop: bool, minimum: int) -> None:
+    """``stop``: the run ends with ``NbdServer.stop`` while the connections of a last example run;
+    ``minimum``: the export's minimum block size (unaligned requests must be refused)."""
+    cfg = dataclasses.replace(CI, unix=unix, faults=faults, stop_under_load=stop, minimum=minimum)
     fuzzed(loop, cfg, seed, examples=6)
 
 

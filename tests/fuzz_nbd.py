@@ -7,7 +7,9 @@ lengths of 0 and over the maximum payload, unknown commands), each split at rand
 send-side pauses and read-side stalls (the client stops reading replies for a while, keeps sending, then
 resumes), and an end: ``NBD_CMD_DISC``, a bad request magic, a half-close or an abort, the last two
 possibly in the middle of a header or a payload. Meanwhile a well-behaved ``NbdClient`` keeps writing
-and reading back its own region of the same export.
+and reading back its own region of the same export. The device under the export may suspend, fail or
+cancel its own work; the export may have a minimum block size; a run may end with ``NbdServer.stop``
+while connections are in any of these states.
 
 Oracles (a violation raises ``FuzzFailure`` naming the seed, example and connection):
 
@@ -21,7 +23,7 @@ Oracles (a violation raises ``FuzzFailure`` naming the seed, example and connect
 * read data and block status "zero" extents agree with a shadow of the data: each connection owns a
   region and only checks bytes that no request still in flight may change;
 * the server never crashes or leaks: each connection's server side ends with nothing in flight and no
-  task; after the run no connection, no task and no file descriptor is left;
+  task; after the run no connection (not even an unreferenced object), no task and no socket is left;
 * the well-behaved client is served during every stall and after every example.
 
 ``tests/test_server_fuzz.py`` runs a few seeded examples; ``bench/fuzz_server.py`` runs it for longer.

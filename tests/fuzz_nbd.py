@@ -1184,8 +1184,11 @@ class FuzzRun:
             raise fuzz.fail(
                 f"the server never finished the connection: {conn._in_flight} in flight, {len(conn._tasks)} tasks"
             ) from None
-        if conn in self.server._connections or conn._in_flight or conn._in_flight_bytes:
-            raise fuzz.fail(f"server connection left behind: {conn._in_flight} in flight")
+        if conn in self.server._connections or conn._in_flight or conn._charge or conn._backlog:
+            raise fuzz.fail(
+                f"server connection left behind: {conn._in_flight} in flight, {conn._charge} bytes charged,"
+                f" {len(conn._backlog)} requests not started"
+            )
 
     async def example(self, example: int) -> None:
         async with asyncio.TaskGroup() as group:
@@ -1280,6 +1283,8 @@ class FuzzRun:
                     await asyncio.sleep(0.01)
         if self.server._connections:
             raise FuzzFailure(f"seed {self.seed}: {len(self.server._connections)} connections left on the server")
+        if self.server.buffered:
+            raise FuzzFailure(f"seed {self.seed}: {self.server.buffered} bytes still charged with every client gone")
 
     async def _no_leaks(self, sockets: set[str]) -> None:
         current = asyncio.current_task()

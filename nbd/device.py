@@ -20,7 +20,7 @@ import errno
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from nbd.constants import State
 
@@ -215,34 +215,43 @@ class Compressing(Protocol):
     compress: bool
 
 
-#: Whether a class offers a method capability, by (class, protocol). Method capabilities belong to the
-#: class, so the answer is computed once per class: ``isinstance`` on a runtime-checkable protocol
-#: costs tens of microseconds, and ``direct_read_fd`` is asked on every big read.
-_OFFERED: dict[tuple[type, type], bool] = {}
+def _class_check(capability: type) -> Callable[[object], bool]:
+    """Whether a device offers the method capability ``capability``, answered once per class: methods
+    belong to the class, and ``isinstance`` on a runtime-checkable protocol costs tens of
+    microseconds while ``direct_read_fd`` is asked on every big read."""
+    offered: dict[type, bool] = {}
+
+    def offers(device: object) -> bool:
+        found = offered.get(type(device))
+        if found is None:
+            found = offered[type(device)] = isinstance(device, capability)
+        return found
+
+    return offers
 
 
-def _offers(device: object, capability: type) -> bool:
-    key = (type(device), capability)
-    found = _OFFERED.get(key)
-    if found is None:
-        found = _OFFERED[key] = isinstance(device, capability)
-    return found
+_reads_by_fd = _class_check(DirectReadFd)
+_writes_by_fd = _class_check(DirectWriteFd)
+_reads_into = _class_check(ReadInto)
+_writes_from_fd = _class_check(WriteFromFd)
+_knows_top = _class_check(TopAllocation)
+_holdable = _class_check(Holdable)
 
 
-def direct_read_fd(device: object) -> int | None:
+def direct_read_fd(device: Any) -> int | None:
     """The one answer to "may this read go straight to a file descriptor": the fd whose bytes are
     what ``device.pread`` returns, or None. Nodes answer for the top of their stack and filters for
     the device under them when they pass reads (``BlockFilter.passes_reads``), so the NBD server's
     ``sendfile`` and the copier's take the same decision."""
-    if not _offers(device, DirectReadFd):
+    if not _reads_by_fd(device):
         return None
-    fd = cast(DirectReadFd, device).direct_read_fd()
+    fd = device.direct_read_fd()
     return fd if isinstance(fd, int) else None
 
 
 def direct_write_fd(device: object) -> int | None:
     """The descriptor a plain ``os.pwrite`` may write ``device`` through, or None."""
-    if not _offers(device, DirectWriteFd):
+    if not _writes_by_fd(device):
         return None
     fd = cast(DirectWriteFd, device).direct_write_fd()
     return fd if isinstance(fd, int) else None
@@ -250,28 +259,28 @@ def direct_write_fd(device: object) -> int | None:
 
 def read_into(device: object) -> Callable[[int, bytearray | memoryview], Awaitable[None]] | None:
     """``device.pread_into`` when the device reads into a caller's buffer, else None."""
-    return cast(ReadInto, device).pread_into if _offers(device, ReadInto) else None
+    return cast(ReadInto, device).pread_into if _reads_into(device) else None
 
 
 def write_from_fd(device: object) -> Callable[..., Awaitable[None]] | None:
     """``device.pwrite_from_fd`` when the device takes a write's payload from a file, else None."""
-    return cast(WriteFromFd, device).pwrite_from_fd if _offers(device, WriteFromFd) else None
+    return cast(WriteFromFd, device).pwrite_from_fd if _writes_from_fd(device) else None
 
 
 def top_allocation(device: object) -> Callable[[int, int], Awaitable[list[tuple[int, bool]]]] | None:
     """``device.top_allocation`` when the device can tell its own clusters from its backing's, else None."""
-    return cast(TopAllocation, device).top_allocation if _offers(device, TopAllocation) else None
+    return cast(TopAllocation, device).top_allocation if _knows_top(device) else None
 
 
 def hold(device: object, user: object) -> None:
     """Mark ``device`` as used by ``user`` (a no-op for devices nobody can delete, such as files)."""
-    if _offers(device, Holdable):
+    if _holdable(device):
         cast(Holdable, device).hold(user)
 
 
 def release(device: object, user: object) -> None:
     """Undo ``hold``."""
-    if _offers(device, Holdable):
+    if _holdable(device):
         cast(Holdable, device).release(user)
 
 

@@ -6,9 +6,10 @@ The NBD server exports any ``BlockDevice``; the backup job copies from one to an
 
 Beyond the verbs a device may offer optional capabilities, each declared here as a protocol
 (``DirectReadFd``, ``DirectWriteFd``, ``ReadInto``, ``WriteFromFd``, ``TopAllocation``, ``Backed``,
-``ImageFile``, ``Clustered``, ``Compressing``, ``Holdable``) with one function that asks a device
-for it (``direct_read_fd``, ``read_into``, ``backing_of``, ``hold``, …). Callers use those functions,
-never ``getattr``: this module is the one place that looks at what a device offers.
+``ImageFile``, ``Formatted``, ``Clustered``, ``RemoteExport``, ``Compressing``, ``Holdable``) with one
+function that asks a device for it (``direct_read_fd``, ``read_into``, ``backing_of``, ``hold``, …).
+Callers use those functions, never ``getattr``: this module is the one place that looks at what a
+device offers.
 
 Conventions: offsets and lengths are bytes; ``offset`` comes first. Failures raise ``OSError``
 with an errno (``NbdRequestError`` is one), which ``nbd.errors.errno_to_nbd`` maps for the wire.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
 from nbd.constants import State
+from nbd.uri import NbdUri
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,15 @@ class Clustered(Protocol):
 
 
 @runtime_checkable
+class RemoteExport(Protocol):
+    """A device that is an NBD export somewhere else (``NbdClient``): where it is decides how many
+    requests a copy keeps in flight."""
+
+    @property
+    def uri(self) -> NbdUri: ...
+
+
+@runtime_checkable
 class Compressing(Protocol):
     """An image that can store written clusters compressed; whether it does is chosen when it is
     created or opened (``compress=True``)."""
@@ -302,6 +313,11 @@ def format_name(device: object) -> str | None:
 def cluster_size(device: object) -> int | None:
     """The cluster size of a clustered image, else None."""
     return device.cluster_size if isinstance(device, Clustered) else None
+
+
+def remote_uri(device: object) -> NbdUri | None:
+    """The URI of the NBD export a device is, else None (local files and images)."""
+    return device.uri if isinstance(device, RemoteExport) else None
 
 
 def can_compress(device: object) -> bool:

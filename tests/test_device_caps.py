@@ -36,6 +36,7 @@ from nbd.device import (
     hold,
     read_into,
     release,
+    remote_uri,
     top_allocation,
     write_from_fd,
 )
@@ -59,6 +60,7 @@ async def test_what_each_device_offers(tmp_path: Path) -> None:
         assert read_into(raw) is not None and write_from_fd(raw) is None and top_allocation(raw) is None
         assert file_path(raw) == str(tmp_path / "base.raw") and format_name(raw) is None
         assert backing_of(raw) is None and cluster_size(raw) is None and not can_compress(raw)
+        assert remote_uri(raw) is None
 
         assert direct_read_fd(top) is None and direct_write_fd(top) is None and read_into(top) is None
         assert top_allocation(top) is not None and format_name(top) == "qcow2" and cluster_size(top) == CS
@@ -68,7 +70,7 @@ async def test_what_each_device_offers(tmp_path: Path) -> None:
             assert direct_read_fd(nothing) is None and direct_write_fd(nothing) is None
             assert read_into(nothing) is None and write_from_fd(nothing) is None and top_allocation(nothing) is None
             assert backing_of(nothing) is None and file_path(nothing) is None and format_name(nothing) is None
-            assert cluster_size(nothing) is None and not can_compress(nothing)
+            assert cluster_size(nothing) is None and not can_compress(nothing) and remote_uri(nothing) is None
     finally:
         for device in (raw, ro, top):
             await device.close()
@@ -83,6 +85,8 @@ async def test_an_nbd_client_writes_from_files_and_reads_into_buffers(tmp_path: 
     try:
         assert write_from_fd(client) is not None and read_into(client) is not None
         assert direct_read_fd(client) is None and top_allocation(client) is None and file_path(client) is None
+        uri = remote_uri(client)
+        assert uri is not None and uri.export == "m" and uri.is_local
     finally:
         await client.close()
         await server.stop()

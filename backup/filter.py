@@ -37,10 +37,12 @@ class BlockFilter:
 
         Why looking through is safe, for the NBD server's ``sendfile`` as for the copier: such a filter's
         ``pread`` is ``next.pread``, so the descriptor's bytes are exactly what the read would return.
-        Copy-before-write is one: it changes only the writes (old data goes to the target first), and
-        a read through it reads the source as it is now. A read that races a guest write to the same
-        range may see the old bytes, the new ones or a mix — with ``sendfile`` as with ``pread``, and
-        NBD promises nothing else for overlapping requests in flight together.
+        Copy-before-write is one: it changes only the writes (old data goes to the target first, so a
+        guest write reaches the source only after that copy), and a read through it reads the source as
+        it is now; no read changes what the backup must copy. A read that races a guest write to the
+        same range may see the old bytes, the new ones or a mix — with ``sendfile`` as with ``pread``
+        (either may run while a thread writes the file), and NBD promises nothing else for overlapping
+        requests in flight together; a read sent after the write's reply sees the new bytes.
         """
         return direct_read_fd(self.next) if self.passes_reads else None
 

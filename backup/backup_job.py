@@ -42,7 +42,8 @@ from backup.node import BlockNode
 from backup.policy import ErrorAction, OnError
 from backup.targets import BackupTarget
 from nbd.constants import State
-from nbd.device import BlockDevice
+from nbd.device import BlockDevice, file_path
+from nbd.device import top_allocation as top_allocation_of
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,12 @@ def backup_cluster_size(target: BlockDevice, floor: int | None = None) -> int:
 def _is_same_device(source: BlockNode, target: BlockDevice) -> bool:
     if target is source or target is source.device or target is source.top or any(f is target for f in source.filters):
         return True
-    target_path = getattr(target, "path", None)
-    source_path = source.filename or getattr(source.device, "path", None)
+    target_path = file_path(target)
+    source_path = source.filename or file_path(source.device)
     if target_path is None or source_path is None:
         return False
     try:
-        return os.path.samefile(os.fspath(target_path), os.fspath(source_path))
+        return os.path.samefile(target_path, source_path)
     except OSError:
         return False
 
@@ -185,7 +186,7 @@ class BackupJob(Job):
         options = self.options
         top_allocation: TopAllocation | None = None
         if options.sync == "top":
-            top_allocation = getattr(self.source.device, "top_allocation", None)
+            top_allocation = top_allocation_of(self.source.device)
         copier = BlockCopier(
             self.source,  # replaced by the filter itself: the copier reads through it
             self.target,
@@ -211,7 +212,7 @@ class BackupJob(Job):
         installed = self.source.insert_filter(make)
         assert isinstance(installed, CopyBeforeWriteFilter)
         self.copier, self.filter = copier, installed
-        self.source.users.add(self)
+        self.source.hold(self)
         self.progress_set_remaining(copier.remaining)
         return installed
 
@@ -231,7 +232,7 @@ class BackupJob(Job):
         if self.filter is not None:
             with contextlib.suppress(InvalidArgument):
                 self.source.remove_filter(self.filter)
-        self.source.users.discard(self)
+        self.source.release(self)
 
     def _snapshot_broken(self, error: OSError) -> None:
         self.snapshot_error = error

@@ -5,7 +5,7 @@ Subclasses override only the verbs they change (copy-before-write overrides the 
 
 from __future__ import annotations
 
-from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent
+from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent, direct_read_fd
 
 
 class BlockFilter:
@@ -31,6 +31,20 @@ class BlockFilter:
     @property
     def block_limits(self) -> BlockLimits:
         return self.next.block_limits
+
+    def direct_read_fd(self) -> int | None:
+        """The descriptor of the device underneath when this filter passes reads, else None.
+
+        Why looking through is safe, for the NBD server's ``sendfile`` as for the copier: such a filter's
+        ``pread`` is ``next.pread``, so the descriptor's bytes are exactly what the read would return.
+        Copy-before-write is one: it changes only the writes (old data goes to the target first, so a
+        guest write reaches the source only after that copy), and a read through it reads the source as
+        it is now; no read changes what the backup must copy. A read that races a guest write to the
+        same range may see the old bytes, the new ones or a mix — with ``sendfile`` as with ``pread``
+        (either may run while a thread writes the file), and NBD promises nothing else for overlapping
+        requests in flight together; a read sent after the write's reply sees the new bytes.
+        """
+        return direct_read_fd(self.next) if self.passes_reads else None
 
     async def pread(self, offset: int, length: int) -> bytes:
         return await self.next.pread(offset, length)
@@ -59,18 +73,4 @@ class BlockFilter:
         """Filters do not own ``next``; closing one releases only what the filter itself holds."""
 
 
-def direct_read_fd(device: object) -> int | None:
-    """The fd whose bytes are what ``device.pread`` returns, looking through filters that pass reads
-    (``passes_reads``) and nodes down to a device offering ``direct_read_fd`` (raw files); None otherwise."""
-    while True:
-        if isinstance(device, BlockFilter):
-            if not device.passes_reads:
-                return None
-            device = device.next
-        elif isinstance(getattr(device, "filters", None), list):  # a BlockNode: read through its stack
-            device = device.top  # type: ignore[attr-defined]
-        else:
-            break
-    direct = getattr(device, "direct_read_fd", None)
-    fd = direct() if direct is not None else None
-    return fd if isinstance(fd, int) else None
+__all__ = ["BlockFilter", "direct_read_fd"]

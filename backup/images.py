@@ -39,9 +39,11 @@ async def open_image(
     read_only: bool = False,
     check_backing: BackingCheck | None = None,
     guard_probed: bool = True,
+    compress: bool = False,
 ) -> BlockDevice:
     """Open ``path`` as ``format`` (probed when None) and return the device; ``check_backing`` sees
     every file of a qcow2 image's backing chain before it is opened (see ``backup.qcow2.backing``).
+    ``compress``: a qcow2 image stores the clusters written from now on compressed (raw refuses it).
 
     A probed image is guarded (see the module docstring) unless ``guard_probed`` is False: for the
     user's own command-line copies, which trust their files as ``qemu-img`` does.
@@ -63,6 +65,8 @@ async def open_image(
     if format == "qcow2" and probed != "qcow2":
         raise ImageFormatError(f"'{os.fspath(path)}' is not a qcow2 image (no qcow2 magic); open it with format=raw")
     if format == "raw":
+        if compress:
+            raise ImageFormatError("Compression is not supported for raw images; use format=qcow2")
         from backup.rawfile import RawFileDevice
 
         raw = await RawFileDevice.open(path, read_only=read_only)
@@ -77,7 +81,9 @@ async def open_image(
         qcow2 = importlib.import_module("backup.qcow2")
     except ImportError as exc:
         raise ImageFormatError(f"'{os.fspath(path)}': qcow2 images are not supported by this build") from exc
-    device: BlockDevice = await qcow2.Qcow2Device.open(path, read_only=read_only, check_backing=check_backing)
+    device: BlockDevice = await qcow2.Qcow2Device.open(
+        path, read_only=read_only, compress=compress, check_backing=check_backing
+    )
     return device
 
 

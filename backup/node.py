@@ -5,6 +5,9 @@ copy-before-write filter under a running export (QEMU's graph change) and take i
 request is forwarded to the top of the stack. ``drained()`` stops new requests and waits for those in
 flight, which is how a backup (or a transaction of several) fixes its point in time: no guest write
 is half-way through while filters are inserted.
+
+Exports, jobs and parent nodes ``hold`` the node while they use it and ``release`` it after;
+``users`` says who holds it, so that it is not deleted under them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from contextlib import asynccontextmanager
 
 from backup.errors import InvalidArgument
 from backup.filter import BlockFilter
-from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent
+from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent, direct_read_fd
 
 
 class BlockNode:
@@ -28,13 +31,28 @@ class BlockNode:
         self.filename = filename
         self.filters: list[BlockFilter] = []  # bottom-most first
         self.top: BlockDevice = device
-        self.users: set[object] = set()  # exports and jobs that keep the node from being deleted
+        self._users: set[object] = set()  # exports, jobs and parent nodes: see ``hold``
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain_depth = 0
         self._undrained = asyncio.Event()
         self._undrained.set()
+
+    # --- ownership -------------------------------------------------------------------------------
+
+    def hold(self, user: object) -> None:
+        """``user`` (an export, a job, a node built on this one) needs the node: it may not be deleted."""
+        self._users.add(user)
+
+    def release(self, user: object) -> None:
+        """``user`` is done with the node (releasing twice, or without holding, is harmless)."""
+        self._users.discard(user)
+
+    @property
+    def users(self) -> frozenset[object]:
+        """Who holds the node now."""
+        return frozenset(self._users)
 
     # --- graph changes ---------------------------------------------------------------------------
 
@@ -102,6 +120,10 @@ class BlockNode:
     @property
     def block_limits(self) -> BlockLimits:
         return self.top.block_limits
+
+    def direct_read_fd(self) -> int | None:
+        """The descriptor reads may be served from: the top of the stack's (see ``BlockFilter``)."""
+        return direct_read_fd(self.top)
 
     async def pread(self, offset: int, length: int) -> bytes:
         await self._enter()

@@ -67,12 +67,6 @@ class ProbedRawGuard(BlockFilter):
         super().__init__(device)
         self._sector_lock = asyncio.Lock()
 
-    def direct_read_fd(self) -> int | None:
-        """Reads are the device's own, so zero-copy reads may use its descriptor."""
-        direct = getattr(self.next, "direct_read_fd", None)
-        fd = direct() if direct is not None else None
-        return fd if isinstance(fd, int) else None
-
     async def _checked(self, offset: int, length: int, data: bytes | bytearray | memoryview | None) -> None:
         """Raise EPERM if writing ``data`` (None: zeroes) at ``offset`` would change the probe result."""
         end = min(offset + length, SECTOR, self.next.size)

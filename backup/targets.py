@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 from backup.errors import InvalidArgument
 from backup.images import fsync_dir
 from nbd.constants import State
-from nbd.device import BlockDevice
+from nbd.device import BlockDevice, format_name
 
 if TYPE_CHECKING:
     from backup.qcow2.backing import BackingCheck
@@ -161,7 +161,7 @@ async def open_target(
 
     ``mode`` as QEMU's ``NewImageMode``: ``existing`` requires the image to exist; ``absolute-paths``
     creates a new one; ``None`` uses an existing image or creates a missing one. ``compress`` creates
-    a qcow2 target that stores compressed clusters (raw targets refuse it, as QEMU does). ``source_device`` /
+    or opens a qcow2 target that stores compressed clusters (raw targets refuse it, as QEMU does). ``source_device`` /
     ``source_filename`` identify the source so that backing a disk up onto itself is refused.
     ``nbd_request_timeout``: for an NBD URI, the client's request timeout (None or 0: none).
     ``check_backing`` sees every backing file of an existing qcow2 target before it opens (the path policy).
@@ -270,8 +270,8 @@ async def _open_file(
         )
         device = target.device
     else:
-        device = await _open_image(path, fmt, check_backing)
-        qcow2 = getattr(device, "format_name", None) == "qcow2"
+        device = await _open_image(path, fmt, check_backing, compress)
+        qcow2 = format_name(device) == "qcow2"
         target = BackupTarget(device, False, description=str(path), path=path, mark_incomplete=qcow2)
     try:
         check_size(device.size, size, f"target '{path}'")
@@ -321,10 +321,12 @@ async def _create_image(path: Path, size: int, fmt: str, *, exists: bool, compre
     return device
 
 
-async def _open_image(path: Path, fmt: str | None, check_backing: BackingCheck | None) -> BlockDevice:
+async def _open_image(
+    path: Path, fmt: str | None, check_backing: BackingCheck | None, compress: bool = False
+) -> BlockDevice:
     from backup import images
 
-    device: BlockDevice = await images.open_image(str(path), format=fmt, check_backing=check_backing)
+    device: BlockDevice = await images.open_image(str(path), format=fmt, check_backing=check_backing, compress=compress)
     return device
 
 

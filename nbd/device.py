@@ -4,6 +4,13 @@ Everything that holds blocks implements it — raw files, qcow2 images, the memo
 filters such as copy-before-write, and ``NbdClient`` (a remote NBD export is just another device).
 The NBD server exports any ``BlockDevice``; the backup job copies from one to another.
 
+Beyond the verbs a device may offer optional capabilities, each declared here as a protocol
+(``DirectReadFd``, ``DirectWriteFd``, ``ReadInto``, ``WriteFromFd``, ``TopAllocation``, ``Backed``,
+``ImageFile``, ``Formatted``, ``Clustered``, ``RemoteExport``, ``Compressing``, ``Holdable``) with one
+function that asks a device for it (``direct_read_fd``, ``read_into``, ``backing_of``, ``hold``, …).
+Callers use those functions, never ``getattr``: this module is the one place that looks at what a
+device offers.
+
 Conventions: offsets and lengths are bytes; ``offset`` comes first. Failures raise ``OSError``
 with an errno (``NbdRequestError`` is one), which ``nbd.errors.errno_to_nbd`` maps for the wire.
 """
@@ -12,10 +19,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from nbd.constants import State
+from nbd.uri import NbdUri
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +118,211 @@ class BlockDevice(Protocol):
     async def close(self) -> None:
         """Release resources; further calls fail."""
         ...
+
+
+# --- optional capabilities -----------------------------------------------------------------------
+
+
+@runtime_checkable
+class DirectReadFd(Protocol):
+    """Reads may be served from a file descriptor (``sendfile`` by the NBD server and the copier)."""
+
+    def direct_read_fd(self) -> int | None:
+        """A descriptor whose bytes are exactly what ``pread`` returns now (past its end: zeroes),
+        or None when reads must go through ``pread`` (closed; a filter that changes reads)."""
+        ...
+
+
+@runtime_checkable
+class DirectWriteFd(Protocol):
+    """Writes inside the device's size may be a plain ``os.pwrite`` on a descriptor (raw files)."""
+
+    def direct_write_fd(self) -> int | None:
+        """The descriptor, or None when read-only or closed."""
+        ...
+
+
+@runtime_checkable
+class ReadInto(Protocol):
+    """Reads into the caller's reused buffer (no fresh ``bytes`` per read)."""
+
+    async def pread_into(self, offset: int, buffer: bytearray | memoryview) -> None: ...
+
+
+@runtime_checkable
+class WriteFromFd(Protocol):
+    """Writes whose payload is taken from a file (``sendfile`` into an NBD socket)."""
+
+    async def pwrite_from_fd(
+        self, offset: int, fd: int, file_offset: int, length: int, *, fua: bool = False
+    ) -> None: ...
+
+
+@runtime_checkable
+class TopAllocation(Protocol):
+    """Which ranges the top layer itself holds (not its backing file): ``sync=top`` copies only those."""
+
+    async def top_allocation(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """Runs ``(length, allocated_in_top)`` covering the range."""
+        ...
+
+
+@runtime_checkable
+class Holdable(Protocol):
+    """Something exports, jobs and parent nodes hold while they use it (a block node), so that it is
+    not deleted under them."""
+
+    def hold(self, user: object) -> None: ...
+
+    def release(self, user: object) -> None: ...
+
+
+@runtime_checkable
+class Backed(Protocol):
+    """An image over a backing file (qcow2): reads of what it does not hold come from ``backing``."""
+
+    @property
+    def backing(self) -> BlockDevice | None: ...
+
+
+@runtime_checkable
+class ImageFile(Protocol):
+    """A device that is one file on the host."""
+
+    @property
+    def path(self) -> str | os.PathLike[str]: ...
+
+
+@runtime_checkable
+class Formatted(Protocol):
+    """An image in a named format other than raw."""
+
+    @property
+    def format_name(self) -> str: ...
+
+
+@runtime_checkable
+class Clustered(Protocol):
+    """An image allocated in clusters."""
+
+    @property
+    def cluster_size(self) -> int: ...
+
+
+@runtime_checkable
+class RemoteExport(Protocol):
+    """A device that is an NBD export somewhere else (``NbdClient``): where it is decides how many
+    requests a copy keeps in flight."""
+
+    @property
+    def uri(self) -> NbdUri: ...
+
+
+@runtime_checkable
+class Compressing(Protocol):
+    """An image that can store written clusters compressed; whether it does is chosen when it is
+    created or opened (``compress=True``)."""
+
+    compress: bool
+
+
+def _class_check(capability: type) -> Callable[[object], bool]:
+    """Whether a device offers the method capability ``capability``, answered once per class: methods
+    belong to the class, and ``isinstance`` on a runtime-checkable protocol costs tens of
+    microseconds while ``direct_read_fd`` is asked on every big read."""
+    offered: dict[type, bool] = {}
+
+    def offers(device: object) -> bool:
+        found = offered.get(type(device))
+        if found is None:
+            found = offered[type(device)] = isinstance(device, capability)
+        return found
+
+    return offers
+
+
+_reads_by_fd = _class_check(DirectReadFd)
+_writes_by_fd = _class_check(DirectWriteFd)
+_reads_into = _class_check(ReadInto)
+_writes_from_fd = _class_check(WriteFromFd)
+_knows_top = _class_check(TopAllocation)
+_holdable = _class_check(Holdable)
+
+
+def direct_read_fd(device: Any) -> int | None:
+    """The one answer to "may this read go straight to a file descriptor": the fd whose bytes are
+    what ``device.pread`` returns, or None. Nodes answer for the top of their stack and filters for
+    the device under them when they pass reads (``BlockFilter.passes_reads``), so the NBD server's
+    ``sendfile`` and the copier's take the same decision."""
+    if not _reads_by_fd(device):
+        return None
+    fd = device.direct_read_fd()
+    return fd if isinstance(fd, int) else None
+
+
+def direct_write_fd(device: object) -> int | None:
+    """The descriptor a plain ``os.pwrite`` may write ``device`` through, or None."""
+    if not _writes_by_fd(device):
+        return None
+    fd = cast(DirectWriteFd, device).direct_write_fd()
+    return fd if isinstance(fd, int) else None
+
+
+def read_into(device: object) -> Callable[[int, bytearray | memoryview], Awaitable[None]] | None:
+    """``device.pread_into`` when the device reads into a caller's buffer, else None."""
+    return cast(ReadInto, device).pread_into if _reads_into(device) else None
+
+
+def write_from_fd(device: object) -> Callable[..., Awaitable[None]] | None:
+    """``device.pwrite_from_fd`` when the device takes a write's payload from a file, else None."""
+    return cast(WriteFromFd, device).pwrite_from_fd if _writes_from_fd(device) else None
+
+
+def top_allocation(device: object) -> Callable[[int, int], Awaitable[list[tuple[int, bool]]]] | None:
+    """``device.top_allocation`` when the device can tell its own clusters from its backing's, else None."""
+    return cast(TopAllocation, device).top_allocation if _knows_top(device) else None
+
+
+def hold(device: object, user: object) -> None:
+    """Mark ``device`` as used by ``user`` (a no-op for devices nobody can delete, such as files)."""
+    if _holdable(device):
+        cast(Holdable, device).hold(user)
+
+
+def release(device: object, user: object) -> None:
+    """Undo ``hold``."""
+    if _holdable(device):
+        cast(Holdable, device).release(user)
+
+
+def backing_of(device: object) -> BlockDevice | None:
+    """The backing device of an image over one, else None."""
+    return device.backing if isinstance(device, Backed) else None
+
+
+def file_path(device: object) -> str | None:
+    """The host file a device is, else None (NBD exports, memory, filters)."""
+    return os.fspath(device.path) if isinstance(device, ImageFile) else None
+
+
+def format_name(device: object) -> str | None:
+    """The image format of a device in one (``qcow2``), else None (raw and everything else)."""
+    return device.format_name if isinstance(device, Formatted) else None
+
+
+def cluster_size(device: object) -> int | None:
+    """The cluster size of a clustered image, else None."""
+    return device.cluster_size if isinstance(device, Clustered) else None
+
+
+def remote_uri(device: object) -> NbdUri | None:
+    """The URI of the NBD export a device is, else None (local files and images)."""
+    return device.uri if isinstance(device, RemoteExport) else None
+
+
+def can_compress(device: object) -> bool:
+    """Whether the device can store compressed clusters (see ``Compressing``)."""
+    return isinstance(device, Compressing)
 
 
 class FlushLatch:

@@ -30,7 +30,7 @@ from typing import Any, cast
 
 from nbd import constants as c
 from nbd.constants import State, TransmissionFlag
-from nbd.device import BlockDevice
+from nbd.device import BlockDevice, direct_read_fd, hold, release
 from nbd.errors import errno_to_nbd
 from nbd.server_core import (
     CMD_BLOCK_STATUS,
@@ -225,16 +225,12 @@ class NbdServer:
         if export.name in self._exports:
             raise ValueError(f"export '{export.name}' already exists")
         self._exports[export.name] = export
-        users = getattr(export.device, "users", None)
-        if isinstance(users, set):
-            users.add(export)
+        hold(export.device, export)
 
     def remove_export(self, name: str) -> Export:
         """Stop offering the export and close its connections once their requests are done."""
         export = self._exports.pop(name)
-        users = getattr(export.device, "users", None)
-        if isinstance(users, set):
-            users.discard(export)
+        release(export.device, export)
         for conn in list(self._connections):
             if conn.export is export:
                 conn.shutdown()
@@ -324,17 +320,6 @@ class _Client:
 
 
 _NO_CLIENT = _Client("")  # before admission (never charged: nothing starts before it)
-
-
-def _direct_read_fd(device: Any) -> int | None:
-    """The fd a read may be served from by sendfile: a node without filters (a filter may change
-    what reads return) over a device that offers one (``direct_read_fd``, raw files)."""
-    filters = getattr(device, "filters", None)
-    if filters:
-        return None
-    base = device.device if filters is not None else device
-    direct = getattr(base, "direct_read_fd", None)
-    return direct() if direct is not None else None
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -927,7 +912,7 @@ class _Connection(asyncio.BufferedProtocol):
             if any(e.flags & _ZERO for e in extents):
                 return await self._read_sparse(request, extents)
         if length >= SENDFILE_MIN and self._sock_fd >= 0:
-            fd = _direct_read_fd(device)
+            fd = direct_read_fd(device)  # through filters that pass reads, copy-before-write included
             if fd is not None and self._sendfile(request, fd):
                 return None
         data = await device.pread(offset, length)

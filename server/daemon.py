@@ -21,6 +21,7 @@ from pathlib import Path
 
 from backup.images import open_image
 from backup.node import BlockNode
+from nbd.device import format_name
 from nbd.server import Export, NbdServer
 from server import qmp_block, qmp_jobs, qmp_nbd
 from server.errors import ConfigError, ShutdownError
@@ -130,7 +131,7 @@ class Daemon:
         """Open an image as block node ``name`` (command-line exports: not subject to ``--allow-dir``)."""
         self.registry.check_new_node_name(name)
         device = await open_image(path, format=format, read_only=read_only)
-        driver = format or getattr(device, "format_name", None) or "raw"
+        driver = format or format_name(device) or "raw"
         if format is None:
             log.warning(probed_warning(os.fspath(path), name, str(driver), read_only=read_only))
         node = BlockNode(name, device, driver=str(driver), filename=_realpath(path))

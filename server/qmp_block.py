@@ -19,7 +19,7 @@ from typing import Any
 from backup.filter import BlockFilter
 from backup.node import BlockNode
 from backup.null import NullDevice
-from nbd.device import BlockDevice
+from nbd.device import BlockDevice, backing_of, cluster_size, file_path
 from nbd.errors import NbdError
 from nbd.uri import NbdUri
 from server.errors import QmpError
@@ -120,7 +120,7 @@ async def blockdev_add(reg: Registry, options: dict[str, Any]) -> BlockNode:
     for node in opened.new_nodes:
         reg.add_node(node)
     for child in opened.referenced:
-        child.users.add(top)
+        child.hold(top)
     return top
 
 
@@ -142,7 +142,7 @@ async def _open(reg: Registry, options: dict[str, Any], *, read_only: bool, name
         await _close_opened(opened)
         raise
     if isinstance(opened.device, BlockNode):
-        opened.device.users.add(node)
+        opened.device.hold(node)
     opened.new_nodes.append(node)
     opened.device = node
     return opened
@@ -296,10 +296,10 @@ async def _close_opened(opened: _Opened) -> None:
 
 
 def _chain_depth(device: Any) -> int:
-    depth, backing = 0, getattr(device, "backing", None)
+    depth, backing = 0, backing_of(device)
     while backing is not None and depth < 64:
         depth += 1
-        backing = getattr(backing, "backing", None)
+        backing = backing_of(backing)
     return depth
 
 
@@ -315,20 +315,19 @@ def image_info(node: BlockNode) -> dict[str, Any]:
     filename = node.filename or ""
     info: dict[str, Any] = {"virtual-size": node.size, "filename": filename, "format": node.driver}
     bottom = _bottom(node)
-    cluster_size = getattr(bottom, "cluster_size", None)
-    if isinstance(cluster_size, int):
-        info["cluster-size"] = cluster_size
+    clusters = cluster_size(bottom)
+    if clusters is not None:
+        info["cluster-size"] = clusters
     if node.driver in ("file", "raw", "qcow2") and filename and not filename.startswith(("json:", "nbd")):
         with contextlib.suppress(OSError):
             info["actual-size"] = os.stat(filename).st_blocks * 512
         info["dirty-flag"] = False
     elif node.driver == "null-co":
         info["actual-size"] = 0
-    backing = getattr(bottom, "backing", None)
-    backing_path = getattr(backing, "path", None)
+    backing_path = file_path(backing_of(bottom))
     if backing_path is not None:
-        info["backing-filename"] = os.fspath(backing_path)
-        info["full-backing-filename"] = os.path.abspath(os.fspath(backing_path))
+        info["backing-filename"] = backing_path
+        info["full-backing-filename"] = os.path.abspath(backing_path)
     return info
 
 

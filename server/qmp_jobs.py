@@ -27,7 +27,7 @@ from backup.job import Job, JobStatus
 from backup.node import BlockNode
 from backup.targets import BackupTarget, create_file_target, open_target
 from backup.transaction import AbortAction, Transaction, TransactionAction, run_transaction
-from nbd.device import BlockDevice
+from nbd.device import BlockDevice, backing_of, can_compress, file_path, format_name
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
 from server.errors import QmpError
@@ -183,17 +183,17 @@ def new_image_backing(source: BlockNode, sync: str) -> Backing | None:
     if sync == "none" and source.filename is not None and source.driver in ("raw", "file", "qcow2"):
         return Backing(source.filename, "qcow2" if source.driver == "qcow2" else "raw", bottom)
     if sync == "top":
-        backing = getattr(bottom, "backing", None)
-        path = getattr(backing, "path", None)
+        backing = backing_of(bottom)
+        path = file_path(backing)
         if backing is not None and path is not None:
-            fmt = "qcow2" if getattr(backing, "format_name", None) == "qcow2" else "raw"
-            return Backing(os.path.abspath(os.fspath(path)), fmt, backing)
+            fmt = "qcow2" if format_name(backing) == "qcow2" else "raw"
+            return Backing(os.path.abspath(path), fmt, backing)
     return None
 
 
-async def create_backed_target(path: str, size: int, backing: Backing) -> BackupTarget:
+async def create_backed_target(path: str, size: int, backing: Backing, *, compress: bool = False) -> BackupTarget:
     """Create a qcow2 target over ``backing`` (under a temporary name until the job completes); it
-    does not read as zeroes, so nothing is skipped."""
+    does not read as zeroes, so nothing is skipped. ``compress``: it stores compressed clusters."""
     from backup.images import create_image
 
     async def create(where: Path, in_place: bool) -> BlockDevice:
@@ -204,6 +204,7 @@ async def create_backed_target(path: str, size: int, backing: Backing) -> Backup
             backing_file=backing.path,
             backing_format=backing.format,
             backing_device=backing.device,
+            compress=compress,
         )
         return device
 
@@ -248,7 +249,7 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
         raise generic(f"Backing file not supported for file format '{fmt}'")
     try:
         if backing is not None:
-            target = await create_backed_target(target_ref, source.size, backing)
+            target = await create_backed_target(target_ref, source.size, backing, compress=options.compress)
         else:
             target = await open_target(
                 target_ref,
@@ -258,6 +259,7 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
                 source_device=source,
                 source_filename=source.filename,
                 check_backing=reg.paths.check_backing,
+                compress=options.compress,  # only a qcow2 target gets here with compress (checked above)
             )
     except (BackupError, QmpError):
         raise
@@ -268,10 +270,6 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
         verb = "create" if mode == "absolute-paths" else "open"
         raise generic(f"Could not {verb} '{text}': {reason}") from exc
     try:
-        if options.compress:
-            if not hasattr(target.device, "compress"):
-                raise generic(f"Compression is not supported for this drive {text}")
-            target.device.compress = True
         reg.check_new_job_id(job_id)  # another client may have taken it while the target opened
         job = BackupJob(
             job_id,
@@ -297,12 +295,12 @@ async def prepare_blockdev_backup(reg: Registry, args: dict[str, Any]) -> Prepar
     _check_filter_name(reg, args)
     if target_node is source:
         raise generic("Source and target cannot be the same")
-    if options.compress and not hasattr(target_node.device, "compress"):
+    if options.compress and not can_compress(target_node.device):
         raise generic(f"Compression is not supported for this drive {target_node.name}")
     target = await open_target(target_node, size=source.size, source_device=source, source_filename=source.filename)
     job = BackupJob(job_id, source, target_node, options, events=reg.events, target_zero_init=target.zero_init)
-    target_node.users.add(job)
-    reg.add_job(job, cleanup=[lambda: target_node.users.discard(job)])
+    target_node.hold(job)
+    reg.add_job(job, cleanup=[lambda: target_node.release(job)])
     return PreparedBackup(job, target, target_node)
 
 

@@ -138,7 +138,7 @@ class Registry:
             raise generic(f"Block device {name} is in use")
         del self.nodes[name]
         for other in self.nodes.values():  # the nodes it was built on are free again
-            other.users.discard(node)
+            other.release(node)
         if isinstance(node.device, BlockNode):  # a format node over a node: the child stays open
             return
         try:

@@ -86,10 +86,6 @@ class Rep(IntEnum):
     ERR_TOO_BIG = _REP_ERR + 9
     ERR_EXT_HEADER_REQD = _REP_ERR + 10
 
-    @property
-    def is_error(self) -> bool:
-        return bool(self & _REP_ERR)
-
 
 def rep_is_error(rep: int) -> bool:
     """An option reply type is an error when its top bit is set, known to us or not."""

@@ -3,10 +3,10 @@
 Reads and writes are inline ``os.pread``/``os.pwrite``: on this machine page-cache hits cost less than
 a hop to a thread pool, and the NBD server's per-request tasks keep other clients going. Only large
 ones (``THREADED_IO_MIN``, 256 KiB) go to a thread, so a copy overlaps file I/O with network I/O;
-64 KiB copy-before-write copies in a thread measured 2x worse for guest IOPS (GIL hand-offs). Large
+64 KiB copy-before-write copies in a thread cost guest IOPS (GIL hand-offs). Large
 reads run in the default executor, in parallel; large writes go to one writer thread per device:
-concurrent ``pwrite`` calls on one file only spin and sleep on its inode lock (measured: ~9 % of all
-CPU in ``rwsem_spin_on_owner`` with six writers, ~10 % faster copies with one). Holes come
+concurrent ``pwrite`` calls on one file only spin and sleep on its inode lock (``rwsem_spin_on_owner``
+in the profile of several writers; one writer copies faster). Holes come
 from ``SEEK_DATA``/``SEEK_HOLE``; zeroing and trimming use ``fallocate`` (zero range, punch hole);
 flush and FUA are ``fdatasync``, which covers every connection at once — so ``CAN_MULTI_CONN`` holds;
 once one failed, every later flush and FUA write fails too (``FlushLatch``: Linux reports a writeback
@@ -41,8 +41,8 @@ _T = TypeVar("_T")
 THREADED_IO_MIN = 256 * 1024  # reads and writes this big run in a thread: the loop keeps the socket busy meanwhile
 _HOLE = int(State.HOLE | State.ZERO)
 
-# The process's own symbols include libc's: ``find_library`` would run ``ldconfig -p`` (a fork and
-# ~20 ms) at every start-up of the CLI and the daemon.
+# The process's own symbols include libc's: ``find_library`` would run ``ldconfig -p`` (a fork) at
+# every start-up of the CLI and the daemon.
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate64 if hasattr(_libc, "fallocate64") else _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

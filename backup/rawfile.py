@@ -28,10 +28,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from backup.io_thread import IoThread
+from nbd.align import SECTOR, round_up
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch, pread_padded
 
-SECTOR = 512
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -58,10 +58,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def round_up(value: int, to: int = SECTOR) -> int:
-    return -(-value // to) * to
-
-
 class RawFileDevice:
     """A file as an array of bytes; see the module docstring for the conventions."""
 
@@ -71,7 +67,7 @@ class RawFileDevice:
         self._read_only = read_only
         self._is_block = is_block
         file_size = self._file_size()
-        self._size = round_up(file_size)
+        self._size = round_up(file_size, SECTOR)
         self._seek_works = not is_block
         # Block status must stay cheap: on tmpfs SEEK_HOLE walks every page up to the next hole.
         # A file with no hole at all reports data without any syscall until a hole may appear
@@ -109,7 +105,7 @@ class RawFileDevice:
         fd = os.open(path, flags, 0o644)
         try:
             os.ftruncate(fd, 0)
-            os.ftruncate(fd, round_up(size))
+            os.ftruncate(fd, round_up(size, SECTOR))
             return cls(path, fd, read_only=False, is_block=False)
         except BaseException:
             os.close(fd)

@@ -8,6 +8,7 @@ from backup.fixed import FixedSizeDevice
 from nbd.align import div_up
 from nbd.constants import State
 from nbd.device import Extent
+from nbd.runs import append_run
 
 PAGE = 4096
 
@@ -74,7 +75,7 @@ class MemoryDevice(FixedSizeDevice):
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check(offset, length)
-        extents: list[Extent] = []
+        runs: list[tuple[int, int]] = []
         end = offset + length
         pos = offset
         while pos < end:
@@ -82,13 +83,9 @@ class MemoryDevice(FixedSizeDevice):
             run_end = min(end, (pos // PAGE + 1) * PAGE)
             while run_end < end and self._allocated[run_end // PAGE] == allocated:
                 run_end = min(end, run_end + PAGE)
-            flags = 0 if allocated else State.HOLE | State.ZERO
-            if extents and extents[-1].flags == flags:
-                extents[-1] = Extent(extents[-1].length + run_end - pos, flags)
-            else:
-                extents.append(Extent(run_end - pos, flags))
+            append_run(runs, run_end - pos, 0 if allocated else State.HOLE | State.ZERO)
             pos = run_end
-        return extents
+        return [Extent(n, flags) for n, flags in runs]
 
     async def cache(self, offset: int, length: int) -> None:
         self._check(offset, length)

@@ -31,6 +31,7 @@ from backup.io_thread import IoThread
 from nbd.align import SECTOR, round_up
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch, pread_padded
+from nbd.runs import append_run
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -327,8 +328,8 @@ class RawFileDevice:
 
     def _extents(self, pos: int, end: int) -> list[Extent]:
         fd = self._fd
-        extents: list[Extent] = []
-        while pos < end and len(extents) < MAX_EXTENTS:
+        runs: list[tuple[int, int]] = []
+        while pos < end and len(runs) < MAX_EXTENTS:
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as exc:
@@ -343,12 +344,9 @@ class RawFileDevice:
                 self._data_run = (pos, hole)
                 run_end = min(hole, end)
                 flags = 0
-            if extents and extents[-1].flags == flags:
-                extents[-1] = Extent(extents[-1].length + run_end - pos, flags)
-            else:
-                extents.append(Extent(run_end - pos, flags))
+            append_run(runs, run_end - pos, flags)
             pos = run_end
-        return extents
+        return [Extent(length, flags) for length, flags in runs]
 
     def _writer_thread(self) -> IoThread:
         if self._fd < 0:

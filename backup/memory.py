@@ -8,7 +8,6 @@ from backup.fixed import FixedSizeDevice
 from nbd.align import div_up
 from nbd.constants import State
 from nbd.device import Extent
-from nbd.runs import append_run
 
 PAGE = 4096
 
@@ -75,7 +74,7 @@ class MemoryDevice(FixedSizeDevice):
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check(offset, length)
-        runs: list[tuple[int, int]] = []
+        extents: list[Extent] = []
         end = offset + length
         pos = offset
         while pos < end:
@@ -83,9 +82,10 @@ class MemoryDevice(FixedSizeDevice):
             run_end = min(end, (pos // PAGE + 1) * PAGE)
             while run_end < end and self._allocated[run_end // PAGE] == allocated:
                 run_end = min(end, run_end + PAGE)
-            append_run(runs, run_end - pos, 0 if allocated else State.HOLE | State.ZERO)
+            # The loop above took every following page of the same kind: neighbours never share flags.
+            extents.append(Extent(run_end - pos, 0 if allocated else State.HOLE | State.ZERO))
             pos = run_end
-        return [Extent(n, flags) for n, flags in runs]
+        return extents
 
     async def cache(self, offset: int, length: int) -> None:
         self._check(offset, length)

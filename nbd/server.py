@@ -48,7 +48,7 @@ from nbd.server_core import (
     FLAG_REQ_ONE,
     Closed,
     Event,
-    ExportOffer,
+    ExportEntry,
     Negotiated,
     Phase,
     Request,
@@ -96,7 +96,7 @@ class Export:
     def read_only(self) -> bool:
         return not self.writable or self.device.read_only
 
-    def entry(self) -> ExportOffer:
+    def entry(self) -> ExportEntry:
         """The export as the handshake presents it now (flags follow the device's current capabilities)."""
         device = self.device
         caps = device.capabilities
@@ -121,7 +121,7 @@ class Export:
             flags |= TransmissionFlag.SEND_CACHE
         if caps.rotational:
             flags |= TransmissionFlag.ROTATIONAL
-        return ExportOffer(
+        return ExportEntry(
             name=self.name,
             size=device.size,
             flags=int(flags),
@@ -171,11 +171,11 @@ class NbdServer:
         self._exports: dict[str, Export] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[tuple[str, SocketFileId | None]] = []
-        self._connections: set[_ServerConnection] = set()
-        self._handshaking: dict[_ServerConnection, None] = {}  # not negotiated yet, oldest first
+        self._connections: set[_Connection] = set()
+        self._handshaking: dict[_Connection, None] = {}  # not negotiated yet, oldest first
         self._clients: dict[str, _Client] = {}  # connections and charges by peer address
         self._charged = 0  # bytes charged by all connections (see ``buffer_budget``)
-        self._waiters: deque[_ServerConnection] = deque()  # connections waiting for budget, in order
+        self._waiters: deque[_Connection] = deque()  # connections waiting for budget, in order
         self._spares = SparePool(max_bytes=SPARE_BYTES, max_count=SPARE_COUNT)  # shared by all connections
         self._stopping = False
 
@@ -249,13 +249,13 @@ class NbdServer:
     def connections(self) -> int:
         return len(self._connections)
 
-    def _lookup(self, name: str) -> ExportOffer | None:
+    def _lookup(self, name: str) -> ExportEntry | None:
         export = self._exports.get(name)
         if export is None and name == "" and len(self._exports) == 1:
             export = next(iter(self._exports.values()))  # the default export, when there is only one
         return export.entry() if export is not None else None
 
-    def _list(self) -> Iterable[ExportOffer]:
+    def _list(self) -> Iterable[ExportEntry]:
         return [export.entry() for export in self._exports.values()]
 
     # --- listening ---------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ class NbdServer:
     async def listen_tcp(self, host: str = "127.0.0.1", port: int = c.DEFAULT_PORT) -> tuple[str, int]:
         """Listen on TCP; returns the bound address (port 0 picks a free one)."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _ServerConnection(self), host, port, reuse_address=True)
+        server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
         self._servers.append(server)
         for sock in server.sockets:
             with contextlib.suppress(OSError):
@@ -282,7 +282,7 @@ class NbdServer:
         try:
             sock.bind(path)  # bound here: asyncio, given a path, would unlink any socket file there first
             own = socket_file_id(path)
-            server = await asyncio.get_running_loop().create_unix_server(lambda: _ServerConnection(self), sock=sock)
+            server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), sock=sock)
         except BaseException:
             sock.close()
             remove_own_socket(path, own)
@@ -338,7 +338,7 @@ def _direct_read_fd(device: Any) -> int | None:
     return direct() if direct is not None else None
 
 
-class _ServerConnection(asyncio.BufferedProtocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client: the core's bytes in and out, each request run as soon as it is complete.
 
     Receiving: a ``BufferedProtocol``, so a write payload is received straight into its own buffer

@@ -181,8 +181,8 @@ class SparePool:
 
 
 @dataclass(frozen=True, slots=True)
-class ExportOffer:
-    """An export as the handshake offers it now (size, flags, block sizes); ``handle`` is the adapter's own object."""
+class ExportEntry:
+    """A snapshot of an export as the handshake presents it; ``handle`` is the adapter's own object."""
 
     name: str
     size: int
@@ -194,8 +194,8 @@ class ExportOffer:
     handle: object = None
 
 
-Lookup = Callable[[str], "ExportOffer | None"]
-Lister = Callable[[], Iterable[ExportOffer]]
+Lookup = Callable[[str], "ExportEntry | None"]
+Lister = Callable[[], Iterable[ExportEntry]]
 
 
 # --- events ------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ Lister = Callable[[], Iterable[ExportOffer]]
 class Negotiated:
     """The handshake is over: requests for ``export`` follow."""
 
-    export: ExportOffer
+    export: ExportEntry
     structured: bool
     meta_context: int  # the base:allocation context id, 0 when none was selected
 
@@ -297,7 +297,7 @@ class ServerCore:
         self._meta_selected = False
         self._option = 0
         self._option_length = 0
-        self.export: ExportOffer | None = None
+        self.export: ExportEntry | None = None
         self.meta_context = 0
         self._flags = 0
         self._size = 0
@@ -521,7 +521,7 @@ class ServerCore:
     def _reply_error(self, option: int, reply: Rep, message: str) -> None:
         self._reply(option, reply, message.encode()[: c.MAX_STRING])
 
-    def _select(self, events: list[Event], entry: ExportOffer) -> None:
+    def _select(self, events: list[Event], entry: ExportEntry) -> None:
         """Enter transmission with ``entry``: fix the flags and limits the requests are checked against."""
         self.export = entry
         self._flags = self._transmission_flags(entry)
@@ -533,7 +533,7 @@ class ServerCore:
         self.meta_context = META_CONTEXT_ID if self._meta_selected and self._meta_export == entry.name else 0
         events.append(Negotiated(entry, self.structured, self.meta_context))
 
-    def _transmission_flags(self, entry: ExportOffer) -> int:
+    def _transmission_flags(self, entry: ExportEntry) -> int:
         flags = entry.flags | TransmissionFlag.HAS_FLAGS
         if not self.structured:
             flags &= ~TransmissionFlag.SEND_DF
@@ -545,7 +545,7 @@ class ServerCore:
             flags &= ~TransmissionFlag.SEND_FAST_ZERO
         return int(flags)
 
-    def _find(self, name: str) -> ExportOffer:
+    def _find(self, name: str) -> ExportEntry:
         entry = self._lookup(name)
         if entry is None:
             raise _Refusal(Rep.ERR_UNKNOWN, f"export '{name}' not found")

@@ -13,7 +13,7 @@ from backup.memory import MemoryDevice
 from nbd import client_core as cc
 from nbd.constants import Cmd, CmdFlag, Opt, State, TransmissionFlag
 from nbd.errors import errno_to_nbd
-from nbd.server_core import ExportOffer, Negotiated, Request, ServerCore
+from nbd.server_core import ExportEntry, Negotiated, Request, ServerCore
 
 SIZE = 256 * 1024
 FLAGS = int(
@@ -109,8 +109,8 @@ async def _run(ops: list[tuple[str, int, int, int]], structured: bool, batch: in
     device = MemoryDevice(SIZE)
     model = bytearray(SIZE)
     server = ServerCore(
-        lambda name: ExportOffer("d", SIZE, FLAGS) if name == "d" else None,
-        lambda: [ExportOffer("d", SIZE, FLAGS)],
+        lambda name: ExportEntry("d", SIZE, FLAGS) if name == "d" else None,
+        lambda: [ExportEntry("d", SIZE, FLAGS)],
     )
     _, events = handshake(server, structured)
     assert isinstance(events[-1], Negotiated)

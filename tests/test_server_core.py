@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from nbd import constants as c
 from nbd import wire
 from nbd.constants import Cmd, CmdFlag, Errno, Opt, Rep, ReplyType, TransmissionFlag
-from nbd.server_core import TRANSITIONS, Closed, ExportOffer, Input, Negotiated, Phase, Request, ServerCore
+from nbd.server_core import TRANSITIONS, Closed, ExportEntry, Input, Negotiated, Phase, Request, ServerCore
 
 SIZE = 1 << 20
 RW_FLAGS = int(
@@ -26,9 +26,9 @@ RW_FLAGS = int(
     | TransmissionFlag.CAN_MULTI_CONN
 )
 EXPORTS = {
-    "disk": ExportOffer("disk", SIZE, RW_FLAGS, description="the disk"),
-    "ro": ExportOffer("ro", SIZE, RW_FLAGS | TransmissionFlag.READ_ONLY),
-    "sectors": ExportOffer("sectors", SIZE, RW_FLAGS, minimum=512),
+    "disk": ExportEntry("disk", SIZE, RW_FLAGS, description="the disk"),
+    "ro": ExportEntry("ro", SIZE, RW_FLAGS | TransmissionFlag.READ_ONLY),
+    "sectors": ExportEntry("sectors", SIZE, RW_FLAGS, minimum=512),
 }
 
 
@@ -705,7 +705,7 @@ def test_minimum_block_size_is_enforced() -> None:
 @pytest.mark.parametrize("size", [20 << 20, 32 << 20])
 def test_recycling_a_payload_bigger_than_the_spare_budget(size: int) -> None:
     """A write payload over the spare budget (16 MiB) is not kept, and recycling it never fails."""
-    big = {"disk": ExportOffer("disk", 64 << 20, RW_FLAGS)}
+    big = {"disk": ExportEntry("disk", 64 << 20, RW_FLAGS)}
     core = negotiate(core=ServerCore(big.get, lambda: big.values()))
     for cookie in (1, 2):
         core.receive(request(Cmd.WRITE, cookie=cookie, length=size))
@@ -733,7 +733,7 @@ def test_big_payloads_are_mapped_and_spares_are_shared() -> None:
 
     from nbd.server_core import SparePool
 
-    big = {"disk": ExportOffer("disk", 64 << 20, RW_FLAGS)}
+    big = {"disk": ExportEntry("disk", 64 << 20, RW_FLAGS)}
     pool = SparePool(max_bytes=4 << 20, max_count=4)
     first, second = (negotiate(core=ServerCore(big.get, lambda: big.values(), spares=pool)) for _ in range(2))
     first.receive(request(Cmd.WRITE, length=2 << 20) + b"\x01")  # one byte of the payload

@@ -41,6 +41,7 @@ from backup.job import THROTTLE_SLICE, Job
 from backup.node import BlockNode
 from backup.policy import ErrorAction, OnError
 from backup.targets import BackupTarget
+from nbd.align import div_up
 from nbd.constants import State
 from nbd.device import BlockDevice, file_path
 from nbd.device import top_allocation as top_allocation_of
@@ -313,7 +314,7 @@ class BackupJob(Job):
                 end = min(pos + length, copier.size)
                 if not allocated:
                     # Whole clusters only: a cluster partly allocated is copied (its allocated part).
-                    first = -(-pos // cs)
+                    first = div_up(pos, cs)
                     last = copier.clusters if end >= copier.size else end // cs
                     if last > first:
                         self._progress_skipped(copier.drop(first, last))

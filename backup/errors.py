@@ -20,22 +20,6 @@ class InvalidArgument(BackupError):
     """The caller asked for something that cannot be done as asked (sizes, modes, same source and target)."""
 
 
-class NodeNotFound(BackupError):
-    """No block node or device of that name."""
-
-    qmp_class = "DeviceNotFound"
-
-
-class NodeBusy(BackupError):
-    """The node is in use in a way that forbids the operation (e.g. removing a node a job uses)."""
-
-
-class JobNotFound(BackupError):
-    """No job of that id."""
-
-    qmp_class = "DeviceNotActive"
-
-
 class JobStateError(BackupError):
     """A verb the job's current status does not accept (QEMU's "cannot accept command verb")."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 from backup.fixed import FixedSizeDevice
+from nbd.align import div_up
 from nbd.constants import State
 from nbd.device import Extent
 
@@ -19,11 +20,11 @@ class MemoryDevice(FixedSizeDevice):
     def __init__(self, size: int, *, read_only: bool = False, data: bytes | None = None) -> None:
         super().__init__(size, read_only=read_only)
         self._data = bytearray(size)
-        self._allocated = bytearray((size + PAGE - 1) // PAGE)  # 1 = page holds data
+        self._allocated = bytearray(div_up(size, PAGE))  # 1 = page holds data
         self.flush_count = 0
         if data is not None:
             self._data[: len(data)] = data[:size]
-            for page in range(0, (min(len(data), size) + PAGE - 1) // PAGE):
+            for page in range(0, div_up(min(len(data), size), PAGE)):
                 self._allocated[page] = 1
 
     @property
@@ -39,7 +40,7 @@ class MemoryDevice(FixedSizeDevice):
             self._allocated[first : last + 1] = b"\x01" * (last - first + 1)
             return
         # Only whole pages become holes; partial pages keep their (now zeroed) data.
-        first, end = -(-offset // PAGE), (offset + length) // PAGE
+        first, end = div_up(offset, PAGE), (offset + length) // PAGE
         if offset + length == self._size:
             end = len(self._allocated)
         if end > first:
@@ -81,11 +82,8 @@ class MemoryDevice(FixedSizeDevice):
             run_end = min(end, (pos // PAGE + 1) * PAGE)
             while run_end < end and self._allocated[run_end // PAGE] == allocated:
                 run_end = min(end, run_end + PAGE)
-            flags = 0 if allocated else State.HOLE | State.ZERO
-            if extents and extents[-1].flags == flags:
-                extents[-1] = Extent(extents[-1].length + run_end - pos, flags)
-            else:
-                extents.append(Extent(run_end - pos, flags))
+            # The loop above took every following page of the same kind: neighbours never share flags.
+            extents.append(Extent(run_end - pos, 0 if allocated else State.HOLE | State.ZERO))
             pos = run_end
         return extents
 

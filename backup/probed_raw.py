@@ -15,9 +15,8 @@ import asyncio
 import errno
 
 from backup.filter import BlockFilter
+from nbd.align import SECTOR
 from nbd.device import BlockDevice
-
-SECTOR = 512
 
 #: First-sector signatures of the formats QEMU probes (``block/*.c`` ``*_probe``), by offset.
 _MAGICS: tuple[tuple[str, int, bytes], ...] = (

@@ -3,10 +3,10 @@
 Reads and writes are inline ``os.pread``/``os.pwrite``: on this machine page-cache hits cost less than
 a hop to a thread pool, and the NBD server's per-request tasks keep other clients going. Only large
 ones (``THREADED_IO_MIN``, 256 KiB) go to a thread, so a copy overlaps file I/O with network I/O;
-64 KiB copy-before-write copies in a thread measured 2x worse for guest IOPS (GIL hand-offs). Large
+64 KiB copy-before-write copies in a thread cost guest IOPS (GIL hand-offs). Large
 reads run in the default executor, in parallel; large writes go to one writer thread per device:
-concurrent ``pwrite`` calls on one file only spin and sleep on its inode lock (measured: ~9 % of all
-CPU in ``rwsem_spin_on_owner`` with six writers, ~10 % faster copies with one). Holes come
+concurrent ``pwrite`` calls on one file only spin and sleep on its inode lock (``rwsem_spin_on_owner``
+in the profile of several writers; one writer copies faster). Holes come
 from ``SEEK_DATA``/``SEEK_HOLE``; zeroing and trimming use ``fallocate`` (zero range, punch hole);
 flush and FUA are ``fdatasync``, which covers every connection at once — so ``CAN_MULTI_CONN`` holds;
 once one failed, every later flush and FUA write fails too (``FlushLatch``: Linux reports a writeback
@@ -28,10 +28,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from backup.io_thread import IoThread
+from nbd.align import SECTOR, round_up
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch, pread_padded
+from nbd.runs import append_run
 
-SECTOR = 512
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -41,8 +42,8 @@ _T = TypeVar("_T")
 THREADED_IO_MIN = 256 * 1024  # reads and writes this big run in a thread: the loop keeps the socket busy meanwhile
 _HOLE = int(State.HOLE | State.ZERO)
 
-# The process's own symbols include libc's: ``find_library`` would run ``ldconfig -p`` (a fork and
-# ~20 ms) at every start-up of the CLI and the daemon.
+# The process's own symbols include libc's: ``find_library`` would run ``ldconfig -p`` (a fork) at
+# every start-up of the CLI and the daemon.
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate64 if hasattr(_libc, "fallocate64") else _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -58,10 +59,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def round_up(value: int, to: int = SECTOR) -> int:
-    return -(-value // to) * to
-
-
 class RawFileDevice:
     """A file as an array of bytes; see the module docstring for the conventions."""
 
@@ -71,7 +68,7 @@ class RawFileDevice:
         self._read_only = read_only
         self._is_block = is_block
         file_size = self._file_size()
-        self._size = round_up(file_size)
+        self._size = round_up(file_size, SECTOR)
         self._seek_works = not is_block
         # Block status must stay cheap: on tmpfs SEEK_HOLE walks every page up to the next hole.
         # A file with no hole at all reports data without any syscall until a hole may appear
@@ -109,7 +106,7 @@ class RawFileDevice:
         fd = os.open(path, flags, 0o644)
         try:
             os.ftruncate(fd, 0)
-            os.ftruncate(fd, round_up(size))
+            os.ftruncate(fd, round_up(size, SECTOR))
             return cls(path, fd, read_only=False, is_block=False)
         except BaseException:
             os.close(fd)
@@ -331,8 +328,8 @@ class RawFileDevice:
 
     def _extents(self, pos: int, end: int) -> list[Extent]:
         fd = self._fd
-        extents: list[Extent] = []
-        while pos < end and len(extents) < MAX_EXTENTS:
+        runs: list[tuple[int, int]] = []
+        while pos < end and len(runs) < MAX_EXTENTS:
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as exc:
@@ -347,12 +344,9 @@ class RawFileDevice:
                 self._data_run = (pos, hole)
                 run_end = min(hole, end)
                 flags = 0
-            if extents and extents[-1].flags == flags:
-                extents[-1] = Extent(extents[-1].length + run_end - pos, flags)
-            else:
-                extents.append(Extent(run_end - pos, flags))
+            append_run(runs, run_end - pos, flags)
             pos = run_end
-        return extents
+        return [Extent(length, flags) for length, flags in runs]
 
     def _writer_thread(self) -> IoThread:
         if self._fd < 0:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 from backup.errors import InvalidArgument
 from backup.images import fsync_dir
+from nbd.align import SECTOR, round_up
 from nbd.constants import State
 from nbd.device import BlockDevice, format_name
 
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512
 #: How many block-status replies ``reads_as_zeroes`` looks at before giving up (a fragmented target
 #: is simply treated as not zero-initialised).
 _MAX_STATUS_CALLS = 64
@@ -51,10 +51,6 @@ _MAX_STATUS_CALLS = 64
 TARGET_REQUEST_TIMEOUT = 60.0
 
 Mode = Literal["existing", "absolute-paths"]
-
-
-def round_up(size: int, unit: int = SECTOR) -> int:
-    return (size + unit - 1) // unit * unit
 
 
 @dataclass
@@ -129,7 +125,7 @@ async def reads_as_zeroes(device: BlockDevice) -> bool:
 
 def check_size(target_size: int, source_size: int, what: str) -> None:
     """QEMU insists on equal sizes; we also accept the 512-byte round-up of a created raw file."""
-    if target_size not in (source_size, round_up(source_size)):
+    if target_size not in (source_size, round_up(source_size, SECTOR)):
         raise InvalidArgument(
             f"Source and target image have different sizes ({what}: {target_size} bytes, source: {source_size} bytes)"
         )
@@ -337,5 +333,4 @@ __all__ = [
     "mark_qcow2_incomplete",
     "open_target",
     "reads_as_zeroes",
-    "round_up",
 ]

@@ -24,7 +24,7 @@ from conftest import require
 from peers import nbdkit_unix
 from qsd import QmpAsync, Qsd, job_events_of, qsd_daemon  # noqa: F401 (a fixture)
 
-from backup.errors import BackupError, JobStateError, NodeNotFound
+from backup.errors import BackupError, JobStateError
 from backup.events import Event, EventBus
 from backup.job import Job
 from backup.policy import ErrorAction, OnError
@@ -259,7 +259,7 @@ class OurSide(Side):
         from nbd.client import NbdClient
 
         if target == "nope":
-            raise NodeNotFound(f"Cannot find device='{target}' nor node-name='{target}'")
+            raise BackupError(f"Cannot find device='{target}' nor node-name='{target}'")
         node = f"t{next(self.targets)}"
         device: BlockDevice
         if target == "file":

@@ -1,4 +1,4 @@
-"""Numbers of the NBD protocol (../shared/reference/nbd-proto.md), spelled as the spec spells them.
+"""Numbers of the NBD protocol (the NBD project's ``proto.md``), spelled as the spec spells them.
 
 The ``NBD_`` prefix is dropped; the rest of each name is the spec's, so a grep of the spec finds it.
 """
@@ -20,7 +20,7 @@ EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 DEFAULT_PORT = 10809
 
-# Limits the spec names or that we choose and advertise (design §3.3).
+# Limits the spec names or that we choose and advertise.
 MAX_STRING = 4096
 MAX_PAYLOAD = 32 * 1024 * 1024
 MIN_BLOCK_SIZE = 1
@@ -85,10 +85,6 @@ class Rep(IntEnum):
     ERR_BLOCK_SIZE_REQD = _REP_ERR + 8
     ERR_TOO_BIG = _REP_ERR + 9
     ERR_EXT_HEADER_REQD = _REP_ERR + 10
-
-    @property
-    def is_error(self) -> bool:
-        return bool(self & _REP_ERR)
 
 
 def rep_is_error(rep: int) -> bool:

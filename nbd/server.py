@@ -32,6 +32,7 @@ from nbd import constants as c
 from nbd.constants import State, TransmissionFlag
 from nbd.device import BlockDevice, direct_read_fd, hold, release
 from nbd.errors import errno_to_nbd
+from nbd.runs import append_run
 from nbd.server_core import (
     CMD_BLOCK_STATUS,
     CMD_CACHE,
@@ -973,23 +974,16 @@ class _Connection(asyncio.BufferedProtocol):
         """Send zero extents as hole chunks (with DF only when the whole range is one hole)."""
         offset, length = request.offset, request.length
         end = offset + length
-        runs: list[list[Any]] = []  # [length, is_data], neighbours of the same kind merged
+        runs: list[tuple[int, bool]] = []  # (length, is_data)
         pos = offset
         for extent in extents:
             run = min(extent.length, end - pos)
             if run <= 0:
                 break
-            is_data = not extent.flags & _ZERO
-            if runs and runs[-1][1] == is_data:
-                runs[-1][0] += run
-            else:
-                runs.append([run, is_data])
+            append_run(runs, run, not extent.flags & _ZERO)
             pos += run
         if pos < end:
-            if runs and runs[-1][1]:
-                runs[-1][0] += end - pos
-            else:
-                runs.append([end - pos, True])
+            append_run(runs, end - pos, True)
         device = self.device
         if request.flags & FLAG_DF and (len(runs) > 1 or runs[0][1]):
             data = await device.pread(offset, length)
@@ -1011,12 +1005,9 @@ class _Connection(asyncio.BufferedProtocol):
             if run <= 0:
                 break
             flags = extent.flags & 3
-            if descriptors and descriptors[-1][1] == flags:
-                descriptors[-1] = (descriptors[-1][0] + run, flags)
-            else:
-                if len(descriptors) >= MAX_DESCRIPTORS:
-                    break
-                descriptors.append((run, flags))
+            if len(descriptors) >= MAX_DESCRIPTORS and descriptors[-1][1] != flags:
+                break
+            append_run(descriptors, run, flags)
             remaining -= run
         if not descriptors:
             raise OSError(errno_mod.EIO, "the device reported no extents")

@@ -1,4 +1,4 @@
-"""NBD URIs (../shared/reference/nbd-uri.md) and QEMU's legacy ``nbd:`` syntax, parsed in one place.
+"""NBD URIs (the NBD project's ``nbd-uri.md``) and QEMU's legacy ``nbd:`` syntax, parsed in one place.
 
 Accepted forms::
 

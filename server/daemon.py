@@ -140,9 +140,6 @@ class Daemon:
     def node(self, name: str) -> BlockNode:
         return self.registry.node(name)
 
-    async def close_node(self, name: str) -> None:
-        await self.registry.remove_node(name)
-
     def export(
         self, node_name: str, *, name: str | None = None, writable: bool = True, description: str = ""
     ) -> Export:

@@ -15,13 +15,23 @@ from typing import Any, cast
 
 import pytest
 
-from backup.errors import JobNotFound, NodeNotFound
+from backup.errors import BackupError
 from backup.events import Event
 from server.errors import QmpError
 from server.qmp import CommandRegistry, QmpServer
 from server.qmp.dispatch import run_handler
 
 TIMEOUT = 10
+
+
+class NodeNotFound(BackupError):
+    """A block-layer error that names its own QMP class, as the dispatcher must report it."""
+
+    qmp_class = "DeviceNotFound"
+
+
+class JobNotFound(BackupError):
+    qmp_class = "DeviceNotActive"
 
 
 class Ctx:

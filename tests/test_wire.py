@@ -34,16 +34,6 @@ def test_request_fast_path_matches_construct(flags: int, type_: int, cookie: int
 
 
 @settings(deadline=None)  # no per-example time limit: CI machines are loaded
-@given(flags=u16, type_=u16, cookie=u64, offset=u64, length=u64)
-def test_extended_request_fast_path_matches_construct(
-    flags: int, type_: int, cookie: int, offset: int, length: int
-) -> None:
-    built = wire.ExtendedRequest.build(dict(flags=flags, type=type_, cookie=cookie, offset=offset, length=length))
-    assert built == wire.EXTENDED_REQUEST_FAST.pack(c.EXTENDED_REQUEST_MAGIC, flags, type_, cookie, offset, length)
-    assert wire.EXTENDED_REQUEST_FAST.size == wire.ExtendedRequest.sizeof() == 32
-
-
-@settings(deadline=None)  # no per-example time limit: CI machines are loaded
 @given(error=u32, cookie=u64)
 def test_simple_reply_fast_path_matches_construct(error: int, cookie: int) -> None:
     built = wire.SimpleReply.build(dict(error=error, cookie=cookie))

@@ -16,6 +16,7 @@ from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
 from backup.qcow2.header import ImageHeader, parse_header
 from backup.qcow2.refcount import Refcounts
+from nbd.align import div_up
 
 
 @dataclass
@@ -67,7 +68,7 @@ def read_header(fd: int, path: str) -> ImageHeader:
 def walk_references(fd: int, h: ImageHeader) -> References:
     """Count references from the header, the L1 table and every L2 table."""
     cb, cs = h.cluster_bits, h.cluster_size
-    file_clusters = -(-os.lseek(fd, 0, os.SEEK_END) // cs)
+    file_clusters = div_up(os.lseek(fd, 0, os.SEEK_END), cs)
     refs = References()
     refs.ref(0, cs, cb)
     if h.l1_size:
@@ -147,9 +148,9 @@ def _check(fd: int, path: str) -> CheckResult:
         reftable=reftable,
         reftable_offset=h.refcount_table_offset,
         reftable_clusters=h.refcount_table_clusters,
-        alloc_end=-(-file_size // cs),
+        alloc_end=div_up(file_size, cs),
     )
-    last = max([*expected, -(-file_size // cs) - 1, 0])
+    last = max([*expected, div_up(file_size, cs) - 1, 0])
     for c in range(last + 1):
         stored, want = refs.get(c), expected.get(c, 0)
         if stored == want:

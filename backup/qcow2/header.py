@@ -14,6 +14,7 @@ from construct import ConstructError
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
 from backup.qcow2.codec import codec_for
+from nbd.align import div_up
 
 _INCOMPAT_NAMES = {
     0: "dirty bit",
@@ -73,7 +74,7 @@ def _refuse(path: str, message: str) -> ImageFormatError:
 def l1_entries_for(size: int, cluster_bits: int, *, extended_l2: bool = False) -> int:
     """How many L1 entries a virtual size needs (extended L2 entries are 16 bytes, not 8)."""
     per_l2 = 1 << (2 * cluster_bits - (4 if extended_l2 else 3))
-    return -(-size // per_l2)
+    return div_up(size, per_l2)
 
 
 def parse_header(first: bytes, file_size: int, path: str) -> ImageHeader:

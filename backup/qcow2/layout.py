@@ -28,6 +28,8 @@ from construct import (
     this,
 )
 
+from nbd.align import SECTOR
+
 MAGIC = b"QFI\xfb"
 V2_HEADER_LENGTH = 72
 V3_HEADER_LENGTH = 104
@@ -36,7 +38,6 @@ MAX_CLUSTER_BITS = 21  # QEMU's implementation limit (2 MiB)
 MAX_BACKING_NAME = 1023
 MAX_L1_BYTES = 32 * 1024 * 1024  # QEMU's limit
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024  # QEMU's limit
-SECTOR = 512
 
 # incompatible_features
 INCOMPAT_DIRTY = 1 << 0

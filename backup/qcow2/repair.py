@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
 from backup.qcow2.check import read_header, walk_references
+from nbd.align import div_up
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def _layout(end: int, cluster_size: int, rb_entries: int) -> tuple[int, int]:
     table, blocks = 1, 1
     while True:
         total = end + table + blocks
-        need_blocks = -(-total // rb_entries)
-        need_table = -(-need_blocks * 8 // cluster_size)
+        need_blocks = div_up(total, rb_entries)
+        need_table = div_up(need_blocks * 8, cluster_size)
         if (need_blocks, need_table) == (blocks, table):
             return table, blocks
         table, blocks = max(table, need_table), max(blocks, need_blocks)
@@ -65,7 +66,7 @@ def _repair(fd: int, path: str) -> RepairReport:
     bits = 1 << order
     rb_entries = cs * 8 // bits
     counts = walk.counts
-    end = max([-(-os.lseek(fd, 0, os.SEEK_END) // cs), *(c + 1 for c in counts)])
+    end = max([div_up(os.lseek(fd, 0, os.SEEK_END), cs), *(c + 1 for c in counts)])
     table_clusters, nblocks = _layout(end, cs, rb_entries)
     if table_clusters * cs > q.MAX_REFTABLE_BYTES:
         raise ImageFormatError(f"{path}: the rebuilt refcount table would exceed 8 MiB")

@@ -15,6 +15,7 @@ from typing import Any
 from nbd import constants as c
 from nbd.client import ExportInfo, NbdClient
 from nbd.errors import NbdError
+from nbd.runs import append_run
 from nbd.uri import NbdUri, parse_uri
 
 MAP_SPAN = 1 << 30
@@ -65,17 +66,17 @@ def describe_state(flags: int) -> str:
 
 async def allocation_map(client: NbdClient) -> list[dict[str, Any]]:
     """The whole export's extents, merged where adjacent extents share flags."""
-    entries: list[dict[str, Any]] = []
+    runs: list[tuple[int, int]] = []
     offset, size = 0, client.size
     while offset < size:
         for extent in await client.block_status(offset, min(size - offset, MAP_SPAN)):
-            if entries and entries[-1]["type"] == extent.flags:
-                entries[-1]["length"] += extent.length
-            else:
-                entries.append({"offset": offset, "length": extent.length, "type": extent.flags})
+            append_run(runs, extent.length, extent.flags)
             offset += extent.length
-    for entry in entries:
-        entry["description"] = describe_state(entry["type"])
+    entries: list[dict[str, Any]] = []
+    offset = 0
+    for length, flags in runs:
+        entries.append({"offset": offset, "length": length, "type": flags, "description": describe_state(flags)})
+        offset += length
     return entries
 
 

@@ -127,7 +127,7 @@ class _ParseFailure(Exception):
 
 # --- fast path: well-formed objects through the stdlib's C scanner -----------------------------
 #
-# Most input is plain JSON objects, which the stdlib parses ~30x faster than the automaton below.
+# Most input is plain JSON objects, which the stdlib's C scanner parses much faster than the automaton below.
 # An object takes this path only when QEMU would certainly read it the same way: ASCII, at most
 # FAST_PATH_MAX bytes (so under every limit, nesting included), no NaN/Infinity, no duplicate keys,
 # no "0e5"-style numbers (QEMU lexes those as 0 and a keyword), no escapes of surrogates or

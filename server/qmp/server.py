@@ -39,7 +39,7 @@ STOP_FLUSH_TIMEOUT = 2.0
 
 _CAPABILITIES_ARGS = Struct(None, {"*enable": [Enum("QMPCapability", ["oob"])]})
 #: Capabilities we offer in the greeting. Out-of-band execution only matters for commands QEMU marks
-#: allow-oob (migration recovery); none of ours are, so we offer none, as design §3.2 says.
+#: allow-oob (migration recovery); none of ours are, so we offer none.
 OFFERED_CAPABILITIES: tuple[str, ...] = ()
 _REQUEST_KEYS = ("execute", "arguments", "id")
 

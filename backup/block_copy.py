@@ -21,6 +21,7 @@ import asyncio
 import errno
 import os
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 
 from backup.bitmap import ClusterBitmap
 from backup.copy_engine import extent_runs, file_reads_zero, write_zeroes, zero_runs
@@ -318,11 +319,12 @@ class BlockCopier:
             return await self._copy_data(offset, end)
         written = 0
         runs = extent_runs(self.source, offset, end, span=end - offset, unknown=_no_block_status)
-        async for pos, length, reads_zero in runs:
-            if reads_zero:
-                await self._copy_zero(pos, length)
-            else:
-                written += await self._copy_data(pos, pos + length)
+        async with aclosing(runs):
+            async for pos, length, reads_zero in runs:
+                if reads_zero:
+                    await self._copy_zero(pos, length)
+                else:
+                    written += await self._copy_data(pos, pos + length)
         return written
 
     async def _copy_zero(self, offset: int, length: int) -> None:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backup.errors import BackupError
 from nbd.constants import State
 from nbd.device import BlockDevice, Extent
+from nbd.errors import NbdRequestError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ async def extent_runs(
     *,
     span: int = STATUS_SPAN,
     unknown: Callable[[int, OSError | None], None],
-) -> AsyncIterator[tuple[int, int, bool]]:
+) -> AsyncGenerator[tuple[int, int, bool], None]:
     """Runs ``(offset, length, reads_zero)`` covering ``[offset, end)``, from the source's block status,
     asked ``span`` bytes at a time. Where the source cannot say (the request fails, or it answers nothing),
     ``unknown(offset, error)`` is told: it raises to give up, or returns and the span is data (the reads
@@ -255,14 +257,18 @@ async def copy_device(
     def unknown(offset: int, exc: OSError | None) -> None:
         if exc is None:
             raise CopyFailed(f"the source reported no block status at offset {offset}")
+        if not isinstance(exc, NbdRequestError):
+            raise exc  # a dead connection, a failing disk: the copy fails
         log.warning("block status failed at offset %d (%s): copying as data", offset, exc)
 
     async def produce() -> None:
         for start, length in ranges if ranges is not None else [(0, size)]:
-            async for offset, run, reads_zero in extent_runs(src, start, min(start + length, size), unknown=unknown):
-                step = run if reads_zero else request_size
-                for pos in range(0, run, step):
-                    await queue.put((offset + pos, min(step, run - pos), reads_zero))
+            runs = extent_runs(src, start, min(start + length, size), unknown=unknown)
+            async with aclosing(runs):
+                async for offset, run, reads_zero in runs:
+                    step = run if reads_zero else request_size
+                    for pos in range(0, run, step):
+                        await queue.put((offset + pos, min(step, run - pos), reads_zero))
         for _ in range(requests):
             await queue.put(None)
 

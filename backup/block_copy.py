@@ -328,11 +328,9 @@ class BlockCopier:
         return written
 
     async def _copy_zero(self, offset: int, length: int) -> None:
-        """A run of zeroes: nothing for a target that reads as zeroes, else the engine's write-zeroes."""
-        if self.target_zero_init or length <= 0:
-            return
+        """A run of zeroes, as the engine decides for this target; its failure is a write error."""
         try:
-            await write_zeroes(self.target, offset, length)
+            await write_zeroes(self.target, offset, length, target_is_zero=self.target_zero_init)
         except OSError as exc:
             raise CopyError(exc, is_read=False) from exc
 

@@ -118,15 +118,19 @@ def zero_runs(
     return runs
 
 
-async def write_zeroes(target: BlockDevice, offset: int, length: int) -> None:
-    """The one place that decides what a run of zeroes costs a target that does not read as zeroes:
-    write-zeroes with ``may_trim``, so the target stays sparse (a device that cannot zero writes zero
-    buffers itself: an NBD client without WRITE_ZEROES keeps a window of them in flight)."""
+async def write_zeroes(target: BlockDevice, offset: int, length: int, *, target_is_zero: bool) -> bool:
+    """The one place that decides what a run of zeroes costs the target: nothing when it reads as zeroes
+    already (``target_is_zero``: returns False), else write-zeroes with ``may_trim`` so it stays sparse (a
+    device that cannot zero writes zero buffers itself: an NBD client without WRITE_ZEROES keeps a window
+    of them in flight)."""
+    if target_is_zero or length <= 0:
+        return False
     pos, end = offset, offset + length
     while pos < end:
         step = min(end - pos, MAX_ZERO_REQUEST)
         await target.zero(pos, step, may_trim=True)
         pos += step
+    return True
 
 
 # --- where the data is ------------------------------------------------------------------------------
@@ -247,11 +251,10 @@ async def copy_device(
             progress.advance(nbytes)
 
     async def zero_range(offset: int, length: int) -> None:
-        if dst_is_zero:
-            stats.skipped_bytes += length
-        else:
-            await write_zeroes(dst, offset, length)
+        if await write_zeroes(dst, offset, length, target_is_zero=dst_is_zero):
             stats.zero_bytes += length
+        else:
+            stats.skipped_bytes += length
         account(length)
 
     def unknown(offset: int, exc: OSError | None) -> None:

@@ -33,8 +33,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from backup.block_copy import MAX_ZERO_REQUEST, BlockCopier, CopyError, CopyTask, TopAllocation
+from backup.block_copy import BlockCopier, CopyError, CopyTask, TopAllocation
 from backup.cbw import CopyBeforeWriteFilter, OnCbwError
+from backup.copy_engine import MAX_ZERO_REQUEST, run_together
 from backup.errors import InvalidArgument, JobStateError
 from backup.events import EventBus
 from backup.job import THROTTLE_SLICE, Job
@@ -267,21 +268,8 @@ class BackupJob(Job):
         assert copier is not None
         while True:
             workers = [asyncio.ensure_future(self._worker()) for _ in range(max(1, min(self.options.max_workers, 64)))]
-            try:
-                pending: set[asyncio.Future[Any]] = set(workers)
-                while pending:
-                    done, pending = await asyncio.wait(pending | {broken}, return_when=asyncio.FIRST_COMPLETED)
-                    if broken in done:
-                        return
-                    pending.discard(broken)
-                    for task in done:
-                        exc = task.exception()
-                        if exc is not None:
-                            raise exc
-            finally:
-                for task in workers:
-                    task.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            if not await run_together(workers, until=broken):
+                return
             # Guest copies may still be in flight, and a failed one gives its clusters back.
             await copier.wait_idle()
             if copier.bitmap.count == 0:
@@ -302,11 +290,7 @@ class BackupJob(Job):
             try:
                 runs = await copier.top_allocation(pos, min(copier.size - pos, MAX_ZERO_REQUEST))
             except OSError as exc:
-                action = await self.handle_error(exc, self.options.on_source_error, is_read=True, epoch=epoch)
-                if action is ErrorAction.REPORT:
-                    raise
-                if action is ErrorAction.IGNORE:
-                    await asyncio.sleep(self.options.retry_delay)
+                await self._before_retry(exc, is_read=True, epoch=epoch)
                 continue
             if not runs or runs[0][0] <= 0:
                 return  # no answer: copy everything, the copier asks again per claim
@@ -358,16 +342,7 @@ class BackupJob(Job):
             try:
                 written = await copier.run(task)
             except CopyError as exc:
-                action = await self.handle_error(
-                    exc.cause,
-                    self.options.on_source_error if exc.is_read else self.options.on_target_error,
-                    is_read=exc.is_read,
-                    epoch=epoch,
-                )
-                if action is ErrorAction.REPORT:
-                    raise exc.cause from exc
-                if action is ErrorAction.IGNORE:
-                    await asyncio.sleep(self.options.retry_delay)  # never spin without yielding
+                await self._before_retry(exc.cause, is_read=exc.is_read, epoch=epoch, wrapper=exc)
                 continue
             await self.throttle(written)
             # Devices with inline syscalls never suspend: yield so guest requests get their turn.
@@ -435,9 +410,33 @@ class BackupJob(Job):
         try:
             await self.target.flush()
         except OSError as exc:
-            await self.handle_error(exc, OnError.REPORT, is_read=False)
-            raise
+            await self._before_retry(exc, is_read=False, policy=OnError.REPORT)
+            raise  # report raised it already: never retried
         self._flushed = True
+
+    async def _before_retry(
+        self,
+        exc: OSError,
+        *,
+        is_read: bool,
+        epoch: int | None = None,
+        policy: OnError | None = None,
+        wrapper: BaseException | None = None,
+    ) -> None:
+        """The one error-policy rule of the job's own requests (``policy``: by default ``on-source-error``
+        for reads, ``on-target-error`` for writes), called in the ``except`` of a failed request issued
+        in run ``epoch``: ``report`` raises ``exc`` (from ``wrapper``, the copier's error around it),
+        ``ignore`` waits ``retry_delay`` (never spin without yielding), ``stop`` returns after the resume
+        (or at once for a request from an earlier run); the caller then retries."""
+        if policy is None:
+            policy = OnError(self.options.on_source_error if is_read else self.options.on_target_error)
+        action = await self.handle_error(exc, policy, is_read=is_read, epoch=epoch)
+        if action is ErrorAction.REPORT:
+            if wrapper is not None:
+                raise exc from wrapper
+            raise exc
+        if action is ErrorAction.IGNORE:
+            await asyncio.sleep(self.options.retry_delay)
 
     # --- lifecycle hooks ----------------------------------------------------------------------------
 

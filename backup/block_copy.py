@@ -10,9 +10,9 @@ cluster's bit is only cleared by a claim, and a guest write reaches the source o
 covering its clusters has finished successfully — so while a bit is set, the source still holds the
 data of the instant the backup started.
 
-Zero handling lives here, in one place, for both paths: ranges the source reports as reading zeroes
-(and clusters read back as all zeroes) are skipped when the target is known to read as zeroes, and
-otherwise sent as write-zeroes with ``may_trim`` so the target stays sparse.
+Zero handling is the copy engine's (``backup.copy_engine``), for both paths: ranges the source reports
+as reading zeroes (and clusters read back as all zeroes) are skipped when the target is known to read
+as zeroes, and otherwise sent as write-zeroes with ``may_trim`` so the target stays sparse.
 """
 
 from __future__ import annotations
@@ -21,26 +21,21 @@ import asyncio
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from contextlib import aclosing
 
 from backup.bitmap import ClusterBitmap
+from backup.copy_engine import extent_runs, file_reads_zero, write_zeroes, zero_runs
 from backup.filter import direct_read_fd
-from nbd.constants import State
 from nbd.device import BlockDevice
 
 MiB = 1024 * 1024
 
-#: Largest single write-zeroes request sent to a target (NBD lengths are 32-bit).
-MAX_ZERO_REQUEST = 1024 * MiB
 #: Largest single read/write of data: what one inline copy may hold the event loop for.
 COPY_PIECE = 1 * MiB
 #: Copies up to this size between two plain files go straight from fd to fd on the loop (``os.preadv``
 #: into a reused buffer, ``os.pwrite``): no coroutine per layer, no fresh ``bytes``. Larger ones (the
 #: job's chunks) keep the device path, which runs them in a thread.
 DIRECT_COPY_MAX = 256 * 1024
-
-#: How much of a cluster is read to tell data from a cluster that may be all zeroes (sendfile path).
-ZERO_SAMPLE = 4096
 
 TopAllocation = Callable[[int, int], Awaitable[list[tuple[int, bool]]]]
 #: ``NbdClient.pwrite_from_fd``: write ``length`` bytes of a file at ``offset`` with sendfile.
@@ -82,8 +77,14 @@ class CopyTask:
         return f"CopyTask([{self.start}, {self.end}), done={self.done.is_set()}, ok={self.ok})"
 
 
-class ProgressSink(Protocol):
-    def __call__(self, nbytes: int) -> None: ...
+#: Told the bytes a copy finished (or found nothing to do for).
+BytesDone = Callable[[int], None]
+
+
+def _no_block_status(offset: int, exc: OSError | None) -> None:
+    """A source without block status is copied as data; any other failure to ask is a read error."""
+    if exc is not None and exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+        raise CopyError(exc, is_read=True) from exc
 
 
 def _zero_progress(nbytes: int) -> None:
@@ -121,8 +122,8 @@ class BlockCopier:
             raise ValueError(f"bitmap has {bitmap.size} bits, the device {self.clusters} clusters")
         self.bitmap = bitmap if bitmap is not None else ClusterBitmap(self.clusters, fill=True)
         self.active = True
-        self.on_progress: ProgressSink = _zero_progress
-        self.on_skip: ProgressSink = _zero_progress  # bytes the top image does not allocate: nothing to do
+        self.on_progress: BytesDone = _zero_progress
+        self.on_skip: BytesDone = _zero_progress  # bytes the top image does not allocate: nothing to do
         self.copied_bytes = 0  # bytes whose old data is on the target (or known to need nothing)
         self.written_bytes = 0  # bytes actually written as data to the target
         self._tasks: list[CopyTask] = []
@@ -312,51 +313,24 @@ class BlockCopier:
         return await self._copy_allocated(offset, end), 0
 
     async def _copy_allocated(self, offset: int, end: int) -> int:
-        pos = offset
         # One cluster (the usual guest copy): reading it and testing for zeroes costs less than
         # asking the source for its allocation first.
         if end - offset <= self.cluster_size or not self.source.capabilities.can_extents:
-            return await self._copy_data(pos, end)
+            return await self._copy_data(offset, end)
         written = 0
-        while pos < end:
-            try:
-                extents = await self.source.block_status(pos, end - pos)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                    return written + await self._copy_data(pos, end)
-                raise CopyError(exc, is_read=True) from exc
-            if not extents:
-                return written + await self._copy_data(pos, end)
-            for extent in extents:
-                ext_end = min(pos + extent.length, end)
-                if extent.flags & State.ZERO:
-                    await self._copy_zero(pos, ext_end - pos)
+        runs = extent_runs(self.source, offset, end, span=end - offset, unknown=_no_block_status)
+        async with aclosing(runs):
+            async for pos, length, reads_zero in runs:
+                if reads_zero:
+                    await self._copy_zero(pos, length)
                 else:
-                    written += await self._copy_data(pos, ext_end)
-                pos = ext_end
-                if pos >= end:
-                    break
+                    written += await self._copy_data(pos, pos + length)
         return written
 
     async def _copy_zero(self, offset: int, length: int) -> None:
-        """The one place that decides what a run of zeroes costs the target."""
-        if self.target_zero_init or length <= 0:
-            return
-        target = self.target
+        """A run of zeroes, as the engine decides for this target; its failure is a write error."""
         try:
-            if target.capabilities.can_zero:
-                pos, end = offset, offset + length
-                while pos < end:
-                    step = min(end - pos, MAX_ZERO_REQUEST)
-                    await target.zero(pos, step, may_trim=True)
-                    pos += step
-                return
-            zeroes = bytes(min(length, self.max_chunk))
-            pos, end = offset, offset + length
-            while pos < end:
-                step = min(end - pos, len(zeroes))
-                await target.pwrite(pos, memoryview(zeroes)[:step])
-                pos += step
+            await write_zeroes(self.target, offset, length, target_is_zero=self.target_zero_init)
         except OSError as exc:
             raise CopyError(exc, is_read=False) from exc
 
@@ -460,7 +434,7 @@ class BlockCopier:
         try:
             while pos < end:
                 stop = min(end, (pos // cs + 1) * cs)
-                if self._file_reads_zero(source_fd, pos, stop - pos):
+                if file_reads_zero(source_fd, pos, stop - pos, self._zero_cluster):
                     if run_start < pos:
                         written += await self._send_run(send_from_fd, source_fd, run_start, pos)
                     await self._copy_zero(pos, stop - pos)
@@ -471,16 +445,6 @@ class BlockCopier:
         except OSError as exc:  # a sample read (the device paths raise CopyError, not OSError)
             raise CopyError(exc, is_read=True) from exc
         return written
-
-    def _file_reads_zero(self, fd: int, offset: int, length: int) -> bool:
-        """Whether bytes ``[offset, offset+length)`` of the file read as zeroes (past its end they do)."""
-        sample = os.pread(fd, min(length, ZERO_SAMPLE), offset)
-        if not self._zero_cluster.startswith(sample):
-            return False
-        if length <= ZERO_SAMPLE:
-            return True
-        rest = os.pread(fd, length - ZERO_SAMPLE, offset + ZERO_SAMPLE)
-        return self._zero_cluster.startswith(rest)
 
     async def _send_run(self, send_from_fd: SendFromFd, source_fd: int, offset: int, end: int) -> int:
         try:
@@ -500,24 +464,8 @@ class BlockCopier:
         return data
 
     def _pieces(self, data: bytes | bytearray, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """Split the first ``length`` bytes of ``data`` (at ``offset``) into runs ``(start, stop, is_zero)``
-        of whole all-zero clusters and the rest; boundaries follow absolute cluster boundaries so
-        sparseness matches the cluster map. (``startswith`` on bytes is a memcmp; on a memoryview the
-        comparison would go item by item.)"""
-        cs = self.cluster_size
-        zero = self._zero_cluster
-        pieces: list[tuple[int, int, bool]] = []
-        pos = 0
-        while pos < length:
-            stop = min(length, (offset + pos) // cs * cs + cs - offset)
-            size = stop - pos
-            is_zero = data.startswith(zero if size == cs else zero[:size], pos)
-            if pieces and pieces[-1][2] == is_zero:
-                pieces[-1] = (pieces[-1][0], stop, is_zero)
-            else:
-                pieces.append((pos, stop, is_zero))
-            pos = stop
-        return pieces
+        """``zero_runs`` of ``data`` by this copy's clusters."""
+        return zero_runs(data, offset, length, self.cluster_size, self._zero_cluster)
 
     async def _write_nonzero(self, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset``, splitting out cluster-aligned all-zero pieces; returns the
@@ -537,4 +485,4 @@ class BlockCopier:
         return written
 
 
-__all__ = ["MAX_ZERO_REQUEST", "BlockCopier", "CopyError", "CopyTask", "TopAllocation"]
+__all__ = ["BlockCopier", "CopyError", "CopyTask", "TopAllocation"]

@@ -15,83 +15,53 @@ SIGINT (the parent decides) and die with the parent (``PR_SET_PDEATHSIG``), so n
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ctypes
 import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from nbd.uri import looks_like_uri
-from server.commands.copy import (
+from backup.copy_engine import (
     DEFAULT_REQUESTS,
-    CopyError,
+    CopyFailed,
     CopyStats,
-    Endpoint,
     ProgressSink,
-    _side,
+    Stripes,
+    check_destination,
+    run_together,
+)
+from nbd.uri import looks_like_uri
+from server.copy_sides import (
+    CopyRequest,
+    Endpoint,
     close_endpoint,
-    copy_device,
+    connect,
+    copy_between,
     failure_message,
+    open_side,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_STRIPE = 32 << 20  # small enough to balance the copiers' ends, large enough for few block-status calls
 PROGRESS_BATCH = 4 << 20  # a child reports progress after this many bytes (and at its end)
 STOP_TIMEOUT = 5.0  # seconds a terminated child gets before SIGKILL
 _PR_SET_PDEATHSIG = 1
-
-Range = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Stripes:
-    """``[0, size)`` in ``stripe``-byte pieces, handed out once each through a counter shared by processes."""
-
-    size: int
-    stripe: int
-    counter: Any  # multiprocessing.Value("q"): the index of the next unclaimed stripe
-
-    @classmethod
-    def plan(cls, size: int, workers: int, align: int, context: Any = None) -> Stripes:
-        """About eight stripes per copier, ``align``-aligned, at most ``MAX_STRIPE``."""
-        per = -(-size // (workers * 8))
-        stripe = max(align, min(MAX_STRIPE, -(-per // align) * align))
-        return cls(size, stripe, (context or multiprocessing.get_context("spawn")).Value("q", 0))
-
-    def claim(self) -> Iterator[Range]:
-        """The stripes this copier gets, claimed lazily (the copy asks for the next when it needs it)."""
-        while True:
-            with self.counter.get_lock():
-                index = self.counter.value
-                self.counter.value = index + 1
-            offset = index * self.stripe
-            if offset >= self.size:
-                return
-            yield offset, min(self.stripe, self.size - offset)
 
 
 @dataclass(frozen=True)
 class WorkerJob:
     """Everything a child needs to open both sides and copy its stripes (picklable)."""
 
-    source: str
-    destination: str
+    request: CopyRequest
     source_is_file: bool
     destination_is_file: bool
     size: int
     stripes: Stripes
-    connections: int | None
-    requests: int | None  # None: copy_device's default for the pair of devices
-    request_size: int
-    detect_zeroes: bool
     dst_is_zero: bool
     parent_pid: int
 
@@ -100,77 +70,43 @@ class WorkerJob:
 
 
 async def copy_in_parallel(
-    args: argparse.Namespace, src: Endpoint, dst: Endpoint, workers: int, progress: Any
+    request: CopyRequest, src: Endpoint, dst: Endpoint, workers: int, progress: ProgressSink | None
 ) -> CopyStats:
-    """Copy with ``workers`` copiers (this process is one); ``progress`` (a ``Progress`` or None) sums them."""
+    """Copy with ``workers`` copiers (this process is one); ``progress`` sums them."""
     size = src.device.size
-    if dst.device.size < size:
-        raise CopyError(f"the destination ({dst.device.size} bytes) is smaller than the source ({size} bytes)")
-    if dst.device.read_only:
-        raise CopyError("the destination is read-only")
+    check_destination(size, dst.device)
     context = multiprocessing.get_context("spawn")  # no fork of a process running an event loop
-    stripes = Stripes.plan(size, workers, args.request_size, context)
+    stripes = Stripes.plan(size, workers, request.request_size, context)
     jobs = [
         WorkerJob(
-            source=args.source,
-            destination=args.destination,
-            source_is_file=not looks_like_uri(args.source),
-            destination_is_file=not looks_like_uri(args.destination),
+            request=request,
+            source_is_file=not looks_like_uri(request.source),
+            destination_is_file=not looks_like_uri(request.destination),
             size=size,
             stripes=stripes,
-            connections=args.connections,
-            requests=args.requests,
-            request_size=args.request_size,
-            detect_zeroes=not args.no_detect_zeroes,
             dst_is_zero=dst.is_zero,
             parent_pid=os.getpid(),
         )
         for _ in range(workers - 1)
     ]
     log.info("copying with %d processes (stripes of %d bytes)", workers, stripes.stripe)
-    ok = False
     crew = Crew(progress)
     try:
         crew.start(jobs, context)
-        own = asyncio.ensure_future(
-            copy_device(
-                src.device,
-                dst.device,
-                dst_is_zero=dst.is_zero,
-                request_size=args.request_size,
-                requests=args.requests,
-                detect_zeroes=not args.no_detect_zeroes,
-                progress=progress,
-                ranges=stripes.claim(),
-            )
-        )
-        try:
-            waiters: list[asyncio.Future[Any]] = [own, crew.finished]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_EXCEPTION)
-            if crew.finished.done() and crew.finished.exception() is not None:
-                raise crew.finished.exception()  # type: ignore[misc]
-            stats = await own
-            children = await crew.finished
-        finally:
-            own.cancel()
-            await asyncio.gather(own, return_exceptions=True)
-        ok = True
+        own = asyncio.ensure_future(copy_between(request, src.device, dst, progress, stripes.claim()))
+        await run_together([own, crew.finished])
+        total, children = own.result(), crew.finished.result()
     finally:
         crew.stop()
-        if progress is not None:
-            progress.finish(ok=ok)
-    total = CopyStats(size=size)
-    for part in [stats, *children]:
-        total.data_bytes += part.data_bytes
-        total.zero_bytes += part.zero_bytes
-        total.skipped_bytes += part.skipped_bytes
+    for part in children:
+        total.add(part)
     return total
 
 
 class Crew:
     """The child processes of one copy: started, listened to through their pipes, and always stopped."""
 
-    def __init__(self, progress: Any) -> None:
+    def __init__(self, progress: ProgressSink | None) -> None:
         self._progress = progress
         self._loop = asyncio.get_running_loop()
         self._children: list[tuple[BaseProcess, Connection]] = []
@@ -202,17 +138,17 @@ class Crew:
                 elif message[0] == "done":
                     self._results[index] = CopyStats(0, *message[1:])
                 else:
-                    self._fail(CopyError(message[1]))
+                    self._fail(CopyFailed(message[1]))
         except (EOFError, OSError):
             self._loop.remove_reader(reader.fileno())
             self._open -= 1
             if index not in self._results:
                 process.join(STOP_TIMEOUT)
-                self._fail(CopyError(f"copy worker {index + 1} died (exit status {process.exitcode})"))
+                self._fail(CopyFailed(f"copy worker {index + 1} died (exit status {process.exitcode})"))
             elif self._open == 0 and not self.finished.done():
                 self.finished.set_result([self._results[i] for i in sorted(self._results)])
 
-    def _fail(self, exc: CopyError) -> None:
+    def _fail(self, exc: CopyFailed) -> None:
         if not self.finished.done():
             self.finished.set_exception(exc)
 
@@ -291,38 +227,28 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 async def _copy_share(job: WorkerJob, progress: ProgressSink) -> CopyStats:
-    src = await _side("source", _open(job.source, job.source_is_file, job, read_only=True))
+    request = job.request
+    src = await open_side("source", _open(request.source, job.source_is_file, request, read_only=True))
     try:
-        dst = await _side("destination", _open(job.destination, job.destination_is_file, job, read_only=False))
+        dst = await open_side(
+            "destination", _open(request.destination, job.destination_is_file, request, read_only=False)
+        )
+        dst.is_zero = job.dst_is_zero
         try:
             if src.device.size != job.size:
-                raise CopyError(f"the source changed size while copying ({src.device.size} != {job.size} bytes)")
-            return await copy_device(
-                src.device,
-                dst.device,
-                dst_is_zero=job.dst_is_zero,
-                request_size=job.request_size,
-                requests=job.requests,
-                detect_zeroes=job.detect_zeroes,
-                progress=progress,
-                ranges=job.stripes.claim(),
-            )
+                raise CopyFailed(f"the source changed size while copying ({src.device.size} != {job.size} bytes)")
+            return await copy_between(request, src.device, dst, progress, job.stripes.claim())
         finally:
             await close_endpoint(dst)
     finally:
         await close_endpoint(src)
 
 
-async def _open(spec: str, is_file: bool, job: WorkerJob, *, read_only: bool) -> Endpoint:
+async def _open(spec: str, is_file: bool, request: CopyRequest, *, read_only: bool) -> Endpoint:
     """Open an existing side; files as raw without probing (the parent decided the format, and a raw disk
     whose first bytes were just copied may well start with the qcow2 magic)."""
     if is_file:
         from backup.rawfile import RawFileDevice
 
         return Endpoint(await RawFileDevice.open(spec, read_only=read_only), spec)
-    from nbd.client import NbdClient
-    from nbd.uri import parse_uri
-
-    in_flight = job.requests or DEFAULT_REQUESTS
-    client = await NbdClient.connect(parse_uri(spec), connections=job.connections or 1, max_in_flight=in_flight)
-    return Endpoint(client, str(client.uri))
+    return await connect(spec, connections=request.connections or 1, requests=request.requests or DEFAULT_REQUESTS)

@@ -17,8 +17,9 @@ import pytest
 from backup_faults import FaultyDevice
 
 import backup.block_copy as block_copy
-from backup.block_copy import ZERO_SAMPLE, BlockCopier, CopyError
+from backup.block_copy import BlockCopier, CopyError
 from backup.cbw import CopyBeforeWriteFilter
+from backup.copy_engine import ZERO_SAMPLE
 from backup.memory import MemoryDevice
 from backup.node import BlockNode
 from backup.rawfile import RawFileDevice

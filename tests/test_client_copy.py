@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from backup.copy_engine import CopyFailed, copy_device
 from backup.memory import MemoryDevice
 from backup.rawfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RawFileDevice, fallocate
 from nbd import client_transport
@@ -19,7 +20,6 @@ from nbd.constants import State
 from nbd.device import Extent
 from nbd.errors import DisconnectedError
 from nbd.server import Export, NbdServer
-from server.commands.copy import CopyError, copy_device
 from server.progress import Progress
 
 SIZE = 4 << 20
@@ -115,9 +115,9 @@ async def test_first_error_wins_and_nothing_is_left_running() -> None:
 
 
 async def test_size_and_read_only_checks() -> None:
-    with pytest.raises(CopyError, match="smaller"):
+    with pytest.raises(CopyFailed, match="smaller"):
         await copy_device(MemoryDevice(SIZE), MemoryDevice(SIZE // 2))
-    with pytest.raises(CopyError, match="read-only"):
+    with pytest.raises(CopyFailed, match="read-only"):
         await copy_device(MemoryDevice(SIZE), MemoryDevice(SIZE, read_only=True))
 
 
@@ -148,7 +148,7 @@ async def test_ranges_copy_only_those_ranges() -> None:
 def test_stripes_are_aligned_disjoint_and_cover_the_disk_once() -> None:
     import multiprocessing
 
-    from server.copy_workers import MAX_STRIPE, Stripes
+    from backup.copy_engine import MAX_STRIPE, Stripes
 
     fork = multiprocessing.get_context("fork")  # no process here: a spawn context would start a resource tracker
     size = (3 << 30) + 12345
@@ -171,7 +171,8 @@ def test_stripes_are_aligned_disjoint_and_cover_the_disk_once() -> None:
 
 async def test_workers_only_when_both_sides_allow_parallel_writers(tmp_path: Path) -> None:
     from backup.rawfile import RawFileDevice
-    from server.commands.copy import AUTO_PARALLEL_MIN, Endpoint, choose_workers
+    from server.copy_run import AUTO_PARALLEL_MIN, choose_workers
+    from server.copy_sides import Endpoint
 
     small = await RawFileDevice.create(tmp_path / "a.img", SIZE)
     big = await RawFileDevice.create(tmp_path / "b.img", AUTO_PARALLEL_MIN)
@@ -318,7 +319,7 @@ async def test_buffered_copies_keep_a_bounded_buffer_budget_in_flight(request_si
 
 
 def test_default_requests_keep_a_window_for_sendfile_and_for_distant_servers() -> None:
-    from server.commands.copy import DEFAULT_REQUESTS, default_requests
+    from backup.copy_engine import DEFAULT_REQUESTS, default_requests
 
     assert default_requests(1 << 20, buffered=True) == 4
     assert default_requests(64 << 10, buffered=True) == DEFAULT_REQUESTS  # 4 MiB would be 64: capped

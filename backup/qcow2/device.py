@@ -31,9 +31,9 @@ from backup.qcow2 import layout as q
 from backup.qcow2.backing import (
     BackingCheck,
     BackingImage,
+    RawBacking,
     chain_key,
     locate_backing,
-    open_backing,
     probe_backing_format,
     resolve_backing_path,
 )
@@ -1301,3 +1301,18 @@ def _load_refcounts(fd: int, h: ImageHeader, file_size: int, path: str) -> Refco
     if stat.S_ISBLK(os.fstat(fd).st_mode):  # the device's size says nothing about what is used
         refs.alloc_end = refs.last_used() + 1
     return refs
+
+
+async def open_backing(
+    name: str, fmt: str | None, image_path: str, chain: tuple[str, ...], check: BackingCheck | None = None
+) -> BackingImage:
+    """Open the backing file of ``image_path`` read-only; ``chain`` holds the real paths above it and
+    ``check`` sees this file and every one below it."""
+    path = locate_backing(name, image_path, chain, check)
+    if fmt is None:
+        fmt = probe_backing_format(path)
+    if fmt == "qcow2":
+        return await Qcow2Device.open(path, read_only=True, check_backing=check, _chain=chain)
+    if fmt == "raw":
+        return RawBacking(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    raise ImageFormatError(f"{image_path}: backing file format {fmt!r} is not supported (raw or qcow2)")

@@ -25,8 +25,7 @@ from contextlib import aclosing
 
 from backup.bitmap import ClusterBitmap
 from backup.copy_engine import extent_runs, file_reads_zero, write_zeroes, zero_runs
-from backup.filter import direct_read_fd
-from nbd.device import BlockDevice
+from nbd.device import BlockDevice, direct_read_fd, direct_write_fd, write_from_fd
 
 MiB = 1024 * 1024
 
@@ -346,7 +345,7 @@ class BlockCopier:
             fds = self._direct_fds()
             if fds is not None:
                 return await self._copy_direct(*fds, offset, end - offset)
-        send_from_fd = getattr(self.target, "pwrite_from_fd", None)
+        send_from_fd = write_from_fd(self.target)
         if send_from_fd is not None:
             source_fd = direct_read_fd(self.source)
             if source_fd is not None:
@@ -381,9 +380,8 @@ class BlockCopier:
         source_fd = direct_read_fd(self.source)
         if source_fd is None:
             return None
-        direct = getattr(self.target, "direct_write_fd", None)
-        target_fd = direct() if direct is not None else None
-        return (source_fd, target_fd) if isinstance(target_fd, int) else None
+        target_fd = direct_write_fd(self.target)
+        return (source_fd, target_fd) if target_fd is not None else None
 
     async def _copy_direct(self, source_fd: int, target_fd: int, offset: int, length: int) -> int:
         """``_copy_data`` from fd to fd: the data never leaves the shared buffer between the read and

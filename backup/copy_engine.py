@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from backup.errors import BackupError
 from nbd.constants import State
-from nbd.device import BlockDevice, Extent
+from nbd.device import BlockDevice, Extent, direct_read_fd, read_into, remote_uri, write_from_fd
 from nbd.errors import NbdRequestError
 
 log = logging.getLogger(__name__)
@@ -234,14 +234,13 @@ async def copy_device(
     the destination reads as zeroes already, so zero ranges need nothing."""
     size = src.size
     check_destination(size, dst)
-    read_into = getattr(src, "pread_into", None)  # optional: reads into our reused buffers
+    reader = read_into(src)  # optional: reads into our reused buffers
     # A raw file into an NBD export: payloads go from the page cache into the socket (sendfile).
-    source_fd = getattr(src, "direct_read_fd", None)
-    write_from_fd = getattr(dst, "pwrite_from_fd", None) if source_fd is not None else None
+    sender = write_from_fd(dst) if direct_read_fd(src) is not None else None
     if requests is None:
-        uri = getattr(src, "uri", None)  # an NBD source; files and images are local
+        uri = remote_uri(src)  # an NBD source; files and images are local
         nearby = uri is None or uri.is_local
-        requests = default_requests(request_size, buffered=write_from_fd is None, nearby=nearby)
+        requests = default_requests(request_size, buffered=sender is None, nearby=nearby)
     stats = CopyStats(size=size)
     zeroes = bytes(request_size)
     queue: asyncio.Queue[tuple[int, int, bool] | None] = asyncio.Queue(maxsize=requests * 2)
@@ -276,7 +275,7 @@ async def copy_device(
             await queue.put(None)
 
     async def work() -> None:
-        buffer = bytearray(request_size) if read_into is not None else None
+        buffer = bytearray(request_size) if reader is not None else None
         view = memoryview(buffer) if buffer is not None else None
         while True:
             item = await queue.get()
@@ -286,18 +285,18 @@ async def copy_device(
             if reads_zero:
                 await zero_range(offset, length)
                 continue
-            if write_from_fd is not None and source_fd is not None:
-                fd = source_fd()
+            if sender is not None:
+                fd = direct_read_fd(src)
                 # A chunk that starts with zeroes takes the ordinary path (which checks it all).
                 if fd is not None and not (detect_zeroes and file_starts_with_zeroes(fd, offset)):
-                    await write_from_fd(offset, fd, offset, length)
+                    await sender(offset, fd, offset, length)
                     stats.data_bytes += length
                     account(length)
                     continue
             data: bytes | bytearray | memoryview
-            if read_into is not None and buffer is not None and view is not None:
+            if reader is not None and buffer is not None and view is not None:
                 data = buffer if length == request_size else view[:length]
-                await read_into(offset, data)
+                await reader(offset, data)
             else:
                 data = await src.pread(offset, length)
             if detect_zeroes and is_zero(data, zeroes):

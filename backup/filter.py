@@ -73,4 +73,4 @@ class BlockFilter:
         """Filters do not own ``next``; closing one releases only what the filter itself holds."""
 
 
-__all__ = ["BlockFilter", "direct_read_fd"]
+__all__ = ["BlockFilter"]

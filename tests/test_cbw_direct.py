@@ -20,10 +20,11 @@ import pytest
 import backup.block_copy as block_copy
 from backup.block_copy import DIRECT_COPY_MAX, BlockCopier
 from backup.cbw import CopyBeforeWriteFilter
-from backup.filter import BlockFilter, direct_read_fd
+from backup.filter import BlockFilter
 from backup.memory import MemoryDevice
 from backup.node import BlockNode
 from backup.rawfile import RawFileDevice
+from nbd.device import direct_read_fd
 from server.qmp_block import ReadOnlyFilter
 
 CS = 65536

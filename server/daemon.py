@@ -22,9 +22,11 @@ from pathlib import Path
 from backup.images import open_image
 from backup.node import BlockNode
 from nbd.server import Export, NbdServer
-from server import qmp_block, qmp_jobs, qmp_nbd
 from server.errors import ConfigError, ShutdownError
 from server.paths import PathPolicy
+from server.qmp import block as block_commands
+from server.qmp import jobs as job_commands
+from server.qmp import nbd as nbd_commands
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.server import QmpServer
 from server.registry import Registry
@@ -37,9 +39,9 @@ READY = "nbd-backup: ready"
 def build_commands() -> CommandRegistry:
     """Every QMP command of the daemon (the monitor adds ``query-version``, ``query-commands``, ``quit``)."""
     commands = CommandRegistry()
-    qmp_block.register(commands)
-    qmp_nbd.register(commands)
-    qmp_jobs.register(commands)
+    block_commands.register(commands)
+    nbd_commands.register(commands)
+    job_commands.register(commands)
     return commands
 
 

@@ -3,7 +3,7 @@ server, jobs — and the event bus that reports on them.
 
 Every check a command needs before its side effects lives here once, with qemu-storage-daemon
 7.2's error texts (clients and our differential tests compare them): node and job names, lookups,
-"in use" refusals. The handlers in ``server.qmp_*`` only translate QMP arguments into these calls.
+"in use" refusals. The command handlers in ``server.qmp`` only translate QMP arguments into these calls.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from backup.filter import BlockFilter, direct_read_fd
 from backup.memory import MemoryDevice
 from backup.node import BlockNode
 from backup.rawfile import RawFileDevice
-from server.qmp_block import ReadOnlyFilter
+from server.qmp.block import ReadOnlyFilter
 
 CS = 65536
 WINDOW = DIRECT_COPY_MAX // CS

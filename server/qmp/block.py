@@ -25,7 +25,7 @@ from nbd.uri import NbdUri
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.schema import Alternate, Enum, Union
-from server.qmp_sockets import SOCKET_ADDRESS, port_number, unix_path
+from server.qmp.sockets import SOCKET_ADDRESS, port_number, unix_path
 from server.registry import Registry, generic
 
 DRIVERS = ("file", "nbd", "null-co", "qcow2", "raw")

@@ -31,9 +31,9 @@ from nbd.device import BlockDevice
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
 from server.errors import QmpError
+from server.qmp.block import confined_uri
 from server.qmp.dispatch import CommandRegistry, Handler
 from server.qmp.schema import Enum, Struct, Union
-from server.qmp_block import confined_uri
 from server.registry import Registry, generic, same_image
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from nbd.constants import MAX_STRING
 from nbd.errors import UriError
 from nbd.server import Export, NbdServer
 from nbd.uri import parse_uri
+from server.addresses import show_tcp
 from server.errors import QmpError
 from server.paths import PathPolicy
 
@@ -201,9 +202,7 @@ class Registry:
         added: list[str] = []
         try:
             for host, port in tcp:
-                bound_host, bound_port = await server.listen_tcp(host, port)
-                shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-                added.append(f"{shown}:{bound_port}")
+                added.append(show_tcp(*await server.listen_tcp(host, port)))
             for path in unix:
                 await server.listen_unix(path)
                 added.append(f"unix:{path}")

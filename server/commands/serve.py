@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from backup.errors import BackupError
 from nbd.constants import DEFAULT_PORT, MAX_STRING
 from nbd.loop import run
+from server.addresses import parse_monitor_address, split_hostport
 from server.config import apply_config, load_config
-from server.daemon import Daemon, parse_qmp_address
+from server.daemon import Daemon
 from server.errors import ConfigError, QmpError, ShutdownError
 from server.paths import PathPolicy
 
@@ -94,27 +95,8 @@ class ServeConfig:
 
 
 def parse_hostport(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``HOST[:PORT]`` or ``[IPV6][:PORT]`` → (host, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ConfigError(f"bad address '{text}' (expected [IPV6]:PORT)")
-        port_text = rest[1:]
-    elif text.count(":") > 1:
-        raise ConfigError(f"bad address '{text}' (write IPv6 addresses as [ADDR]:PORT)")
-    else:
-        host, _, port_text = text.partition(":")
-    host = host or DEFAULT_HOST
-    if not port_text:
-        return host, default_port
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad port in '{text}'") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} out of range")
-    return host, port
+    """``--nbd HOST[:PORT]`` or ``[IPV6][:PORT]`` → (host, port), each part optional."""
+    return split_hostport(text.strip(), default_host=DEFAULT_HOST, default_port=default_port)
 
 
 def parse_export(text: str) -> ExportSpec:
@@ -228,7 +210,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         allow_dirs=list(getattr(args, "allow_dir", None) or []),
     )
     for address in config.qmp:
-        parse_qmp_address(address)
+        parse_monitor_address(address)
     for directory in config.allow_dirs:
         if not os.path.isdir(directory):
             raise ConfigError(f"--allow-dir {directory}: not a directory")

@@ -21,9 +21,8 @@ from backup.events import EventBus
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
 from nbd.constants import MAX_STRING
-from nbd.errors import UriError
 from nbd.server import Export, NbdServer
-from nbd.uri import parse_uri
+from nbd.uri import NbdUri
 from server.addresses import show_tcp
 from server.errors import QmpError
 from server.paths import PathPolicy
@@ -160,13 +159,9 @@ class Registry:
                 continue
         return None
 
-    def own_export_node(self, uri_text: str) -> BlockNode | None:
-        """The node behind ``uri_text`` when it names one of our own exports (a loopback target)."""
+    def own_export_node(self, uri: NbdUri) -> BlockNode | None:
+        """The node behind ``uri`` when it names one of our own exports (a loopback target)."""
         if self.nbd is None:
-            return None
-        try:
-            uri = parse_uri(uri_text)
-        except (UriError, ValueError):
             return None
         if uri.socket is not None:
             ours = f"unix:{uri.socket}" in self.nbd_addresses

@@ -239,19 +239,6 @@ def confine_socket(reg: Registry, uri: NbdUri) -> NbdUri:
     return replace(uri, socket=str(reg.paths.resolve(uri.socket)))
 
 
-def confined_uri(reg: Registry, text: str) -> str:
-    """An NBD URI that a client named as a target, with its unix socket confined (``confine_socket``);
-    a URI that does not parse is returned as it is, for the opener to refuse."""
-    from nbd.uri import parse_uri
-
-    try:
-        uri = parse_uri(text)
-    except ValueError:
-        return text
-    confined = confine_socket(reg, uri)
-    return text if confined is uri else str(confined)
-
-
 async def _open_nbd(reg: Registry, options: dict[str, Any], *, read_only: bool) -> _Opened:
     if "tls-creds" in options:
         raise generic(f"No TLS credentials with id '{options['tls-creds']}'")

@@ -269,12 +269,11 @@ def resolve_drive_backup(reg: Registry, args: dict[str, Any]) -> BackupRequest:
         if fmt == "qcow2":
             raise generic("an NBD target is written as raw; 'format' must be 'raw'")
         target = _nbd_target(reg, text)
-        _refuse_own_source(reg, source, target)
     else:
         target = FileTarget(text, str(reg.paths.resolve(text)), fmt, mode, None)
-        _refuse_own_source(reg, source, target)
-        if fmt is None and mode == "absolute-paths":
-            fmt = source.driver if source.driver in ("raw", "qcow2") else "raw"
+    _refuse_own_source(reg, source, target)
+    if isinstance(target, FileTarget) and fmt is None and mode == "absolute-paths":
+        fmt = source.driver if source.driver in ("raw", "qcow2") else "raw"
     if options.compress and fmt != "qcow2":
         raise generic(f"Compression is not supported for this drive {text}")
     if isinstance(target, FileTarget):

@@ -43,6 +43,7 @@ QMP monitor (QEMU's commands: blockdev-add, nbd-server-start, block-export-add, 
 blockdev-backup, transaction, query-block-jobs, block-job-cancel …):
   --qmp unix:PATH          a unix socket, created mode 0600 (repeatable, and combinable with tcp:)
   --qmp tcp:HOST:PORT      TCP; keep HOST 127.0.0.1 unless the network is trusted
+  (an IPv6 HOST in brackets, tcp:[::1]:4444; a path with a '/' alone means unix:PATH, as for the qmp command)
   With only --qmp, nothing listens for NBD until a client runs nbd-server-start.
   --allow-dir DIR          confine the files QMP clients may open or create (blockdev-add,
                            drive-backup targets) to DIR, symlinks resolved (repeatable)

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from backup.block_copy import BlockCopier, CopyError, CopyTask, TopAllocation
 from backup.cbw import CopyBeforeWriteFilter, OnCbwError
 from backup.copy_engine import MAX_ZERO_REQUEST, run_together
-from backup.errors import InvalidArgument, JobStateError
+from backup.errors import InvalidArgument, JobStateError, different_sizes, same_source_and_target
 from backup.events import EventBus
 from backup.job import THROTTLE_SLICE, Job
 from backup.node import BlockNode
@@ -142,13 +142,11 @@ class BackupJob(Job):
     ) -> None:
         options = options or BackupOptions()
         if _is_same_device(source, target):
-            raise InvalidArgument("Source and target cannot be the same")
+            raise same_source_and_target()
         if target.read_only:
             raise InvalidArgument("Target is read-only")
         if target.size < source.size:
-            raise InvalidArgument(
-                f"Source and target image have different sizes (target: {target.size}, source: {source.size})"
-            )
+            raise different_sizes("target", target.size, source.size)
         super().__init__(
             job_id,
             events=events,

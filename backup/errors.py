@@ -26,3 +26,15 @@ class JobStateError(BackupError):
 
 class ImageFormatError(BackupError):
     """An image is corrupt, truncated, or not of the format it was opened as."""
+
+
+def same_source_and_target() -> InvalidArgument:
+    """QEMU's refusal of a backup onto its own source, in its words, wherever that is found out."""
+    return InvalidArgument("Source and target cannot be the same")
+
+
+def different_sizes(what: str, target_size: int, source_size: int) -> InvalidArgument:
+    """QEMU's refusal of a target whose size is not the source's; ``what`` names the target."""
+    return InvalidArgument(
+        f"Source and target image have different sizes ({what}: {target_size} bytes, source: {source_size} bytes)"
+    )

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from backup.errors import InvalidArgument
+from backup.errors import InvalidArgument, different_sizes, same_source_and_target
 from backup.images import fsync_dir
 from nbd.align import SECTOR, round_up
 from nbd.constants import State
@@ -126,9 +126,7 @@ async def reads_as_zeroes(device: BlockDevice) -> bool:
 def check_size(target_size: int, source_size: int, what: str) -> None:
     """QEMU insists on equal sizes; we also accept the 512-byte round-up of a created raw file."""
     if target_size not in (source_size, round_up(source_size, SECTOR)):
-        raise InvalidArgument(
-            f"Source and target image have different sizes ({what}: {target_size} bytes, source: {source_size} bytes)"
-        )
+        raise different_sizes(what, target_size, source_size)
 
 
 def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str] | None) -> bool:
@@ -163,24 +161,38 @@ async def open_target(
     ``check_backing`` sees every backing file of an existing qcow2 target before it opens (the path policy).
     """
     if not isinstance(target, str | os.PathLike):
-        if source_device is not None and target is source_device:
-            raise InvalidArgument("Source and target cannot be the same")
-        check_size(target.size, size, "target")
-        return BackupTarget(target, await reads_as_zeroes(target), owned=False, description=repr(target))
+        return await open_device_target(target, size=size, source_device=source_device)
 
     text = os.fspath(target)
     from nbd.uri import looks_like_uri
 
     if looks_like_uri(text):
-        return await _open_nbd(text, size=size, connections=nbd_connections, request_timeout=nbd_request_timeout)
-    if source_filename is not None and _same_file(text, source_filename):
-        raise InvalidArgument("Source and target cannot be the same")
-    return await _open_file(
-        Path(text), size=size, format=format, mode=mode, compress=compress, check_backing=check_backing
+        return await open_nbd_target(text, size=size, connections=nbd_connections, request_timeout=nbd_request_timeout)
+    return await open_file_target(
+        Path(text),
+        size=size,
+        format=format,
+        mode=mode,
+        compress=compress,
+        source_filename=source_filename,
+        check_backing=check_backing,
     )
 
 
-async def _open_nbd(text: str, *, size: int, connections: int | None, request_timeout: float | None) -> BackupTarget:
+async def open_device_target(
+    device: BlockDevice, *, size: int, source_device: BlockDevice | None = None
+) -> BackupTarget:
+    """A device the caller holds (a block node) as the target: not opened, nor closed, here."""
+    if source_device is not None and device is source_device:
+        raise same_source_and_target()
+    check_size(device.size, size, "target")
+    return BackupTarget(device, await reads_as_zeroes(device), owned=False, description=repr(device))
+
+
+async def open_nbd_target(
+    text: str, *, size: int, connections: int | None = None, request_timeout: float | None = TARGET_REQUEST_TIMEOUT
+) -> BackupTarget:
+    """An NBD URI as the target (a remote export), connected with a request timeout."""
     from nbd.client import NbdClient
     from nbd.uri import parse_uri
 
@@ -245,15 +257,19 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-async def _open_file(
+async def open_file_target(
     path: Path,
     *,
     size: int,
-    format: str | None,
-    mode: Mode | None,
-    compress: bool,
+    format: str | None = None,
+    mode: Mode | None = None,
+    compress: bool = False,
+    source_filename: str | None = None,
     check_backing: BackingCheck | None = None,
 ) -> BackupTarget:
+    """An image file as the target: created or opened as ``mode`` says (see ``open_target``)."""
+    if source_filename is not None and _same_file(path, source_filename):
+        raise same_source_and_target()
     exists = _exists(path)
     if mode == "existing" and not exists:
         raise InvalidArgument(f"Could not open '{path}': No such file or directory")
@@ -331,6 +347,9 @@ __all__ = [
     "check_size",
     "create_file_target",
     "mark_qcow2_incomplete",
+    "open_device_target",
+    "open_file_target",
+    "open_nbd_target",
     "open_target",
     "reads_as_zeroes",
 ]

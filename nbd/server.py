@@ -32,6 +32,7 @@ from nbd import constants as c
 from nbd.constants import State, TransmissionFlag
 from nbd.device import BlockDevice, direct_read_fd, hold, release
 from nbd.errors import errno_to_nbd
+from nbd.peerlog import PeerLog
 from nbd.runs import append_run
 from nbd.server_core import (
     CMD_BLOCK_STATUS,
@@ -352,6 +353,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.core: ServerCore
         self.transport: asyncio.Transport
         self.peer = "?"
+        self.log = PeerLog(log, "NBD client", self.peer)
         self._client = _NO_CLIENT  # its client (peer address), once admitted
         self._counted = False  # in its client's connection count
         self._tasks: set[asyncio.Task[None]] = set()  # strong references to suspended requests
@@ -387,6 +389,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.log = PeerLog(log, "NBD client", self.peer)
         server = self.server
         refuse = self._admission(peer[0] if isinstance(peer, tuple) else None)
         if self._lost:
@@ -394,7 +397,7 @@ class _Connection(asyncio.BufferedProtocol):
         server._connections.add(self)
         server._handshaking[self] = None
         if refuse:
-            log.warning("refusing NBD client %s: %s", self.peer, refuse)
+            self.log.warning("refused: %s", refuse)
         # Listing exports takes a few options per export (nbdinfo --list asks each for its details).
         max_options = server.max_options + 4 * len(server._exports)
         self.core = ServerCore(
@@ -439,7 +442,7 @@ class _Connection(asyncio.BufferedProtocol):
         server = self.server
         for conn in server._handshaking:
             if not conn._received and not conn._closing and (client is None or conn._client is client):
-                log.warning("NBD client %s: dropped to make room (silent since its greeting)", conn.peer)
+                conn.log.warning("dropped to make room (silent since its greeting)")
                 conn.abort()
                 conn._forget_client()
                 server._connections.discard(conn)
@@ -480,7 +483,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._uncharge(idle)
         if not self._in_flight and not self.closed.done():
             self.closed.set_result(None)
-        log.debug("NBD client %s gone", self.peer)
+        self.log.debug("gone")
 
     def get_buffer(self, sizehint: int) -> memoryview:
         view = self.core.payload_buffer()
@@ -668,9 +671,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.export is None:
-            log.warning(
-                "NBD client %s did not finish the handshake in %.0f s", self.peer, self.server.handshake_timeout
-            )
+            self.log.warning("did not finish the handshake in %.0f s", self.server.handshake_timeout)
             self.abort()
 
     def _negotiated(self, event: Negotiated) -> None:
@@ -695,7 +696,7 @@ class _Connection(asyncio.BufferedProtocol):
             timeout = min(timeouts)
             self._quiet_since = self.loop.time()
             self._timer = self.loop.call_later(timeout / 4, self._idle_check, timeout / 4)
-        log.info("NBD client %s: export '%s'", self.peer, export.name)
+        self.log.info("export '%s'", export.name)
 
     def _idle_check(self, period: float) -> None:
         """Close a connection that is idle (no request: ``idle_timeout``) or stalled (holding unsent
@@ -716,16 +717,16 @@ class _Connection(asyncio.BufferedProtocol):
         limit = server.stall_timeout if stalled else server.idle_timeout
         if limit > 0 and now - self._quiet_since >= limit:
             what = "stalled" if stalled else "idle"
-            log.warning("NBD client %s: closed, %s for %.0f s", self.peer, what, now - self._quiet_since)
+            self.log.warning("closed, %s for %.0f s", what, now - self._quiet_since)
             self.abort()
             return
         self._timer = self.loop.call_later(period, self._idle_check, period)
 
     def _client_closed(self, event: Closed) -> None:
         if event.error:
-            log.warning("NBD client %s: %s", self.peer, event.reason)
+            self.log.warning("%s", event.reason)
         else:
-            log.debug("NBD client %s: %s", self.peer, event.reason)
+            self.log.debug("%s", event.reason)
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -862,7 +863,7 @@ class _Connection(asyncio.BufferedProtocol):
             else:  # the core lets no other command through
                 reply = core.reply_error(cmd, request.cookie, errno_mod.EINVAL)
         except OSError as exc:
-            log.debug("NBD client %s: %r failed: %s", self.peer, request, exc)
+            self.log.debug("%r failed: %s", request, exc)
             err = errno_to_nbd(exc.errno, request.flags)
             reply = core.reply_error(cmd, request.cookie, err, exc.strerror or str(exc))
         except asyncio.CancelledError:
@@ -871,7 +872,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._done(request.length if cmd in (CMD_READ, CMD_WRITE) else 0)
             raise
         except Exception as exc:  # a bug below us must not take the connection (or the daemon) down
-            log.exception("NBD client %s: %r failed", self.peer, request)
+            self.log.exception("%r failed", request)
             reply = core.reply_error(cmd, request.cookie, c.Errno.EIO, f"internal error: {exc}")
         try:
             if isinstance(reply, bytes):
@@ -881,7 +882,7 @@ class _Connection(asyncio.BufferedProtocol):
             if payload is not None and type(payload) is not bytes:
                 core.recycle(payload)
         except Exception:
-            log.exception("NBD client %s: %r failed after its reply", self.peer, request)
+            self.log.exception("%r failed after its reply", request)
         finally:
             self._done(request.length if cmd in (CMD_READ, CMD_WRITE) else 0)
 
@@ -945,7 +946,7 @@ class _Connection(asyncio.BufferedProtocol):
         except Exception as exc:
             # The reply header is out: no error reply may follow; the spec's only way on is a
             # hard disconnect.
-            log.warning("NBD client %s: read failed after the reply header: %s", self.peer, exc)
+            self.log.warning("read failed after the reply header: %s", exc)
             self.abort()
         return True
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from server.addresses import is_bare_path
 from server.errors import ConfigError
 
 Kind = Literal["str", "int", "number", "seconds", "bool", "list", "path", "paths", "addresses"]
@@ -144,9 +145,11 @@ def _relative_to(base: Path, value: str) -> str:
 
 
 def _address(base: Path, value: str) -> str:
-    """``unix:PATH`` addresses get their path made absolute; ``tcp:HOST:PORT`` is left alone."""
+    """A unix socket's path (``unix:PATH`` or a bare path) is made absolute; ``tcp:HOST:PORT`` is left alone."""
     if value.startswith("unix:"):
         return "unix:" + _relative_to(base, value[len("unix:") :])
+    if is_bare_path(value):
+        return _relative_to(base, value)
     return value
 
 

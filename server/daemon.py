@@ -23,9 +23,12 @@ from backup.images import open_image
 from backup.node import BlockNode
 from nbd.device import format_name
 from nbd.server import Export, NbdServer
-from server import qmp_block, qmp_jobs, qmp_nbd
-from server.errors import ConfigError, ShutdownError
+from server.addresses import parse_monitor_address, show_tcp
+from server.errors import ShutdownError
 from server.paths import PathPolicy
+from server.qmp import block as block_commands
+from server.qmp import jobs as job_commands
+from server.qmp import nbd as nbd_commands
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.server import QmpServer
 from server.registry import Registry
@@ -38,35 +41,10 @@ READY = "nbd-backup: ready"
 def build_commands() -> CommandRegistry:
     """Every QMP command of the daemon (the monitor adds ``query-version``, ``query-commands``, ``quit``)."""
     commands = CommandRegistry()
-    qmp_block.register(commands)
-    qmp_nbd.register(commands)
-    qmp_jobs.register(commands)
+    block_commands.register(commands)
+    nbd_commands.register(commands)
+    job_commands.register(commands)
     return commands
-
-
-def parse_qmp_address(text: str) -> tuple[str, str | tuple[str, int]]:
-    """``unix:PATH`` or ``tcp:HOST:PORT`` (``tcp:[IPV6]:PORT``) → ("unix", path) / ("tcp", (host, port))."""
-    kind, sep, rest = text.partition(":")
-    if not sep or not rest:
-        raise ConfigError(f"bad QMP address '{text}' (expected unix:PATH or tcp:HOST:PORT)")
-    if kind == "unix":
-        return "unix", rest
-    if kind != "tcp":
-        raise ConfigError(f"bad QMP address '{text}' (expected unix:PATH or tcp:HOST:PORT)")
-    if rest.startswith("["):
-        host, close, port_text = rest[1:].partition("]")
-        if not close or not port_text.startswith(":"):
-            raise ConfigError(f"bad QMP address '{text}' (expected tcp:[IPV6]:PORT)")
-        port_text = port_text[1:]
-    else:
-        host, _, port_text = rest.rpartition(":")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad port in QMP address '{text}'") from None
-    if not host or not 0 <= port <= 65535:
-        raise ConfigError(f"bad QMP address '{text}'")
-    return "tcp", (host, port)
 
 
 def probed_warning(path: str, name: str, driver: str, *, read_only: bool) -> str:
@@ -160,16 +138,14 @@ class Daemon:
         """Open the QMP monitor on every ``unix:PATH`` / ``tcp:HOST:PORT``."""
         added = []
         for text in addresses:
-            kind, where = parse_qmp_address(text)
+            kind, where = parse_monitor_address(text)
             if kind == "unix":
                 assert isinstance(where, str)
                 path = await self.qmp.listen_unix(where)
                 added.append(f"unix:{path}")
             else:
                 assert isinstance(where, tuple)
-                host, port = await self.qmp.listen_tcp(*where)
-                shown = f"[{host}]" if ":" in host else host
-                added.append(f"tcp:{shown}:{port}")
+                added.append("tcp:" + show_tcp(*await self.qmp.listen_tcp(*where)))
         self.qmp_addresses.extend(added)
         return added
 

@@ -3,7 +3,7 @@ server, jobs — and the event bus that reports on them.
 
 Every check a command needs before its side effects lives here once, with qemu-storage-daemon
 7.2's error texts (clients and our differential tests compare them): node and job names, lookups,
-"in use" refusals. The handlers in ``server.qmp_*`` only translate QMP arguments into these calls.
+"in use" refusals. The command handlers in ``server.qmp`` only translate QMP arguments into these calls.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from backup.events import EventBus
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
 from nbd.constants import MAX_STRING
-from nbd.errors import UriError
 from nbd.server import Export, NbdServer
-from nbd.uri import parse_uri
+from nbd.uri import NbdUri
+from server.addresses import show_tcp
 from server.errors import QmpError
 from server.paths import PathPolicy
 
@@ -159,13 +159,9 @@ class Registry:
                 continue
         return None
 
-    def own_export_node(self, uri_text: str) -> BlockNode | None:
-        """The node behind ``uri_text`` when it names one of our own exports (a loopback target)."""
+    def own_export_node(self, uri: NbdUri) -> BlockNode | None:
+        """The node behind ``uri`` when it names one of our own exports (a loopback target)."""
         if self.nbd is None:
-            return None
-        try:
-            uri = parse_uri(uri_text)
-        except (UriError, ValueError):
             return None
         if uri.socket is not None:
             ours = f"unix:{uri.socket}" in self.nbd_addresses
@@ -201,9 +197,7 @@ class Registry:
         added: list[str] = []
         try:
             for host, port in tcp:
-                bound_host, bound_port = await server.listen_tcp(host, port)
-                shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-                added.append(f"{shown}:{bound_port}")
+                added.append(show_tcp(*await server.listen_tcp(host, port)))
             for path in unix:
                 await server.listen_unix(path)
                 added.append(f"unix:{path}")

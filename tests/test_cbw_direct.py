@@ -25,7 +25,7 @@ from backup.memory import MemoryDevice
 from backup.node import BlockNode
 from backup.rawfile import RawFileDevice
 from nbd.device import direct_read_fd
-from server.qmp_block import ReadOnlyFilter
+from server.qmp.block import ReadOnlyFilter
 
 CS = 65536
 WINDOW = DIRECT_COPY_MAX // CS

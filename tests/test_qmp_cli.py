@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from server.addresses import parse_monitor_address
 from server.cli import build_parser
 from server.commands.qmp import ArgumentError, build_arguments
-from server.qmp.client import parse_address
 
 
 def test_key_values_are_json_when_they_parse() -> None:
@@ -61,13 +61,13 @@ def test_json_array_alone_is_not_arguments() -> None:
 
 
 def test_addresses() -> None:
-    assert parse_address("unix:/run/q.sock") == ("unix", "/run/q.sock")
-    assert parse_address("/run/q.sock") == ("unix", "/run/q.sock")
-    assert parse_address("tcp:127.0.0.1:4444") == ("tcp", ("127.0.0.1", 4444))
-    assert parse_address("tcp:[::1]:4444") == ("tcp", ("::1", 4444))
+    assert parse_monitor_address("unix:/run/q.sock") == ("unix", "/run/q.sock")
+    assert parse_monitor_address("/run/q.sock") == ("unix", "/run/q.sock")
+    assert parse_monitor_address("tcp:127.0.0.1:4444") == ("tcp", ("127.0.0.1", 4444))
+    assert parse_monitor_address("tcp:[::1]:4444") == ("tcp", ("::1", 4444))
     for bad in ("tcp:host", "tcp::1", "bogus", "tcp:h:99999", "unix:"):
         with pytest.raises(ValueError):
-            parse_address(bad)
+            parse_monitor_address(bad)
 
 
 def test_subcommand_is_registered() -> None:

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from backup.events import Event
-from server.daemon import build_commands, parse_qmp_address
+from server.addresses import parse_monitor_address
+from server.daemon import build_commands
 from server.errors import ConfigError, QmpError
 from server.paths import PathPolicy
 from server.qmp.dispatch import CommandRegistry
@@ -66,12 +67,12 @@ async def h(tmp_path: Path) -> Any:
 def test_ids_and_addresses() -> None:
     assert id_wellformed("disk0") and id_wellformed("a.b-c_d")
     assert not id_wellformed("0disk") and not id_wellformed("") and not id_wellformed("a b")
-    assert parse_qmp_address("unix:/run/q.sock") == ("unix", "/run/q.sock")
-    assert parse_qmp_address("tcp:127.0.0.1:4444") == ("tcp", ("127.0.0.1", 4444))
-    assert parse_qmp_address("tcp:[::1]:4444") == ("tcp", ("::1", 4444))
+    assert parse_monitor_address("unix:/run/q.sock") == ("unix", "/run/q.sock")
+    assert parse_monitor_address("tcp:127.0.0.1:4444") == ("tcp", ("127.0.0.1", 4444))
+    assert parse_monitor_address("tcp:[::1]:4444") == ("tcp", ("::1", 4444))
     for bad in ("unix:", "udp:1:2", "tcp:host", "tcp::1", "tcp:h:99999", "nothing"):
         with pytest.raises(ConfigError):
-            parse_qmp_address(bad)
+            parse_monitor_address(bad)
 
 
 async def test_blockdev_add_trees_and_errors(h: Harness) -> None:

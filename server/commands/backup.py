@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from nbd.loop import run
-from server.errors import ConfigError
+from server.errors import BackupFailed, ConfigError
 from server.progress import Progress
 from server.qmp.client import QmpClient, QmpClientError, QmpCommandError
 
@@ -38,10 +38,6 @@ exit status: 0 when the backup completed; 1 when it could not start, failed, or 
 #: How often the progress bar asks the daemon for the job's offset.
 POLL_INTERVAL = 0.2
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-class BackupFailed(Exception):
-    """The backup could not be started or did not complete; the message says why."""
 
 
 def parse_size(text: str) -> int:

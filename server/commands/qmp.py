@@ -14,7 +14,9 @@ import sys
 from typing import Any, TextIO
 
 from nbd.loop import run
-from server.qmp.client import QmpClient, QmpClientError, QmpCommandError, parse_address
+from server.addresses import parse_monitor_address
+from server.errors import ArgumentError
+from server.qmp.client import QmpClient, QmpClientError, QmpCommandError
 
 DESCRIPTION = """\
 Run one QMP command on an nbd-backup daemon (or on QEMU / qemu-storage-daemon) and print its reply.
@@ -77,10 +79,6 @@ def _command_list() -> str:
         return "\n".join(lines)
     except Exception as exc:  # the help must work even if a command module is broken
         return f"(the command list is unavailable: {exc})"
-
-
-class ArgumentError(ValueError):
-    pass
 
 
 def parse_value(text: str) -> Any:
@@ -162,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
         print("nbd-backup qmp: arguments given without a COMMAND", file=sys.stderr)
         return 2
     try:
-        parse_address(args.qmp)
+        parse_monitor_address(args.qmp)
         build_arguments(args.arguments)
     except ValueError as exc:
         print(f"nbd-backup qmp: {exc}", file=sys.stderr)

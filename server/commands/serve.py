@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from backup.errors import BackupError
 from nbd.constants import DEFAULT_PORT, MAX_STRING
 from nbd.loop import run
+from server.addresses import parse_monitor_address, split_hostport
 from server.config import apply_config, load_config
-from server.daemon import Daemon, parse_qmp_address
+from server.daemon import Daemon
 from server.errors import ConfigError, QmpError, ShutdownError
 from server.paths import PathPolicy
 
@@ -42,6 +43,7 @@ QMP monitor (QEMU's commands: blockdev-add, nbd-server-start, block-export-add, 
 blockdev-backup, transaction, query-block-jobs, block-job-cancel …):
   --qmp unix:PATH          a unix socket, created mode 0600 (repeatable, and combinable with tcp:)
   --qmp tcp:HOST:PORT      TCP; keep HOST 127.0.0.1 unless the network is trusted
+  (an IPv6 HOST in brackets, tcp:[::1]:4444; a path with a '/' alone means unix:PATH, as for the qmp command)
   With only --qmp, nothing listens for NBD until a client runs nbd-server-start.
   --allow-dir DIR          confine the files QMP clients may open or create (blockdev-add,
                            drive-backup targets) to DIR, symlinks resolved (repeatable)
@@ -94,27 +96,8 @@ class ServeConfig:
 
 
 def parse_hostport(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``HOST[:PORT]`` or ``[IPV6][:PORT]`` → (host, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ConfigError(f"bad address '{text}' (expected [IPV6]:PORT)")
-        port_text = rest[1:]
-    elif text.count(":") > 1:
-        raise ConfigError(f"bad address '{text}' (write IPv6 addresses as [ADDR]:PORT)")
-    else:
-        host, _, port_text = text.partition(":")
-    host = host or DEFAULT_HOST
-    if not port_text:
-        return host, default_port
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad port in '{text}'") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} out of range")
-    return host, port
+    """``--nbd HOST[:PORT]`` or ``[IPV6][:PORT]`` → (host, port), each part optional."""
+    return split_hostport(text.strip(), default_host=DEFAULT_HOST, default_port=default_port)
 
 
 def parse_export(text: str) -> ExportSpec:
@@ -228,7 +211,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         allow_dirs=list(getattr(args, "allow_dir", None) or []),
     )
     for address in config.qmp:
-        parse_qmp_address(address)
+        parse_monitor_address(address)
     for directory in config.allow_dirs:
         if not os.path.isdir(directory):
             raise ConfigError(f"--allow-dir {directory}: not a directory")

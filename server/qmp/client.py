@@ -12,42 +12,13 @@ import contextlib
 import json
 from typing import Any
 
+from server.addresses import parse_monitor_address
+from server.errors import QmpClientError, QmpCommandError
 from server.qmp.framing import JsonError, JsonStreamParser
 
-__all__ = ["QmpClient", "QmpClientError", "QmpCommandError", "parse_address"]
+__all__ = ["QmpClient", "QmpClientError", "QmpCommandError"]
 
 CONNECT_TIMEOUT = 10.0
-
-
-class QmpClientError(Exception):
-    """The connection failed or the peer is not a QMP server."""
-
-
-class QmpCommandError(Exception):
-    """The server answered a command with an error."""
-
-    def __init__(self, error_class: str, desc: str, reply: dict[str, Any]) -> None:
-        super().__init__(f"{error_class}: {desc}")
-        self.error_class = error_class
-        self.desc = desc
-        self.reply = reply
-
-
-def parse_address(text: str) -> tuple[str, str] | tuple[str, tuple[str, int]]:
-    """``unix:PATH`` / ``tcp:HOST:PORT`` (``tcp:[V6]:PORT``); a bare path with a ``/`` means unix."""
-    kind, sep, rest = text.partition(":")
-    if kind == "unix" and rest:
-        return "unix", rest
-    if kind == "tcp" and rest:
-        if rest.startswith("["):
-            host, _, port = rest[1:].partition("]:")
-        else:
-            host, _, port = rest.rpartition(":")
-        if host and port.isdigit() and int(port) < 65536:
-            return "tcp", (host, int(port))
-    if not sep and "/" in text:
-        return "unix", text
-    raise ValueError(f"bad QMP address {text!r}: expected unix:PATH or tcp:HOST:PORT")
 
 
 class QmpClient:
@@ -62,7 +33,7 @@ class QmpClient:
 
     @classmethod
     async def connect(cls, address: str, *, negotiate: bool = True, timeout: float = CONNECT_TIMEOUT) -> QmpClient:
-        kind, where = parse_address(address)
+        kind, where = parse_monitor_address(address)
         try:
             if kind == "unix":
                 assert isinstance(where, str)

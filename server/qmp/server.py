@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from backup.events import Event
+from nbd.peerlog import PeerLog
 from nbd.unix_path import SocketFileId, remove_own_socket, remove_stale_socket, socket_file_id
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry, run_handler
@@ -204,9 +205,9 @@ class QmpServer:
                 raise
             # stop() interrupted a command: end this connection task quietly.
         except (ConnectionError, OSError) as exc:
-            log.debug("QMP client %s gone: %s", session.peer, exc)
+            session.log.debug("gone: %s", exc)
         except Exception:
-            log.exception("QMP session %s failed", session.peer)
+            session.log.exception("session failed")
         finally:
             self._sessions.discard(session)
             self._tasks.discard(task)
@@ -259,6 +260,7 @@ class _Session:
         self.negotiated = False
         peer = writer.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
+        self.log = PeerLog(log, "QMP client", self.peer)
         self.parser = JsonStreamParser(max_size=server.max_message_size or MAX_TOKEN_SIZE)
         self._out: asyncio.Queue[bytes] = asyncio.Queue()
         self._out_bytes = 0
@@ -288,7 +290,7 @@ class _Session:
         if self._closed:
             return
         if self._out_bytes + len(line) > self.server.max_pending_output:
-            log.warning("QMP client %s does not read its output; disconnecting it", self.peer)
+            self.log.warning("does not read its output; disconnecting it")
             self.close(abort=True)
             return
         self._out_bytes += len(line)
@@ -306,7 +308,7 @@ class _Session:
                 finally:
                     self._out.task_done()  # also when the write failed: flush() must not wait for it
         except (ConnectionError, OSError) as exc:
-            log.debug("QMP client %s: write failed: %s", self.peer, exc)
+            self.log.debug("write failed: %s", exc)
             self._closed = True
             self.writer.transport.abort()
             # Unblock flush() waiters.

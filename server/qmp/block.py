@@ -25,7 +25,7 @@ from nbd.uri import NbdUri
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.schema import Alternate, Enum, Union
-from server.qmp_sockets import SOCKET_ADDRESS, port_number, unix_path
+from server.qmp.sockets import SOCKET_ADDRESS, port_number, unix_path
 from server.registry import Registry, generic
 
 DRIVERS = ("file", "nbd", "null-co", "qcow2", "raw")
@@ -237,19 +237,6 @@ def confine_socket(reg: Registry, uri: NbdUri) -> NbdUri:
     if uri.socket is None or not reg.paths.confined:
         return uri
     return replace(uri, socket=str(reg.paths.resolve(uri.socket)))
-
-
-def confined_uri(reg: Registry, text: str) -> str:
-    """An NBD URI that a client named as a target, with its unix socket confined (``confine_socket``);
-    a URI that does not parse is returned as it is, for the opener to refuse."""
-    from nbd.uri import parse_uri
-
-    try:
-        uri = parse_uri(text)
-    except ValueError:
-        return text
-    confined = confine_socket(reg, uri)
-    return text if confined is uri else str(confined)
 
 
 async def _open_nbd(reg: Registry, options: dict[str, Any], *, read_only: bool) -> _Opened:

@@ -12,7 +12,7 @@ from typing import Any
 
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.schema import Enum, Union
-from server.qmp_sockets import SOCKET_ADDRESS_LEGACY, port_number, unix_path
+from server.qmp.sockets import SOCKET_ADDRESS_LEGACY, port_number, unix_path
 from server.registry import Registry, generic
 
 REMOVE_MODE = Enum("BlockExportRemoveMode", ["safe", "hard"])

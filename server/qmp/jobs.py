@@ -17,23 +17,23 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from backup.backup_job import BackupJob, BackupOptions
-from backup.errors import BackupError
+from backup.errors import BackupError, same_source_and_target
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
-from backup.targets import BackupTarget, create_file_target, open_target
+from backup.targets import BackupTarget, Mode, create_file_target, open_device_target, open_file_target, open_nbd_target
 from backup.transaction import AbortAction, Transaction, TransactionAction, run_transaction
 from nbd.device import BlockDevice, backing_of, can_compress, file_path, format_name
 from nbd.errors import NbdError
-from nbd.uri import looks_like_uri
+from nbd.uri import NbdUri, looks_like_uri, parse_uri
 from server.errors import QmpError
+from server.qmp.block import confine_socket
 from server.qmp.dispatch import CommandRegistry, Handler
 from server.qmp.schema import Enum, Struct, Union
-from server.qmp_block import confined_uri
 from server.registry import Registry, generic, same_image
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,49 @@ async def create_backed_target(path: str, size: int, backing: Backing, *, compre
     return target
 
 
-async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedBackup:
+@dataclass(frozen=True)
+class FileTarget:
+    """``drive-backup`` into an image file: ``path`` as resolved under ``--allow-dir``, the format it is
+    written in (None: an existing image's own), how it is opened, and the backing a new image gets."""
+
+    given: str  # as the client wrote it (QEMU's error texts quote it)
+    path: str
+    format: str | None
+    mode: Mode
+    backing: Backing | None
+
+
+@dataclass(frozen=True)
+class NbdTarget:
+    """``drive-backup`` to an NBD URI; ``connect_to`` has its unix socket confined like any path."""
+
+    given: str
+    connect_to: str
+    uri: NbdUri | None = field(default=None, compare=False)  # None: does not parse (the opener says why)
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """``blockdev-backup`` to another block node."""
+
+    node: BlockNode
+
+
+Target = FileTarget | NbdTarget | NodeTarget
+
+
+@dataclass
+class BackupRequest:
+    """A backup command's arguments, validated and resolved: what ``prepare_backup`` acts on."""
+
+    job_id: str
+    source: BlockNode
+    options: BackupOptions
+    target: Target
+
+
+def resolve_drive_backup(reg: Registry, args: dict[str, Any]) -> BackupRequest:
+    """``DriveBackup`` arguments as a request, refused with QEMU's texts in QEMU's order."""
     source = reg.node(args["device"])
     job_id = _job_id(reg, args)
     options = backup_options(args)
@@ -223,59 +265,88 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
         raise generic(f"Unknown file format '{fmt}'")
     mode = args.get("mode", "absolute-paths")
     text = args["target"]
-    target_ref: str
+    target: Target
     if looks_like_uri(text):
         if fmt == "qcow2":
             raise generic("an NBD target is written as raw; 'format' must be 'raw'")
-        exported = reg.own_export_node(text)
-        if exported is not None and same_image(exported, source):
-            raise generic("Source and target cannot be the same")
-        target_ref = confined_uri(reg, text)
-        fmt = None
+        target = _nbd_target(reg, text)
     else:
-        real = str(reg.paths.resolve(text))
-        in_use = reg.filename_in_use(real)
-        if in_use is source:
-            raise generic("Source and target cannot be the same")
-        if in_use is not None:
-            raise generic(f"Target '{text}' is in use by block node '{in_use.name}'")
-        target_ref = real
-        if fmt is None and mode == "absolute-paths":
-            fmt = source.driver if source.driver in ("raw", "qcow2") else "raw"
+        target = FileTarget(text, str(reg.paths.resolve(text)), fmt, mode, None)
+    _refuse_own_source(reg, source, target)
+    if isinstance(target, FileTarget) and fmt is None and mode == "absolute-paths":
+        fmt = source.driver if source.driver in ("raw", "qcow2") else "raw"
     if options.compress and fmt != "qcow2":
         raise generic(f"Compression is not supported for this drive {text}")
-    backing = new_image_backing(source, options.sync) if mode == "absolute-paths" and fmt is not None else None
-    if backing is not None and fmt != "qcow2":
-        raise generic(f"Backing file not supported for file format '{fmt}'")
+    if isinstance(target, FileTarget):
+        backing = new_image_backing(source, options.sync) if mode == "absolute-paths" and fmt is not None else None
+        if backing is not None and fmt != "qcow2":
+            raise generic(f"Backing file not supported for file format '{fmt}'")
+        target = replace(target, format=fmt, backing=backing)
+    return BackupRequest(job_id, source, options, target)
+
+
+def resolve_blockdev_backup(reg: Registry, args: dict[str, Any]) -> BackupRequest:
+    """``BlockdevBackup`` arguments as a request, refused with QEMU's texts in QEMU's order."""
+    source = reg.node(args["device"])
+    target = NodeTarget(reg.node(args["target"]))
+    job_id = _job_id(reg, args)
+    options = backup_options(args)
+    _check_filter_name(reg, args)
+    _refuse_own_source(reg, source, target)
+    if options.compress and not can_compress(target.node.device):
+        raise generic(f"Compression is not supported for this drive {target.node.name}")
+    return BackupRequest(job_id, source, options, target)
+
+
+def _nbd_target(reg: Registry, text: str) -> NbdTarget:
+    """A URI that does not parse is kept as it is, for the opener to refuse with the parser's reason."""
     try:
-        if backing is not None:
-            target = await create_backed_target(target_ref, source.size, backing, compress=options.compress)
-        else:
-            target = await open_target(
-                target_ref,
-                size=source.size,
-                format=fmt,
-                mode=mode,
-                source_device=source,
-                source_filename=source.filename,
-                check_backing=reg.paths.check_backing,
-                compress=options.compress,  # only a qcow2 target gets here with compress (checked above)
-            )
-    except (BackupError, QmpError):
-        raise
-    except (NbdError, OSError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        if looks_like_uri(text):
-            raise generic(f"Failed to connect to '{text}': {reason}") from exc
-        verb = "create" if mode == "absolute-paths" else "open"
-        raise generic(f"Could not {verb} '{text}': {reason}") from exc
-    try:
-        reg.check_new_job_id(job_id)  # another client may have taken it while the target opened
+        uri = parse_uri(text)
+    except ValueError:
+        return NbdTarget(text, text)
+    confined = confine_socket(reg, uri)
+    return NbdTarget(text, text if confined is uri else str(confined), uri)
+
+
+def _refuse_own_source(reg: Registry, source: BlockNode, target: Target) -> None:
+    """The one place a backup command finds out that its target is its source (the node itself, its
+    image file, or one of our own exports of it) — or a file another node has open."""
+    in_use: BlockNode | None = None
+    if isinstance(target, NodeTarget):
+        same = target.node is source
+    elif isinstance(target, NbdTarget):
+        exported = None if target.uri is None else reg.own_export_node(target.uri)
+        same = exported is not None and same_image(exported, source)
+    else:
+        in_use = reg.filename_in_use(target.path)
+        same = in_use is source
+    if same:
+        raise same_source_and_target()
+    if in_use is not None:
+        assert isinstance(target, FileTarget)
+        raise generic(f"Target '{target.given}' is in use by block node '{in_use.name}'")
+
+
+async def prepare_backup(reg: Registry, request: BackupRequest) -> PreparedBackup:
+    """Open (or create) the request's target and create its job (``created``)."""
+    source, target_spec = request.source, request.target
+    if isinstance(target_spec, NodeTarget):
+        node = target_spec.node
+        target = await open_device_target(node, size=source.size, source_device=source)
         job = BackupJob(
-            job_id,
+            request.job_id, source, node, request.options, events=reg.events, target_zero_init=target.zero_init
+        )
+        node.hold(job)
+        reg.add_job(job, cleanup=[lambda: node.release(job)])
+        return PreparedBackup(job, target, node)
+    target = await _open_new_target(reg, source, target_spec, compress=request.options.compress)
+    try:
+        reg.check_new_job_id(request.job_id)  # another client may have taken it while the target opened
+        job = BackupJob(
+            request.job_id,
             source,
             target.device,
-            options,
+            request.options,
             events=reg.events,
             target_zero_init=target.zero_init,
             owner=target if target.owned else None,
@@ -287,21 +358,32 @@ async def prepare_drive_backup(reg: Registry, args: dict[str, Any]) -> PreparedB
     return PreparedBackup(job, target)
 
 
-async def prepare_blockdev_backup(reg: Registry, args: dict[str, Any]) -> PreparedBackup:
-    source = reg.node(args["device"])
-    target_node = reg.node(args["target"])
-    job_id = _job_id(reg, args)
-    options = backup_options(args)
-    _check_filter_name(reg, args)
-    if target_node is source:
-        raise generic("Source and target cannot be the same")
-    if options.compress and not can_compress(target_node.device):
-        raise generic(f"Compression is not supported for this drive {target_node.name}")
-    target = await open_target(target_node, size=source.size, source_device=source, source_filename=source.filename)
-    job = BackupJob(job_id, source, target_node, options, events=reg.events, target_zero_init=target.zero_init)
-    target_node.hold(job)
-    reg.add_job(job, cleanup=[lambda: target_node.release(job)])
-    return PreparedBackup(job, target, target_node)
+async def _open_new_target(
+    reg: Registry, source: BlockNode, spec: FileTarget | NbdTarget, *, compress: bool
+) -> BackupTarget:
+    """Connect to an NBD target or open (create) a file target, with QEMU's texts for what fails."""
+    try:
+        if isinstance(spec, NbdTarget):
+            return await open_nbd_target(spec.connect_to, size=source.size)
+        if spec.backing is not None:
+            return await create_backed_target(spec.path, source.size, spec.backing, compress=compress)
+        return await open_file_target(
+            Path(spec.path),
+            size=source.size,
+            format=spec.format,
+            mode=spec.mode,
+            source_filename=source.filename,
+            check_backing=reg.paths.check_backing,
+            compress=compress,  # only a qcow2 target gets here with compress (checked when resolved)
+        )
+    except (BackupError, QmpError):
+        raise
+    except (NbdError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(spec, NbdTarget):
+            raise generic(f"Failed to connect to '{spec.given}': {reason}") from exc
+        verb = "create" if spec.mode == "absolute-paths" else "open"
+        raise generic(f"Could not {verb} '{spec.given}': {reason}") from exc
 
 
 class BackupAction:
@@ -325,10 +407,8 @@ class BackupAction:
         self._committed = False
 
     async def prepare(self) -> None:
-        if self.kind == "drive-backup":
-            self.prepared = await prepare_drive_backup(self.reg, self.args)
-        else:
-            self.prepared = await prepare_blockdev_backup(self.reg, self.args)
+        resolve = resolve_drive_backup if self.kind == "drive-backup" else resolve_blockdev_backup
+        self.prepared = await prepare_backup(self.reg, resolve(self.reg, self.args))
         job = self.prepared.job
         self.txn.add_job(job)
         drain = job.source.drained()

@@ -138,13 +138,6 @@ class BlockCopier:
 
     # --- geometry -------------------------------------------------------------------------------
 
-    def clusters_of(self, offset: int, length: int) -> tuple[int, int]:
-        """The clusters ``[first, end)`` that bytes ``[offset, offset+length)`` touch (clipped to the device)."""
-        stop = min(offset + length, self.size)
-        if length <= 0 or offset >= stop:
-            return 0, 0
-        return offset >> self.cluster_bits, (stop - 1 >> self.cluster_bits) + 1
-
     def bytes_of(self, first: int, end: int) -> tuple[int, int]:
         """Byte offset and length of clusters ``[first, end)``; the last cluster may be partial."""
         offset = first << self.cluster_bits

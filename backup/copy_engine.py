@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backup.errors import BackupError
+from nbd.align import div_up, round_up
 from nbd.constants import State
 from nbd.device import BlockDevice, Extent, direct_read_fd, read_into, remote_uri, write_from_fd
 from nbd.errors import NbdRequestError
@@ -330,8 +331,8 @@ class Stripes:
             import multiprocessing  # only a copy by several processes needs it
 
             context = multiprocessing.get_context("spawn")
-        per = -(-size // (workers * 8))
-        stripe = max(align, min(MAX_STRIPE, -(-per // align) * align))
+        per = div_up(size, workers * 8)
+        stripe = max(align, min(MAX_STRIPE, round_up(per, align)))
         return cls(size, stripe, context.Value("q", 0))
 
     def claim(self) -> Iterator[tuple[int, int]]:

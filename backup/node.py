@@ -39,6 +39,15 @@ class BlockNode:
         self._undrained = asyncio.Event()
         self._undrained.set()
 
+    @property
+    def image(self) -> BlockDevice:
+        """The opened image at the very bottom: through nodes stacked on nodes (a format node over
+        a file node), never a filter."""
+        device = self.device
+        while isinstance(device, BlockNode):
+            device = device.device
+        return device
+
     # --- ownership -------------------------------------------------------------------------------
 
     def hold(self, user: object) -> None:

@@ -32,6 +32,7 @@ from typing import Any, cast
 
 from nbd import client_negotiate
 from nbd import constants as c
+from nbd.align import round_up
 from nbd.client_core import ClientRequest, ClientTransmission
 from nbd.client_negotiate import ExportInfo, ListedExport, open_session
 from nbd.client_transport import (
@@ -458,7 +459,7 @@ class NbdClient:
         minimum = self._minimum
         if minimum > 1 and (offset % minimum or length % minimum):
             start = offset - offset % minimum
-            end = min(-(-(offset + length) // minimum) * minimum, self.size)
+            end = min(round_up(offset + length, minimum), self.size)
             data = await self.pread(start, end - start)
             return data[offset - start : offset - start + length]
         if length <= self._max_payload:
@@ -553,7 +554,7 @@ class NbdClient:
         """An unaligned write on a server with a minimum block size: read the edge blocks, merge, write."""
         minimum = self._minimum
         start = offset - offset % minimum
-        end = min(-(-(offset + len(data)) // minimum) * minimum, self.size)
+        end = min(round_up(offset + len(data), minimum), self.size)
         async with self._rmw_lock:
             merged = bytearray(await self.pread(start, end - start))
             merged[offset - start : offset - start + len(data)] = data
@@ -619,7 +620,7 @@ class NbdClient:
         if not self._capabilities.can_trim:
             return  # advisory
         minimum = self._minimum
-        start = -(-offset // minimum) * minimum
+        start = round_up(offset, minimum)
         end = (offset + length) - (offset + length) % minimum
         if end <= start:
             return
@@ -646,7 +647,7 @@ class NbdClient:
             return [Extent(length, 0)]
         minimum = self._minimum
         start = offset - offset % minimum
-        end = min(-(-(offset + length) // minimum) * minimum, self.size)
+        end = min(round_up(offset + length, minimum), self.size)
         end = min(end, start + self._max_length)
         req = await self._submit(c.Cmd.BLOCK_STATUS, start, end - start)
         extents: list[Extent] = []

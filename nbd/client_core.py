@@ -26,6 +26,7 @@ from typing import Any
 from nbd import constants as c
 from nbd import wire
 from nbd.errors import HandshakeError, ProtocolError
+from nbd.runs import append_run
 
 # Bounds on what we accept from a server, so a broken or hostile one cannot make us allocate freely.
 MAX_OPTION_REPLY = 1 << 20
@@ -687,10 +688,7 @@ class ClientTransmission:
             if remaining <= 0:
                 break  # only the last extent may pass the end; anything after it is ignored
             take = min(length, remaining)
-            if extents and extents[-1][1] == flags:
-                extents[-1] = (extents[-1][0] + take, flags)
-            else:
-                extents.append((take, flags))
+            append_run(extents, take, flags)
             remaining -= take
 
     def _error_chunk(self, req: ClientRequest, type_: int, payload: bytes) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from backup.copy_engine import DEFAULT_REQUESTS, CopyStats
+from nbd.align import div_up
 from server.copy_sides import (
     CopyRequest,
     Endpoint,
@@ -91,7 +92,7 @@ def choose_workers(requested: int | None, src: Endpoint, dst: Endpoint, *, reque
         return 1
     if requested is None:
         requested = auto_workers() if size >= AUTO_PARALLEL_MIN else 1
-    return max(1, min(requested, -(-size // request_size)))
+    return max(1, min(requested, div_up(size, request_size)))
 
 
 @asynccontextmanager

@@ -371,13 +371,7 @@ class Registry:
 def same_image(a: BlockNode, b: BlockNode) -> bool:
     """Whether two nodes end on the same opened image (a format node over a file node, or the same)."""
 
-    def bottom(node: BlockNode) -> object:
-        device: object = node
-        while isinstance(device, BlockNode):
-            device = device.device
-        return device
-
-    return bottom(a) is bottom(b) or (a.filename is not None and a.filename == b.filename)
+    return a.image is b.image or (a.filename is not None and a.filename == b.filename)
 
 
 def _close_order(nodes: dict[str, BlockNode]) -> list[str]:

@@ -290,18 +290,11 @@ def _chain_depth(device: Any) -> int:
     return depth
 
 
-def _bottom(node: BlockNode) -> Any:
-    device: Any = node.device
-    while isinstance(device, BlockNode):
-        device = device.device
-    return device
-
-
 def image_info(node: BlockNode) -> dict[str, Any]:
     """QEMU's ``ImageInfo`` for a node."""
     filename = node.filename or ""
     info: dict[str, Any] = {"virtual-size": node.size, "filename": filename, "format": node.driver}
-    bottom = _bottom(node)
+    bottom = node.image
     clusters = cluster_size(bottom)
     if clusters is not None:
         info["cluster-size"] = clusters
@@ -327,7 +320,7 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
         "iops_wr": 0,
         "ro": node.read_only,
         "node-name": node.name,
-        "backing_file_depth": _chain_depth(_bottom(node)),
+        "backing_file_depth": _chain_depth(node.image),
         "drv": node.driver,
         "iops": 0,
         "bps_wr": 0,

@@ -169,17 +169,10 @@ class Backing:
     device: Any  # the already open image, read through instead of opening the file again
 
 
-def _bottom(node: BlockNode) -> Any:
-    device: Any = node
-    while isinstance(device, BlockNode):
-        device = device.device
-    return device
-
-
 def new_image_backing(source: BlockNode, sync: str) -> Backing | None:
     """QEMU's drive-backup: ``sync=none`` backs the new image by the source itself (a fleecing
     image), ``sync=top`` by the source's backing file (or copies in full when there is none)."""
-    bottom = _bottom(source)
+    bottom = source.image
     if sync == "none" and source.filename is not None and source.driver in ("raw", "file", "qcow2"):
         return Backing(source.filename, "qcow2" if source.driver == "qcow2" else "raw", bottom)
     if sync == "top":

@@ -1,10 +1,11 @@
-"""Backing files: resolving, probing and opening the read-only chain below a qcow2 image.
+"""Backing files: resolving, checking and probing the read-only chain below a qcow2 image, and
+reading a raw one (``Qcow2Device`` opens the qcow2 ones: this module does not know it).
 
-A chain is opened bottom-up through ``open_backing``, which carries the list of files already in
-the chain so that a cycle (an image that is, directly or not, its own backing file) is refused
-instead of recursing forever, and so that an absurdly deep chain is refused too. A ``BackingCheck``
-handed down from the caller sees every backing file before it is opened: the daemon's ``--allow-dir``
-policy (which lives above this package) confines a whole chain that way, as it confines named files.
+``locate_backing`` is handed the list of files already in the chain, so that a cycle (an image
+that is, directly or not, its own backing file) is refused instead of recursing forever, and so
+that an absurdly deep chain is refused too. A ``BackingCheck`` handed down from the caller sees
+every backing file before it is opened: the daemon's ``--allow-dir`` policy (which lives above this
+package) confines a whole chain that way, as it confines named files.
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
 from nbd.constants import State
 from nbd.device import Extent
-
-if TYPE_CHECKING:
-    from backup.qcow2.device import Qcow2Device
 
 MAX_CHAIN_DEPTH = 64
 
@@ -121,21 +119,3 @@ def locate_backing(name: str, image_path: str, chain: tuple[str, ...], check: Ba
 def probe_backing_format(path: str) -> str:
     with open(path, "rb") as f:
         return "qcow2" if f.read(4) == q.MAGIC else "raw"
-
-
-async def open_backing(
-    name: str, fmt: str | None, image_path: str, chain: tuple[str, ...], check: BackingCheck | None = None
-) -> BackingImage:
-    """Open the backing file of ``image_path`` read-only; ``chain`` holds the real paths above it and
-    ``check`` sees this file and every one below it."""
-    from backup.qcow2.device import Qcow2Device  # the device opens its own backing files
-
-    path = locate_backing(name, image_path, chain, check)
-    if fmt is None:
-        fmt = probe_backing_format(path)
-    if fmt == "qcow2":
-        device: Qcow2Device = await Qcow2Device.open(path, read_only=True, check_backing=check, _chain=chain)
-        return device
-    if fmt == "raw":
-        return RawBacking(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-    raise ImageFormatError(f"{image_path}: backing file format {fmt!r} is not supported (raw or qcow2)")

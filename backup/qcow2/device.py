@@ -8,6 +8,8 @@ mutation sets the header's dirty bit (durably, before any metadata is written) a
 ``qemu-img info`` (and ``was_dirty`` here) — detectably incomplete, never silently wrong. Opening
 such an image for writing first rebuilds its refcounts (``repair.py``), as QEMU does. All I/O is
 inline ``os.pread``/``os.pwrite`` (page cache hits beat a thread hop); compression runs in threads.
+Where guest bytes are is asked of one walk over the tables (``mapping.py``); the coalesced data
+writes and their overlap check are ``writer.py``'s.
 
 Whatever a crash keeps, nothing durable points to what is not: a flush writes the metadata in
 steps separated by syncs (``_write_metadata``), freed clusters are reused only after the flush
@@ -21,8 +23,6 @@ import asyncio
 import errno
 import logging
 import os
-from bisect import bisect_left
-from collections.abc import Callable
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
@@ -43,6 +43,7 @@ from backup.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Map, rea
 from backup.qcow2.overlap import MetadataMap
 from backup.qcow2.refcount import Refcounts
 from backup.qcow2.repair import repair_image
+from backup.qcow2.writer import DataWriter
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch
 
@@ -50,60 +51,8 @@ log = logging.getLogger(__name__)
 
 HOLE_ZERO = State.HOLE | State.ZERO
 DEFAULT_L2_CACHE = 8 * 1024 * 1024
-_IOV_MAX = 1024
 _U64 = q.U64
 _CPUS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-class _Writer:
-    """Coalesces guest data writes at consecutive host offsets into one ``pwritev``, each run
-    checked against the metadata clusters first (``refuse`` makes the error). One per device,
-    used under its lock."""
-
-    __slots__ = ("_bufs", "_cb", "_end", "_fd", "_meta", "_refuse", "_start")
-
-    def __init__(
-        self, fd: int, meta: MetadataMap, cluster_bits: int, refuse: Callable[[int, int, int], Exception]
-    ) -> None:
-        self._fd = fd
-        self._meta = meta.clusters
-        self._cb = cluster_bits
-        self._refuse = refuse
-        self._start = 0
-        self._end = -1
-        self._bufs: list[bytes | bytearray | memoryview] = []
-
-    def reset(self) -> None:
-        """Forget what a failed request left queued."""
-        self._bufs = []
-        self._end = -1
-
-    def add(self, offset: int, buf: bytes | bytearray | memoryview) -> None:
-        if offset != self._end or len(self._bufs) >= _IOV_MAX:
-            self.finish()
-            self._start = offset
-            self._end = offset
-        self._bufs.append(buf)
-        self._end += len(buf)
-
-    def finish(self) -> None:
-        if not self._bufs:
-            return
-        meta = self._meta
-        i = bisect_left(meta, self._start >> self._cb)
-        if i < len(meta) and meta[i] <= (self._end - 1) >> self._cb:
-            self.reset()
-            raise self._refuse(self._start, self._end, meta[i])
-        total = self._end - self._start
-        done = os.pwritev(self._fd, self._bufs, self._start)
-        if done != total:  # short write: finish the rest the slow way
-            rest = b"".join(bytes(b) for b in self._bufs)[done:]
-            while rest:
-                n = os.pwrite(self._fd, rest, self._start + done)
-                done += n
-                rest = rest[n:]
-        self._bufs = []
-        self._end = -1
 
 
 class _BackingRead:
@@ -177,7 +126,7 @@ class Qcow2Device:
                 self._meta.add(header.l1_table_offset >> self._cb, -(-header.l1_size * 8 // self._cs))
             self._meta.add_all((e & q.L1E_OFFSET_MASK) >> self._cb for e in l1 if e & q.L1E_OFFSET_MASK)
             self._l2.before_evict = self._before_l2_evict
-        self._writer = _Writer(fd, self._meta, self._cb, self._metadata_overlap)
+        self._writer = DataWriter(fd, self._meta, self._cb, self._metadata_overlap)
 
     # --- opening and creating ------------------------------------------------------------------
 

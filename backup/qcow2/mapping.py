@@ -43,6 +43,10 @@ class Run(NamedTuple):
     host: int  # DATA: host offset of the first byte (0 when not exact); COMPRESSED: the L2 entry; else 0
 
 
+_new = tuple.__new__  # a Run without the Python-level ``__new__`` of a NamedTuple (hot loop)
+_L1_OFFSET, _L2_OFFSET, _COMPRESSED_FLAG = q.L1E_OFFSET_MASK, q.L2E_OFFSET_MASK, q.OFLAG_COMPRESSED
+
+
 class L2Map:
     """The walk over an image's L1 table (the device's list, changed in place by its writes) and
     its L2 tables (through the device's cache)."""
@@ -58,6 +62,16 @@ class L2Map:
         self.l1 = l1
         self._tables = tables
         self._corrupt = corrupt
+        self._walk = (  # what ``runs`` needs, fetched with one attribute load per call
+            cb,
+            self.l2_bits,
+            self.l2_mask,
+            self.zero_flag,
+            self.extended,
+            l1,
+            tables.get,
+            q.U64.unpack_from,
+        )
 
     def table(self, l1_index: int) -> bytearray | None:
         """The L2 table of one L1 entry, None when it has none."""
@@ -94,10 +108,9 @@ class L2Map:
         clusters are runs of their own. Otherwise compressed clusters count as DATA, every DATA
         neighbour merges and ``host`` is 0: the allocation questions need no more.
         """
-        cs, cb, l2_bits, l2_mask = 1 << self.cluster_bits, self.cluster_bits, self.l2_bits, self.l2_mask
-        cmask, zero_flag, extended = cs - 1, self.zero_flag, self.extended
-        sub = cs >> 5  # subcluster size (extended entries)
-        unpack = q.U64.unpack_from
+        cb, l2_bits, l2_mask, zero_flag, extended, l1, load, unpack = self._walk
+        cs = 1 << cb
+        cmask = cs - 1
         out: list[Run] = []
         run_pos, run_n, run_kind, run_host, next_host = offset, 0, UNALLOCATED, 0, 0
         pos, end = offset, offset + length
@@ -106,7 +119,7 @@ class L2Map:
         while pos < end:
             if pos == table_end:  # into the next L2 table
                 l1i = pos >> cb >> l2_bits
-                table = self.table(l1i)
+                table = load(l1[l1i] & _L1_OFFSET) if l1[l1i] & _L1_OFFSET else None
                 table_end = min(end, (l1i + 1) << (l2_bits + cb))
             if table is None:
                 n, kind, host = table_end - pos, UNALLOCATED, 0
@@ -114,15 +127,16 @@ class L2Map:
                 in_off = pos & cmask
                 i = (pos >> cb) & l2_mask
                 entry = unpack(table, i << 4 if extended else i << 3)[0]
-                if entry & q.OFLAG_COMPRESSED:
+                if entry & _COMPRESSED_FLAG:
                     n = min(cs - in_off, table_end - pos)
                     kind, host = (COMPRESSED, entry) if exact else (DATA, 0)
                 elif extended:
+                    sub = cs >> 5  # subcluster size
                     n = min(sub - (in_off & (sub - 1)), table_end - pos)
                     bitmap = unpack(table, (i << 4) + 8)[0]
                     j = in_off // sub
                     if bitmap >> j & 1:
-                        host = entry & q.L2E_OFFSET_MASK
+                        host = entry & _L2_OFFSET
                         if not host:
                             raise self._corrupt(f"subcluster {j} of guest cluster {pos >> cb} is allocated at offset 0")
                         kind, host = DATA, host + in_off if exact else 0
@@ -132,20 +146,20 @@ class L2Map:
                     n = min(cs - in_off, table_end - pos)
                     if entry & zero_flag:
                         kind, host = ZERO, 0
-                    elif entry & q.L2E_OFFSET_MASK:
-                        kind, host = DATA, (entry & q.L2E_OFFSET_MASK) + in_off if exact else 0
+                    elif entry & _L2_OFFSET:
+                        kind, host = DATA, (entry & _L2_OFFSET) + in_off if exact else 0
                     else:
                         kind, host = UNALLOCATED, 0
             if kind == run_kind and host == next_host and kind != COMPRESSED:
                 run_n += n
             else:
                 if run_n:
-                    out.append(Run(run_pos, run_n, run_kind, run_host))
+                    out.append(_new(Run, (run_pos, run_n, run_kind, run_host)))
                 run_pos, run_n, run_kind, run_host = pos, n, kind, host
             next_host = host + n if host else 0
             pos += n
         if run_n:
-            out.append(Run(run_pos, run_n, run_kind, run_host))
+            out.append(_new(Run, (run_pos, run_n, run_kind, run_host)))
         return out
 
 

@@ -12,7 +12,7 @@ import pytest
 from backup.errors import ImageFormatError
 from backup.qcow2 import Qcow2Device, mapping
 from backup.qcow2.header import read_header
-from backup.qcow2.mapping import Run, RunKind
+from backup.qcow2.mapping import RunKind
 
 CS = 65536
 DATA, ZERO, UNALLOCATED, COMPRESSED = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED, RunKind.COMPRESSED
@@ -28,7 +28,7 @@ async def test_exact_runs_follow_the_host_and_summary_runs_only_the_kind(tmp_pat
         dev.compress = True
         await dev.pwrite(5 * CS, bytes(2 * CS))  # clusters 5-6: compressed, one run each
         exact = dev.mapping.runs(0, 8 * CS)
-        host = exact[1].host
+        host = exact[1][3]
         assert [r[:3] for r in exact] == [
             (0, CS, DATA),
             (CS, 2 * CS, DATA),
@@ -38,15 +38,15 @@ async def test_exact_runs_follow_the_host_and_summary_runs_only_the_kind(tmp_pat
             (6 * CS, CS, COMPRESSED),
             (7 * CS, CS, UNALLOCATED),
         ]
-        assert exact[0].host == host + 2 * CS
-        assert exact[4].host != exact[5].host  # their L2 entries
-        assert dev.mapping.runs(CS + 100, 200) == [Run(CS + 100, 200, DATA, host + 100)]
+        assert exact[0][3] == host + 2 * CS
+        assert exact[4][3] != exact[5][3]  # their L2 entries
+        assert dev.mapping.runs(CS + 100, 200) == [(CS + 100, 200, DATA, host + 100)]
         assert dev.mapping.runs(0, 8 * CS, exact=False) == [
-            Run(0, 3 * CS, DATA, 0),
-            Run(3 * CS, CS, ZERO, 0),
-            Run(4 * CS, CS, UNALLOCATED, 0),
-            Run(5 * CS, 2 * CS, DATA, 0),
-            Run(7 * CS, CS, UNALLOCATED, 0),
+            (0, 3 * CS, DATA, 0),
+            (3 * CS, CS, ZERO, 0),
+            (4 * CS, CS, UNALLOCATED, 0),
+            (5 * CS, 2 * CS, DATA, 0),
+            (7 * CS, CS, UNALLOCATED, 0),
         ]
     finally:
         await dev.close()
@@ -56,11 +56,11 @@ async def test_a_range_without_l2_tables_is_one_run_and_spans_cut_at_tables(tmp_
     dev = await Qcow2Device.create(tmp_path / "img.qcow2", 1 << 20, cluster_size=512)  # 32 KiB per L2 table
     try:
         await dev.pwrite(40000, b"x")
-        assert dev.mapping.runs(0, 32768, exact=False) == [Run(0, 32768, UNALLOCATED, 0)]
+        assert dev.mapping.runs(0, 32768, exact=False) == [(0, 32768, UNALLOCATED, 0)]
         assert dev.mapping.runs(100, 65436, exact=False) == [
-            Run(100, 39836, UNALLOCATED, 0),
-            Run(39936, 512, DATA, 0),
-            Run(40448, 25088, UNALLOCATED, 0),
+            (100, 39836, UNALLOCATED, 0),
+            (39936, 512, DATA, 0),
+            (40448, 25088, UNALLOCATED, 0),
         ]
         assert list(dev.mapping.spans(100, 70000)) == [(0, 100, 32768), (1, 32768, 65536), (2, 65536, 70000)]
         assert dev.mapping.index(40000) == 14

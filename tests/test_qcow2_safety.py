@@ -22,14 +22,14 @@ CS = 65536
 
 def host_of(dev: Qcow2Device, offset: int) -> int:
     """The host offset a guest cluster is stored at (0: none, or compressed)."""
-    run = dev.mapping.runs(offset, CS)[0]
-    return run.host if run.kind == RunKind.DATA else 0
+    _, _, kind, host = dev.mapping.runs(offset, CS)[0]
+    return host if kind == RunKind.DATA else 0
 
 
 def compressed_host_of(dev: Qcow2Device, offset: int) -> int:
-    run = dev.mapping.runs(offset, CS)[0]
-    assert run.kind == RunKind.COMPRESSED
-    return q.decode_compressed(run.host, dev._cb)[0] & ~(CS - 1)
+    _, _, kind, entry = dev.mapping.runs(offset, CS)[0]
+    assert kind == RunKind.COMPRESSED
+    return q.decode_compressed(entry, dev._cb)[0] & ~(CS - 1)
 
 
 @pytest.mark.parametrize("how", ["trim", "zero", "rewrite-compressed"])

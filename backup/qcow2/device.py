@@ -409,8 +409,8 @@ class Qcow2Device:
             else:
                 pieces.append(self._zero_cluster[:n] if n <= self._cs else bytes(n))
         if backing:
-            first, last = runs[backing[0]], runs[backing[-1]]
-            record = _BackingRead(first.offset, last.offset + last.length)
+            last, n, _, _ = runs[backing[-1]]
+            record = _BackingRead(runs[backing[0]][0], last + n)
             self._backing_reads.append(record)
             try:
                 for index in backing:

@@ -13,7 +13,6 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from enum import IntEnum
-from typing import NamedTuple
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
@@ -34,16 +33,12 @@ class RunKind(IntEnum):
 DATA, ZERO, UNALLOCATED, COMPRESSED = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED, RunKind.COMPRESSED
 
 
-class Run(NamedTuple):
-    """``length`` guest bytes from ``offset``, all of one ``kind``."""
-
-    offset: int
-    length: int
-    kind: RunKind
-    host: int  # DATA: host offset of the first byte (0 when not exact); COMPRESSED: the L2 entry; else 0
+Run = tuple[int, int, RunKind, int]
+"""``(offset, length, kind, host)``: ``length`` guest bytes from ``offset``, all of one ``kind``;
+``host`` is, for DATA, the host offset of the first byte (0 when not exact), for COMPRESSED the L2
+entry, else 0. A plain tuple: reads build one per run, and a named tuple costs twice as much."""
 
 
-_new = tuple.__new__  # a Run without the Python-level ``__new__`` of a NamedTuple (hot loop)
 _L1_OFFSET, _L2_OFFSET, _COMPRESSED_FLAG = q.L1E_OFFSET_MASK, q.L2E_OFFSET_MASK, q.OFLAG_COMPRESSED
 
 
@@ -64,7 +59,8 @@ class L2Map:
         self._corrupt = corrupt
         self._walk = (  # what ``runs`` needs, fetched with one attribute load per call
             cb,
-            self.l2_bits,
+            1 << cb,
+            self.l2_bits + cb,
             self.l2_mask,
             self.zero_flag,
             self.extended,
@@ -72,11 +68,6 @@ class L2Map:
             tables.get,
             q.U64.unpack_from,
         )
-
-    def table(self, l1_index: int) -> bytearray | None:
-        """The L2 table of one L1 entry, None when it has none."""
-        off = self.l1[l1_index] & q.L1E_OFFSET_MASK
-        return self._tables.get(off) if off else None
 
     def index(self, offset: int) -> int:
         """The L2 entry index of the guest cluster holding ``offset``, in its table."""
@@ -108,59 +99,72 @@ class L2Map:
         clusters are runs of their own. Otherwise compressed clusters count as DATA, every DATA
         neighbour merges and ``host`` is 0: the allocation questions need no more.
         """
-        cb, l2_bits, l2_mask, zero_flag, extended, l1, load, unpack = self._walk
-        cs = 1 << cb
+        cb, cs, table_shift, l2_mask, zero_flag, extended, l1, load, unpack = self._walk
         cmask = cs - 1
         out: list[Run] = []
-        run_pos, run_n, run_kind, run_host, next_host = offset, 0, UNALLOCATED, 0, 0
+        run_pos, run_n, run_kind, run_host = offset, 0, UNALLOCATED, 0
+        next_host = 0  # where a DATA run continuing the current one starts on the host (0: none)
         pos, end = offset, offset + length
         table: bytearray | None = None
         table_end = pos
         while pos < end:
             if pos == table_end:  # into the next L2 table
-                l1i = pos >> cb >> l2_bits
-                table = load(l1[l1i] & _L1_OFFSET) if l1[l1i] & _L1_OFFSET else None
-                table_end = min(end, (l1i + 1) << (l2_bits + cb))
+                l1i = pos >> table_shift
+                toff = l1[l1i] & _L1_OFFSET
+                table = load(toff) if toff else None
+                table_end = min(end, (l1i + 1) << table_shift)
             if table is None:
                 n, kind, host = table_end - pos, UNALLOCATED, 0
             else:
                 in_off = pos & cmask
                 i = (pos >> cb) & l2_mask
-                entry = unpack(table, i << 4 if extended else i << 3)[0]
-                if entry & _COMPRESSED_FLAG:
+                if extended:
+                    entry = unpack(table, i << 4)[0]
+                    n, kind, host = self._subcluster(table, i, entry, pos, in_off, table_end, exact)
+                else:
+                    entry = unpack(table, i << 3)[0]
                     n = min(cs - in_off, table_end - pos)
-                    kind, host = (COMPRESSED, entry) if exact else (DATA, 0)
-                elif extended:
-                    sub = cs >> 5  # subcluster size
-                    n = min(sub - (in_off & (sub - 1)), table_end - pos)
-                    bitmap = unpack(table, (i << 4) + 8)[0]
-                    j = in_off // sub
-                    if bitmap >> j & 1:
-                        host = entry & _L2_OFFSET
-                        if not host:
-                            raise self._corrupt(f"subcluster {j} of guest cluster {pos >> cb} is allocated at offset 0")
+                    host = entry & _L2_OFFSET
+                    if entry & _COMPRESSED_FLAG:
+                        kind, host = (COMPRESSED, entry) if exact else (DATA, 0)
+                    elif entry & zero_flag:
+                        kind, host = ZERO, 0
+                    elif host:
                         kind, host = DATA, host + in_off if exact else 0
                     else:
-                        kind, host = ZERO if bitmap >> (32 + j) & 1 else UNALLOCATED, 0
-                else:
-                    n = min(cs - in_off, table_end - pos)
-                    if entry & zero_flag:
-                        kind, host = ZERO, 0
-                    elif entry & _L2_OFFSET:
-                        kind, host = DATA, (entry & _L2_OFFSET) + in_off if exact else 0
-                    else:
-                        kind, host = UNALLOCATED, 0
-            if kind == run_kind and host == next_host and kind != COMPRESSED:
+                        kind = UNALLOCATED
+            if kind is run_kind and host == next_host and kind is not COMPRESSED:
                 run_n += n
             else:
                 if run_n:
-                    out.append(_new(Run, (run_pos, run_n, run_kind, run_host)))
+                    out.append((run_pos, run_n, run_kind, run_host))
                 run_pos, run_n, run_kind, run_host = pos, n, kind, host
             next_host = host + n if host else 0
             pos += n
         if run_n:
-            out.append(_new(Run, (run_pos, run_n, run_kind, run_host)))
+            out.append((run_pos, run_n, run_kind, run_host))
         return out
+
+    def _subcluster(
+        self, table: bytearray, i: int, entry: int, pos: int, in_off: int, table_end: int, exact: bool
+    ) -> tuple[int, RunKind, int]:
+        """``(length, kind, host)`` of the piece from ``pos`` in the guest cluster of extended
+        entry ``i``: up to the end of its subcluster, or of the cluster when compressed."""
+        cs = 1 << self.cluster_bits
+        if entry & _COMPRESSED_FLAG:
+            return min(cs - in_off, table_end - pos), *((COMPRESSED, entry) if exact else (DATA, 0))
+        sub = cs >> 5
+        n = min(sub - (in_off & (sub - 1)), table_end - pos)
+        bitmap = q.U64.unpack_from(table, (i << 4) + 8)[0]
+        j = in_off // sub
+        if bitmap >> j & 1:
+            host = entry & _L2_OFFSET
+            if not host:
+                raise self._corrupt(
+                    f"subcluster {j} of guest cluster {pos >> self.cluster_bits} is allocated at offset 0"
+                )
+            return n, DATA, host + in_off if exact else 0
+        return n, ZERO if bitmap >> (32 + j) & 1 else UNALLOCATED, 0
 
 
 def read_l1(fd: int, h: ImageHeader, file_size: int, path: str) -> list[int]:

@@ -36,7 +36,8 @@ DATA, ZERO, UNALLOCATED, COMPRESSED = RunKind.DATA, RunKind.ZERO, RunKind.UNALLO
 Run = tuple[int, int, RunKind, int]
 """``(offset, length, kind, host)``: ``length`` guest bytes from ``offset``, all of one ``kind``;
 ``host`` is, for DATA, the host offset of the first byte (0 when not exact), for COMPRESSED the L2
-entry, else 0. A plain tuple: reads build one per run, and a named tuple costs twice as much."""
+entry, else 0. A plain tuple: a small read builds one, and a named tuple's constructor would be a
+large share of its walk."""
 
 
 _L1_OFFSET, _L2_OFFSET, _COMPRESSED_FLAG = q.L1E_OFFSET_MASK, q.L2E_OFFSET_MASK, q.OFLAG_COMPRESSED
@@ -54,8 +55,6 @@ class L2Map:
         self.l2_bits = cb - (4 if self.extended else 3)
         self.l2_mask = (1 << self.l2_bits) - 1
         self.zero_flag = q.OFLAG_ZERO if header.version >= 3 else 0
-        self.l1 = l1
-        self._tables = tables
         self._corrupt = corrupt
         self._walk = (  # what ``runs`` needs, fetched with one attribute load per call
             cb,

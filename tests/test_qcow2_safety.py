@@ -14,6 +14,7 @@ from backup.errors import ImageFormatError
 from backup.qcow2 import Qcow2Device
 from backup.qcow2 import layout as q
 from backup.qcow2.check import check_image
+from backup.qcow2.mapping import RunKind
 
 MiB = 1024 * 1024
 CS = 65536
@@ -21,17 +22,13 @@ CS = 65536
 
 def host_of(dev: Qcow2Device, offset: int) -> int:
     """The host offset a guest cluster is stored at (0: none, or compressed)."""
-    l2 = dev._l2_table(offset >> dev._cb >> dev._l2_bits)
-    assert l2 is not None
-    entry: int = q.U64.unpack_from(l2, ((offset >> dev._cb) & dev._l2_mask) * 8)[0]
-    return 0 if entry & q.OFLAG_COMPRESSED else entry & q.L2E_OFFSET_MASK
+    _, _, kind, host = dev.mapping.runs(offset, CS)[0]
+    return host if kind == RunKind.DATA else 0
 
 
 def compressed_host_of(dev: Qcow2Device, offset: int) -> int:
-    l2 = dev._l2_table(offset >> dev._cb >> dev._l2_bits)
-    assert l2 is not None
-    entry = q.U64.unpack_from(l2, ((offset >> dev._cb) & dev._l2_mask) * 8)[0]
-    assert entry & q.OFLAG_COMPRESSED
+    _, _, kind, entry = dev.mapping.runs(offset, CS)[0]
+    assert kind == RunKind.COMPRESSED
     return q.decode_compressed(entry, dev._cb)[0] & ~(CS - 1)
 
 

@@ -1,11 +1,11 @@
-"""Backing files: resolving, probing and opening the read-only chain below a qcow2 image.
+"""Backing files: resolving, checking and probing the read-only chain below a qcow2 image, and
+reading a raw one (``Qcow2Device`` opens the qcow2 ones: this module does not know it).
 
-A chain is opened by ``backup.qcow2.device.open_backing`` (the device opens its own backing files),
-which carries the list of files already in the chain so that a cycle (an image that is, directly or
-not, its own backing file) is refused instead of recursing forever, and so that an absurdly deep chain
-is refused too. A ``BackingCheck`` handed down from the caller sees every backing file before it is
-opened: the daemon's ``--allow-dir`` policy (which lives above this package) confines a whole chain
-that way, as it confines named files.
+``locate_backing`` is handed the list of files already in the chain, so that a cycle (an image
+that is, directly or not, its own backing file) is refused instead of recursing forever, and so
+that an absurdly deep chain is refused too. A ``BackingCheck`` handed down from the caller sees
+every backing file before it is opened: the daemon's ``--allow-dir`` policy (which lives above this
+package) confines a whole chain that way, as it confines named files.
 """
 
 from __future__ import annotations

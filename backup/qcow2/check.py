@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
-from backup.qcow2.header import ImageHeader, parse_header
+from backup.qcow2.header import ImageHeader, read_header
 from backup.qcow2.refcount import Refcounts
 from nbd.align import div_up
 
@@ -50,14 +50,9 @@ class References:
             self.counts[c] += 1
 
 
-def read_header(fd: int, path: str) -> ImageHeader:
-    file_size = os.lseek(fd, 0, os.SEEK_END)
-    head = os.pread(fd, q.V3_HEADER_LENGTH, 0)
-    if len(head) >= 24 and head[:4] == q.MAGIC:
-        bits = q.U32.unpack_from(head, 20)[0]
-        if q.MIN_CLUSTER_BITS <= bits <= q.MAX_CLUSTER_BITS:
-            head = os.pread(fd, 1 << bits, 0)
-    h = parse_header(head, file_size, path)
+def checkable_header(fd: int, path: str) -> ImageHeader:
+    """The header of an image this module can check (and ``repair.py`` can repair)."""
+    h = read_header(fd, os.lseek(fd, 0, os.SEEK_END), path)
     if h.nb_snapshots:
         raise ImageFormatError(f"{path}: images with internal snapshots cannot be checked or repaired here")
     if h.incompatible & q.INCOMPAT_EXTL2:
@@ -119,7 +114,7 @@ def check_image(path: str) -> CheckResult:
 
 
 def _check(fd: int, path: str) -> CheckResult:
-    h = read_header(fd, path)
+    h = checkable_header(fd, path)
     cb, cs = h.cluster_bits, h.cluster_size
     walk = walk_references(fd, h)
     result = CheckResult(

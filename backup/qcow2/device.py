@@ -8,6 +8,8 @@ mutation sets the header's dirty bit (durably, before any metadata is written) a
 ``qemu-img info`` (and ``was_dirty`` here) — detectably incomplete, never silently wrong. Opening
 such an image for writing first rebuilds its refcounts (``repair.py``), as QEMU does. All I/O is
 inline ``os.pread``/``os.pwrite`` (page cache hits beat a thread hop); compression runs in threads.
+Where guest bytes are is asked of one walk over the tables (``mapping.py``); the coalesced data
+writes and their overlap check are ``writer.py``'s.
 
 Whatever a crash keeps, nothing durable points to what is not: a flush writes the metadata in
 steps separated by syncs (``_write_metadata``), freed clusters are reused only after the flush
@@ -21,10 +23,6 @@ import asyncio
 import errno
 import logging
 import os
-import stat
-import struct
-from bisect import bisect_left
-from collections.abc import Callable, Iterator
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
@@ -40,10 +38,12 @@ from backup.qcow2.backing import (
 from backup.qcow2.cache import TableCache
 from backup.qcow2.codec import CodecError, codec_for, type_id_of
 from backup.qcow2.errors import Qcow2CorruptError
-from backup.qcow2.header import ImageHeader, build_header, incompatible_names, l1_entries_for, parse_header
+from backup.qcow2.header import ImageHeader, build_header, incompatible_names, l1_entries_for, read_header
+from backup.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Map, read_l1
 from backup.qcow2.overlap import MetadataMap
 from backup.qcow2.refcount import Refcounts
 from backup.qcow2.repair import repair_image
+from backup.qcow2.writer import DataWriter
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch
 
@@ -51,61 +51,8 @@ log = logging.getLogger(__name__)
 
 HOLE_ZERO = State.HOLE | State.ZERO
 DEFAULT_L2_CACHE = 8 * 1024 * 1024
-_IOV_MAX = 1024
-_HOST, _ZERO, _BACKING, _COMPRESSED, _UNALLOCATED = range(5)  # kinds of runs in a read mapping
 _U64 = q.U64
 _CPUS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-class _Writer:
-    """Coalesces guest data writes at consecutive host offsets into one ``pwritev``, each run
-    checked against the metadata clusters first (``refuse`` makes the error). One per device,
-    used under its lock."""
-
-    __slots__ = ("_bufs", "_cb", "_end", "_fd", "_meta", "_refuse", "_start")
-
-    def __init__(
-        self, fd: int, meta: MetadataMap, cluster_bits: int, refuse: Callable[[int, int, int], Exception]
-    ) -> None:
-        self._fd = fd
-        self._meta = meta.clusters
-        self._cb = cluster_bits
-        self._refuse = refuse
-        self._start = 0
-        self._end = -1
-        self._bufs: list[bytes | bytearray | memoryview] = []
-
-    def reset(self) -> None:
-        """Forget what a failed request left queued."""
-        self._bufs = []
-        self._end = -1
-
-    def add(self, offset: int, buf: bytes | bytearray | memoryview) -> None:
-        if offset != self._end or len(self._bufs) >= _IOV_MAX:
-            self.finish()
-            self._start = offset
-            self._end = offset
-        self._bufs.append(buf)
-        self._end += len(buf)
-
-    def finish(self) -> None:
-        if not self._bufs:
-            return
-        meta = self._meta
-        i = bisect_left(meta, self._start >> self._cb)
-        if i < len(meta) and meta[i] <= (self._end - 1) >> self._cb:
-            self.reset()
-            raise self._refuse(self._start, self._end, meta[i])
-        total = self._end - self._start
-        done = os.pwritev(self._fd, self._bufs, self._start)
-        if done != total:  # short write: finish the rest the slow way
-            rest = b"".join(bytes(b) for b in self._bufs)[done:]
-            while rest:
-                n = os.pwrite(self._fd, rest, self._start + done)
-                done += n
-                rest = rest[n:]
-        self._bufs = []
-        self._end = -1
 
 
 class _BackingRead:
@@ -152,16 +99,14 @@ class Qcow2Device:
         self._l1_dirty_hi = -1
         self._cb = header.cluster_bits
         self._cs = header.cluster_size
-        self._extl2 = bool(header.incompatible & q.INCOMPAT_EXTL2)  # subclusters (read-only)
-        self._l2_bits = self._cb - (4 if self._extl2 else 3)
-        self._l2_mask = (1 << self._l2_bits) - 1
-        self._zero_flag = q.OFLAG_ZERO if header.version >= 3 else 0
         self._l2 = TableCache(
             fd,
             self._cs,
             l2_cache_size // self._cs,
             on_short_read=lambda off: Qcow2CorruptError(path, f"L2 table {off:#x} lies past the end of the file"),
         )
+        self.mapping = L2Map(header, l1, self._l2, self._corrupt)
+        self._zero_flag = self.mapping.zero_flag
         self._codec = codec_for(header.compression_type, path)
         self._compress = self._codec.compress
         self._cbyte = 0  # next free byte of the cluster holding compressed data (0: none)
@@ -181,7 +126,7 @@ class Qcow2Device:
                 self._meta.add(header.l1_table_offset >> self._cb, -(-header.l1_size * 8 // self._cs))
             self._meta.add_all((e & q.L1E_OFFSET_MASK) >> self._cb for e in l1 if e & q.L1E_OFFSET_MASK)
             self._l2.before_evict = self._before_l2_evict
-        self._writer = _Writer(fd, self._meta, self._cb, self._metadata_overlap)
+        self._writer = DataWriter(fd, self._meta, self._cb, self._metadata_overlap)
 
     # --- opening and creating ------------------------------------------------------------------
 
@@ -212,12 +157,7 @@ class Qcow2Device:
         backing: BackingImage | None = None
         try:
             file_size = os.lseek(fd, 0, os.SEEK_END)  # block devices too
-            first = os.pread(fd, q.V3_HEADER_LENGTH, 0)
-            if len(first) >= 24 and first[:4] == q.MAGIC:
-                bits = q.U32.unpack_from(first, 20)[0]
-                if q.MIN_CLUSTER_BITS <= bits <= q.MAX_CLUSTER_BITS:
-                    first = os.pread(fd, 1 << bits, 0)
-            header = parse_header(first, file_size, path)
+            header = read_header(fd, file_size, path)
             if not read_only:
                 _check_writable(header, path, repair=repair)
                 if header.incompatible & q.INCOMPAT_DIRTY:
@@ -236,11 +176,11 @@ class Qcow2Device:
                         check_backing=check_backing,
                         _chain=_chain,
                     )
-            l1 = _read_l1(fd, header, file_size, path)
-            refs = None if read_only else _load_refcounts(fd, header, file_size, path)
+            l1 = read_l1(fd, header, file_size, path)
+            refs = None if read_only else Refcounts.load(fd, header, file_size, path)
             if header.backing_file is not None and backing_device is None:
                 chain = (*_chain, chain_key(path))
-                backing = await open_backing(header.backing_file, header.backing_format, path, chain, check_backing)
+                backing = await _open_backing(header.backing_file, header.backing_format, path, chain, check_backing)
             if header.incompatible & q.INCOMPAT_DIRTY:
                 log.warning("%s was not cleanly closed (dirty bit set); reading it as it is", path)
             return cls(
@@ -298,7 +238,7 @@ class Qcow2Device:
             if size is None and backing_device is not None:
                 size = backing_device.size
             elif size is None:
-                probe = await open_backing(backing_file, backing_format, path, ())
+                probe = await _open_backing(backing_file, backing_format, path, ())
                 size = probe.size
                 await probe.close()
         if size is None or size < 0:
@@ -417,12 +357,6 @@ class Qcow2Device:
     def _corrupt(self, message: str) -> Qcow2CorruptError:
         return Qcow2CorruptError(self.path, message)
 
-    def _l2_table(self, l1_index: int) -> bytearray | None:
-        off = self._l1[l1_index] & q.L1E_OFFSET_MASK
-        if not off:
-            return None
-        return self._l2.get(off)
-
     async def _backing_read(self, offset: int, length: int) -> bytes:
         backing = self.backing
         if backing is None or offset >= backing.size:
@@ -453,33 +387,34 @@ class Qcow2Device:
 
         A backing read suspends; while it does, a trim/zero/rewrite may free a mapped host cluster
         and the allocator may hand it to another guest cluster (or ``close`` may free the descriptor
-        number). Reading the image's own clusters first, with no await since ``_map``, means they
-        hold exactly what the mapping said; only the backing pieces are read after a suspension,
-        and they come from the backing file, which this image never frees or reuses.
+        number). Reading the image's own clusters first, with no await since the mapping was taken,
+        means they hold exactly what the mapping said; only the backing pieces are read after a
+        suspension, and they come from the backing file, which this image never frees or reuses.
         """
         self._check(offset, length)
-        segs = self._map(offset, length)
+        runs = self.mapping.runs(offset, length)
         pieces: list[bytes] = []
-        backing: list[int] = []  # indexes into pieces still to read from the backing file
-        for kind, arg, pos, n in segs:
-            if kind == _HOST:
-                data = os.pread(self._fd, n, arg)
+        backing: list[int] = []  # indexes into pieces (and runs) still to read from the backing file
+        has_backing = self.backing is not None
+        for pos, n, kind, host in runs:
+            if kind == DATA:
+                data = os.pread(self._fd, n, host)
                 pieces.append(data if len(data) == n else data.ljust(n, b"\0"))  # past EOF: zeroes, as QEMU
-            elif kind == _ZERO:
-                pieces.append(self._zero_cluster[:n] if n <= self._cs else bytes(n))
-            elif kind == _BACKING:
+            elif kind == COMPRESSED:
+                in_off = pos & (self._cs - 1)
+                pieces.append(self._read_compressed(host)[in_off : in_off + n])
+            elif kind == UNALLOCATED and has_backing:
                 backing.append(len(pieces))
                 pieces.append(b"")
             else:
-                in_off = pos & (self._cs - 1)
-                pieces.append(self._read_compressed(arg)[in_off : in_off + n])
+                pieces.append(self._zero_cluster[:n] if n <= self._cs else bytes(n))
         if backing:
-            first, last = segs[backing[0]], segs[backing[-1]]
-            record = _BackingRead(first[2], last[2] + last[3])
+            last, n, _, _ = runs[backing[-1]]
+            record = _BackingRead(runs[backing[0]][0], last + n)
             self._backing_reads.append(record)
             try:
                 for index in backing:
-                    _, _, pos, n = segs[index]
+                    pos, n, _, _ = runs[index]
                     pieces[index] = await self._backing_read(pos, n)
             finally:
                 self._backing_reads.remove(record)
@@ -495,177 +430,7 @@ class Qcow2Device:
         for record in [r for r in self._backing_reads if r.start < end and offset < r.end]:
             await record.done.wait()
 
-    def _map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
-        """The range as (kind, host offset or L2 entry, guest offset, bytes) runs, neighbours merged:
-        one ``pread`` per contiguous host run."""
-        if self._extl2:
-            return self._map_extended(offset, length)
-        segs: list[tuple[int, int, int, int]] = []
-        cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
-        unallocated = _ZERO if self.backing is None else _BACKING
-        pos, end = offset, offset + length
-        while pos < end:
-            vc = pos >> cb
-            l1i = vc >> self._l2_bits
-            table = self._l2_table(l1i)
-            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
-            if table is None:
-                kind, arg, n = unallocated, 0, table_end - pos
-                if segs and segs[-1][0] == kind:
-                    k, a, p, m = segs[-1]
-                    segs[-1] = (k, a, p, m + n)
-                else:
-                    segs.append((kind, arg, pos, n))
-                pos = table_end
-                continue
-            i = vc & self._l2_mask
-            while pos < table_end:
-                in_off = pos & (cs - 1)
-                n = min(cs - in_off, table_end - pos)
-                entry = _U64.unpack_from(table, i * 8)[0]
-                host = entry & q.L2E_OFFSET_MASK
-                if entry & q.OFLAG_COMPRESSED:
-                    segs.append((_COMPRESSED, entry, pos, n))
-                else:
-                    if entry & zero_flag:
-                        kind, arg = _ZERO, 0
-                    elif host:
-                        kind, arg = _HOST, host + in_off
-                    else:
-                        kind, arg = unallocated, 0
-                    if segs and segs[-1][0] == kind and (kind != _HOST or segs[-1][1] + segs[-1][3] == arg):
-                        k, a, p, m = segs[-1]
-                        segs[-1] = (k, a, p, m + n)
-                    else:
-                        segs.append((kind, arg, pos, n))
-                pos += n
-                i += 1
-        return segs
-
     # --- block status --------------------------------------------------------------------------------
-
-    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
-        """(bytes, kind) runs over the range, neighbours of one kind merged (see ``_kind``); a range
-        without an L2 table is one run, so sparse regions cost nothing per cluster."""
-        if self._extl2:
-            yield from self._runs_extended(offset, length)
-            return
-        cs, cb = self._cs, self._cb
-        run_n, run_kind = 0, -1
-        pos, end = offset, offset + length
-        while pos < end:
-            vc = pos >> cb
-            l1i = vc >> self._l2_bits
-            table = self._l2_table(l1i)
-            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
-            if table is None:
-                if run_kind == 2:
-                    run_n += table_end - pos
-                else:
-                    if run_n:
-                        yield run_n, run_kind
-                    run_n, run_kind = table_end - pos, 2
-                pos = table_end
-                continue
-            i = vc & self._l2_mask
-            while pos < table_end:
-                n = min(cs - (pos & (cs - 1)), table_end - pos)
-                kind = self._kind(_U64.unpack_from(table, i * 8)[0])
-                if kind == run_kind:
-                    run_n += n
-                else:
-                    if run_n:
-                        yield run_n, run_kind
-                    run_n, run_kind = n, kind
-                pos += n
-                i += 1
-        if run_n:
-            yield run_n, run_kind
-
-    # --- extended L2 entries (subclusters): read-only ---------------------------------------------
-
-    def _subclusters(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """(guest offset, bytes, kind, host offset or compressed entry) per subcluster piece; kinds
-        _HOST, _ZERO (the zero bit), _COMPRESSED (whole clusters) and _UNALLOCATED."""
-        cs, cb = self._cs, self._cb
-        sc = cs >> 5
-        unallocated = _UNALLOCATED
-        pos, end = offset, offset + length
-        while pos < end:
-            vc = pos >> cb
-            l1i = vc >> self._l2_bits
-            table = self._l2_table(l1i)
-            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
-            if table is None:
-                yield pos, table_end - pos, unallocated, 0
-                pos = table_end
-                continue
-            i = vc & self._l2_mask
-            while pos < table_end:
-                in_off = pos & (cs - 1)
-                entry = _U64.unpack_from(table, i * 16)[0]
-                if entry & q.OFLAG_COMPRESSED:
-                    n = min(cs - in_off, table_end - pos)
-                    yield pos, n, _COMPRESSED, entry
-                    pos += n
-                    i += 1
-                    continue
-                bitmap = _U64.unpack_from(table, i * 16 + 8)[0]
-                host = entry & q.L2E_OFFSET_MASK
-                cluster_end = min(table_end, pos - in_off + cs)
-                while pos < cluster_end:
-                    in_off = pos & (cs - 1)
-                    j = in_off // sc
-                    n = min(sc - in_off % sc, cluster_end - pos)
-                    if bitmap >> j & 1:
-                        if not host:
-                            raise self._corrupt(f"subcluster {j} of guest cluster {vc} is allocated at offset 0")
-                        yield pos, n, _HOST, host + in_off
-                    elif bitmap >> (32 + j) & 1:
-                        yield pos, n, _ZERO, 0
-                    else:
-                        yield pos, n, unallocated, 0
-                    pos += n
-                i += 1
-
-    def _map_extended(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
-        segs: list[tuple[int, int, int, int]] = []
-        unallocated = _ZERO if self.backing is None else _BACKING
-        for pos, n, kind, arg in self._subclusters(offset, length):
-            if kind == _UNALLOCATED:
-                kind = unallocated
-            if (
-                segs
-                and kind != _COMPRESSED
-                and segs[-1][0] == kind
-                and (kind != _HOST or segs[-1][1] + segs[-1][3] == arg)
-            ):
-                k, a, p, m = segs[-1]
-                segs[-1] = (k, a, p, m + n)
-            else:
-                segs.append((kind, arg, pos, n))
-        return segs
-
-    def _runs_extended(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
-        run_n, run_kind = 0, -1
-        for _, n, kind, _ in self._subclusters(offset, length):
-            k = 2 if kind == _UNALLOCATED else 1 if kind == _ZERO else 0
-            if k == run_kind:
-                run_n += n
-            else:
-                if run_n:
-                    yield run_n, run_kind
-                run_n, run_kind = n, k
-        if run_n:
-            yield run_n, run_kind
-
-    def _kind(self, entry: int) -> int:
-        """0 data, 1 zero, 2 unallocated."""
-        if entry & q.OFLAG_COMPRESSED:
-            return 0
-        if entry & self._zero_flag:
-            return 1
-        return 0 if entry & q.L2E_OFFSET_MASK else 2
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check(offset, length)
@@ -673,7 +438,6 @@ class Qcow2Device:
             return []
         length = min(length, self._cs << 16)  # bound the work of one call; callers continue from the end
         extents: list[Extent] = []
-        pos = offset
 
         def add(n: int, flags: int) -> None:
             if extents and extents[-1].flags == flags:
@@ -681,10 +445,10 @@ class Qcow2Device:
             else:
                 extents.append(Extent(n, flags))
 
-        for n, kind in self._runs(offset, length):
-            if kind == 0:
+        for pos, n, kind, _ in self.mapping.runs(offset, length, exact=False):
+            if kind == DATA:
                 add(n, 0)
-            elif kind == 1 or self.backing is None or pos >= self.backing.size:
+            elif kind == ZERO or self.backing is None or pos >= self.backing.size:
                 add(n, HOLE_ZERO)
             else:
                 below = min(n, self.backing.size - pos)
@@ -692,20 +456,19 @@ class Qcow2Device:
                 for ext in await self.backing.block_status(pos, below):
                     add(ext.length, ext.flags)
                     got += ext.length
-                self._check_open()  # the walk goes on loading L2 tables through the descriptor
+                self._check_open()  # closed while the backing answered: no answer from a closed device
                 if got < below:
                     break  # the backing stopped early: report what we know
                 if below < n:
                     add(n - below, HOLE_ZERO)
-            pos += n
         return extents
 
     async def top_allocation(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """Runs of (length, allocated in this image): what ``sync=top`` copies (zero clusters count)."""
         self._check(offset, length)
         out: list[tuple[int, bool]] = []
-        for n, kind in self._runs(offset, length):
-            allocated = kind != 2
+        for _, n, kind, _ in self.mapping.runs(offset, length, exact=False):
+            allocated = kind != UNALLOCATED
             if out and out[-1][1] == allocated:
                 out[-1] = (out[-1][0] + n, allocated)
             else:
@@ -841,13 +604,13 @@ class Qcow2Device:
 
     async def _old_content(self, entry: int, vpos: int) -> bytearray:
         """A cluster's current contents (for merging a partial write into a fresh cluster)."""
-        if entry & q.OFLAG_COMPRESSED:
+        kind = self.mapping.kind(entry)
+        if kind == COMPRESSED:
             return bytearray(self._read_compressed(entry))
-        if entry & self._zero_flag:
+        if kind == ZERO:
             return bytearray(self._cs)
-        host = entry & q.L2E_OFFSET_MASK
-        if host:
-            data = os.pread(self._fd, self._cs, host)
+        if kind == DATA:
+            data = os.pread(self._fd, self._cs, entry & q.L2E_OFFSET_MASK)
             return bytearray(data.ljust(self._cs, b"\0"))
         data = await self._backing_read(vpos, min(self._cs, self.header.size - vpos))
         return bytearray(data.ljust(self._cs, b"\0"))
@@ -904,15 +667,10 @@ class Qcow2Device:
         if not len(mv):
             return
         refs = self._begin_write()
-        cb = self._cb
-        pos, end = offset, offset + len(mv)
-        while pos < end:
-            l1i = (pos >> cb) >> self._l2_bits
+        for l1i, pos, table_end in self.mapping.spans(offset, offset + len(mv)):
             toff, table = self._l2_for_write(refs, l1i)
-            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
             await self._write_table(refs, table, pos, table_end, mv[pos - offset : table_end - offset], blobs)
             self._l2.mark_dirty(toff, table)
-            pos = table_end
 
     async def _write_table(
         self,
@@ -930,7 +688,7 @@ class Qcow2Device:
         released: list[int] = []  # old entries whose clusters to release after the update
         fresh: list[tuple[int, memoryview | bytearray]] = []  # (L2 index, cluster data) to allocate
         pos = offset
-        i = (pos >> cb) & self._l2_mask
+        i = self.mapping.index(pos)
         while pos < end:
             in_off = pos & (cs - 1)
             n = min(cs - in_off, end - pos)
@@ -1021,31 +779,25 @@ class Qcow2Device:
 
     async def _reads_zero(self, offset: int, length: int) -> bool:
         """Whether the range already reads as zeroes without looking at data (zero/unallocated)."""
-        for _, kind in self._runs(offset, length):
-            if kind == 0 or (kind == 2 and self.backing is not None and offset < self.backing.size):
+        for _, _, kind, _ in self.mapping.runs(offset, length, exact=False):
+            if kind == DATA or (kind == UNALLOCATED and self.backing is not None and offset < self.backing.size):
                 return False
         return True
 
     async def _zero_clusters(self, offset: int, length: int, *, may_trim: bool) -> None:
         """Whole clusters: v3 zero flags (no data written); v2 deallocation or zero data."""
         refs = self._begin_write()
-        cb = self._cb
         has_backing = self.backing is not None
         if not self._zero_flag and has_backing:
             zeros = memoryview(self._zero_cluster)
             for pos in range(offset, offset + length, self._cs):
                 await self._write(pos, zeros)
             return
-        pos, end = offset, offset + length
-        while pos < end:
-            vc = pos >> cb
-            l1i = vc >> self._l2_bits
-            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
+        for l1i, pos, table_end in self.mapping.spans(offset, offset + length):
             if not self._l1[l1i] & q.L1E_OFFSET_MASK and not has_backing:
-                pos = table_end  # no L2 table and no backing: already reads as zeroes
-                continue
+                continue  # no L2 table and no backing: already reads as zeroes
             toff, table = self._l2_for_write(refs, l1i)
-            for i in range(vc & self._l2_mask, ((table_end - 1) >> cb & self._l2_mask) + 1):
+            for i in range(self.mapping.index(pos), self.mapping.index(table_end - 1) + 1):
                 entry = _U64.unpack_from(table, i * 8)[0]
                 host = entry & q.L2E_OFFSET_MASK
                 if not self._zero_flag:  # v2 without backing: unallocated reads as zeroes
@@ -1061,7 +813,6 @@ class Qcow2Device:
                         self._release(refs, entry)
                     _U64.pack_into(table, i * 8, new)
             self._l2.mark_dirty(toff, table)
-            pos = table_end
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Whole clusters are deallocated (zero clusters over a backing file); partial ones are kept."""
@@ -1079,8 +830,7 @@ class Qcow2Device:
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch: loading the L2 tables is the useful part (the data is in the page cache's hands)."""
         self._check(offset, length)
-        for _ in self._runs(offset, min(length, self._cs << 16)):
-            pass
+        self.mapping.runs(offset, min(length, self._cs << 16), exact=False)
 
     # --- durability ------------------------------------------------------------------------------
 
@@ -1236,6 +986,21 @@ class Qcow2Device:
             os.close(self._fd)
 
 
+async def _open_backing(
+    name: str, fmt: str | None, image_path: str, chain: tuple[str, ...], check: BackingCheck | None = None
+) -> BackingImage:
+    """Open the backing file of ``image_path`` read-only, bottom-up; ``chain`` holds the real paths
+    above it and ``check`` sees this file and every one below it."""
+    path = locate_backing(name, image_path, chain, check)
+    if fmt is None:
+        fmt = probe_backing_format(path)
+    if fmt == "qcow2":
+        return await Qcow2Device.open(path, read_only=True, check_backing=check, _chain=chain)
+    if fmt == "raw":
+        return RawBacking(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    raise ImageFormatError(f"{image_path}: backing file format {fmt!r} is not supported (raw or qcow2)")
+
+
 def _retrieve_close_error(task: asyncio.Future[None]) -> None:
     """A close whose callers all gave up still fails somewhere: log it rather than lose it."""
     if not task.cancelled() and task.exception() is not None:
@@ -1255,64 +1020,3 @@ def _check_writable(h: ImageHeader, path: str, *, repair: bool) -> None:
         )
     if h.nb_snapshots:
         raise ImageFormatError(f"{path}: images with internal snapshots can only be opened read-only")
-
-
-def _read_l1(fd: int, h: ImageHeader, file_size: int, path: str) -> list[int]:
-    if not h.l1_size:
-        return []
-    raw = os.pread(fd, h.l1_size * 8, h.l1_table_offset)
-    if len(raw) < h.l1_size * 8:
-        raise ImageFormatError(f"{path}: L1 table is truncated")
-    l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
-    cs = h.cluster_size
-    for index, entry in enumerate(l1):
-        off = entry & q.L1E_OFFSET_MASK
-        if not off:
-            continue
-        if off & (cs - 1):
-            raise ImageFormatError(f"{path}: L1 entry {index} ({off:#x}) is not cluster aligned")
-        if off >= file_size:
-            raise ImageFormatError(
-                f"{path}: L1 entry {index} points to an L2 table at {off:#x}, past the end of the file "
-                f"({file_size} bytes): truncated or corrupt image"
-            )
-    return l1
-
-
-def _load_refcounts(fd: int, h: ImageHeader, file_size: int, path: str) -> Refcounts:
-    cs = h.cluster_size
-    n = h.refcount_table_clusters * cs // 8
-    raw = os.pread(fd, n * 8, h.refcount_table_offset).ljust(n * 8, b"\0")
-    reftable = list(struct.unpack(f">{n}Q", raw))
-    for index, entry in enumerate(reftable):
-        off = entry & q.REFT_OFFSET_MASK
-        if off and (off & (cs - 1) or off >= file_size):
-            raise ImageFormatError(f"{path}: refcount table entry {index} ({off:#x}) is invalid or past the end")
-    refs = Refcounts(
-        fd,
-        path,
-        cluster_bits=h.cluster_bits,
-        order=h.refcount_order,
-        reftable=reftable,
-        reftable_offset=h.refcount_table_offset,
-        reftable_clusters=h.refcount_table_clusters,
-        alloc_end=-(-file_size // cs),
-    )
-    if stat.S_ISBLK(os.fstat(fd).st_mode):  # the device's size says nothing about what is used
-        refs.alloc_end = refs.last_used() + 1
-    return refs
-
-
-async def open_backing(
-    name: str, fmt: str | None, image_path: str, chain: tuple[str, ...], check: BackingCheck | None = None
-) -> BackingImage:
-    """Open the backing file of ``image_path`` read-only; ``chain`` holds the real paths above it and
-    ``check`` sees this file and every one below it."""
-    path = locate_backing(name, image_path, chain, check)
-    if fmt is None:
-        fmt = probe_backing_format(path)
-    if fmt == "qcow2":
-        return await Qcow2Device.open(path, read_only=True, check_backing=check, _chain=chain)
-    if fmt == "raw":
-        return RawBacking(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-    raise ImageFormatError(f"{image_path}: backing file format {fmt!r} is not supported (raw or qcow2)")

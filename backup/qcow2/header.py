@@ -7,6 +7,7 @@ is refused with an ``ImageFormatError`` that says what is wrong, never a crash l
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from construct import ConstructError
@@ -75,6 +76,17 @@ def l1_entries_for(size: int, cluster_bits: int, *, extended_l2: bool = False) -
     """How many L1 entries a virtual size needs (extended L2 entries are 16 bytes, not 8)."""
     per_l2 = 1 << (2 * cluster_bits - (4 if extended_l2 else 3))
     return div_up(size, per_l2)
+
+
+def read_header(fd: int, file_size: int, path: str) -> ImageHeader:
+    """Read and parse the header of an open image: its fixed part first, then (for the extensions
+    and the backing file name) the whole first cluster, once its size is known."""
+    first = os.pread(fd, q.V3_HEADER_LENGTH, 0)
+    if len(first) >= 24 and first[:4] == q.MAGIC:
+        bits = q.U32.unpack_from(first, 20)[0]
+        if q.MIN_CLUSTER_BITS <= bits <= q.MAX_CLUSTER_BITS:
+            first = os.pread(fd, 1 << bits, 0)
+    return parse_header(first, file_size, path)
 
 
 def parse_header(first: bytes, file_size: int, path: str) -> ImageHeader:

@@ -18,12 +18,18 @@ from __future__ import annotations
 import errno
 import heapq
 import os
+import stat
 import struct
+from typing import TYPE_CHECKING
 
+from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
 from backup.qcow2.cache import TableCache
 from backup.qcow2.errors import Qcow2CorruptError
 from backup.qcow2.overlap import MetadataMap
+
+if TYPE_CHECKING:
+    from backup.qcow2.header import ImageHeader
 
 
 class Refcounts:
@@ -65,6 +71,31 @@ class Refcounts:
         self.meta = MetadataMap()
         self.meta.add(reftable_offset >> cluster_bits, reftable_clusters)
         self.meta.add_all((e & q.REFT_OFFSET_MASK) >> cluster_bits for e in reftable if e & q.REFT_OFFSET_MASK)
+
+    @classmethod
+    def load(cls, fd: int, h: ImageHeader, file_size: int, path: str) -> Refcounts:
+        """An image's refcounts for writing, every refcount table entry checked to lie in the file."""
+        cs = h.cluster_size
+        n = h.refcount_table_clusters * cs // 8
+        raw = os.pread(fd, n * 8, h.refcount_table_offset).ljust(n * 8, b"\0")
+        reftable = list(struct.unpack(f">{n}Q", raw))
+        for index, entry in enumerate(reftable):
+            off = entry & q.REFT_OFFSET_MASK
+            if off and (off & (cs - 1) or off >= file_size):
+                raise ImageFormatError(f"{path}: refcount table entry {index} ({off:#x}) is invalid or past the end")
+        refs = cls(
+            fd,
+            path,
+            cluster_bits=h.cluster_bits,
+            order=h.refcount_order,
+            reftable=reftable,
+            reftable_offset=h.refcount_table_offset,
+            reftable_clusters=h.refcount_table_clusters,
+            alloc_end=-(-file_size // cs),
+        )
+        if stat.S_ISBLK(os.fstat(fd).st_mode):  # the device's size says nothing about what is used
+            refs.alloc_end = refs.last_used() + 1
+        return refs
 
     def _corrupt(self, message: str) -> Qcow2CorruptError:
         return Qcow2CorruptError(self._path, message)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
-from backup.qcow2.check import read_header, walk_references
+from backup.qcow2.check import checkable_header, walk_references
 from nbd.align import div_up
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _layout(end: int, cluster_size: int, rb_entries: int) -> tuple[int, int]:
 
 
 def _repair(fd: int, path: str) -> RepairReport:
-    h = read_header(fd, path)
+    h = checkable_header(fd, path)
     if h.incompatible & q.INCOMPAT_CORRUPT:
         raise ImageFormatError(f"{path}: image is marked corrupt; repair it with 'qemu-img check -r all'")
     walk = walk_references(fd, h)

@@ -44,6 +44,7 @@ from backup.qcow2.overlap import MetadataMap
 from backup.qcow2.refcount import Refcounts
 from backup.qcow2.repair import repair_image
 from backup.qcow2.writer import DataWriter
+from nbd.align import SECTOR, div_up, round_down, round_up
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch
 
@@ -123,7 +124,7 @@ class Qcow2Device:
         if refcounts is not None:
             self._meta.add(0)  # the header, its extensions and the backing file name
             if header.l1_size:
-                self._meta.add(header.l1_table_offset >> self._cb, -(-header.l1_size * 8 // self._cs))
+                self._meta.add(header.l1_table_offset >> self._cb, div_up(header.l1_size * 8, self._cs))
             self._meta.add_all((e & q.L1E_OFFSET_MASK) >> self._cb for e in l1 if e & q.L1E_OFFSET_MASK)
             self._l2.before_evict = self._before_l2_evict
         self._writer = DataWriter(fd, self._meta, self._cb, self._metadata_overlap)
@@ -243,7 +244,7 @@ class Qcow2Device:
                 await probe.close()
         if size is None or size < 0:
             raise ImageFormatError("a qcow2 image needs a virtual size (or a backing file to take it from)")
-        size = -(-size // 512) * 512
+        size = round_up(size, SECTOR)
         l1_size = l1_entries_for(size, cluster_bits)
         if l1_size * 8 > q.MAX_L1_BYTES:
             raise ImageFormatError(f"virtual size {size} is too large for {cluster_size}-byte clusters")
@@ -261,7 +262,7 @@ class Qcow2Device:
             )
             refs.add(0, 1)  # header; also allocates the first refcount block
             refs.add(1, 1)  # refcount table
-            l1_clusters = -(-l1_size * 8 // cluster_size)
+            l1_clusters = div_up(l1_size * 8, cluster_size)
             l1_offset = refs.alloc(l1_clusters) << cluster_bits if l1_size else 0
             header = ImageHeader(
                 version=3,
@@ -587,7 +588,7 @@ class Qcow2Device:
                     self._cbyte = tail + size if tail + size < room_end else 0
                     return tail
                 if c + 1 == refs.alloc_end:  # spill into fresh clusters right after the tail
-                    extra = -(-(tail + size - room_end) // cs)
+                    extra = div_up(tail + size - room_end, cs)
                     start = refs.alloc(extra, from_end=True)
                     if start == c + 1:
                         refs.add(c, 1)
@@ -596,7 +597,7 @@ class Qcow2Device:
                         return tail
                     for k in range(start, start + extra):  # not contiguous after all: give them back
                         refs.add(k, -1)
-        n = -(-size // cs)
+        n = div_up(size, cs)
         start = refs.alloc(n, from_end=True)
         end = (start << cb) + size
         self._cbyte = end if end & (cs - 1) else 0
@@ -638,12 +639,12 @@ class Qcow2Device:
         the lock, so even a single sequential writer compresses on every core.
         """
         cs = self._cs
-        first = -(-offset // cs) * cs
+        first = round_up(offset, cs)
         positions = list(range(first, offset + len(mv) - cs + 1, cs))
         if not positions:
             return {}
         parts = min(len(positions), _CPUS)
-        step = -(-len(positions) // parts)
+        step = div_up(len(positions), parts)
         chunks = [positions[i : i + step] for i in range(0, len(positions), step)]
         results = await asyncio.gather(
             *(asyncio.to_thread(self._compress_clusters, offset, mv, chunk) for chunk in chunks)
@@ -744,8 +745,8 @@ class Qcow2Device:
         """Partial head/tail pieces and the whole-cluster span; the image's last cluster counts as
         whole when the range reaches the end of the image."""
         cs, end = self._cs, offset + length
-        whole_start = -(-offset // cs) * cs
-        whole_end = end // cs * cs if end < self.header.size else -(-end // cs) * cs
+        whole_start = round_up(offset, cs)
+        whole_end = round_down(end, cs) if end < self.header.size else round_up(end, cs)
         if whole_end <= whole_start:
             return [(offset, length)], 0, 0
         pieces = [(offset, whole_start - offset)] if whole_start > offset else []

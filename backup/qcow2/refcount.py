@@ -27,6 +27,7 @@ from backup.qcow2 import layout as q
 from backup.qcow2.cache import TableCache
 from backup.qcow2.errors import Qcow2CorruptError
 from backup.qcow2.overlap import MetadataMap
+from nbd.align import div_up
 
 if TYPE_CHECKING:
     from backup.qcow2.header import ImageHeader
@@ -91,7 +92,7 @@ class Refcounts:
             reftable=reftable,
             reftable_offset=h.refcount_table_offset,
             reftable_clusters=h.refcount_table_clusters,
-            alloc_end=-(-file_size // cs),
+            alloc_end=div_up(file_size, cs),
         )
         if stat.S_ISBLK(os.fstat(fd).st_mode):  # the device's size says nothing about what is used
             refs.alloc_end = refs.last_used() + 1

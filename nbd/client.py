@@ -491,16 +491,20 @@ class NbdClient:
             for pos in range(0, length, step)
         )
 
-    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
-        length = len(data)
+    def _write_request(self, offset: int, length: int, fua: bool) -> bool:
+        """The checks every write makes first; True when the write is aligned and not empty (an
+        unaligned one goes through ``_rmw``)."""
         self._bounds(offset, length, write=True)
         if fua:
             self._flush_latch.check()
-        if length == 0:
-            return
         minimum = self._minimum
-        if minimum > 1 and (offset % minimum or length % minimum):
-            await self._rmw(offset, data, fua=fua)
+        return length > 0 and not (minimum > 1 and (offset % minimum or length % minimum))
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        length = len(data)
+        if not self._write_request(offset, length, fua):
+            if length:
+                await self._rmw(offset, data, fua=fua)
             return
         flags = c.CmdFlag.FUA if fua and self._capabilities.can_fua else 0
         if length <= self._max_payload:
@@ -521,14 +525,9 @@ class NbdClient:
 
         Not part of ``BlockDevice``; ``nbd-backup copy`` uses it when the source is a raw file. ``fd`` is
         duplicated: the caller may close its own once this returns or is cancelled."""
-        self._bounds(offset, length, write=True)
-        if fua:
-            self._flush_latch.check()
-        if length == 0:
-            return
-        minimum = self._minimum
-        if minimum > 1 and (offset % minimum or length % minimum):
-            await self.pwrite(offset, pread_padded(fd, file_offset, length), fua=fua)
+        if not self._write_request(offset, length, fua):
+            if length:
+                await self.pwrite(offset, pread_padded(fd, file_offset, length), fua=fua)
             return
         flags = c.CmdFlag.FUA if fua and self._capabilities.can_fua else 0
         source = PayloadSource(fd)

@@ -254,7 +254,9 @@ def loop(soak: Soak, name: str, body: Worker, pause: tuple[float, float], seed: 
             body(soak, rnd)
             soak.count(f"ops:{name}")
         except Exception as exc:
-            soak.fail("unexpected", name, f"{type(exc).__name__}: {exc}")
+            cause = exc.__context__
+            also = f" (while handling {type(cause).__name__}: {cause})" if cause is not None else ""
+            soak.fail("unexpected", name, f"{type(exc).__name__}: {exc}{also}")
         if not soak.sleep(rnd.uniform(*pause)):
             return
 
@@ -503,34 +505,38 @@ def qmp(soak: Soak) -> Any:
     return QmpSync(soak.qmp_sock, timeout=60)
 
 
-def wait_end(
-    soak: Soak, q: Any, job: str, *, on_error: Callable[[dict[str, Any]], None] | None = None
-) -> dict[str, Any]:
+def wait_end(soak: Soak, q: Any, job: str, *, tick: Callable[[], None] | None = None) -> dict[str, Any]:
     """The job's BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED event data (``event`` key added), waiting at
-    most JOB_TIMEOUT; a job still there then is force-cancelled and reported as ``STUCK``. Events that
-    arrived while a command was answered are queued in ``q.pending_events`` and looked at first; other
-    jobs' events stay queued (another ``wait_end`` on this connection may want them)."""
-    ends = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
+    most JOB_TIMEOUT (``tick`` is called about once a second meanwhile); a job still there then is
+    force-cancelled and reported as ``STUCK``. Events that arrived while a command was answered are
+    queued in ``q.pending_events`` and looked at first; other jobs' events stay queued (another
+    ``wait_end`` on this connection may want them)."""
+    ends = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
     deadline = time.monotonic() + JOB_TIMEOUT
+    next_tick = time.monotonic() + 1
     while True:
         for index, msg in enumerate(q.pending_events):
             data = msg.get("data", {})
             if msg["event"] in ends and job in (data.get("device"), data.get("id")):
                 del q.pending_events[index]
-                if msg["event"] != "BLOCK_JOB_ERROR":
-                    return {"event": msg["event"], **data}
-                if on_error is not None:
-                    on_error(data)
-                break
-        else:
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            try:
-                q._record_message(q._read(min(deadline, now + 1)))
-            except TimeoutError:
-                pass
-    soak.fail("unexpected", "backup", f"job {job} did not end within {JOB_TIMEOUT} s: force-cancelling")
+                return {"event": msg["event"], **data}
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        if now >= next_tick:
+            if tick is not None:
+                tick()
+            next_tick = time.monotonic() + 1
+            continue
+        try:
+            q._record_message(q._read(min(deadline, next_tick)))
+        except TimeoutError:
+            pass
+    from qsd import job_events_of  # type: ignore[import-not-found]
+
+    state = [j for j in q.ok("query-block-jobs") if j["device"] == job]
+    events = job_events_of(q.transcript.events(), job)
+    soak.fail("unexpected", "backup", f"job {job} did not end within {JOB_TIMEOUT} s: {state}; events: {events}")
     q.execute("block-job-cancel", device=job, force=True)
     return {"event": "STUCK"}
 
@@ -687,14 +693,16 @@ def fault_backup_worker(soak: Soak, rnd: random.Random) -> None:
             q.ok("drive-backup", {"job-id": job, "device": node, "target": str(target), "sync": "full",
                                   "format": "raw", "on-source-error": policy})  # fmt: skip
 
-        def resume(data: dict[str, Any]) -> None:
+        def resume() -> None:
+            """Resume the job when an error paused it (``stop``), a bounded number of times."""
             nonlocal resumes
-            if data.get("action") == "stop" and resumes < 200 and not soak.stop.is_set():
+            mine = [j for j in q.ok("query-block-jobs") if j["device"] == job]
+            if mine and mine[0]["status"] == "paused" and resumes < 200:
                 resumes += 1
-                time.sleep(rnd.uniform(0.1, 1))
-                _tolerant(q, "block-job-resume", device=job)
+                reply = q.execute("block-job-resume", device=job)
+                soak.count("fault:resume-refused" if "error" in reply else "fault:resumed")
 
-        end = wait_end(soak, q, job, on_error=resume)
+        end = wait_end(soak, q, job, tick=resume)
         settle(soak, q, job, f"fault-backup-{policy}")
         soak.count(f"fault:{policy}:{end['event']}{':error' if 'error' in end else ''}")
         if end["event"] == "STUCK":

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,15 +174,33 @@ def summary(samples: list[Sample], window: float) -> str:
                 f"{min(fds):5d} {statistics.median(fds):5.0f} {max(fds):5d} {max(s.sockets for s in part):11d}"
             )
         w += window
-    first, middle, last = samples[0], samples[len(samples) // 2], samples[-1]
-    for label, s in (("start", first), ("middle", middle), ("end", last)):
-        lines.append(f"{label:>6}: {show(s)}")
-    half = [s for s in samples if s.t >= end / 2]
-    for label, part in (("all", samples), ("2nd half", half)):
+    # the first sample is taken before the load starts, the last one after it stopped
+    loaded = samples[1:-1] if len(samples) > 3 else samples
+    marks = [("idle", samples[0]), ("loaded first", loaded[0]), ("loaded middle", loaded[len(loaded) // 2])]
+    marks += [("loaded last", loaded[-1]), ("after load", samples[-1])]
+    for label, s in marks:
+        lines.append(f"{label:>13}: {show(s)}")
+    half = [s for s in loaded if s.t >= end / 2]
+    for label, part in (("loaded", loaded), ("2nd half", half)):
         rss_slope = slope([(s.t, s.rss_kib / 1024) for s in part]) * 3600
         fd_slope = slope([(s.t, s.fds) for s in part]) * 3600
         lines.append(f"slope ({label}): RSS {rss_slope:+.1f} MiB/h, fds {fd_slope:+.1f}/h")
-    lines.append(f"peak RSS (VmHWM) {last.hwm_kib / 1024:.1f} MiB")
+    lines.append(f"peak RSS (VmHWM) {samples[-1].hwm_kib / 1024:.1f} MiB")
+    return "\n".join(lines)
+
+
+def log_summary(log: Path) -> str:
+    """How many warnings and errors the daemon logged, and the exceptions in its tracebacks."""
+    levels: Counter[str] = Counter()
+    exceptions: Counter[str] = Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        level = re.match(r"\S+ \S+ \S+ (WARNING|ERROR|CRITICAL):", line)
+        if level:
+            levels[level.group(1)] += 1
+        elif re.match(r"[A-Za-z_.]+(Error|Exception|Exit)\b", line):
+            exceptions[re.sub(r"\d+", "N", line)[:160]] += 1
+    lines = ["daemon log: " + (", ".join(f"{k} {v}" for k, v in sorted(levels.items())) or "no warnings")]
+    lines += [f"  {n} x {text}" for text, n in exceptions.most_common(10)]
     return "\n".join(lines)
 
 
@@ -251,6 +270,10 @@ def soak_run(args: argparse.Namespace, work: Path) -> int:
     died = False
     exit_status: int | None = 0
     try:
+        idle = sample(proc.pid, start, soak)  # before any load: the baseline
+        if idle is not None:
+            samples.append(idle)
+            print(show(idle) + "  (idle)", flush=True)
         for t in threads:
             t.start()
         while True:
@@ -287,6 +310,7 @@ def soak_run(args: argparse.Namespace, work: Path) -> int:
     with soak.lock:
         counts = dict(sorted(soak.counts.items()))
     print("counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    print(log_summary(log))
     if args.csv:
         write_csv(args.csv, samples)
     if args.log:

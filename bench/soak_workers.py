@@ -322,10 +322,11 @@ def qemu_io_worker(soak: Soak, rnd: random.Random) -> None:
     cmds += ["-c", "flush"]
     export = rnd.choice(["raw", "q"])
     status, out = run_tool(soak, ["qemu-io", "-f", "raw", *cmds, soak.uri(export, rnd)])
+    failed = "\n".join(line for line in out.splitlines() if "fail" in line or "error" in line.lower())
     if "Pattern verification failed" in out and "write failed" not in out:
-        soak.fail("wrong", "qemu-io", out)
-    elif status != 0 or "error" in out.lower():
-        soak.fail("unexpected", "qemu-io", out)
+        soak.fail("wrong", "qemu-io", failed)
+    elif status != 0 or failed:
+        soak.fail("unexpected", "qemu-io", failed or out)
 
 
 def own_client_worker(soak: Soak, rnd: random.Random) -> None:

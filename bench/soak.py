@@ -83,7 +83,7 @@ def random_image(path: Path, size: int, seed: int) -> None:
             f.write(rnd.randbytes(MiB))
 
 
-def start_daemon(work: Path, size: int) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_daemon(work: Path, size: int, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int, Path]:
     """The daemon with its three exports; returns it, its TCP port and its log once it is ready."""
     random_image(work / "raw.img", size, 1)
     random_image(work / "quiet.img", size // 4, 2)
@@ -94,7 +94,9 @@ def start_daemon(work: Path, size: int) -> tuple[subprocess.Popen[bytes], int, P
     argv += ["--export", f"raw={work / 'raw.img'},format=raw", "--export", f"q={work / 'q.qcow2'},format=qcow2"]
     argv += ["--export", f"quiet={work / 'quiet.img'},format=raw,readonly", "--pid-file", str(work / "daemon.pid")]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **env}
+        )
     deadline = time.monotonic() + 60
     while READY not in (text := log.read_text(errors="replace")):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -245,7 +247,7 @@ def stop_daemon(proc: subprocess.Popen[bytes]) -> int | None:
 
 
 def soak_run(args: argparse.Namespace, work: Path) -> int:
-    proc, port, log = start_daemon(work, args.size)
+    proc, port, log = start_daemon(work, args.size, dict(item.split("=", 1) for item in args.daemon_env))
     soak = Soak(
         work=work,
         port=port,
@@ -333,6 +335,13 @@ def main() -> int:
     parser.add_argument("--log", type=Path, help="keep the daemon's log here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", action="append", default=[], help="a worker not to run (repeatable)")
+    parser.add_argument(
+        "--daemon-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the daemon only (repeatable), e.g. MALLOC_ARENA_MAX=2 to tell heap retention from leaks",
+    )
     args = parser.parse_args()
     if args.size < 256 * MiB:
         parser.error("--size must be at least 256M (the workers' regions need it)")

@@ -257,7 +257,7 @@ class BlockCopier:
         bitmap = self.bitmap
         while start > low and bitmap[start - 1]:
             start -= 1
-        if stop < high:
+        if stop < high and bitmap[stop]:  # run_end follows a run of either kind: only a set one
             stop = bitmap.run_end(stop, high)
         return start, stop
 

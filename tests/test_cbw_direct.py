@@ -138,6 +138,21 @@ async def test_the_window_never_takes_copied_or_claimed_clusters(make_rig: MakeR
     assert target_bytes(rig, WINDOW + 2, WINDOW + 4) == rig.snapshot[(WINDOW + 2) * CS : (WINDOW + 4) * CS]
 
 
+async def test_the_window_never_stretches_forward_over_copied_clusters(make_rig: MakeRig) -> None:
+    """Found by bench/soak.py: a write to the first cluster of a window whose next clusters were
+    already copied failed with EIO (the widening took the run of *copied* clusters after it)."""
+    rig = await make_rig()
+    await rig.node.pwrite(1 * CS, bytes([1]) * (3 * CS))  # copies 1-3 (and 0, widened back)
+    rig.copier.bitmap.set(0, 1)  # cluster 0 still to copy, 1-3 copied
+    await rig.node.pwrite(0, bytes([2]) * 4096)
+    assert copied(rig) == {0, 1, 2, 3}
+    assert target_bytes(rig, 0, 1) == rig.snapshot[:CS]
+    rig.copier.bitmap.set(WINDOW + 2, WINDOW + 3)  # a gap: WINDOW+1 copied, WINDOW+2 not
+    rig.copier.bitmap.clear(WINDOW + 1, WINDOW + 2)
+    await rig.node.pwrite(WINDOW * CS, b"z")
+    assert copied(rig) >= {WINDOW, WINDOW + 1} and WINDOW + 2 not in copied(rig)
+
+
 async def test_the_partial_last_cluster_and_the_rounded_tail(make_rig: MakeRig) -> None:
     size = 2 * WINDOW * CS + 1000  # a file whose end is no cluster (nor sector) boundary
     rig = await make_rig(size)

@@ -1116,6 +1116,20 @@ def _sockets() -> set[str]:
     return found
 
 
+def _connection_state(conn: Any) -> str:
+    """Everything that can keep a server connection open, for a failure message (a hang is
+    otherwise hard to tell apart from slowness)."""
+    transport = getattr(conn, "transport", None)
+    unsent = transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
+    return (
+        f"{conn._in_flight} in flight, {len(conn._tasks)} tasks, {len(conn._backlog)} backlogged,"
+        f" charged {conn._charge} (held {conn._held}, payload {conn._precharged}, reserved {conn._reserved}),"
+        f" waiting for budget {conn._waiting}, reading paused {conn._reading_paused},"
+        f" writing paused {conn._writing_paused}, closing {conn._closing}, lost {conn._lost},"
+        f" phase {conn.core.phase.name}, {unsent} bytes unsent, server charged {conn.server.buffered}"
+    )
+
+
 class FuzzRun:
     """A server, its export, the well-behaved client and the fuzz slots of one seed."""
 
@@ -1181,9 +1195,7 @@ class FuzzRun:
                 while conn._tasks:  # a finished request's task leaves the set one callback later
                     await asyncio.sleep(0.001)
         except TimeoutError:
-            raise fuzz.fail(
-                f"the server never finished the connection: {conn._in_flight} in flight, {len(conn._tasks)} tasks"
-            ) from None
+            raise fuzz.fail(f"the server never finished the connection: {_connection_state(conn)}") from None
         if conn in self.server._connections or conn._in_flight or conn._charge or conn._backlog:
             raise fuzz.fail(
                 f"server connection left behind: {conn._in_flight} in flight, {conn._charge} bytes charged,"

@@ -599,6 +599,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Start what waits (backlogged requests, then the payload being received) as far as the
         limits allow; resume reading once nothing waits."""
         if self._lost:
+            self._maybe_close()  # the last request of a client that is gone: the connection ends
             return
         backlog = self._backlog
         if backlog:

@@ -782,3 +782,28 @@ def test_receive_buffer_is_small_until_negotiated(loop: str) -> None:
         await client.close()
 
     run_on(loop, serving(MemoryDevice(1 << 20), body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_lost_while_reading_is_paused_still_finishes(loop: str) -> None:
+    """Found by the fuzzer: a connection whose transport died while it had stopped reading (too many
+    requests in flight) stayed open for good after its last request finished."""
+    device = GatedDevice(1 << 20)
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk", structured=False)
+        client.request(Cmd.READ, 1, 0, 4096)  # waits for the gate: reading pauses at one in flight
+        client.request(Cmd.READ, 2, 4096, 4096)
+        while not server._connections or next(iter(server._connections))._in_flight < 1:
+            await asyncio.sleep(0.005)
+        conn = next(iter(server._connections))
+        assert conn._reading_paused
+        conn.transport.abort()  # the transport dies (as on a reset) while a request is in flight
+        while not conn._lost:
+            await asyncio.sleep(0.005)
+        device.gate.set()  # the last request finishes after the client is gone
+        await asyncio.wait_for(asyncio.shield(conn.closed), 10)
+        assert not server._connections
+
+    run_on(loop, serving(device, body, max_in_flight=1))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sockkit import export_name_handshake
 
 from backup.memory import MemoryDevice
 from nbd import constants as c
@@ -83,16 +84,7 @@ async def test_max_in_flight_bounds_requests(served: tuple[NbdServer, MemoryDevi
 
 
 async def old_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, disk: bytearray) -> None:
-    writer.write(wire.ServerGreeting.build({"handshake_flags": c.HandshakeFlag.FIXED_NEWSTYLE}))
-    await reader.readexactly(4)
-    while True:
-        _, option, length = wire.OPTION_HEADER_FAST.unpack(await reader.readexactly(16))
-        await reader.readexactly(length)
-        if option == c.Opt.EXPORT_NAME:
-            flags = c.TransmissionFlag.HAS_FLAGS | c.TransmissionFlag.SEND_FLUSH
-            writer.write(len(disk).to_bytes(8, "big") + int(flags).to_bytes(2, "big") + bytes(124))
-            break
-        writer.write(wire.OPTION_REPLY_HEADER_FAST.pack(c.OPT_REPLY_MAGIC, option, c.Rep.ERR_UNSUP, 0))
+    await export_name_handshake(reader, writer, len(disk))
     while True:
         _, _, cmd, cookie, offset, length = wire.REQUEST_FAST.unpack(await reader.readexactly(28))
         if cmd == c.Cmd.DISC:

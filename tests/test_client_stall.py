@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from sockkit import export_name_handshake
 
 from backup.memory import MemoryDevice
-from nbd import constants as c
-from nbd import wire
 from nbd.client import NbdClient
 from nbd.errors import DisconnectedError
 from nbd.server import Export, NbdServer
@@ -119,16 +118,7 @@ async def test_a_slow_server_that_keeps_answering_is_not_timed_out(tmp_path: Pat
 
 
 async def frozen_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stop: asyncio.Event) -> None:
-    writer.write(wire.ServerGreeting.build({"handshake_flags": c.HandshakeFlag.FIXED_NEWSTYLE}))
-    await reader.readexactly(4)
-    while True:
-        _, option, length = wire.OPTION_HEADER_FAST.unpack(await reader.readexactly(16))
-        await reader.readexactly(length)
-        if option == c.Opt.EXPORT_NAME:
-            flags = c.TransmissionFlag.HAS_FLAGS | c.TransmissionFlag.SEND_FLUSH
-            writer.write(FROZEN_SIZE.to_bytes(8, "big") + int(flags).to_bytes(2, "big") + bytes(124))
-            break
-        writer.write(wire.OPTION_REPLY_HEADER_FAST.pack(c.OPT_REPLY_MAGIC, option, c.Rep.ERR_UNSUP, 0))
+    await export_name_handshake(reader, writer, FROZEN_SIZE)
     writer.transport.pause_reading()  # never reads again: the socket fills up
     await stop.wait()
     writer.transport.abort()

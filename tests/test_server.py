@@ -7,11 +7,13 @@ import asyncio
 import errno
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sockkit
 
 from backup.filter import BlockFilter
 from backup.memory import MemoryDevice
@@ -22,15 +24,7 @@ from nbd.constants import Cmd, CmdFlag, Errno, Opt, Rep, ReplyType
 from nbd.server import Export, NbdServer
 
 LOOPS = ["asyncio", "uvloop"]
-
-
-def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
-    factory = None
-    if loop_name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(coro, 30))
+run_on = partial(sockkit.run_on, timeout=30)  # every scenario here is bounded
 
 
 class RawClient:
@@ -108,11 +102,7 @@ class RawClient:
                 return b"".join(parts[k] for k in sorted(parts)), types
 
     async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
+        await sockkit.close_stream(self.writer)
 
 
 async def serving(device: Any, body: Callable[[NbdServer, int], Awaitable[None]], **server_args: Any) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import itertools
 import os
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +24,16 @@ EIO = OSError(errno.EIO, "Input/output error")
 def make_bus() -> EventBus:
     counter = itertools.count()
     return EventBus(clock=lambda: float(next(counter)))
+
+
+async def run_job(**job_args: Any) -> tuple[FakeJob, Recorder]:
+    """Job "j" on a fresh bus, started and run to its end, with the record of its events."""
+    bus = make_bus()
+    rec = Recorder(bus)
+    job = FakeJob("j", events=bus, **job_args)
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    return job, rec
 
 
 def completed(job_id: str = "j", *, len_: int = 300, offset: int = 300, speed: int = 0, **extra: object) -> tuple:
@@ -200,11 +211,7 @@ async def test_cancel_in_pending_aborts() -> None:
 
 
 async def test_failure_completes_with_error() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, fail_run=OSError(errno.ENOSPC, "x"), auto_dismiss=False)
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, rec = await run_job(fail_run=OSError(errno.ENOSPC, "x"), auto_dismiss=False)
     assert rec.seq()[-3:] == [
         ("status", "j", "aborting"),
         completed(offset=0, error="No space left on device"),
@@ -215,19 +222,12 @@ async def test_failure_completes_with_error() -> None:
 
 
 async def test_non_oserror_failure_text() -> None:
-    bus = make_bus()
-    job = FakeJob("j", events=bus, fail_run=InvalidArgument("target too small"))
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, _ = await run_job(fail_run=InvalidArgument("target too small"))
     assert job.error == "target too small"
 
 
 async def test_prepare_failure_aborts() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, fail_prepare=True)
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, rec = await run_job(fail_prepare=True)
     assert rec.statuses("j") == ["created", "running", "waiting", "pending", "aborting", "concluded", "null"]
     assert rec.seq()[-3] == completed(error="Input/output error")
     assert job.hooks == ["run", "prepare", "abort", "clean"]
@@ -236,12 +236,8 @@ async def test_prepare_failure_aborts() -> None:
 @pytest.mark.parametrize("step", ["commit", "clean"])
 async def test_a_failed_commit_or_clean_up_is_reported_as_the_jobs_error(step: str) -> None:
     """The target's last close fails in clean-up: the job must not complete "without error"."""
-    bus = make_bus()
-    rec = Recorder(bus)
     failure = OSError(errno.EIO, "close failed")
-    job = FakeJob("j", events=bus, auto_dismiss=False, **{f"fail_{step}": failure})  # type: ignore[arg-type]
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, rec = await run_job(auto_dismiss=False, **{f"fail_{step}": failure})
     assert rec.statuses("j")[-3:] == ["pending", "aborting", "concluded"]
     assert completed(error="Input/output error") in rec.seq()
     assert job.error == "Input/output error" and job.query_job()["error"] == "Input/output error"
@@ -251,19 +247,12 @@ async def test_a_failed_commit_or_clean_up_is_reported_as_the_jobs_error(step: s
 
 
 async def test_a_failed_clean_up_of_a_failed_job_keeps_the_first_error() -> None:
-    bus = make_bus()
-    job = FakeJob("j", events=bus, fail_run=OSError(errno.ENOSPC, "x"), fail_clean=OSError(errno.EIO, "y"))
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, _ = await run_job(fail_run=OSError(errno.ENOSPC, "x"), fail_clean=OSError(errno.EIO, "y"))
     assert job.error == "No space left on device"
 
 
 async def test_error_report() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, errors=[EIO], policy=OnError.REPORT, is_read=True)
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    _, rec = await run_job(errors=[EIO], policy=OnError.REPORT, is_read=True)
     assert rec.seq()[2:] == [
         ("BLOCK_JOB_ERROR", {"device": "j", "operation": "read", "action": "report"}),
         ("status", "j", "aborting"),
@@ -274,11 +263,7 @@ async def test_error_report() -> None:
 
 
 async def test_error_ignore_retries() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, errors=[EIO, EIO], policy=OnError.IGNORE)
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, rec = await run_job(errors=[EIO, EIO], policy=OnError.IGNORE)
     errors = [e for e in rec.seq() if e[0] == "BLOCK_JOB_ERROR"]
     assert errors == [("BLOCK_JOB_ERROR", {"device": "j", "operation": "write", "action": "ignore"})] * 2
     assert rec.seq()[-3] == completed()

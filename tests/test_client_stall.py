@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,20 @@ class SlowDevice(MemoryDevice):
             return await super().pread(offset, length)
 
 
-async def serve(tmp_path: Path, device: MemoryDevice) -> tuple[NbdServer, str]:
+@asynccontextmanager
+async def served(tmp_path: Path, device: MemoryDevice, release: asyncio.Event | None = None) -> AsyncIterator[str]:
+    """The URI of ``device`` served on a unix socket; on the way out ``release`` is set (so a stalled
+    read ends) and the server stopped."""
     server = NbdServer()
     server.add_export(Export("d", device))
     path = tmp_path / "s.sock"
     await server.listen_unix(path)
-    return server, f"nbd+unix:///d?socket={path}"
+    try:
+        yield f"nbd+unix:///d?socket={path}"
+    finally:
+        if release is not None:
+            release.set()
+        await server.stop()
 
 
 async def until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
@@ -70,8 +79,7 @@ def all_closed(client: NbdClient) -> bool:
 
 async def test_a_request_whose_caller_gave_up_still_times_out_the_connection(tmp_path: Path) -> None:
     device = StallingDevice(SIZE)
-    server, uri = await serve(tmp_path, device)
-    try:
+    async with served(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=0.3)
         read = asyncio.ensure_future(client.pread(0, 4096))
         await asyncio.wait_for(device.stuck.wait(), BOUND)
@@ -81,37 +89,27 @@ async def test_a_request_whose_caller_gave_up_still_times_out_the_connection(tmp
             await asyncio.wait_for(client.pwrite(0, b"x"), BOUND)
         assert "no reply" in str(info.value)
         await asyncio.wait_for(client.close(), BOUND)
-    finally:
-        device.release.set()
-        await server.stop()
 
 
 async def test_every_request_of_a_timed_out_connection_fails_with_etimedout(tmp_path: Path) -> None:
     device = StallingDevice(SIZE)
-    server, uri = await serve(tmp_path, device)
-    try:
+    async with served(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=2, request_timeout=0.3)
         reads = [asyncio.ensure_future(client.pread(o, 4096)) for o in range(0, 16 * 4096, 4096)]
         results = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), BOUND)
         assert all(isinstance(r, OSError) and r.errno == errno.ETIMEDOUT for r in results), results
         await until(lambda: all_closed(client))
         await asyncio.wait_for(client.close(), BOUND)
-    finally:
-        device.release.set()
-        await server.stop()
 
 
 async def test_a_slow_server_that_keeps_answering_is_not_timed_out(tmp_path: Path) -> None:
     """60 reads answered one by one every 40 ms: the last waits ~2.4 s, well past the timeout, but the
     connection is never silent for long, so nothing fails."""
-    server, uri = await serve(tmp_path, SlowDevice(SIZE, 0.04))
-    try:
+    async with served(tmp_path, SlowDevice(SIZE, 0.04)) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=1.5)
         reads = [client.pread(o, 4096) for o in range(0, 60 * 4096, 4096)]
         assert await asyncio.wait_for(asyncio.gather(*reads), BOUND) == [bytes(4096)] * 60
         await asyncio.wait_for(client.close(), BOUND)
-    finally:
-        await server.stop()
 
 
 # --- a server that stops reading after the handshake (as a SIGSTOPped process) ---------------------------
@@ -177,8 +175,7 @@ async def test_close_does_not_wait_for_requests_on_a_silent_connection(
 
     monkeypatch.setattr(nbd.client, "CLOSE_GRACE", 0.2)
     device = StallingDevice(SIZE)
-    server, uri = await serve(tmp_path, device)
-    try:
+    async with served(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, connect_timeout=60)
         read = asyncio.ensure_future(client.pread(0, 4096))
         await asyncio.wait_for(device.stuck.wait(), BOUND)
@@ -186,9 +183,6 @@ async def test_close_does_not_wait_for_requests_on_a_silent_connection(
         assert all_closed(client)
         with pytest.raises(DisconnectedError):
             await asyncio.wait_for(read, BOUND)
-    finally:
-        device.release.set()
-        await server.stop()
 
 
 class StallsOnce(MemoryDevice):
@@ -210,13 +204,9 @@ async def test_a_timed_out_connection_is_reconnected_and_its_requests_replayed(t
     """With ``reconnect_delay`` (QEMU's ``reconnect-delay``) a connection dropped by the request timeout
     is replaced like any lost one, and the unanswered request is sent again."""
     device = StallsOnce(SIZE)
-    server, uri = await serve(tmp_path, device)
-    try:
+    async with served(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=0.3, reconnect_delay=20)
         first = client._conns[0]
         assert await asyncio.wait_for(client.pread(0, 16), BOUND) == b"\x42" * 16
         assert first.closed.done() and client._conns[0] is not first and device.reads == 2
         await asyncio.wait_for(client.close(), BOUND)
-    finally:
-        device.release.set()
-        await server.stop()

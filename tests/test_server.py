@@ -21,7 +21,7 @@ from backup.node import BlockNode
 from nbd import constants as c
 from nbd import wire
 from nbd.constants import Cmd, CmdFlag, Errno, Opt, Rep, ReplyType
-from nbd.server import Export, NbdServer
+from nbd.server import Export, NbdServer, ServerLimits
 
 LOOPS = ["asyncio", "uvloop"]
 run_on = partial(sockkit.run_on, timeout=30)  # every scenario here is bounded
@@ -238,7 +238,7 @@ def test_handshake_timeout(loop: str) -> None:
         assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.close()
 
-    run_on(loop, serving(MemoryDevice(4096), body, handshake_timeout=0.2))
+    run_on(loop, serving(MemoryDevice(4096), body, limits=ServerLimits(handshake_timeout=0.2)))
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -261,7 +261,7 @@ def test_connection_limit(loop: str) -> None:
         assert (await first.read_data(1))[0] == bytes(512)
         await first.close()
 
-    run_on(loop, serving(MemoryDevice(1 << 20), body, max_connections=1))
+    run_on(loop, serving(MemoryDevice(1 << 20), body, limits=ServerLimits(max_connections=1)))
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -409,7 +409,7 @@ def test_connection_flood_is_cut_off(loop: str) -> None:
         for client in (first, second, third):
             await client.close()
 
-    run_on(loop, serving(MemoryDevice(1 << 20), body, max_connections=1))
+    run_on(loop, serving(MemoryDevice(1 << 20), body, limits=ServerLimits(max_connections=1)))
 
 
 class RecordingFilter(BlockFilter):
@@ -702,7 +702,7 @@ def test_idle_and_stalled_connections_are_closed(loop: str) -> None:
         for client in (idle, not_reading, half_written, busy):
             await client.close()
 
-    run_on(loop, serving(device, body, idle_timeout=0.3, stall_timeout=0.3))
+    run_on(loop, serving(device, body, limits=ServerLimits(idle_timeout=0.3), stall_timeout=0.3))
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -711,7 +711,7 @@ def test_per_client_limit_and_silent_sockets(loop: str, tmp_path: Path) -> None:
     nothing) make room for a real client when the server is full."""
 
     async def main() -> None:
-        server = NbdServer(max_connections=4, max_connections_per_client=2)
+        server = NbdServer(limits=ServerLimits(max_connections=4, max_connections_per_client=2))
         server.add_export(Export("disk", MemoryDevice(1 << 20)))
         _, port = await server.listen_tcp("127.0.0.1", 0)
         path = tmp_path / "nbd.sock"

@@ -1,16 +1,21 @@
-"""Pieces shared by the tests that talk raw NBD or QMP over a socket: running a coroutine on a named
-event loop, the export-name handshake of a minimal fake server, closing a raw stream."""
+"""Pieces shared by the tests that talk NBD or QMP over a socket: running a coroutine on a named event
+loop, a device served on a unix socket, the export-name handshake of a minimal fake server, closing a
+raw stream."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nbd import constants as c
 from nbd import wire
+from nbd.device import BlockDevice
+from nbd.server import Export, NbdServer
 
 
 def run_on(loop_name: str, coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
@@ -21,6 +26,22 @@ def run_on(loop_name: str, coro: Coroutine[Any, Any, Any], timeout: float | None
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro if timeout is None else asyncio.wait_for(coro, timeout))
+
+
+@asynccontextmanager
+async def serve_unix(tmp_path: Path, device: BlockDevice, release: asyncio.Event | None = None) -> AsyncIterator[str]:
+    """The URI of ``device`` (export "d") served on a unix socket; on the way out ``release`` is set
+    (so a stalled request ends) and the server stopped."""
+    server = NbdServer()
+    server.add_export(Export("d", device))
+    path = tmp_path / "s.sock"
+    await server.listen_unix(path)
+    try:
+        yield f"nbd+unix:///d?socket={path}"
+    finally:
+        if release is not None:
+            release.set()
+        await server.stop()
 
 
 async def export_name_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size: int) -> None:

@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from sockkit import export_name_handshake
+from sockkit import export_name_handshake, serve_unix
 
 from backup.memory import MemoryDevice
 from nbd.client import NbdClient
 from nbd.errors import DisconnectedError
-from nbd.server import Export, NbdServer
 
 SIZE = 4 << 20
 FROZEN_SIZE = 64 << 20  # more than the socket buffers on both sides hold
@@ -51,22 +49,6 @@ class SlowDevice(MemoryDevice):
             return await super().pread(offset, length)
 
 
-@asynccontextmanager
-async def served(tmp_path: Path, device: MemoryDevice, release: asyncio.Event | None = None) -> AsyncIterator[str]:
-    """The URI of ``device`` served on a unix socket; on the way out ``release`` is set (so a stalled
-    read ends) and the server stopped."""
-    server = NbdServer()
-    server.add_export(Export("d", device))
-    path = tmp_path / "s.sock"
-    await server.listen_unix(path)
-    try:
-        yield f"nbd+unix:///d?socket={path}"
-    finally:
-        if release is not None:
-            release.set()
-        await server.stop()
-
-
 async def until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
@@ -79,7 +61,7 @@ def all_closed(client: NbdClient) -> bool:
 
 async def test_a_request_whose_caller_gave_up_still_times_out_the_connection(tmp_path: Path) -> None:
     device = StallingDevice(SIZE)
-    async with served(tmp_path, device, release=device.release) as uri:
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=0.3)
         read = asyncio.ensure_future(client.pread(0, 4096))
         await asyncio.wait_for(device.stuck.wait(), BOUND)
@@ -93,7 +75,7 @@ async def test_a_request_whose_caller_gave_up_still_times_out_the_connection(tmp
 
 async def test_every_request_of_a_timed_out_connection_fails_with_etimedout(tmp_path: Path) -> None:
     device = StallingDevice(SIZE)
-    async with served(tmp_path, device, release=device.release) as uri:
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=2, request_timeout=0.3)
         reads = [asyncio.ensure_future(client.pread(o, 4096)) for o in range(0, 16 * 4096, 4096)]
         results = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), BOUND)
@@ -105,7 +87,7 @@ async def test_every_request_of_a_timed_out_connection_fails_with_etimedout(tmp_
 async def test_a_slow_server_that_keeps_answering_is_not_timed_out(tmp_path: Path) -> None:
     """60 reads answered one by one every 40 ms: the last waits ~2.4 s, well past the timeout, but the
     connection is never silent for long, so nothing fails."""
-    async with served(tmp_path, SlowDevice(SIZE, 0.04)) as uri:
+    async with serve_unix(tmp_path, SlowDevice(SIZE, 0.04)) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=1.5)
         reads = [client.pread(o, 4096) for o in range(0, 60 * 4096, 4096)]
         assert await asyncio.wait_for(asyncio.gather(*reads), BOUND) == [bytes(4096)] * 60
@@ -175,7 +157,7 @@ async def test_close_does_not_wait_for_requests_on_a_silent_connection(
 
     monkeypatch.setattr(nbd.client, "CLOSE_GRACE", 0.2)
     device = StallingDevice(SIZE)
-    async with served(tmp_path, device, release=device.release) as uri:
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, connect_timeout=60)
         read = asyncio.ensure_future(client.pread(0, 4096))
         await asyncio.wait_for(device.stuck.wait(), BOUND)
@@ -204,7 +186,7 @@ async def test_a_timed_out_connection_is_reconnected_and_its_requests_replayed(t
     """With ``reconnect_delay`` (QEMU's ``reconnect-delay``) a connection dropped by the request timeout
     is replaced like any lost one, and the unanswered request is sent again."""
     device = StallsOnce(SIZE)
-    async with served(tmp_path, device, release=device.release) as uri:
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=0.3, reconnect_delay=20)
         first = client._conns[0]
         assert await asyncio.wait_for(client.pread(0, 16), BOUND) == b"\x42" * 16

@@ -26,11 +26,16 @@ def make_bus() -> EventBus:
     return EventBus(clock=lambda: float(next(counter)))
 
 
+def new_job(**job_args: Any) -> tuple[FakeJob, Recorder]:
+    """Job "j" on a fresh bus, with the record of its events."""
+    bus = make_bus()
+    rec = Recorder(bus)  # before the job: it records "created"
+    return FakeJob("j", events=bus, **job_args), rec
+
+
 async def run_job(**job_args: Any) -> tuple[FakeJob, Recorder]:
     """Job "j" on a fresh bus, started and run to its end, with the record of its events."""
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, **job_args)
+    job, rec = new_job(**job_args)
     job.start()
     await asyncio.wait_for(job.wait(), 10)
     return job, rec
@@ -46,9 +51,7 @@ def cancelled(job_id: str = "j", *, len_: int = 300, offset: int = 0, speed: int
 
 
 async def test_success_sequence_and_hooks() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus)
+    job, rec = new_job()
     assert job.status is JobStatus.CREATED and job.paused and not job.busy
     job.start()
     assert job.busy and not job.paused
@@ -68,9 +71,7 @@ async def test_success_sequence_and_hooks() -> None:
 
 
 async def test_manual_finalize_and_dismiss() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, auto_finalize=False, auto_dismiss=False)
+    job, rec = new_job(auto_finalize=False, auto_dismiss=False)
     job.start()
     await until(lambda: job.status is JobStatus.PENDING)
     assert rec.seq()[-2:] == [("status", "j", "pending"), ("BLOCK_JOB_PENDING", {"type": "backup", "id": "j"})]
@@ -158,9 +159,7 @@ async def test_pause_resume_and_their_errors() -> None:
 
 
 async def test_pause_before_start_pauses_at_first_pause_point() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus)
+    job, rec = new_job()
     job.pause()
     job.start()
     await until(lambda: job.status is JobStatus.PAUSED)
@@ -171,9 +170,7 @@ async def test_pause_before_start_pauses_at_first_pause_point() -> None:
 
 
 async def test_cancel_before_start_emits_no_block_event() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, auto_dismiss=False)
+    job, rec = new_job(auto_dismiss=False)
     job.cancel(force=True)
     assert job.status is JobStatus.ABORTING
     await asyncio.wait_for(job.wait(), 10)
@@ -187,9 +184,7 @@ async def test_cancel_before_start_emits_no_block_event() -> None:
 
 
 async def test_cancel_between_start_and_first_step() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus)
+    job, rec = new_job()
     job.start()
     job.cancel()
     await asyncio.wait_for(job.wait(), 10)
@@ -198,9 +193,7 @@ async def test_cancel_between_start_and_first_step() -> None:
 
 
 async def test_cancel_in_pending_aborts() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, auto_finalize=False)
+    job, rec = new_job(auto_finalize=False)
     job.start()
     await until(lambda: job.status is JobStatus.PENDING)
     job.cancel()
@@ -279,9 +272,7 @@ async def test_error_ignore_retries() -> None:
     ],
 )
 async def test_error_stop_then_resume_retries(policy: OnError, err: int, io_status: str) -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, errors=[OSError(err, "x")], policy=policy)
+    job, rec = new_job(errors=[OSError(err, "x")], policy=policy)
     job.start()
     await until(lambda: job.status is JobStatus.PAUSED)
     assert rec.seq()[2:] == [
@@ -331,9 +322,7 @@ async def test_a_stop_for_a_request_issued_before_the_last_resume_is_only_a_retr
 
 
 async def test_cancel_while_stopped() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, errors=[EIO], policy=OnError.STOP)
+    job, rec = new_job(errors=[EIO], policy=OnError.STOP)
     job.start()
     await until(lambda: job.status is JobStatus.PAUSED)
     job.cancel()
@@ -370,9 +359,7 @@ async def test_throttle_sleeps_and_wakes_on_speed_change() -> None:
 
 
 async def test_throttle_sleep_is_interrupted_by_pause_and_cancel() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, units=3, unit_size=10_000, speed=1)
+    job, rec = new_job(units=3, unit_size=10_000, speed=1)
     job.start()
     await until(lambda: not job.busy)
     job.pause()
@@ -602,9 +589,7 @@ async def test_concurrent_workers_share_pause_points() -> None:
 
 
 async def test_external_task_cancel_still_ends_the_job() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, gate=asyncio.Queue())
+    job, rec = new_job(gate=asyncio.Queue())
     job.start()
     await until(lambda: job.hooks == ["run"])
     assert job._task is not None

@@ -73,3 +73,17 @@ def make_image(path: Path, size: int, pattern: int = 0x5A) -> Path:
             f.write(bytes([pattern ^ (index & 0xFF)]) * (block - 8) + index.to_bytes(8, "little"))
     os.truncate(path, size)
     return path
+
+
+def qmp_shell(daemon: OurDaemon, script: str, cwd: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """Feed ``script`` (one command a line) to QEMU's ``qmp-shell`` (installed with qemu.qmp) connected to
+    ``daemon``; run from ``cwd``, outside the repository, because libnbd's Python module is also "nbd"."""
+    shell = os.path.join(os.path.dirname(sys.executable), "qmp-shell")
+    return subprocess.run(
+        [shell, *options, str(daemon.qmp_path)],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )

@@ -9,15 +9,13 @@ the disk; the target must equal the disk as it was when the backup started.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from conftest import require
-from qmp_daemon import make_image, our_daemon
+from qmp_daemon import make_image, our_daemon, qmp_shell
 
 SIZE = 8 << 20
 
@@ -139,16 +137,9 @@ def test_legacy_monitor_protocol_backup(tmp_path: Path) -> None:
 
 
 def test_qmp_shell_runs_commands(tmp_path: Path) -> None:
-    shell = os.path.join(os.path.dirname(sys.executable), "qmp-shell")  # installed with qemu.qmp
+    script = "query-version\nblockdev-add driver=null-co node-name=n0 size=1048576\nquery-named-block-nodes\n"
     with our_daemon(tmp_path) as daemon:
-        proc = subprocess.run(
-            [shell, str(daemon.qmp_path)],
-            input="query-version\nblockdev-add driver=null-co node-name=n0 size=1048576\nquery-named-block-nodes\n",
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,  # outside the repository: libnbd's Python module is also called "nbd"
-        )
+        proc = qmp_shell(daemon, script, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert '"package": "nbd-backup' in proc.stdout
     assert '"node-name": "n0"' in proc.stdout

@@ -12,14 +12,13 @@ import os
 import random
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import nbd_backup_argv, require
-from qmp_daemon import OurDaemon, our_daemon
+from qmp_daemon import OurDaemon, our_daemon, qmp_shell
 from qsd import Qsd
 
 TIMEOUT = 30.0
@@ -509,15 +508,8 @@ def test_qemu_legacy_client_and_a_second_client_both_get_events(ours: OurDaemon,
 
 
 def test_qmp_shell_connects_and_runs_a_command(ours: OurDaemon, tmp_path: Path) -> None:
-    shell = os.path.join(os.path.dirname(sys.executable), "qmp-shell")  # installed with qemu.qmp
-    proc = subprocess.run(
-        [shell, "-p", str(ours.qmp_path)],
-        input="query-version\nblock-job-set-speed device=nope speed=5\nquery-block-jobs\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,  # outside the repository: libnbd's Python module is also called "nbd"
-    )
+    script = "query-version\nblock-job-set-speed device=nope speed=5\nquery-block-jobs\n"
+    proc = qmp_shell(ours, script, tmp_path, "-p")
     assert proc.returncode == 0, proc.stderr
     assert '"package": "nbd-backup' in proc.stdout
     assert '"class": "DeviceNotActive"' in proc.stdout

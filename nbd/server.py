@@ -25,6 +25,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -137,34 +138,46 @@ class Export:
         return f"Export({self.name!r}, writable={self.writable})"
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """The limits an operator sets on NBD clients (``serve`` flags and config keys of the same names),
+    handed as one value from the command line through the daemon to the server.
+
+    ``idle_timeout``: close a negotiated connection after that many seconds without a request (0:
+    never). ``max_connections_per_client``: TCP connections from one address (None: half of
+    ``max_connections``)."""
+
+    max_connections: int = 100
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 0.0
+    max_connections_per_client: int | None = None
+
+
+DEFAULT_LIMITS = ServerLimits()
+
+
 class NbdServer:
     """Listens on any number of TCP and unix sockets and serves the registered exports."""
 
     def __init__(
         self,
         *,
-        max_connections: int = 100,
-        handshake_timeout: float = 10.0,
-        idle_timeout: float = 0.0,
-        max_connections_per_client: int | None = None,
+        limits: ServerLimits = DEFAULT_LIMITS,
         buffer_budget: int = BUFFER_BUDGET,
         stall_timeout: float = STALL_TIMEOUT,
         max_in_flight: int = MAX_IN_FLIGHT,
         max_options: int = 64,
     ) -> None:
-        """``idle_timeout``: close a negotiated connection after that many seconds without a request
-        (0: never). ``max_connections_per_client``: TCP connections from one address (default half
-        of ``max_connections``). ``buffer_budget``: bytes of request data, write payloads and unsent
-        replies of all connections together; a connection that would go over waits (stops reading),
-        and the connections of one client (address; all unix socket clients are one) get at most
-        half of it, so no client can starve the others. ``stall_timeout``: close a connection whose
-        unsent replies or partial write payload have not moved for that long (0: never)."""
-        self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        if max_connections_per_client is None:
-            max_connections_per_client = max(1, max_connections // 2)
-        self.max_connections_per_client = max_connections_per_client
+        """``buffer_budget``: bytes of request data, write payloads and unsent replies of all
+        connections together; a connection that would go over waits (stops reading), and the
+        connections of one client (address; all unix socket clients are one) get at most half of it,
+        so no client can starve the others. ``stall_timeout``: close a connection whose unsent
+        replies or partial write payload have not moved for that long (0: never)."""
+        self.max_connections = limits.max_connections
+        self.handshake_timeout = limits.handshake_timeout
+        self.idle_timeout = limits.idle_timeout
+        per_client = limits.max_connections_per_client
+        self.max_connections_per_client = max(1, self.max_connections // 2) if per_client is None else per_client
         self.buffer_budget = buffer_budget
         self.stall_timeout = stall_timeout
         self.max_in_flight = max_in_flight
@@ -1018,4 +1031,4 @@ class _Connection(asyncio.BufferedProtocol):
         return self.core.reply_block_status(request.cookie, descriptors)
 
 
-__all__ = ["Export", "NbdServer"]
+__all__ = ["DEFAULT_LIMITS", "Export", "NbdServer", "ServerLimits"]

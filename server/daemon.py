@@ -22,7 +22,7 @@ from pathlib import Path
 from backup.images import open_image
 from backup.node import BlockNode
 from nbd.device import format_name
-from nbd.server import Export, NbdServer
+from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
 from server.addresses import parse_monitor_address, show_tcp
 from server.errors import ShutdownError
 from server.paths import PathPolicy
@@ -68,20 +68,11 @@ class Daemon:
     def __init__(
         self,
         *,
-        max_connections: int = 100,
-        handshake_timeout: float = 10.0,
-        idle_timeout: float = 0.0,
-        max_connections_per_client: int | None = None,
+        limits: ServerLimits = DEFAULT_LIMITS,
         paths: PathPolicy | None = None,
         pid_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.registry = Registry(
-            paths=paths,
-            max_connections=max_connections,
-            handshake_timeout=handshake_timeout,
-            idle_timeout=idle_timeout,
-            max_connections_per_client=max_connections_per_client,
-        )
+        self.registry = Registry(paths=paths, limits=limits)
         self.registry.stop_requested = self.request_stop
         self.nodes: dict[str, BlockNode] = self.registry.nodes
         self.qmp = QmpServer(build_commands(), self.registry)

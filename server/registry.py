@@ -14,14 +14,14 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from backup.events import EventBus
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
 from nbd.constants import MAX_STRING
-from nbd.server import Export, NbdServer
+from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
 from nbd.uri import NbdUri
 from server.addresses import show_tcp
 from server.errors import QmpError
@@ -68,17 +68,11 @@ class Registry:
         *,
         paths: PathPolicy | None = None,
         events: EventBus | None = None,
-        max_connections: int = 100,
-        handshake_timeout: float = 10.0,
-        idle_timeout: float = 0.0,
-        max_connections_per_client: int | None = None,
+        limits: ServerLimits = DEFAULT_LIMITS,
     ) -> None:
         self.paths = paths or PathPolicy()
         self.events = events or EventBus()
-        self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
-        self.max_connections_per_client = max_connections_per_client
+        self.limits = limits
         self.nodes: dict[str, BlockNode] = {}
         self.exports: dict[str, BlockExport] = {}
         self.jobs: dict[str, Job] = {}
@@ -188,12 +182,8 @@ class Registry:
         """Start the NBD server listening on every address (``nbd-server-start`` / ``--nbd``)."""
         if self.nbd is not None:
             raise generic("NBD server already running")
-        server = NbdServer(
-            max_connections=max_connections or self.max_connections,
-            handshake_timeout=self.handshake_timeout,
-            idle_timeout=self.idle_timeout,
-            max_connections_per_client=self.max_connections_per_client,
-        )
+        limits = replace(self.limits, max_connections=max_connections) if max_connections else self.limits
+        server = NbdServer(limits=limits)
         added: list[str] = []
         try:
             for host, port in tcp:

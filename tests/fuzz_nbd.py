@@ -54,7 +54,7 @@ from nbd import wire
 from nbd.client import NbdClient
 from nbd.constants import Cmd, CmdFlag, Opt, Rep, ReplyType, TransmissionFlag
 from nbd.device import BlockDevice, BlockLimits, Extent
-from nbd.server import Export, NbdServer
+from nbd.server import Export, NbdServer, ServerLimits
 
 MAX = c.MAX_PAYLOAD
 GOOD_REGION = 1 << 20  # the well-behaved client's part of the export, at its start
@@ -1138,7 +1138,9 @@ class FuzzRun:
         self.seed = seed
         self.rng = random.Random(seed)
         self.stats = Stats()
-        self.server = NbdServer(handshake_timeout=cfg.handshake_timeout, max_in_flight=cfg.max_in_flight)
+        self.server = NbdServer(
+            limits=ServerLimits(handshake_timeout=cfg.handshake_timeout), max_in_flight=cfg.max_in_flight
+        )
         self.regions = [Region(GOOD_REGION + i * cfg.region, cfg.region) for i in range(cfg.slots)]
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
         self._claim = asyncio.Lock()

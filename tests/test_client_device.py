@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sockkit import export_name_handshake, serve_unix
 
 from backup.memory import MemoryDevice
 from nbd import constants as c
@@ -83,16 +84,7 @@ async def test_max_in_flight_bounds_requests(served: tuple[NbdServer, MemoryDevi
 
 
 async def old_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, disk: bytearray) -> None:
-    writer.write(wire.ServerGreeting.build({"handshake_flags": c.HandshakeFlag.FIXED_NEWSTYLE}))
-    await reader.readexactly(4)
-    while True:
-        _, option, length = wire.OPTION_HEADER_FAST.unpack(await reader.readexactly(16))
-        await reader.readexactly(length)
-        if option == c.Opt.EXPORT_NAME:
-            flags = c.TransmissionFlag.HAS_FLAGS | c.TransmissionFlag.SEND_FLUSH
-            writer.write(len(disk).to_bytes(8, "big") + int(flags).to_bytes(2, "big") + bytes(124))
-            break
-        writer.write(wire.OPTION_REPLY_HEADER_FAST.pack(c.OPT_REPLY_MAGIC, option, c.Rep.ERR_UNSUP, 0))
+    await export_name_handshake(reader, writer, len(disk))
     while True:
         _, _, cmd, cookie, offset, length = wire.REQUEST_FAST.unpack(await reader.readexactly(28))
         if cmd == c.Cmd.DISC:
@@ -159,12 +151,8 @@ async def test_replay_never_overwrites_a_newer_acknowledged_write(
     tmp_path: Path, old: tuple[int, bytes], new: tuple[int, bytes], expected: bytes
 ) -> None:
     device = StuckFirstWrite(SIZE)
-    server = NbdServer()
-    server.add_export(Export("d", device))
-    path = tmp_path / "r.sock"
-    await server.listen_unix(path)
-    try:
-        client = await NbdClient.connect(f"nbd+unix:///d?socket={path}", connections=1, reconnect_delay=20)
+    async with serve_unix(tmp_path, device) as uri:
+        client = await NbdClient.connect(uri, connections=1, reconnect_delay=20)
         first = asyncio.ensure_future(client.pwrite(*old))
         await asyncio.wait_for(device.stuck.wait(), 10)
         await asyncio.wait_for(client.pwrite(*new), 10)  # newer, acknowledged
@@ -175,23 +163,15 @@ async def test_replay_never_overwrites_a_newer_acknowledged_write(
         assert await client.pread(0, len(expected)) == expected
         device.release.set()
         await client.close()
-    finally:
-        await server.stop()
 
 
 async def test_requests_wait_during_reconnect_and_reads_replay(tmp_path: Path) -> None:
     device = MemoryDevice(SIZE, data=b"\x42" * SIZE)
-    server = NbdServer()
-    server.add_export(Export("d", device))
-    path = tmp_path / "w.sock"
-    await server.listen_unix(path)
-    try:
-        client = await NbdClient.connect(f"nbd+unix:///d?socket={path}", connections=1, reconnect_delay=20)
+    async with serve_unix(tmp_path, device) as uri:
+        client = await NbdClient.connect(uri, connections=1, reconnect_delay=20)
         client._conns[0].abort(DisconnectedError("dropped"))
         assert await asyncio.wait_for(client.pread(0, 4), 20) == b"\x42" * 4
         await client.close()
-    finally:
-        await server.stop()
 
 
 async def test_close_while_reconnecting_fails_pending_requests(tmp_path: Path) -> None:

@@ -10,13 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from sockkit import export_name_handshake, serve_unix
 
 from backup.memory import MemoryDevice
-from nbd import constants as c
-from nbd import wire
 from nbd.client import NbdClient
 from nbd.errors import DisconnectedError
-from nbd.server import Export, NbdServer
 
 SIZE = 4 << 20
 FROZEN_SIZE = 64 << 20  # more than the socket buffers on both sides hold
@@ -51,14 +49,6 @@ class SlowDevice(MemoryDevice):
             return await super().pread(offset, length)
 
 
-async def serve(tmp_path: Path, device: MemoryDevice) -> tuple[NbdServer, str]:
-    server = NbdServer()
-    server.add_export(Export("d", device))
-    path = tmp_path / "s.sock"
-    await server.listen_unix(path)
-    return server, f"nbd+unix:///d?socket={path}"
-
-
 async def until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
@@ -71,8 +61,7 @@ def all_closed(client: NbdClient) -> bool:
 
 async def test_a_request_whose_caller_gave_up_still_times_out_the_connection(tmp_path: Path) -> None:
     device = StallingDevice(SIZE)
-    server, uri = await serve(tmp_path, device)
-    try:
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=0.3)
         read = asyncio.ensure_future(client.pread(0, 4096))
         await asyncio.wait_for(device.stuck.wait(), BOUND)
@@ -82,53 +71,34 @@ async def test_a_request_whose_caller_gave_up_still_times_out_the_connection(tmp
             await asyncio.wait_for(client.pwrite(0, b"x"), BOUND)
         assert "no reply" in str(info.value)
         await asyncio.wait_for(client.close(), BOUND)
-    finally:
-        device.release.set()
-        await server.stop()
 
 
 async def test_every_request_of_a_timed_out_connection_fails_with_etimedout(tmp_path: Path) -> None:
     device = StallingDevice(SIZE)
-    server, uri = await serve(tmp_path, device)
-    try:
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=2, request_timeout=0.3)
         reads = [asyncio.ensure_future(client.pread(o, 4096)) for o in range(0, 16 * 4096, 4096)]
         results = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), BOUND)
         assert all(isinstance(r, OSError) and r.errno == errno.ETIMEDOUT for r in results), results
         await until(lambda: all_closed(client))
         await asyncio.wait_for(client.close(), BOUND)
-    finally:
-        device.release.set()
-        await server.stop()
 
 
 async def test_a_slow_server_that_keeps_answering_is_not_timed_out(tmp_path: Path) -> None:
     """60 reads answered one by one every 40 ms: the last waits ~2.4 s, well past the timeout, but the
     connection is never silent for long, so nothing fails."""
-    server, uri = await serve(tmp_path, SlowDevice(SIZE, 0.04))
-    try:
+    async with serve_unix(tmp_path, SlowDevice(SIZE, 0.04)) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=1.5)
         reads = [client.pread(o, 4096) for o in range(0, 60 * 4096, 4096)]
         assert await asyncio.wait_for(asyncio.gather(*reads), BOUND) == [bytes(4096)] * 60
         await asyncio.wait_for(client.close(), BOUND)
-    finally:
-        await server.stop()
 
 
 # --- a server that stops reading after the handshake (as a SIGSTOPped process) ---------------------------
 
 
 async def frozen_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stop: asyncio.Event) -> None:
-    writer.write(wire.ServerGreeting.build({"handshake_flags": c.HandshakeFlag.FIXED_NEWSTYLE}))
-    await reader.readexactly(4)
-    while True:
-        _, option, length = wire.OPTION_HEADER_FAST.unpack(await reader.readexactly(16))
-        await reader.readexactly(length)
-        if option == c.Opt.EXPORT_NAME:
-            flags = c.TransmissionFlag.HAS_FLAGS | c.TransmissionFlag.SEND_FLUSH
-            writer.write(FROZEN_SIZE.to_bytes(8, "big") + int(flags).to_bytes(2, "big") + bytes(124))
-            break
-        writer.write(wire.OPTION_REPLY_HEADER_FAST.pack(c.OPT_REPLY_MAGIC, option, c.Rep.ERR_UNSUP, 0))
+    await export_name_handshake(reader, writer, FROZEN_SIZE)
     writer.transport.pause_reading()  # never reads again: the socket fills up
     await stop.wait()
     writer.transport.abort()
@@ -187,8 +157,7 @@ async def test_close_does_not_wait_for_requests_on_a_silent_connection(
 
     monkeypatch.setattr(nbd.client, "CLOSE_GRACE", 0.2)
     device = StallingDevice(SIZE)
-    server, uri = await serve(tmp_path, device)
-    try:
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, connect_timeout=60)
         read = asyncio.ensure_future(client.pread(0, 4096))
         await asyncio.wait_for(device.stuck.wait(), BOUND)
@@ -196,9 +165,6 @@ async def test_close_does_not_wait_for_requests_on_a_silent_connection(
         assert all_closed(client)
         with pytest.raises(DisconnectedError):
             await asyncio.wait_for(read, BOUND)
-    finally:
-        device.release.set()
-        await server.stop()
 
 
 class StallsOnce(MemoryDevice):
@@ -220,13 +186,9 @@ async def test_a_timed_out_connection_is_reconnected_and_its_requests_replayed(t
     """With ``reconnect_delay`` (QEMU's ``reconnect-delay``) a connection dropped by the request timeout
     is replaced like any lost one, and the unanswered request is sent again."""
     device = StallsOnce(SIZE)
-    server, uri = await serve(tmp_path, device)
-    try:
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
         client = await NbdClient.connect(uri, connections=1, request_timeout=0.3, reconnect_delay=20)
         first = client._conns[0]
         assert await asyncio.wait_for(client.pread(0, 16), BOUND) == b"\x42" * 16
         assert first.closed.done() and client._conns[0] is not first and device.reads == 2
         await asyncio.wait_for(client.close(), BOUND)
-    finally:
-        device.release.set()
-        await server.stop()

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import itertools
 import os
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +26,21 @@ def make_bus() -> EventBus:
     return EventBus(clock=lambda: float(next(counter)))
 
 
+def new_job(**job_args: Any) -> tuple[FakeJob, Recorder]:
+    """Job "j" on a fresh bus, with the record of its events."""
+    bus = make_bus()
+    rec = Recorder(bus)  # before the job: it records "created"
+    return FakeJob("j", events=bus, **job_args), rec
+
+
+async def run_job(**job_args: Any) -> tuple[FakeJob, Recorder]:
+    """Job "j" on a fresh bus, started and run to its end, with the record of its events."""
+    job, rec = new_job(**job_args)
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    return job, rec
+
+
 def completed(job_id: str = "j", *, len_: int = 300, offset: int = 300, speed: int = 0, **extra: object) -> tuple:
     data = {"type": "backup", "device": job_id, "len": len_, "offset": offset, "speed": speed, **extra}
     return ("BLOCK_JOB_COMPLETED", data)
@@ -35,9 +51,7 @@ def cancelled(job_id: str = "j", *, len_: int = 300, offset: int = 0, speed: int
 
 
 async def test_success_sequence_and_hooks() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus)
+    job, rec = new_job()
     assert job.status is JobStatus.CREATED and job.paused and not job.busy
     job.start()
     assert job.busy and not job.paused
@@ -57,9 +71,7 @@ async def test_success_sequence_and_hooks() -> None:
 
 
 async def test_manual_finalize_and_dismiss() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, auto_finalize=False, auto_dismiss=False)
+    job, rec = new_job(auto_finalize=False, auto_dismiss=False)
     job.start()
     await until(lambda: job.status is JobStatus.PENDING)
     assert rec.seq()[-2:] == [("status", "j", "pending"), ("BLOCK_JOB_PENDING", {"type": "backup", "id": "j"})]
@@ -147,9 +159,7 @@ async def test_pause_resume_and_their_errors() -> None:
 
 
 async def test_pause_before_start_pauses_at_first_pause_point() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus)
+    job, rec = new_job()
     job.pause()
     job.start()
     await until(lambda: job.status is JobStatus.PAUSED)
@@ -160,9 +170,7 @@ async def test_pause_before_start_pauses_at_first_pause_point() -> None:
 
 
 async def test_cancel_before_start_emits_no_block_event() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, auto_dismiss=False)
+    job, rec = new_job(auto_dismiss=False)
     job.cancel(force=True)
     assert job.status is JobStatus.ABORTING
     await asyncio.wait_for(job.wait(), 10)
@@ -176,9 +184,7 @@ async def test_cancel_before_start_emits_no_block_event() -> None:
 
 
 async def test_cancel_between_start_and_first_step() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus)
+    job, rec = new_job()
     job.start()
     job.cancel()
     await asyncio.wait_for(job.wait(), 10)
@@ -187,9 +193,7 @@ async def test_cancel_between_start_and_first_step() -> None:
 
 
 async def test_cancel_in_pending_aborts() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, auto_finalize=False)
+    job, rec = new_job(auto_finalize=False)
     job.start()
     await until(lambda: job.status is JobStatus.PENDING)
     job.cancel()
@@ -200,11 +204,7 @@ async def test_cancel_in_pending_aborts() -> None:
 
 
 async def test_failure_completes_with_error() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, fail_run=OSError(errno.ENOSPC, "x"), auto_dismiss=False)
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, rec = await run_job(fail_run=OSError(errno.ENOSPC, "x"), auto_dismiss=False)
     assert rec.seq()[-3:] == [
         ("status", "j", "aborting"),
         completed(offset=0, error="No space left on device"),
@@ -215,19 +215,12 @@ async def test_failure_completes_with_error() -> None:
 
 
 async def test_non_oserror_failure_text() -> None:
-    bus = make_bus()
-    job = FakeJob("j", events=bus, fail_run=InvalidArgument("target too small"))
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, _ = await run_job(fail_run=InvalidArgument("target too small"))
     assert job.error == "target too small"
 
 
 async def test_prepare_failure_aborts() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, fail_prepare=True)
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, rec = await run_job(fail_prepare=True)
     assert rec.statuses("j") == ["created", "running", "waiting", "pending", "aborting", "concluded", "null"]
     assert rec.seq()[-3] == completed(error="Input/output error")
     assert job.hooks == ["run", "prepare", "abort", "clean"]
@@ -236,12 +229,8 @@ async def test_prepare_failure_aborts() -> None:
 @pytest.mark.parametrize("step", ["commit", "clean"])
 async def test_a_failed_commit_or_clean_up_is_reported_as_the_jobs_error(step: str) -> None:
     """The target's last close fails in clean-up: the job must not complete "without error"."""
-    bus = make_bus()
-    rec = Recorder(bus)
     failure = OSError(errno.EIO, "close failed")
-    job = FakeJob("j", events=bus, auto_dismiss=False, **{f"fail_{step}": failure})  # type: ignore[arg-type]
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, rec = await run_job(auto_dismiss=False, **{f"fail_{step}": failure})
     assert rec.statuses("j")[-3:] == ["pending", "aborting", "concluded"]
     assert completed(error="Input/output error") in rec.seq()
     assert job.error == "Input/output error" and job.query_job()["error"] == "Input/output error"
@@ -251,19 +240,12 @@ async def test_a_failed_commit_or_clean_up_is_reported_as_the_jobs_error(step: s
 
 
 async def test_a_failed_clean_up_of_a_failed_job_keeps_the_first_error() -> None:
-    bus = make_bus()
-    job = FakeJob("j", events=bus, fail_run=OSError(errno.ENOSPC, "x"), fail_clean=OSError(errno.EIO, "y"))
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, _ = await run_job(fail_run=OSError(errno.ENOSPC, "x"), fail_clean=OSError(errno.EIO, "y"))
     assert job.error == "No space left on device"
 
 
 async def test_error_report() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, errors=[EIO], policy=OnError.REPORT, is_read=True)
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    _, rec = await run_job(errors=[EIO], policy=OnError.REPORT, is_read=True)
     assert rec.seq()[2:] == [
         ("BLOCK_JOB_ERROR", {"device": "j", "operation": "read", "action": "report"}),
         ("status", "j", "aborting"),
@@ -274,11 +256,7 @@ async def test_error_report() -> None:
 
 
 async def test_error_ignore_retries() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, errors=[EIO, EIO], policy=OnError.IGNORE)
-    job.start()
-    await asyncio.wait_for(job.wait(), 10)
+    job, rec = await run_job(errors=[EIO, EIO], policy=OnError.IGNORE)
     errors = [e for e in rec.seq() if e[0] == "BLOCK_JOB_ERROR"]
     assert errors == [("BLOCK_JOB_ERROR", {"device": "j", "operation": "write", "action": "ignore"})] * 2
     assert rec.seq()[-3] == completed()
@@ -294,9 +272,7 @@ async def test_error_ignore_retries() -> None:
     ],
 )
 async def test_error_stop_then_resume_retries(policy: OnError, err: int, io_status: str) -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, errors=[OSError(err, "x")], policy=policy)
+    job, rec = new_job(errors=[OSError(err, "x")], policy=policy)
     job.start()
     await until(lambda: job.status is JobStatus.PAUSED)
     assert rec.seq()[2:] == [
@@ -346,9 +322,7 @@ async def test_a_stop_for_a_request_issued_before_the_last_resume_is_only_a_retr
 
 
 async def test_cancel_while_stopped() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, errors=[EIO], policy=OnError.STOP)
+    job, rec = new_job(errors=[EIO], policy=OnError.STOP)
     job.start()
     await until(lambda: job.status is JobStatus.PAUSED)
     job.cancel()
@@ -385,9 +359,7 @@ async def test_throttle_sleeps_and_wakes_on_speed_change() -> None:
 
 
 async def test_throttle_sleep_is_interrupted_by_pause_and_cancel() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, units=3, unit_size=10_000, speed=1)
+    job, rec = new_job(units=3, unit_size=10_000, speed=1)
     job.start()
     await until(lambda: not job.busy)
     job.pause()
@@ -617,9 +589,7 @@ async def test_concurrent_workers_share_pause_points() -> None:
 
 
 async def test_external_task_cancel_still_ends_the_job() -> None:
-    bus = make_bus()
-    rec = Recorder(bus)
-    job = FakeJob("j", events=bus, gate=asyncio.Queue())
+    job, rec = new_job(gate=asyncio.Queue())
     job.start()
     await until(lambda: job.hooks == ["run"])
     assert job._task is not None

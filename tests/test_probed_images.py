@@ -10,12 +10,13 @@ import logging
 from pathlib import Path
 
 import pytest
+from qcow2kit import small_header
 
 from backup.errors import ImageFormatError
 from backup.images import open_image
 from backup.probed_raw import image_format_of
 from backup.qcow2 import Qcow2Device
-from backup.qcow2.header import ImageHeader, build_header
+from backup.qcow2.header import build_header
 from nbd.device import BlockDevice
 from server.daemon import Daemon
 
@@ -24,23 +25,7 @@ MiB = 1 << 20
 
 def qcow2_header(backing: str = "/etc/shadow") -> bytes:
     """What a hostile client writes: a qcow2 header naming a host file as its backing file."""
-    header = ImageHeader(
-        version=3,
-        cluster_bits=16,
-        size=MiB,
-        crypt_method=0,
-        l1_size=1,
-        l1_table_offset=3 << 16,
-        refcount_table_offset=1 << 16,
-        refcount_table_clusters=1,
-        nb_snapshots=0,
-        snapshots_offset=0,
-        refcount_order=4,
-        header_length=112,
-        backing_file=backing,
-        backing_format="raw",
-        compression_type=0,
-    )
+    header = small_header(size=MiB, header_length=112, backing_file=backing, backing_format="raw")
     return build_header(header)[:512]
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qcow2kit import small_header
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
-from backup.qcow2.header import ImageHeader, build_header, parse_header
+from backup.qcow2.header import build_header, parse_header
 from backup.qcow2.refcount import Refcounts
 
 offsets = st.integers(0, (1 << 47) - 1).map(lambda v: v << 9)  # bits 9-55
@@ -113,26 +114,8 @@ def test_header_field_fast_paths_match_construct(
     assert built[at : at + 12] == q.REFTABLE_FIELDS_FAST.pack(reftable, clusters)
 
 
-def _header(**overrides: object) -> ImageHeader:
-    fields: dict[str, object] = dict(
-        version=3,
-        cluster_bits=16,
-        size=10 << 20,
-        crypt_method=0,
-        l1_size=1,
-        l1_table_offset=3 << 16,
-        refcount_table_offset=1 << 16,
-        refcount_table_clusters=1,
-        nb_snapshots=0,
-        snapshots_offset=0,
-        header_length=104,
-    )
-    fields.update(overrides)
-    return ImageHeader(**fields)  # type: ignore[arg-type]
-
-
 def test_header_round_trip_with_backing_file() -> None:
-    h = _header(backing_file="base.raw", backing_format="raw", incompatible=q.INCOMPAT_DIRTY)
+    h = small_header(backing_file="base.raw", backing_format="raw", incompatible=q.INCOMPAT_DIRTY)
     raw = build_header(h)
     parsed = parse_header(raw.ljust(1 << 16, b"\0"), 4 << 16, "x")
     assert (parsed.backing_file, parsed.backing_format, parsed.size) == ("base.raw", "raw", 10 << 20)
@@ -140,7 +123,7 @@ def test_header_round_trip_with_backing_file() -> None:
 
 
 def test_small_cluster_header_drops_the_optional_feature_table() -> None:
-    h = _header(
+    h = small_header(
         cluster_bits=9,
         size=1 << 15,
         l1_table_offset=3 * 512,
@@ -166,7 +149,7 @@ def test_small_cluster_header_drops_the_optional_feature_table() -> None:
     ],
 )
 def test_invalid_headers_are_refused(overrides: dict[str, object], message: str) -> None:
-    raw = build_header(_header(**overrides)).ljust(1 << 16, b"\0")
+    raw = build_header(small_header(**overrides)).ljust(1 << 16, b"\0")
     with pytest.raises(ImageFormatError, match=message):
         parse_header(raw, 4 << 16, "x")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from sockkit import close_stream
 
 from backup.errors import BackupError
 from backup.events import Event
@@ -112,11 +113,7 @@ class Client:
         assert await self.cmd("qmp_capabilities") == {"return": {}}
 
     async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
+        await close_stream(self.writer)
 
 
 @pytest.fixture

@@ -62,9 +62,9 @@ def test_connection_limits_reach_the_nbd_server(tmp_path: Path) -> None:
     config_file.write_text("idle-timeout = 30\nmax-connections-per-client = 3\n")
     args = build_parser().parse_args(["serve", "--config", str(config_file), "--idle-timeout", "120", "--nbd", ":0"])
     config = config_from_args(args)
-    assert (config.idle_timeout, config.max_connections_per_client) == (120.0, 3)
+    assert (config.limits.idle_timeout, config.limits.max_connections_per_client) == (120.0, 3)
     default = config_from_args(build_parser().parse_args(["serve", "--max-connections", "10"]))
-    assert (default.idle_timeout, default.max_connections_per_client) == (0.0, None)
+    assert (default.limits.idle_timeout, default.limits.max_connections_per_client) == (0.0, None)
 
     async def main() -> None:
         daemon = await build_daemon(config)

@@ -7,11 +7,13 @@ import asyncio
 import errno
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sockkit
 
 from backup.filter import BlockFilter
 from backup.memory import MemoryDevice
@@ -19,18 +21,10 @@ from backup.node import BlockNode
 from nbd import constants as c
 from nbd import wire
 from nbd.constants import Cmd, CmdFlag, Errno, Opt, Rep, ReplyType
-from nbd.server import Export, NbdServer
+from nbd.server import Export, NbdServer, ServerLimits
 
 LOOPS = ["asyncio", "uvloop"]
-
-
-def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
-    factory = None
-    if loop_name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(coro, 30))
+run_on = partial(sockkit.run_on, timeout=30)  # every scenario here is bounded
 
 
 class RawClient:
@@ -108,11 +102,7 @@ class RawClient:
                 return b"".join(parts[k] for k in sorted(parts)), types
 
     async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
+        await sockkit.close_stream(self.writer)
 
 
 async def serving(device: Any, body: Callable[[NbdServer, int], Awaitable[None]], **server_args: Any) -> None:
@@ -248,7 +238,7 @@ def test_handshake_timeout(loop: str) -> None:
         assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.close()
 
-    run_on(loop, serving(MemoryDevice(4096), body, handshake_timeout=0.2))
+    run_on(loop, serving(MemoryDevice(4096), body, limits=ServerLimits(handshake_timeout=0.2)))
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -271,7 +261,7 @@ def test_connection_limit(loop: str) -> None:
         assert (await first.read_data(1))[0] == bytes(512)
         await first.close()
 
-    run_on(loop, serving(MemoryDevice(1 << 20), body, max_connections=1))
+    run_on(loop, serving(MemoryDevice(1 << 20), body, limits=ServerLimits(max_connections=1)))
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -419,7 +409,7 @@ def test_connection_flood_is_cut_off(loop: str) -> None:
         for client in (first, second, third):
             await client.close()
 
-    run_on(loop, serving(MemoryDevice(1 << 20), body, max_connections=1))
+    run_on(loop, serving(MemoryDevice(1 << 20), body, limits=ServerLimits(max_connections=1)))
 
 
 class RecordingFilter(BlockFilter):
@@ -712,7 +702,7 @@ def test_idle_and_stalled_connections_are_closed(loop: str) -> None:
         for client in (idle, not_reading, half_written, busy):
             await client.close()
 
-    run_on(loop, serving(device, body, idle_timeout=0.3, stall_timeout=0.3))
+    run_on(loop, serving(device, body, limits=ServerLimits(idle_timeout=0.3), stall_timeout=0.3))
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -721,7 +711,7 @@ def test_per_client_limit_and_silent_sockets(loop: str, tmp_path: Path) -> None:
     nothing) make room for a real client when the server is full."""
 
     async def main() -> None:
-        server = NbdServer(max_connections=4, max_connections_per_client=2)
+        server = NbdServer(limits=ServerLimits(max_connections=4, max_connections_per_client=2))
         server.add_export(Export("disk", MemoryDevice(1 << 20)))
         _, port = await server.listen_tcp("127.0.0.1", 0)
         path = tmp_path / "nbd.sock"

@@ -6,28 +6,18 @@ or returns wrong data. Longer runs:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 from fuzz_nbd import GOOD_REGION, MAX, FuzzConfig, FuzzDevice, FuzzFailure, fuzz
+from sockkit import run_on
 
 from nbd import server as nbd_server
 
 CI = FuzzConfig(slots=3, connections=2, ops=40, region=1 << 20, max_length=256 << 10)
 # Writes between 16 MiB and the maximum payload, which the server advertises and must take.
 LARGE = FuzzConfig(slots=2, connections=1, ops=6, region=MAX + (1 << 20), large_writes=0.5, bad_handshakes=0)
-
-
-def run_on(loop_name: str, coro: Coroutine[Any, Any, Any]) -> Any:
-    factory = None
-    if loop_name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
 
 
 def fuzzed(loop: str, cfg: FuzzConfig, seed: int, examples: int, *, reads: bool = True) -> None:

@@ -20,6 +20,19 @@ from backup.transaction import (
     run_transaction,
 )
 
+# The log of a transaction of steps a, b and c that committed: every phase runs over all, in order.
+COMMITTED_ABC = [
+    "prepare a",
+    "prepare b",
+    "prepare c",
+    "commit a",
+    "commit b",
+    "commit c",
+    "clean a",
+    "clean b",
+    "clean c",
+]
+
 
 class Step:
     """An action that logs every call into a shared list and fails where told."""
@@ -56,17 +69,7 @@ async def test_all_prepared_then_all_committed_then_cleaned() -> None:
     steps = [Step("a", log), Step("b", log), Step("c", log)]
     assert all(isinstance(s, TransactionAction) for s in steps)
     await run_transaction(steps)
-    assert log == [
-        "prepare a",
-        "prepare b",
-        "prepare c",
-        "commit a",
-        "commit b",
-        "commit c",
-        "clean a",
-        "clean b",
-        "clean c",
-    ]
+    assert log == COMMITTED_ABC
 
 
 async def test_failure_aborts_entered_newest_first_including_the_failing_one() -> None:
@@ -119,17 +122,7 @@ async def test_failing_commit_and_clean_are_logged_not_raised(caplog: pytest.Log
     steps = [Step("a", log, fail="commit"), Step("b", log, fail="clean"), Step("c", log)]
     with caplog.at_level(logging.ERROR):
         await run_transaction(steps)
-    assert log == [
-        "prepare a",
-        "prepare b",
-        "prepare c",
-        "commit a",
-        "commit b",
-        "commit c",
-        "clean a",
-        "clean b",
-        "clean c",
-    ]
+    assert log == COMMITTED_ABC
     assert "commit of" in caplog.text
 
 

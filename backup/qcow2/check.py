@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from backup.errors import ImageFormatError
@@ -104,13 +106,20 @@ def walk_references(fd: int, h: ImageHeader) -> References:
     return refs
 
 
-def check_image(path: str) -> CheckResult:
-    """Check the image at ``path`` (read-only)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+@contextmanager
+def image_fd(path: str, flags: int) -> Iterator[int]:
+    """A descriptor of the (closed) image at ``path`` for the offline check and repair, closed after."""
+    fd = os.open(path, flags | os.O_CLOEXEC)
     try:
-        return _check(fd, path)
+        yield fd
     finally:
         os.close(fd)
+
+
+def check_image(path: str) -> CheckResult:
+    """Check the image at ``path`` (read-only)."""
+    with image_fd(path, os.O_RDONLY) as fd:
+        return _check(fd, path)
 
 
 def _check(fd: int, path: str) -> CheckResult:

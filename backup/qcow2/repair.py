@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
-from backup.qcow2.check import checkable_header, walk_references
+from backup.qcow2.check import checkable_header, image_fd, walk_references
 from nbd.align import div_up
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,8 @@ class RepairReport:
 
 def repair_image(path: str) -> RepairReport:
     """Rebuild refcounts and clear the dirty bit of the (closed) image at ``path``."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
+    with image_fd(path, os.O_RDWR) as fd:
         return _repair(fd, path)
-    finally:
-        os.close(fd)
 
 
 def _layout(end: int, cluster_size: int, rb_entries: int) -> tuple[int, int]:

@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from backup.errors import BackupError
 from nbd.constants import DEFAULT_PORT, MAX_STRING
 from nbd.loop import run
+from nbd.server import ServerLimits
 from server.addresses import parse_monitor_address, split_hostport
 from server.config import apply_config, load_config
 from server.daemon import Daemon
@@ -86,10 +87,7 @@ class ServeConfig:
     tcp: list[tuple[str, int]] = field(default_factory=list)
     unix: list[str] = field(default_factory=list)
     exports: list[ExportSpec] = field(default_factory=list)
-    max_connections: int = 100
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 0.0
-    max_connections_per_client: int | None = None  # None: half of max_connections
+    limits: ServerLimits = field(default_factory=ServerLimits)
     qmp: list[str] = field(default_factory=list)
     pid_file: str | None = None
     allow_dirs: list[str] = field(default_factory=list)
@@ -195,17 +193,13 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The command line (merged over ``--config`` when given) as a ``ServeConfig``."""
     if getattr(args, "config", None):
         apply_config(args, load_config(args.config))
-    max_connections = getattr(args, "max_connections", None)
-    handshake_timeout = getattr(args, "handshake_timeout", None)
-    idle_timeout = getattr(args, "idle_timeout", None)
+    given = {f.name: getattr(args, f.name, None) for f in fields(ServerLimits)}  # None: not given
+    limits = ServerLimits(**{name: value for name, value in given.items() if value is not None})
     config = ServeConfig(
         tcp=[parse_hostport(a) for a in args.nbd],
         unix=list(args.nbd_socket),
         exports=[parse_export(e) for e in args.export],
-        max_connections=100 if max_connections is None else max_connections,
-        handshake_timeout=10.0 if handshake_timeout is None else handshake_timeout,
-        idle_timeout=0.0 if idle_timeout is None else idle_timeout,
-        max_connections_per_client=getattr(args, "max_connections_per_client", None),
+        limits=limits,
         qmp=list(getattr(args, "qmp", None) or []),
         pid_file=getattr(args, "pid_file", None),
         allow_dirs=list(getattr(args, "allow_dir", None) or []),
@@ -215,13 +209,13 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     for directory in config.allow_dirs:
         if not os.path.isdir(directory):
             raise ConfigError(f"--allow-dir {directory}: not a directory")
-    if config.max_connections < 1:
+    if limits.max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
-    if config.handshake_timeout <= 0:
+    if limits.handshake_timeout <= 0:
         raise ConfigError("--handshake-timeout must be positive")
-    if config.idle_timeout < 0:
+    if limits.idle_timeout < 0:
         raise ConfigError("--idle-timeout must be 0 (never) or positive")
-    if config.max_connections_per_client is not None and config.max_connections_per_client < 1:
+    if limits.max_connections_per_client is not None and limits.max_connections_per_client < 1:
         raise ConfigError("--max-connections-per-client must be at least 1")
     names = [e.name for e in config.exports]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -235,10 +229,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 async def build_daemon(config: ServeConfig) -> Daemon:
     """Open every image, start listening (NBD, then QMP) and export; on failure nothing stays open."""
     daemon = Daemon(
-        max_connections=config.max_connections,
-        handshake_timeout=config.handshake_timeout,
-        idle_timeout=config.idle_timeout,
-        max_connections_per_client=config.max_connections_per_client,
+        limits=config.limits,
         paths=PathPolicy(config.allow_dirs),
         pid_file=config.pid_file,
     )

@@ -304,20 +304,25 @@ def test_manual_finalize_and_dismiss(tmp_path: Path) -> None:
     differential(tmp_path, scenario)
 
 
+def _backup_that_stops_on_error(run: Run, sock: Path) -> None:
+    """Job ``e1``: the source backed up into a failing target with ``on-target-error: stop``."""
+    run(
+        "drive-backup",
+        **{"job-id": "e1", "on-target-error": "stop"},
+        device="src",
+        target=f"nbd+unix:///?socket={sock}",
+        sync="full",
+        format="raw",
+        mode="existing",
+    )
+
+
 def test_on_target_error_stop(tmp_path: Path) -> None:
     require("nbdkit")
 
     def scenario(run: Run) -> list[str]:
         with failing_nbdkit(run, "target", "pwrite", run.work / "fault", "ENOSPC", "memory", str(SIZE)) as sock:
-            run(
-                "drive-backup",
-                **{"job-id": "e1", "on-target-error": "stop"},
-                device="src",
-                target=f"nbd+unix:///?socket={sock}",
-                sync="full",
-                format="raw",
-                mode="existing",
-            )
+            _backup_that_stops_on_error(run, sock)
             info = run.resume_after_error("e1", run.work / "fault")
             assert info["return"][0]["io-status"] == "nospace"
         return ["e1"]
@@ -349,15 +354,7 @@ def test_cancel_of_a_paused_job_needs_force(tmp_path: Path) -> None:
         run.wait_gone("j1")
         fault = run.work / "fault"
         with failing_nbdkit(run, "target", "pwrite", fault, "ENOSPC", "memory", str(SIZE)) as sock:
-            run(
-                "drive-backup",
-                **{"job-id": "e1", "on-target-error": "stop"},
-                device="src",
-                target=f"nbd+unix:///?socket={sock}",
-                sync="full",
-                format="raw",
-                mode="existing",
-            )
+            _backup_that_stops_on_error(run, sock)
             run.q.pending_events.clear()
             run.q.wait_event("BLOCK_JOB_ERROR", lambda d: d["device"] == "e1", timeout=60)
             run.q.wait_job_status("e1", "paused", timeout=60)

@@ -8,11 +8,17 @@ task — never for unrelated clusters, and no cluster is ever copied twice. A fa
 sets its bits again so the cluster is retried. The invariant that makes the point in time hold: a
 cluster's bit is only cleared by a claim, and a guest write reaches the source only after the claim
 covering its clusters has finished successfully — so while a bit is set, the source still holds the
-data of the instant the backup started.
+data of the instant the backup started. (A guest copy between two plain files that cannot suspend is
+a claim nobody can see: the bits are cleared and the copy done with no ``await`` in between.)
+
+The copier's cluster is its *copy granularity*: what a guest write copies at least. It may be finer
+than the backup's cluster (QEMU's 64 KiB): the job chooses it (``backup_job.copy_granularity``) so that
+a 4 KiB guest write copies a few KiB of old data, not a whole cluster.
 
 Zero handling is the copy engine's (``backup.copy_engine``), for both paths: ranges the source reports
 as reading zeroes (and clusters read back as all zeroes) are skipped when the target is known to read
-as zeroes, and otherwise sent as write-zeroes with ``may_trim`` so the target stays sparse.
+as zeroes, and otherwise sent as write-zeroes with ``may_trim`` so the target stays sparse; clusters
+read back are tested in ``zero_unit`` pieces (the backup's cluster), aligned.
 """
 
 from __future__ import annotations
@@ -104,10 +110,13 @@ class BlockCopier:
         max_chunk: int = 4 * MiB,
         top_allocation: TopAllocation | None = None,
         bitmap: ClusterBitmap | None = None,
-        widen_guest_copies: bool = True,
+        zero_unit: int | None = None,
     ) -> None:
         if cluster_size <= 0 or cluster_size & (cluster_size - 1):
             raise ValueError(f"cluster size {cluster_size} is not a power of two")
+        zero_unit = zero_unit or cluster_size
+        if zero_unit < cluster_size or zero_unit & (zero_unit - 1):
+            raise ValueError(f"zero unit {zero_unit} is not a power of two of at least the cluster size")
         self.source = source
         self.target = target
         self.size = size
@@ -128,13 +137,11 @@ class BlockCopier:
         self._tasks: list[CopyTask] = []
         self._idle = asyncio.Event()
         self._idle.set()
-        self._zero_cluster = bytes(cluster_size)
-        self._direct_buffer = bytearray(max(cluster_size, DIRECT_COPY_MAX))
-        #: Clusters a guest copy may take at once when they are all still to copy (an aligned window
-        #: around the written one, fd-to-fd copies only): a write that hits one uncopied cluster
-        #: usually hits its neighbours' soon, and one 256 KiB copy costs less than four 64 KiB ones.
-        #: Off for ``sync=none``, whose target must hold exactly the clusters guests overwrote.
-        self.guest_window = max(1, DIRECT_COPY_MAX >> self.cluster_bits) if widen_guest_copies else 1
+        #: Zero detection works in these units, aligned: a zero piece smaller than the target's cluster
+        #: would only fragment it (a guest copy smaller than one is tested whole).
+        self.zero_unit = zero_unit
+        self._zero_cluster = bytes(zero_unit)
+        self._direct_buffer = bytearray(max(zero_unit, DIRECT_COPY_MAX))
 
     # --- geometry -------------------------------------------------------------------------------
 
@@ -244,22 +251,56 @@ class BlockCopier:
             if start is None:
                 return
             stop = min(self.bitmap.run_end(start, end), start + limit)
-            if stop - start < self.guest_window and self._direct_fds() is not None:
-                start, stop = self._widen(start, stop)
+            if self._copy_now(start, stop):
+                continue
             await self.run(self.claim(start, stop))
 
-    def _widen(self, start: int, stop: int) -> tuple[int, int]:
-        """Grow the still-to-copy run ``[start, stop)`` over its aligned ``guest_window``: only over
-        clusters whose bit is set, which no claim holds (a claim clears them)."""
-        window = self.guest_window
-        low = start - start % window
-        high = min(low + window, self.clusters)
+    def copy_now(self, first: int, end: int, *, chunk_clusters: int | None = None) -> bool:
+        """The guest's fast path for clusters ``[first, end)``, without suspending: True when none is
+        left to copy (every run still to copy was copied now, ``_copy_now``); False when the rest needs
+        ``ensure_copied`` (a copy in flight overlaps, or these devices cannot copy inline). Raises
+        ``CopyError`` like ``ensure_copied``."""
+        if not self.active:
+            return True
+        if self._tasks and self.overlapping(first, end) is not None:
+            return False
+        limit = chunk_clusters or max(1, self.max_chunk >> self.cluster_bits)
         bitmap = self.bitmap
-        while start > low and bitmap[start - 1]:
-            start -= 1
-        if stop < high and bitmap[stop]:  # run_end follows a run of either kind: only a set one
-            stop = bitmap.run_end(stop, high)
-        return start, stop
+        pos = first
+        while (start := bitmap.next_set(pos, end)) is not None:
+            stop = min(bitmap.run_end(start, end), start + limit)
+            if not self._copy_now(start, stop):
+                return False
+            pos = stop
+        return True
+
+    def _copy_now(self, first: int, end: int) -> bool:
+        """The guest's fast path: copy clusters ``[first, end)`` (all still to copy) from file to file
+        without suspending, when both ends are plain files and nothing else needs a turn of the loop
+        (``sync=top``'s allocation query, zero writes into a target that does not read as zeroes).
+
+        No ``await`` between clearing the bits and the end of the copy, so nobody can see the clusters
+        half-copied: this is a claim that finishes before anyone looks, without its task and event.
+        Returns False (nothing done) when the slow path must take the range; raises ``CopyError``
+        (the bits set again) when the copy fails."""
+        if self.top_allocation is not None or not self.target_zero_init:
+            return False
+        offset, length = self.bytes_of(first, end)
+        if length > DIRECT_COPY_MAX:
+            return False
+        fds = self._direct_fds()
+        if fds is None:
+            return False
+        self.bitmap.clear(first, end)
+        try:
+            _, zeroes = self._copy_direct_sync(*fds, offset, length)
+        except BaseException:
+            self.bitmap.set(first, end)
+            raise
+        assert not zeroes  # a zero-initialised target takes no zero writes
+        self.copied_bytes += length
+        self.on_progress(length)
+        return True
 
     def pending(self, offset: int, length: int) -> tuple[int, int] | None:
         """The guest fast path in one call: the clusters ``[first, end)`` of bytes
@@ -305,9 +346,9 @@ class BlockCopier:
         return await self._copy_allocated(offset, end), 0
 
     async def _copy_allocated(self, offset: int, end: int) -> int:
-        # One cluster (the usual guest copy): reading it and testing for zeroes costs less than
-        # asking the source for its allocation first.
-        if end - offset <= self.cluster_size or not self.source.capabilities.can_extents:
+        # Within one zero unit (the usual guest copy): reading it and testing for zeroes costs less
+        # than asking the source for its allocation first.
+        if end - offset <= self.zero_unit or not self.source.capabilities.can_extents:
             return await self._copy_data(offset, end)
         written = 0
         runs = extent_runs(self.source, offset, end, span=end - offset, unknown=_no_block_status)
@@ -377,9 +418,19 @@ class BlockCopier:
         return (source_fd, target_fd) if target_fd is not None else None
 
     async def _copy_direct(self, source_fd: int, target_fd: int, offset: int, length: int) -> int:
-        """``_copy_data`` from fd to fd: the data never leaves the shared buffer between the read and
-        its writes (no ``await`` in between), so one buffer serves every copy; only the zero pieces
-        (targets that do not read as zeroes) may suspend, after the data is written."""
+        """``_copy_data`` from fd to fd (``_copy_direct_sync``); only the zero pieces (targets that do
+        not read as zeroes) may suspend, after the data is written."""
+        written, zeroes = self._copy_direct_sync(source_fd, target_fd, offset, length)
+        for zero_offset, zero_length in zeroes:
+            await self._copy_zero(zero_offset, zero_length)
+        return written
+
+    def _copy_direct_sync(
+        self, source_fd: int, target_fd: int, offset: int, length: int
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """Read into the shared buffer and write the data pieces, with no ``await`` in between (so one
+        buffer serves every copy). Returns (bytes written as data, the zero pieces still to write:
+        none when the target reads as zeroes)."""
         view = memoryview(self._direct_buffer)[:length]
         try:
             got = os.preadv(source_fd, [view], offset)
@@ -392,10 +443,10 @@ class BlockCopier:
         except OSError as exc:
             raise CopyError(exc, is_read=True) from exc
         written = 0
-        zero_runs: list[tuple[int, int]] = []
+        zero_pieces: list[tuple[int, int]] = []
         for start, stop, is_zero in self._pieces(self._direct_buffer, offset, length):
             if is_zero:
-                zero_runs.append((offset + start, stop - start))
+                zero_pieces.append((offset + start, stop - start))
                 continue
             try:
                 done = os.pwrite(target_fd, view[start:stop], offset + start)
@@ -408,9 +459,7 @@ class BlockCopier:
                 raise CopyError(exc, is_read=False) from exc
             written += stop - start
         self.written_bytes += written
-        for zero_offset, zero_length in zero_runs:
-            await self._copy_zero(zero_offset, zero_length)
-        return written
+        return written, [] if self.target_zero_init else zero_pieces
 
     async def _copy_by_sendfile(self, send_from_fd: SendFromFd, source_fd: int, offset: int, end: int) -> int:
         """``_copy_data`` from a plain file into an NBD target: runs of data clusters go out with
@@ -419,7 +468,7 @@ class BlockCopier:
         Zero clusters still take the zero path: each cluster's first 4 KiB is read, and only a cluster
         that starts with zeroes is read whole to decide. The clusters are claimed, so no guest write
         changes them before the target has received every byte (its reply comes after the payload)."""
-        cs = self.cluster_size
+        cs = self.zero_unit
         written = 0
         run_start = pos = offset
         try:
@@ -455,8 +504,8 @@ class BlockCopier:
         return data
 
     def _pieces(self, data: bytes | bytearray, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """``zero_runs`` of ``data`` by this copy's clusters."""
-        return zero_runs(data, offset, length, self.cluster_size, self._zero_cluster)
+        """``zero_runs`` of ``data`` by the zero unit."""
+        return zero_runs(data, offset, length, self.zero_unit, self._zero_cluster)
 
     async def _write_nonzero(self, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset``, splitting out cluster-aligned all-zero pieces; returns the

@@ -75,7 +75,7 @@ class CopyBeforeWriteFilter(BlockFilter):
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         pending = self.copier.pending(offset, len(data))
-        if pending is not None:
+        if pending is not None and not self._copied_now(offset, len(data), *pending):
             await self._copy_first(offset, len(data), *pending)
         await self.next.pwrite(offset, data, fua=fua)
 
@@ -83,22 +83,32 @@ class CopyBeforeWriteFilter(BlockFilter):
         self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
         pending = self.copier.pending(offset, length)
-        if pending is not None:
+        if pending is not None and not self._copied_now(offset, length, *pending):
             await self._copy_first(offset, length, *pending)
         await self.next.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         pending = self.copier.pending(offset, length)
-        if pending is not None:
+        if pending is not None and not self._copied_now(offset, length, *pending):
             await self._copy_first(offset, length, *pending)
         await self.next.trim(offset, length, fua=fua)
 
-    async def _copy_first(self, offset: int, length: int, first: int, end: int) -> None:
-        """The slow path: clusters ``[first, end)`` still need their old data on the target."""
-        copier = self.copier
+    def _copied_now(self, offset: int, length: int, first: int, end: int) -> bool:
+        """The fast path (``BlockCopier.copy_now``: file to file, no suspension, no task): True when
+        clusters ``[first, end)`` need nothing more. A failure here goes through ``on-cbw-error`` as
+        the slow path's does (no timeout: an inline copy cannot stall)."""
         self.guest_copies += 1
         try:
-            copy = copier.ensure_copied(first, end, chunk_clusters=self._chunk_clusters)
+            return self.copier.copy_now(first, end, chunk_clusters=self._chunk_clusters)
+        except CopyError as exc:
+            self._failed(offset, length, OSError(exc.errno, f"copy-before-write failed: {exc}"))
+            return True
+
+    async def _copy_first(self, offset: int, length: int, first: int, end: int) -> None:
+        """The slow path: clusters ``[first, end)`` still need their old data on the target, and the
+        copy may suspend (it waits for an overlapping copy in flight, or its devices are not files)."""
+        try:
+            copy = self.copier.ensure_copied(first, end, chunk_clusters=self._chunk_clusters)
             if self.cbw_timeout > 0:
                 await asyncio.wait_for(copy, self.cbw_timeout)
             else:
@@ -108,7 +118,12 @@ class CopyBeforeWriteFilter(BlockFilter):
             failure = OSError(errno.ETIMEDOUT, f"copy-before-write timed out after {self.cbw_timeout:g} s")
         except CopyError as exc:
             failure = OSError(exc.errno, f"copy-before-write failed: {exc}")
-        if not copier.active:
+        self._failed(offset, length, failure)
+
+    def _failed(self, offset: int, length: int, failure: OSError) -> None:
+        """``on-cbw-error`` for a failed copy: raise ``failure`` for the guest request (break-guest-write)
+        or let it through with the snapshot broken; nothing when the backup ended meanwhile."""
+        if not self.copier.active:
             return  # the backup ended while we waited: nothing left to protect
         if self.on_cbw_error is OnCbwError.BREAK_SNAPSHOT:
             self.break_snapshot(failure)

@@ -325,6 +325,11 @@ def can_compress(device: object) -> bool:
     return isinstance(device, Compressing)
 
 
+def compresses(device: object) -> bool:
+    """Whether the device stores what is written to it compressed (then only in whole clusters)."""
+    return isinstance(device, Compressing) and device.compress
+
+
 class FlushLatch:
     """The first failed flush of a device, remembered for as long as the device is open.
 

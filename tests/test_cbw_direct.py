@@ -1,8 +1,9 @@
-"""Copy-before-write between two plain files: the fd-to-fd fast path and its aligned guest window.
+"""Copy-before-write between two plain files: the fd-to-fd fast path.
 
-The fast path bypasses the device layers, so these tests check it against the same oracle as the
-general path (the target holds the point-in-time bytes, zero clusters stay holes, errors are reported as
-reads or writes and give the clusters back) using real files.
+The fast path bypasses the device layers (and, into a target that reads as zeroes, the claim's task),
+so these tests check it against the same oracle as the general path (the target holds the point-in-time
+bytes, zero clusters stay holes, errors are reported as reads or writes and give the clusters back)
+using real files — also with a copy granularity finer than the zero unit, as backup jobs run it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import backup.block_copy as block_copy
-from backup.block_copy import DIRECT_COPY_MAX, BlockCopier
+from backup.block_copy import BlockCopier
 from backup.cbw import CopyBeforeWriteFilter
 from backup.filter import BlockFilter
 from backup.memory import MemoryDevice
@@ -28,7 +29,6 @@ from nbd.device import direct_read_fd
 from server.qmp.block import ReadOnlyFilter
 
 CS = 65536
-WINDOW = DIRECT_COPY_MAX // CS
 
 
 @dataclass
@@ -57,7 +57,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
     opened: list[FileRig] = []
 
     async def make(
-        size: int = 12 * CS, *, zero_init: bool = True, zero_clusters: tuple[int, ...] = (), widen: bool = True
+        size: int = 12 * CS, *, zero_init: bool = True, zero_clusters: tuple[int, ...] = (), zero_unit: int = CS
     ) -> FileRig:
         data = source_bytes(size, zero_clusters=zero_clusters)
         source_path = tmp_path / "source.img"
@@ -71,7 +71,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         source = await RawFileDevice.open(source_path)
         node = BlockNode("src", source)
         copier = BlockCopier(
-            node, target, size=source.size, cluster_size=CS, target_zero_init=zero_init, widen_guest_copies=widen
+            node, target, size=source.size, cluster_size=CS, target_zero_init=zero_init, zero_unit=zero_unit
         )
         cbw = node.insert_filter(lambda below: CopyBeforeWriteFilter(below, copier))
         assert isinstance(cbw, CopyBeforeWriteFilter)
@@ -105,59 +105,65 @@ def is_hole(path: Path, offset: int) -> bool:
         os.close(fd)
 
 
-async def test_a_guest_write_copies_its_aligned_window(make_rig: MakeRig) -> None:
+async def test_a_guest_write_copies_only_its_clusters(make_rig: MakeRig) -> None:
     rig = await make_rig()
     assert rig.copier._direct_fds() is not None  # the fast path is in use for two plain files
-    await rig.node.pwrite(WINDOW * CS + CS + 7, b"new")  # inside the second window
-    assert copied(rig) == set(range(WINDOW, 2 * WINDOW))
-    assert target_bytes(rig, WINDOW, 2 * WINDOW) == rig.snapshot[WINDOW * CS : 2 * WINDOW * CS]
-    assert target_bytes(rig, 0, WINDOW) == bytes(WINDOW * CS)  # the window before: untouched
-    assert os.pread(rig.source.direct_read_fd() or -1, 3, WINDOW * CS + CS + 7) == b"new"
-    assert rig.copier.written_bytes == WINDOW * CS
+    await rig.node.pwrite(4 * CS - 1, b"new")  # crosses clusters 3 and 4
+    assert copied(rig) == {3, 4}
+    assert target_bytes(rig, 3, 5) == rig.snapshot[3 * CS : 5 * CS]
+    assert target_bytes(rig, 0, 3) == bytes(3 * CS)  # the neighbours: untouched
+    assert target_bytes(rig, 5, 8) == bytes(3 * CS)
+    assert os.pread(rig.source.direct_read_fd() or -1, 3, 4 * CS - 1) == b"new"
+    assert rig.copier.written_bytes == 2 * CS
+    assert rig.copier.copied_bytes == 2 * CS
 
 
-async def test_without_widening_a_guest_write_copies_only_its_clusters(make_rig: MakeRig) -> None:
-    rig = await make_rig(widen=False)  # sync=none: the target holds exactly what guests overwrote
-    await rig.node.pwrite(CS - 1, b"ab")
-    assert copied(rig) == {0, 1}
-    assert target_bytes(rig, 0, 2) == rig.snapshot[: 2 * CS]
-    assert target_bytes(rig, 2, WINDOW) == bytes((WINDOW - 2) * CS)
-
-
-async def test_the_window_never_takes_copied_or_claimed_clusters(make_rig: MakeRig) -> None:
+async def test_the_fast_path_waits_for_a_claimed_cluster_and_never_copies_it(make_rig: MakeRig) -> None:
     rig = await make_rig()
     task = rig.copier.claim(2, 3)  # the job is copying cluster 2 right now
-    await rig.node.pwrite(0, b"x")
-    assert copied(rig) == {0, 1, 2}  # 0-1 by the guest copy; 2 is still the job's
-    assert target_bytes(rig, 2, 3) == bytes(CS)  # the guest copy did not write the job's cluster
+    await rig.node.pwrite(0, b"x")  # an unrelated cluster: copied at once
+    assert copied(rig) == {0, 2}
+    spanning = asyncio.create_task(rig.node.pwrite(CS, bytes(3 * CS)))  # clusters 1-3, 2 in flight
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not spanning.done()  # it waits for the job's copy of cluster 2 ...
+    assert target_bytes(rig, 2, 3) == bytes(CS)  # ... and has not copied it itself
     await rig.copier.run(task)
-    rig.copier.bitmap.clear(WINDOW + 1, WINDOW + 2)  # as if copied already (its target bytes stay zero)
-    await rig.node.pwrite((WINDOW + 2) * CS, b"y")
-    assert copied(rig) == {0, 1, 2, WINDOW + 1, WINDOW + 2, WINDOW + 3}  # not back over WINDOW + 1
-    assert target_bytes(rig, WINDOW, WINDOW + 2) == bytes(2 * CS)
-    assert target_bytes(rig, WINDOW + 2, WINDOW + 4) == rig.snapshot[(WINDOW + 2) * CS : (WINDOW + 4) * CS]
-
-
-async def test_the_window_never_stretches_forward_over_copied_clusters(make_rig: MakeRig) -> None:
-    """Found by bench/soak.py: a write to the first cluster of a window whose next clusters were
-    already copied failed with EIO (the widening took the run of *copied* clusters after it)."""
-    rig = await make_rig()
-    await rig.node.pwrite(1 * CS, bytes([1]) * (3 * CS))  # copies 1-3 (and 0, widened back)
-    rig.copier.bitmap.set(0, 1)  # cluster 0 still to copy, 1-3 copied
-    await rig.node.pwrite(0, bytes([2]) * 4096)
+    await spanning
     assert copied(rig) == {0, 1, 2, 3}
-    assert target_bytes(rig, 0, 1) == rig.snapshot[:CS]
-    rig.copier.bitmap.set(WINDOW + 2, WINDOW + 3)  # a gap: WINDOW+1 copied, WINDOW+2 not
-    rig.copier.bitmap.clear(WINDOW + 1, WINDOW + 2)
-    await rig.node.pwrite(WINDOW * CS, b"z")
-    assert copied(rig) >= {WINDOW, WINDOW + 1} and WINDOW + 2 not in copied(rig)
+    assert target_bytes(rig, 0, 4) == rig.snapshot[: 4 * CS]
+
+
+async def test_a_write_over_copied_and_uncopied_clusters_copies_only_the_uncopied(make_rig: MakeRig) -> None:
+    """The fast path takes runs of set bits only (an earlier widening took a run of *copied* clusters
+    after the written one, found by bench/soak.py: the guest write failed with EIO)."""
+    rig = await make_rig()
+    rig.copier.bitmap.clear(1, 2)  # cluster 1 copied already (its target bytes stay zero)
+    rig.copier.bitmap.clear(3, 4)
+    await rig.node.pwrite(0, bytes([2]) * (5 * CS))
+    assert copied(rig) == {0, 1, 2, 3, 4}
+    assert target_bytes(rig, 1, 2) == bytes(CS) and target_bytes(rig, 3, 4) == bytes(CS)
+    for c in (0, 2, 4):
+        assert target_bytes(rig, c, c + 1) == rig.snapshot[c * CS : (c + 1) * CS]
+    assert rig.copier.written_bytes == 3 * CS
+
+
+async def test_granules_finer_than_the_zero_unit(make_rig: MakeRig) -> None:
+    """As a backup job runs it: 64 KiB granules tracked, zero detection in 256 KiB units."""
+    rig = await make_rig(zero_init=False, zero_clusters=(5,), zero_unit=4 * CS)
+    await rig.node.pwrite(5 * CS + 10, b"z")  # a zero granule inside a data unit: written as zeroes
+    await rig.node.pwrite(6 * CS + 10, b"d")
+    assert copied(rig) == {5, 6}
+    assert target_bytes(rig, 5, 7) == rig.snapshot[5 * CS : 7 * CS]
+    assert target_bytes(rig, 4, 5) == b"\xee" * CS  # the used target's bytes around: untouched
+    assert target_bytes(rig, 7, 8) == b"\xee" * CS
 
 
 async def test_the_partial_last_cluster_and_the_rounded_tail(make_rig: MakeRig) -> None:
-    size = 2 * WINDOW * CS + 1000  # a file whose end is no cluster (nor sector) boundary
+    size = 8 * CS + 1000  # a file whose end is no cluster (nor sector) boundary
     rig = await make_rig(size)
     last = rig.copier.clusters - 1
-    await rig.node.pwrite(0, b"q")  # a full window first: the reused buffer now holds data
+    await rig.node.pwrite(0, bytes(4 * CS))  # a big copy first: the reused buffer now holds data
     await rig.node.pwrite(rig.source.size - 1, b"z")  # the last byte of the device (past the file's end)
     assert last in copied(rig)
     assert target_bytes(rig, last, last + 1) == rig.snapshot[last * CS :]
@@ -166,18 +172,18 @@ async def test_the_partial_last_cluster_and_the_rounded_tail(make_rig: MakeRig) 
 
 async def test_zero_clusters_stay_holes_on_a_fresh_target(make_rig: MakeRig) -> None:
     rig = await make_rig(zero_clusters=(1,))
-    await rig.node.pwrite(0, b"a")
-    assert copied(rig) == set(range(WINDOW))
-    assert target_bytes(rig, 0, WINDOW) == rig.snapshot[: WINDOW * CS]
+    await rig.node.pwrite(0, bytes(3 * CS))
+    assert copied(rig) == {0, 1, 2}
+    assert target_bytes(rig, 0, 3) == rig.snapshot[: 3 * CS]
     assert is_hole(rig.target_path, CS)
     assert not is_hole(rig.target_path, 0)
 
 
 async def test_zero_clusters_are_zeroed_on_a_used_target(make_rig: MakeRig) -> None:
     rig = await make_rig(zero_init=False, zero_clusters=(2,))
-    await rig.node.pwrite(3 * CS, b"b")
-    assert copied(rig) == set(range(WINDOW))
-    assert target_bytes(rig, 0, WINDOW) == rig.snapshot[: WINDOW * CS]  # the 0xee junk is gone, zeroes too
+    await rig.node.pwrite(0, bytes(4 * CS))
+    assert copied(rig) == {0, 1, 2, 3}
+    assert target_bytes(rig, 0, 4) == rig.snapshot[: 4 * CS]  # the 0xee junk is gone, zeroes too
     assert target_bytes(rig, 2, 3) == bytes(CS)
 
 
@@ -192,16 +198,17 @@ async def test_direct_errors_fail_the_guest_write_and_give_the_clusters_back(
 
     monkeypatch.setattr(block_copy.os, failing, fail)
     with pytest.raises(OSError) as caught:
-        await rig.node.pwrite(CS, b"lost")
+        await rig.node.pwrite(CS, bytes(2 * CS))
     assert caught.value.errno == errno.EIO
     assert ("source read" if failing == "preadv" else "target write") in str(caught.value)
-    assert copied(rig) == set()  # every cluster of the window is to be copied again
+    assert copied(rig) == set()  # both clusters are to be copied again
     assert rig.copier.in_flight == ()
     monkeypatch.undo()
     source_fd = rig.source.direct_read_fd() or -1
     assert os.pread(source_fd, 4, CS) == rig.snapshot[CS : CS + 4]  # the guest write never landed
     await rig.node.pwrite(CS, b"kept")  # and the next try copies and writes
-    assert target_bytes(rig, 0, WINDOW) == rig.snapshot[: WINDOW * CS]
+    assert copied(rig) == {1}
+    assert target_bytes(rig, 1, 2) == rig.snapshot[CS : 2 * CS]
 
 
 async def test_random_guest_traffic_keeps_the_point_in_time(make_rig: MakeRig) -> None:

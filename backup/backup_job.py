@@ -465,15 +465,18 @@ class BackupJob(Job):
         filter finish the copy they started (``detach`` stops any further one), so the old data they
         carry reaches the target before it is flushed and closed, and no copy writes to a closed
         target. A copy stuck on a dead target gets a short grace only, so cancel stays prompt; it
-        then fails on the closed target and its guest write goes through (the copier is inactive)."""
+        then fails on the closed target and its guest write goes through (the copier is inactive).
+        Then the copier's file-copy thread stops."""
         copier = self.copier
-        if copier is None or not copier.in_flight:
+        if copier is None:
             return
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await copier.wait_idle()
-        except TimeoutError:
-            log.warning("job %s: %d copy-before-write copies still in flight", self.id, len(copier.in_flight))
+        if copier.in_flight:
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await copier.wait_idle()
+            except TimeoutError:
+                log.warning("job %s: %d copy-before-write copies still in flight", self.id, len(copier.in_flight))
+        await copier.close()
 
     def early_fail(self) -> None:
         self.detach()

@@ -27,10 +27,11 @@ import asyncio
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 
 from backup.bitmap import ClusterBitmap
 from backup.copy_engine import extent_runs, file_reads_zero, write_zeroes, zero_runs
+from backup.io_thread import IoThread
 from nbd.device import BlockDevice, direct_read_fd, direct_write_fd, write_from_fd
 
 MiB = 1024 * 1024
@@ -39,8 +40,13 @@ MiB = 1024 * 1024
 COPY_PIECE = 1 * MiB
 #: Copies up to this size between two plain files go straight from fd to fd on the loop (``os.preadv``
 #: into a reused buffer, ``os.pwrite``): no coroutine per layer, no fresh ``bytes``. Larger ones (the
-#: job's chunks) keep the device path, which runs them in a thread.
+#: job's chunks) go to the copier's file-copy thread, whole: one hand-off per chunk.
 DIRECT_COPY_MAX = 256 * 1024
+#: What the file-copy thread reads and writes at a time. A write holds the target file's lock (the
+#: inode's) for as long as it takes, and a guest copy on the loop writing the same file waits for it:
+#: measured under guest load, 256 KiB pieces kept the guest's p99 a third lower than 1 MiB pieces
+#: for the same backup throughput.
+FILE_COPY_PIECE = 256 * 1024
 
 TopAllocation = Callable[[int, int], Awaitable[list[tuple[int, bool]]]]
 #: ``NbdClient.pwrite_from_fd``: write ``length`` bytes of a file at ``offset`` with sendfile.
@@ -142,6 +148,8 @@ class BlockCopier:
         self.zero_unit = zero_unit
         self._zero_cluster = bytes(zero_unit)
         self._direct_buffer = bytearray(max(zero_unit, DIRECT_COPY_MAX))
+        self._file_thread: IoThread | None = None  # the job's file-to-file chunks (created on first use)
+        self._file_buffer = bytearray(0)  # the thread's own, sized on first use
 
     # --- geometry -------------------------------------------------------------------------------
 
@@ -375,10 +383,11 @@ class BlockCopier:
         its own task and the loop gets a turn in between: a job chunk never holds guest requests back
         for the whole copy, and a remote target still has two pieces in flight per copy."""
         piece = min(self.max_chunk, COPY_PIECE)
-        if end - offset <= DIRECT_COPY_MAX:
-            fds = self._direct_fds()
-            if fds is not None:
+        fds = self._direct_fds()
+        if fds is not None:
+            if end - offset <= DIRECT_COPY_MAX:
                 return await self._copy_direct(*fds, offset, end - offset)
+            return await self._copy_in_thread(*fds, offset, end - offset)
         send_from_fd = write_from_fd(self.target)
         if send_from_fd is not None:
             source_fd = direct_read_fd(self.source)
@@ -461,6 +470,43 @@ class BlockCopier:
         self.written_bytes += written
         return written, [] if self.target_zero_init else zero_pieces
 
+    async def _copy_in_thread(self, source_fd: int, target_fd: int, offset: int, length: int) -> int:
+        """A job's chunk between two plain files, copied whole by the file-copy thread (read, zero test
+        and write of every piece there: the loop hands it over once and hears back once, and the thread
+        holds the GIL only between its system calls). The claim covering the chunk ends only when the
+        thread is done with the descriptors, also when the waiting coroutine is cancelled: a target
+        closed meanwhile could otherwise hand its descriptor number to a new file."""
+        if self._file_thread is None:
+            self._file_thread = IoThread("nbd-backup-copy")
+            self._file_buffer = bytearray(FILE_COPY_PIECE)
+        call = self._file_thread.submit(
+            copy_file_range_with_zeroes,
+            source_fd,
+            target_fd,
+            offset,
+            length,
+            self._file_buffer,
+            self.zero_unit,
+            self._zero_cluster,
+            not self.target_zero_init,
+        )
+        try:
+            written, zero_pieces = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            while not call.done():
+                with suppress(asyncio.CancelledError):
+                    await asyncio.wait([call])
+            raise
+        self.written_bytes += written
+        for zero_offset, zero_length in zero_pieces:
+            await self._copy_zero(zero_offset, zero_length)
+        return written
+
+    async def close(self) -> None:
+        """Stop the file-copy thread once what it was given is done (the job calls this at its end)."""
+        if self._file_thread is not None:
+            await self._file_thread.stop()
+
     async def _copy_by_sendfile(self, send_from_fd: SendFromFd, source_fd: int, offset: int, end: int) -> int:
         """``_copy_data`` from a plain file into an NBD target: runs of data clusters go out with
         ``sendfile`` straight from the page cache (``pwrite_from_fd``), never through Python buffers.
@@ -525,4 +571,54 @@ class BlockCopier:
         return written
 
 
-__all__ = ["BlockCopier", "CopyError", "CopyTask", "TopAllocation"]
+def copy_file_range_with_zeroes(
+    source_fd: int,
+    target_fd: int,
+    offset: int,
+    length: int,
+    buffer: bytearray,
+    zero_unit: int,
+    zero_cluster: bytes,
+    keep_zeroes: bool,
+) -> tuple[int, list[tuple[int, int]]]:
+    """Copy ``length`` bytes at ``offset`` from one file to the other through ``buffer``, a piece at a
+    time, leaving out the aligned all-zero ``zero_unit`` pieces (past the source's end it reads zeroes).
+    Runs in the file-copy thread. Returns (bytes written, the zero pieces: listed only when
+    ``keep_zeroes``, for the caller to write as zeroes); raises ``CopyError``."""
+    piece = len(buffer)
+    written = 0
+    zero_pieces: list[tuple[int, int]] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        size = min(piece, end - pos)
+        view = memoryview(buffer)[:size]
+        try:
+            got = os.preadv(source_fd, [view], pos)
+            while got < size:
+                more = os.preadv(source_fd, [view[got:]], pos + got)
+                if more <= 0:
+                    view[got:] = bytes(size - got)
+                    break
+                got += more
+        except OSError as exc:
+            raise CopyError(exc, is_read=True) from exc
+        for start, stop, is_zero in zero_runs(buffer, pos, size, zero_unit, zero_cluster):
+            if is_zero:
+                if keep_zeroes:
+                    zero_pieces.append((pos + start, stop - start))
+                continue
+            try:
+                done = 0
+                while done < stop - start:
+                    more = os.pwrite(target_fd, view[start + done : stop], pos + start + done)
+                    if more <= 0:
+                        raise OSError(errno.EIO, "short write")
+                    done += more
+            except OSError as exc:
+                raise CopyError(exc, is_read=False) from exc
+            written += stop - start
+        pos += size
+    return written, zero_pieces
+
+
+__all__ = ["BlockCopier", "CopyError", "CopyTask", "TopAllocation", "copy_file_range_with_zeroes"]

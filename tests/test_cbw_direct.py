@@ -12,6 +12,7 @@ import asyncio
 import errno
 import os
 import random
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ from pathlib import Path
 import pytest
 
 import backup.block_copy as block_copy
-from backup.block_copy import BlockCopier
+from backup.backup_job import BackupJob, BackupOptions
+from backup.block_copy import BlockCopier, copy_file_range_with_zeroes
 from backup.cbw import CopyBeforeWriteFilter
+from backup.events import EventBus
 from backup.filter import BlockFilter
 from backup.memory import MemoryDevice
 from backup.node import BlockNode
@@ -82,6 +85,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
 
     yield make
     for rig in opened:
+        await rig.copier.close()
         await rig.node.close()
         await rig.target.close()
 
@@ -263,3 +267,96 @@ async def test_direct_read_fd_looks_only_through_filters_that_pass_reads(tmp_pat
         await raw.close()
     assert direct_read_fd(raw) is None  # closed
     assert raw.direct_write_fd() is None
+
+
+# --- the job's chunks: the file-copy thread --------------------------------------------------------
+
+
+def test_the_thread_copy_leaves_out_zero_units_and_reads_zeroes_past_the_end(tmp_path: Path) -> None:
+    unit = 4096
+    data = bytearray(random.Random(3).randbytes(6 * unit + 100))  # the file ends inside the 7th unit
+    data[unit : 2 * unit] = bytes(unit)
+    data[3 * unit + 10 : 4 * unit] = bytes(unit - 10)  # a unit that is zero but for its start: data
+    source, target = tmp_path / "s", tmp_path / "t"
+    source.write_bytes(bytes(data))
+    target.write_bytes(b"\xee" * 8 * unit)
+    with open(source, "rb") as s, open(target, "r+b") as t:
+        written, zeroes = copy_file_range_with_zeroes(
+            s.fileno(), t.fileno(), 0, 8 * unit, bytearray(3 * unit), unit, bytes(unit), True
+        )
+    out = target.read_bytes()
+    assert zeroes == [(unit, unit), (7 * unit, unit)]  # the zero unit and the one wholly past the end
+    assert written == 6 * unit  # the unit holding the file's end is data, its tail written as zeroes
+    assert out[:unit] == data[:unit] and out[2 * unit : 6 * unit] == data[2 * unit : 6 * unit]
+    assert out[6 * unit : 7 * unit] == data[6 * unit :] + bytes(unit - 100)
+    assert out[unit : 2 * unit] == b"\xee" * unit  # left for the caller's write-zeroes
+    with open(source, "rb") as s, open(target, "r+b") as t:
+        _, zeroes = copy_file_range_with_zeroes(
+            s.fileno(), t.fileno(), 0, 8 * unit, bytearray(3 * unit), unit, bytes(unit), False
+        )
+    assert zeroes == []  # a target that reads as zeroes needs none
+
+
+@pytest.mark.parametrize("failing", ["source", "target"])
+def test_the_thread_copy_says_which_side_failed(tmp_path: Path, failing: str) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(random.Random(1).randbytes(8192))
+    with open(path, "rb") as readable:
+        fds = (readable.fileno(), readable.fileno())  # writing a file opened read-only fails: EBADF
+        if failing == "source":
+            fds = (-1, readable.fileno())
+        with pytest.raises(block_copy.CopyError) as caught:
+            copy_file_range_with_zeroes(*fds, 0, 8192, bytearray(4096), 4096, bytes(4096), False)
+    assert caught.value.is_read == (failing == "source")
+    assert caught.value.errno == errno.EBADF
+
+
+async def test_a_cancelled_chunk_copy_ends_only_when_the_thread_is_done(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = await make_rig()
+    entered, release = threading.Event(), threading.Event()
+
+    def held(*args: object) -> tuple[int, list[tuple[int, int]]]:
+        entered.set()
+        release.wait(30)
+        return 0, []
+
+    monkeypatch.setattr(block_copy, "copy_file_range_with_zeroes", held)
+    copy = asyncio.create_task(rig.copier.run(rig.copier.claim(0, 8)))  # 512 KiB: a job's chunk
+    while not entered.is_set():
+        await asyncio.sleep(0.01)
+    copy.cancel()
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert not copy.done()  # the thread still uses the descriptors: the claim holds
+    assert [(t.start, t.end) for t in rig.copier.in_flight] == [(0, 8)]
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await copy
+    assert rig.copier.in_flight == () and copied(rig) == set()  # given back
+
+
+async def test_a_backup_job_copies_its_chunks_in_one_thread_and_stops_it(tmp_path: Path) -> None:
+    size = 3 * 1024 * 1024 + 5000
+    data = source_bytes(size, zero_clusters=(4, 5, 6, 7, 20))
+    (tmp_path / "source.img").write_bytes(data)
+    source = await RawFileDevice.open(tmp_path / "source.img")
+    target = await RawFileDevice.create(tmp_path / "target.img", source.size)
+    node = BlockNode("src", source)
+    try:
+        job = BackupJob(
+            "j", node, target, BackupOptions(max_chunk=1024 * 1024), events=EventBus(), target_zero_init=True
+        )
+        await job.attach()
+        job.start()
+        await asyncio.wait_for(job.wait(), 30)
+        assert job.error is None
+        assert job.copier is not None and job.copier._file_thread is not None  # the chunks went there
+        assert job.copier._file_thread.stopped
+        assert not [t for t in threading.enumerate() if t.name == "nbd-backup-copy"]
+    finally:
+        await node.close()
+        await target.close()
+    assert (tmp_path / "target.img").read_bytes()[: len(data)] == data
+    assert is_hole(tmp_path / "target.img", 4 * CS)

@@ -254,12 +254,13 @@ async def daemon_guest(
 
 
 async def lag_probe(samples: list[float], period: float = 0.001) -> None:
-    """How late the event loop runs a timer: the time a ready request waits for the loop (until cancelled)."""
-    loop = asyncio.get_running_loop()
+    """Event-loop lag: every ``period``, how long one yield to the loop takes (what a request that just
+    became ready waits for the loop to get to it). Runs until cancelled."""
     while True:
-        due = loop.time() + period
         await asyncio.sleep(period)
-        samples.append((loop.time() - due) * 1e6)
+        start = time.perf_counter()
+        await asyncio.sleep(0)
+        samples.append((time.perf_counter() - start) * 1e6)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -437,38 +437,21 @@ class BlockCopier:
     def _copy_direct_sync(
         self, source_fd: int, target_fd: int, offset: int, length: int
     ) -> tuple[int, list[tuple[int, int]]]:
-        """Read into the shared buffer and write the data pieces, with no ``await`` in between (so one
-        buffer serves every copy). Returns (bytes written as data, the zero pieces still to write:
-        none when the target reads as zeroes)."""
-        view = memoryview(self._direct_buffer)[:length]
-        try:
-            got = os.preadv(source_fd, [view], offset)
-            while got < length:  # the end of the file (the unaligned tail): the rest reads as zeroes
-                more = os.preadv(source_fd, [view[got:]], offset + got)
-                if more <= 0:
-                    view[got:] = bytes(length - got)
-                    break
-                got += more
-        except OSError as exc:
-            raise CopyError(exc, is_read=True) from exc
-        written = 0
-        zero_pieces: list[tuple[int, int]] = []
-        for start, stop, is_zero in self._pieces(self._direct_buffer, offset, length):
-            if is_zero:
-                zero_pieces.append((offset + start, stop - start))
-                continue
-            try:
-                done = os.pwrite(target_fd, view[start:stop], offset + start)
-                while done < stop - start:
-                    more = os.pwrite(target_fd, view[start + done : stop], offset + start + done)
-                    if more <= 0:
-                        raise OSError(errno.EIO, "short write")
-                    done += more
-            except OSError as exc:
-                raise CopyError(exc, is_read=False) from exc
-            written += stop - start
+        """``copy_between_files`` through the shared buffer (it holds the whole copy), with no ``await``
+        in between, so one buffer serves every copy. Returns (bytes written as data, the zero pieces
+        still to write: none when the target reads as zeroes)."""
+        written, zero_pieces = copy_between_files(
+            source_fd,
+            target_fd,
+            offset,
+            length,
+            self._direct_buffer,
+            self.zero_unit,
+            self._zero_cluster,
+            not self.target_zero_init,
+        )
         self.written_bytes += written
-        return written, [] if self.target_zero_init else zero_pieces
+        return written, zero_pieces
 
     async def _copy_in_thread(self, source_fd: int, target_fd: int, offset: int, length: int) -> int:
         """A job's chunk between two plain files, copied whole by the file-copy thread (read, zero test
@@ -480,7 +463,7 @@ class BlockCopier:
             self._file_thread = IoThread("nbd-backup-copy")
             self._file_buffer = bytearray(FILE_COPY_PIECE)
         call = self._file_thread.submit(
-            copy_file_range_with_zeroes,
+            copy_between_files,
             source_fd,
             target_fd,
             offset,
@@ -571,7 +554,7 @@ class BlockCopier:
         return written
 
 
-def copy_file_range_with_zeroes(
+def copy_between_files(
     source_fd: int,
     target_fd: int,
     offset: int,
@@ -583,8 +566,9 @@ def copy_file_range_with_zeroes(
 ) -> tuple[int, list[tuple[int, int]]]:
     """Copy ``length`` bytes at ``offset`` from one file to the other through ``buffer``, a piece at a
     time, leaving out the aligned all-zero ``zero_unit`` pieces (past the source's end it reads zeroes).
-    Runs in the file-copy thread. Returns (bytes written, the zero pieces: listed only when
-    ``keep_zeroes``, for the caller to write as zeroes); raises ``CopyError``."""
+    No I/O but the two descriptors' and no event loop: guest copies run it on the loop, job chunks in
+    the file-copy thread. Returns (bytes written, the zero pieces: listed only when ``keep_zeroes``, for
+    the caller to write as zeroes); raises ``CopyError``."""
     piece = len(buffer)
     written = 0
     zero_pieces: list[tuple[int, int]] = []
@@ -621,4 +605,4 @@ def copy_file_range_with_zeroes(
     return written, zero_pieces
 
 
-__all__ = ["BlockCopier", "CopyError", "CopyTask", "TopAllocation", "copy_file_range_with_zeroes"]
+__all__ = ["BlockCopier", "CopyError", "CopyTask", "TopAllocation", "copy_between_files"]

@@ -21,7 +21,7 @@ import pytest
 
 import backup.block_copy as block_copy
 from backup.backup_job import BackupJob, BackupOptions
-from backup.block_copy import BlockCopier, copy_file_range_with_zeroes
+from backup.block_copy import BlockCopier, copy_between_files
 from backup.cbw import CopyBeforeWriteFilter
 from backup.events import EventBus
 from backup.filter import BlockFilter
@@ -281,7 +281,7 @@ def test_the_thread_copy_leaves_out_zero_units_and_reads_zeroes_past_the_end(tmp
     source.write_bytes(bytes(data))
     target.write_bytes(b"\xee" * 8 * unit)
     with open(source, "rb") as s, open(target, "r+b") as t:
-        written, zeroes = copy_file_range_with_zeroes(
+        written, zeroes = copy_between_files(
             s.fileno(), t.fileno(), 0, 8 * unit, bytearray(3 * unit), unit, bytes(unit), True
         )
     out = target.read_bytes()
@@ -291,7 +291,7 @@ def test_the_thread_copy_leaves_out_zero_units_and_reads_zeroes_past_the_end(tmp
     assert out[6 * unit : 7 * unit] == data[6 * unit :] + bytes(unit - 100)
     assert out[unit : 2 * unit] == b"\xee" * unit  # left for the caller's write-zeroes
     with open(source, "rb") as s, open(target, "r+b") as t:
-        _, zeroes = copy_file_range_with_zeroes(
+        _, zeroes = copy_between_files(
             s.fileno(), t.fileno(), 0, 8 * unit, bytearray(3 * unit), unit, bytes(unit), False
         )
     assert zeroes == []  # a target that reads as zeroes needs none
@@ -306,7 +306,7 @@ def test_the_thread_copy_says_which_side_failed(tmp_path: Path, failing: str) ->
         if failing == "source":
             fds = (-1, readable.fileno())
         with pytest.raises(block_copy.CopyError) as caught:
-            copy_file_range_with_zeroes(*fds, 0, 8192, bytearray(4096), 4096, bytes(4096), False)
+            copy_between_files(*fds, 0, 8192, bytearray(4096), 4096, bytes(4096), False)
     assert caught.value.is_read == (failing == "source")
     assert caught.value.errno == errno.EBADF
 
@@ -322,7 +322,7 @@ async def test_a_cancelled_chunk_copy_ends_only_when_the_thread_is_done(
         release.wait(30)
         return 0, []
 
-    monkeypatch.setattr(block_copy, "copy_file_range_with_zeroes", held)
+    monkeypatch.setattr(block_copy, "copy_between_files", held)
     copy = asyncio.create_task(rig.copier.run(rig.copier.claim(0, 8)))  # 512 KiB: a job's chunk
     while not entered.is_set():
         await asyncio.sleep(0.01)

@@ -73,6 +73,15 @@ class ClusterBitmap:
     def _update(self, start: int, end: int, value: bool) -> int:
         """Set or clear ``[start, end)``; returns how many bits changed."""
         self._check_range(start, end)
+        if end - start == 1:  # one bit (a guest copy's granule): no popcount
+            index, mask = start >> 3, 1 << (start & 7)
+            old = self._bits[index]
+            new = old | mask if value else old & ~mask
+            if new == old:
+                return 0
+            self._bits[index] = new
+            self._count += 1 if value else -1
+            return 1
         if start == end:
             return 0
         first_byte, last_byte = start >> 3, (end - 1) >> 3

@@ -272,8 +272,10 @@ class BlockCopier:
             return True
         if self._tasks and self.overlapping(first, end) is not None:
             return False
-        limit = chunk_clusters or max(1, self.max_chunk >> self.cluster_bits)
         bitmap = self.bitmap
+        if end - first == 1:  # the usual guest write: one granule
+            return self._copy_now(first, end) if bitmap[first] else True
+        limit = chunk_clusters or max(1, self.max_chunk >> self.cluster_bits)
         pos = first
         while (start := bitmap.next_set(pos, end)) is not None:
             stop = min(bitmap.run_end(start, end), start + limit)

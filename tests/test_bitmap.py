@@ -79,3 +79,19 @@ def test_out_of_range_is_refused() -> None:
         _ = bitmap[8]
     with pytest.raises(ValueError):
         ClusterBitmap(-1)
+
+
+@settings(deadline=None)
+@given(size=st.integers(1, 100), fill=st.booleans(), flips=st.lists(st.tuples(st.booleans(), st.integers(0, 99))))
+def test_single_bit_updates_keep_the_count(size: int, fill: bool, flips: list[tuple[bool, int]]) -> None:
+    """One-bit updates (every guest copy of one granule) take their own short path."""
+    bitmap = ClusterBitmap(size, fill=fill)
+    model = [fill] * size
+    for value, index in flips:
+        index %= size
+        changed = bitmap.set(index, index + 1) if value else bitmap.clear(index, index + 1)
+        assert changed == (model[index] != value)
+        model[index] = value
+        assert bitmap.count == sum(model) and bitmap[index] == value
+    assert [bitmap[i] for i in range(size)] == model
+    assert bitmap.next_set(0) == next((i for i, bit in enumerate(model) if bit), None)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, nbd_backup_argv, run
+from conftest import ROOT, nbd_backup_argv, require, run
 from peers import KINDS, make_image, nbdinfo_json, nbdkit, peer_of_kind, qemu_nbd
 
 SIZE = 8 << 20
@@ -123,3 +123,43 @@ def test_text_output_and_errors(tmp_path: Path) -> None:
     ]:
         proc = subprocess.run(nbd_backup_argv("info", uri), capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.fixture
+def chain_with_bitmap(tmp_path: Path) -> Path:
+    """A qcow2 overlay with a backing file and a recording bitmap ``b0``, written after the bitmap began."""
+    require("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M", cwd="/")
+    run("qemu-io", "-c", "write -P 1 0 1M", str(base), cwd="/")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top), cwd="/")
+    run("qemu-img", "bitmap", "--add", str(top), "b0", cwd="/")
+    run("qemu-io", "-c", "write -P 2 2M 64k", "-c", "write -P 3 3M 4k", "-c", "write -P 4 100k 1", str(top), cwd="/")
+    return top
+
+
+@pytest.mark.parametrize("context", ["qemu:dirty-bitmap:b0", "qemu:allocation-depth", "base:allocation"])
+def test_map_of_a_meta_context_matches_nbdinfo(tmp_path: Path, chain_with_bitmap: Path, context: str) -> None:
+    extra = ("-f", "qcow2", "-r", "-A", "-B", "b0")
+    with qemu_nbd(tmp_path, chain_with_bitmap, extra=extra) as peer:
+        ours = info(f"--map={context}", peer.uri)["exports"][0]
+        theirs = json.loads(run("nbdinfo", f"--map={context}", "--json", peer.uri, cwd="/").stdout)
+        assert ours["map"] == theirs
+        if context == "qemu:dirty-bitmap:b0":  # the writes after the bitmap began, rounded to 64 KiB
+            dirty = [(e["offset"], e["length"]) for e in ours["map"] if e["description"] == "dirty"]
+            assert dirty == [(64 << 10, 64 << 10), (2 << 20, 64 << 10), (3 << 20, 64 << 10)]
+        text = subprocess.run(
+            nbd_backup_argv("info", f"--map={context}", peer.uri), capture_output=True, text=True, cwd=ROOT
+        )
+        assert text.returncode == 0, text.stderr
+        assert text.stdout.count("\n") >= len(theirs)
+
+
+def test_a_context_the_export_does_not_offer_is_an_error(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "d.img", SIZE)
+    with qemu_nbd(tmp_path, image) as peer:
+        proc = subprocess.run(
+            nbd_backup_argv("info", "--map=qemu:dirty-bitmap:nope", peer.uri), capture_output=True, text=True, cwd=ROOT
+        )
+    assert proc.returncode == 1
+    assert "does not offer meta context 'qemu:dirty-bitmap:nope'" in proc.stderr

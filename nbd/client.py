@@ -145,14 +145,16 @@ class NbdClient:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         request_timeout: float | None = None,
         reconnect_delay: float = 0,
+        map_context: str | None = None,
     ) -> NbdClient:
         """Connect and negotiate. ``connections=None`` opens up to 4 when the server allows multi-conn.
         ``request_timeout`` (seconds; None or 0: none) drops a connection that goes silent with requests
-        in flight (see the module docstring)."""
+        in flight (see the module docstring). ``map_context`` selects a second meta context by name
+        (``qemu:dirty-bitmap:NAME``, ``qemu:allocation-depth``) for ``context_map``."""
         target = _as_uri(uri)
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        first, info = await cls._open(target, connect_timeout, list_contexts=True)
+        first, info = await cls._open(target, connect_timeout, list_contexts=True, map_context=map_context)
         client = cls(
             target,
             info,
@@ -180,7 +182,12 @@ class NbdClient:
         finds them all; the first failure is raised."""
         if count <= 0:
             return
-        opening = [asyncio.ensure_future(self._open(target, timeout, list_contexts=False)) for _ in range(count)]
+        opening = [
+            asyncio.ensure_future(
+                self._open(target, timeout, list_contexts=False, map_context=self.export_info.map_context)
+            )
+            for _ in range(count)
+        ]
         try:
             await asyncio.wait(opening)
         finally:
@@ -374,7 +381,9 @@ class NbdClient:
             remaining = deadline - loop.time()
             try:
                 timeout = min(self._connect_timeout, remaining) if remaining > 0 else self._connect_timeout
-                conn, info = await self._open(self.uri, max(timeout, 0.1), list_contexts=False)
+                conn, info = await self._open(
+                    self.uri, max(timeout, 0.1), list_contexts=False, map_context=self.export_info.map_context
+                )
             except (OSError, NbdError, TimeoutError) as exc:
                 if loop.time() >= deadline and not self._failing_fast:
                     self._failing_fast = True  # from now on new requests fail at once; we keep trying
@@ -649,24 +658,31 @@ class NbdClient:
         end = min(round_up(offset + length, minimum), self.size)
         end = min(end, start + self._max_length)
         req = await self._submit(c.Cmd.BLOCK_STATUS, start, end - start)
-        extents: list[Extent] = []
-        skip = offset - start
-        budget = length
-        for ext_length, flags in req.extents:
-            if skip:
-                cut = min(skip, ext_length)
-                ext_length -= cut
-                skip -= cut
-            take = min(ext_length, budget)
-            if take <= 0:
-                continue
-            extents.append(Extent(take, flags))
-            budget -= take
-            if budget == 0:
-                break
+        extents = [Extent(run_length, flags) for run_length, flags in _clip_runs(req.extents, offset - start, length)]
         if not extents:
             raise NbdRequestError(errno.EIO, f"{self.uri}: block status did not cover the request")
         return extents
+
+    async def context_map(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Runs ``(length, flags)`` of the meta context selected at ``connect(map_context=…)`` from
+        ``offset`` on (as far as the server answered, at most ``length`` bytes; flags as that context
+        defines them: bit 0 = dirty for ``qemu:dirty-bitmap:…``, the depth for ``qemu:allocation-depth``)."""
+        context = self.export_info.map_context
+        if context is None:
+            raise ValueError("no map context was selected when connecting")
+        self._bounds(offset, length, write=False)
+        if length == 0:
+            return []
+        minimum = self._minimum
+        start = offset - offset % minimum
+        end = min(round_up(offset + length, minimum), self.size)
+        end = min(end, start + self._max_length)
+        req = await self._submit(c.Cmd.BLOCK_STATUS, start, end - start)
+        runs = req.extents if context == c.META_BASE_ALLOCATION else req.map_extents
+        clipped = _clip_runs(runs, offset - start, length)
+        if not clipped:
+            raise NbdRequestError(errno.EIO, f"{self.uri}: {context} did not cover the request")
+        return clipped
 
     async def cache(self, offset: int, length: int) -> None:
         self._bounds(offset, length, write=False)
@@ -769,6 +785,25 @@ def subtract_ranges(start: int, end: int, covers: Iterable[tuple[int, int]]) -> 
                 remaining.append((cover_end, b))
         pieces = remaining
     return pieces
+
+
+def _clip_runs(runs: Iterable[tuple[int, int]], skip: int, budget: int) -> list[tuple[int, int]]:
+    """``(length, flags)`` runs from ``skip`` bytes in, at most ``budget`` bytes (a status request
+    widened to the block size answers for more than was asked)."""
+    clipped: list[tuple[int, int]] = []
+    for run_length, flags in runs:
+        if skip:
+            cut = min(skip, run_length)
+            run_length -= cut
+            skip -= cut
+        take = min(run_length, budget)
+        if take <= 0:
+            continue
+        clipped.append((take, flags))
+        budget -= take
+        if budget == 0:
+            break
+    return clipped
 
 
 def _load(conn: ClientConnection) -> int:

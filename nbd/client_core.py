@@ -398,8 +398,10 @@ class ClientRequest:
     message: str = ""
     error_offset: int | None = None
     extents: list[tuple[int, int]] = field(default_factory=list)
+    map_extents: list[tuple[int, int]] = field(default_factory=list)  # BLOCK_STATUS: the map context's runs
     received: int = 0  # READ: bytes covered by data and hole chunks
     seen_status: bool = False
+    seen_map: bool = False
     fresh: bool = True  # READ: the buffer reads as zeroes already, so hole chunks need no filling
 
 
@@ -419,9 +421,12 @@ _REQUEST = wire.REQUEST_FAST
 class ClientTransmission:
     """Requests out, replies in; keeps the cookie → :class:`ClientRequest` table of one connection."""
 
-    def __init__(self, *, structured: bool, meta_context_id: int | None = None) -> None:
+    def __init__(
+        self, *, structured: bool, meta_context_id: int | None = None, map_context_id: int | None = None
+    ) -> None:
         self.structured = structured
-        self.meta_context_id = meta_context_id
+        self.meta_context_id = meta_context_id  # base:allocation
+        self.map_context_id = map_context_id  # a second context asked for by name (``qemu:dirty-bitmap:…``)
         self.inflight: dict[int, ClientRequest] = {}
         self._next_cookie = 1
         self._completed: list[ClientRequest] = []
@@ -673,14 +678,20 @@ class ClientTransmission:
         if req.cmd != c.Cmd.BLOCK_STATUS or len(payload) < 12 or (len(payload) - 4) % 8:
             raise ProtocolError("bad BLOCK_STATUS chunk")
         context_id = int.from_bytes(payload[:4], "big")
-        if self.meta_context_id is not None and context_id != self.meta_context_id:
+        if self.map_context_id is not None and context_id == self.map_context_id:
+            if req.seen_map:
+                raise ProtocolError("two block status chunks for one context")
+            req.seen_map = True
+            extents = req.map_extents
+        elif self.meta_context_id is not None and context_id != self.meta_context_id:
             raise ProtocolError(f"block status for context {context_id}, which was not negotiated")
-        if req.seen_status:
-            raise ProtocolError("two block status chunks for one context")
-        req.seen_status = True
+        else:
+            if req.seen_status:
+                raise ProtocolError("two block status chunks for one context")
+            req.seen_status = True
+            extents = req.extents
         remaining = req.length
         unpack = wire.BLOCK_STATUS_DESCRIPTOR_FAST.unpack_from
-        extents = req.extents
         for pos in range(4, len(payload), 8):
             length, flags = unpack(payload, pos)
             if length == 0:

@@ -46,6 +46,7 @@ class ExportInfo:
     block_preferred: int | None = None
     block_maximum: int | None = None
     contexts: tuple[str, ...] = ()
+    map_context: str | None = None  # the second context selected by name, when one was asked for
     structured: bool = False
     handshake_flags: int = 0
     used_go: bool = True
@@ -89,8 +90,12 @@ def _option_error(conn: ClientConnection, what: str, event: OptionError, export:
     return HandshakeError(f"{conn.label}: {what}{target} refused: {meaning}{detail}", event.reply)
 
 
-async def negotiate(conn: ClientConnection, export: str, *, list_contexts: bool) -> ExportInfo:
-    """Structured replies, base:allocation, then GO (falling back to EXPORT_NAME)."""
+async def negotiate(
+    conn: ClientConnection, export: str, *, list_contexts: bool, map_context: str | None = None
+) -> ExportInfo:
+    """Structured replies, base:allocation (and ``map_context``, a second meta context by name, such as
+    ``qemu:dirty-bitmap:NAME``: refused with ``HandshakeError`` when the export does not offer it), then
+    GO (falling back to EXPORT_NAME)."""
     await _greet(conn)
     hs = conn.hs
     structured = False
@@ -102,13 +107,25 @@ async def negotiate(conn: ClientConnection, export: str, *, list_contexts: bool)
         events = await _option(conn, hs.send_meta_context(export, [], set_=False))
         contexts = [e.name for e in events if isinstance(e, MetaContext)]
     context_id: int | None = None
+    map_context_id: int | None = None
+    if map_context is not None and not structured:
+        raise HandshakeError(f"{conn.label}: meta context {map_context!r} needs structured replies, refused")
     if structured:
-        events = await _option(conn, hs.send_meta_context(export, [c.META_BASE_ALLOCATION], set_=True))
+        wanted = [c.META_BASE_ALLOCATION]
+        if map_context is not None and map_context != c.META_BASE_ALLOCATION:
+            wanted.append(map_context)
+        events = await _option(conn, hs.send_meta_context(export, wanted, set_=True))
         for event in events:
             if isinstance(event, MetaContext) and event.name == c.META_BASE_ALLOCATION:
                 context_id = event.context_id
+            elif isinstance(event, MetaContext) and event.name == map_context:
+                map_context_id = event.context_id
         if isinstance(events[-1], OptionError) and events[-1].reply == c.Rep.ERR_UNKNOWN:
             raise _option_error(conn, "NBD_OPT_SET_META_CONTEXT", events[-1], export)
+        if map_context == c.META_BASE_ALLOCATION:
+            map_context_id = context_id
+        if map_context is not None and map_context_id is None:
+            raise HandshakeError(f"{conn.label}: export {export!r} does not offer meta context {map_context!r}")
     if not contexts and context_id is not None:
         contexts = [c.META_BASE_ALLOCATION]
 
@@ -142,7 +159,13 @@ async def negotiate(conn: ClientConnection, export: str, *, list_contexts: bool)
         hs.enter_transmission()
     if not flags & c.TransmissionFlag.HAS_FLAGS:
         flags = 0
-    conn.start_transmission(ClientTransmission(structured=structured, meta_context_id=context_id))
+    conn.start_transmission(
+        ClientTransmission(
+            structured=structured,
+            meta_context_id=context_id,
+            map_context_id=map_context_id if map_context_id != context_id else None,
+        )
+    )
     return ExportInfo(
         name=export,
         size=size,
@@ -152,20 +175,23 @@ async def negotiate(conn: ClientConnection, export: str, *, list_contexts: bool)
         block_preferred=block.preferred if block else None,
         block_maximum=block.maximum if block else None,
         contexts=tuple(contexts),
+        map_context=map_context,
         structured=structured,
         handshake_flags=hs.handshake_flags,
         used_go=used_go,
     )
 
 
-async def open_session(uri: NbdUri, timeout: float, *, list_contexts: bool) -> tuple[ClientConnection, ExportInfo]:
+async def open_session(
+    uri: NbdUri, timeout: float, *, list_contexts: bool, map_context: str | None = None
+) -> tuple[ClientConnection, ExportInfo]:
     """Connect and negotiate within ``timeout``; on any failure the socket is dropped, never left open."""
     conn: ClientConnection | None = None
 
     async def attempt() -> tuple[ClientConnection, ExportInfo]:
         nonlocal conn
         conn = await open_socket(uri, str(uri))
-        return conn, await negotiate(conn, uri.export, list_contexts=list_contexts)
+        return conn, await negotiate(conn, uri.export, list_contexts=list_contexts, map_context=map_context)
 
     try:
         return await asyncio.wait_for(attempt(), timeout)

@@ -289,6 +289,26 @@ def test_block_status_is_clipped_and_merged() -> None:
     assert req.extents == [(8192, 0), (1808, 3)]
 
 
+def status_chunk(context_id: int, *descriptors: tuple[int, int]) -> bytes:
+    return context_id.to_bytes(4, "big") + b"".join(wire.BLOCK_STATUS_DESCRIPTOR_FAST.pack(*d) for d in descriptors)
+
+
+def test_block_status_of_two_contexts_in_one_reply() -> None:
+    """base:allocation and a context selected by name (a dirty bitmap) answer in chunks of one reply,
+    in either order; each lands in its own list."""
+    tx = ClientTransmission(structured=True, meta_context_id=5, map_context_id=7)
+    req, _ = tx.request(c.Cmd.BLOCK_STATUS, 0, 8192)
+    tx.feed(structured(req.cookie, c.ReplyType.BLOCK_STATUS, status_chunk(7, (4096, 1), (4096, 0)), done=False))
+    tx.feed(structured(req.cookie, c.ReplyType.BLOCK_STATUS, status_chunk(5, (8192, 3)), done=True))
+    assert tx.pop_completed() == [req]
+    assert req.extents == [(8192, 3)]
+    assert req.map_extents == [(4096, 1), (4096, 0)]
+    again, _ = tx.request(c.Cmd.BLOCK_STATUS, 0, 4096)
+    tx.feed(structured(again.cookie, c.ReplyType.BLOCK_STATUS, status_chunk(7, (4096, 1)), done=False))
+    with pytest.raises(ProtocolError, match="two block status chunks"):
+        tx.feed(structured(again.cookie, c.ReplyType.BLOCK_STATUS, status_chunk(7, (4096, 1)), done=True))
+
+
 @pytest.mark.parametrize(
     "payload",
     [

@@ -1,8 +1,10 @@
 """``nbd-backup info URI``: what an NBD server says about an export (like ``nbdinfo``).
 
 Prints size, transmission flags, block sizes and meta contexts; ``--list`` does it for every export the
-server lists; ``--map`` prints the allocation map (``base:allocation``). ``--json`` uses the key names
-of ``nbdinfo --json``, so scripts written for one read the other.
+server lists; ``--map`` prints the allocation map (``base:allocation``), ``--map=CONTEXT`` the map of
+another meta context the export offers (``qemu:dirty-bitmap:NAME``: which blocks changed since the bitmap
+started; ``qemu:allocation-depth``: where in a backing chain each block lives), in nbdinfo's words.
+``--json`` uses the key names of ``nbdinfo --json``, so scripts written for one read the other.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from nbd import constants as c
@@ -51,6 +54,27 @@ def export_record(info: ExportInfo, uri: NbdUri) -> dict[str, Any]:
     return record
 
 
+def describe_dirty(flags: int) -> str:
+    """``qemu:dirty-bitmap:…`` flags as nbdinfo words them."""
+    return {0: "clean", 1: "dirty"}.get(flags, f"unknown({flags:#x})")
+
+
+def describe_depth(depth: int) -> str:
+    """``qemu:allocation-depth`` values as nbdinfo words them."""
+    return {0: "absent", 1: "local"}.get(depth, f"backing depth {depth}")
+
+
+def describer(context: str) -> Callable[[int], str]:
+    """How ``--map`` words the flags of ``context``."""
+    if context == c.META_BASE_ALLOCATION:
+        return describe_state
+    if context.startswith("qemu:dirty-bitmap:"):
+        return describe_dirty
+    if context == "qemu:allocation-depth":
+        return describe_depth
+    return str
+
+
 def describe_state(flags: int) -> str:
     """``nbdinfo --map``'s words for ``base:allocation`` flags."""
     words = []
@@ -64,18 +88,25 @@ def describe_state(flags: int) -> str:
     return ",".join(words) or "data"
 
 
-async def allocation_map(client: NbdClient) -> list[dict[str, Any]]:
-    """The whole export's extents, merged where adjacent extents share flags."""
+async def context_map(client: NbdClient, context: str = c.META_BASE_ALLOCATION) -> list[dict[str, Any]]:
+    """The whole export's map in ``context`` (``base:allocation`` unless the client was connected with
+    another ``map_context``), merged where adjacent runs share flags."""
     runs: list[tuple[int, int]] = []
     offset, size = 0, client.size
     while offset < size:
-        for extent in await client.block_status(offset, min(size - offset, MAP_SPAN)):
-            append_run(runs, extent.length, extent.flags)
-            offset += extent.length
+        span = min(size - offset, MAP_SPAN)
+        if context == c.META_BASE_ALLOCATION:
+            answer = [(extent.length, extent.flags) for extent in await client.block_status(offset, span)]
+        else:
+            answer = await client.context_map(offset, span)
+        for length, flags in answer:
+            append_run(runs, length, flags)
+            offset += length
+    describe = describer(context)
     entries: list[dict[str, Any]] = []
     offset = 0
     for length, flags in runs:
-        entries.append({"offset": offset, "length": length, "type": flags, "description": describe_state(flags)})
+        entries.append({"offset": offset, "length": length, "type": flags, "description": describe(flags)})
         offset += length
     return entries
 
@@ -90,15 +121,21 @@ async def gather(args: argparse.Namespace) -> dict[str, Any]:
         names = [(uri.export, "")]
     result: dict[str, Any] = {"protocol": "newstyle-fixed", "TLS": False}
     exports: list[dict[str, Any]] = []
+    context = args.map
     for name, description in names:
-        client = await NbdClient.connect(uri.with_export(name), connections=1, connect_timeout=timeout)
+        client = await NbdClient.connect(
+            uri.with_export(name),
+            connections=1,
+            connect_timeout=timeout,
+            map_context=context if context not in (None, c.META_BASE_ALLOCATION) else None,
+        )
         try:
             record = export_record(client.export_info, uri)
             if description and "description" not in record:
                 record["description"] = description
             result["structured"] = client.export_info.structured
-            if args.map:
-                record["map"] = await allocation_map(client)
+            if context:
+                record["map"] = await context_map(client, context)
             exports.append(record)
         finally:
             await client.close()
@@ -140,16 +177,40 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("uri", metavar="URI", help="nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, …")
+    parser.add_argument(
+        "uri", metavar="URI", nargs="?", help="nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, …"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (nbdinfo --json key names)")
     parser.add_argument("-L", "--list", action="store_true", help="every export the server lists")
-    parser.add_argument("--map", action="store_true", help="include the allocation map (base:allocation)")
+    parser.add_argument(
+        "--map",
+        nargs="?",
+        const=c.META_BASE_ALLOCATION,
+        metavar="CONTEXT",
+        help="include the map of a meta context: base:allocation (the default), qemu:dirty-bitmap:NAME,"
+        " qemu:allocation-depth",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="connect timeout in seconds (30)")
     parser.set_defaults(func=main)
 
 
+def settle_map_argument(args: argparse.Namespace) -> str | None:
+    """``--map`` takes an optional CONTEXT (nbdinfo spells it ``--map=CONTEXT``), so ``--map URI`` puts the
+    URI there: a context never contains ``://``, a URI always does. Returns an error, or None."""
+    if args.map is not None and "://" in args.map and args.uri is None:
+        args.uri, args.map = args.map, c.META_BASE_ALLOCATION
+    if args.uri is None:
+        return "the URI is missing"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     from nbd.loop import run
+
+    problem = settle_map_argument(args)
+    if problem is not None:
+        print(f"nbd-backup info: {problem}", file=sys.stderr)
+        return 2
 
     try:
         result = run(gather(args))
@@ -159,5 +220,5 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(format_text(result, show_map=args.map))
+        print(format_text(result, show_map=bool(args.map)))
     return 0

@@ -220,3 +220,23 @@ def json_dir_offset(image: Path) -> int:
             return int.from_bytes(data[pos + 24 : pos + 32], "big")
         assert kind != 0
         pos += 8 + length + (-length % 8)
+
+
+async def test_qemu_records_writes_into_our_recording_bitmap(tmp_path: Path) -> None:
+    size = 4 * MiB
+    image = tmp_path / "rec.qcow2"
+    dev = await Qcow2Device.create(image, size)
+    dev.set_stored_bitmaps(
+        [
+            StoredBitmap("on", 64 * KiB, in_use=False, auto=True, data=bits_data(size, 64 * KiB, [3])),
+            StoredBitmap("off", 64 * KiB, in_use=False, auto=False, data=bits_data(size, 64 * KiB, [])),
+        ]
+    )
+    await dev.close()
+    qemu_io(image, "write 1M 4k", "write 4092k 4k")
+    back = await read_stored(image)
+    assert {n: (b.in_use, set_bits(b.data)) for n, b in back.items()} == {
+        "on": (False, [3, 16, 63]),
+        "off": (False, []),
+    }
+    assert_qemu_check_clean(image)

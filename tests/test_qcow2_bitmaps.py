@@ -5,6 +5,7 @@ extensions, the overlap check and the refcount rebuild knowing the bitmap cluste
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ import pytest
 from backup.errors import ImageFormatError
 from backup.qcow2 import Qcow2Device
 from backup.qcow2 import layout as q
-from backup.qcow2.bitmaps import StoredBitmap, bitmap_bytes, clusters_of
+from backup.qcow2.bitmaps import Directory, StoredBitmap, bitmap_bytes, clusters_of, load_directory
 from backup.qcow2.check import check_image
+from backup.qcow2.header import read_header
 
 SIZE = (2 << 20) + 1536  # not a multiple of granularity * 8
 
@@ -141,3 +143,39 @@ async def test_bitmaps_that_cannot_be_stored_are_refused_when_set(
     with pytest.raises(ImageFormatError, match=message):
         dev.set_stored_bitmaps(bitmaps)
     await dev.close()
+
+
+async def test_an_all_ones_table_entry_reads_as_all_ones(tmp_path: Path) -> None:
+    path = tmp_path / "a.qcow2"
+    await make(path, bitmap("x", 512, bits=()))
+    directory = load_directory_of(path)
+    with path.open("r+b") as f:  # the one table entry: "all ones", no cluster (QEMU never writes it)
+        f.seek(directory.entries[0].table_offset)
+        f.write((1).to_bytes(8, "big"))
+    (back,) = await stored(path)
+    granules = -(-SIZE // 512)
+    assert back.data[:-1] == b"\xff" * (len(back.data) - 1)
+    assert back.data[-1] == (1 << (granules % 8)) - 1  # the tail bits past the disk stay clear
+
+
+def load_directory_of(path: Path) -> Directory:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        directory = load_directory(fd, read_header(fd, size, str(path)), size, str(path))
+    finally:
+        os.close(fd)
+    assert directory is not None
+    return directory
+
+
+async def test_unchanged_bitmaps_are_updated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "a.qcow2"
+    await make(path, bitmap("x"), bitmap("y", 512, bits=(5, 6)))
+    size = path.stat().st_size
+    for _ in range(3):
+        dev = await Qcow2Device.open(path)
+        await dev.close()
+    assert path.stat().st_size == size
+    assert [b.in_use for b in await stored(path)] == [False, False]
+    assert check_image(str(path)).clean

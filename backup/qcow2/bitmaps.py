@@ -40,6 +40,8 @@ MAX_NAME = 1023
 MAX_DIRECTORY = 64 * 1024 * 1024
 MIN_GRANULARITY_BITS = 9
 MAX_GRANULARITY_BITS = 31
+MAX_TABLE_ENTRIES = 0x8000000  # QEMU's BME_MAX_TABLE_SIZE
+MAX_DATA_BYTES = 0x20000000  # QEMU's BME_MAX_PHYS_SIZE: at most 512 MiB of clusters of bits per bitmap
 TABLE_RESERVED_MASK = 0xFF000000000001FE
 TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 ALL_ONES = 1
@@ -144,6 +146,8 @@ def _parse_entry(
         raise _refuse(path, f"bitmap {name!r} has granularity 2**{gbits} (2**9 to 2**31 supported)")
     cs = h.cluster_size
     expected = div_up(bitmap_bytes(h.size, 1 << gbits), cs)
+    if expected > MAX_TABLE_ENTRIES or expected * cs > MAX_DATA_BYTES:
+        raise _refuse(path, f"bitmap {name!r} is too large ({expected} clusters of bits)")
     if table_size != expected:
         raise _refuse(path, f"bitmap {name!r} has a table of {table_size} entries, its size needs {expected}")
     table: list[int] = []
@@ -225,6 +229,8 @@ def check_bitmaps(bitmaps: list[StoredBitmap], h: ImageHeader, path: str) -> Non
         g = b.granularity
         if g & (g - 1) or not 1 << MIN_GRANULARITY_BITS <= g <= 1 << MAX_GRANULARITY_BITS:
             raise ImageFormatError(f"{path}: bitmap {b.name!r}: granularity {g} must be a power of two, 512 to 2 GiB")
+        if div_up(bitmap_bytes(h.size, g), h.cluster_size) * h.cluster_size > MAX_DATA_BYTES:
+            raise ImageFormatError(f"{path}: bitmap {b.name!r}: granularity {g} is too small for a {h.size}-byte disk")
         if len(b.data) != bitmap_bytes(h.size, g):
             raise ImageFormatError(
                 f"{path}: bitmap {b.name!r} has {len(b.data)} bytes of data, a {h.size}-byte disk needs "

@@ -155,6 +155,7 @@ class Qcow2Device:
         self.stored_bitmaps: list[StoredBitmap] = []  # as loaded at open (in_use: inconsistent)
         self._bitmap_dir: Directory | None = None  # where they are on disk (read-write opens)
         self._bitmaps_to_store: list[StoredBitmap] | None = None  # set_stored_bitmaps' list
+        self._loaded_key: list[tuple[str, int, bool, bytes]] = []  # what is on disk, but for in_use
         self._guest_written = False  # a recording (auto) bitmap loaded at open missed these writes
 
     # --- opening and creating ------------------------------------------------------------------
@@ -356,13 +357,23 @@ class Qcow2Device:
             for e in directory.entries
         ]
         self._bitmap_dir = directory
+        self._loaded_key = [(b.name, b.granularity, b.auto, b.data) for b in self.stored_bitmaps]
         self._meta.add_all(clusters_of(directory, self._cb))
-        if all(e.flags & FLAG_IN_USE for e in directory.entries):
+        self._set_flags_in_place([True] * len(directory.entries))
+
+    def _set_flags_in_place(self, in_use: list[bool]) -> None:
+        """QEMU's in-place update of the in_use flags: the extension is untrusted (autoclear bit
+        clear) while the directory is rewritten, so a torn directory write is never believed."""
+        directory = self._bitmap_dir
+        assert directory is not None
+        flags = [
+            (e.flags & ~FLAG_IN_USE) | (FLAG_IN_USE if u else 0) for e, u in zip(directory.entries, in_use, strict=True)
+        ]
+        if flags == [e.flags for e in directory.entries] and self.header.autoclear & q.AUTOCLEAR_BITMAPS:
             return
-        # QEMU's in-place update: the extension is untrusted while the directory is rewritten.
-        self._write_autoclear(h.autoclear & ~q.AUTOCLEAR_BITMAPS)
-        for e in directory.entries:
-            e.flags |= FLAG_IN_USE
+        self._write_autoclear(self.header.autoclear & ~q.AUTOCLEAR_BITMAPS)
+        for e, f in zip(directory.entries, flags, strict=True):
+            e.flags = f
         os.pwrite(self._fd, encode_directory(directory.entries), directory.offset)
         self._sync()
         self._write_autoclear(q.AUTOCLEAR_BITMAPS)
@@ -399,6 +410,10 @@ class Qcow2Device:
     def _store_bitmaps_locked(self, bitmaps: list[StoredBitmap]) -> None:
         """Write new bitmap clusters, make them durable, point the header at them, then free the old
         ones: a crash at any point leaves either the old bitmaps (in_use) or the new ones."""
+        loaded = self._bitmap_dir
+        if loaded is not None and [(b.name, b.granularity, b.auto, b.data) for b in bitmaps] == self._loaded_key:
+            self._set_flags_in_place([b.in_use for b in bitmaps])  # only flags changed: no new clusters
+            return
         refs = self._begin_write(guest=False)
         h = self.header
         directory, allocated = write_bitmaps(self._fd, h, refs, bitmaps, self.path)

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 from conftest import require, run
+from crashsim import FileJournal
 from peers import nbdinfo_json, qemu_nbd
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import Qcow2Device
 from backup.qcow2.bitmaps import StoredBitmap, bitmap_bytes
+from backup.qcow2.check import check_image
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -240,3 +242,44 @@ async def test_qemu_records_writes_into_our_recording_bitmap(tmp_path: Path) -> 
         "off": (False, []),
     }
     assert_qemu_check_clean(image)
+
+
+async def test_a_crash_anywhere_in_open_and_close_leaves_old_new_or_no_bitmaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every state a power cut can leave while a read-write open marks the bitmaps in_use and a
+    close replaces them: no corruption for us or ``qemu-img check``, and the bitmaps read are the
+    old ones, the new ones, or none (the extension untrusted), never a mix or garbage."""
+    size = 2 * MiB
+    path = tmp_path / "img.qcow2"
+    old = [StoredBitmap("old", 4 * KiB, False, True, bits_data(size, 4 * KiB, [1, 300]))]
+    new = [
+        StoredBitmap("new", 512, False, False, bits_data(size, 512, [7])),
+        StoredBitmap("old", 4 * KiB, False, True, bits_data(size, 4 * KiB, [2])),
+    ]
+    dev = await Qcow2Device.create(path, size, cluster_size=4096)
+    dev.set_stored_bitmaps(old)
+    await dev.close()
+    journal = FileJournal(path, monkeypatch)
+    dev = await Qcow2Device.open(path)
+    await dev.pwrite(0, b"n" * 4096)
+    dev.set_stored_bitmaps(new)
+    await dev.close()
+    monkeypatch.undo()
+    probe = tmp_path / "crash.qcow2"
+    seen = set()
+    for label, image in journal.crash_images():
+        probe.write_bytes(image)
+        assert not check_image(str(probe)).corruptions, label
+        proc = run("qemu-img", "check", "--output=json", probe, check=False)
+        assert proc.returncode in (0, 3) and not json.loads(proc.stdout).get("corruptions"), f"{label}: {proc.stdout}"
+        got = [(b.name, b.granularity, b.auto, b.data) for b in (await read_stored(probe)).values()]
+        kind = next(
+            k
+            for k, want in (("none", []), ("old", old), ("new", new))
+            if got == [(b.name, b.granularity, b.auto, b.data) for b in want]
+        )
+        seen.add(kind)
+    assert seen == {"none", "old", "new"}, seen
+    assert journal.syncs >= 6  # dirty bit, in_use marking (3), the new clusters, the header, the frees
+    assert [(b.name, b.in_use) for b in (await read_stored(path)).values()] == [("new", False), ("old", False)]

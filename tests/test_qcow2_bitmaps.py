@@ -13,7 +13,16 @@ import pytest
 from backup.errors import ImageFormatError
 from backup.qcow2 import Qcow2Device
 from backup.qcow2 import layout as q
-from backup.qcow2.bitmaps import Directory, StoredBitmap, bitmap_bytes, clusters_of, load_directory
+from backup.qcow2.bitmaps import (
+    DIR_ENTRY,
+    EXTENSION,
+    FLAG_EXTRA_DATA_COMPATIBLE,
+    Directory,
+    StoredBitmap,
+    bitmap_bytes,
+    clusters_of,
+    load_directory,
+)
 from backup.qcow2.check import check_image
 from backup.qcow2.header import read_header
 
@@ -179,3 +188,27 @@ async def test_unchanged_bitmaps_are_updated_in_place(tmp_path: Path) -> None:
     assert path.stat().st_size == size
     assert [b.in_use for b in await stored(path)] == [False, False]
     assert check_image(str(path)).clean
+
+
+async def test_bitmaps_with_extra_data_are_read_if_compatible_and_refuse_writing(tmp_path: Path) -> None:
+    path = tmp_path / "a.qcow2"
+    await make(path, bitmap("a", bits=(4,)), bitmap("b"))
+    directory = load_directory_of(path)
+    raw = bytearray()
+    for e, compatible in zip(directory.entries, (True, False), strict=True):
+        name = e.name.encode()
+        flags = e.flags | (FLAG_EXTRA_DATA_COMPATIBLE if compatible else 0)
+        raw += DIR_ENTRY.pack(e.table_offset, len(e.table), flags, 1, e.granularity_bits, len(name), 8)
+        raw += b"extra..." + name + bytes(-(len(name)) % 8)
+    with path.open("r+b") as f:
+        f.seek(directory.offset)
+        f.write(raw)
+        f.seek(0)
+        first = f.read(4096)
+        at = first.index(EXTENSION.pack(2, 0, directory.size, directory.offset))
+        f.seek(at)
+        f.write(EXTENSION.pack(2, 0, len(raw), directory.offset))
+    assert [(b.name, b.data) for b in await stored(path)] == [("a", bitmap("a", bits=(4,)).data)]
+    assert check_image(str(path)).clean
+    with pytest.raises(ImageFormatError, match=r"extra data.*read-only"):
+        await Qcow2Device.open(path)

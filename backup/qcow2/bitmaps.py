@@ -66,6 +66,7 @@ class DirectoryEntry:
     flags: int
     granularity_bits: int
     name: str
+    usable: bool = True  # a dirty tracking bitmap without extra data we would have to understand
 
 
 @dataclass
@@ -91,8 +92,11 @@ def has_bitmaps(h: ImageHeader) -> bool:
     return h.version >= 3 and h.bitmaps_ext is not None and bool(h.autoclear & q.AUTOCLEAR_BITMAPS)
 
 
-def load_directory(fd: int, h: ImageHeader, file_size: int, path: str) -> Directory | None:
-    """The image's bitmap directory and tables, every field checked, or None without (trusted) bitmaps."""
+def load_directory(fd: int, h: ImageHeader, file_size: int, path: str, *, strict: bool = True) -> Directory | None:
+    """The image's bitmap directory and tables, every field checked, or None without (trusted) bitmaps.
+
+    ``strict`` (for writing) refuses bitmaps this code could not write back as they are (other
+    types, extra data, unknown flags); otherwise they are listed as not ``usable``."""
     if not has_bitmaps(h):
         return None
     assert h.bitmaps_ext is not None
@@ -113,7 +117,7 @@ def load_directory(fd: int, h: ImageHeader, file_size: int, path: str) -> Direct
     names: set[str] = set()
     pos = 0
     for _ in range(nb):
-        entry, pos = _parse_entry(fd, h, raw, pos, file_size, path)
+        entry, pos = _parse_entry(fd, h, raw, pos, file_size, path, strict)
         if entry.name in names:
             raise _refuse(path, f"duplicate bitmap name {entry.name!r}")
         names.add(entry.name)
@@ -124,7 +128,7 @@ def load_directory(fd: int, h: ImageHeader, file_size: int, path: str) -> Direct
 
 
 def _parse_entry(
-    fd: int, h: ImageHeader, raw: bytes, pos: int, file_size: int, path: str
+    fd: int, h: ImageHeader, raw: bytes, pos: int, file_size: int, path: str, strict: bool
 ) -> tuple[DirectoryEntry, int]:
     if pos + DIR_ENTRY.size > len(raw):
         raise _refuse(path, "bitmap directory is truncated")
@@ -134,12 +138,19 @@ def _parse_entry(
         raise _refuse(path, "bitmap directory entry runs past the directory")
     name_bytes = raw[pos + DIR_ENTRY.size + extra_size : end]
     name = name_bytes.decode("utf-8", "surrogateescape")
+    problem = None
     if flags & ~FLAGS_KNOWN:
-        raise _refuse(path, f"bitmap {name!r} has unknown flags {flags & ~FLAGS_KNOWN:#x}")
-    if type_ != TYPE_DIRTY_TRACKING:
-        raise _refuse(path, f"bitmap {name!r} has unsupported type {type_}")
-    if extra_size:
-        raise _refuse(path, f"bitmap {name!r} has {extra_size} bytes of extra data, which is not supported")
+        problem = f"bitmap {name!r} has unknown flags {flags & ~FLAGS_KNOWN:#x}"
+    elif type_ != TYPE_DIRTY_TRACKING:
+        problem = f"bitmap {name!r} has unsupported type {type_}"
+    elif extra_size:
+        problem = f"bitmap {name!r} has {extra_size} bytes of extra data, which is not supported"
+    if problem and strict:
+        raise _refuse(path, problem)
+    # Extra data marked compatible may be ignored when reading (not when writing: it must be kept).
+    usable = problem is None or (
+        type_ == TYPE_DIRTY_TRACKING and not flags & ~FLAGS_KNOWN and bool(flags & FLAG_EXTRA_DATA_COMPATIBLE)
+    )
     if not 1 <= name_size <= MAX_NAME:
         raise _refuse(path, f"bitmap name size {name_size} (1 to {MAX_NAME} supported)")
     if not MIN_GRANULARITY_BITS <= gbits <= MAX_GRANULARITY_BITS:
@@ -162,7 +173,7 @@ def _parse_entry(
     padded = end + (-end % 8)
     if any(raw[end:padded]):
         raise _refuse(path, f"bitmap {name!r}: directory entry padding is not zero")
-    return DirectoryEntry(table_offset, table, flags, gbits, name), padded
+    return DirectoryEntry(table_offset, table, flags, gbits, name, usable), padded
 
 
 def clusters_of(directory: Directory, cluster_bits: int) -> Iterator[int]:
@@ -196,8 +207,8 @@ def read_data(fd: int, h: ImageHeader, entry: DirectoryEntry) -> bytes:
 
 
 def read_bitmaps(fd: int, h: ImageHeader, file_size: int, path: str) -> list[StoredBitmap]:
-    """The bitmaps of an open image, in directory order ([] without trusted bitmaps)."""
-    directory = load_directory(fd, h, file_size, path)
+    """The usable bitmaps of an open image, in directory order ([] without trusted bitmaps)."""
+    directory = load_directory(fd, h, file_size, path, strict=False)
     if directory is None:
         return []
     return [
@@ -209,6 +220,7 @@ def read_bitmaps(fd: int, h: ImageHeader, file_size: int, path: str) -> list[Sto
             data=read_data(fd, h, e),
         )
         for e in directory.entries
+        if e.usable
     ]
 
 

@@ -111,7 +111,7 @@ def walk_references(fd: int, h: ImageHeader) -> References:
 def _ref_bitmaps(fd: int, h: ImageHeader, refs: References) -> None:
     """The persistent bitmaps' clusters are referenced too (while their extension is trusted)."""
     try:
-        directory = load_directory(fd, h, os.lseek(fd, 0, os.SEEK_END), "image")
+        directory = load_directory(fd, h, os.lseek(fd, 0, os.SEEK_END), "image", strict=False)
     except ImageFormatError as exc:
         refs.problems.append(str(exc))
         return

@@ -389,6 +389,8 @@ class Qcow2Device:
         if self._read_only:
             raise OSError(errno.EROFS, f"{self.path}: image is open read-only: its bitmaps cannot change")
         check_bitmaps(bitmaps, self.header, self.path)
+        if bitmaps:  # the extension must fit in the first cluster (512-byte clusters, long backing names)
+            rewrite_header(os.pread(self._fd, self._cs, 0), self.header, bytes(24))
         self._bitmaps_to_store = list(bitmaps)
 
     def _bitmaps_for_close(self) -> list[StoredBitmap] | None:

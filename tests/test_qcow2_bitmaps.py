@@ -212,3 +212,16 @@ async def test_bitmaps_with_extra_data_are_read_if_compatible_and_refuse_writing
     assert check_image(str(path)).clean
     with pytest.raises(ImageFormatError, match=r"extra data.*read-only"):
         await Qcow2Device.open(path)
+
+
+async def test_no_room_for_the_extension_is_refused_when_set_not_at_close(tmp_path: Path) -> None:
+    sub = tmp_path / ("d" * 200)
+    sub.mkdir()
+    base = sub / ("b" * 160)
+    await (await Qcow2Device.create(base, SIZE, cluster_size=512)).close()
+    path = tmp_path / "top.qcow2"
+    dev = await Qcow2Device.create(path, SIZE, cluster_size=512, backing_file=str(base.relative_to(tmp_path)))
+    with pytest.raises(ImageFormatError, match="do not fit"):
+        dev.set_stored_bitmaps([bitmap("x")])
+    await dev.close()
+    assert check_image(str(path)).clean

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from backup.errors import ImageFormatError
 from backup.qcow2 import layout as q
+from backup.qcow2.bitmaps import clusters_of, load_directory
 from backup.qcow2.header import ImageHeader, read_header
 from backup.qcow2.refcount import Refcounts
 from nbd.align import div_up
@@ -71,6 +72,7 @@ def walk_references(fd: int, h: ImageHeader) -> References:
     if h.l1_size:
         refs.ref(h.l1_table_offset, h.l1_size * 8, cb)
         refs.l1 = list(struct.unpack(f">{h.l1_size}Q", os.pread(fd, h.l1_size * 8, h.l1_table_offset)))
+    _ref_bitmaps(fd, h, refs)
     zero_flag = q.OFLAG_ZERO if h.version >= 3 else 0
     _, shift, smask = q.compressed_fields(cb)
     for index, l1e in enumerate(refs.l1):
@@ -104,6 +106,18 @@ def walk_references(fd: int, h: ImageHeader) -> References:
             if host or entry & zero_flag:
                 refs.allocated_clusters += 1
     return refs
+
+
+def _ref_bitmaps(fd: int, h: ImageHeader, refs: References) -> None:
+    """The persistent bitmaps' clusters are referenced too (while their extension is trusted)."""
+    try:
+        directory = load_directory(fd, h, os.lseek(fd, 0, os.SEEK_END), "image", strict=False)
+    except ImageFormatError as exc:
+        refs.problems.append(str(exc))
+        return
+    if directory is not None:
+        for cluster in clusters_of(directory, h.cluster_bits):
+            refs.counts[cluster] += 1
 
 
 @contextmanager

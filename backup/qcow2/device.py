@@ -9,7 +9,10 @@ mutation sets the header's dirty bit (durably, before any metadata is written) a
 such an image for writing first rebuilds its refcounts (``repair.py``), as QEMU does. All I/O is
 inline ``os.pread``/``os.pwrite`` (page cache hits beat a thread hop); compression runs in threads.
 Where guest bytes are is asked of one walk over the tables (``mapping.py``); the coalesced data
-writes and their overlap check are ``writer.py``'s.
+writes and their overlap check are ``writer.py``'s. Persistent dirty bitmaps (``bitmaps.py``)
+load at open; a read-write open marks them in_use on disk, as QEMU does, so a crash leaves them
+inconsistent, and a clean close writes ``set_stored_bitmaps``' list to new clusters before the header
+points to them and the old ones are freed.
 
 Whatever a crash keeps, nothing durable points to what is not: a flush writes the metadata in
 steps separated by syncs (``_write_metadata``), freed clusters are reused only after the flush
@@ -35,10 +38,31 @@ from backup.qcow2.backing import (
     probe_backing_format,
     resolve_backing_path,
 )
+from backup.qcow2.bitmaps import (
+    FLAG_AUTO,
+    FLAG_IN_USE,
+    Directory,
+    StoredBitmap,
+    check_bitmaps,
+    clusters_of,
+    encode_directory,
+    encode_extension,
+    load_directory,
+    read_bitmaps,
+    read_data,
+    write_bitmaps,
+)
 from backup.qcow2.cache import TableCache
 from backup.qcow2.codec import CodecError, codec_for, type_id_of
 from backup.qcow2.errors import Qcow2CorruptError
-from backup.qcow2.header import ImageHeader, build_header, incompatible_names, l1_entries_for, read_header
+from backup.qcow2.header import (
+    ImageHeader,
+    build_header,
+    incompatible_names,
+    l1_entries_for,
+    read_header,
+    rewrite_header,
+)
 from backup.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Map, read_l1
 from backup.qcow2.overlap import MetadataMap
 from backup.qcow2.refcount import Refcounts
@@ -128,6 +152,11 @@ class Qcow2Device:
             self._meta.add_all((e & q.L1E_OFFSET_MASK) >> self._cb for e in l1 if e & q.L1E_OFFSET_MASK)
             self._l2.before_evict = self._before_l2_evict
         self._writer = DataWriter(fd, self._meta, self._cb, self._metadata_overlap)
+        self.stored_bitmaps: list[StoredBitmap] = []  # as loaded at open (in_use: inconsistent)
+        self._bitmap_dir: Directory | None = None  # where they are on disk (read-write opens)
+        self._bitmaps_to_store: list[StoredBitmap] | None = None  # set_stored_bitmaps' list
+        self._loaded_key: list[tuple[str, int, bool, bytes]] = []  # what is on disk, but for in_use
+        self._guest_written = False  # a recording (auto) bitmap loaded at open missed these writes
 
     # --- opening and creating ------------------------------------------------------------------
 
@@ -184,7 +213,7 @@ class Qcow2Device:
                 backing = await _open_backing(header.backing_file, header.backing_format, path, chain, check_backing)
             if header.incompatible & q.INCOMPAT_DIRTY:
                 log.warning("%s was not cleanly closed (dirty bit set); reading it as it is", path)
-            return cls(
+            device = cls(
                 path,
                 fd,
                 header,
@@ -196,6 +225,8 @@ class Qcow2Device:
                 compress=compress,
                 l2_cache_size=l2_cache_size,
             )
+            device._load_bitmaps(file_size)
+            return device
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -295,6 +326,111 @@ class Qcow2Device:
         except BaseException:
             os.unlink(path)
             raise
+
+    # --- persistent bitmaps ----------------------------------------------------------------------
+
+    def _load_bitmaps(self, file_size: int) -> None:
+        """Load the stored bitmaps. Read-only: as they are (bitmaps we cannot read are skipped).
+        Read-write: bitmaps we could not write back intact refuse the open, and the others are
+        marked in_use on disk now, as QEMU does, so a crash leaves them inconsistent."""
+        h = self.header
+        if self._read_only:
+            try:
+                self.stored_bitmaps = read_bitmaps(self._fd, h, file_size, self.path)
+            except ImageFormatError as exc:
+                log.warning("%s; reading the image without them", exc)
+            return
+        try:
+            directory = load_directory(self._fd, h, file_size, self.path)
+        except ImageFormatError as exc:
+            raise ImageFormatError(f"{exc}: the image can only be opened read-only") from None
+        if directory is None:
+            return
+        self.stored_bitmaps = [
+            StoredBitmap(
+                name=e.name,
+                granularity=1 << e.granularity_bits,
+                in_use=bool(e.flags & FLAG_IN_USE),
+                auto=bool(e.flags & FLAG_AUTO),
+                data=read_data(self._fd, h, e),
+            )
+            for e in directory.entries
+        ]
+        self._bitmap_dir = directory
+        self._loaded_key = [(b.name, b.granularity, b.auto, b.data) for b in self.stored_bitmaps]
+        self._meta.add_all(clusters_of(directory, self._cb))
+        self._set_flags_in_place([True] * len(directory.entries))
+
+    def _set_flags_in_place(self, in_use: list[bool]) -> None:
+        """QEMU's in-place update of the in_use flags: the extension is untrusted (autoclear bit
+        clear) while the directory is rewritten, so a torn directory write is never believed."""
+        directory = self._bitmap_dir
+        assert directory is not None
+        flags = [
+            (e.flags & ~FLAG_IN_USE) | (FLAG_IN_USE if u else 0) for e, u in zip(directory.entries, in_use, strict=True)
+        ]
+        if flags == [e.flags for e in directory.entries] and self.header.autoclear & q.AUTOCLEAR_BITMAPS:
+            return
+        self._write_autoclear(self.header.autoclear & ~q.AUTOCLEAR_BITMAPS)
+        for e, f in zip(directory.entries, flags, strict=True):
+            e.flags = f
+        os.pwrite(self._fd, encode_directory(directory.entries), directory.offset)
+        self._sync()
+        self._write_autoclear(q.AUTOCLEAR_BITMAPS)
+
+    def _write_autoclear(self, autoclear: int) -> None:
+        h = self.header
+        h.autoclear = autoclear
+        os.pwrite(self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, h.autoclear), q.INCOMPAT_OFFSET)
+        self._sync()
+
+    def set_stored_bitmaps(self, bitmaps: list[StoredBitmap]) -> None:
+        """The bitmaps a clean ``close`` writes (replacing those stored); checked now."""
+        if self._read_only:
+            raise OSError(errno.EROFS, f"{self.path}: image is open read-only: its bitmaps cannot change")
+        check_bitmaps(bitmaps, self.header, self.path)
+        if bitmaps:  # the extension must fit in the first cluster (512-byte clusters, long backing names)
+            rewrite_header(os.pread(self._fd, self._cs, 0), self.header, bytes(24))
+        self._bitmaps_to_store = list(bitmaps)
+
+    def _bitmaps_for_close(self) -> list[StoredBitmap] | None:
+        """What close writes: ``set_stored_bitmaps``' list; else the loaded bitmaps, those that
+        recorded (auto) left in_use when guest writes went by them unrecorded; None: nothing to do."""
+        if self.header.version < 3:  # no auto-clear bits: v2 images carry no bitmaps
+            return None
+        if self._bitmaps_to_store is not None:
+            if not self._bitmaps_to_store and self._bitmap_dir is None and self.header.bitmaps_ext is None:
+                return None
+            return self._bitmaps_to_store
+        if self._bitmap_dir is None:
+            return None
+        return [
+            StoredBitmap(b.name, b.granularity, b.in_use or (b.auto and self._guest_written), b.auto, b.data)
+            for b in self.stored_bitmaps
+        ]
+
+    def _store_bitmaps_locked(self, bitmaps: list[StoredBitmap]) -> None:
+        """Write new bitmap clusters, make them durable, point the header at them, then free the old
+        ones: a crash at any point leaves either the old bitmaps (in_use) or the new ones."""
+        loaded = self._bitmap_dir
+        if loaded is not None and [(b.name, b.granularity, b.auto, b.data) for b in bitmaps] == self._loaded_key:
+            self._set_flags_in_place([b.in_use for b in bitmaps])  # only flags changed: no new clusters
+            return
+        refs = self._begin_write(guest=False)
+        h = self.header
+        directory, allocated = write_bitmaps(self._fd, h, refs, bitmaps, self.path)
+        self._meta.add_all(allocated)
+        self._flush_locked()
+        first = os.pread(self._fd, self._cs, 0)
+        ext = None if directory is None else encode_extension(directory)
+        h.autoclear = (h.autoclear | q.AUTOCLEAR_BITMAPS) if ext else (h.autoclear & ~q.AUTOCLEAR_BITMAPS)
+        os.pwrite(self._fd, rewrite_header(first, h, ext), 0)
+        self._sync()
+        h.bitmaps_ext = ext
+        if self._bitmap_dir is not None:
+            for cluster in clusters_of(self._bitmap_dir, self._cb):
+                refs.free(cluster, metadata=True)
+        self._bitmap_dir = directory
 
     # --- BlockDevice properties --------------------------------------------------------------------
 
@@ -478,18 +614,23 @@ class Qcow2Device:
 
     # --- writes ----------------------------------------------------------------------------------------
 
-    def _begin_write(self) -> Refcounts:
+    def _begin_write(self, *, guest: bool = True) -> Refcounts:
         """Before the first change: make the dirty bit durable (v3), so a crash stays detectable."""
         refs = self._refs
         assert refs is not None
+        self._guest_written |= guest
         if self._marked_corrupt:
             raise self._corrupt("a write would have overwritten metadata; the image is marked corrupt")
         if not self._marked_dirty:
             h = self.header
             if h.version >= 3:
-                h.autoclear = 0  # bitmaps and other auto-clear data become stale once we write
+                # Auto-clear data we do not maintain becomes stale once we write; bitmaps we loaded
+                # (marked in_use) we do maintain.
+                h.autoclear &= q.AUTOCLEAR_BITMAPS if self._bitmap_dir is not None else 0
                 h.incompatible |= q.INCOMPAT_DIRTY
-                os.pwrite(self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, 0), q.INCOMPAT_OFFSET)
+                os.pwrite(
+                    self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, h.autoclear), q.INCOMPAT_OFFSET
+                )
                 self._sync()
             self._marked_dirty = True
         return refs
@@ -960,17 +1101,22 @@ class Qcow2Device:
         if self._closed:
             return
         try:
-            if not self._read_only and self._marked_dirty:
+            if not self._read_only and (self._marked_dirty or self._bitmaps_for_close() is not None):
                 async with self._lock:
                     if self._closed:
                         return  # abandon() ran while this one waited for the lock
+                    bitmaps = self._bitmaps_for_close()
+                    if bitmaps is not None:
+                        self._store_bitmaps_locked(bitmaps)
                     if self._flush_locked():
                         self._sync()  # the refcounts of the clusters released just now, before "clean"
                     h = self.header
                     if h.version >= 3:
                         h.incompatible &= ~q.INCOMPAT_DIRTY
                         os.pwrite(
-                            self._fd, q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, 0), q.INCOMPAT_OFFSET
+                            self._fd,
+                            q.FEATURE_FIELDS_FAST.pack(h.incompatible, h.compatible, h.autoclear),
+                            q.INCOMPAT_OFFSET,
                         )
                         self._sync()
         finally:

@@ -8,6 +8,7 @@ is refused with an ``ImageFormatError`` that says what is wrong, never a crash l
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 from construct import ConstructError
@@ -58,6 +59,7 @@ class ImageHeader:
     compression_type: int = 0
     backing_file: str | None = None
     backing_format: str | None = None
+    bitmaps_ext: bytes | None = None  # the bitmaps extension's data, trusted only with autoclear bit 0
 
     @property
     def cluster_size(self) -> int:
@@ -202,6 +204,8 @@ def _parse_extensions(h: ImageHeader, first: bytes, path: str) -> None:
         seen.add(ext.type)
         if ext.type == q.EXT_BACKING_FORMAT:
             h.backing_format = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif ext.type == q.EXT_BITMAPS:
+            h.bitmaps_ext = data
         elif ext.type == q.EXT_DATA_FILE:
             raise _refuse(path, "images with an external data file are not supported")
         elif ext.type == q.EXT_CRYPTO:
@@ -286,6 +290,35 @@ def _build_header(h: ImageHeader, *, feature_table: bool) -> bytes:
     if len(out) > h.cluster_size:
         raise ImageFormatError(f"header and backing file name do not fit in a {h.cluster_size}-byte cluster")
     return out
+
+
+def rewrite_header(first: bytes, h: ImageHeader, bitmaps_ext: bytes | None) -> bytes:
+    """The whole first cluster of an existing v3 image with its bitmaps extension replaced (or
+    removed: None) and ``h.autoclear`` in place; every other extension is kept as it is (unknown
+    ones too), the backing file name follows them."""
+    cs = h.cluster_size
+    exts: list[tuple[int, bytes]] = []
+    pos = h.header_length
+    while pos + 8 <= cs:
+        ext = q.HeaderExtensionHeader.parse(first[pos : pos + 8])
+        if ext.type == q.EXT_END:
+            break
+        if ext.type != q.EXT_BITMAPS:
+            exts.append((ext.type, first[pos + 8 : pos + 8 + ext.length]))
+        pos += 8 + ext.length + (-ext.length % 8)
+    if bitmaps_ext is not None:
+        exts.insert(0, (q.EXT_BITMAPS, bitmaps_ext))
+    out = bytearray(first[: h.header_length])
+    for type_, data in exts:
+        out += q.HeaderExtensionHeader.build(dict(type=type_, length=len(data))) + data + bytes(-len(data) % 8)
+    out += q.HeaderExtensionHeader.build(dict(type=q.EXT_END, length=0))
+    backing = h.backing_file.encode("utf-8", "surrogateescape") if h.backing_file else b""
+    struct.pack_into(">QI", out, 8, len(out) if backing else 0, len(backing))
+    out += backing
+    struct.pack_into(">Q", out, q.INCOMPAT_OFFSET + 16, h.autoclear)
+    if len(out) > cs:
+        raise ImageFormatError(f"header extensions and backing file name do not fit in a {cs}-byte cluster")
+    return bytes(out.ljust(cs, b"\0"))
 
 
 def incompatible_names(bits: int) -> str:

@@ -172,6 +172,18 @@ class ClusterBitmap:
         """The raw bits (for persistence and tests)."""
         return bytes(self._bits)
 
+    @classmethod
+    def from_bytes(cls, size: int, data: bytes | bytearray) -> ClusterBitmap:
+        """A bitmap of ``size`` bits read from ``to_bytes`` output (short data: the rest clear; bits
+        past ``size`` ignored)."""
+        bitmap = cls(size)
+        nbytes = len(bitmap._bits)
+        chunk = bytes(data[:nbytes])
+        bitmap._bits[: len(chunk)] = chunk
+        bitmap._trim_tail()
+        bitmap._count = bitmap._popcount(0, nbytes)
+        return bitmap
+
     def __repr__(self) -> str:
         return f"ClusterBitmap(size={self._size}, count={self._count})"
 

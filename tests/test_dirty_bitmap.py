@@ -107,7 +107,9 @@ def test_merge_same_and_different_granularities() -> None:
 def test_merge_refuses_different_sizes_and_leaves_the_target() -> None:
     a, b = DirtyBitmap("a", 4 << 20), DirtyBitmap("b", 8 << 20)
     b.mark(0, 1)
-    with pytest.raises(InvalidArgument, match=r"different sizes \(destination size is 4194304, source size is 8388608\)"):
+    with pytest.raises(
+        InvalidArgument, match=r"different sizes \(destination size is 4194304, source size is 8388608\)"
+    ):
         a.merge_from(b)
     assert a.count == 0
 

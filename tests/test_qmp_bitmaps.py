@@ -4,6 +4,7 @@ qemu-storage-daemon (busy and inconsistent bitmaps, an empty merge, persistent o
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -72,7 +73,9 @@ async def test_a_refused_merge_leaves_the_target_unchanged_and_an_empty_one_is_a
     await h.reg.nodes["src"].pwrite(0, b"x")
     await h("block-dirty-bitmap-disable", node="src", name="s")
     await h("block-dirty-bitmap-clear", node="src", name="t")
-    error = await h.error("block-dirty-bitmap-merge", node="src", target="t", bitmaps=["s", {"node": "big", "name": "x"}])
+    error = await h.error(
+        "block-dirty-bitmap-merge", node="src", target="t", bitmaps=["s", {"node": "big", "name": "x"}]
+    )
     assert error[1].startswith("Bitmaps are of different sizes")
     assert h.reg.nodes["src"].bitmaps["t"].count == 0
     await h("block-dirty-bitmap-merge", node="src", target="t", bitmaps=[])
@@ -83,7 +86,8 @@ async def test_a_refused_merge_leaves_the_target_unchanged_and_an_empty_one_is_a
 
 async def test_persistent_is_accepted_on_qcow2_only(h: Harness, tmp_path: Path) -> None:
     image = tmp_path / "q.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=32768", str(image), "1M"], check=True)
+    argv = ["qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=32768", str(image), "1M"]
+    await asyncio.to_thread(subprocess.run, argv, check=True, capture_output=True)
     await h("blockdev-add", driver="qcow2", file={"driver": "file", "filename": str(image)}, **{"node-name": "q"})
     await h("block-dirty-bitmap-add", node="q", name="p", persistent=True)
     (info,) = bitmaps_of(await h("query-named-block-nodes"), "q")  # type: ignore[misc]

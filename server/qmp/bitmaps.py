@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backup.dirty_bitmap import DirtyBitmap, MAX_NAME_SIZE, check_granularity, default_granularity
+from backup.dirty_bitmap import MAX_NAME_SIZE, DirtyBitmap, check_granularity, default_granularity
 from backup.errors import BackupError
 from backup.node import BlockNode
 from nbd.device import cluster_size
@@ -89,10 +89,7 @@ def merge_bitmaps(reg: Registry, args: dict[str, Any]) -> None:
     sources: list[DirtyBitmap] = []
     try:
         for item in args["bitmaps"]:
-            if isinstance(item, str):
-                source = node.bitmap(item)
-            else:
-                source = lookup(reg, item["node"], item["name"])[1]
+            source = node.bitmap(item) if isinstance(item, str) else lookup(reg, item["node"], item["name"])[1]
             target.check_usable()
             source.check_usable(busy=False)
             if source.size != target.size:

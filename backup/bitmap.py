@@ -93,6 +93,16 @@ class ClusterBitmap:
         self._count += after - before
         return abs(after - before)
 
+    def set_bit(self, index: int) -> None:
+        """Set one bit: the common case of marking a small write, without the range machinery."""
+        if not 0 <= index < self._size:
+            raise IndexError(index)
+        byte, mask = index >> 3, 1 << (index & 7)
+        old = self._bits[byte]
+        if not old & mask:
+            self._bits[byte] = old | mask
+            self._count += 1
+
     def set(self, start: int, end: int) -> int:
         """Set bits ``[start, end)``; returns how many were clear before."""
         return self._update(start, end, True)

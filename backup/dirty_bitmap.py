@@ -44,7 +44,18 @@ def check_name(name: str) -> None:
 class DirtyBitmap:
     """A named dirty bitmap over ``size`` bytes; bit ``i`` covers bytes ``[i*g, (i+1)*g)``."""
 
-    __slots__ = ("_bits", "_shift", "busy", "granularity", "inconsistent", "name", "persistent", "recording", "size")
+    __slots__ = (
+        "_bits",
+        "_shift",
+        "busy",
+        "granularity",
+        "inconsistent",
+        "name",
+        "persistent",
+        "recording",
+        "size",
+        "successor",
+    )
 
     def __init__(
         self,
@@ -69,13 +80,16 @@ class DirtyBitmap:
         self.recording = recording  # QEMU's "recording": enabled (block-dirty-bitmap-enable/-disable)
         self.busy = False  # a job or an export uses it: QMP may not change it
         self.inconsistent = inconsistent  # loaded from an image that was not closed cleanly
+        #: While frozen (a job reads the bits), new writes are recorded here instead: see ``freeze``.
+        self.successor: DirtyBitmap | None = None
 
     # --- bits ------------------------------------------------------------------------------------
 
     def mark(self, offset: int, length: int) -> None:
-        """A write touched ``[offset, offset+length)``: set every granule it touches, if recording."""
+        """A write touched ``[offset, offset+length)``: set every granule it touches, if recording
+        (in the successor while frozen, so the bits a job is reading stay fixed)."""
         if self.recording:
-            self.set_range(offset, length)
+            (self if self.successor is None else self.successor).set_range(offset, length)
 
     def set_range(self, offset: int, length: int) -> None:
         """Set the granules covering the byte range, recording or not (merges, loads)."""
@@ -83,7 +97,11 @@ class DirtyBitmap:
         offset = max(offset, 0)
         if end <= offset:
             return
-        self._bits.set(offset >> self._shift, ((end - 1) >> self._shift) + 1)
+        first, last = offset >> self._shift, (end - 1) >> self._shift
+        if first == last:
+            self._bits.set_bit(first)
+        else:
+            self._bits.set(first, last + 1)
 
     def clear(self) -> None:
         """Every granule clean (``block-dirty-bitmap-clear``)."""
@@ -126,6 +144,36 @@ class DirtyBitmap:
             return
         for first, last in list(other._bits.runs()):
             self.set_range(first << other._shift, (last - first) << other._shift)
+
+    # --- freezing for a job (QEMU's successor, abdicate, reclaim) -------------------------------
+
+    @property
+    def frozen(self) -> bool:
+        return self.successor is not None
+
+    def freeze(self) -> None:
+        """A job starts reading the bits: they stay fixed and the bitmap is busy; writes from now on
+        go to a successor that records when the bitmap does."""
+        self.check_usable()
+        self.successor = DirtyBitmap(self.name, self.size, self.granularity, recording=self.recording)
+        self.busy = True
+
+    def abdicate(self) -> None:
+        """The job succeeded and consumed the bits: keep only what was written since ``freeze``."""
+        successor = self._thaw()
+        self._bits = successor._bits
+
+    def reclaim(self) -> None:
+        """The job failed or was cancelled: keep the old bits plus what was written since ``freeze``."""
+        self.merge_from(self._thaw())
+
+    def _thaw(self) -> DirtyBitmap:
+        successor = self.successor
+        if successor is None:
+            raise InvalidArgument(f"Bitmap '{self.name}' is not frozen")
+        self.successor = None
+        self.busy = False
+        return successor
 
     # --- checks (QEMU's bdrv_dirty_bitmap_check) -------------------------------------------------
 

@@ -184,7 +184,7 @@ class BlockNode:
             await self.top.pwrite(offset, data, fua=fua)
         finally:
             if self.bitmaps:
-                self._mark(offset, memoryview(data).nbytes)
+                self._mark(offset, data.nbytes if isinstance(data, memoryview) else len(data))
             self._leave()
 
     async def zero(

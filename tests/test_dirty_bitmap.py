@@ -231,3 +231,27 @@ async def test_a_job_writing_into_a_node_marks_its_bitmaps_and_the_source_s_gues
     await asyncio.wait_for(job.wait(), 30)
     assert on_source.dirty_runs(0, size) == [(3 * 65536, False), (65536, True), (12 * 65536, False)]
     assert on_target.count == size  # every cluster was data: the job wrote all of them
+
+
+def test_frozen_bitmap_keeps_its_bits_and_records_into_the_successor() -> None:
+    b = DirtyBitmap("b", SIZE, G)
+    b.mark(0, 1)
+    b.freeze()
+    assert b.frozen and b.busy
+    with pytest.raises(InvalidArgument, match="in use"):
+        b.freeze()
+    b.mark(5 * G, 1)
+    assert b.count == G  # what the job reads does not move
+    b.reclaim()  # the job failed: old and new bits
+    assert not b.frozen and not b.busy and b.count == 2 * G
+    b.freeze()
+    b.mark(9 * G, 1)
+    b.abdicate()  # the job succeeded: only what came after the freeze
+    assert b.dirty_runs(0, 10 * G) == [(9 * G, False), (G, True)]
+    disabled = DirtyBitmap("d", SIZE, G, recording=False)
+    disabled.freeze()
+    disabled.mark(0, 1)
+    disabled.reclaim()
+    assert disabled.count == 0
+    with pytest.raises(InvalidArgument, match="not frozen"):
+        disabled.abdicate()

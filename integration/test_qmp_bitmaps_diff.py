@@ -29,12 +29,12 @@ def bitmaps(run: Run) -> dict[str, Any]:
     return listed
 
 
-def guest_writes(run: Run, *commands: str) -> None:
-    """qemu-io writing through the daemon's NBD export of ``src`` (the export is added and removed here)."""
+def guest_writes(run: Run, *commands: str, node: str = "src") -> None:
+    """qemu-io writing through the daemon's NBD export of ``node`` (the export is added and removed here)."""
     sock = run.work / "nbd.sock"
     run("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
-    run("block-export-add", type="nbd", id="e", writable=True, **{"node-name": "src"})
-    argv = ["qemu-io", "-f", "raw", f"nbd+unix:///src?socket={sock}"]
+    run("block-export-add", type="nbd", id="e", writable=True, **{"node-name": node})
+    argv = ["qemu-io", "-f", "raw", f"nbd+unix:///{node}?socket={sock}"]
     for command in commands:
         argv += ["-c", command]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
@@ -172,3 +172,20 @@ def test_merge_of_an_empty_list_succeeds_and_changes_nothing(tmp_path: Path) -> 
             "class": "GenericError",
             "desc": "Dirty bitmap 'nope' not found",
         }
+
+
+def test_discards_are_marked_on_a_node_that_unmaps(tmp_path: Path) -> None:
+    """A trim that reaches the image changes what it reads, so it dirties the bitmap (QEMU marks a
+    discard only when the node passes it on: ``discard: unmap``, as here)."""
+    require("qemu-io")
+
+    def scenario(run: Run) -> list[str]:
+        image = make_image(run.work / "d.raw", SIZE)
+        file = {"driver": "file", "filename": str(image), "discard": "unmap"}
+        run.q.ok("blockdev-add", driver="raw", file=file, discard="unmap", **{"node-name": "d"})
+        run("block-dirty-bitmap-add", node="d", name="a", granularity=4096)
+        guest_writes(run, "discard 1048576 65536", "discard 2000000 100000", "write -z -u 0 65536", node="d")
+        bitmaps(run)
+        return []
+
+    differential(tmp_path, scenario)

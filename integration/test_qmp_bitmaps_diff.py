@@ -11,7 +11,7 @@ from typing import Any
 
 from conftest import require
 from qmp_daemon import make_image, our_daemon
-from test_qmp_diff import SIZE, Run, differential
+from test_qmp_diff import SIZE, SLOW, Run, differential
 
 GUEST_WRITES = (  # unaligned, crossing granules, write-zeroes, and the node's last bytes
     "write -P 1 1000 10",
@@ -22,9 +22,23 @@ GUEST_WRITES = (  # unaligned, crossing granules, write-zeroes, and the node's l
 
 
 def bitmaps(run: Run) -> dict[str, Any]:
-    """Every named node's ``dirty-bitmaps`` (QEMU's unnamed internal nodes left out), recorded as a reply."""
+    """Every named node's ``dirty-bitmaps`` (QEMU's unnamed internal nodes left out), recorded as a reply.
+
+    qemu-storage-daemon 7.2 also lists the unnamed bitmaps its jobs use internally (a backup's copy
+    bitmap, without a ``name``): nothing a client can name in any command. We list only the bitmaps
+    clients made (the issue asks to follow the documentation and newer QEMU where 7.2 shows internals),
+    so on QEMU's side the unnamed ones are dropped before comparing (``test_bitmaps_during_a_backup``)."""
     nodes = run.q.ok("query-named-block-nodes")
-    listed = {n["node-name"]: n.get("dirty-bitmaps") for n in nodes if not n["node-name"].startswith("#")}
+    listed: dict[str, Any] = {}
+    for node in nodes:
+        if node["node-name"].startswith("#"):
+            continue
+        found = node.get("dirty-bitmaps")
+        if found is not None and run.work.name == "qsd":
+            found = [b for b in found if "name" in b] or None
+        else:
+            assert found is None or all("name" in b for b in found)
+        listed[node["node-name"]] = found
     run.replies.append(("dirty-bitmaps", listed))
     return listed
 
@@ -187,5 +201,19 @@ def test_discards_are_marked_on_a_node_that_unmaps(tmp_path: Path) -> None:
         guest_writes(run, "discard 1048576 65536", "discard 2000000 100000", "write -z -u 0 65536", node="d")
         bitmaps(run)
         return []
+
+    differential(tmp_path, scenario)
+
+
+def test_bitmaps_during_a_backup(tmp_path: Path) -> None:
+    def scenario(run: Run) -> list[str]:
+        run("block-dirty-bitmap-add", node="src", name="a")
+        run("drive-backup", device="src", target=str(run.work / "t.raw"), sync="full", speed=SLOW, **{"job-id": "j"})
+        bitmaps(run)  # "a" only: the job's internal copy bitmap is not listed (see ``bitmaps``)
+        run("block-dirty-bitmap-remove", node="src", name="a")  # a full backup does not use it
+        run("block-job-cancel", device="j")
+        run.wait_gone("j")
+        bitmaps(run)
+        return ["j"]
 
     differential(tmp_path, scenario)

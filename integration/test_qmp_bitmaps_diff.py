@@ -103,7 +103,7 @@ def test_bitmap_crud_names_and_granularities(tmp_path: Path) -> None:
     differential(tmp_path, scenario)
 
 
-def test_default_granularity_follows_qcow2_cluster_size(tmp_path: Path) -> None:
+def test_default_granularity_follows_qcow2_cluster_size_and_qcow2_takes_persistent(tmp_path: Path) -> None:
     require("qemu-img")
 
     def scenario(run: Run) -> list[str]:
@@ -119,6 +119,7 @@ def test_default_granularity_follows_qcow2_cluster_size(tmp_path: Path) -> None:
                 "blockdev-add", driver="qcow2", file={"driver": "file", "filename": str(image)}, **{"node-name": name}
             )
             run("block-dirty-bitmap-add", node=name, name="d")
+            run("block-dirty-bitmap-add", node=name, name="p", persistent=True, granularity=512, disabled=True)
         run("blockdev-add", driver="null-co", size=100000, **{"node-name": "n"})
         run("block-dirty-bitmap-add", node="n", name="d")
         bitmaps(run)

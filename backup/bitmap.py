@@ -102,6 +102,16 @@ class ClusterBitmap:
         self._count += after - before
         return abs(after - before)
 
+    def set_bit(self, index: int) -> None:
+        """Set one bit: the common case of marking a small write, without the range machinery."""
+        if not 0 <= index < self._size:
+            raise IndexError(index)
+        byte, mask = index >> 3, 1 << (index & 7)
+        old = self._bits[byte]
+        if not old & mask:
+            self._bits[byte] = old | mask
+            self._count += 1
+
     def set(self, start: int, end: int) -> int:
         """Set bits ``[start, end)``; returns how many were clear before."""
         return self._update(start, end, True)
@@ -180,6 +190,18 @@ class ClusterBitmap:
     def to_bytes(self) -> bytes:
         """The raw bits (for persistence and tests)."""
         return bytes(self._bits)
+
+    @classmethod
+    def from_bytes(cls, size: int, data: bytes | bytearray) -> ClusterBitmap:
+        """A bitmap of ``size`` bits read from ``to_bytes`` output (short data: the rest clear; bits
+        past ``size`` ignored)."""
+        bitmap = cls(size)
+        nbytes = len(bitmap._bits)
+        chunk = bytes(data[:nbytes])
+        bitmap._bits[: len(chunk)] = chunk
+        bitmap._trim_tail()
+        bitmap._count = bitmap._popcount(0, nbytes)
+        return bitmap
 
     def __repr__(self) -> str:
         return f"ClusterBitmap(size={self._size}, count={self._count})"

@@ -8,6 +8,12 @@ is half-way through while filters are inserted.
 
 Exports, jobs and parent nodes ``hold`` the node while they use it and ``release`` it after;
 ``users`` says who holds it, so that it is not deleted under them.
+
+Dirty bitmaps live on the node, not on a filter or the image, because every write reaches the node
+first, whoever sends it (an NBD export, a job writing into the node as its target, a guest write that
+copy-before-write passes through): ``pwrite``, ``zero`` and ``trim`` mark the recording bitmaps after
+the request, as QEMU does, also when it failed (part of it may have landed). A node without bitmaps
+pays one truth test per write.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from backup.dirty_bitmap import DirtyBitmap
 from backup.errors import InvalidArgument
 from backup.filter import BlockFilter
 from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent, direct_read_fd
@@ -38,6 +45,8 @@ class BlockNode:
         self._drain_depth = 0
         self._undrained = asyncio.Event()
         self._undrained.set()
+        #: By name, in QEMU's listing order (newest first): see ``add_bitmap``.
+        self.bitmaps: dict[str, DirtyBitmap] = {}
 
     @property
     def image(self) -> BlockDevice:
@@ -62,6 +71,34 @@ class BlockNode:
     def users(self) -> frozenset[object]:
         """Who holds the node now."""
         return frozenset(self._users)
+
+    # --- dirty bitmaps -------------------------------------------------------------------------
+
+    def add_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Attach ``bitmap``; it is listed first (QEMU lists a node's bitmaps newest first)."""
+        if bitmap.name in self.bitmaps:
+            raise InvalidArgument(f"Bitmap already exists: {bitmap.name}")
+        ordered = {bitmap.name: bitmap, **self.bitmaps}
+        self.bitmaps.clear()  # in place: whoever holds the mapping sees the change
+        self.bitmaps.update(ordered)
+
+    def bitmap(self, name: str) -> DirtyBitmap:
+        """The bitmap ``name``, with QEMU's refusal when there is none."""
+        try:
+            return self.bitmaps[name]
+        except KeyError:
+            raise InvalidArgument(f"Dirty bitmap '{name}' not found") from None
+
+    def remove_bitmap(self, name: str) -> DirtyBitmap:
+        """Detach the bitmap ``name`` (refused while a job or export uses it; an inconsistent one may go)."""
+        bitmap = self.bitmap(name)
+        bitmap.check_usable(inconsistent=False)
+        del self.bitmaps[name]
+        return bitmap
+
+    def _mark(self, offset: int, length: int) -> None:
+        for bitmap in self.bitmaps.values():
+            bitmap.mark(offset, length)
 
     # --- graph changes ---------------------------------------------------------------------------
 
@@ -146,6 +183,8 @@ class BlockNode:
         try:
             await self.top.pwrite(offset, data, fua=fua)
         finally:
+            if self.bitmaps:
+                self._mark(offset, data.nbytes if isinstance(data, memoryview) else len(data))
             self._leave()
 
     async def zero(
@@ -155,6 +194,8 @@ class BlockNode:
         try:
             await self.top.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
         finally:
+            if self.bitmaps:
+                self._mark(offset, length)
             self._leave()
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
@@ -162,6 +203,8 @@ class BlockNode:
         try:
             await self.top.trim(offset, length, fua=fua)
         finally:
+            if self.bitmaps:
+                self._mark(offset, length)
             self._leave()
 
     async def flush(self) -> None:

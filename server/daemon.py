@@ -26,6 +26,7 @@ from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
 from server.addresses import parse_monitor_address, show_tcp
 from server.errors import ShutdownError
 from server.paths import PathPolicy
+from server.qmp import bitmaps as bitmap_commands
 from server.qmp import block as block_commands
 from server.qmp import jobs as job_commands
 from server.qmp import nbd as nbd_commands
@@ -42,6 +43,7 @@ def build_commands() -> CommandRegistry:
     """Every QMP command of the daemon (the monitor adds ``query-version``, ``query-commands``, ``quit``)."""
     commands = CommandRegistry()
     block_commands.register(commands)
+    bitmap_commands.register(commands)
     nbd_commands.register(commands)
     job_commands.register(commands)
     return commands

@@ -325,6 +325,10 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
         "iops": 0,
         "bps_wr": 0,
         "write_threshold": 0,
+    }
+    if node.bitmaps:  # QEMU leaves the member out for a node without bitmaps
+        info["dirty-bitmaps"] = [bitmap.info() for bitmap in node.bitmaps.values()]
+    info |= {
         "encrypted": False,
         "bps": 0,
         "bps_rd": 0,

@@ -30,9 +30,11 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from nbd import constants as c
+from nbd import meta
 from nbd.constants import State, TransmissionFlag
-from nbd.device import BlockDevice, direct_read_fd, hold, release
+from nbd.device import BlockDevice, allocation_depth, direct_read_fd, hold, release
 from nbd.errors import errno_to_nbd
+from nbd.meta import DirtyMap
 from nbd.peerlog import PeerLog
 from nbd.runs import append_run
 from nbd.server_core import (
@@ -48,6 +50,7 @@ from nbd.server_core import (
     FLAG_FUA,
     FLAG_NO_HOLE,
     FLAG_REQ_ONE,
+    META_CONTEXT_ID,
     Closed,
     Event,
     ExportEntry,
@@ -84,7 +87,18 @@ class Export:
     """A named view of a block device over NBD (usually a ``BlockNode``, so filters can be inserted
     under a live export)."""
 
-    def __init__(self, name: str, device: BlockDevice, *, writable: bool = True, description: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        device: BlockDevice,
+        *,
+        writable: bool = True,
+        description: str = "",
+        bitmaps: Sequence[DirtyMap] = (),
+        allocation_depth: bool = False,
+    ) -> None:
+        """``bitmaps`` are published as ``qemu:dirty-bitmap:NAME`` contexts and ``allocation_depth``
+        as ``qemu:allocation-depth`` (see ``nbd.meta``)."""
         if len(name.encode()) > c.MAX_STRING:
             raise ValueError(f"export name longer than {c.MAX_STRING} bytes")
         if len(description.encode()) > c.MAX_STRING:
@@ -93,6 +107,11 @@ class Export:
         self.device = device
         self.writable = writable
         self.description = description
+        self.bitmaps = tuple(bitmaps)
+        self.allocation_depth = allocation_depth
+        self.contexts = meta.context_names(self.bitmaps, allocation_depth)
+        if len(set(self.contexts)) != len(self.contexts):
+            raise ValueError("a bitmap is exported twice")
 
     @property
     def read_only(self) -> bool:
@@ -132,6 +151,7 @@ class Export:
             preferred=limits.preferred,
             maximum=min(limits.maximum, c.MAX_PAYLOAD),
             handle=self,
+            contexts=self.contexts,
         )
 
     def __repr__(self) -> str:
@@ -1011,6 +1031,34 @@ class _Connection(asyncio.BufferedProtocol):
         return self.core.reply_read_sparse(request.cookie, offset, pieces)
 
     async def _block_status(self, request: Request) -> bytes:
+        contexts = self.core.meta_contexts
+        if len(contexts) > 1 or contexts[0][0] != META_CONTEXT_ID:
+            return await self._block_status_contexts(request, contexts)
+        return self.core.reply_block_status(request.cookie, await self._allocation(request))
+
+    async def _block_status_contexts(self, request: Request, contexts: Sequence[tuple[int, str]]) -> bytes:
+        """One chunk per selected context (``qemu:dirty-bitmap:NAME``, ``qemu:allocation-depth``)."""
+        export = self.export
+        assert export is not None
+        offset, length = request.offset, request.length
+        one = bool(request.flags & FLAG_REQ_ONE)
+        bitmaps = {meta.DIRTY_BITMAP_PREFIX + b.name: b for b in export.bitmaps}
+        chunks: list[tuple[int, Sequence[tuple[int, int]]]] = []
+        for context_id, name in contexts:
+            if context_id == META_CONTEXT_ID:
+                descriptors = await self._allocation(request)
+            elif name == meta.ALLOCATION_DEPTH:
+                depth = allocation_depth(export.device)
+                descriptors = await meta.depth_descriptors(depth, offset, length, one)
+            else:
+                descriptors = meta.dirty_descriptors(bitmaps[name], offset, length, one)
+            if not descriptors:
+                raise OSError(errno_mod.EIO, f"no extents for {name}")
+            chunks.append((context_id, descriptors))
+        return self.core.reply_block_status_contexts(request.cookie, chunks)
+
+    async def _allocation(self, request: Request) -> list[tuple[int, int]]:
+        """The base:allocation descriptors of a request."""
         offset, length = request.offset, request.length
         extents = await self.device.block_status(offset, length)
         descriptors: list[tuple[int, int]] = []
@@ -1028,7 +1076,7 @@ class _Connection(asyncio.BufferedProtocol):
             raise OSError(errno_mod.EIO, "the device reported no extents")
         if request.flags & FLAG_REQ_ONE:
             descriptors = descriptors[:1]
-        return self.core.reply_block_status(request.cookie, descriptors)
+        return descriptors
 
 
 __all__ = ["DEFAULT_LIMITS", "Export", "NbdServer", "ServerLimits"]

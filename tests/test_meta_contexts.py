@@ -140,7 +140,7 @@ def test_block_status_without_any_context_is_einval() -> None:
     server.receive(option(Opt.GO, info_data("pull")))
     out(server)
     server.receive(_request(Cmd.BLOCK_STATUS, length=4096))
-    flags, rtype, _, body = chunk(out(server))
+    _, rtype, _, body = chunk(out(server))
     assert rtype == ReplyType.ERROR and struct.unpack(">I", body[:4])[0] == Errno.EINVAL
 
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from conftest import require
 from peers import qemu_nbd
 
@@ -18,6 +19,7 @@ from backup.memory import MemoryDevice
 from backup.node import BlockNode
 from backup.qcow2.device import Qcow2Device
 from backup.rawfile import RawFileDevice
+from nbd import meta
 from nbd.device import BlockDevice
 from nbd.meta import DirtyMap
 from nbd.server import Export, NbdServer
@@ -208,3 +210,34 @@ async def test_raw_file_depth_is_one_everywhere_as_qemu_nbd_says(tmp_path: Path)
     finally:
         await device.close()
     assert ours == theirs == [(0, SIZE, 1)]  # holes included
+
+
+async def _qemu_img(*args: str) -> None:
+    await tool("qemu-img", *args)
+
+
+@pytest.mark.parametrize("backing", ["raw", "qcow2", "none"])
+async def test_depth_past_a_shorter_backing_file_as_qemu_nbd(tmp_path: Path, backing: str) -> None:
+    """A 2 MiB top over a 1 MiB backing file (raw: all allocated; qcow2: one cluster) or none."""
+    require("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
+    top = tmp_path / "top.qcow2"
+    if backing == "none":
+        await _qemu_img("create", "-q", "-f", "qcow2", str(top), "2M")
+    else:
+        base = tmp_path / f"base.{backing}"
+        await _qemu_img("create", "-q", "-f", backing, str(base), "1M")
+        if backing == "qcow2":
+            await tool("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", str(base))
+        await _qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", backing, str(top), "2M")
+    await tool("qemu-io", "-f", "qcow2", "-c", "write -P 2 64k 64k", "-c", "write -z 1536k 64k", str(top))
+    with qemu_nbd(tmp_path, top, export="pull", extra=("-f", "qcow2", "-r", "-A")) as peer:
+        theirs = parse_map(await tool("nbdinfo", "--map=qemu:allocation-depth", peer.uri))
+    image = await Qcow2Device.open(top, read_only=True)
+    try:
+        ours, pos = [], 0
+        for length, depth in meta.clip(await image.allocation_depth(0, image.size), image.size, False):
+            ours.append((pos, length, depth))
+            pos += length
+    finally:
+        await image.close()
+    assert ours == theirs

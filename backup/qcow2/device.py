@@ -70,8 +70,9 @@ class _BackingRead:
 
 
 async def _backing_depth(backing: BackingImage | None, offset: int, length: int) -> list[tuple[int, int]]:
-    """The allocation depth of a range in a backing file: 0 past its end (and without one), 1
-    everywhere in a raw file (QEMU counts its holes as allocated), else the image's own answer."""
+    """The allocation depth of a range in a backing file: 0 without one, 1 everywhere in a raw file
+    (QEMU counts its holes as allocated) and past the end of any backing file (so ``qemu-nbd -A``
+    answers for a top image longer than its backing), else the backing image's own answer."""
     if backing is None:
         return [(length, 0)]
     inside = max(0, min(length, backing.size - offset))
@@ -80,7 +81,7 @@ async def _backing_depth(backing: BackingImage | None, offset: int, length: int)
         depth = allocation_depth_of(backing)
         runs = await depth(offset, inside) if depth is not None else [(inside, 1)]
     if inside < length:
-        runs.append((length - inside, 0))
+        runs.append((length - inside, 1))
     return runs
 
 

@@ -43,20 +43,19 @@ def context_names(bitmaps: Sequence[DirtyMap], allocation_depth: bool) -> tuple[
     return tuple(names)
 
 
-def matches(query: str, name: str, *, listing: bool) -> bool:
-    """Whether ``query`` selects the context ``name``: the exact name, or when listing, one of the
-    prefixes QEMU expands (``base:``, ``qemu:``, ``qemu:dirty-bitmap:``)."""
-    if query == name:
-        return True
-    return listing and query in LIST_PREFIXES and name.startswith(query)
-
-
 def select(queries: Sequence[str], names: Sequence[str], *, listing: bool) -> list[int]:
     """Indexes into ``names`` that the queries select, in ``names``' order, each once (QEMU answers
-    in its own order whatever the order of the queries). No query lists all; no query sets none."""
+    in its own order whatever the order of the queries). No query lists all; no query sets none.
+    A name exported twice is matched exactly by its first index only, as QEMU does."""
     if not queries:
         return list(range(len(names))) if listing else []
-    return [i for i, name in enumerate(names) if any(matches(q, name, listing=listing) for q in queries)]
+    chosen: set[int] = set()
+    for query in queries:
+        if listing and query in LIST_PREFIXES:
+            chosen.update(i for i, name in enumerate(names) if name.startswith(query))
+        elif query in names:
+            chosen.add(names.index(query))
+    return sorted(chosen)
 
 
 def all_names(extra: Sequence[str]) -> tuple[str, ...]:

@@ -110,8 +110,6 @@ class Export:
         self.bitmaps = tuple(bitmaps)
         self.allocation_depth = allocation_depth
         self.contexts = meta.context_names(self.bitmaps, allocation_depth)
-        if len(set(self.contexts)) != len(self.contexts):
-            raise ValueError("a bitmap is exported twice")
 
     @property
     def read_only(self) -> bool:
@@ -1042,7 +1040,8 @@ class _Connection(asyncio.BufferedProtocol):
         assert export is not None
         offset, length = request.offset, request.length
         one = bool(request.flags & FLAG_REQ_ONE)
-        bitmaps = {meta.DIRTY_BITMAP_PREFIX + b.name: b for b in export.bitmaps}
+        # Context ids follow the export's contexts: base:allocation, allocation depth, the bitmaps.
+        first_bitmap = META_CONTEXT_ID + 1 + (1 if export.allocation_depth else 0)
         chunks: list[tuple[int, Sequence[tuple[int, int]]]] = []
         for context_id, name in contexts:
             if context_id == META_CONTEXT_ID:
@@ -1051,7 +1050,7 @@ class _Connection(asyncio.BufferedProtocol):
                 depth = allocation_depth(export.device)
                 descriptors = await meta.depth_descriptors(depth, offset, length, one)
             else:
-                descriptors = meta.dirty_descriptors(bitmaps[name], offset, length, one)
+                descriptors = meta.dirty_descriptors(export.bitmaps[context_id - first_bitmap], offset, length, one)
             if not descriptors:
                 raise OSError(errno_mod.EIO, f"no extents for {name}")
             chunks.append((context_id, descriptors))

@@ -45,20 +45,42 @@ def _lookup(node: BlockNode, name: str) -> tuple[BlockNode, ExportableBitmap] | 
     return None
 
 
-def find(node: BlockNode, names: Sequence[str], *, read_only: bool) -> list[ExportableBitmap]:
+BitmapRef = str | Mapping[str, str]
+"""QMP's ``BlockDirtyBitmapOrStr``: a bitmap name of the exported node (or down its backing chain),
+or ``{"node": …, "name": …}`` naming any node's bitmap."""
+
+
+def find(
+    node: BlockNode, refs: Sequence[BitmapRef], nodes: Mapping[str, BlockNode], *, read_only: bool
+) -> list[ExportableBitmap]:
     """The bitmaps named, in order, with QEMU's errors: unknown, busy, inconsistent, and an enabled
-    bitmap of a writable node in a read-only export (its contents would move under the reader)."""
+    bitmap of a writable node in a read-only export (its contents would move under the reader).
+    The same bitmap may be named twice (qemu-storage-daemon 7.2 accepts that too)."""
     found: list[ExportableBitmap] = []
-    for name in names:
-        hit = _lookup(node, name)
-        if hit is None:
-            raise QmpError(f"Bitmap '{name}' is not found")
-        owner, bitmap = hit
+    for ref in refs:
+        if isinstance(ref, str):
+            name = ref
+            hit = _lookup(node, name)
+            if hit is None:
+                raise QmpError(f"Bitmap '{name}' is not found")
+            owner: BlockNode | None = hit[0]
+            bitmap = hit[1]
+        else:
+            name = ref["name"]
+            other = nodes.get(ref["node"])
+            if other is None:
+                raise QmpError(f"Node '{ref['node']}' not found")
+            named = node_bitmap(other, name)
+            if named is None:
+                raise QmpError(f"Dirty bitmap '{name}' not found")
+            # qemu-storage-daemon 7.2 exports another node's recording bitmap read-only: it does
+            # not apply the check below to this form.
+            owner, bitmap = None, named
         if bitmap.busy:
             raise QmpError(f"Bitmap '{name}' is currently in use by another operation and cannot be used")
         if bitmap.inconsistent:
             raise QmpError(f"Bitmap '{name}' is inconsistent and cannot be used")
-        if read_only and not owner.read_only and bitmap.recording:
+        if read_only and owner is not None and not owner.read_only and bitmap.recording:
             raise QmpError(f"Enabled bitmap '{name}' incompatible with readonly export")
         found.append(bitmap)
     return found

@@ -220,7 +220,7 @@ class Registry:
         name: str | None = None,
         writable: bool = False,
         description: str = "",
-        bitmaps: Sequence[str] = (),
+        bitmaps: Sequence[export_bitmaps.BitmapRef] = (),
         allocation_depth: bool = False,
     ) -> BlockExport:
         """``block-export-add`` type nbd, with QEMU's checks in QEMU's order; ``bitmaps`` (names of
@@ -243,7 +243,7 @@ class Registry:
             raise generic(f"description '{description}' too long")
         if export_name in self.nbd.exports:
             raise generic(f"NBD server already has export named '{export_name}'")
-        found = export_bitmaps.find(node, bitmaps, read_only=not writable)
+        found = export_bitmaps.find(node, bitmaps, self.nodes, read_only=not writable)
         export = Export(
             export_name,
             node,

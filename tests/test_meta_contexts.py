@@ -156,3 +156,13 @@ def test_descriptor_helpers_merge_clip_and_honour_req_one() -> None:
 
     assert meta.dirty_descriptors(Fake(), 0, 65536, False) == [(4096, 0), (61440, meta.DIRTY)]
     assert meta.context_names([Fake()], True) == (meta.ALLOCATION_DEPTH, "qemu:dirty-bitmap:b0")
+
+
+def test_a_context_published_twice_is_listed_twice_and_set_once() -> None:
+    twice = {"twice": ExportEntry("twice", SIZE, RW_FLAGS, contexts=("qemu:dirty-bitmap:b", "qemu:dirty-bitmap:b"))}
+    server = ServerCore(twice.get, lambda: twice.values())
+    out(server)
+    server.receive(struct.pack(">I", 3) + option(Opt.STRUCTURED_REPLY))
+    out(server)
+    assert names(contexts(server, Opt.LIST_META_CONTEXT, "twice", ["qemu:"])) == ["qemu:dirty-bitmap:b"] * 2
+    assert contexts(server, Opt.SET_META_CONTEXT, "twice", ["qemu:dirty-bitmap:b"]) == [(2, "qemu:dirty-bitmap:b")]

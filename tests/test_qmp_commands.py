@@ -612,3 +612,25 @@ async def test_block_export_add_publishes_bitmaps_and_allocation_depth(h: Harnes
     assert h.reg.exports["old"].export.contexts == ("qemu:dirty-bitmap:off",)
     await h("nbd-server-stop")
     assert not bitmaps["off"].busy
+
+
+async def test_block_export_add_bitmaps_of_other_nodes_and_twice(h: Harness) -> None:
+    """Answers as qemu-storage-daemon 7.2 gave them: ``{node, name}`` names another node's bitmap,
+    whose recording is not checked against a read-only export; a bitmap may be named twice."""
+    for name in ("n0", "n1"):
+        await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": name})
+    h.reg.node("n0").bitmaps = {"b0": _FakeBitmap("b0")}  # type: ignore[attr-defined]
+    h.reg.node("n1").bitmaps = {"x": _FakeBitmap("x")}  # type: ignore[attr-defined]
+    await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(h.tmp / "nbd.sock")}})
+    args: dict[str, Any] = {"type": "nbd", "node-name": "n0"}
+    assert (await h.error("block-export-add", id="e", **args, bitmaps=[{"node": "nz", "name": "x"}])) == (
+        "GenericError",
+        "Node 'nz' not found",
+    )
+    assert (await h.error("block-export-add", id="e", **args, bitmaps=[{"node": "n1", "name": "zz"}]))[1] == (
+        "Dirty bitmap 'zz' not found"
+    )
+    await h("block-export-add", id="e", **args, bitmaps=[{"node": "n1", "name": "x"}])
+    assert h.reg.exports["e"].export.contexts == ("qemu:dirty-bitmap:x",)
+    await h("block-export-add", id="e5", **args, name="e5", writable=True, bitmaps=["b0", "b0"])
+    assert h.reg.exports["e5"].export.contexts == ("qemu:dirty-bitmap:b0",) * 2

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from server.qmp.dispatch import CommandRegistry
-from server.qmp.schema import Enum, Union
+from server.qmp.schema import Alternate, Enum, Union
 from server.qmp.sockets import SOCKET_ADDRESS_LEGACY, port_number, unix_path
 from server.registry import Registry, generic
 
+BITMAP_OR_STR = Alternate("BlockDirtyBitmapOrStr", ["str", {"node": "str", "name": "str"}])
 REMOVE_MODE = Enum("BlockExportRemoveMode", ["safe", "hard"])
 
 BLOCK_EXPORT_OPTIONS = Union(
@@ -29,7 +30,7 @@ BLOCK_EXPORT_OPTIONS = Union(
         "*writethrough": "bool",
     },
     "type",
-    {"nbd": {"*name": "str", "*description": "str", "*bitmaps": ["str"], "*allocation-depth": "bool"}},
+    {"nbd": {"*name": "str", "*description": "str", "*bitmaps": [BITMAP_OR_STR], "*allocation-depth": "bool"}},
 )
 
 

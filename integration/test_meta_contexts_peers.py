@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -241,3 +242,57 @@ async def test_depth_past_a_shorter_backing_file_as_qemu_nbd(tmp_path: Path, bac
     finally:
         await image.close()
     assert ours == theirs
+
+
+async def _meta_replies(path: str, opt: int, export: str, queries: list[str]) -> tuple[list[str], int]:
+    """The context names one LIST (9) or SET (10) META_CONTEXT answers, and its final reply type."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        await reader.readexactly(18)
+        writer.write(struct.pack(">I", 3))
+        data = struct.pack(">I", len(export)) + export.encode() + struct.pack(">I", len(queries))
+        for query in queries:
+            data += struct.pack(">I", len(query)) + query.encode()
+        for option, payload in ((8, b""), (opt, data)):
+            writer.write(struct.pack(">QII", 0x49484156454F5054, option, len(payload)) + payload)
+        names: list[str] = []
+        replies = 0
+        while True:
+            _, option, reply, length = struct.unpack(">QIII", await reader.readexactly(20))
+            body = await reader.readexactly(length)
+            if option == opt and reply == 4:
+                names.append(body[4:].decode())
+            if reply != 4:
+                replies += 1
+                if replies == 2:
+                    return names, reply
+    finally:
+        writer.close()
+
+
+QUERIES = [
+    [],
+    ["qemu:"],
+    ["qemu:dirty-bitmap:"],
+    ["base:"],
+    ["base:allocation", "qemu:allocation-depth"],
+    ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b0", "base:allocation"],
+    ["qemu:dirty-bitmap:b"],
+    ["qemu:allocation"],
+    ["qemu:dirty-bitmap:nope"],
+    ["x-other:"],
+    ["qemu:", "base:", "qemu:dirty-bitmap:b0"],
+]
+
+
+async def test_list_and_set_meta_context_answers_match_qemu_nbd(tmp_path: Path) -> None:
+    require("qemu-img", "qemu-io", "qemu-nbd")
+    top = _chain(tmp_path)
+    asked = [(opt, queries) for opt in (9, 10) for queries in QUERIES]
+    with qemu_nbd(tmp_path, top, export="pull", extra=("-f", "qcow2", "-r", "-A", "-B", "b0")) as peer:
+        sock = str(peer.socket)
+        theirs = [await _meta_replies(sock, opt, "pull", queries) for opt, queries in asked]
+    async with served(tmp_path, MemoryDevice(SIZE), [FakeBitmap("b0", DIRTY)], True):
+        sock = str(tmp_path / "ours.sock")
+        ours = [await _meta_replies(sock, opt, "pull", queries) for opt, queries in asked]
+    assert list(zip(asked, ours, strict=True)) == list(zip(asked, theirs, strict=True))

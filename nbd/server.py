@@ -32,7 +32,7 @@ from typing import Any, cast
 from nbd import constants as c
 from nbd import meta
 from nbd.constants import State, TransmissionFlag
-from nbd.device import BlockDevice, allocation_depth, direct_read_fd, hold, release
+from nbd.device import BlockDevice, Extent, allocation_depth, direct_read_fd, hold, release
 from nbd.errors import errno_to_nbd
 from nbd.meta import DirtyMap
 from nbd.peerlog import PeerLog
@@ -411,6 +411,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._quiet_since = 0.0
         self._unsent = 0  # the transport's unsent bytes when the idle timer last looked
         self._sparse = False
+        self._contexts: tuple[tuple[int, str], ...] | None = None  # selected beyond base:allocation alone
         self._sock_fd = -1  # the socket, for sendfile (-1: not usable)
 
     # --- protocol callbacks ------------------------------------------------------------------------
@@ -717,6 +718,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.server._handshaking.pop(self, None)
         self._rbuf = None  # the big receive buffer from now on
         self._sparse = event.structured and event.export.size > 0
+        base_only = event.meta_contexts == ((META_CONTEXT_ID, c.META_BASE_ALLOCATION),)
+        self._contexts = None if base_only or not event.meta_contexts else event.meta_contexts
         self._sock_fd = -1
         sock = self.transport.get_extra_info("socket")
         if sock is not None and self.transport.get_extra_info("sslcontext") is None and SENDFILE_MIN:
@@ -1029,10 +1032,10 @@ class _Connection(asyncio.BufferedProtocol):
         return self.core.reply_read_sparse(request.cookie, offset, pieces)
 
     async def _block_status(self, request: Request) -> bytes:
-        contexts = self.core.meta_contexts
-        if len(contexts) > 1 or contexts[0][0] != META_CONTEXT_ID:
-            return await self._block_status_contexts(request, contexts)
-        return self.core.reply_block_status(request.cookie, await self._allocation(request))
+        if self._contexts is not None:
+            return await self._block_status_contexts(request, self._contexts)
+        extents = await self.device.block_status(request.offset, request.length)
+        return self.core.reply_block_status(request.cookie, _allocation(request, extents))
 
     async def _block_status_contexts(self, request: Request, contexts: Sequence[tuple[int, str]]) -> bytes:
         """One chunk per selected context (``qemu:dirty-bitmap:NAME``, ``qemu:allocation-depth``)."""
@@ -1045,7 +1048,7 @@ class _Connection(asyncio.BufferedProtocol):
         chunks: list[tuple[int, Sequence[tuple[int, int]]]] = []
         for context_id, name in contexts:
             if context_id == META_CONTEXT_ID:
-                descriptors = await self._allocation(request)
+                descriptors = _allocation(request, await self.device.block_status(offset, length))
             elif name == meta.ALLOCATION_DEPTH:
                 depth = allocation_depth(export.device)
                 descriptors = await meta.depth_descriptors(depth, offset, length, one)
@@ -1056,26 +1059,27 @@ class _Connection(asyncio.BufferedProtocol):
             chunks.append((context_id, descriptors))
         return self.core.reply_block_status_contexts(request.cookie, chunks)
 
-    async def _allocation(self, request: Request) -> list[tuple[int, int]]:
-        """The base:allocation descriptors of a request."""
-        offset, length = request.offset, request.length
-        extents = await self.device.block_status(offset, length)
-        descriptors: list[tuple[int, int]] = []
-        remaining = length
-        for extent in extents:
-            run = min(extent.length, remaining)
-            if run <= 0:
-                break
-            flags = extent.flags & 3
-            if len(descriptors) >= MAX_DESCRIPTORS and descriptors[-1][1] != flags:
-                break
-            append_run(descriptors, run, flags)
-            remaining -= run
-        if not descriptors:
-            raise OSError(errno_mod.EIO, "the device reported no extents")
-        if request.flags & FLAG_REQ_ONE:
-            descriptors = descriptors[:1]
-        return descriptors
+
+def _allocation(request: Request, extents: Sequence[Extent]) -> list[tuple[int, int]]:
+    """The base:allocation descriptors of a request from the device's extents (no await of its own:
+    BLOCK_STATUS is a hot path)."""
+    length = request.length
+    descriptors: list[tuple[int, int]] = []
+    remaining = length
+    for extent in extents:
+        run = min(extent.length, remaining)
+        if run <= 0:
+            break
+        flags = extent.flags & 3
+        if len(descriptors) >= MAX_DESCRIPTORS and descriptors[-1][1] != flags:
+            break
+        append_run(descriptors, run, flags)
+        remaining -= run
+    if not descriptors:
+        raise OSError(errno_mod.EIO, "the device reported no extents")
+    if request.flags & FLAG_REQ_ONE:
+        descriptors = descriptors[:1]
+    return descriptors
 
 
 __all__ = ["DEFAULT_LIMITS", "Export", "NbdServer", "ServerLimits"]

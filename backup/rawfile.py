@@ -309,6 +309,11 @@ class RawFileDevice:
         self._check_read(offset, length)
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
+    async def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """One layer holding every byte, holes included (what ``qemu-nbd -A`` says of a raw file)."""
+        self._check_read(offset, length)
+        return [(length, 1)] if length else []
+
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_read(offset, length)
         if length == 0:

@@ -5,9 +5,10 @@ filters such as copy-before-write, and ``NbdClient`` (a remote NBD export is jus
 The NBD server exports any ``BlockDevice``; the backup job copies from one to another.
 
 Beyond the verbs a device may offer optional capabilities, each declared here as a protocol
-(``DirectReadFd``, ``DirectWriteFd``, ``ReadInto``, ``WriteFromFd``, ``TopAllocation``, ``Backed``,
-``ImageFile``, ``Formatted``, ``Clustered``, ``RemoteExport``, ``Compressing``, ``Holdable``) with one
-function that asks a device for it (``direct_read_fd``, ``read_into``, ``backing_of``, ``hold``, …).
+(``DirectReadFd``, ``DirectWriteFd``, ``ReadInto``, ``WriteFromFd``, ``TopAllocation``,
+``AllocationDepth``, ``Layered``, ``Backed``, ``ImageFile``, ``Formatted``, ``Clustered``,
+``RemoteExport``, ``Compressing``, ``Holdable``) with one function that asks a device for it
+(``direct_read_fd``, ``read_into``, ``allocation_depth``, ``backing_of``, ``hold``, …).
 Callers use those functions, never ``getattr``: this module is the one place that looks at what a
 device offers.
 
@@ -168,6 +169,25 @@ class TopAllocation(Protocol):
 
 
 @runtime_checkable
+class AllocationDepth(Protocol):
+    """At which layer of its backing chain each byte is allocated (NBD's ``qemu:allocation-depth``)."""
+
+    async def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Runs ``(length, depth)`` covering the range: 0 allocated nowhere (reads as zeroes), 1 in
+        this image (zero clusters count), 2 in its backing file, and so on down the chain."""
+        ...
+
+
+@runtime_checkable
+class Layered(Protocol):
+    """A device over an opened image that answers layout questions for it (a block node: its
+    filters change neither allocation nor backing chains)."""
+
+    @property
+    def image(self) -> BlockDevice: ...
+
+
+@runtime_checkable
 class Holdable(Protocol):
     """Something exports, jobs and parent nodes hold while they use it (a block node), so that it is
     not deleted under them."""
@@ -247,6 +267,7 @@ _reads_into = _class_check(ReadInto)
 _writes_from_fd = _class_check(WriteFromFd)
 _knows_top = _class_check(TopAllocation)
 _holdable = _class_check(Holdable)
+_knows_depth = _class_check(AllocationDepth)
 
 
 def direct_read_fd(device: Any) -> int | None:
@@ -281,6 +302,14 @@ def write_from_fd(device: object) -> Callable[..., Awaitable[None]] | None:
 def top_allocation(device: object) -> Callable[[int, int], Awaitable[list[tuple[int, bool]]]] | None:
     """``device.top_allocation`` when the device can tell its own clusters from its backing's, else None."""
     return cast(TopAllocation, device).top_allocation if _knows_top(device) else None
+
+
+def allocation_depth(device: object) -> Callable[[int, int], Awaitable[list[tuple[int, int]]]] | None:
+    """``allocation_depth`` of the device (of the image under a block node), or None when it cannot
+    tell layers apart."""
+    if not _knows_depth(device) and isinstance(device, Layered):
+        device = device.image
+    return cast(AllocationDepth, device).allocation_depth if _knows_depth(device) else None
 
 
 def hold(device: object, user: object) -> None:

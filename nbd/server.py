@@ -30,9 +30,11 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from nbd import constants as c
+from nbd import meta
 from nbd.constants import State, TransmissionFlag
-from nbd.device import BlockDevice, direct_read_fd, hold, release
+from nbd.device import BlockDevice, Extent, allocation_depth, direct_read_fd, hold, release
 from nbd.errors import errno_to_nbd
+from nbd.meta import DirtyMap
 from nbd.peerlog import PeerLog
 from nbd.runs import append_run
 from nbd.server_core import (
@@ -48,6 +50,7 @@ from nbd.server_core import (
     FLAG_FUA,
     FLAG_NO_HOLE,
     FLAG_REQ_ONE,
+    META_CONTEXT_ID,
     Closed,
     Event,
     ExportEntry,
@@ -84,7 +87,18 @@ class Export:
     """A named view of a block device over NBD (usually a ``BlockNode``, so filters can be inserted
     under a live export)."""
 
-    def __init__(self, name: str, device: BlockDevice, *, writable: bool = True, description: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        device: BlockDevice,
+        *,
+        writable: bool = True,
+        description: str = "",
+        bitmaps: Sequence[DirtyMap] = (),
+        allocation_depth: bool = False,
+    ) -> None:
+        """``bitmaps`` are published as ``qemu:dirty-bitmap:NAME`` contexts and ``allocation_depth``
+        as ``qemu:allocation-depth`` (see ``nbd.meta``)."""
         if len(name.encode()) > c.MAX_STRING:
             raise ValueError(f"export name longer than {c.MAX_STRING} bytes")
         if len(description.encode()) > c.MAX_STRING:
@@ -93,6 +107,9 @@ class Export:
         self.device = device
         self.writable = writable
         self.description = description
+        self.bitmaps = tuple(bitmaps)
+        self.allocation_depth = allocation_depth
+        self.contexts = meta.context_names(self.bitmaps, allocation_depth)
 
     @property
     def read_only(self) -> bool:
@@ -132,6 +149,7 @@ class Export:
             preferred=limits.preferred,
             maximum=min(limits.maximum, c.MAX_PAYLOAD),
             handle=self,
+            contexts=self.contexts,
         )
 
     def __repr__(self) -> str:
@@ -393,6 +411,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._quiet_since = 0.0
         self._unsent = 0  # the transport's unsent bytes when the idle timer last looked
         self._sparse = False
+        self._contexts: tuple[tuple[int, str], ...] | None = None  # selected beyond base:allocation alone
         self._sock_fd = -1  # the socket, for sendfile (-1: not usable)
 
     # --- protocol callbacks ------------------------------------------------------------------------
@@ -699,6 +718,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.server._handshaking.pop(self, None)
         self._rbuf = None  # the big receive buffer from now on
         self._sparse = event.structured and event.export.size > 0
+        base_only = event.meta_contexts == ((META_CONTEXT_ID, c.META_BASE_ALLOCATION),)
+        self._contexts = None if base_only or not event.meta_contexts else event.meta_contexts
         self._sock_fd = -1
         sock = self.transport.get_extra_info("socket")
         if sock is not None and self.transport.get_extra_info("sslcontext") is None and SENDFILE_MIN:
@@ -1011,24 +1032,54 @@ class _Connection(asyncio.BufferedProtocol):
         return self.core.reply_read_sparse(request.cookie, offset, pieces)
 
     async def _block_status(self, request: Request) -> bytes:
+        if self._contexts is not None:
+            return await self._block_status_contexts(request, self._contexts)
+        extents = await self.device.block_status(request.offset, request.length)
+        return self.core.reply_block_status(request.cookie, _allocation(request, extents))
+
+    async def _block_status_contexts(self, request: Request, contexts: Sequence[tuple[int, str]]) -> bytes:
+        """One chunk per selected context (``qemu:dirty-bitmap:NAME``, ``qemu:allocation-depth``)."""
+        export = self.export
+        assert export is not None
         offset, length = request.offset, request.length
-        extents = await self.device.block_status(offset, length)
-        descriptors: list[tuple[int, int]] = []
-        remaining = length
-        for extent in extents:
-            run = min(extent.length, remaining)
-            if run <= 0:
-                break
-            flags = extent.flags & 3
-            if len(descriptors) >= MAX_DESCRIPTORS and descriptors[-1][1] != flags:
-                break
-            append_run(descriptors, run, flags)
-            remaining -= run
-        if not descriptors:
-            raise OSError(errno_mod.EIO, "the device reported no extents")
-        if request.flags & FLAG_REQ_ONE:
-            descriptors = descriptors[:1]
-        return self.core.reply_block_status(request.cookie, descriptors)
+        one = bool(request.flags & FLAG_REQ_ONE)
+        # Context ids follow the export's contexts: base:allocation, allocation depth, the bitmaps.
+        first_bitmap = META_CONTEXT_ID + 1 + (1 if export.allocation_depth else 0)
+        chunks: list[tuple[int, Sequence[tuple[int, int]]]] = []
+        for context_id, name in contexts:
+            if context_id == META_CONTEXT_ID:
+                descriptors = _allocation(request, await self.device.block_status(offset, length))
+            elif name == meta.ALLOCATION_DEPTH:
+                depth = allocation_depth(export.device)
+                descriptors = await meta.depth_descriptors(depth, offset, length, one)
+            else:
+                descriptors = meta.dirty_descriptors(export.bitmaps[context_id - first_bitmap], offset, length, one)
+            if not descriptors:
+                raise OSError(errno_mod.EIO, f"no extents for {name}")
+            chunks.append((context_id, descriptors))
+        return self.core.reply_block_status_contexts(request.cookie, chunks)
+
+
+def _allocation(request: Request, extents: Sequence[Extent]) -> list[tuple[int, int]]:
+    """The base:allocation descriptors of a request from the device's extents (no await of its own:
+    BLOCK_STATUS is a hot path)."""
+    length = request.length
+    descriptors: list[tuple[int, int]] = []
+    remaining = length
+    for extent in extents:
+        run = min(extent.length, remaining)
+        if run <= 0:
+            break
+        flags = extent.flags & 3
+        if len(descriptors) >= MAX_DESCRIPTORS and descriptors[-1][1] != flags:
+            break
+        append_run(descriptors, run, flags)
+        remaining -= run
+    if not descriptors:
+        raise OSError(errno_mod.EIO, "the device reported no extents")
+    if request.flags & FLAG_REQ_ONE:
+        descriptors = descriptors[:1]
+    return descriptors
 
 
 __all__ = ["DEFAULT_LIMITS", "Export", "NbdServer", "ServerLimits"]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from nbd import constants as c
-from nbd import wire
+from nbd import meta, wire
 from nbd.constants import Cmd, CmdFlag, Errno, Opt, Rep, ReplyFlag, ReplyType, TransmissionFlag
 
 # Replies without construct on the hot path (proven equal to the construct definitions in tests).
@@ -192,6 +192,7 @@ class ExportEntry:
     preferred: int = c.PREFERRED_BLOCK_SIZE
     maximum: int = c.MAX_PAYLOAD
     handle: object = None
+    contexts: tuple[str, ...] = ()  # meta contexts besides base:allocation (``nbd.meta.context_names``)
 
 
 Lookup = Callable[[str], "ExportEntry | None"]
@@ -208,6 +209,7 @@ class Negotiated:
     export: ExportEntry
     structured: bool
     meta_context: int  # the base:allocation context id, 0 when none was selected
+    meta_contexts: tuple[tuple[int, str], ...] = ()  # every selected context: (id, name), by id
 
 
 class Request:
@@ -294,11 +296,12 @@ class ServerCore:
         self.options_seen = 0
         self.structured = False
         self._meta_export: str | None = None  # export name of the last successful SET_META_CONTEXT
-        self._meta_selected = False
+        self._meta_set: tuple[tuple[int, str], ...] = ()  # (id, name) the last SET_META_CONTEXT selected
         self._option = 0
         self._option_length = 0
         self.export: ExportEntry | None = None
         self.meta_context = 0
+        self.meta_contexts: tuple[tuple[int, str], ...] = ()
         self._flags = 0
         self._size = 0
         self._read_only = True
@@ -530,8 +533,15 @@ class ServerCore:
         self._max_payload = entry.maximum
         # Requests must be multiples of the advertised minimum block size (a power of two).
         self._align = entry.minimum - 1 if entry.minimum > 1 and not entry.minimum & (entry.minimum - 1) else 0
-        self.meta_context = META_CONTEXT_ID if self._meta_selected and self._meta_export == entry.name else 0
-        events.append(Negotiated(entry, self.structured, self.meta_context))
+        chosen = self._meta_set if self._meta_export == entry.name else ()
+        names = meta.all_names(entry.contexts)
+        # Only what still has the same id (an export replaced between SET and GO may publish others).
+        self.meta_contexts = tuple(
+            (i, name) for i, name in chosen if i - META_CONTEXT_ID < len(names) and names[i - META_CONTEXT_ID] == name
+        )
+        base = self.meta_contexts[:1] == ((META_CONTEXT_ID, c.META_BASE_ALLOCATION),)
+        self.meta_context = META_CONTEXT_ID if base else 0
+        events.append(Negotiated(entry, self.structured, self.meta_context, self.meta_contexts))
 
     def _transmission_flags(self, entry: ExportEntry) -> int:
         flags = entry.flags | TransmissionFlag.HAS_FLAGS
@@ -621,22 +631,21 @@ class ServerCore:
         is_set = option == Opt.SET_META_CONTEXT
         if is_set:
             # "Issuing this command replaces all previously-set metadata contexts (including when it fails)."
-            self._meta_selected = False
+            self._meta_set = ()
             self._meta_export = None
         if not self.structured:
             raise _Refusal(Rep.ERR_INVALID, "negotiate structured replies before meta contexts")
         name, queries = _parse_meta_request(data)
-        canonical = self._find(name).name  # "" may stand for the default export
-        if not queries:
-            selected = not is_set
-        else:
-            selected = any(q == c.META_BASE_ALLOCATION or (not is_set and q == "base:") for q in queries)
-        if selected:
-            context_id = META_CONTEXT_ID if is_set else 0
-            self._reply(option, Rep.META_CONTEXT, _U32.pack(context_id) + c.META_BASE_ALLOCATION.encode())
+        entry = self._find(name)  # "" may stand for the default export
+        names = meta.all_names(entry.contexts)
+        chosen = meta.select(queries, names, listing=not is_set)
+        for index in chosen:
+            # Context i has id i + 1 (base:allocation is META_CONTEXT_ID); a listing carries id 0.
+            context_id = index + META_CONTEXT_ID if is_set else 0
+            self._reply(option, Rep.META_CONTEXT, _U32.pack(context_id) + names[index].encode())
         if is_set:
-            self._meta_selected = selected
-            self._meta_export = canonical
+            self._meta_set = tuple((index + META_CONTEXT_ID, names[index]) for index in chosen)
+            self._meta_export = entry.name
         self._reply(option, Rep.ACK)
         return False
 
@@ -725,7 +734,7 @@ class ServerCore:
                 return Errno.EINVAL
             return 0
         if cmd == CMD_BLOCK_STATUS:
-            if flags & ~FLAG_REQ_ONE or not self.meta_context or length == 0 or offset + length > self._size:
+            if flags & ~FLAG_REQ_ONE or not self.meta_contexts or length == 0 or offset + length > self._size:
                 return Errno.EINVAL
             return 0
         return Errno.EINVAL  # unknown command
@@ -819,6 +828,23 @@ class ServerCore:
         for length, flags in descriptors:
             body += pack(length, flags)
         return _CHUNK.pack(STRUCTURED_MAGIC, DONE, ReplyType.BLOCK_STATUS, cookie, len(body)) + body
+
+    def reply_block_status_contexts(
+        self, cookie: int, chunks: Sequence[tuple[int, Sequence[tuple[int, int]]]]
+    ) -> bytes:
+        """BLOCK_STATUS with several contexts: one chunk per ``(context id, descriptors)``, the last
+        one flagged done (the spec allows them in any order; we send them by id, as QEMU does)."""
+        out = bytearray()
+        pack = wire.BLOCK_STATUS_DESCRIPTOR_FAST.pack
+        last = len(chunks) - 1
+        for i, (context_id, descriptors) in enumerate(chunks):
+            body = bytearray(_U32.pack(context_id))
+            for length, flags in descriptors:
+                body += pack(length, flags)
+            flag = DONE if i == last else 0
+            out += _CHUNK.pack(STRUCTURED_MAGIC, flag, ReplyType.BLOCK_STATUS, cookie, len(body))
+            out += body
+        return bytes(out)
 
 
 def _parse_string(data: bytes, pos: int, what: str) -> tuple[str, int]:

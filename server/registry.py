@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +23,7 @@ from backup.node import BlockNode
 from nbd.constants import MAX_STRING
 from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
 from nbd.uri import NbdUri
+from server import export_bitmaps
 from server.addresses import show_tcp
 from server.errors import QmpError
 from server.paths import PathPolicy
@@ -219,8 +220,11 @@ class Registry:
         name: str | None = None,
         writable: bool = False,
         description: str = "",
+        bitmaps: Sequence[export_bitmaps.BitmapRef] = (),
+        allocation_depth: bool = False,
     ) -> BlockExport:
-        """``block-export-add`` type nbd, with QEMU's checks in QEMU's order."""
+        """``block-export-add`` type nbd, with QEMU's checks in QEMU's order; ``bitmaps`` (names of
+        the node's dirty bitmaps) are published as meta contexts and busy while exported."""
         if not id_wellformed(export_id):
             raise generic(f"Invalid block export id '{export_id}'")
         if export_id in self.exports:
@@ -239,8 +243,17 @@ class Registry:
             raise generic(f"description '{description}' too long")
         if export_name in self.nbd.exports:
             raise generic(f"NBD server already has export named '{export_name}'")
-        export = Export(export_name, node, writable=writable, description=description)
+        found = export_bitmaps.find(node, bitmaps, self.nodes, read_only=not writable)
+        export = Export(
+            export_name,
+            node,
+            writable=writable,
+            description=description,
+            bitmaps=found,
+            allocation_depth=allocation_depth,
+        )
         self.nbd.add_export(export)
+        export_bitmaps.claim(found)
         entry = BlockExport(export_id, node, export)
         self.exports[export_id] = entry
         return entry
@@ -256,6 +269,7 @@ class Registry:
 
     def _drop_export(self, export_id: str) -> None:
         entry = self.exports.pop(export_id)
+        export_bitmaps.release(entry.export.bitmaps)
         if self.nbd is not None:
             with contextlib.suppress(KeyError):
                 self.nbd.remove_export(entry.name)

@@ -556,3 +556,81 @@ async def test_allow_dir_confines_the_unix_sockets_the_daemon_connects_to(tmp_pa
         spy.close()
         await h.reg.close()
         await server.stop()
+
+
+class _FakeBitmap:
+    """What ``block-export-add`` reads of a dirty bitmap (``BlockNode.bitmaps`` holds H1's)."""
+
+    def __init__(self, name: str, *, recording: bool = True, busy: bool = False, inconsistent: bool = False) -> None:
+        self.name = name
+        self.recording = recording
+        self.busy = busy
+        self.inconsistent = inconsistent
+
+    def dirty_runs(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        return [(length, False)]
+
+
+async def test_block_export_add_publishes_bitmaps_and_allocation_depth(h: Harness) -> None:
+    await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "n0"})
+    bitmaps = {
+        "on": _FakeBitmap("on"),
+        "off": _FakeBitmap("off", recording=False),
+        "used": _FakeBitmap("used", busy=True),
+        "bad": _FakeBitmap("bad", inconsistent=True),
+    }
+    h.reg.node("n0").bitmaps = bitmaps  # type: ignore[attr-defined]
+    await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(h.tmp / "nbd.sock")}})
+
+    async def refused(**args: Any) -> str:
+        error_class, desc = await h.error("block-export-add", type="nbd", id="e", **{"node-name": "n0"}, **args)
+        assert error_class == "GenericError"
+        return desc
+
+    assert await refused(bitmaps=["off", "nope"]) == "Bitmap 'nope' is not found"
+    assert await refused(bitmaps=["used"]) == (
+        "Bitmap 'used' is currently in use by another operation and cannot be used"
+    )
+    assert await refused(bitmaps=["bad"]) == "Bitmap 'bad' is inconsistent and cannot be used"
+    assert await refused(bitmaps=["on"]) == "Enabled bitmap 'on' incompatible with readonly export"
+    assert not any(b.busy for name, b in bitmaps.items() if name != "used")  # refusals claim nothing
+
+    await h(
+        "block-export-add", type="nbd", id="e", **{"node-name": "n0"}, bitmaps=["off"], **{"allocation-depth": True}
+    )
+    assert h.reg.exports["e"].export.contexts == ("qemu:allocation-depth", "qemu:dirty-bitmap:off")
+    assert bitmaps["off"].busy  # as QEMU: an exported bitmap is busy until the export goes
+    desc = (await h.error("block-export-add", type="nbd", id="e2", **{"node-name": "n0"}, name="x", bitmaps=["off"]))[1]
+    assert desc == "Bitmap 'off' is currently in use by another operation and cannot be used"
+    # a writable export may publish a recording bitmap; the old nbd-server-add takes one bitmap
+    await h("block-export-add", type="nbd", id="w", **{"node-name": "n0"}, name="w", writable=True, bitmaps=["on"])
+    assert h.reg.exports["w"].export.contexts == ("qemu:dirty-bitmap:on",)
+    await h("block-export-del", id="e")
+    await h("block-export-del", id="w")
+    assert not bitmaps["off"].busy and not bitmaps["on"].busy
+    await h("nbd-server-add", device="n0", name="old", bitmap="off")
+    assert h.reg.exports["old"].export.contexts == ("qemu:dirty-bitmap:off",)
+    await h("nbd-server-stop")
+    assert not bitmaps["off"].busy
+
+
+async def test_block_export_add_bitmaps_of_other_nodes_and_twice(h: Harness) -> None:
+    """Answers as qemu-storage-daemon 7.2 gave them: ``{node, name}`` names another node's bitmap,
+    whose recording is not checked against a read-only export; a bitmap may be named twice."""
+    for name in ("n0", "n1"):
+        await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": name})
+    h.reg.node("n0").bitmaps = {"b0": _FakeBitmap("b0")}  # type: ignore[attr-defined]
+    h.reg.node("n1").bitmaps = {"x": _FakeBitmap("x")}  # type: ignore[attr-defined]
+    await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(h.tmp / "nbd.sock")}})
+    args: dict[str, Any] = {"type": "nbd", "node-name": "n0"}
+    assert (await h.error("block-export-add", id="e", **args, bitmaps=[{"node": "nz", "name": "x"}])) == (
+        "GenericError",
+        "Node 'nz' not found",
+    )
+    assert (await h.error("block-export-add", id="e", **args, bitmaps=[{"node": "n1", "name": "zz"}]))[1] == (
+        "Dirty bitmap 'zz' not found"
+    )
+    await h("block-export-add", id="e", **args, bitmaps=[{"node": "n1", "name": "x"}])
+    assert h.reg.exports["e"].export.contexts == ("qemu:dirty-bitmap:x",)
+    await h("block-export-add", id="e5", **args, name="e5", writable=True, bitmaps=["b0", "b0"])
+    assert h.reg.exports["e5"].export.contexts == ("qemu:dirty-bitmap:b0",) * 2

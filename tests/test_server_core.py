@@ -140,7 +140,7 @@ def test_go_with_info_requests_and_structured_meta_context() -> None:
     block = wire.InfoBlockSize.parse(infos[c.Info.BLOCK_SIZE])
     assert (block.minimum, block.preferred, block.maximum) == (1, 4096, c.MAX_PAYLOAD)
     assert replies[-1] == (Opt.GO, Rep.ACK, b"")
-    assert events == [Negotiated(EXPORTS["disk"], True, context.context_id)]
+    assert events == [Negotiated(EXPORTS["disk"], True, context.context_id, ((context.context_id, "base:allocation"),))]
 
 
 def test_export_name_option_with_and_without_zeroes() -> None:

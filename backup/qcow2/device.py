@@ -71,6 +71,8 @@ from backup.qcow2.writer import DataWriter
 from nbd.align import SECTOR, div_up, round_down, round_up
 from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent, FlushLatch
+from nbd.device import allocation_depth as allocation_depth_of
+from nbd.runs import append_run
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,22 @@ class _BackingRead:
         self.start = start
         self.end = end
         self.done = asyncio.Event()
+
+
+async def _backing_depth(backing: BackingImage | None, offset: int, length: int) -> list[tuple[int, int]]:
+    """The allocation depth of a range in a backing file: 0 without one, 1 everywhere in a raw file
+    (QEMU counts its holes as allocated) and past the end of any backing file (so ``qemu-nbd -A``
+    answers for a top image longer than its backing), else the backing image's own answer."""
+    if backing is None:
+        return [(length, 0)]
+    inside = max(0, min(length, backing.size - offset))
+    runs: list[tuple[int, int]] = []
+    if inside:
+        depth = allocation_depth_of(backing)
+        runs = await depth(offset, inside) if depth is not None else [(inside, 1)]
+    if inside < length:
+        runs.append((length - inside, 1))
+    return runs
 
 
 class Qcow2Device:
@@ -610,6 +628,20 @@ class Qcow2Device:
                 out[-1] = (out[-1][0] + n, allocated)
             else:
                 out.append((n, allocated))
+        return out
+
+    async def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Runs of (length, depth) as QEMU's ``qemu:allocation-depth``: 1 where this image holds the
+        bytes (zero clusters count), 1 + the backing file's depth elsewhere, 0 where no layer does."""
+        self._check(offset, length)
+        out: list[tuple[int, int]] = []
+        for pos, n, kind, _ in self.mapping.runs(offset, length, exact=False):
+            if kind != UNALLOCATED:
+                append_run(out, n, 1)
+                continue
+            for run, depth in await _backing_depth(self.backing, pos, n):
+                append_run(out, run, depth + 1 if depth else 0)
+            self._check_open()
         return out
 
     # --- writes ----------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from server.qmp.dispatch import CommandRegistry
-from server.qmp.schema import Enum, Union
+from server.qmp.schema import Alternate, Enum, Union
 from server.qmp.sockets import SOCKET_ADDRESS_LEGACY, port_number, unix_path
 from server.registry import Registry, generic
 
+BITMAP_OR_STR = Alternate("BlockDirtyBitmapOrStr", ["str", {"node": "str", "name": "str"}])
 REMOVE_MODE = Enum("BlockExportRemoveMode", ["safe", "hard"])
 
 BLOCK_EXPORT_OPTIONS = Union(
@@ -29,7 +30,7 @@ BLOCK_EXPORT_OPTIONS = Union(
         "*writethrough": "bool",
     },
     "type",
-    {"nbd": {"*name": "str", "*description": "str", "*bitmaps": ["str"], "*allocation-depth": "bool"}},
+    {"nbd": {"*name": "str", "*description": "str", "*bitmaps": [BITMAP_OR_STR], "*allocation-depth": "bool"}},
 )
 
 
@@ -84,8 +85,6 @@ def register(commands: CommandRegistry) -> None:
     @commands.command("block-export-add", args=BLOCK_EXPORT_OPTIONS)
     async def block_export_add(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Export a block node over NBD (read-only unless writable)."""
-        if args.get("bitmaps"):
-            raise generic(f"Bitmap '{args['bitmaps'][0]}' is not found")
         if args.get("iothread") or args.get("fixed-iothread"):
             raise generic("iothreads are not supported (nbd-backup runs one event loop)")
         reg.add_export(
@@ -94,6 +93,8 @@ def register(commands: CommandRegistry) -> None:
             name=args.get("name"),
             writable=args.get("writable", False),
             description=args.get("description", ""),
+            bitmaps=args.get("bitmaps", []),
+            allocation_depth=args.get("allocation-depth", False),
         )
         return {}
 
@@ -111,12 +112,13 @@ def register(commands: CommandRegistry) -> None:
         """Export a node over NBD (the older form of block-export-add; the export id is its name)."""
         if reg.nbd is None:
             raise generic("NBD server not running")
-        if "bitmap" in args:
-            raise generic(f"Bitmap '{args['bitmap']}' is not found")
         name = args.get("name", args["device"])
         node = reg.node(args["device"])
         writable = args.get("writable", False) and not node.read_only  # QEMU downgrades, as here
-        reg.add_export(name, args["device"], name=name, writable=writable, description=args.get("description", ""))
+        bitmaps = [args["bitmap"]] if "bitmap" in args else []
+        reg.add_export(
+            name, args["device"], name=name, writable=writable, description=args.get("description", ""), bitmaps=bitmaps
+        )
         return {}
 
     @commands.command("nbd-server-remove", args={"name": "str", "*mode": REMOVE_MODE})

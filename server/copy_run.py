@@ -21,6 +21,7 @@ from server.copy_sides import (
     Endpoint,
     close_endpoint,
     copy_between,
+    dirty_ranges,
     open_destination,
     open_side,
     open_source,
@@ -38,7 +39,13 @@ MakeProgress = Callable[[int], Progress | None]
 
 async def run_copy(request: CopyRequest, make_progress: MakeProgress) -> CopyStats:
     in_flight = request.requests or DEFAULT_REQUESTS  # what the NBD clients allow; the copy decides within it
-    opening = open_source(request.source, fmt=request.src_format, connections=request.connections, requests=in_flight)
+    opening = open_source(
+        request.source,
+        fmt=request.src_format,
+        connections=request.connections,
+        requests=in_flight,
+        dirty_bitmap=request.dirty_bitmap,
+    )
     src_ep = await open_side("source", opening)
     async with _closing(src_ep) as src:
         opening = open_destination(
@@ -48,6 +55,7 @@ async def run_copy(request: CopyRequest, make_progress: MakeProgress) -> CopySta
             connections=request.connections,
             requests=in_flight,
             target_is_zero=request.target_is_zero,
+            backing=request.backing,
         )
         dst_ep = await open_side("destination", opening)
         # What start-up built (modules, classes, the two sides) lives until exit: the collector need not
@@ -55,11 +63,18 @@ async def run_copy(request: CopyRequest, make_progress: MakeProgress) -> CopySta
         gc.freeze()
         try:
             async with _closing(dst_ep) as dst:
-                workers = choose_workers(request.workers, src, dst, request_size=request.request_size)
-                progress = make_progress(src.device.size)
+                ranges = await dirty_ranges(src.device) if request.dirty_bitmap is not None else None
+                workers = (
+                    1
+                    if ranges is not None
+                    else choose_workers(request.workers, src, dst, request_size=request.request_size)
+                )
+                progress = make_progress(src.device.size if ranges is None else sum(n for _, n in ranges))
                 ok = False
                 try:
-                    if workers > 1:
+                    if ranges is not None:
+                        stats = await copy_between(request, src.device, dst, progress, ranges)
+                    elif workers > 1:
                         from server.copy_workers import copy_in_parallel  # processes: only when they copy
 
                         stats = await copy_in_parallel(request, src, dst, workers, progress)

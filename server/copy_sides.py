@@ -17,6 +17,7 @@ from backup.copy_engine import DEFAULT_REQUEST_SIZE, CopyFailed, CopyStats, Prog
 from backup.errors import BackupError
 from nbd.device import BlockDevice
 from nbd.errors import NbdError
+from nbd.meta import DIRTY_BITMAP_PREFIX
 from nbd.uri import looks_like_uri, parse_uri
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class CopyRequest:
     workers: int | None = None  # None: decided from the sides and the size
     target_is_zero: bool = False
     detect_zeroes: bool = True
+    dirty_bitmap: str | None = None  # copy only what the source's qemu:dirty-bitmap:NAME marks dirty
+    backing: str | None = None  # the new qcow2 destination's backing file (the previous backup)
 
 
 @dataclass
@@ -60,15 +63,25 @@ class Endpoint:
         return isinstance(self.device, RawFileDevice)
 
 
-async def connect(spec: str, *, connections: int | None, requests: int) -> Endpoint:
-    """An NBD side, with at most ``requests`` in flight (what the client allows; the copy decides within it)."""
+async def connect(spec: str, *, connections: int | None, requests: int, map_context: str | None = None) -> Endpoint:
+    """An NBD side, with at most ``requests`` in flight (what the client allows; the copy decides within it)
+    and, for a source, a second meta context to map (a dirty bitmap)."""
     from nbd.client import NbdClient
 
-    client = await NbdClient.connect(parse_uri(spec), connections=connections, max_in_flight=requests)
+    client = await NbdClient.connect(
+        parse_uri(spec), connections=connections, max_in_flight=requests, map_context=map_context
+    )
     return Endpoint(client, str(client.uri))
 
 
-async def open_source(spec: str, *, fmt: str | None, connections: int | None, requests: int) -> Endpoint:
+async def open_source(
+    spec: str, *, fmt: str | None, connections: int | None, requests: int, dirty_bitmap: str | None = None
+) -> Endpoint:
+    if dirty_bitmap is not None:
+        if not looks_like_uri(spec):
+            raise CopyFailed(f"--dirty-bitmap needs an NBD source that publishes the bitmap, not {spec!r}")
+        context = DIRTY_BITMAP_PREFIX + dirty_bitmap
+        return await connect(spec, connections=connections, requests=requests, map_context=context)
     if looks_like_uri(spec):
         return await connect(spec, connections=connections, requests=requests)
     from backup.images import open_image
@@ -85,8 +98,17 @@ async def create_destination_file(path: str, size: int, *, fmt: str | None) -> B
 
 
 async def open_destination(
-    spec: str, size: int, *, fmt: str | None, connections: int | None, requests: int, target_is_zero: bool
+    spec: str,
+    size: int,
+    *,
+    fmt: str | None,
+    connections: int | None,
+    requests: int,
+    target_is_zero: bool,
+    backing: str | None = None,
 ) -> Endpoint:
+    if backing is not None:
+        return await create_overlay(spec, size, fmt=fmt, backing=backing)
     if looks_like_uri(spec):
         endpoint = await connect(spec, connections=connections, requests=requests)
         endpoint.is_zero = target_is_zero
@@ -98,6 +120,24 @@ async def open_destination(
         return Endpoint(device, spec, is_zero=target_is_zero)
     device = await create_destination_file(spec, size, fmt=fmt)
     return Endpoint(device, spec, is_zero=True, created_path=spec)
+
+
+async def create_overlay(path: str, size: int, *, fmt: str | None, backing: str) -> Endpoint:
+    """A new qcow2 image over ``backing`` (the previous backup of a chain): it reads as the backing file,
+    not as zeroes, so every copied range is written, zeroes included."""
+    from backup.images import create_image, probe_format
+
+    if looks_like_uri(path) or _exists(path):
+        raise CopyFailed(f"--backing creates a new qcow2 image; {path!r} is not a new file")
+    if fmt not in (None, "qcow2"):
+        raise CopyFailed("--backing needs a qcow2 destination (-O qcow2)")
+    backing_format = probe_format(backing)
+    device = await create_image(path, size, format="qcow2", backing_file=backing, backing_format=backing_format)
+    if device.size != size:
+        await device.close()
+        os.unlink(path)
+        raise CopyFailed(f"the backing file {backing!r} is {device.size} bytes, the source {size}")
+    return Endpoint(device, path, is_zero=False, created_path=path)
 
 
 def _exists(path: str) -> bool:
@@ -141,6 +181,29 @@ async def copy_between(
         progress=progress,
         ranges=ranges,
     )
+
+
+#: How much of the export one dirty-bitmap query covers.
+DIRTY_MAP_SPAN = 1 << 30
+
+
+async def dirty_ranges(src: BlockDevice) -> list[tuple[int, int]]:
+    """``(offset, length)`` of every run the source's dirty bitmap marks (the client was connected with
+    that bitmap's context), merged where they touch."""
+    from nbd.client import NbdClient
+
+    assert isinstance(src, NbdClient)
+    ranges: list[tuple[int, int]] = []
+    offset, size = 0, src.size
+    while offset < size:
+        for length, flags in await src.context_map(offset, min(size - offset, DIRTY_MAP_SPAN)):
+            if flags & 1:
+                if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+                else:
+                    ranges.append((offset, length))
+            offset += length
+    return ranges
 
 
 def describe(exc: BaseException) -> str:

@@ -9,6 +9,10 @@ by default 4 MiB worth from a local source, 16 requests from an NBD server acros
 When both sides allow it (raw files, NBD exports advertising multi-conn) the range is split into aligned
 stripes copied by ``--workers`` processes, since one event loop is the limit; qcow2 images (a single
 metadata writer) and servers without multi-conn are always copied by one process.
+``--dirty-bitmap NAME`` copies only what an NBD source's ``qemu:dirty-bitmap:NAME`` context marks dirty
+(pull-mode incremental backups: qemu-nbd ``-B``, qemu-storage-daemon's or our ``block-export-add``
+``bitmaps``); with ``--backing PREVIOUS`` the destination is a new qcow2 overlay of the previous backup, so it
+holds only the changed clusters and reads as the whole disk.
 The exit status is non-zero on any error, with a one-line message saying what failed.
 """
 
@@ -70,6 +74,18 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--target-is-zero", action="store_true", help="the existing destination already reads as zeroes"
+    )
+    parser.add_argument(
+        "--dirty-bitmap",
+        metavar="NAME",
+        help="copy only what the NBD source's qemu:dirty-bitmap:NAME context marks dirty (an incremental backup "
+        "pulled from an export that publishes the bitmap)",
+    )
+    parser.add_argument(
+        "--backing",
+        metavar="PREVIOUS",
+        help="create the destination as a qcow2 overlay whose backing file is PREVIOUS (the chain's last backup): "
+        "with --dirty-bitmap, the new image holds only the changed clusters",
     )
     parser.add_argument(
         "--no-detect-zeroes",

@@ -18,6 +18,7 @@ from typing import Any
 from nbd import constants as c
 from nbd.client import ExportInfo, NbdClient
 from nbd.errors import NbdError
+from nbd.meta import DIRTY_BITMAP_PREFIX
 from nbd.runs import append_run
 from nbd.uri import NbdUri, parse_uri
 
@@ -68,7 +69,7 @@ def describer(context: str) -> Callable[[int], str]:
     """How ``--map`` words the flags of ``context``."""
     if context == c.META_BASE_ALLOCATION:
         return describe_state
-    if context.startswith("qemu:dirty-bitmap:"):
+    if context.startswith(DIRTY_BITMAP_PREFIX):
         return describe_dirty
     if context == "qemu:allocation-depth":
         return describe_depth

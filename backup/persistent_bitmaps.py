@@ -1,0 +1,87 @@
+"""Persistent dirty bitmaps between a node and its qcow2 image, with QEMU's load and store rules.
+
+At open a qcow2 node gets its image's stored bitmaps as ``DirtyBitmap``s (persistent, recording as
+the ``auto`` flag says; one left ``in_use`` by a crash is inconsistent and disabled, as in QEMU). At
+the node's clean close its persistent bitmaps go back to the image (recording -> ``auto``, ``in_use``
+cleared): an inconsistent one is written back as it was loaded, a removed one is left out. The
+image keeps the order of the bitmaps it had and gets new ones after them, as QEMU's store does.
+The device (``backup.qcow2.device``) does the crash-safe writing; this module only translates.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from backup.dirty_bitmap import DirtyBitmap
+from backup.qcow2.bitmaps import StoredBitmap
+from nbd.device import BlockDevice
+
+log = logging.getLogger(__name__)
+
+
+class BitmapStore(Protocol):
+    """What an image that keeps bitmaps offers (``Qcow2Device``)."""
+
+    stored_bitmaps: list[StoredBitmap]
+
+    @property
+    def read_only(self) -> bool: ...
+
+    def set_stored_bitmaps(self, bitmaps: list[StoredBitmap]) -> None: ...
+
+
+def store_of(device: BlockDevice) -> BitmapStore | None:
+    """The device itself if it keeps persistent bitmaps, else None."""
+    if hasattr(device, "stored_bitmaps") and hasattr(device, "set_stored_bitmaps"):
+        return device  # type: ignore[return-value]
+    return None
+
+
+def load(store: BitmapStore, size: int) -> list[DirtyBitmap]:
+    """The stored bitmaps as the node's, in the image's directory order (add them in this order:
+    the node lists the last one first, as QEMU does)."""
+    return [
+        DirtyBitmap.from_bytes(
+            b.name,
+            size,
+            b.granularity,
+            b.data,
+            persistent=True,
+            recording=b.auto and not b.in_use,
+            inconsistent=b.in_use,
+        )
+        for b in store.stored_bitmaps
+    ]
+
+
+def to_store(store: BitmapStore, bitmaps: dict[str, DirtyBitmap]) -> list[StoredBitmap]:
+    """What the image should hold for the node's ``bitmaps``: the persistent ones, those it had first."""
+    loaded = {b.name: b for b in store.stored_bitmaps}
+    persistent = [b for b in bitmaps.values() if b.persistent]
+    ordered = [b for b in persistent if b.name in loaded]
+    ordered.sort(key=lambda b: list(loaded).index(b.name))
+    ordered += [b for b in persistent if b.name not in loaded]
+    out: list[StoredBitmap] = []
+    for bitmap in ordered:
+        before = loaded.get(bitmap.name)
+        if bitmap.inconsistent and before is not None and before.granularity == bitmap.granularity:
+            out.append(before)  # QEMU leaves an inconsistent bitmap's entry as it found it
+            continue
+        data = bitmap.to_bytes()
+        if bitmap.successor is not None:  # frozen by a job that never finished: keep both sets of bits
+            merged = DirtyBitmap.from_bytes(bitmap.name, bitmap.size, bitmap.granularity, data)
+            merged.merge_from(bitmap.successor)
+            data = merged.to_bytes()
+        out.append(StoredBitmap(bitmap.name, bitmap.granularity, bitmap.inconsistent, bitmap.recording, data))
+    return out
+
+
+def save(store: BitmapStore, bitmaps: dict[str, DirtyBitmap]) -> None:
+    """Hand the node's persistent bitmaps to the image, which writes them at its clean close."""
+    if store.read_only:
+        return
+    wanted = to_store(store, bitmaps)
+    if not wanted and not store.stored_bitmaps:
+        return  # nothing stored, nothing to store: the image is left as it is
+    store.set_stored_bitmaps(wanted)

@@ -1,7 +1,7 @@
 """Persistent dirty bitmaps between a node and its qcow2 image, with QEMU's load and store rules.
 
 At open a qcow2 node gets its image's stored bitmaps as ``DirtyBitmap``s (persistent, recording as
-the ``auto`` flag says; one left ``in_use`` by a crash is inconsistent and disabled, as in QEMU). At
+the ``auto`` flag says; one left ``in_use`` by a crash is inconsistent, disabled and empty, as in QEMU). At
 the node's clean close its persistent bitmaps go back to the image (recording -> ``auto``, ``in_use``
 cleared): an inconsistent one is written back as it was loaded, a removed one is left out. The
 image keeps the order of the bitmaps it had and gets new ones after them, as QEMU's store does.
@@ -42,15 +42,9 @@ def load(store: BitmapStore, size: int) -> list[DirtyBitmap]:
     """The stored bitmaps as the node's, in the image's directory order (add them in this order:
     the node lists the last one first, as QEMU does)."""
     return [
-        DirtyBitmap.from_bytes(
-            b.name,
-            size,
-            b.granularity,
-            b.data,
-            persistent=True,
-            recording=b.auto and not b.in_use,
-            inconsistent=b.in_use,
-        )
+        DirtyBitmap(b.name, size, b.granularity, persistent=True, recording=False, inconsistent=True)
+        if b.in_use  # QEMU does not read the bits of a bitmap it cannot trust: it lists it empty
+        else DirtyBitmap.from_bytes(b.name, size, b.granularity, b.data, persistent=True, recording=b.auto)
         for b in store.stored_bitmaps
     ]
 

@@ -42,8 +42,8 @@ async def test_a_qcow2_node_loads_its_stored_bitmaps_as_qemu_does(tmp_path: Path
         rec, off, bad = node.bitmaps["rec"], node.bitmaps["off"], node.bitmaps["bad"]
         assert (rec.persistent, rec.recording, rec.inconsistent, rec.count) == (True, True, False, 2 * 65536)
         assert (off.persistent, off.recording, off.granularity, off.count) == (True, False, 4096, 4096)
-        # an in_use bitmap is inconsistent and, as in QEMU, disabled
-        assert (bad.persistent, bad.recording, bad.inconsistent) == (True, False, True)
+        # an in_use bitmap is inconsistent and, as in QEMU, disabled and listed empty
+        assert (bad.persistent, bad.recording, bad.inconsistent, bad.count) == (True, False, True, 0)
     finally:
         await node.close()
 

@@ -38,6 +38,14 @@ def store_of(device: BlockDevice) -> BitmapStore | None:
     return None
 
 
+def cannot_store(store: BitmapStore) -> str | None:
+    """Why a new persistent bitmap could not be stored in this image (QEMU's text), or None."""
+    header = getattr(store, "header", None)
+    if header is not None and header.version < 3:
+        return "Cannot store dirty bitmaps in qcow2 v2 files"
+    return None
+
+
 def load(store: BitmapStore, size: int) -> list[DirtyBitmap]:
     """The stored bitmaps as the node's, in the image's directory order (add them in this order:
     the node lists the last one first, as QEMU does)."""

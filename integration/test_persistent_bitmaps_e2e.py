@@ -266,3 +266,40 @@ def test_serve_export_of_a_qcow2_has_its_bitmaps_and_stores_them_at_shutdown(tmp
     assert sorted(stored) == ["gone", "new", "q", "q-off"]
     assert stored["new"]["flags"] == ["auto"] and stored["q"]["flags"] == ["auto"]
     assert _dirty(_nbdinfo_map(tmp_path, image, "new")) == [(2 << 20, 65536)]
+
+
+def test_persistent_refused_on_a_qcow2_v2_image_accepted_on_a_read_only_node(tmp_path: Path) -> None:
+    """As qemu-storage-daemon 7.2: a v2 image cannot hold bitmaps (refused before the name is checked);
+    a read-only v3 node takes a persistent bitmap (it is just never stored)."""
+    require("qemu-storage-daemon", "qemu-img")
+
+    def scenario(side: Side) -> list[Reply]:
+        v2, v3 = side.work / "v2.qcow2", side.work / "v3.qcow2"
+        _run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, str(SIZE))
+        _run("qemu-img", "create", "-q", "-f", "qcow2", v3, str(SIZE))
+        out: list[Reply] = []
+        with side.daemon() as q:
+            _record(
+                out,
+                q,
+                "blockdev-add",
+                driver="qcow2",
+                file={"driver": "file", "filename": str(v2)},
+                **{"node-name": "v2"},
+            )
+            _record(out, q, "block-dirty-bitmap-add", node="v2", name="p", persistent=True)
+            _record(out, q, "block-dirty-bitmap-add", node="v2", name="x" * 1024, persistent=True)
+            _record(out, q, "block-dirty-bitmap-add", node="v2", name="t")
+            ro = {"node-name": "ro", "read-only": True}
+            _record(out, q, "blockdev-add", driver="qcow2", file={"driver": "file", "filename": str(v3)}, **ro)
+            _record(out, q, "block-dirty-bitmap-add", node="ro", name="p", persistent=True)
+            _listed(out, q, "ro")
+            _listed(out, q, "v2")
+        out.append(("qemu-img info", _qemu_img_bitmaps(v3)))
+        return out
+
+    results = []
+    for kind in ("qsd", "ours"):
+        (tmp_path / kind).mkdir()
+        results.append(scenario(Side(kind, tmp_path / kind)))
+    assert results[1] == results[0]

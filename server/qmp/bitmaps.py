@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from backup import persistent_bitmaps
 from backup.dirty_bitmap import MAX_NAME_SIZE, DirtyBitmap, check_granularity, default_granularity
 from backup.errors import BackupError
 from backup.node import BlockNode
@@ -68,6 +69,10 @@ def add_bitmap(reg: Registry, args: dict[str, Any]) -> DirtyBitmap:
         check_granularity(granularity)
         if persistent and node.driver not in PERSISTENT_DRIVERS:
             raise generic(f"Can't store persistent bitmaps to {node.name}: Operation not supported")
+        store = persistent_bitmaps.store_of(node.device) if persistent else None
+        reason = None if store is None else persistent_bitmaps.cannot_store(store)
+        if reason is not None:
+            raise generic(f"Can't make bitmap '{name}' persistent in '{node.name}': {reason}")
         if name in node.bitmaps:
             raise generic(f"Bitmap already exists: {name}")
         if len(name.encode()) > MAX_NAME_SIZE:

@@ -194,8 +194,9 @@ class Qcow2Device:
         """Open an image; its backing chain (if any) is opened read-only.
 
         ``backing_device`` reads the backing file through a device this process already has open
-        (the live source of a fleecing backup: its caches are the truth, not the file's metadata);
-        it stays open when this device closes. An image that was not cleanly closed (dirty bit) opens
+        (the live source of a fleecing backup: its caches are the truth, not the file's metadata),
+        also for an image whose header names no backing file (QEMU's ``backing`` option); it stays
+        open when this device closes. An image that was not cleanly closed (dirty bit) opens
         read-only as it is; for writing its refcounts are rebuilt first, as QEMU does, unless
         ``repair`` is False, which refuses it. ``check_backing`` sees every file of the backing chain
         before it is opened (the daemon's path policy) and may refuse it.
@@ -238,7 +239,7 @@ class Qcow2Device:
                 l1,
                 read_only=read_only,
                 refcounts=refs,
-                backing=backing if backing_device is None or header.backing_file is None else backing_device,
+                backing=backing if backing_device is None else backing_device,
                 owns_backing=backing_device is None,
                 compress=compress,
                 l2_cache_size=l2_cache_size,

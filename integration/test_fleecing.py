@@ -95,6 +95,51 @@ def test_fleecing_export_stays_at_its_point_in_time(tmp_path: Path) -> None:
     assert dirty == [["65536", "65536"], ["1048576", "65536"]]
 
 
+def _fleece_while_fio_writes(q: QmpSync, work: Path) -> tuple[bool, bool]:
+    """The recipe again, pulled twice while fio writes 4 KiB blocks at random all over the source
+    through its export: (both pulls equal the source at the job's start, the source changed)."""
+    source = make_image(work / "src.raw", SIZE)
+    fleece = work / "fleece.qcow2"
+    _run("qemu-img", "create", "-q", "-f", "qcow2", fleece, str(SIZE))
+    sock = work / "nbd.sock"
+    src_uri, fleece_uri = f"nbd+unix:///src?socket={sock}", f"nbd+unix:///fleece?socket={sock}"
+    q.ok("blockdev-add", driver="raw", file={"driver": "file", "filename": str(source)}, **{"node-name": "src"})
+    q.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    q.ok("block-export-add", type="nbd", id="guest", **{"node-name": "src"}, name="src", writable=True)
+    fleece_file = {"driver": "file", "filename": str(fleece)}
+    q.ok("blockdev-add", driver="qcow2", file=fleece_file, backing="src", **{"node-name": "tmp"})
+    q.ok("blockdev-backup", **{"job-id": "fleecing"}, device="src", target="tmp", sync="none")
+    q.ok("block-export-add", type="nbd", id="fl", **{"node-name": "tmp"}, name="fleece")
+    at_start = hashlib.sha256(source.read_bytes()).hexdigest()  # nothing wrote since the job started
+    guest = ["--name=guest", "--ioengine=nbd", f"--uri={src_uri}", "--rw=randwrite", "--bs=4k", "--io_size=16M"]
+    fio = subprocess.Popen(
+        ["fio", *guest, "--iodepth=8", "--randseed=7", "--output-format=json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        pulls = [_pull(fleece_uri, work / f"pull{i}.raw") for i in range(2)]
+    finally:
+        _, err = fio.communicate(timeout=120)
+    assert fio.returncode == 0, err
+    moved = _pull(src_uri, work / "now.raw") != at_start
+    q.ok("block-export-del", id="fl")
+    q.wait_event("BLOCK_EXPORT_DELETED", lambda data: data["id"] == "fl", timeout=60)
+    q.ok("block-job-cancel", device="fleecing")
+    q.wait_job_status("fleecing", "null", timeout=60)
+    q.ok("blockdev-del", **{"node-name": "tmp"})
+    return all(p == at_start for p in pulls), moved
+
+
+def test_fleecing_pull_stays_put_while_fio_writes(tmp_path: Path) -> None:
+    require("qemu-storage-daemon", "qemu-img", "fio", "nbdcopy")
+    (tmp_path / "qsd").mkdir()
+    with Qsd.start(tmp_path / "qsd") as qsd, qsd.connect() as q:
+        assert _fleece_while_fio_writes(q, tmp_path / "qsd") == (True, True)
+    with our_daemon(tmp_path / "ours") as daemon, daemon.connect() as q:
+        assert _fleece_while_fio_writes(q, tmp_path / "ours") == (True, True)
+
+
 def test_qcow2_backing_node_refusals_match_qemu_storage_daemon(tmp_path: Path) -> None:
     """``backing`` naming no node, and deleting a node a qcow2 node reads through: QEMU's texts."""
     require("qemu-storage-daemon", "qemu-img")

@@ -3,7 +3,8 @@
 At open a qcow2 node gets its image's stored bitmaps as ``DirtyBitmap``s (persistent, recording as
 the ``auto`` flag says; one left ``in_use`` by a crash is inconsistent, disabled and empty, as in QEMU). At
 the node's clean close its persistent bitmaps go back to the image (recording -> ``auto``, ``in_use``
-cleared): an inconsistent one is written back as it was loaded, a removed one is left out. The
+cleared): an inconsistent one is written back as it was loaded. ``block-dirty-bitmap-remove`` takes
+a persistent bitmap off the image at once (``remove``), as QEMU does, so a crash cannot bring it back. The
 image keeps the order of the bitmaps it had and gets new ones after them, as QEMU's store does.
 The device (``backup.qcow2.device``) does the crash-safe writing; this module only translates.
 """
@@ -30,10 +31,12 @@ class BitmapStore(Protocol):
 
     def set_stored_bitmaps(self, bitmaps: list[StoredBitmap]) -> None: ...
 
+    async def remove_stored_bitmap(self, name: str) -> None: ...
+
 
 def store_of(device: BlockDevice) -> BitmapStore | None:
     """The device itself if it keeps persistent bitmaps, else None."""
-    if hasattr(device, "stored_bitmaps") and hasattr(device, "set_stored_bitmaps"):
+    if all(hasattr(device, attr) for attr in ("stored_bitmaps", "set_stored_bitmaps", "remove_stored_bitmap")):
         return device  # type: ignore[return-value]
     return None
 
@@ -77,6 +80,13 @@ def to_store(store: BitmapStore, bitmaps: dict[str, DirtyBitmap]) -> list[Stored
             data = merged.to_bytes()
         out.append(StoredBitmap(bitmap.name, bitmap.granularity, bitmap.inconsistent, bitmap.recording, data))
     return out
+
+
+async def remove(device: BlockDevice, bitmap: DirtyBitmap) -> None:
+    """A persistent bitmap is being removed: off the image now (before the node lets it go)."""
+    store = store_of(device)
+    if bitmap.persistent and store is not None:
+        await store.remove_stored_bitmap(bitmap.name)
 
 
 def save(store: BitmapStore, bitmaps: dict[str, DirtyBitmap]) -> None:

@@ -174,6 +174,7 @@ def _clean_scenario(side: Side, image: Path) -> list[Reply]:
     out.append(("nbdinfo --map m", _nbdinfo_map(side.work, image, "m")))
     out.append(("nbdinfo --map p512", _nbdinfo_map(side.work, image, "p512")))
     out.append(("qemu-img info at the end", _qemu_img_bitmaps(image)))
+    _run("qemu-img", "check", "-q", image)  # no leaks or corruption from the bitmaps' rewrites
     return out
 
 
@@ -205,6 +206,7 @@ def _crash_scenario(side: Side, image: Path) -> list[Reply]:
     with side.daemon(kill=True) as q:
         _open(q, image)
         _record(out, q, "block-dirty-bitmap-add", node="d", name="lost", persistent=True)  # never stored
+        _record(out, q, "block-dirty-bitmap-remove", node="d", name="gone")  # off the image at once
         _guest_writes(q, side.work, "write -P 5 0 64k")
     out.append(("qemu-img info after kill -9", _qemu_img_bitmaps(image)))
     with side.daemon() as q:
@@ -228,6 +230,7 @@ def _crash_scenario(side: Side, image: Path) -> list[Reply]:
         _record(out, q, "nbd-server-stop")
         _close(q)
     out.append(("qemu-img info after removal", _qemu_img_bitmaps(image)))
+    _run("qemu-img", "check", "-q", image)
     return out
 
 

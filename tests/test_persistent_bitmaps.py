@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from backup import persistent_bitmaps
 from backup.dirty_bitmap import DirtyBitmap
 from backup.node import BlockNode
 from backup.qcow2.bitmaps import StoredBitmap, bitmap_bytes
@@ -84,3 +85,24 @@ async def test_a_read_only_qcow2_node_loads_but_never_stores(tmp_path: Path) -> 
     device = await Qcow2Device.open(image, read_only=True)
     assert device.stored_bitmaps == stored
     await device.close()
+
+
+async def test_removing_a_persistent_bitmap_takes_it_off_the_image_at_once(tmp_path: Path) -> None:
+    """As QEMU: after a crash (here ``abandon``) a removed bitmap does not come back; the others do,
+    in_use (inconsistent) with their bits as they were on disk."""
+    stored = [
+        StoredBitmap("keep", 65536, in_use=False, auto=True, data=_bits(65536, 4)),
+        StoredBitmap("gone", 65536, in_use=False, auto=False, data=_bits(65536, 1)),
+    ]
+    image = await _image(tmp_path / "a.qcow2", stored)
+    device = await Qcow2Device.open(image)
+    node = BlockNode("n", device, driver="qcow2")
+    await persistent_bitmaps.remove(node.device, node.bitmaps["gone"])
+    node.remove_bitmap("gone")
+    await persistent_bitmaps.remove(node.device, DirtyBitmap("never-stored", SIZE, persistent=True))  # no-op
+    device.abandon()
+    after = await Qcow2Device.open(image, read_only=True)
+    try:
+        assert after.stored_bitmaps == [StoredBitmap("keep", 65536, in_use=True, auto=True, data=_bits(65536, 4))]
+    finally:
+        await after.close()

@@ -412,6 +412,19 @@ class Qcow2Device:
             rewrite_header(os.pread(self._fd, self._cs, 0), self.header, bytes(24))
         self._bitmaps_to_store = list(bitmaps)
 
+    async def remove_stored_bitmap(self, name: str) -> None:
+        """Take bitmap ``name`` off the image now, as QEMU's ``block-dirty-bitmap-remove`` does for a
+        persistent bitmap (so a crash does not bring it back); the others stay as the open left them
+        on disk (in_use). Nothing to do for a bitmap the image does not hold, or a read-only open."""
+        if self._read_only or self._bitmap_dir is None or name not in [b.name for b in self.stored_bitmaps]:
+            return
+        async with self._lock:
+            self._check_open()
+            keep = [b for b in self.stored_bitmaps if b.name != name]
+            self._store_bitmaps_locked([StoredBitmap(b.name, b.granularity, True, b.auto, b.data) for b in keep])
+            self.stored_bitmaps = keep
+            self._loaded_key = [(b.name, b.granularity, b.auto, b.data) for b in keep]
+
     def _bitmaps_for_close(self) -> list[StoredBitmap] | None:
         """What close writes: ``set_stored_bitmaps``' list; else the loaded bitmaps, those that
         recorded (auto) left in_use when guest writes went by them unrecorded; None: nothing to do."""

@@ -120,11 +120,15 @@ def register(commands: CommandRegistry) -> None:
     @commands.command("block-dirty-bitmap-remove", args=BLOCK_DIRTY_BITMAP)
     async def block_dirty_bitmap_remove(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Stop tracking and delete a dirty bitmap (refused while a job or export uses it)."""
-        node, _ = lookup(reg, args["node"], args["name"])
+        node, bitmap = lookup(reg, args["node"], args["name"])
         try:
+            bitmap.check_usable(inconsistent=False)
+            await persistent_bitmaps.remove(node.device, bitmap)  # QEMU: off the image at once
             node.remove_bitmap(args["name"])
         except BackupError as exc:
             raise _qmp(exc) from None
+        except OSError as exc:
+            raise generic(f"Failed to remove bitmap '{bitmap.name}' from the image: {exc.strerror or exc}") from None
         return {}
 
     @commands.command("block-dirty-bitmap-clear", args=BLOCK_DIRTY_BITMAP)

@@ -140,8 +140,16 @@ def test_fleecing_pull_stays_put_while_fio_writes(tmp_path: Path) -> None:
         assert _fleece_while_fio_writes(q, tmp_path / "ours") == (True, True)
 
 
+def _listing(q: QmpSync, node: str, work: Path) -> dict[str, Any]:
+    """What ``query-named-block-nodes`` says of ``node``'s backing (paths relative to ``work``)."""
+    found = next(n for n in q.ok("query-named-block-nodes") if n["node-name"] == node)
+    keys = ("backing_file", "backing_file_depth", "drv", "ro")
+    return {k: str(v).replace(str(work), "WORK") for k, v in found.items() if k in keys}
+
+
 def test_qcow2_backing_node_refusals_match_qemu_storage_daemon(tmp_path: Path) -> None:
-    """``backing`` naming no node, and deleting a node a qcow2 node reads through: QEMU's texts."""
+    """``backing`` naming no node, how the node lists its backing, and deleting a node a qcow2 node
+    reads through: as QEMU."""
     require("qemu-storage-daemon", "qemu-img")
 
     def scenario(q: QmpSync, work: Path) -> list[Any]:
@@ -153,6 +161,7 @@ def test_qcow2_backing_node_refusals_match_qemu_storage_daemon(tmp_path: Path) -
             q.execute("blockdev-add", driver="file", filename=str(source), **{"node-name": "src"}),
             q.execute("blockdev-add", driver="qcow2", file=file, backing="nope", **{"node-name": "t"}),
             q.execute("blockdev-add", driver="qcow2", file=file, backing="src", **{"node-name": "t"}),
+            {"return": _listing(q, "t", work)},
             q.execute("blockdev-del", **{"node-name": "src"}),
             q.execute("blockdev-del", **{"node-name": "t"}),
             q.execute("blockdev-del", **{"node-name": "src"}),

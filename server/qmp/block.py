@@ -361,6 +361,9 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
     }
     if "backing-filename" in info["image"]:
         info["backing_file"] = info["image"]["backing-filename"]
+    backing = backing_of(node.image)
+    if isinstance(backing, BlockNode) and backing.filename:  # ``backing`` = a node (a fleecing overlay)
+        info["backing_file"] = backing.filename  # QEMU lists its file here, not in ``image``
     return info
 
 

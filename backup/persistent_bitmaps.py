@@ -15,7 +15,8 @@ import logging
 from typing import Protocol
 
 from backup.dirty_bitmap import DirtyBitmap
-from backup.qcow2.bitmaps import StoredBitmap
+from backup.qcow2.bitmaps import MAX_BITMAPS, MAX_DATA_BYTES, MAX_NAME, MAX_TABLE_ENTRIES, StoredBitmap, bitmap_bytes
+from nbd.align import div_up
 from nbd.device import BlockDevice
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,21 @@ def store_of(device: BlockDevice) -> BitmapStore | None:
     return None
 
 
-def cannot_store(store: BitmapStore) -> str | None:
-    """Why a new persistent bitmap could not be stored in this image (QEMU's text), or None."""
+def cannot_store(store: BitmapStore, name: str, granularity: int, size: int) -> str | None:
+    """Why a new persistent bitmap could not be stored in this image, or None: QEMU's checks, order
+    and texts (``qcow2_co_can_store_new_dirty_bitmap``), so that we never write a bitmap QEMU would
+    refuse to load."""
     header = getattr(store, "header", None)
     if header is not None and header.version < 3:
         return "Cannot store dirty bitmaps in qcow2 v2 files"
+    data = bitmap_bytes(size, granularity)
+    cluster = header.cluster_size if header is not None else 65536
+    if data > MAX_DATA_BYTES or div_up(data, cluster) > MAX_TABLE_ENTRIES:
+        return "Too much space will be occupied by the bitmap. Use larger granularity"
+    if len(name.encode()) > MAX_NAME:
+        return f"Name length exceeds maximum ({MAX_NAME} characters)"
+    if len(store.stored_bitmaps) >= MAX_BITMAPS:
+        return "Maximum number of persistent bitmaps is already reached"
     return None
 
 

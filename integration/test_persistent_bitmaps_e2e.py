@@ -271,10 +271,12 @@ def test_serve_export_of_a_qcow2_has_its_bitmaps_and_stores_them_at_shutdown(tmp
     assert _dirty(_nbdinfo_map(tmp_path, image, "new")) == [(2 << 20, 65536)]
 
 
-def test_persistent_refused_on_a_qcow2_v2_image_accepted_on_a_read_only_node(tmp_path: Path) -> None:
+def test_persistent_refusals_as_qemu(tmp_path: Path) -> None:
     """As qemu-storage-daemon 7.2: a v2 image cannot hold bitmaps (refused before the name is checked);
-    a read-only v3 node takes a persistent bitmap (it is just never stored)."""
-    require("qemu-storage-daemon", "qemu-img")
+    a read-only v3 node takes a persistent bitmap (it is just never stored); bits that would take
+    more than QEMU loads (512 MiB), a name over 1023 bytes and a name the image already holds are
+    refused with QEMU's texts — so we never write a bitmap QEMU would refuse to load."""
+    require("qemu-storage-daemon", "qemu-img", "qemu-io")
 
     def scenario(side: Side) -> list[Reply]:
         v2, v3 = side.work / "v2.qcow2", side.work / "v3.qcow2"
@@ -293,10 +295,37 @@ def test_persistent_refused_on_a_qcow2_v2_image_accepted_on_a_read_only_node(tmp
             _record(out, q, "block-dirty-bitmap-add", node="v2", name="p", persistent=True)
             _record(out, q, "block-dirty-bitmap-add", node="v2", name="x" * 1024, persistent=True)
             _record(out, q, "block-dirty-bitmap-add", node="v2", name="t")
+            _record(out, q, "block-dirty-bitmap-add", node="v2", name="t", persistent=True)  # which check first
+            stored = _qemu_image(side.work)
+            _record(
+                out,
+                q,
+                "blockdev-add",
+                driver="qcow2",
+                file={"driver": "file", "filename": str(stored)},
+                **{"node-name": "stored"},
+            )
             ro = {"node-name": "ro", "read-only": True}
             _record(out, q, "blockdev-add", driver="qcow2", file={"driver": "file", "filename": str(v3)}, **ro)
             _record(out, q, "block-dirty-bitmap-add", node="ro", name="p", persistent=True)
             _listed(out, q, "ro")
+            for size, granularity in (("3T", 512), ("1100T", 65536), ("3T", 4096)):  # bits > 512 MiB: refused
+                big = side.work / f"{size}.qcow2"
+                if not big.exists():
+                    _run("qemu-img", "create", "-q", "-f", "qcow2", big, size)
+                    _record(
+                        out,
+                        q,
+                        "blockdev-add",
+                        driver="qcow2",
+                        file={"driver": "file", "filename": str(big)},
+                        **{"node-name": size},
+                    )
+                _record(out, q, "block-dirty-bitmap-add", node=size, name="g", persistent=True, granularity=granularity)
+            _record(out, q, "block-dirty-bitmap-remove", node="3T", name="g")
+            _record(out, q, "block-dirty-bitmap-add", node="ro", name="y" * 1024, persistent=True)
+            _record(out, q, "block-dirty-bitmap-add", node="stored", name="q", persistent=True)  # on the image
+            _record(out, q, "block-dirty-bitmap-add", node="stored", name="q")
             _listed(out, q, "v2")
         out.append(("qemu-img info", _qemu_img_bitmaps(v3)))
         return out

@@ -56,7 +56,8 @@ def lookup(reg: Registry, node_name: str, name: str) -> tuple[BlockNode, DirtyBi
 
 
 def add_bitmap(reg: Registry, args: dict[str, Any]) -> DirtyBitmap:
-    """``block-dirty-bitmap-add``: checks in QEMU's order (name, node, granularity, persistence, name taken)."""
+    """``block-dirty-bitmap-add``: checks in QEMU 7.2's order (name, node, granularity, name taken, whether
+    the image can store it, name length)."""
     name = args["name"]
     if not name:
         raise generic("Bitmap name cannot be empty")
@@ -67,14 +68,14 @@ def add_bitmap(reg: Registry, args: dict[str, Any]) -> DirtyBitmap:
     persistent = args.get("persistent", False)
     try:
         check_granularity(granularity)
+        if name in node.bitmaps:
+            raise generic(f"Bitmap already exists: {name}")
         if persistent and node.driver not in PERSISTENT_DRIVERS:
             raise generic(f"Can't store persistent bitmaps to {node.name}: Operation not supported")
         store = persistent_bitmaps.store_of(node.device) if persistent else None
-        reason = None if store is None else persistent_bitmaps.cannot_store(store)
+        reason = None if store is None else persistent_bitmaps.cannot_store(store, name, granularity, node.size)
         if reason is not None:
             raise generic(f"Can't make bitmap '{name}' persistent in '{node.name}': {reason}")
-        if name in node.bitmaps:
-            raise generic(f"Bitmap already exists: {name}")
         if len(name.encode()) > MAX_NAME_SIZE:
             raise generic(f"Bitmap name too long: {name}")
         bitmap = DirtyBitmap(

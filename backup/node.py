@@ -98,9 +98,10 @@ class BlockNode:
             raise InvalidArgument(f"Dirty bitmap '{name}' not found") from None
 
     def remove_bitmap(self, name: str) -> DirtyBitmap:
-        """Detach the bitmap ``name`` (refused while a job or export uses it; an inconsistent one may go)."""
+        """Detach the bitmap ``name`` (refused while a job or export uses it, or when it is stored in an
+        image opened read-only; an inconsistent one may go)."""
         bitmap = self.bitmap(name)
-        bitmap.check_usable(inconsistent=False)
+        bitmap.check_usable(readonly=True, inconsistent=False)
         del self.bitmaps[name]
         return bitmap
 

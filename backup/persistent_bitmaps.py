@@ -1,7 +1,9 @@
 """Persistent dirty bitmaps between a node and its qcow2 image, with QEMU's load and store rules.
 
 At open a qcow2 node gets its image's stored bitmaps as ``DirtyBitmap``s (persistent, recording as
-the ``auto`` flag says; one left ``in_use`` by a crash is inconsistent, disabled and empty, as in QEMU). At
+the ``auto`` flag says; one left ``in_use`` by a crash is inconsistent, disabled and empty; those of
+an image opened read-only are readonly: their bits may not be cleared, merged into or removed — all
+as in QEMU). At
 the node's clean close its persistent bitmaps go back to the image (recording -> ``auto``, ``in_use``
 cleared): an inconsistent one is written back as it was loaded. ``block-dirty-bitmap-remove`` takes
 a persistent bitmap off the image at once (``remove``), as QEMU does, so a crash cannot bring it back. The
@@ -63,12 +65,15 @@ def cannot_store(store: BitmapStore, name: str, granularity: int, size: int) -> 
 def load(store: BitmapStore, size: int) -> list[DirtyBitmap]:
     """The stored bitmaps as the node's, in the image's directory order (add them in this order:
     the node lists the last one first, as QEMU does)."""
-    return [
-        DirtyBitmap(b.name, size, b.granularity, persistent=True, recording=False, inconsistent=True)
-        if b.in_use  # QEMU does not read the bits of a bitmap it cannot trust: it lists it empty
-        else DirtyBitmap.from_bytes(b.name, size, b.granularity, b.data, persistent=True, recording=b.auto)
-        for b in store.stored_bitmaps
-    ]
+    bitmaps = []
+    for b in store.stored_bitmaps:
+        if b.in_use:  # QEMU does not read the bits of a bitmap it cannot trust: it lists it empty
+            bitmap = DirtyBitmap(b.name, size, b.granularity, persistent=True, recording=False, inconsistent=True)
+        else:
+            bitmap = DirtyBitmap.from_bytes(b.name, size, b.granularity, b.data, persistent=True, recording=b.auto)
+        bitmap.readonly = store.read_only
+        bitmaps.append(bitmap)
+    return bitmaps
 
 
 def to_store(store: BitmapStore, bitmaps: dict[str, DirtyBitmap]) -> list[StoredBitmap]:

@@ -335,3 +335,34 @@ def test_persistent_refusals_as_qemu(tmp_path: Path) -> None:
         (tmp_path / kind).mkdir()
         results.append(scenario(Side(kind, tmp_path / kind)))
     assert results[1] == results[0]
+
+
+def test_bitmaps_of_a_read_only_qcow2_node_are_readonly_as_in_qemu(tmp_path: Path) -> None:
+    """A read-only node's stored bitmaps load readonly: enabling and disabling them and merging from
+    them are allowed, clearing, merging into and removing them refused with QEMU's text; the image
+    is left exactly as it was."""
+    require("qemu-storage-daemon", "qemu-img", "qemu-io")
+
+    def scenario(side: Side, image: Path) -> list[Reply]:
+        out: list[Reply] = []
+        with side.daemon() as q:
+            file = {"driver": "file", "filename": str(image)}
+            _record(out, q, "blockdev-add", driver="qcow2", file=file, **{"node-name": "d", "read-only": True})
+            _listed(out, q)
+            _record(out, q, "block-dirty-bitmap-add", node="d", name="new")
+            for verb in ("enable", "disable", "clear"):
+                _record(out, q, f"block-dirty-bitmap-{verb}", node="d", name="q")
+            _record(out, q, "block-dirty-bitmap-merge", node="d", target="q", bitmaps=["q-off"])
+            _record(out, q, "block-dirty-bitmap-merge", node="d", target="new", bitmaps=["q"])
+            _record(out, q, "block-dirty-bitmap-remove", node="d", name="gone")
+            _record(out, q, "block-dirty-bitmap-remove", node="d", name="new")
+            _listed(out, q)
+            _record(out, q, "blockdev-del", **{"node-name": "d"})
+        out.append(("qemu-img info", _qemu_img_bitmaps(image)))
+        return out
+
+    out = _differential(tmp_path, scenario)
+    assert (
+        "block-dirty-bitmap-clear",
+        ("error", "GenericError", "Bitmap 'q' is readonly and cannot be modified"),
+    ) in out

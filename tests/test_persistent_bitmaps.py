@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from backup import persistent_bitmaps
 from backup.dirty_bitmap import DirtyBitmap
+from backup.errors import InvalidArgument
 from backup.node import BlockNode
 from backup.qcow2.bitmaps import StoredBitmap, bitmap_bytes
 from backup.qcow2.device import Qcow2Device
@@ -81,6 +84,10 @@ async def test_a_read_only_qcow2_node_loads_but_never_stores(tmp_path: Path) -> 
     image = await _image(tmp_path / "a.qcow2", stored)
     node = BlockNode("n", await Qcow2Device.open(image, read_only=True), driver="qcow2")
     assert node.bitmaps["b"].persistent and node.bitmaps["b"].count == 65536
+    assert node.bitmaps["b"].readonly  # QEMU's readonly bitmap: its bits may not change
+    with pytest.raises(InvalidArgument, match="Bitmap 'b' is readonly and cannot be modified"):
+        node.remove_bitmap("b")
+    node.bitmaps["b"].check_usable()  # using it (an export, a merge source) is fine
     await node.close()
     device = await Qcow2Device.open(image, read_only=True)
     assert device.stored_bitmaps == stored

@@ -96,7 +96,7 @@ def merge_bitmaps(reg: Registry, args: dict[str, Any]) -> None:
     try:
         for item in args["bitmaps"]:
             source = node.bitmap(item) if isinstance(item, str) else lookup(reg, item["node"], item["name"])[1]
-            target.check_usable()
+            target.check_usable(readonly=True)
             source.check_usable(busy=False)
             if source.size != target.size:
                 target.merge_from(source)  # raises QEMU's "different sizes" refusal
@@ -123,7 +123,7 @@ def register(commands: CommandRegistry) -> None:
         """Stop tracking and delete a dirty bitmap (refused while a job or export uses it)."""
         node, bitmap = lookup(reg, args["node"], args["name"])
         try:
-            bitmap.check_usable(inconsistent=False)
+            bitmap.check_usable(readonly=True, inconsistent=False)
             await persistent_bitmaps.remove(node.device, bitmap)  # QEMU: off the image at once
             node.remove_bitmap(args["name"])
         except BackupError as exc:
@@ -137,7 +137,7 @@ def register(commands: CommandRegistry) -> None:
         """Mark every granule of a bitmap clean."""
         _, bitmap = lookup(reg, args["node"], args["name"])
         try:
-            bitmap.check_usable()
+            bitmap.check_usable(readonly=True)
         except BackupError as exc:
             raise _qmp(exc) from None
         bitmap.clear()

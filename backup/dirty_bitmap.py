@@ -52,6 +52,7 @@ class DirtyBitmap:
         "inconsistent",
         "name",
         "persistent",
+        "readonly",
         "recording",
         "size",
         "successor",
@@ -66,6 +67,7 @@ class DirtyBitmap:
         persistent: bool = False,
         recording: bool = True,
         inconsistent: bool = False,
+        readonly: bool = False,
     ) -> None:
         check_name(name)
         check_granularity(granularity)
@@ -80,6 +82,7 @@ class DirtyBitmap:
         self.recording = recording  # QEMU's "recording": enabled (block-dirty-bitmap-enable/-disable)
         self.busy = False  # a job or an export uses it: QMP may not change it
         self.inconsistent = inconsistent  # loaded from an image that was not closed cleanly
+        self.readonly = readonly  # loaded from an image opened read-only: its bits may not change
         #: While frozen (a job reads the bits), new writes are recorded here instead: see ``freeze``.
         self.successor: DirtyBitmap | None = None
 
@@ -177,11 +180,14 @@ class DirtyBitmap:
 
     # --- checks (QEMU's bdrv_dirty_bitmap_check) -------------------------------------------------
 
-    def check_usable(self, *, busy: bool = True, inconsistent: bool = True) -> None:
-        """Refuse to change or use a bitmap a job holds (``busy``) or one whose contents cannot be
-        trusted (``inconsistent``); each verb checks what QEMU's does (removing checks only busy)."""
+    def check_usable(self, *, busy: bool = True, readonly: bool = False, inconsistent: bool = True) -> None:
+        """Refuse to change or use a bitmap a job holds (``busy``), one whose bits must not change
+        (``readonly``: verbs that change the bits ask) or one whose contents cannot be trusted
+        (``inconsistent``); each verb checks what QEMU's does (removing checks busy and readonly)."""
         if busy and self.busy:
             raise InvalidArgument(f"Bitmap '{self.name}' is currently in use by another operation and cannot be used")
+        if readonly and self.readonly:
+            raise InvalidArgument(f"Bitmap '{self.name}' is readonly and cannot be modified")
         if inconsistent and self.inconsistent:
             raise InvalidArgument(f"Bitmap '{self.name}' is inconsistent and cannot be used")
 

@@ -40,10 +40,12 @@ async def open_image(
     check_backing: BackingCheck | None = None,
     guard_probed: bool = True,
     compress: bool = False,
+    backing_device: BlockDevice | None = None,
 ) -> BlockDevice:
     """Open ``path`` as ``format`` (probed when None) and return the device; ``check_backing`` sees
     every file of a qcow2 image's backing chain before it is opened (see ``backup.qcow2.backing``).
     ``compress``: a qcow2 image stores the clusters written from now on compressed (raw refuses it).
+    ``backing_device``: a qcow2 image reads unallocated clusters from it (see ``Qcow2Device.open``).
 
     A probed image is guarded (see the module docstring) unless ``guard_probed`` is False: for the
     user's own command-line copies, which trust their files as ``qemu-img`` does.
@@ -67,6 +69,8 @@ async def open_image(
     if format == "raw":
         if compress:
             raise ImageFormatError("Compression is not supported for raw images; use format=qcow2")
+        if backing_device is not None:
+            raise ImageFormatError("a raw image cannot have a backing file; use format=qcow2")
         from backup.rawfile import RawFileDevice
 
         raw = await RawFileDevice.open(path, read_only=read_only)
@@ -82,7 +86,7 @@ async def open_image(
     except ImportError as exc:
         raise ImageFormatError(f"'{os.fspath(path)}': qcow2 images are not supported by this build") from exc
     device: BlockDevice = await qcow2.Qcow2Device.open(
-        path, read_only=read_only, compress=compress, check_backing=check_backing
+        path, read_only=read_only, compress=compress, check_backing=check_backing, backing_device=backing_device
     )
     return device
 
@@ -126,6 +130,8 @@ async def create_image(
             raise ImageFormatError("a raw image cannot have a backing file; use format=qcow2")
         if compress:
             raise ImageFormatError("Compression is not supported for raw images; use format=qcow2")
+        if backing_device is not None:
+            raise ImageFormatError("a raw image cannot have a backing file; use format=qcow2")
         if size is None:
             raise ImageFormatError("creating a raw image needs a size")
         from backup.rawfile import RawFileDevice

@@ -19,13 +19,17 @@ pays one truth test per write.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from backup import persistent_bitmaps
 from backup.dirty_bitmap import DirtyBitmap
-from backup.errors import InvalidArgument
+from backup.errors import BackupError, InvalidArgument
 from backup.filter import BlockFilter
 from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent, direct_read_fd
+
+log = logging.getLogger(__name__)
 
 
 class BlockNode:
@@ -47,6 +51,10 @@ class BlockNode:
         self._undrained.set()
         #: By name, in QEMU's listing order (newest first): see ``add_bitmap``.
         self.bitmaps: dict[str, DirtyBitmap] = {}
+        store = persistent_bitmaps.store_of(device)
+        if store is not None:  # a qcow2 image's stored bitmaps are the node's from its open on
+            for bitmap in persistent_bitmaps.load(store, device.size):
+                self.add_bitmap(bitmap)
 
     @property
     def image(self) -> BlockDevice:
@@ -90,9 +98,10 @@ class BlockNode:
             raise InvalidArgument(f"Dirty bitmap '{name}' not found") from None
 
     def remove_bitmap(self, name: str) -> DirtyBitmap:
-        """Detach the bitmap ``name`` (refused while a job or export uses it; an inconsistent one may go)."""
+        """Detach the bitmap ``name`` (refused while a job or export uses it, or when it is stored in an
+        image opened read-only; an inconsistent one may go)."""
         bitmap = self.bitmap(name)
-        bitmap.check_usable(inconsistent=False)
+        bitmap.check_usable(readonly=True, inconsistent=False)
         del self.bitmaps[name]
         return bitmap
 
@@ -229,5 +238,12 @@ class BlockNode:
             self._leave()
 
     async def close(self) -> None:
-        """Close the image; filters are removed by the jobs that own them before this."""
+        """Close the image, handing it the persistent bitmaps to store first (a qcow2 image writes
+        them at its clean close); filters are removed by the jobs that own them before this."""
+        store = persistent_bitmaps.store_of(self.device)
+        if store is not None:
+            try:
+                persistent_bitmaps.save(store, self.bitmaps)
+            except (OSError, BackupError) as exc:  # the image still closes; its bitmaps stay in_use
+                log.error("node '%s': persistent bitmaps not stored: %s", self.name, exc)
         await self.device.close()

@@ -7,32 +7,22 @@ it meanwhile); ``claim`` marks it and ``release`` undoes that when the export go
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol, cast
+from typing import cast
 
+from backup.dirty_bitmap import DirtyBitmap
+from backup.errors import BackupError
 from backup.node import BlockNode
 from nbd.device import backing_of
 from nbd.meta import DirtyMap
 from server.errors import QmpError
 
 
-class ExportableBitmap(DirtyMap, Protocol):
-    """What the checks read of a bitmap (``backup.dirty_bitmap.DirtyBitmap``)."""
-
-    recording: bool
-    busy: bool
-    inconsistent: bool
+def node_bitmap(node: BlockNode, name: str) -> DirtyBitmap | None:
+    """The bitmap ``name`` of ``node``, or None."""
+    return node.bitmaps.get(name)
 
 
-class _WithBitmaps(Protocol):
-    bitmaps: Mapping[str, ExportableBitmap]
-
-
-def node_bitmap(node: BlockNode, name: str) -> ExportableBitmap | None:
-    """The bitmap ``name`` of ``node`` (the one lookup that depends on ``BlockNode.bitmaps``)."""
-    return cast(_WithBitmaps, node).bitmaps.get(name)
-
-
-def _lookup(node: BlockNode, name: str) -> tuple[BlockNode, ExportableBitmap] | None:
+def _lookup(node: BlockNode, name: str) -> tuple[BlockNode, DirtyBitmap] | None:
     """The bitmap on ``node`` or, as QEMU looks, on the first node down its backing chain that has
     one of that name (a fleecing overlay exported with its source's bitmap)."""
     below: BlockNode | None = node
@@ -52,11 +42,11 @@ or ``{"node": …, "name": …}`` naming any node's bitmap."""
 
 def find(
     node: BlockNode, refs: Sequence[BitmapRef], nodes: Mapping[str, BlockNode], *, read_only: bool
-) -> list[ExportableBitmap]:
+) -> list[DirtyBitmap]:
     """The bitmaps named, in order, with QEMU's errors: unknown, busy, inconsistent, and an enabled
     bitmap of a writable node in a read-only export (its contents would move under the reader).
     The same bitmap may be named twice (qemu-storage-daemon 7.2 accepts that too)."""
-    found: list[ExportableBitmap] = []
+    found: list[DirtyBitmap] = []
     for ref in refs:
         if isinstance(ref, str):
             name = ref
@@ -76,17 +66,17 @@ def find(
             # qemu-storage-daemon 7.2 exports another node's recording bitmap read-only: it does
             # not apply the check below to this form.
             owner, bitmap = None, named
-        if bitmap.busy:
-            raise QmpError(f"Bitmap '{name}' is currently in use by another operation and cannot be used")
-        if bitmap.inconsistent:
-            raise QmpError(f"Bitmap '{name}' is inconsistent and cannot be used")
+        try:
+            bitmap.check_usable()  # busy, then inconsistent: QEMU's order and texts
+        except BackupError as exc:
+            raise QmpError.from_backup_error(exc) from None
         if read_only and owner is not None and not owner.read_only and bitmap.recording:
             raise QmpError(f"Enabled bitmap '{name}' incompatible with readonly export")
         found.append(bitmap)
     return found
 
 
-def claim(bitmaps: Iterable[ExportableBitmap]) -> None:
+def claim(bitmaps: Iterable[DirtyBitmap]) -> None:
     """Mark the bitmaps of a new export busy."""
     for bitmap in bitmaps:
         bitmap.busy = True
@@ -95,4 +85,4 @@ def claim(bitmaps: Iterable[ExportableBitmap]) -> None:
 def release(bitmaps: Iterable[DirtyMap]) -> None:
     """The export is gone: its bitmaps are free again."""
     for bitmap in bitmaps:
-        cast(ExportableBitmap, bitmap).busy = False
+        cast(DirtyBitmap, bitmap).busy = False

@@ -21,6 +21,7 @@ from backup.events import EventBus
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
 from nbd.constants import MAX_STRING
+from nbd.device import backing_of
 from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
 from nbd.uri import NbdUri
 from server import export_bitmaps
@@ -129,6 +130,9 @@ class Registry:
         job = next((user for user in node.users if isinstance(user, Job)), None)
         if job is not None:
             raise generic(f"Node '{name}' is busy: block device is in use by block job: {job.type}")
+        parent = next((u for u in node.users if isinstance(u, BlockNode) and backing_of(u.image) is node), None)
+        if parent is not None:  # a qcow2 node reads through it (``backing``: a fleecing overlay)
+            raise generic(f"Node '{name}' is busy: node is used as backing hd of '{parent.name}'")
         if node.users:
             raise generic(f"Block device {name} is in use")
         del self.nodes[name]

@@ -90,3 +90,25 @@ async def test_created_image_is_durable_in_its_directory(
     await dev.close()
     st = os.stat(tmp_path)
     assert (st.st_dev, st.st_ino) in synced
+
+
+async def test_backing_device_serves_an_image_whose_header_names_no_backing_file(tmp_path: Path) -> None:
+    """QEMU's ``backing`` option: a fleecing overlay created without a backing file reads its
+    unallocated clusters from the live source node it is given; the source stays open after."""
+    from backup.rawfile import RawFileDevice
+
+    source = tmp_path / "src.raw"
+    source.write_bytes(b"s" * (1 << 20))
+    overlay = await create_image(tmp_path / "fleece.qcow2", 1 << 20, format="qcow2")
+    await overlay.close()
+    live = await RawFileDevice.open(source)
+    device = await open_image(tmp_path / "fleece.qcow2", format="qcow2", backing_device=live)
+    try:
+        await device.pwrite(65536, b"o" * 65536)
+        assert await device.pread(0, 4) == b"ssss" and await device.pread(65536, 4) == b"oooo"
+    finally:
+        await device.close()
+    assert await live.pread(65536, 4) == b"ssss"  # still open, untouched
+    await live.close()
+    with pytest.raises(ImageFormatError, match="raw image cannot have a backing file"):
+        await open_image(source, format="raw", backing_device=live)

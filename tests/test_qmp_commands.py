@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from backup.dirty_bitmap import DirtyBitmap
 from backup.events import Event
 from server.addresses import parse_monitor_address
 from server.daemon import build_commands
@@ -558,28 +559,22 @@ async def test_allow_dir_confines_the_unix_sockets_the_daemon_connects_to(tmp_pa
         await server.stop()
 
 
-class _FakeBitmap:
-    """What ``block-export-add`` reads of a dirty bitmap (``BlockNode.bitmaps`` holds H1's)."""
-
-    def __init__(self, name: str, *, recording: bool = True, busy: bool = False, inconsistent: bool = False) -> None:
-        self.name = name
-        self.recording = recording
-        self.busy = busy
-        self.inconsistent = inconsistent
-
-    def dirty_runs(self, offset: int, length: int) -> list[tuple[int, bool]]:
-        return [(length, False)]
+def _bitmap(name: str, *, recording: bool = True, busy: bool = False, inconsistent: bool = False) -> DirtyBitmap:
+    """A node's dirty bitmap in the state a test needs (busy: held by a job or export)."""
+    bitmap = DirtyBitmap(name, MiB, recording=recording, inconsistent=inconsistent)
+    bitmap.busy = busy
+    return bitmap
 
 
 async def test_block_export_add_publishes_bitmaps_and_allocation_depth(h: Harness) -> None:
     await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": "n0"})
     bitmaps = {
-        "on": _FakeBitmap("on"),
-        "off": _FakeBitmap("off", recording=False),
-        "used": _FakeBitmap("used", busy=True),
-        "bad": _FakeBitmap("bad", inconsistent=True),
+        "on": _bitmap("on"),
+        "off": _bitmap("off", recording=False),
+        "used": _bitmap("used", busy=True),
+        "bad": _bitmap("bad", inconsistent=True),
     }
-    h.reg.node("n0").bitmaps = bitmaps  # type: ignore[attr-defined]
+    h.reg.node("n0").bitmaps.update(bitmaps)
     await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(h.tmp / "nbd.sock")}})
 
     async def refused(**args: Any) -> str:
@@ -619,8 +614,8 @@ async def test_block_export_add_bitmaps_of_other_nodes_and_twice(h: Harness) -> 
     whose recording is not checked against a read-only export; a bitmap may be named twice."""
     for name in ("n0", "n1"):
         await h("blockdev-add", driver="null-co", size=MiB, **{"node-name": name})
-    h.reg.node("n0").bitmaps = {"b0": _FakeBitmap("b0")}  # type: ignore[attr-defined]
-    h.reg.node("n1").bitmaps = {"x": _FakeBitmap("x")}  # type: ignore[attr-defined]
+    h.reg.node("n0").add_bitmap(_bitmap("b0"))
+    h.reg.node("n1").add_bitmap(_bitmap("x"))
     await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(h.tmp / "nbd.sock")}})
     args: dict[str, Any] = {"type": "nbd", "node-name": "n0"}
     assert (await h.error("block-export-add", id="e", **args, bitmaps=[{"node": "nz", "name": "x"}])) == (

@@ -194,8 +194,9 @@ class Qcow2Device:
         """Open an image; its backing chain (if any) is opened read-only.
 
         ``backing_device`` reads the backing file through a device this process already has open
-        (the live source of a fleecing backup: its caches are the truth, not the file's metadata);
-        it stays open when this device closes. An image that was not cleanly closed (dirty bit) opens
+        (the live source of a fleecing backup: its caches are the truth, not the file's metadata),
+        also for an image whose header names no backing file (QEMU's ``backing`` option); it stays
+        open when this device closes. An image that was not cleanly closed (dirty bit) opens
         read-only as it is; for writing its refcounts are rebuilt first, as QEMU does, unless
         ``repair`` is False, which refuses it. ``check_backing`` sees every file of the backing chain
         before it is opened (the daemon's path policy) and may refuse it.
@@ -238,7 +239,7 @@ class Qcow2Device:
                 l1,
                 read_only=read_only,
                 refcounts=refs,
-                backing=backing if backing_device is None or header.backing_file is None else backing_device,
+                backing=backing if backing_device is None else backing_device,
                 owns_backing=backing_device is None,
                 compress=compress,
                 l2_cache_size=l2_cache_size,
@@ -410,6 +411,19 @@ class Qcow2Device:
         if bitmaps:  # the extension must fit in the first cluster (512-byte clusters, long backing names)
             rewrite_header(os.pread(self._fd, self._cs, 0), self.header, bytes(24))
         self._bitmaps_to_store = list(bitmaps)
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        """Take bitmap ``name`` off the image now, as QEMU's ``block-dirty-bitmap-remove`` does for a
+        persistent bitmap (so a crash does not bring it back); the others stay as the open left them
+        on disk (in_use). Nothing to do for a bitmap the image does not hold, or a read-only open."""
+        if self._read_only or self._bitmap_dir is None or name not in [b.name for b in self.stored_bitmaps]:
+            return
+        async with self._lock:
+            self._check_open()
+            keep = [b for b in self.stored_bitmaps if b.name != name]
+            self._store_bitmaps_locked([StoredBitmap(b.name, b.granularity, True, b.auto, b.data) for b in keep])
+            self.stored_bitmaps = keep
+            self._loaded_key = [(b.name, b.granularity, b.auto, b.data) for b in keep]
 
     def _bitmaps_for_close(self) -> list[StoredBitmap] | None:
         """What close writes: ``set_stored_bitmaps``' list; else the loaded bitmaps, those that

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from backup import persistent_bitmaps
 from backup.dirty_bitmap import MAX_NAME_SIZE, DirtyBitmap, check_granularity, default_granularity
 from backup.errors import BackupError
 from backup.node import BlockNode
@@ -55,7 +56,8 @@ def lookup(reg: Registry, node_name: str, name: str) -> tuple[BlockNode, DirtyBi
 
 
 def add_bitmap(reg: Registry, args: dict[str, Any]) -> DirtyBitmap:
-    """``block-dirty-bitmap-add``: checks in QEMU's order (name, node, granularity, persistence, name taken)."""
+    """``block-dirty-bitmap-add``: checks in QEMU 7.2's order (name, node, granularity, name taken, whether
+    the image can store it, name length)."""
     name = args["name"]
     if not name:
         raise generic("Bitmap name cannot be empty")
@@ -66,10 +68,14 @@ def add_bitmap(reg: Registry, args: dict[str, Any]) -> DirtyBitmap:
     persistent = args.get("persistent", False)
     try:
         check_granularity(granularity)
-        if persistent and node.driver not in PERSISTENT_DRIVERS:
-            raise generic(f"Can't store persistent bitmaps to {node.name}: Operation not supported")
         if name in node.bitmaps:
             raise generic(f"Bitmap already exists: {name}")
+        if persistent and node.driver not in PERSISTENT_DRIVERS:
+            raise generic(f"Can't store persistent bitmaps to {node.name}: Operation not supported")
+        store = persistent_bitmaps.store_of(node.device) if persistent else None
+        reason = None if store is None else persistent_bitmaps.cannot_store(store, name, granularity, node.size)
+        if reason is not None:
+            raise generic(f"Can't make bitmap '{name}' persistent in '{node.name}': {reason}")
         if len(name.encode()) > MAX_NAME_SIZE:
             raise generic(f"Bitmap name too long: {name}")
         bitmap = DirtyBitmap(
@@ -90,7 +96,7 @@ def merge_bitmaps(reg: Registry, args: dict[str, Any]) -> None:
     try:
         for item in args["bitmaps"]:
             source = node.bitmap(item) if isinstance(item, str) else lookup(reg, item["node"], item["name"])[1]
-            target.check_usable()
+            target.check_usable(readonly=True)
             source.check_usable(busy=False)
             if source.size != target.size:
                 target.merge_from(source)  # raises QEMU's "different sizes" refusal
@@ -115,11 +121,15 @@ def register(commands: CommandRegistry) -> None:
     @commands.command("block-dirty-bitmap-remove", args=BLOCK_DIRTY_BITMAP)
     async def block_dirty_bitmap_remove(reg: Registry, args: dict[str, Any]) -> dict[str, Any]:
         """Stop tracking and delete a dirty bitmap (refused while a job or export uses it)."""
-        node, _ = lookup(reg, args["node"], args["name"])
+        node, bitmap = lookup(reg, args["node"], args["name"])
         try:
+            bitmap.check_usable(readonly=True, inconsistent=False)
+            await persistent_bitmaps.remove(node.device, bitmap)  # QEMU: off the image at once
             node.remove_bitmap(args["name"])
         except BackupError as exc:
             raise _qmp(exc) from None
+        except OSError as exc:
+            raise generic(f"Failed to remove bitmap '{bitmap.name}' from the image: {exc.strerror or exc}") from None
         return {}
 
     @commands.command("block-dirty-bitmap-clear", args=BLOCK_DIRTY_BITMAP)
@@ -127,7 +137,7 @@ def register(commands: CommandRegistry) -> None:
         """Mark every granule of a bitmap clean."""
         _, bitmap = lookup(reg, args["node"], args["name"])
         try:
-            bitmap.check_usable()
+            bitmap.check_usable(readonly=True)
         except BackupError as exc:
             raise _qmp(exc) from None
         bitmap.clear()

@@ -54,7 +54,7 @@ BLOCKDEV_OPTIONS.set_variant(
     },
 )
 BLOCKDEV_OPTIONS.set_variant("raw", {"file": BLOCKDEV_REF})
-BLOCKDEV_OPTIONS.set_variant("qcow2", {"file": BLOCKDEV_REF})
+BLOCKDEV_OPTIONS.set_variant("qcow2", {"file": BLOCKDEV_REF, "*backing": BLOCKDEV_REF})
 BLOCKDEV_OPTIONS.set_variant(
     "nbd",
     {
@@ -172,7 +172,7 @@ async def _open_driver(
     if driver == "raw":
         return await _open_raw(reg, options["file"], read_only=read_only, names=names)
     if driver == "qcow2":
-        return await _open_qcow2(reg, options["file"], read_only=read_only, names=names)
+        return await _open_qcow2(reg, options["file"], read_only=read_only, names=names, backing=options.get("backing"))
     raise generic(f"Parameter 'driver' does not accept value '{driver}'")  # pragma: no cover (schema)
 
 
@@ -187,9 +187,27 @@ async def _open_raw(reg: Registry, ref: str | dict[str, Any], *, read_only: bool
     return inner
 
 
-async def _open_qcow2(reg: Registry, ref: str | dict[str, Any], *, read_only: bool, names: set[str]) -> _Opened:
-    """qcow2 needs a local file: ``file`` is a ``file`` node (by name) or an inline ``file`` driver."""
+async def _open_qcow2(
+    reg: Registry,
+    ref: str | dict[str, Any],
+    *,
+    read_only: bool,
+    names: set[str],
+    backing: str | dict[str, Any] | None = None,
+) -> _Opened:
+    """qcow2 needs a local file: ``file`` is a ``file`` node (by name) or an inline ``file`` driver.
+    ``backing`` (absent: the image's own backing file) names an existing node to read unallocated
+    clusters from instead — the live source under a fleecing overlay."""
     referenced: list[BlockNode] = []
+    backing_device: BlockDevice | None = None
+    if isinstance(backing, dict):
+        raise generic("give the qcow2 node's backing as the node-name of a node added before")
+    if isinstance(backing, str):
+        backing_node = reg.nodes.get(backing)
+        if backing_node is None:
+            raise generic(f"Could not open backing file: Cannot find device='{backing}' nor node-name='{backing}'")
+        backing_device = backing_node
+        referenced.append(backing_node)
     if isinstance(ref, str):
         child = reg.node(ref)
         if child.driver != "file" or child.filename is None:
@@ -208,7 +226,13 @@ async def _open_qcow2(reg: Registry, ref: str | dict[str, Any], *, read_only: bo
     try:
         if probe_format(path) != "qcow2":
             raise generic("Image is not in qcow2 format")  # QEMU's text
-        device = await open_image(path, format="qcow2", read_only=read_only, check_backing=reg.paths.check_backing)
+        device = await open_image(
+            path,
+            format="qcow2",
+            read_only=read_only,
+            check_backing=reg.paths.check_backing,
+            backing_device=backing_device,
+        )
     except OSError as exc:
         raise generic(f"Could not open '{path}': {exc.strerror or exc}") from exc
     return _Opened(device, "qcow2", path, referenced=referenced)
@@ -337,6 +361,9 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
     }
     if "backing-filename" in info["image"]:
         info["backing_file"] = info["image"]["backing-filename"]
+    backing = backing_of(node.image)
+    if isinstance(backing, BlockNode) and backing.filename:  # ``backing`` = a node (a fleecing overlay)
+        info["backing_file"] = backing.filename  # QEMU lists its file here, not in ``image``
     return info
 
 

@@ -33,8 +33,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from backup.block_copy import BlockCopier, CopyError, CopyTask, TopAllocation
 from backup.bitmap import ClusterBitmap
+from backup.block_copy import BlockCopier, CopyError, CopyTask, TopAllocation
 from backup.cbw import CopyBeforeWriteFilter, OnCbwError
 from backup.copy_engine import MAX_ZERO_REQUEST, run_together
 from backup.dirty_bitmap import DirtyBitmap

@@ -5,9 +5,8 @@ node's ``dirty-bitmaps`` (counts included) after each step."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import require
@@ -63,7 +62,8 @@ def test_bitmap_after_a_successful_backup(tmp_path: Path, sync: str, mode: str |
         guest_writes(run, *GUEST_WRITES)
         bitmaps(run)
         extra = {} if mode is None else {"bitmap-mode": mode}
-        run("drive-backup", device="src", target=target(run, "t.raw"), sync=sync, bitmap="b", **{"job-id": "j"}, **extra)
+        extra["job-id"] = "j"
+        run("drive-backup", device="src", target=target(run, "t.raw"), sync=sync, bitmap="b", **extra)
         run.wait_gone("j")
         bitmaps(run)
         return ["j"]
@@ -94,8 +94,9 @@ def test_busy_while_running_and_cancel(tmp_path: Path, mode: str) -> None:
         run("block-dirty-bitmap-remove", node="src", name="b")
         run("block-dirty-bitmap-add", node="src", name="m")
         run("block-dirty-bitmap-merge", node="src", target="b", bitmaps=["m"])
-        run("block-dirty-bitmap-merge", node="src", target="m", bitmaps=["b"])  # reading a busy one is fine
-        run("drive-backup", device="src", target=target(run, "u.raw"), sync="incremental", bitmap="b", **{"job-id": "k"})
+        run("block-dirty-bitmap-merge", node="src", target="m", bitmaps=["b"])  # a busy source is refused too
+        second = {"job-id": "k", "target": target(run, "u.raw")}
+        run("drive-backup", device="src", sync="incremental", bitmap="b", **second)
         qemu_io(sock, "write -P 3 1048576 4096")
         bitmaps(run)
         run("block-job-cancel", device="j")
@@ -132,3 +133,73 @@ def test_bitmap_after_a_failed_backup(tmp_path: Path, mode: str) -> None:
 
     differential(tmp_path, scenario)
 
+
+def _act(kind: str, **data: object) -> dict[str, object]:
+    return {"type": kind, "data": data}
+
+
+def test_transaction_full_backup_and_a_new_bitmap_then_an_incremental(tmp_path: Path) -> None:
+    """The recipe: a full backup and a new bitmap at one instant, writes, an incremental from it."""
+    require("qemu-io")
+
+    def scenario(run: Run) -> list[str]:
+        guest_writes(run, "write -P 7 0 1048576")
+        full = {"job-id": "full", "device": "src", "target": target(run, "full.raw"), "sync": "full"}
+        run(
+            "transaction",
+            actions=[_act("drive-backup", **full), _act("block-dirty-bitmap-add", node="src", name="b")],
+        )
+        run.wait_gone("full")
+        bitmaps(run)  # the full backup's writes went to the target, not the source: b is clean
+        guest_writes(run, *GUEST_WRITES)
+        bitmaps(run)
+        inc = {"job-id": "inc", "device": "src", "target": target(run, "inc.raw"), "sync": "incremental"}
+        run(
+            "transaction",
+            actions=[_act("block-dirty-bitmap-add", node="src", name="c"), _act("drive-backup", **inc, bitmap="b")],
+        )
+        run.wait_gone("inc")
+        bitmaps(run)
+        return ["full", "inc"]
+
+    differential(tmp_path, scenario)
+
+
+def test_bitmap_actions_all_or_nothing(tmp_path: Path) -> None:
+    """Every bitmap action undone when a later action fails; committed together otherwise; a bitmap
+    removed earlier in the transaction is busy for the later actions; ``grouped`` refused."""
+    require("qemu-io")
+
+    def scenario(run: Run) -> list[str]:
+        run("block-dirty-bitmap-add", node="src", name="a", granularity=4096)
+        run("block-dirty-bitmap-add", node="src", name="b", disabled=True)
+        run("block-dirty-bitmap-add", node="src", name="gone")
+        guest_writes(run, *GUEST_WRITES)
+        changes = [
+            _act("block-dirty-bitmap-add", node="src", name="new", granularity=512),
+            _act("block-dirty-bitmap-merge", node="src", target="b", bitmaps=["a"]),
+            _act("block-dirty-bitmap-clear", node="src", name="a"),
+            _act("block-dirty-bitmap-enable", node="src", name="b"),
+            _act("block-dirty-bitmap-disable", node="src", name="gone"),
+            _act("block-dirty-bitmap-remove", node="src", name="gone"),
+        ]
+        run("transaction", actions=[*changes, _act("abort")])
+        bitmaps(run)
+        run("transaction", actions=[*changes, _act("block-dirty-bitmap-clear", node="src", name="gone")])
+        run("transaction", actions=[*changes, _act("block-dirty-bitmap-add", node="nope", name="x")])
+        bitmaps(run)
+        run("transaction", actions=changes, properties={"completion-mode": "grouped"})
+        run("transaction", actions=[*changes, _act("block-dirty-bitmap-clear", node="src", name="new")])
+        bitmaps(run)
+        t = target(run, "t.raw")
+        run(
+            "transaction",
+            actions=[
+                _act("block-dirty-bitmap-remove", node="src", name="a"),
+                _act("drive-backup", **{"job-id": "j"}, device="src", target=t, sync="incremental", bitmap="a"),
+            ],
+        )
+        bitmaps(run)
+        return []
+
+    differential(tmp_path, scenario)

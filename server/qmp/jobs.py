@@ -32,6 +32,9 @@ from nbd.device import BlockDevice, backing_of, can_compress, file_path, format_
 from nbd.errors import NbdError
 from nbd.uri import NbdUri, looks_like_uri, parse_uri
 from server.errors import QmpError
+from server.qmp.bitmap_actions import KINDS as BITMAP_ACTIONS
+from server.qmp.bitmap_actions import BitmapAction
+from server.qmp.bitmaps import BLOCK_DIRTY_BITMAP, BLOCK_DIRTY_BITMAP_ADD, BLOCK_DIRTY_BITMAP_MERGE
 from server.qmp.block import confine_socket
 from server.qmp.dispatch import CommandRegistry, Handler
 from server.qmp.schema import Enum, Struct, Union
@@ -78,10 +81,16 @@ DRIVE_BACKUP = Struct(
 BLOCKDEV_BACKUP = Struct("BlockdevBackup", {"target": "str"}, base=BACKUP_COMMON)
 TRANSACTION_ACTION = Union(
     "TransactionAction",
-    {"type": Enum("TransactionActionKind", ["abort", "blockdev-backup", "drive-backup"])},
+    {"type": Enum("TransactionActionKind", ["abort", *BITMAP_ACTIONS, "blockdev-backup", "drive-backup"])},
     "type",
     {
         "abort": {"data": Struct("Abort", {})},
+        "block-dirty-bitmap-add": {"data": BLOCK_DIRTY_BITMAP_ADD},
+        "block-dirty-bitmap-remove": {"data": BLOCK_DIRTY_BITMAP},
+        "block-dirty-bitmap-clear": {"data": BLOCK_DIRTY_BITMAP},
+        "block-dirty-bitmap-enable": {"data": BLOCK_DIRTY_BITMAP},
+        "block-dirty-bitmap-disable": {"data": BLOCK_DIRTY_BITMAP},
+        "block-dirty-bitmap-merge": {"data": BLOCK_DIRTY_BITMAP_MERGE},
         "blockdev-backup": {"data": BLOCKDEV_BACKUP},
         "drive-backup": {"data": DRIVE_BACKUP},
     },
@@ -468,12 +477,15 @@ class BackupAction:
 async def run_backups(
     reg: Registry, actions: list[tuple[str, dict[str, Any]]], *, completion_mode: str = "individual"
 ) -> None:
-    """Run backup actions as one transaction: every job starts at one point in time, or none exists."""
+    """Run backup (and bitmap) actions as one transaction: every job starts at one point in time, and
+    every bitmap changes at it, or nothing happens."""
     txn = Transaction(completion_mode)
     steps: list[TransactionAction] = []
     for kind, data in actions:
         if kind == "abort":
             steps.append(AbortAction())
+        elif kind in BITMAP_ACTIONS:
+            steps.append(BitmapAction(reg, kind, data, txn))
         else:
             steps.append(BackupAction(reg, kind, data, txn))
     await run_transaction(steps)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require
+from qmp_daemon import make_image
 from test_qmp_bitmaps_diff import GUEST_WRITES, bitmaps, guest_writes
 from test_qmp_diff import SIZE, SLOW, Run, differential, failing_nbdkit, target
 
@@ -64,6 +65,26 @@ def test_bitmap_after_a_successful_backup(tmp_path: Path, sync: str, mode: str |
         extra = {} if mode is None else {"bitmap-mode": mode}
         extra["job-id"] = "j"
         run("drive-backup", device="src", target=target(run, "t.raw"), sync=sync, bitmap="b", **extra)
+        run.wait_gone("j")
+        bitmaps(run)
+        return ["j"]
+
+    differential(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("granularity", [512, 4096, 1 << 20])
+def test_blockdev_backup_incremental_at_any_granularity(tmp_path: Path, granularity: int) -> None:
+    """``blockdev-backup`` to a node with bitmaps finer and coarser than the backup's cluster (both
+    accepted by QEMU 7.2: whole dirty granules are copied, the bitmap is cleared on success)."""
+    require("qemu-io")
+
+    def scenario(run: Run) -> list[str]:
+        image = make_image(run.work / "t.raw", SIZE, pattern=0)
+        run.q.ok("blockdev-add", driver="file", filename=str(image), **{"node-name": "tgt"})
+        run("block-dirty-bitmap-add", node="src", name="b", granularity=granularity)
+        guest_writes(run, *GUEST_WRITES)
+        bitmaps(run)
+        run("blockdev-backup", device="src", target="tgt", sync="incremental", bitmap="b", **{"job-id": "j"})
         run.wait_gone("j")
         bitmaps(run)
         return ["j"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from backup_rig import (
     write_random_image,
 )
 from conftest import require
+from qsd import QmpSync
 
 from backup.backup_job import BackupJob, BackupOptions
 from backup.dirty_bitmap import DirtyBitmap
@@ -137,3 +139,91 @@ async def test_full_then_incrementals_restore_byte_exact(tmp_path: Path, granula
             "qemu-img", "compare", "-f", "raw", "-F", "qcow2", tmp_path / f"snapshot{step}.raw", top, check=False
         )
         assert code == 0, f"chain up to backup {step}: {out}"
+
+
+def _dirty_count(q: QmpSync, bitmap: str) -> int:
+    for node in q.ok("query-named-block-nodes"):
+        for found in node.get("dirty-bitmaps") or []:
+            if found.get("name") == bitmap:
+                return int(found["count"])
+    raise AssertionError(f"bitmap {bitmap} not listed")
+
+
+def _qcow2(path: Path, backing: Path | None = None) -> None:
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"] + (
+        [] if backing is None else ["-b", str(backing), "-F", "qcow2"]
+    )
+    subprocess.run([*argv, str(path), str(SIZE)], check=True, capture_output=True, timeout=60)
+
+
+def _writers(uri: str, seed: int) -> list[subprocess.Popen[bytes]]:
+    """Guests writing through the export while a backup runs: qemu-io (mixed I/O) and fio."""
+    io = ["qemu-io", "-f", "raw"]
+    for command in qemu_io_commands(SIZE, 20, seed):
+        io += ["-c", command]
+    fio = ["fio", "--name=g", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--io_size=128k"]
+    fio += ["--offset=2M", "--size=2M", "--iodepth=4", f"--randseed={seed}"]
+    return [subprocess.Popen([*io, uri], stdout=subprocess.DEVNULL), subprocess.Popen(fio, stdout=subprocess.DEVNULL)]
+
+
+def _join(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.args
+
+
+@pytest.mark.parametrize("side", ["ours", "qsd"])
+def test_chain_through_qmp_transaction_and_incrementals(tmp_path: Path, side: str) -> None:
+    """The same oracle through QMP, on our daemon and on qemu-storage-daemon 7.2: ``transaction`` of a
+    full ``drive-backup`` and ``block-dirty-bitmap-add``, then ``sync: incremental`` backups into
+    overlays over the previous one, guests writing through the export during every backup. The point in
+    time is copied while no guest writes (the writers start once the backup command has returned)."""
+    require("qemu-img", "qemu-io", "fio", "qemu-storage-daemon")
+    from test_qmp_diff import our_side, qsd_side
+
+    image = write_random_image(tmp_path / "disk.raw", SIZE, seed=5)
+    opened = our_side(tmp_path) if side == "ours" else qsd_side(tmp_path)
+    with opened as run:
+        q = run.q
+        q.ok("blockdev-add", driver="file", filename=str(image), **{"node-name": "src"})
+        sock = tmp_path / "nbd.sock"
+        q.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+        q.ok("block-export-add", type="nbd", id="e", writable=True, **{"node-name": "src"})
+        uri = f"nbd+unix:///src?socket={sock}"
+        chain: list[Path] = []
+        for step in range(3):
+            top, snapshot = tmp_path / f"b{step}.qcow2", tmp_path / f"snap{step}.raw"
+            _qcow2(top, chain[-1] if chain else None)
+            shutil.copyfile(image, snapshot)  # no writer runs: this is the backup's point in time
+            backup = {"job-id": f"j{step}", "device": "src", "target": str(top), "format": "qcow2"}
+            backup |= {"mode": "existing", "speed": SPEED}
+            if step == 0:
+                q.ok(
+                    "transaction",
+                    actions=[
+                        {"type": "drive-backup", "data": {**backup, "sync": "full"}},
+                        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b"}},
+                    ],
+                )
+            else:
+                dirty = _dirty_count(q, "b")
+                q.ok("drive-backup", **backup, sync="incremental", bitmap="b")
+            _join(_writers(uri, 40 + step))
+            q.wait_job_status(f"j{step}", "null", timeout=120)
+            assert q.transcript.events("BLOCK_JOB_COMPLETED")[-1][1].get("error") is None
+            chain.append(top)
+            done = subprocess.run(
+                ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(snapshot), str(top)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, f"{side} backup {step}: {done.stdout}{done.stderr}"
+            if step:
+                mapped = subprocess.run(
+                    ["qemu-img", "map", "--output=json", "-f", "qcow2", str(top)], capture_output=True, timeout=60
+                )
+                own = sum(
+                    e["length"] for e in json.loads(mapped.stdout) if e["depth"] == 0 and (e["data"] or e["zero"])
+                )
+                assert own == dirty > 0, f"{side} backup {step}: {own} bytes in the overlay, {dirty} dirty"
+            subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {step + 9} 0 70000", uri], check=True, timeout=60)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,8 @@ from backup_rig import (
     write_random_image,
 )
 from conftest import require
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from qsd import QmpSync
 
 from backup.backup_job import BackupJob, BackupOptions
@@ -52,11 +56,19 @@ async def qcow2_target(path: Path, backing: Path | None) -> object:
 
 
 async def backup_at_one_instant(
-    source: Source, target_path: Path, backing: Path | None, options: BackupOptions, snapshot: Path, *, add: str = ""
+    source: Source,
+    target_path: Path,
+    backing: Path | None,
+    options: BackupOptions,
+    snapshot: Path,
+    *,
+    add: str = "",
+    granularity: int = CLUSTER,
 ) -> tuple[BackupJob, set[int]]:
     """Start a backup; inside its drained point in time: add bitmap ``add`` (the transaction's
     ``block-dirty-bitmap-add``), copy the source image (the oracle) and note which granules of the
-    sync bitmap are dirty. Returns the running job and those granules' byte offsets."""
+    sync bitmap are dirty. Returns the running job and the byte offsets of the qcow2 clusters that
+    those granules touch."""
     target = await qcow2_target(target_path, backing)
     job = BackupJob(
         target_path.stem,
@@ -70,7 +82,7 @@ async def backup_at_one_instant(
     dirty: set[int] = set()
     async with source.node.drained():
         if add:
-            source.node.add_bitmap(DirtyBitmap(add, SIZE, granularity=GRANULARITY[0]))
+            source.node.add_bitmap(DirtyBitmap(add, SIZE, granularity=granularity))
         shutil.copyfile(source.image, snapshot)
         job.install_filter()
         bitmap = options.bitmap
@@ -78,13 +90,10 @@ async def backup_at_one_instant(
             pos = 0
             for length, is_dirty in bitmap.dirty_runs(0, SIZE):
                 if is_dirty:
-                    dirty.update(range(pos, pos + length, CLUSTER))
+                    dirty.update(c * CLUSTER for c in range(pos // CLUSTER, (pos + length - 1) // CLUSTER + 1))
                 pos += length
     job.start()
     return job, dirty
-
-
-GRANULARITY = [CLUSTER]  # set per test run (a list: the helper above reads it)
 
 
 async def top_clusters(image: Path) -> set[int]:
@@ -100,7 +109,6 @@ async def top_clusters(image: Path) -> set[int]:
 @pytest.mark.parametrize(("granularity", "seed"), [(CLUSTER, 1), (2 * CLUSTER, 2)])
 async def test_full_then_incrementals_restore_byte_exact(tmp_path: Path, granularity: int, seed: int) -> None:
     require("qemu-img", "qemu-io", "fio")
-    GRANULARITY[0] = granularity
     image = write_random_image(tmp_path / "disk.raw", SIZE, seed=seed)
     chain: list[Path] = []
     async with served_source(tmp_path, image) as source:
@@ -109,7 +117,9 @@ async def test_full_then_incrementals_restore_byte_exact(tmp_path: Path, granula
             snapshot = tmp_path / f"snapshot{step}.raw"
             if step == 0:
                 options = BackupOptions(sync="full", speed=SPEED)
-                job, _ = await backup_at_one_instant(source, target_path, None, options, snapshot, add="b")
+                job, _ = await backup_at_one_instant(
+                    source, target_path, None, options, snapshot, add="b", granularity=granularity
+                )
             else:
                 bitmap = source.node.bitmaps["b"]
                 options = BackupOptions(sync="bitmap", bitmap=bitmap, bitmap_mode="on-success", speed=SPEED)
@@ -227,3 +237,60 @@ def test_chain_through_qmp_transaction_and_incrementals(tmp_path: Path, side: st
                 )
                 assert own == dirty > 0, f"{side} backup {step}: {own} bytes in the overlay, {dirty} dirty"
             subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {step + 9} 0 70000", uri], check=True, timeout=60)
+
+
+#: A guest request: (kind, offset, length); kinds as qemu-io's write, write -z and discard.
+OPS = st.tuples(st.sampled_from(["write", "zero", "trim"]), st.integers(0, SIZE - 1), st.integers(1, 3 * CLUSTER + 777))
+
+
+async def _apply(source: Source, ops: list[tuple[str, int, int]], seed: int) -> None:
+    """The guest's requests, through the node (so every recording bitmap sees them), unaligned."""
+    rnd = random.Random(seed)
+    for kind, offset, length in ops:
+        length = min(length, SIZE - offset)
+        if kind == "write":
+            await source.node.pwrite(offset, rnd.randbytes(length))
+        elif kind == "zero":
+            await source.node.zero(offset, length)
+        else:
+            await source.node.trim(offset, length)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    granularity=st.sampled_from([512, 4096, CLUSTER, 4 * CLUSTER]),
+    rounds=st.lists(st.tuples(st.lists(OPS, max_size=8), st.lists(OPS, max_size=8)), min_size=1, max_size=3),
+)
+def test_random_write_patterns_and_granularities(
+    tmp_path: Path, granularity: int, rounds: list[tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]]
+) -> None:
+    """Randomized: writes of any size and alignment (data, zeroes, trims) between and during the
+    backups, at bitmap granularities finer and coarser than the qcow2 cluster: the chain restores
+    every point in time, and each overlay allocates exactly the clusters its dirty granules touch."""
+    require("qemu-img")
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+
+    async def main() -> None:
+        image = write_random_image(work / "disk.raw", SIZE, seed=granularity)
+        async with served_source(work, image) as source:
+            top, snapshot = work / "b0.qcow2", work / "s0.raw"
+            full = BackupOptions(sync="full")
+            job, _ = await backup_at_one_instant(source, top, None, full, snapshot, add="b", granularity=granularity)
+            await asyncio.wait_for(job.wait(), 60)
+            chain = [(top, snapshot)]
+            for step, (between, during) in enumerate(rounds, 1):
+                await _apply(source, between, step)
+                top, snapshot = work / f"b{step}.qcow2", work / f"s{step}.raw"
+                bitmap = source.node.bitmaps["b"]
+                options = BackupOptions(sync="bitmap", bitmap=bitmap, speed=4 * MiB, max_workers=2)
+                job, dirty = await backup_at_one_instant(source, top, chain[-1][0], options, snapshot)
+                await _apply(source, during, -step)
+                await asyncio.wait_for(job.wait(), 60)
+                assert job.error is None, job.error
+                assert await top_clusters(top) == dirty
+                chain.append((top, snapshot))
+        for top, snapshot in chain:
+            code, out = await tool("qemu-img", "compare", "-f", "raw", "-F", "qcow2", snapshot, top, check=False)
+            assert code == 0, f"{top.name}: {out}"
+
+    asyncio.run(main())

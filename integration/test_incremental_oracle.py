@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from backup_rig import (
@@ -41,13 +42,13 @@ from qsd import QmpSync
 from backup.backup_job import BackupJob, BackupOptions
 from backup.dirty_bitmap import DirtyBitmap
 from backup.events import EventBus
-from backup.targets import open_target
+from backup.targets import BackupTarget, open_target
 
 SIZE = 8 * MiB
 SPEED = 16 * MiB  # bytes/s: each backup lasts long enough for the guests to write while it runs
 
 
-async def qcow2_target(path: Path, backing: Path | None) -> object:
+async def qcow2_target(path: Path, backing: Path | None) -> BackupTarget:
     argv: list[str | Path] = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if backing is not None:
         argv += ["-b", backing, "-F", "qcow2"]
@@ -73,11 +74,11 @@ async def backup_at_one_instant(
     job = BackupJob(
         target_path.stem,
         source.node,
-        target.device,  # type: ignore[attr-defined]
+        target.device,
         options,
         events=EventBus(),
-        target_zero_init=target.zero_init,  # type: ignore[attr-defined]
-        owner=target if target.owned else None,  # type: ignore[attr-defined,arg-type]
+        target_zero_init=target.zero_init,
+        owner=target if target.owned else None,
     )
     dirty: set[int] = set()
     async with source.node.drained():
@@ -204,7 +205,7 @@ def test_chain_through_qmp_transaction_and_incrementals(tmp_path: Path, side: st
             top, snapshot = tmp_path / f"b{step}.qcow2", tmp_path / f"snap{step}.raw"
             _qcow2(top, chain[-1] if chain else None)
             shutil.copyfile(image, snapshot)  # no writer runs: this is the backup's point in time
-            backup = {"job-id": f"j{step}", "device": "src", "target": str(top), "format": "qcow2"}
+            backup: dict[str, Any] = {"job-id": f"j{step}", "device": "src", "target": str(top), "format": "qcow2"}
             backup |= {"mode": "existing", "speed": SPEED}
             if step == 0:
                 q.ok(

@@ -43,6 +43,11 @@ def test_argument_checks(tmp_path: Path) -> None:
         run("blockdev-backup", device="src", target="src-file", sync="incremental")
         run("blockdev-backup", device="src", target="src-file", sync="bitmap", bitmap="x", **{"bitmap-mode": "never"})
         bitmaps(run)
+        # two backups from one bitmap in one transaction: the second finds it busy, the first is undone
+        first = {"job-id": "t1", "device": "src", "target": target(run, "t1.raw"), "sync": "incremental", "bitmap": "b"}
+        second = {**first, "job-id": "t2", "target": target(run, "t2.raw")}
+        run("transaction", actions=[_act("drive-backup", **first), _act("drive-backup", **second)])
+        bitmaps(run)
         return []
 
     differential(tmp_path, scenario)

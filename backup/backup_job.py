@@ -33,9 +33,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from backup.bitmap import ClusterBitmap
 from backup.block_copy import BlockCopier, CopyError, CopyTask, TopAllocation
 from backup.cbw import CopyBeforeWriteFilter, OnCbwError
 from backup.copy_engine import MAX_ZERO_REQUEST, run_together
+from backup.dirty_bitmap import DirtyBitmap
 from backup.errors import InvalidArgument, JobStateError, different_sizes, same_source_and_target
 from backup.events import EventBus
 from backup.job import THROTTLE_SLICE, Job
@@ -62,7 +64,8 @@ MIN_CLUSTER_SIZE = 64 * KiB
 GUEST_COPY_GRANULARITY = 4 * KiB
 #: The copier keeps one bit per granule: at most 2**27 bits (16 MiB), a bigger disk gets coarser ones.
 MAX_COPY_BITS = 1 << 27
-SYNC_MODES = ("full", "top", "none")
+SYNC_MODES = ("full", "top", "none", "bitmap")
+BITMAP_MODES = ("on-success", "never", "always")
 #: How long closing a target may take before the job gives up on it (a dead NBD server).
 CLOSE_TIMEOUT = 2.0
 FLUSH_ON_CLOSE_TIMEOUT = 1.0
@@ -88,6 +91,10 @@ class BackupOptions:
     auto_finalize: bool = True
     auto_dismiss: bool = True
     retry_delay: float = 0.1  # pause between retries of a cluster whose error the policy ignores
+    #: QEMU's ``bitmap``: ``sync=bitmap`` copies only its dirty granules; with any sync it is frozen
+    #: for the job and, by ``bitmap_mode``, cleared of what the backup copied (see ``BackupJob``).
+    bitmap: DirtyBitmap | None = None
+    bitmap_mode: str = "on-success"
 
     def __post_init__(self) -> None:
         if self.sync not in SYNC_MODES:
@@ -110,6 +117,8 @@ class BackupOptions:
             raise InvalidArgument("Invalid parameter 'max-chunk': must not be negative")
         if self.retry_delay < 0:
             raise InvalidArgument("Invalid parameter 'retry-delay'")
+        if self.bitmap_mode not in BITMAP_MODES:
+            raise InvalidArgument(f"Invalid parameter 'bitmap-mode': '{self.bitmap_mode}'")
 
 
 def backup_cluster_size(target: BlockDevice, floor: int | None = None) -> int:
@@ -161,6 +170,8 @@ class BackupJob(Job):
         owner: BackupTarget | None = None,
     ) -> None:
         options = options or BackupOptions()
+        if options.sync == "bitmap" and options.bitmap is None:
+            raise InvalidArgument("must provide a valid bitmap name for 'bitmap' sync mode")
         if _is_same_device(source, target):
             raise same_source_and_target()
         if target.read_only:
@@ -191,6 +202,12 @@ class BackupJob(Job):
         self._cursor = 0
         self._detached = False
         self._flushed = False
+        #: QEMU's sync bitmap: frozen from now on (busy; new writes go to its successor) until the job
+        #: ends, then kept, cleared of what was copied, or merged back by ``bitmap_mode``.
+        self.sync_bitmap = options.bitmap
+        self._listed_at_freeze = {id(b) for b in source.bitmaps.values()}
+        if self.sync_bitmap is not None:
+            self.sync_bitmap.freeze()
 
     # --- setting the point in time ----------------------------------------------------------------
 
@@ -217,6 +234,7 @@ class BackupJob(Job):
             target_zero_init=self.target_zero_init,
             max_chunk=self.max_chunk,
             top_allocation=top_allocation,
+            bitmap=self._initial_copy_bits(),
         )
         copier.on_progress = self.progress_done
         copier.on_skip = self._progress_skipped
@@ -236,6 +254,63 @@ class BackupJob(Job):
         self.source.hold(self)
         self.progress_set_remaining(copier.remaining)
         return installed
+
+    def _initial_copy_bits(self) -> ClusterBitmap | None:
+        """At the point in time: what to copy. ``sync=bitmap``: every copier granule that overlaps a
+        dirty granule of the sync bitmap (whole dirty granules are copied); otherwise everything.
+
+        Writes between the job's creation (the freeze) and now went to the successor, yet they are part
+        of this point in time: they move back into the frozen bits, so this backup copies them."""
+        bitmap = self.sync_bitmap
+        if bitmap is None:
+            return None
+        successor = bitmap.successor
+        if successor is not None and successor.count:
+            bitmap.merge_from(successor)
+            successor.clear()
+        if self.options.sync != "bitmap":
+            return None
+        shift = self.granularity.bit_length() - 1
+        bits = ClusterBitmap((self.source.size + self.granularity - 1) >> shift)
+        pos = 0
+        for length, dirty in bitmap.dirty_runs(0, bitmap.size):
+            if dirty:
+                bits.set(pos >> shift, ((pos + length - 1) >> shift) + 1)
+            pos += length
+        return bits
+
+    def _sync_bitmap(self, ok: bool) -> None:
+        """QEMU's ``backup_cleanup_sync_bitmap`` (idempotent): on success (or always with ``always``)
+        the bitmap keeps only what was written since the point in time (``abdicate``), with
+        ``always`` plus what a failed job did not copy; on failure with ``on-success``, and always with
+        ``never``, the old bits and the new writes together (``reclaim``). A job that never reached
+        its point in time copied nothing: its bitmap is reclaimed whatever the mode."""
+        bitmap, self.sync_bitmap = self.sync_bitmap, None
+        if bitmap is None or not bitmap.frozen:
+            return
+        mode, copier = self.options.bitmap_mode, self.copier
+        if mode == "never" or copier is None or (not ok and mode == "on-success"):
+            bitmap.reclaim()
+            return
+        bitmap.abdicate()
+        self._list_as_successor(bitmap)
+        if ok:
+            return
+        uncopied = [copier.bytes_of(first, last) for first, last in copier.bitmap.runs()]
+        uncopied += [copier.bytes_of(task.start, task.end) for task in copier.in_flight]
+        for offset, length in uncopied:
+            bitmap.set_range(offset, length)
+
+    def _list_as_successor(self, bitmap: DirtyBitmap) -> None:
+        """QEMU's successor takes the name: the bitmap is listed where the successor was, i.e. as if
+        added when the job froze it (after the bitmaps added since, before all the others)."""
+        listed = self.source.bitmaps
+        if listed.get(bitmap.name) is not bitmap:
+            return
+        newer = {name: b for name, b in listed.items() if id(b) not in self._listed_at_freeze}
+        older = {name: b for name, b in listed.items() if id(b) in self._listed_at_freeze and b is not bitmap}
+        listed.clear()  # in place, as BlockNode.add_bitmap does
+        listed.update({**newer, bitmap.name: bitmap, **older})
 
     async def attach(self) -> CopyBeforeWriteFilter:
         """Drain the source and install the filter (a single backup; transactions drain themselves)."""
@@ -480,6 +555,7 @@ class BackupJob(Job):
 
     def early_fail(self) -> None:
         self.detach()
+        self._sync_bitmap(False)
         super().early_fail()
 
     async def prepare(self) -> None:
@@ -502,9 +578,15 @@ class BackupJob(Job):
         """Put a target file written under a temporary name in place (a failure fails the job)."""
         if self.owner is not None:
             self.owner.complete()
+        self._sync_bitmap(True)
+
+    def abort(self) -> None:
+        """Failed, cancelled, or a group peer failed: the sync bitmap by ``bitmap_mode``'s failure rule."""
+        self._sync_bitmap(False)
 
     async def clean(self) -> None:
         self.detach()
+        self._sync_bitmap(False)  # only if neither commit nor abort ran (then nothing was committed)
         await self._wait_for_guest_copies()
         owner = self.owner
         if owner is None or owner.completed:

@@ -422,7 +422,11 @@ async def test_refusals() -> None:
     with pytest.raises(InvalidArgument, match="different sizes"):
         BackupJob("x", node, MemoryDevice(CS), BackupOptions(), events=bus, target_zero_init=True)
     with pytest.raises(InvalidArgument):
-        BackupOptions(sync="bitmap")
+        BackupOptions(sync="incremental")  # QMP's spelling of sync=bitmap + on-success, desugared there
+    with pytest.raises(InvalidArgument, match="must provide a valid bitmap"):
+        BackupJob("x", node, MemoryDevice(4 * CS), BackupOptions(sync="bitmap"), events=bus, target_zero_init=True)
+    with pytest.raises(InvalidArgument):
+        BackupOptions(bitmap_mode="sometimes")
     with pytest.raises(InvalidArgument):
         BackupOptions(on_source_error="explode")
     job = BackupJob("x", node, MemoryDevice(4 * CS), BackupOptions(), events=bus, target_zero_init=True)

@@ -319,7 +319,7 @@ async def test_backup_refusals_happen_before_side_effects(h: Harness) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"device": "nope", "sync": "full"}, "Cannot find device='nope' nor node-name='nope'"),
         ({"device": "src", "sync": "incremental"}, "must provide a valid bitmap name for 'incremental' sync mode"),
-        ({"device": "src", "sync": "full", "bitmap": "b0"}, "Dirty bitmap 'b0' not found"),
+        ({"device": "src", "sync": "full", "bitmap": "b0"}, "Bitmap 'b0' could not be found"),
         ({"device": "src", "sync": "full", "speed": -1}, "Parameter 'speed' expects a non-negative value"),
         ({"device": "src", "sync": "full", "format": "vmdk"}, "Unknown file format 'vmdk'"),
         ({"device": "src", "sync": "full", "compress": True, "format": "raw"}, "Compression is not supported"),

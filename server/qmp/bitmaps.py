@@ -97,7 +97,7 @@ def merge_bitmaps(reg: Registry, args: dict[str, Any]) -> None:
         for item in args["bitmaps"]:
             source = node.bitmap(item) if isinstance(item, str) else lookup(reg, item["node"], item["name"])[1]
             target.check_usable(readonly=True)
-            source.check_usable(busy=False)
+            source.check_usable()  # qsd 7.2 refuses a busy source too (a backup's)
             if source.size != target.size:
                 target.merge_from(source)  # raises QEMU's "different sizes" refusal
             sources.append(source)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from backup.backup_job import BackupJob, BackupOptions
+from backup.dirty_bitmap import DirtyBitmap
 from backup.errors import BackupError, same_source_and_target
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
@@ -31,6 +32,9 @@ from nbd.device import BlockDevice, backing_of, can_compress, file_path, format_
 from nbd.errors import NbdError
 from nbd.uri import NbdUri, looks_like_uri, parse_uri
 from server.errors import QmpError
+from server.qmp.bitmap_actions import KINDS as BITMAP_ACTIONS
+from server.qmp.bitmap_actions import BitmapAction
+from server.qmp.bitmaps import BLOCK_DIRTY_BITMAP, BLOCK_DIRTY_BITMAP_ADD, BLOCK_DIRTY_BITMAP_MERGE
 from server.qmp.block import confine_socket
 from server.qmp.dispatch import CommandRegistry, Handler
 from server.qmp.schema import Enum, Struct, Union
@@ -77,10 +81,16 @@ DRIVE_BACKUP = Struct(
 BLOCKDEV_BACKUP = Struct("BlockdevBackup", {"target": "str"}, base=BACKUP_COMMON)
 TRANSACTION_ACTION = Union(
     "TransactionAction",
-    {"type": Enum("TransactionActionKind", ["abort", "blockdev-backup", "drive-backup"])},
+    {"type": Enum("TransactionActionKind", ["abort", *BITMAP_ACTIONS, "blockdev-backup", "drive-backup"])},
     "type",
     {
         "abort": {"data": Struct("Abort", {})},
+        "block-dirty-bitmap-add": {"data": BLOCK_DIRTY_BITMAP_ADD},
+        "block-dirty-bitmap-remove": {"data": BLOCK_DIRTY_BITMAP},
+        "block-dirty-bitmap-clear": {"data": BLOCK_DIRTY_BITMAP},
+        "block-dirty-bitmap-enable": {"data": BLOCK_DIRTY_BITMAP},
+        "block-dirty-bitmap-disable": {"data": BLOCK_DIRTY_BITMAP},
+        "block-dirty-bitmap-merge": {"data": BLOCK_DIRTY_BITMAP_MERGE},
         "blockdev-backup": {"data": BLOCKDEV_BACKUP},
         "drive-backup": {"data": DRIVE_BACKUP},
     },
@@ -113,15 +123,48 @@ class PreparedBackup:
             await self.target.discard()
 
 
+def sync_bitmap(source: BlockNode, args: dict[str, Any]) -> tuple[str, DirtyBitmap | None, str]:
+    """QEMU 7.2's ``do_backup_common`` bitmap rules, checks and texts in its order: the effective sync
+    mode (``incremental`` is ``bitmap`` with ``on-success``), the bitmap (None: none given) and its mode."""
+    sync: str = args["sync"]
+    name: str | None = args.get("bitmap")
+    mode: str | None = args.get("bitmap-mode")
+    if sync in ("incremental", "bitmap") and name is None:
+        raise generic(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise generic("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
+        sync, mode = "bitmap", "on-success"
+    if name is None:
+        if mode is not None:
+            raise generic("Cannot specify bitmap sync mode without a bitmap")
+        return sync, None, "on-success"
+    bitmap = source.bitmaps.get(name)
+    if bitmap is None:
+        raise generic(f"Bitmap '{name}' could not be found")
+    if mode is None:
+        raise generic("Bitmap sync mode must be given when providing a bitmap")
+    try:
+        bitmap.check_usable()
+    except BackupError as exc:
+        raise QmpError.from_backup_error(exc) from None
+    if sync == "none":
+        raise generic(f"sync mode '{sync}' does not produce meaningful bitmap outputs")
+    if mode == "never" and sync != "bitmap":
+        raise generic(f"Bitmap sync mode '{mode}' has no meaningful effect when combined with sync mode '{sync}'")
+    return sync, bitmap, mode
+
+
+def with_sync_bitmap(options: BackupOptions, source: BlockNode, args: dict[str, Any]) -> BackupOptions:
+    """``options`` with the sync bitmap checked and resolved (called where QEMU checks it: after the target)."""
+    sync, bitmap, mode = sync_bitmap(source, args)
+    return replace(options, sync=sync, bitmap=bitmap, bitmap_mode=mode)
+
+
 def backup_options(args: dict[str, Any]) -> BackupOptions:
-    """``BackupCommon`` arguments as the engine's options (QEMU's checks and texts first)."""
-    sync = args["sync"]
-    if sync in ("incremental", "bitmap") or "bitmap" in args:
-        if "bitmap" not in args:
-            raise generic(f"must provide a valid bitmap name for '{sync}' sync mode")
-        raise generic(f"Dirty bitmap '{args['bitmap']}' not found")
-    if "bitmap-mode" in args:
-        raise generic("Cannot specify bitmap sync mode without a bitmap")
+    """``BackupCommon`` arguments as the engine's options (QEMU's checks and texts first); the bitmap
+    comes later (``with_sync_bitmap``), ``incremental`` is already ``bitmap``."""
+    sync = "bitmap" if args["sync"] == "incremental" else args["sync"]
     speed = args.get("speed", 0)
     if speed < 0:
         raise generic("Parameter 'speed' expects a non-negative value")
@@ -275,7 +318,9 @@ def resolve_drive_backup(reg: Registry, args: dict[str, Any]) -> BackupRequest:
         if backing is not None and fmt != "qcow2":
             raise generic(f"Backing file not supported for file format '{fmt}'")
         target = replace(target, format=fmt, backing=backing)
-    return BackupRequest(job_id, source, options, target)
+    if args["sync"] == "top" and backing_of(source.image) is None:
+        args = {**args, "sync": "full"}  # QEMU's drive-backup: a top without backing is a full backup
+    return BackupRequest(job_id, source, with_sync_bitmap(options, source, args), target)
 
 
 def resolve_blockdev_backup(reg: Registry, args: dict[str, Any]) -> BackupRequest:
@@ -283,7 +328,7 @@ def resolve_blockdev_backup(reg: Registry, args: dict[str, Any]) -> BackupReques
     source = reg.node(args["device"])
     target = NodeTarget(reg.node(args["target"]))
     job_id = _job_id(reg, args)
-    options = backup_options(args)
+    options = with_sync_bitmap(backup_options(args), source, args)
     _check_filter_name(reg, args)
     _refuse_own_source(reg, source, target)
     if options.compress and not can_compress(target.node.device):
@@ -432,12 +477,15 @@ class BackupAction:
 async def run_backups(
     reg: Registry, actions: list[tuple[str, dict[str, Any]]], *, completion_mode: str = "individual"
 ) -> None:
-    """Run backup actions as one transaction: every job starts at one point in time, or none exists."""
+    """Run backup (and bitmap) actions as one transaction: every job starts at one point in time, and
+    every bitmap changes at it, or nothing happens."""
     txn = Transaction(completion_mode)
     steps: list[TransactionAction] = []
     for kind, data in actions:
         if kind == "abort":
             steps.append(AbortAction())
+        elif kind in BITMAP_ACTIONS:
+            steps.append(BitmapAction(reg, kind, data, txn))
         else:
             steps.append(BackupAction(reg, kind, data, txn))
     await run_transaction(steps)

@@ -91,8 +91,17 @@ class DirtyBitmap:
     def mark(self, offset: int, length: int) -> None:
         """A write touched ``[offset, offset+length)``: set every granule it touches, if recording
         (in the successor while frozen, so the bits a job is reading stay fixed)."""
-        if self.recording:
-            (self if self.successor is None else self.successor).set_range(offset, length)
+        if not self.recording:
+            return
+        target = self if self.successor is None else self.successor
+        # Every guest write passes here: the one-granule case (the usual small write) is inlined.
+        shift = target._shift
+        first = offset >> shift
+        end = offset + length
+        if length > 0 and offset >= 0 and end <= target.size and (end - 1) >> shift == first:
+            target._bits.set_bit(first)
+        else:
+            target.set_range(offset, length)
 
     def set_range(self, offset: int, length: int) -> None:
         """Set the granules covering the byte range, recording or not (merges, loads)."""

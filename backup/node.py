@@ -193,7 +193,9 @@ class BlockNode:
             await self.top.pwrite(offset, data, fua=fua)
         finally:
             if self.bitmaps:
-                self._mark(offset, data.nbytes if isinstance(data, memoryview) else len(data))
+                length = data.nbytes if type(data) is memoryview else len(data)
+                for bitmap in self.bitmaps.values():
+                    bitmap.mark(offset, length)
             self._leave()
 
     async def zero(

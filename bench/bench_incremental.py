@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Incremental backups against qemu-storage-daemon, in one run, over the same QMP sequence on both.
+
+1. A raw disk of random data on tmpfs (1 GiB by default) is exported over NBD; a ``transaction`` takes a
+   full ``drive-backup`` (qcow2) and adds bitmap ``b0`` at the same instant; then 1 % of the disk is
+   rewritten at random 64 KiB clusters through the export (qemu-io), and ``drive-backup sync=incremental
+   bitmap=b0`` writes into a qcow2 overlay of the full backup (``mode: existing``). Reported: the
+   incremental's time (command to BLOCK_JOB_COMPLETED) and the bytes its image holds (``qemu-img map``,
+   top layer), against the dirty clusters.
+2. What recording costs the guest: fio 4 KiB random writes QD16 through the export with no bitmap and
+   with one recording bitmap.
+
+Repetitions are interleaved between the daemons; medians with their range.
+
+    .venv/bin/python bench/bench_incremental.py
+    .venv/bin/python bench/bench_incremental.py --size 256M --reps 3 --runtime 3
+
+Not part of the test suite: numbers depend on the machine and on whoever else is using it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import guest_cost  # noqa: E402
+from guest_cost import QmpAsync, export_source, fio, ours_daemon, qemu_daemon  # noqa: E402
+
+MiB = 1 << 20
+CLUSTER = 64 << 10
+
+
+async def tool(*argv: str | Path) -> str:
+    proc = await asyncio.create_subprocess_exec(*map(str, argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{argv[0]} failed: {out.decode(errors='replace')[-400:]}")
+    return out.decode()
+
+
+async def wait_completed(qmp: QmpAsync, job: str) -> None:
+    event = await qmp.wait_event("BLOCK_JOB_COMPLETED", lambda d: d["device"] == job, timeout=600)
+    if "error" in event["data"]:
+        raise RuntimeError(f"job {job} failed: {event['data']['error']}")
+
+
+def top_layer_bytes(image: Path) -> int:
+    extents = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(image)], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    return sum(e["length"] for e in extents if e["depth"] == 0 and e["data"])
+
+
+async def incremental(qmp: QmpAsync, work: Path, size: int, seed: int) -> tuple[float, int, int]:
+    """(seconds, bytes in the incremental image, bytes of dirty clusters)."""
+    full, inc = work / "full.qcow2", work / "inc.qcow2"
+    for path in (full, inc):
+        path.unlink(missing_ok=True)
+    await qmp.ok(
+        "transaction",
+        actions=[
+            {"type": "drive-backup", "data": {"job-id": "full", "device": "src", "target": str(full),
+                                              "format": "qcow2", "sync": "full"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b0"}},
+        ],
+    )  # fmt: skip
+    await wait_completed(qmp, "full")
+    rnd = random.Random(seed)
+    clusters = sorted(rnd.sample(range(size // CLUSTER), max(1, size // CLUSTER // 100)))
+    commands: list[str] = []
+    for c in clusters:
+        commands += ["-c", f"write -P {rnd.randrange(1, 255)} {c * CLUSTER} {CLUSTER}"]
+    await tool("qemu-io", "-f", "raw", *commands, f"nbd+unix:///disk?socket={work / 'nbd.sock'}")
+    await tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", full, "-F", "qcow2", inc)
+    started = time.perf_counter()
+    await qmp.ok(
+        "drive-backup", device="src", target=str(inc), format="qcow2", mode="existing", sync="incremental",
+        bitmap="b0", **{"job-id": "inc"},
+    )  # fmt: skip
+    await wait_completed(qmp, "inc")
+    elapsed = time.perf_counter() - started
+    await qmp.ok("block-dirty-bitmap-remove", node="src", name="b0")
+    held = top_layer_bytes(inc)
+    for path in (full, inc):
+        path.unlink(missing_ok=True)
+    return elapsed, held, len(clusters) * CLUSTER
+
+
+async def recording_cost(qmp: QmpAsync, work: Path, runtime: int) -> tuple[float, float]:
+    """(IOPS without a bitmap, IOPS with one recording)."""
+    uri = f"nbd+unix:///disk?socket={work / 'nbd.sock'}"
+    without = await fio(uri, runtime, work)
+    await qmp.ok("block-dirty-bitmap-add", node="src", name="rec")
+    with_bitmap = await fio(uri, runtime, work)
+    await qmp.ok("block-dirty-bitmap-remove", node="src", name="rec")
+    return without.window(0, runtime)[0], with_bitmap.window(0, runtime)[0]
+
+
+def med(values: list[float], fmt: str = "{:.0f}") -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    results: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-inc-", dir=args.dir) as tmp:
+        base = Path(tmp)
+        image = base / "source.raw"
+        guest_cost.make_image(image, args.size)
+        for rep in range(args.reps):
+            order = ["ours", "qemu"] if rep % 2 == 0 else ["qemu", "ours"]
+            for who in order:
+                work = base / who
+                work.mkdir(exist_ok=True)
+                start = ours_daemon if who == "ours" else qemu_daemon
+                async with start(work) as qmp:
+                    await export_source(qmp, image, work / "nbd.sock")
+                    seconds, held, dirty = await incremental(qmp, work, args.size, seed=rep)
+                    idle, recording = await recording_cost(qmp, work, args.runtime)
+                r = results.setdefault(who, {})
+                r.setdefault("seconds", []).append(seconds)
+                r.setdefault("held", []).append(held / MiB)
+                r.setdefault("dirty", []).append(dirty / MiB)
+                r.setdefault("ratio", []).append(recording / idle)
+                r.setdefault("idle", []).append(idle)
+                print(
+                    f"# rep {rep} {who}: incremental {seconds * 1000:.0f} ms, holds {held / MiB:.1f} MiB of"
+                    f" {dirty / MiB:.1f} MiB dirty; guest {idle:.0f} IOPS, with a bitmap {recording:.0f}",
+                    flush=True,
+                )
+    print()
+    print(f"{args.size // MiB} MiB raw disk on tmpfs, 1 % rewritten in 64 KiB clusters; median [range] of {args.reps}")
+    print("| daemon | incremental ms | MiB in the incremental | MiB dirty | guest IOPS | with a bitmap ÷ without |")
+    print("|---|---|---|---|---|---|")
+    for who, r in results.items():
+        print(
+            f"| {who} | {med([s * 1000 for s in r['seconds']])} | {med(r['held'], '{:.1f}')} |"
+            f" {med(r['dirty'], '{:.1f}')} | {med(r['idle'])} | {med(r['ratio'], '{:.3f}')} |"
+        )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=guest_cost.parse_size, default=1 << 30)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--runtime", type=int, default=5, help="fio seconds per run")
+    parser.add_argument("--dir", default="/dev/shm")
+    args = parser.parse_args()
+    from nbd.loop import run
+
+    return run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,6 +69,10 @@ def backup_arguments(args: argparse.Namespace, job_id: str) -> tuple[str, dict[s
     arguments: dict[str, Any] = {"job-id": job_id, "device": args.device, "target": args.target, "sync": args.sync}
     if args.speed:
         arguments["speed"] = args.speed
+    if args.bitmap:
+        arguments["bitmap"] = args.bitmap
+    if args.bitmap_mode:
+        arguments["bitmap-mode"] = args.bitmap_mode
     if args.on_source_error:
         arguments["on-source-error"] = args.on_source_error
     if args.on_target_error:
@@ -197,7 +201,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--qmp", required=True, metavar="unix:PATH|tcp:HOST:PORT", help="the daemon's QMP monitor")
     parser.add_argument("device", metavar="DEVICE", help="the block node to back up")
     parser.add_argument("target", metavar="TARGET", help="a file, an NBD URI, or (--to-node) a block node")
-    parser.add_argument("--sync", choices=("full", "top", "none"), default="full", help="what to copy (default full)")
+    parser.add_argument(
+        "--sync",
+        choices=("full", "top", "none", "incremental", "bitmap"),
+        default="full",
+        help="what to copy (default full; incremental and bitmap: what --bitmap marks dirty)",
+    )
+    parser.add_argument("--bitmap", metavar="NAME", help="the dirty bitmap of DEVICE (QEMU's 'bitmap')")
+    parser.add_argument(
+        "--bitmap-mode",
+        choices=("on-success", "never", "always"),
+        help="what happens to --bitmap when the job ends (QEMU's 'bitmap-mode')",
+    )
     parser.add_argument("--format", choices=("raw", "qcow2"), help="the target's format (default: the source's)")
     parser.add_argument(
         "--mode", choices=("existing", "absolute-paths"), help="'existing' writes into an existing image"

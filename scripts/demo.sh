@@ -88,7 +88,7 @@ if qemu-img compare -q -f raw -F qcow2 "$work/disk.raw" "$work/backup.qcow2" 2>/
     exit 1
 fi
 echo "    disk.raw now differs from the backup: the guest's 16 MiB of 0x5a went to the disk only;"
-echo "    copy-before-write copied the old data of every cluster the guest overwrote before the"
+echo "    copy-before-write copied the old data of every block the guest overwrote before the"
 echo "    backup job had reached it."
 
 kill -TERM "$daemon_pid"

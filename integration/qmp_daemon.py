@@ -10,17 +10,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import READY, log_text, nbd_backup_argv, start_ours, stop_ours  # noqa: F401 (re-exported)
-from qsd import QmpSync
+from qsd import QmpSync, Qsd
 
 
 @dataclass
@@ -87,3 +88,29 @@ def qmp_shell(daemon: OurDaemon, script: str, cwd: Path, *options: str) -> subpr
         timeout=60,
         cwd=cwd,
     )
+
+
+T = TypeVar("T")
+
+
+def on_both(tmp_path: Path, scenario: Callable[[QmpSync, Path], T]) -> tuple[T, T]:
+    """Run ``scenario`` against qemu-storage-daemon, then against our daemon, each in its own directory
+    under ``tmp_path``; returns (theirs, ours) for the test to compare."""
+    (tmp_path / "qsd").mkdir(exist_ok=True)
+    with Qsd.start(tmp_path / "qsd") as qsd, qsd.connect() as q:
+        theirs = scenario(q, tmp_path / "qsd")
+    with our_daemon(tmp_path / "ours") as daemon, daemon.connect() as q:
+        ours = scenario(q, tmp_path / "ours")
+    return theirs, ours
+
+
+class ReplyLog:
+    """Calls QMP commands and keeps ``(command, return or error)`` of each, for comparing two daemons."""
+
+    def __init__(self, q: QmpSync) -> None:
+        self.q = q
+        self.replies: list[tuple[str, Any]] = []
+
+    def __call__(self, command: str, **args: Any) -> None:
+        reply = self.q.execute(command, args)
+        self.replies.append((command, reply.get("return", reply.get("error"))))

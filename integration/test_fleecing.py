@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from conftest import require
-from qmp_daemon import make_image, our_daemon
-from qsd import QmpSync, Qsd
+from qmp_daemon import ReplyLog, make_image, on_both
+from qsd import QmpSync
 
 SIZE = 4 << 20
 
@@ -46,11 +46,7 @@ def _scenario(q: QmpSync, work: Path) -> dict[str, Any]:
     _run("qemu-img", "create", "-q", "-f", "qcow2", fleece, str(SIZE))
     sock = work / "nbd.sock"
     src_uri, fleece_uri = f"nbd+unix:///src?socket={sock}", f"nbd+unix:///fleece?socket={sock}"
-    replies: list[Any] = []
-
-    def run(command: str, **args: Any) -> None:
-        reply = q.execute(command, args)
-        replies.append((command, reply.get("return", reply.get("error"))))
+    run = ReplyLog(q)
 
     run("blockdev-add", driver="file", filename=str(source), **{"node-name": "src-file"})
     run("blockdev-add", driver="raw", file="src-file", **{"node-name": "src"})
@@ -78,17 +74,13 @@ def _scenario(q: QmpSync, work: Path) -> dict[str, Any]:
     run("blockdev-del", **{"node-name": "tmp"})
     run("block-dirty-bitmap-remove", node="src", name="b0")
     run("nbd-server-stop")
-    result["replies"] = replies
+    result["replies"] = run.replies
     return result
 
 
 def test_fleecing_export_stays_at_its_point_in_time(tmp_path: Path) -> None:
     require("qemu-storage-daemon", "qemu-img", "qemu-io", "nbdcopy", "nbdinfo")
-    (tmp_path / "qsd").mkdir()
-    with Qsd.start(tmp_path / "qsd") as qsd, qsd.connect() as q:
-        theirs = _scenario(q, tmp_path / "qsd")
-    with our_daemon(tmp_path / "ours") as daemon, daemon.connect() as q:
-        ours = _scenario(q, tmp_path / "ours")
+    theirs, ours = on_both(tmp_path, _scenario)
     assert ours == theirs
     assert ours["pulled after writes"] and ours["pulled before writes"] and ours["source moved on"]
     dirty = [row.split()[:2] for row in ours["bitmap"].splitlines() if row.endswith("dirty")]
@@ -133,11 +125,7 @@ def _fleece_while_fio_writes(q: QmpSync, work: Path) -> tuple[bool, bool]:
 
 def test_fleecing_pull_stays_put_while_fio_writes(tmp_path: Path) -> None:
     require("qemu-storage-daemon", "qemu-img", "fio", "nbdcopy")
-    (tmp_path / "qsd").mkdir()
-    with Qsd.start(tmp_path / "qsd") as qsd, qsd.connect() as q:
-        assert _fleece_while_fio_writes(q, tmp_path / "qsd") == (True, True)
-    with our_daemon(tmp_path / "ours") as daemon, daemon.connect() as q:
-        assert _fleece_while_fio_writes(q, tmp_path / "ours") == (True, True)
+    assert on_both(tmp_path, _fleece_while_fio_writes) == ((True, True), (True, True))
 
 
 def _listing(q: QmpSync, node: str, work: Path) -> dict[str, Any]:
@@ -168,9 +156,5 @@ def test_qcow2_backing_node_refusals_match_qemu_storage_daemon(tmp_path: Path) -
         ]
         return [{k: v for k, v in reply.items() if k != "id"} for reply in replies]
 
-    (tmp_path / "qsd").mkdir()
-    with Qsd.start(tmp_path / "qsd") as qsd, qsd.connect() as q:
-        theirs = scenario(q, tmp_path / "qsd")
-    with our_daemon(tmp_path / "ours") as daemon, daemon.connect() as q:
-        ours = scenario(q, tmp_path / "ours")
+    theirs, ours = on_both(tmp_path, scenario)
     assert ours == theirs

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from conftest import require
-from qmp_daemon import make_image, our_daemon
-from qsd import QmpSync, Qsd
+from qmp_daemon import ReplyLog, make_image, on_both
+from qsd import QmpSync
 
 
 def _nbdinfo(*args: str) -> str:
@@ -22,11 +22,7 @@ def _nbdinfo(*args: str) -> str:
 def _scenario(q: QmpSync, work: Path) -> dict[str, Any]:
     image = make_image(work / "d.raw", 4 << 20)
     sock = work / "nbd.sock"
-    replies = []
-
-    def run(command: str, **args: Any) -> None:
-        reply = q.execute(command, args)
-        replies.append((command, reply.get("return", reply.get("error"))))
+    run = ReplyLog(q)
 
     run("blockdev-add", driver="file", filename=str(image), **{"node-name": "f"})
     run("blockdev-add", driver="raw", file="f", **{"node-name": "d"})
@@ -62,17 +58,13 @@ def _scenario(q: QmpSync, work: Path) -> dict[str, Any]:
     result["bitmaps after"] = nodes["d"]
     run("block-dirty-bitmap-remove", node="d", name="b0")  # free again
     run("nbd-server-stop")
-    result["replies"] = replies
+    result["replies"] = run.replies
     return result
 
 
 def test_pull_export_sequence_matches_qemu_storage_daemon(tmp_path: Path) -> None:
     require("qemu-storage-daemon", "qemu-io", "nbdinfo")
-    (tmp_path / "qsd").mkdir()
-    with Qsd.start(tmp_path / "qsd") as qsd, qsd.connect() as q:
-        theirs = _scenario(q, tmp_path / "qsd")
-    with our_daemon(tmp_path / "ours") as daemon, daemon.connect() as q:
-        ours = _scenario(q, tmp_path / "ours")
+    theirs, ours = on_both(tmp_path, _scenario)
     assert ours == theirs
     dirty = [row.split()[:2] for row in ours["bitmap map"].splitlines() if row.endswith("dirty")]
     assert dirty == [["65536", "65536"], ["1048576", "262144"], ["3145728", "65536"]]  # rounded to 64 KiB

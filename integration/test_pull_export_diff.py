@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from conftest import require
-from qmp_daemon import our_daemon
-from qsd import QmpSync, Qsd
+from qmp_daemon import on_both
+from qsd import QmpSync
 
 MiB = 1024 * 1024
 
@@ -54,11 +54,7 @@ def _scenario(q: QmpSync, work: Path) -> dict[str, Any]:
 
 def test_allocation_depth_export_matches_qemu_storage_daemon(tmp_path: Path) -> None:
     require("qemu-storage-daemon", "qemu-img", "qemu-io", "nbdinfo")
-    (tmp_path / "qsd").mkdir()
-    with Qsd.start(tmp_path / "qsd") as qsd, qsd.connect() as q:
-        theirs = _scenario(q, tmp_path / "qsd")
-    with our_daemon(tmp_path / "ours") as daemon, daemon.connect() as q:
-        ours = _scenario(q, tmp_path / "ours")
+    theirs, ours = on_both(tmp_path, _scenario)
     assert ours == theirs
     assert theirs["contexts"] == ["base:allocation", "qemu:allocation-depth"]
     assert theirs["plain"] == ["base:allocation"]

@@ -304,11 +304,11 @@ def test_manual_finalize_and_dismiss(tmp_path: Path) -> None:
     differential(tmp_path, scenario)
 
 
-def _backup_that_stops_on_error(run: Run, sock: Path) -> None:
-    """Job ``e1``: the source backed up into a failing target with ``on-target-error: stop``."""
+def _backup_into_failing_target(run: Run, sock: Path, policy: str = "stop") -> None:
+    """Job ``e1``: the source backed up into a failing target with ``on-target-error: POLICY``."""
     run(
         "drive-backup",
-        **{"job-id": "e1", "on-target-error": "stop"},
+        **{"job-id": "e1", "on-target-error": policy},
         device="src",
         target=f"nbd+unix:///?socket={sock}",
         sync="full",
@@ -322,7 +322,7 @@ def test_on_target_error_stop(tmp_path: Path) -> None:
 
     def scenario(run: Run) -> list[str]:
         with failing_nbdkit(run, "target", "pwrite", run.work / "fault", "ENOSPC", "memory", str(SIZE)) as sock:
-            _backup_that_stops_on_error(run, sock)
+            _backup_into_failing_target(run, sock)
             info = run.resume_after_error("e1", run.work / "fault")
             assert info["return"][0]["io-status"] == "nospace"
         return ["e1"]
@@ -354,7 +354,7 @@ def test_cancel_of_a_paused_job_needs_force(tmp_path: Path) -> None:
         run.wait_gone("j1")
         fault = run.work / "fault"
         with failing_nbdkit(run, "target", "pwrite", fault, "ENOSPC", "memory", str(SIZE)) as sock:
-            _backup_that_stops_on_error(run, sock)
+            _backup_into_failing_target(run, sock)
             run.q.pending_events.clear()
             run.q.wait_event("BLOCK_JOB_ERROR", lambda d: d["device"] == "e1", timeout=60)
             run.q.wait_job_status("e1", "paused", timeout=60)
@@ -375,15 +375,7 @@ def test_on_target_error_report(tmp_path: Path, policy: str) -> None:
         with nbdkit_unix(
             run.work, "target", "--filter=error", "memory", str(SIZE), "error-pwrite-rate=100%", "error=EIO"
         ) as sock:
-            run(
-                "drive-backup",
-                **{"job-id": "e1", "on-target-error": policy},
-                device="src",
-                target=f"nbd+unix:///?socket={sock}",
-                sync="full",
-                format="raw",
-                mode="existing",
-            )
+            _backup_into_failing_target(run, sock, policy)
             run.wait_gone("e1")
         return ["e1"]
 

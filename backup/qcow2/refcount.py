@@ -71,7 +71,10 @@ class Refcounts:
         )
         self.meta = MetadataMap()
         self.meta.add(reftable_offset >> cluster_bits, reftable_clusters)
-        self.meta.add_all((e & q.REFT_OFFSET_MASK) >> cluster_bits for e in reftable if e & q.REFT_OFFSET_MASK)
+        # filter(None, ...) skips the (usually thousands of) empty entries at C speed
+        self.meta.add_all(
+            (e & q.REFT_OFFSET_MASK) >> cluster_bits for e in filter(None, reftable) if e & q.REFT_OFFSET_MASK
+        )
 
     @classmethod
     def load(cls, fd: int, h: ImageHeader, file_size: int, path: str) -> Refcounts:
@@ -80,9 +83,10 @@ class Refcounts:
         n = h.refcount_table_clusters * cs // 8
         raw = os.pread(fd, n * 8, h.refcount_table_offset).ljust(n * 8, b"\0")
         reftable = list(struct.unpack(f">{n}Q", raw))
-        for index, entry in enumerate(reftable):
+        for entry in filter(None, reftable):  # most entries are empty: skip them at C speed
             off = entry & q.REFT_OFFSET_MASK
             if off and (off & (cs - 1) or off >= file_size):
+                index = reftable.index(entry)
                 raise ImageFormatError(f"{path}: refcount table entry {index} ({off:#x}) is invalid or past the end")
         refs = cls(
             fd,

@@ -6,7 +6,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 declare -A peer_package=(
     [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
-    [qemu-storage-daemon]=qemu-system-common
+    [qemu-storage-daemon]=qemu-system-common [qemu-system-x86_64]=qemu-system-x86
     [nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd
     [fio]=fio [nbd-server]=nbd-server
 )

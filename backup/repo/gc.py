@@ -40,8 +40,12 @@ class GcReport:
         return json.dumps({k.replace("_", "-"): v for k, v in asdict(self).items()})
 
 
-def _after_trash(digests: list[str]) -> None:
-    """Test hook: called between trash and recheck (a backup racing gc is injected here)."""
+def _after_mark(candidates: list[str]) -> None:
+    """Test hook: called between mark and trash (a backup racing gc is injected here)."""
+
+
+def _after_trash(trashed: list[str]) -> None:
+    """Test hook: called between trash and recheck."""
 
 
 def _manifest_chunks(repo: Repository, seen: set[Path]) -> set[str]:
@@ -97,6 +101,7 @@ def collect_garbage(repo: Repository, *, grace_seconds: float = 0) -> GcReport:
             report.chunks_before += 1
             if digest not in marked and (grace_seconds <= 0 or store.mtime(digest) < cutoff):
                 candidates.append(digest)
+        _after_mark(candidates)
         trashed = [d for d in candidates if store.trash(d)]
         _after_trash(trashed)
         needed, _ = scan_leases(repo.path)

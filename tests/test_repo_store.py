@@ -201,3 +201,24 @@ def test_killed_writer_leaves_no_snapshot_and_frees_the_disk(tmp_path: Path) -> 
     assert len(list(repo.chunks.list_digests())) == 4
     after = write_snapshot(repo, "d", [rand_chunk()], parent="latest")
     assert after.parent == base.id and after.id > base.id
+
+
+def test_store_chunk_from_threads_counts_exactly_and_compresses_only_new_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backup.repo import repository as repository_mod
+
+    repo = new_repo(tmp_path)
+    blocks = [rand_chunk() for _ in range(8)]
+    compressed = []
+    real = repository_mod.compress_chunk
+    monkeypatch.setattr(repository_mod, "compress_chunk", lambda d: compressed.append(1) or real(d))
+    with repo.begin_write("d") as w, ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: repo.store_chunk(b, w.lease), blocks + [bytes(CS)] * 4))
+        assert sum(new for _, new in results) == 8 and len(compressed) == 8
+        assert w.lease.new_bytes == 8 * CS and w.lease.zero_bytes == 4 * CS
+        again = list(pool.map(lambda b: repo.store_chunk(b, w.lease), blocks))
+        assert not any(new for _, new in again) and len(compressed) == 8 and w.lease.reused_bytes == 8 * CS
+        assert w.lease.path.read_text().count("\n") == 8

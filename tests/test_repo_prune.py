@@ -103,6 +103,7 @@ def test_prune_removes_manifests_only_and_dry_run_nothing(tmp_path: Path) -> Non
     assert _ids(prune(repo, None, PruneRules(keep_last=1))) == _ids(ms[:3])
     assert _ids(repo.snapshots("d")) == [ms[-1].id] and len(repo.snapshots("e")) == 1
     assert set(repo.chunks.list_digests()) == chunks_before
+    assert prune(repo, "nothing", PruneRules(keep_last=1)) == [] and not (repo.path / "disks" / "nothing").exists()
     with pytest.raises(RepoError, match="keep rule"):
         prune(repo, "d", PruneRules(), dry_run=True)
 

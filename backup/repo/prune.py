@@ -79,8 +79,8 @@ def prune(repo: Repository, disk: str | None, rules: PruneRules, dry_run: bool =
         raise RepoError("prune needs at least one keep rule")
     removed: list[Manifest] = []
     for d in [disk] if disk is not None else repo.disks():
-        if dry_run:
-            removed += _plan(repo, d, rules)
+        if dry_run or not repo.snapshot_ids(d):
+            removed += _plan(repo, d, rules)  # nothing to lock for a disk without snapshots
             continue
         fd = repo.lock_disk(d)
         try:

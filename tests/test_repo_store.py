@@ -199,6 +199,11 @@ def test_killed_writer_leaves_no_snapshot_and_frees_the_disk(tmp_path: Path) -> 
             p.wait()
     assert [m.id for m in repo.snapshots("d")] == [base.id]
     assert len(list(repo.chunks.list_digests())) == 4
+    from backup.repo.gc import collect_garbage
+
+    report = collect_garbage(repo)
+    assert report.chunks_deleted == 3 and report.leases_removed == 1
+    assert os.listdir(repo.path / "leases") == [] and os.listdir(repo.path / "tmp") == []
     after = write_snapshot(repo, "d", [rand_chunk()], parent="latest")
     assert after.parent == base.id and after.id > base.id
 

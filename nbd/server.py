@@ -193,11 +193,13 @@ class NbdServer:
         max_options: int = 64,
         tls: ServerTls | None = None,
     ) -> None:
-        """``tls``: None or mode ``off`` serves clear text only; it is read per connection, so it may be
-        replaced while the server runs (QMP). ``buffer_budget``: bytes of request data, write
-        payloads and unsent replies of all connections together; a connection that would go over
-        waits (stops reading), and the connections of one client (address; all unix socket clients
-        are one) get at most half of it, so no client can starve the others. ``stall_timeout``: close a connection whose unsent
+        """``tls``: None or mode ``off`` serves clear text only; it is read per connection, so it may
+        be replaced while the server runs (QMP).
+
+        ``buffer_budget``: bytes of request data, write payloads and unsent replies of all
+        connections together; a connection that would go over waits (stops reading), and the
+        connections of one client (address; all unix socket clients are one) get at most half of it,
+        so no client can starve the others. ``stall_timeout``: close a connection whose unsent
         replies or partial write payload have not moved for that long (0: never)."""
         self.max_connections = limits.max_connections
         self.handshake_timeout = limits.handshake_timeout

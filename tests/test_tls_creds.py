@@ -60,7 +60,7 @@ def test_client_certificate_is_optional_but_a_half_pair_is_not(pki: Pki, tmp_pat
     (tmp_path / "ca-cert.pem").write_bytes((pki.client / "ca-cert.pem").read_bytes())
     check_credentials(tmp_path, "client")  # a client without a certificate of its own
     (tmp_path / "client-cert.pem").write_bytes((pki.client / "client-cert.pem").read_bytes())
-    with pytest.raises(TlsConfigError, match="client-key.pem"):
+    with pytest.raises(TlsConfigError, match=r"client-key\.pem"):
         client_context(tmp_path)
     (tmp_path / "client-key.pem").write_bytes((pki.rogue / "client-key.pem").read_bytes())
     with pytest.raises(TlsConfigError, match="Unable to load TLS credentials"):  # a key of another cert

@@ -2,8 +2,9 @@
 
 ``make_pki(root)`` writes QEMU's credential directory layout: ``root/server`` (ca-cert.pem,
 server-cert.pem, server-key.pem), ``root/client`` (ca-cert.pem, client-cert.pem, client-key.pem) signed
-by the same CA, and ``root/rogue`` — a client directory whose CA and certificate come from a second CA
-(it trusts our server's CA, so only the server's check of the client certificate fails).
+by the same CA, ``root/rogue`` — a client directory whose certificate comes from a second CA (it trusts
+our server's CA, so only the server's check of the client certificate fails) — and ``root/stranger``,
+a client our CA signed with another DN (``CN=stranger``). ``root/ca`` holds both CAs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Pki:
     server: Path
     client: Path
     rogue: Path
+    stranger: Path  # our CA signed it, but its DN is not the one the tests authorize
 
 
 def _run(*args: str | Path) -> None:
@@ -59,14 +61,15 @@ _CLIENT_EXT = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherm
 
 def make_pki(root: Path) -> Pki:
     work = root / "ca"
-    server, client, rogue = root / "server", root / "client", root / "rogue"
-    for d in (work, server, client, rogue):
+    server, client, rogue, stranger = root / "server", root / "client", root / "rogue", root / "stranger"
+    for d in (work, server, client, rogue, stranger):
         d.mkdir(parents=True)
     ca = _ca(work, "ca")
     other = _ca(work, "other-ca")
     _leaf(server, ca, "server", SERVER_SUBJECT, _SERVER_EXT)
     _leaf(client, ca, "client", CLIENT_SUBJECT, _CLIENT_EXT)
     _leaf(rogue, other, "client", CLIENT_SUBJECT, _CLIENT_EXT)
-    for d in (server, client, rogue):
+    _leaf(stranger, ca, "client", "/C=GB/O=Example/CN=stranger", _CLIENT_EXT)
+    for d in (server, client, rogue, stranger):
         shutil.copy(ca[1], d / "ca-cert.pem")  # the rogue client trusts our server; we do not trust it
-    return Pki(server=server, client=client, rogue=rogue)
+    return Pki(server=server, client=client, rogue=rogue, stranger=stranger)

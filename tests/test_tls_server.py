@@ -14,7 +14,7 @@ import pytest
 from backup.memory import MemoryDevice
 from nbd import constants as c
 from nbd.client import NbdClient
-from nbd.errors import HandshakeError
+from nbd.errors import DisconnectedError, HandshakeError
 from nbd.server import Export, NbdServer, ServerLimits
 from nbd.tls import AuthzList, ServerTls, client_context, fixed_server_tls, server_context
 from tests.sockkit import close_stream, run_on
@@ -271,3 +271,27 @@ async def test_client_checks_the_server_certificate(required: tuple[NbdServer, M
         await NbdClient.connect(nbds(port, distrust, extra="&tls-hostname=localhost"), connect_timeout=10)
     await _round_trip(nbds(port, pki.client).replace("localhost", "127.0.0.1"), device)  # the IP in the SAN
     await _round_trip(nbds(port, pki.client, extra="&tls-verify-peer=0"), device)
+
+
+async def test_reconnect_and_replay_over_tls(required: tuple[NbdServer, MemoryDevice, int], pki: Pki) -> None:
+    """A dropped TLS connection is reopened with STARTTLS again, and the requests in flight are replayed."""
+    server, device, port = required
+    await device.pwrite(0, b"\x42" * 8192)
+    client = await NbdClient.connect(nbds(port, pki.client), connections=1, reconnect_delay=20)
+    try:
+        first = client._conns[0]
+        pending = [
+            asyncio.ensure_future(client.pread(0, 4096)),
+            asyncio.ensure_future(client.pwrite(8192, b"\x17" * 4096)),
+        ]
+        await asyncio.sleep(0)
+        first.abort(DisconnectedError("dropped"))
+        assert await asyncio.wait_for(pending[0], 20) == b"\x42" * 4096
+        await asyncio.wait_for(pending[1], 20)
+        assert device.data[8192:12288] == b"\x17" * 4096
+        assert client._conns[0] is not first
+        assert client._conns[0].transport is not None
+        assert client._conns[0].transport.get_extra_info("ssl_object") is not None
+        assert all(conn._tls() for conn in server._connections)
+    finally:
+        await client.close()

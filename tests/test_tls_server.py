@@ -93,7 +93,7 @@ class Raw:
     async def closed(self) -> bytes:
         """Whatever the server still sent before it closed (raises TimeoutError if it does not)."""
         try:
-            return await asyncio.wait_for(self.reader.read(), 5)
+            return await asyncio.wait_for(self.reader.read(), 20)
         except ConnectionError:
             return b""
 
@@ -295,3 +295,25 @@ async def test_reconnect_and_replay_over_tls(required: tuple[NbdServer, MemoryDe
         assert all(conn._tls() for conn in server._connections)
     finally:
         await client.close()
+
+
+async def test_a_silent_tls_handshake_is_timed_out(pki: Pki) -> None:
+    """A client that takes the ACK and never starts (or never finishes) its TLS hello is dropped by the
+    handshake timeout; the next client is served."""
+    server = NbdServer(tls=fixed_server_tls("require", pki.server), limits=ServerLimits(handshake_timeout=0.5))
+    device = MemoryDevice(SIZE)
+    server.add_export(Export("d", device))
+    _, port = await server.listen_tcp("127.0.0.1", 0)
+    try:
+        silent = await Raw.open(port)
+        assert await silent.option(Opt.STARTTLS) == [(Rep.ACK, b"")]
+        half = await Raw.open(port)
+        assert await half.option(Opt.STARTTLS) == [(Rep.ACK, b"")]
+        half.writer.write(bytes.fromhex("160301020001"))  # the start of a ClientHello
+        assert await silent.closed() == b""  # within Raw.closed's bound, far above the timeout
+        assert await half.closed() == b""
+        await silent.close()
+        await half.close()
+        await _round_trip(nbds(port, pki.client), device)
+    finally:
+        await server.stop()

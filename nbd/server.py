@@ -600,7 +600,8 @@ class _Connection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         self.shutdown()
         # Keep the transport open until in-flight replies are written (TLS transports cannot).
-        return None if self.core.tls_active else True
+        core = getattr(self, "core", None)  # none on a socket dropped at once (a flood)
+        return None if core is not None and core.tls_active else True
 
     def pause_writing(self) -> None:
         self._writing_paused = True

@@ -4,6 +4,7 @@ streams that check the exact option replies. Certificates are made at test time 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -317,3 +318,22 @@ async def test_a_silent_tls_handshake_is_timed_out(pki: Pki) -> None:
         await _round_trip(nbds(port, pki.client), device)
     finally:
         await server.stop()
+
+
+async def test_file_payloads_go_through_tls(
+    required: tuple[NbdServer, MemoryDevice, int], pki: Pki, tmp_path: Path
+) -> None:
+    """A write from a file (sendfile on a clear-text socket) is sent through the TLS layer instead."""
+    _, device, port = required
+    payload = bytes(range(256)) * 1024 * 2  # 512 KiB: over the sendfile threshold
+    source = tmp_path / "payload"
+    source.write_bytes(b"x" * 4096 + payload)
+    async with await NbdClient.connect(nbds(port, pki.client), connections=1) as client:
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            await client.pwrite_from_fd(0, fd, 4096, len(payload))
+        finally:
+            os.close(fd)
+        assert not client._conns[0]._plain_socket()
+        assert await client.pread(0, len(payload)) == payload
+    assert device.data[: len(payload)] == payload

@@ -140,7 +140,7 @@ def test_progress_fd_lines(tmp_path: Path) -> None:
     ("src", "dst", "message"),
     [
         ("{tmp}/missing.img", "{tmp}/out.img", "cannot open the source"),
-        ("nbds://127.0.0.1/x", "{tmp}/out.img", "TLS is not configured"),
+        ("nbds://127.0.0.1/x?tls-type=psk", "{tmp}/out.img", "x509 only"),
         ("nbd+unix:///x?socket={tmp}/none.sock", "{tmp}/out.img", "cannot open the source"),
         ("{tmp}/big.img", "{tmp}/small.img", "smaller than the source"),
         ("{tmp}/big.img", "nbd:unix:{tmp}/none.sock", "cannot open the destination"),

@@ -118,7 +118,7 @@ def test_text_output_and_errors(tmp_path: Path) -> None:
         assert f"export-size: {SIZE}" in proc.stdout and "hole,zero" in proc.stdout
     for uri, message in [
         (f"nbd+unix:///?socket={tmp_path}/none.sock", "No such file"),
-        ("nbds://localhost/", "TLS is not configured"),
+        ("nbds://localhost/?tls-psk-file=/k", "pre-shared keys is not supported"),
         ("nope", "not an NBD URI"),
     ]:
         proc = subprocess.run(nbd_backup_argv("info", uri), capture_output=True, text=True, cwd=ROOT)

@@ -29,6 +29,7 @@ from nbd.client_core import (
 )
 from nbd.client_transport import ClientConnection, open_socket
 from nbd.errors import HandshakeError, NbdError, ProtocolError
+from nbd.tls import TlsConfigError, client_context
 from nbd.uri import NbdUri
 
 _MAX_OPTION_REPLIES = 100_000  # e.g. exports in one NBD_OPT_LIST: a bound against endless replies
@@ -83,6 +84,34 @@ async def _greet(conn: ClientConnection) -> None:
     conn.write(conn.hs.send_client_flags())
 
 
+async def starttls(conn: ClientConnection, uri: NbdUri) -> None:
+    """STARTTLS as the first option, then the TLS handshake on the same socket. A server that does not
+    acknowledge it is an error (an ``nbds`` URI never falls back to clear text), and so is a
+    certificate that the CA did not sign or that does not carry the host name."""
+    tls = uri.tls
+    assert tls is not None
+    try:
+        context = client_context(tls.certificates, verify_peer=tls.verify_peer)
+    except TlsConfigError as exc:
+        raise HandshakeError(f"{conn.label}: {exc}") from None
+    events = await _option(conn, conn.hs.send_option(c.Opt.STARTTLS))
+    if isinstance(events[-1], OptionError):
+        raise _option_error(conn, "TLS (NBD_OPT_STARTTLS)", events[-1])
+    if conn.hs.trailing_data:
+        raise ProtocolError(f"{conn.label}: the server sent data after acknowledging STARTTLS")
+    hostname = tls.hostname or uri.host
+    if hostname is None:
+        context.check_hostname = False  # a unix socket without tls-hostname: the CA's signature only
+    assert conn.transport is not None
+    try:
+        transport = await asyncio.get_running_loop().start_tls(conn.transport, conn, context, server_hostname=hostname)
+    except (OSError, EOFError) as exc:
+        raise HandshakeError(f"{conn.label}: TLS handshake failed: {exc or type(exc).__name__}") from None
+    if transport is None:
+        raise HandshakeError(f"{conn.label}: connection closed during the TLS handshake")
+    conn.transport = transport
+
+
 def _option_error(conn: ClientConnection, what: str, event: OptionError, export: str | None = None) -> HandshakeError:
     meaning = describe_rep_error(event.reply)
     target = f" for export {export!r}" if export is not None else ""
@@ -91,12 +120,19 @@ def _option_error(conn: ClientConnection, what: str, event: OptionError, export:
 
 
 async def negotiate(
-    conn: ClientConnection, export: str, *, list_contexts: bool, map_context: str | None = None
+    conn: ClientConnection,
+    export: str,
+    *,
+    list_contexts: bool,
+    map_context: str | None = None,
+    uri_tls: NbdUri | None = None,
 ) -> ExportInfo:
     """Structured replies, base:allocation (and ``map_context``, a second meta context by name, such as
     ``qemu:dirty-bitmap:NAME``: refused with ``HandshakeError`` when the export does not offer it), then
-    GO (falling back to EXPORT_NAME)."""
+    GO (falling back to EXPORT_NAME). ``uri_tls``: an ``nbds`` URI, whose TLS starts first."""
     await _greet(conn)
+    if uri_tls is not None:
+        await starttls(conn, uri_tls)
     hs = conn.hs
     structured = False
     events = await _option(conn, hs.send_option(c.Opt.STRUCTURED_REPLY))
@@ -191,7 +227,13 @@ async def open_session(
     async def attempt() -> tuple[ClientConnection, ExportInfo]:
         nonlocal conn
         conn = await open_socket(uri, str(uri))
-        return conn, await negotiate(conn, uri.export, list_contexts=list_contexts, map_context=map_context)
+        return conn, await negotiate(
+            conn,
+            uri.export,
+            list_contexts=list_contexts,
+            map_context=map_context,
+            uri_tls=uri if uri.tls is not None else None,
+        )
 
     try:
         return await asyncio.wait_for(attempt(), timeout)
@@ -212,6 +254,8 @@ async def list_exports(target: NbdUri, timeout: float) -> list[ListedExport]:
         conn = await open_socket(target, str(target))
         try:
             await _greet(conn)
+            if target.tls is not None:
+                await starttls(conn, target)
             events = await _option(conn, conn.hs.send_option(c.Opt.LIST))
             if isinstance(events[-1], OptionError):
                 raise _option_error(conn, "NBD_OPT_LIST", events[-1])

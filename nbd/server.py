@@ -59,7 +59,9 @@ from nbd.server_core import (
     Request,
     ServerCore,
     SparePool,
+    StartTls,
 )
+from nbd.tls import ServerTls, peer_dn
 from nbd.unix_path import SocketFileId, remove_own_socket, remove_stale_socket, socket_file_id
 
 log = logging.getLogger(__name__)
@@ -96,9 +98,11 @@ class Export:
         description: str = "",
         bitmaps: Sequence[DirtyMap] = (),
         allocation_depth: bool = False,
+        tls_only: bool = False,
     ) -> None:
         """``bitmaps`` are published as ``qemu:dirty-bitmap:NAME`` contexts and ``allocation_depth``
-        as ``qemu:allocation-depth`` (see ``nbd.meta``)."""
+        as ``qemu:allocation-depth`` (see ``nbd.meta``). ``tls_only``: served only over TLS when the
+        server offers TLS without requiring it (``tls`` mode ``on``)."""
         if len(name.encode()) > c.MAX_STRING:
             raise ValueError(f"export name longer than {c.MAX_STRING} bytes")
         if len(description.encode()) > c.MAX_STRING:
@@ -109,6 +113,7 @@ class Export:
         self.description = description
         self.bitmaps = tuple(bitmaps)
         self.allocation_depth = allocation_depth
+        self.tls_only = tls_only
         self.contexts = meta.context_names(self.bitmaps, allocation_depth)
 
     @property
@@ -150,6 +155,7 @@ class Export:
             maximum=min(limits.maximum, c.MAX_PAYLOAD),
             handle=self,
             contexts=self.contexts,
+            tls_only=self.tls_only,
         )
 
     def __repr__(self) -> str:
@@ -185,8 +191,12 @@ class NbdServer:
         stall_timeout: float = STALL_TIMEOUT,
         max_in_flight: int = MAX_IN_FLIGHT,
         max_options: int = 64,
+        tls: ServerTls | None = None,
     ) -> None:
-        """``buffer_budget``: bytes of request data, write payloads and unsent replies of all
+        """``tls``: None or mode ``off`` serves clear text only; it is read per connection, so it may
+        be replaced while the server runs (QMP).
+
+        ``buffer_budget``: bytes of request data, write payloads and unsent replies of all
         connections together; a connection that would go over waits (stops reading), and the
         connections of one client (address; all unix socket clients are one) get at most half of it,
         so no client can starve the others. ``stall_timeout``: close a connection whose unsent
@@ -200,6 +210,7 @@ class NbdServer:
         self.stall_timeout = stall_timeout
         self.max_in_flight = max_in_flight
         self.max_options = max_options
+        self.tls = tls
         self._exports: dict[str, Export] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[tuple[str, SocketFileId | None]] = []
@@ -341,6 +352,31 @@ class NbdServer:
                 await asyncio.wait(pending, timeout=1.0)
 
 
+class _EarlyData(asyncio.Protocol):
+    """The app protocol during the server's TLS handshake: keeps the client's first encrypted bytes
+    (its first option may follow its last handshake message at once) until the client certificate
+    has been authorized and the connection takes them."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self.data = bytearray()
+        self.lost = False
+        self.overflow = False
+
+    def data_received(self, data: bytes) -> None:
+        if len(self.data) + len(data) > HANDSHAKE_BUFFER:
+            self.overflow = True
+        elif not self.overflow:
+            self.data += data
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.conn.connection_lost(exc)
+
+
 class _Client:
     """What the connections from one peer address hold together."""
 
@@ -413,6 +449,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._sparse = False
         self._contexts: tuple[tuple[int, str], ...] | None = None  # selected beyond base:allocation alone
         self._sock_fd = -1  # the socket, for sendfile (-1: not usable)
+        self._gone = False  # connection_lost has run
 
     # --- protocol callbacks ------------------------------------------------------------------------
 
@@ -432,8 +469,14 @@ class _Connection(asyncio.BufferedProtocol):
             self.log.warning("refused: %s", refuse)
         # Listing exports takes a few options per export (nbdinfo --list asks each for its details).
         max_options = server.max_options + 4 * len(server._exports)
+        tls = server.tls
         self.core = ServerCore(
-            server._lookup, server._list, max_options=max_options, refuse=refuse, spares=server._spares
+            server._lookup,
+            server._list,
+            max_options=max_options,
+            refuse=refuse,
+            spares=server._spares,
+            tls=tls.mode if tls is not None else "off",
         )
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         transport.writelines(self.core.data_to_send())
@@ -496,6 +539,9 @@ class _Connection(asyncio.BufferedProtocol):
                 del clients[client.key]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._gone:
+            return  # a failed TLS handshake cleans up itself, and asyncio may still report it
+        self._gone = True
         server = self.server
         server._connections.discard(self)
         server._handshaking.pop(self, None)
@@ -553,7 +599,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool | None:
         self.shutdown()
-        return True  # keep the transport open until in-flight replies are written
+        # Keep the transport open until in-flight replies are written (TLS transports cannot).
+        core = getattr(self, "core", None)  # none on a socket dropped at once (a flood)
+        return None if core is not None and core.tls_active else True
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -684,6 +732,8 @@ class _Connection(asyncio.BufferedProtocol):
                     self._negotiated(event)
                 elif type(event) is Closed:
                     self._client_closed(event)
+                elif type(event) is StartTls:
+                    self._start_tls()
         finally:
             if outer is None:
                 self._batch = None
@@ -722,7 +772,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._contexts = None if base_only or not event.meta_contexts else event.meta_contexts
         self._sock_fd = -1
         sock = self.transport.get_extra_info("socket")
-        if sock is not None and self.transport.get_extra_info("sslcontext") is None and SENDFILE_MIN:
+        if sock is not None and not self._tls() and SENDFILE_MIN:
             with contextlib.suppress(OSError, AttributeError, ValueError):
                 self._sock_fd = sock.fileno()
         server = self.server
@@ -732,6 +782,57 @@ class _Connection(asyncio.BufferedProtocol):
             self._quiet_since = self.loop.time()
             self._timer = self.loop.call_later(timeout / 4, self._idle_check, timeout / 4)
         self.log.info("export '%s'", export.name)
+
+    def _tls(self) -> bool:
+        """Bytes go through TLS: never write to the socket directly (sendfile) then."""
+        transport = self.transport
+        return transport.get_extra_info("ssl_object") is not None or transport.get_extra_info("sslcontext") is not None
+
+    def _start_tls(self) -> None:
+        """STARTTLS was acknowledged (the ACK is queued in clear text): upgrade the socket."""
+        self.transport.pause_reading()  # nothing is read in clear text any more
+        task = self.loop.create_task(self._upgrade())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _upgrade(self) -> None:
+        """The TLS handshake, bounded by what is left of the handshake timeout (the timer still runs),
+        then the client's certificate against the authorizer of the moment. Any failure ends this
+        connection only."""
+        raw = self.transport
+        tls = self.server.tls
+        early = _EarlyData(self)  # holds what arrives between the handshake and the authz check
+        try:
+            if tls is None or tls.mode == "off":
+                raise ConnectionError("TLS is no longer configured")
+            context = tls.credentials()
+            transport = await self.loop.start_tls(
+                raw, early, context, server_side=True, ssl_handshake_timeout=self.server.handshake_timeout
+            )
+        except Exception as exc:  # whatever it was, it costs this connection only
+            self.log.warning("TLS handshake failed: %s", exc or type(exc).__name__)
+            raw.abort()
+            self.connection_lost(None)
+            return
+        if transport is None or self._closing or early.lost:
+            self.abort()
+            self.connection_lost(None)
+            return
+        self.transport = transport
+        refusal = tls.authorize(peer_dn(transport.get_extra_info("ssl_object")))
+        if refusal is not None or early.overflow:
+            self.log.warning("refused: %s", refusal or "too much data before negotiation over TLS")
+            self.abort()
+            return
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.core.tls_started()
+        transport.set_protocol(self)
+        self.log.debug("TLS established")
+        if early.data:
+            rbuf = self.get_buffer(len(early.data))
+            assert len(rbuf) >= len(early.data)  # bounded by HANDSHAKE_BUFFER (see _EarlyData)
+            rbuf[: len(early.data)] = early.data
+            self.buffer_updated(len(early.data))
 
     def _idle_check(self, period: float) -> None:
         """Close a connection that is idle (no request: ``idle_timeout``) or stalled (holding unsent

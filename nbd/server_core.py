@@ -81,6 +81,7 @@ class Phase(enum.Enum):
     REQUEST_HEADER = "request-header"
     WRITE_PAYLOAD = "write-payload"
     PAYLOAD_DISCARD = "payload-discard"
+    TLS_HANDSHAKE = "tls-handshake"  # STARTTLS acknowledged: the adapter runs the TLS handshake
     CLOSED = "closed"
 
 
@@ -96,6 +97,8 @@ class Input(enum.Enum):
     WRITE = "write"  # a write whose payload is to be collected
     REFUSED_WRITE = "refused-write"  # a write whose payload is to be discarded
     PAYLOAD_DONE = "payload-done"
+    STARTTLS = "starttls"  # STARTTLS acknowledged
+    TLS_DONE = "tls-done"  # the TLS handshake succeeded: options go on, encrypted
     CLOSE = "close"
 
 
@@ -106,6 +109,8 @@ TRANSITIONS: dict[tuple[Phase, Input], Phase] = {
     (P.OPTION_HEADER, In.OPTION_TOO_BIG): P.OPTION_DISCARD,
     (P.OPTION_DATA, In.OPTION_DONE): P.OPTION_HEADER,
     (P.OPTION_DATA, In.GO): P.REQUEST_HEADER,
+    (P.OPTION_DATA, In.STARTTLS): P.TLS_HANDSHAKE,
+    (P.TLS_HANDSHAKE, In.TLS_DONE): P.OPTION_HEADER,
     (P.OPTION_DISCARD, In.OPTION_DONE): P.OPTION_HEADER,
     (P.REQUEST_HEADER, In.REQUEST): P.REQUEST_HEADER,
     (P.REQUEST_HEADER, In.WRITE): P.WRITE_PAYLOAD,
@@ -193,6 +198,7 @@ class ExportEntry:
     maximum: int = c.MAX_PAYLOAD
     handle: object = None
     contexts: tuple[str, ...] = ()  # meta contexts besides base:allocation (``nbd.meta.context_names``)
+    tls_only: bool = False  # served only after STARTTLS (SELECTIVETLS; with ``tls="require"`` all are)
 
 
 Lookup = Callable[[str], "ExportEntry | None"]
@@ -241,6 +247,11 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS was acknowledged: run the TLS handshake on the socket, then call ``tls_started``."""
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """The connection must end: the client said so (``error`` False) or broke the protocol."""
 
@@ -248,7 +259,7 @@ class Closed:
     error: bool
 
 
-Event = Negotiated | Request | Closed
+Event = Negotiated | Request | StartTls | Closed
 
 
 # --- the core ----------------------------------------------------------------------------------------
@@ -277,13 +288,19 @@ class ServerCore:
         max_option_discard: int = 1 << 20,
         refuse: str | None = None,
         spares: SparePool | None = None,
+        tls: str = "off",
     ) -> None:
+        """``tls``: the spec's mode — ``off`` (NOTLS: STARTTLS refused with ERR_POLICY), ``on``
+        (SELECTIVETLS: TLS offered, required only by ``tls_only`` exports) or ``require`` (FORCEDTLS:
+        nothing but STARTTLS and ABORT before TLS)."""
         self._lookup = lookup
         self._list = list_exports
         self.max_options = max_options
         self.max_option_data = max_option_data
         self.max_option_discard = max_option_discard
         self._refuse = refuse  # every option is refused with ERR_POLICY and this message
+        self.tls_mode = tls
+        self.tls_active = False
         self.phase = Phase.CLIENT_FLAGS
         self._out: list[bytes | bytearray | memoryview] = [
             wire.ServerGreeting.build(
@@ -361,6 +378,12 @@ class ServerCore:
                 continue
             if phase is Phase.CLOSED:
                 break
+            if phase is Phase.TLS_HANDSHAKE:
+                # The client must wait for the ACK before its TLS hello: bytes pipelined after
+                # STARTTLS are neither NBD nor part of a handshake we started.
+                events[:] = [event for event in events if type(event) is not StartTls]
+                self._close(events, "data after NBD_OPT_STARTTLS before the TLS handshake", error=True)
+                break
             # A fixed-size record: client flags, option header or data, request header.
             need = self._want - len(self._record)
             if need > n - pos:
@@ -375,6 +398,21 @@ class ServerCore:
             pos += need
             self._dispatch_record(events, record)
         return events
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: negotiation starts afresh over TLS (nothing negotiated in
+        clear text before it is kept)."""
+        self._goto(Input.TLS_DONE)
+        self._want = 16
+        self.tls_active = True
+        self.structured = False
+        self._meta_export = None
+        self._meta_set = ()
+
+    @property
+    def tls_required(self) -> bool:
+        """FORCEDTLS and not upgraded yet: every option but STARTTLS and ABORT is refused."""
+        return self.tls_mode == "require" and not self.tls_active
 
     def payload_buffer(self) -> memoryview | None:
         """Where the rest of the current write payload should be received to (no copy), or None
@@ -475,7 +513,9 @@ class ServerCore:
     def _discard_done(self, events: list[Event]) -> None:
         if self.phase is Phase.OPTION_DISCARD:
             option = self._option
-            if option in _KNOWN_OPTIONS:
+            if self.tls_required:
+                self._reply_error(option, Rep.ERR_TLS_REQD, _tls_required(option))
+            elif option in _KNOWN_OPTIONS:
                 self._reply_error(option, Rep.ERR_TOO_BIG, f"option data of {self._option_length} bytes is too large")
             else:
                 self._reply_error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
@@ -501,6 +541,14 @@ class ServerCore:
             self._goto(Input.OPTION_DONE)
             self._want = 16
             return
+        if self.tls_required and option != Opt.STARTTLS and option != Opt.ABORT:
+            if option == Opt.EXPORT_NAME:  # no error reply exists: the spec says to close
+                self._close(events, "NBD_OPT_EXPORT_NAME before TLS on a server that requires TLS", error=True)
+                return
+            self._reply_error(option, Rep.ERR_TLS_REQD, _tls_required(option))
+            self._goto(Input.OPTION_DONE)
+            self._want = 16
+            return
         handler = _OPTION_HANDLERS.get(option)
         try:
             if handler is None:
@@ -511,6 +559,8 @@ class ServerCore:
             result = False
         if self.phase is Phase.CLOSED:
             return
+        if result is None:
+            return  # STARTTLS: the phase is already TLS_HANDSHAKE
         if result:
             self._goto(Input.GO)
             self._want = 28
@@ -559,6 +609,8 @@ class ServerCore:
         entry = self._lookup(name)
         if entry is None:
             raise _Refusal(Rep.ERR_UNKNOWN, f"export '{name}' not found")
+        if entry.tls_only and not self.tls_active:
+            raise _Refusal(Rep.ERR_TLS_REQD, f"export '{name}' requires TLS")
         return entry
 
     def _opt_export_name(self, events: list[Event], data: bytes) -> bool:
@@ -568,9 +620,10 @@ class ServerCore:
             self._close(events, "export name is not UTF-8", error=True)
             return False
         entry = self._lookup(name)
-        if entry is None:
+        if entry is None or (entry.tls_only and not self.tls_active):
             # NBD_OPT_EXPORT_NAME has no error reply: the spec says to close the connection.
-            self._close(events, f"export '{name}' not found", error=True)
+            why = "not found" if entry is None else "requires TLS"
+            self._close(events, f"export '{name}' {why}", error=True)
             return False
         flags = self._transmission_flags(entry)
         reply = _U64_U16.pack(entry.size, flags)
@@ -587,15 +640,24 @@ class ServerCore:
         if data:
             raise _Refusal(Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
         for entry in self._list():
+            if entry.tls_only and not self.tls_active:
+                continue  # the spec lets SELECTIVETLS servers omit TLS-only exports before TLS
             name = entry.name.encode()
             self._reply(Opt.LIST, Rep.SERVER, _U32.pack(len(name)) + name + entry.description.encode()[: c.MAX_STRING])
         self._reply(Opt.LIST, Rep.ACK)
         return False
 
-    def _opt_starttls(self, events: list[Event], data: bytes) -> bool:
+    def _opt_starttls(self, events: list[Event], data: bytes) -> bool | None:
         if data:
             raise _Refusal(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-        raise _Refusal(Rep.ERR_POLICY, "TLS is not configured on this server")
+        if self.tls_mode == "off":
+            raise _Refusal(Rep.ERR_POLICY, "TLS is not configured on this server")
+        if self.tls_active:
+            raise _Refusal(Rep.ERR_INVALID, "TLS is already negotiated")
+        self._reply(Opt.STARTTLS, Rep.ACK)
+        self._goto(Input.STARTTLS)
+        events.append(StartTls())
+        return None
 
     def _opt_structured_reply(self, events: list[Event], data: bytes) -> bool:
         if data:
@@ -897,7 +959,11 @@ def _parse_meta_request(data: bytes) -> tuple[str, list[str]]:
     return name, queries
 
 
-_OPTION_HANDLERS: dict[int, Callable[[ServerCore, list[Event], bytes], bool]] = {
+def _tls_required(option: int) -> str:
+    return f"Option {option:#x} not permitted before TLS"  # QEMU's text
+
+
+_OPTION_HANDLERS: dict[int, Callable[[ServerCore, list[Event], bytes], bool | None]] = {
     Opt.EXPORT_NAME: ServerCore._opt_export_name,
     Opt.ABORT: ServerCore._opt_abort,
     Opt.LIST: ServerCore._opt_list,

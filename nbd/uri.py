@@ -6,10 +6,15 @@ Accepted forms::
     nbd+unix:///[EXPORT]?socket=PATH        unix domain socket
     nbd:HOST:PORT[:exportname=EXPORT]       QEMU's legacy syntax
     nbd:unix:PATH[:exportname=EXPORT]
+    nbds://HOST[:PORT][/EXPORT][?TLS]       TLS (x509) over TCP
+    nbds+unix:///[EXPORT]?socket=PATH[&TLS] TLS over a unix socket
 
 The export name is the path without its leading ``/``, percent-decoded (so ``nbd://h//disk`` names
-``/disk``); an empty path is the default export. ``nbds://`` and ``nbds+unix://`` (and ``tls-*``
-query parameters) are refused with a clear :class:`~nbd.errors.UriError` because TLS is not configured.
+``/disk``); an empty path is the default export. ``nbds`` URIs take the spec's ``tls-certificates=DIR``
+(QEMU's client layout: ``ca-cert.pem``, optional ``client-cert.pem``/``client-key.pem``; the system's
+CAs without it), ``tls-verify-peer=0|1`` (default 1), ``tls-hostname=NAME`` (the name the server's
+certificate must carry; default the URI's host) and ``tls-type=x509``. ``tls-*`` parameters on a
+clear-text ``nbd`` URI are refused: TLS is asked for by the scheme, never guessed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ _TLS_PARAMS = {"tls-type", "tls-hostname", "tls-verify-peer", "tls-certificates"
 
 
 @dataclass(frozen=True, slots=True)
+class TlsParams:
+    """What an ``nbds`` URI asks of TLS (``nbd.tls.client_context`` makes the context)."""
+
+    certificates: str | None = None  # a directory in QEMU's client layout; None: the system's CAs
+    verify_peer: bool = True
+    hostname: str | None = None  # checked against the server's certificate instead of the URI's host
+
+
+@dataclass(frozen=True, slots=True)
 class NbdUri:
     """Where an NBD export lives: a TCP ``host``/``port`` or a unix ``socket``, and the ``export`` name."""
 
@@ -37,6 +51,7 @@ class NbdUri:
     host: str | None = None
     port: int = DEFAULT_PORT
     socket: str | None = None
+    tls: TlsParams | None = None
 
     @property
     def is_unix(self) -> bool:
@@ -58,16 +73,31 @@ class NbdUri:
     def __str__(self) -> str:
         """The canonical ``nbd://`` / ``nbd+unix://`` spelling (percent-encoded), for messages and logs."""
         path = "/" + quote(self.export, safe="")
+        scheme = "nbd" if self.tls is None else "nbds"
+        query = self._tls_query()
         if self.socket is not None:
-            return f"nbd+unix://{path}?socket={quote(self.socket, safe='/')}"
+            return f"{scheme}+unix://{path}?socket={quote(self.socket, safe='/')}{'&' + query if query else ''}"
         host = self.host or ""
         if ":" in host:
             host = f"[{host}]"
         port = "" if self.port == DEFAULT_PORT else f":{self.port}"
-        return f"nbd://{host}{port}{path}"
+        return f"{scheme}://{host}{port}{path}{'?' + query if query else ''}"
+
+    def _tls_query(self) -> str:
+        tls = self.tls
+        if tls is None:
+            return ""
+        parts = []
+        if tls.certificates is not None:
+            parts.append(f"tls-certificates={quote(tls.certificates, safe='/')}")
+        if not tls.verify_peer:
+            parts.append("tls-verify-peer=0")
+        if tls.hostname is not None:
+            parts.append(f"tls-hostname={quote(tls.hostname, safe='')}")
+        return "&".join(parts)
 
     def with_export(self, export: str) -> NbdUri:
-        return NbdUri(export=export, host=self.host, port=self.port, socket=self.socket)
+        return NbdUri(export=export, host=self.host, port=self.port, socket=self.socket, tls=self.tls)
 
 
 def looks_like_uri(text: str) -> bool:
@@ -84,15 +114,33 @@ def parse_uri(text: str) -> NbdUri:
     scheme = scheme.lower()
     if not sep:
         raise UriError(f"not an NBD URI (no scheme): {text!r}")
-    if scheme in _TLS_SCHEMES:
-        raise UriError(f"{text!r}: {scheme}:// needs TLS, but TLS is not configured (use nbd:// or nbd+unix://)")
     if scheme in _UNSUPPORTED_SCHEMES:
         raise UriError(f"{text!r}: the {scheme}:// transport is not supported")
     if scheme == "nbd" and not text[len(scheme) + 1 :].startswith("//"):
         return _parse_legacy(text)
-    if scheme not in _TCP_SCHEMES | _UNIX_SCHEMES:
+    if scheme not in _TCP_SCHEMES | _UNIX_SCHEMES | _TLS_SCHEMES:
         raise UriError(f"{text!r}: unknown scheme {scheme!r} (expected nbd://, nbd+unix:// or nbd:HOST:PORT)")
     return _parse_rfc3986(text, scheme)
+
+
+def _tls_params(text: str, scheme: str, params: dict[str, str]) -> TlsParams | None:
+    """Take the ``tls-*`` parameters out of ``params``: TlsParams for an ``nbds`` scheme."""
+    given = {key: params.pop(key) for key in sorted(_TLS_PARAMS & params.keys())}
+    if scheme not in _TLS_SCHEMES:
+        if given:
+            raise UriError(f"{text!r}: {', '.join(given)} asks for TLS: use an nbds:// or nbds+unix:// URI")
+        return None
+    for key in ("tls-psk-file", "tls-username"):
+        if key in given:
+            raise UriError(f"{text!r}: {key}: TLS with pre-shared keys is not supported (x509 only)")
+    if given.get("tls-type", "x509") != "x509":
+        raise UriError(f"{text!r}: tls-type={given['tls-type']} is not supported (x509 only)")
+    verify = given.get("tls-verify-peer", "1")
+    if verify not in ("0", "1"):
+        raise UriError(f"{text!r}: tls-verify-peer must be 0 or 1")
+    certificates = given.get("tls-certificates") or None
+    hostname = given.get("tls-hostname") or None
+    return TlsParams(certificates=certificates, verify_peer=verify == "1", hostname=hostname)
 
 
 def _parse_rfc3986(text: str, scheme: str) -> NbdUri:
@@ -105,16 +153,17 @@ def _parse_rfc3986(text: str, scheme: str) -> NbdUri:
         raise UriError(f"{text!r}: NBD URIs have no fragment")
     export = _decode(text, parts.path[1:] if parts.path.startswith("/") else parts.path)
     params = _query(text, parts.query)
+    tls = _tls_params(text, scheme, params)
     socket = params.pop("socket", None)
     if params:
         unknown = ", ".join(sorted(params))
         raise UriError(f"{text!r}: unknown query parameter(s): {unknown}")
-    if scheme in _UNIX_SCHEMES:
+    if scheme in _UNIX_SCHEMES or scheme == "nbds+unix":
         if parts.hostname or port_value is not None:
-            raise UriError(f"{text!r}: nbd+unix:// URIs take no host or port (use ?socket=PATH)")
+            raise UriError(f"{text!r}: {scheme}:// URIs take no host or port (use ?socket=PATH)")
         if not socket:
-            raise UriError(f"{text!r}: nbd+unix:// needs a socket=PATH query parameter")
-        return NbdUri(export=export, socket=socket)
+            raise UriError(f"{text!r}: {scheme}:// needs a socket=PATH query parameter")
+        return NbdUri(export=export, socket=socket, tls=tls)
     if socket is not None:
         raise UriError(f"{text!r}: the socket parameter is only for nbd+unix:// URIs")
     host = parts.hostname
@@ -123,7 +172,7 @@ def _parse_rfc3986(text: str, scheme: str) -> NbdUri:
     port = DEFAULT_PORT if port_value is None else port_value
     if not 0 < port < 65536:
         raise UriError(f"{text!r}: port {port} out of range")
-    return NbdUri(export=export, host=_decode(text, host), port=port)
+    return NbdUri(export=export, host=_decode(text, host), port=port, tls=tls)
 
 
 def _query(text: str, query: str) -> dict[str, str]:
@@ -133,8 +182,6 @@ def _query(text: str, query: str) -> dict[str, str]:
     except ValueError:
         raise UriError(f"{text!r}: malformed query string {query!r}") from None
     for key, value in pairs:
-        if key in _TLS_PARAMS:
-            raise UriError(f"{text!r}: {key} asks for TLS, but TLS is not configured")
         if key.startswith("x-"):
             continue  # experimental parameters of other clients: harmless to ignore
         if key in params:

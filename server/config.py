@@ -7,6 +7,9 @@ Every key is a long option without its dashes (``qmp``, ``nbd``, ``nbd-socket``,
     nbd = ["127.0.0.1:10809"]
     allow-dir = ["/var/lib/nbd-backup"]
     pid-file = "/run/nbd-backup/serve.pid"
+    tls = "require"
+    tls-dir = "/etc/pki/qemu"
+    tls-authz = ["C=GB,O=Example,CN=backup-*"]
 
     [[export]]
     name = "disk0"
@@ -62,6 +65,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("max-connections-per-client", "int"),
         Setting("pid-file", "path"),
         Setting("allow-dir", "paths"),
+        Setting("tls", "str"),
+        Setting("tls-dir", "path"),
+        Setting("tls-authz", "list"),
+        Setting("tls-verify-peer", "bool"),
     )
 }
 

@@ -23,6 +23,7 @@ from backup.images import open_image
 from backup.node import BlockNode
 from nbd.device import format_name
 from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
+from nbd.tls import ServerTls
 from server.addresses import parse_monitor_address, show_tcp
 from server.errors import ShutdownError
 from server.paths import PathPolicy
@@ -73,8 +74,9 @@ class Daemon:
         limits: ServerLimits = DEFAULT_LIMITS,
         paths: PathPolicy | None = None,
         pid_file: str | os.PathLike[str] | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
-        self.registry = Registry(paths=paths, limits=limits)
+        self.registry = Registry(paths=paths, limits=limits, tls=tls)
         self.registry.stop_requested = self.request_stop
         self.nodes: dict[str, BlockNode] = self.registry.nodes
         self.qmp = QmpServer(build_commands(), self.registry)

@@ -23,6 +23,7 @@ from backup.node import BlockNode
 from nbd.constants import MAX_STRING
 from nbd.device import backing_of
 from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
+from nbd.tls import ServerTls
 from nbd.uri import NbdUri
 from server import export_bitmaps
 from server.addresses import show_tcp
@@ -71,8 +72,11 @@ class Registry:
         paths: PathPolicy | None = None,
         events: EventBus | None = None,
         limits: ServerLimits = DEFAULT_LIMITS,
+        tls: ServerTls | None = None,
     ) -> None:
         self.paths = paths or PathPolicy()
+        #: The NBD server's TLS (``serve --tls``); ``start_nbd`` uses it unless given its own.
+        self.tls = tls
         self.events = events or EventBus()
         self.limits = limits
         self.nodes: dict[str, BlockNode] = {}
@@ -183,12 +187,14 @@ class Registry:
         tcp: Iterable[tuple[str, int]] = (),
         unix: Iterable[str] = (),
         max_connections: int | None = None,
+        tls: ServerTls | None = None,
     ) -> list[str]:
-        """Start the NBD server listening on every address (``nbd-server-start`` / ``--nbd``)."""
+        """Start the NBD server listening on every address (``nbd-server-start`` / ``--nbd``), with
+        ``tls`` (default: the daemon's ``--tls`` settings)."""
         if self.nbd is not None:
             raise generic("NBD server already running")
         limits = replace(self.limits, max_connections=max_connections) if max_connections else self.limits
-        server = NbdServer(limits=limits)
+        server = NbdServer(limits=limits, tls=tls if tls is not None else self.tls)
         added: list[str] = []
         try:
             for host, port in tcp:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbd.errors import UriError
-from nbd.uri import NbdUri, looks_like_uri, parse_uri
+from nbd.uri import NbdUri, TlsParams, looks_like_uri, parse_uri
 
 
 @pytest.mark.parametrize(
@@ -51,12 +51,32 @@ def test_experimental_parameters_are_ignored() -> None:
     assert parse_uri("nbd://h/e?x-foo=1").export == "e"
 
 
+def test_nbds_uris_carry_their_tls_parameters() -> None:
+    uri = parse_uri("nbds://h:10900/e?tls-certificates=/etc/pki/qemu&tls-hostname=nbd.example&tls-verify-peer=0")
+    assert (uri.host, uri.port, uri.export) == ("h", 10900, "e")
+    assert uri.tls == TlsParams(certificates="/etc/pki/qemu", verify_peer=False, hostname="nbd.example")
+    assert parse_uri(str(uri)) == uri  # the canonical spelling keeps TLS
+    assert parse_uri("NBDS://h/").tls == TlsParams()
+    unix = parse_uri("nbds+unix:///e?socket=/s&tls-certificates=/d&tls-type=x509")
+    assert (unix.socket, unix.tls) == ("/s", TlsParams(certificates="/d"))
+    assert str(unix) == "nbds+unix:///e?socket=/s&tls-certificates=/d"
+    assert unix.with_export("f").tls == unix.tls
+    assert parse_uri("nbd://h/e").tls is None
+
+
 @pytest.mark.parametrize(
-    "text",
-    ["nbds://h/e", "nbds+unix:///e?socket=s", "NBDS://h/", "nbd://h/e?tls-type=x509", "nbd://h/?tls-verify-peer=0"],
+    ("text", "message"),
+    [
+        ("nbd://h/e?tls-type=x509", "use an nbds:// or nbds\\+unix:// URI"),
+        ("nbd+unix:///e?socket=s&tls-certificates=/d", "use an nbds://"),
+        ("nbds://h/?tls-verify-peer=yes", "tls-verify-peer must be 0 or 1"),
+        ("nbds://h/?tls-type=psk", "x509 only"),
+        ("nbds://h/?tls-psk-file=/k", "pre-shared keys"),
+        ("nbds+unix:///e", "needs a socket=PATH"),
+    ],
 )
-def test_tls_is_refused_clearly(text: str) -> None:
-    with pytest.raises(UriError, match="TLS is not configured"):
+def test_tls_parameters_refused_clearly(text: str, message: str) -> None:
+    with pytest.raises(UriError, match=message):
         parse_uri(text)
 
 

@@ -120,7 +120,7 @@ async def gather(args: argparse.Namespace) -> dict[str, Any]:
         names = [(e.name, e.description) for e in await NbdClient.list_exports(uri, connect_timeout=timeout)]
     else:
         names = [(uri.export, "")]
-    result: dict[str, Any] = {"protocol": "newstyle-fixed", "TLS": False}
+    result: dict[str, Any] = {"protocol": "newstyle-fixed", "TLS": uri.tls is not None}
     exports: list[dict[str, Any]] = []
     context = args.map
     for name, description in names:
@@ -147,7 +147,8 @@ async def gather(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_text(result: dict[str, Any], *, show_map: bool) -> str:
     structured = "using structured packets" if result["structured"] else "using simple packets"
-    lines = [f"protocol: {result['protocol']} without TLS, {structured}"]
+    tls = "with TLS" if result["TLS"] else "without TLS"
+    lines = [f"protocol: {result['protocol']} {tls}, {structured}"]
     for export in result["exports"]:
         lines.append(f"export={json.dumps(export['export-name'])}:")
         if "description" in export:

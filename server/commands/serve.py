@@ -12,6 +12,7 @@ from backup.errors import BackupError
 from nbd.constants import DEFAULT_PORT, MAX_STRING
 from nbd.loop import run
 from nbd.server import ServerLimits
+from nbd.tls import TLS_MODES, ServerTls, TlsConfigError, fixed_server_tls
 from server.addresses import parse_monitor_address, split_hostport
 from server.config import apply_config, load_config
 from server.daemon import Daemon
@@ -54,6 +55,18 @@ blockdev-backup, transaction, query-block-jobs, block-job-cancel …):
                            idle-timeout = 600 …
                            (the command line wins; repeatable settings add up)
 
+TLS (x509; as qemu-nbd --object tls-creds-x509,dir=DIR,endpoint=server --tls-creds ... --tls-authz ...):
+  --tls-dir DIR            ca-cert.pem, server-cert.pem, server-key.pem (QEMU's layout); checked at start
+  --tls require            only STARTTLS/ABORT before TLS; other options get NBD_REP_ERR_TLS_REQD and
+                           NBD_OPT_EXPORT_NAME closes (the default once --tls-dir is given, as qemu-nbd)
+  --tls on                 TLS offered, clear-text clients still served; --tls off: STARTTLS refused
+  --tls-verify-peer on|off clients must present a certificate signed by ca-cert.pem (default on)
+  --tls-authz DN           only clients whose certificate's DN matches (repeatable; a glob with * ? [..]).
+                           The DN is spelled as QEMU does: subject parts in certificate order, comma-joined
+                           without spaces, e.g. C=GB,O=Example,CN=backup-host (not openssl's RFC 2253 order)
+  clients: nbdinfo nbds://HOST/NAME?tls-certificates=DIR (DIR: ca-cert.pem, client-cert.pem, client-key.pem)
+  A failed, garbled or refused TLS handshake closes that connection only.
+
 limits (whatever clients do, connections and memory stay bounded):
   --max-connections N (default 100), --max-connections-per-client N (one TCP address, default half
   of it), --handshake-timeout SECONDS (10), --idle-timeout SECONDS (0: never). A full server drops
@@ -91,6 +104,7 @@ class ServeConfig:
     qmp: list[str] = field(default_factory=list)
     pid_file: str | None = None
     allow_dirs: list[str] = field(default_factory=list)
+    tls: ServerTls | None = None
 
 
 def parse_hostport(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -177,6 +191,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="unix:PATH|tcp:HOST:PORT",
         help="open the QMP monitor there (repeatable)",
     )
+    parser.add_argument(
+        "--tls", choices=TLS_MODES, default=None, help="NBD over TLS: off, on (offered) or require (see below)"
+    )
+    parser.add_argument(
+        "--tls-dir", metavar="DIR", help="x509 credentials in QEMU's layout (ca-cert.pem, server-*.pem)"
+    )
+    parser.add_argument(
+        "--tls-authz",
+        action="append",
+        default=[],
+        metavar="DN",
+        help="allow only clients with this certificate DN (repeatable; glob patterns; QEMU's spelling)",
+    )
+    parser.add_argument(
+        "--tls-verify-peer",
+        type=_on_off,
+        default=None,
+        metavar="on|off",
+        help="require a client certificate signed by the CA (default on)",
+    )
     parser.add_argument("--config", metavar="FILE", help="read settings from a TOML file (see below)")
     parser.add_argument("--pid-file", metavar="FILE", help="write the daemon's pid here once it is listening")
     parser.add_argument(
@@ -187,6 +221,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="only let QMP clients open or create images under DIR (repeatable; default: anywhere)",
     )
     parser.set_defaults(func=main)
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError("expected on or off")
+    return text == "on"
+
+
+def tls_from_args(args: argparse.Namespace) -> ServerTls | None:
+    """``--tls``/``--tls-dir``/``--tls-authz``/``--tls-verify-peer``: the credentials loaded now, so a
+    missing file stops the daemon at start with its name."""
+    mode = getattr(args, "tls", None)
+    directory = getattr(args, "tls_dir", None)
+    authz = list(getattr(args, "tls_authz", None) or [])
+    verify = getattr(args, "tls_verify_peer", None)
+    if mode is None:
+        mode = "require" if directory else "off"
+    if mode not in TLS_MODES:
+        raise ConfigError(f"--tls must be one of {', '.join(TLS_MODES)}, not '{mode}'")
+    if mode == "off":
+        if authz or verify is not None:
+            raise ConfigError("--tls-authz and --tls-verify-peer need --tls on or require")
+        return None
+    if not directory:
+        raise ConfigError(f"--tls {mode} needs --tls-dir DIR (ca-cert.pem, server-cert.pem, server-key.pem)")
+    if authz and verify is False:
+        raise ConfigError("--tls-authz needs client certificates: it cannot be used with --tls-verify-peer off")
+    try:
+        return fixed_server_tls(mode, directory, verify_peer=verify is not False, authz=authz)
+    except TlsConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -203,6 +268,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         qmp=list(getattr(args, "qmp", None) or []),
         pid_file=getattr(args, "pid_file", None),
         allow_dirs=list(getattr(args, "allow_dir", None) or []),
+        tls=tls_from_args(args),
     )
     for address in config.qmp:
         parse_monitor_address(address)
@@ -232,6 +298,7 @@ async def build_daemon(config: ServeConfig) -> Daemon:
         limits=config.limits,
         paths=PathPolicy(config.allow_dirs),
         pid_file=config.pid_file,
+        tls=config.tls,
     )
     try:
         for spec in config.exports:

@@ -8,7 +8,7 @@ declare -A peer_package=(
     [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
     [qemu-storage-daemon]=qemu-system-common [qemu-system-x86_64]=qemu-system-x86
     [nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd
-    [fio]=fio [nbd-server]=nbd-server
+    [fio]=fio [nbd-server]=nbd-server [openssl]=openssl
 )
 missing=()
 for tool in "${!peer_package[@]}"; do

@@ -17,7 +17,16 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nbd.tls import Authorizer, AuthzList, AuthzSimple, Endpoint, TlsConfigError, check_credentials, server_context
+from nbd.tls import (
+    Authorizer,
+    AuthzList,
+    AuthzSimple,
+    Endpoint,
+    TlsConfigError,
+    check_credentials,
+    client_context,
+    server_context,
+)
 from nbd.uri import TlsParams
 from server.errors import QmpError
 from server.qmp.schema import ROOT, Enum, Struct
@@ -64,6 +73,8 @@ class TlsCredsX509:
             check_credentials(self.dir, self.endpoint, verify_peer=True)
             if self.endpoint == "server":
                 self._server_contexts[self.verify_peer] = server_context(self.dir, verify_peer=self.verify_peer)
+            else:  # loaded once now so that a broken certificate or key is reported here
+                client_context(self.dir, verify_peer=self.verify_peer)
         except TlsConfigError as exc:
             raise _generic(str(exc)) from None
 

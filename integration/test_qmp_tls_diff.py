@@ -14,6 +14,7 @@ Where we mean to differ, each side is asserted on its own, beside the comparison
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from conftest import require
 from peers import Peer, qemu_nbd
 from qmp_daemon import ReplyLog, make_image, on_both
 from qsd import QmpSync
-from test_qmp_diff import Run, differential
+from test_qmp_diff import SIZE, Run, differential
 
 from tests.tlskit import CLIENT_DN, Pki, make_pki
+
+STRANGER_DN = "C=GB,O=Example,CN=stranger"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,18 @@ def creds(run: Run, object_id: str, directory: Path | str, endpoint: str, **more
         **{"qom-type": "tls-creds-x509", "id": object_id, "dir": str(directory), "endpoint": endpoint},
         **more,
     )
+
+
+def who_gets_in(run: Run, pki: Pki) -> None:
+    """Record which of the two clients our CA certified (``CN=client``, ``CN=stranger``) the daemon's NBD
+    server lets in now (nbdinfo over TLS on its unix socket), as a reply to compare."""
+    sock = run.work / "n.sock"
+    admitted = {}
+    for who, certs in (("client", pki.client), ("stranger", pki.stranger)):
+        uri = f"nbds+unix:///src?socket={sock}&tls-certificates={certs}&tls-hostname=localhost"
+        done = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60, cwd="/")
+        admitted[who] = done.returncode == 0 and done.stdout.strip() == str(SIZE)
+    run.replies.append(("who gets in", admitted))
 
 
 def test_object_add_and_del(tmp_path: Path, pki: Pki) -> None:
@@ -101,11 +116,19 @@ def test_nbd_server_start_with_tls(tmp_path: Path, pki: Pki) -> None:
         run("nbd-server-start", addr=addr, **{"tls-creds": "a"})  # not credentials
         run("nbd-server-start", addr=addr, **{"tls-creds": 1})
         run("nbd-server-start", addr=addr, **{"tls-creds": "s", "tls-authz": "nosuch"})  # looked up per client
+        run("block-export-add", type="nbd", id="e", **{"node-name": "src"})
+        who_gets_in(run, pki)  # nobody: the authz object does not exist
         run("nbd-server-start", addr=addr, **{"tls-creds": "s", "tls-authz": "a"})
+        run("block-export-del", id="e")
+        run.q.wait_event("BLOCK_EXPORT_DELETED", timeout=60)
         run("nbd-server-stop")
         run("nbd-server-start", addr=addr, **{"tls-creds": "s", "tls-authz": "a"})
         run("block-export-add", type="nbd", id="e", **{"node-name": "src"})
+        who_gets_in(run, pki)  # the client, not the stranger
         run("object-del", id="a")  # an authz object may go: then nobody is let in
+        who_gets_in(run, pki)
+        run("object-add", **{"qom-type": "authz-simple", "id": "a", "identity": STRANGER_DN})
+        who_gets_in(run, pki)  # the object of that id now: the stranger only
         run("object-del", id="c")  # unused credentials
         run("block-export-del", id="e")
         run.q.wait_event("BLOCK_EXPORT_DELETED", timeout=60)
@@ -113,7 +136,13 @@ def test_nbd_server_start_with_tls(tmp_path: Path, pki: Pki) -> None:
         run("object-del", id="s")  # the server is gone: free on both
         return []
 
-    differential(tmp_path, scenario)
+    _, ours = differential(tmp_path, scenario)
+    assert [reply for command, reply in ours.replies if command == "who gets in"] == [
+        {"client": False, "stranger": False},
+        {"client": True, "stranger": False},
+        {"client": False, "stranger": False},
+        {"client": False, "stranger": True},
+    ]
 
 
 @pytest.fixture
@@ -231,3 +260,24 @@ def test_authz_listfile(tmp_path: Path) -> None:
         {"class": "GenericError", "desc": "Filename must be an absolute path"},
     ]  # fmt: skip
     assert ours[2]["desc"].startswith("JSON parse error, ")
+
+
+def test_authz_with_verify_peer_off(tmp_path: Path, pki: Pki) -> None:
+    """Credentials with ``verify-peer: false`` and an authz object: QEMU 7.2 skips the authz check and lets
+    any TLS client in; we still ask for the client's certificate and check its DN (README)."""
+
+    def scenario(q: QmpSync, work: Path) -> dict[str, bool]:
+        props = {"qom-type": "tls-creds-x509", "id": "s", "dir": str(pki.server), "endpoint": "server"}
+        q.ok("object-add", props | {"verify-peer": False})
+        q.ok("object-add", {"qom-type": "authz-simple", "id": "a", "identity": CLIENT_DN})
+        q.ok("blockdev-add", driver="null-co", size=SIZE, **{"node-name": "src"})
+        addr = {"type": "unix", "data": {"path": str(work / "n.sock")}}
+        q.ok("nbd-server-start", addr=addr, **{"tls-creds": "s", "tls-authz": "a"})
+        q.ok("block-export-add", type="nbd", id="e", **{"node-name": "src"})
+        run = Run(q, work)
+        who_gets_in(run, pki)
+        return dict(run.replies[0][1])
+
+    theirs, ours = on_both(tmp_path, scenario)
+    assert theirs == {"client": True, "stranger": True}
+    assert ours == {"client": True, "stranger": False}

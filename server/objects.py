@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nbd.tls import (
     Authorizer,
     AuthzList,
-    AuthzSimple,
     Endpoint,
     TlsConfigError,
     check_credentials,
@@ -184,8 +184,18 @@ class ObjectStore:
         #: The block nodes opened with each credentials id (``object-del`` refuses while one is open).
         self.holders: dict[str, list[BlockNode]] = {}
 
-    def hold(self, object_id: str, user: BlockNode) -> None:
-        self.holders.setdefault(object_id, []).append(user)
+    def hold(self, object_id: str, node: BlockNode, nodes: Mapping[str, BlockNode]) -> None:
+        """``node`` (registered in ``nodes``) was opened with the credentials ``object_id``."""
+        self.holders[object_id] = [*self.open_nodes(object_id, nodes), node]
+
+    def open_nodes(self, object_id: str, nodes: Mapping[str, BlockNode]) -> list[BlockNode]:
+        """The nodes opened with the credentials ``object_id`` that are still open (the others forgotten)."""
+        live = [node for node in self.holders.get(object_id, []) if nodes.get(node.name) is node]
+        if live:
+            self.holders[object_id] = live
+        else:
+            self.holders.pop(object_id, None)
+        return live
 
     def check_new_id(self, object_id: str) -> None:
         if object_id in self.objects:
@@ -220,6 +230,3 @@ class ObjectStore:
         if isinstance(obj, AuthzObject | AuthzListFile):
             return obj.current()
         return None
-
-
-__all__ = ["AuthzListFile", "AuthzObject", "AuthzSimple", "ObjectStore", "TlsCredsX509", "load_authz_list_file"]

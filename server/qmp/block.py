@@ -2,7 +2,7 @@
 
 ``blockdev-add`` takes QEMU's ``BlockdevOptions`` for the drivers we have: ``file`` (a local file),
 ``raw`` and ``qcow2`` (formats over a ``file`` given inline or by node-name), ``nbd`` (a remote
-export, through our NBD client) and ``null-co`` (reads zeroes, discards writes). Every path goes
+export, through our NBD client; over TLS with ``tls-creds``/``tls-hostname``) and ``null-co`` (reads zeroes, discards writes). Every path goes
 through the daemon's ``--allow-dir`` policy. Nothing is registered until everything opened, and a
 failure closes whatever was opened on the way.
 """
@@ -125,7 +125,7 @@ async def blockdev_add(reg: Registry, options: dict[str, Any]) -> BlockNode:
     for child in opened.referenced:
         child.hold(top)
     for creds_id in opened.tls_creds:  # object-del refuses them while the node is open
-        reg.objects.hold(creds_id, top)
+        reg.objects.hold(creds_id, top, reg.nodes)
     return top
 
 

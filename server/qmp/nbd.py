@@ -3,7 +3,9 @@
 As in qemu-storage-daemon, the NBD server is one per daemon: started by ``--nbd``/``--nbd-socket``
 or ``nbd-server-start``, and an export (``block-export-add`` type ``nbd``) serves a block node under
 an export name (default: the node-name), read-only unless ``writable``. A unix socket path given to
-``nbd-server-start`` is confined by ``--allow-dir`` like every other path a client names.
+``nbd-server-start`` is confined by ``--allow-dir`` like every other path a client names. With
+``tls-creds`` (an ``object-add`` ``tls-creds-x509``) the server requires TLS; ``tls-authz`` names the
+authz object consulted at each connection.
 """
 
 from __future__ import annotations

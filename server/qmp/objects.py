@@ -71,9 +71,7 @@ def creds_users(reg: Registry, object_id: str) -> list[str]:
     users = []
     if reg.nbd is not None and reg.nbd_tls_creds == object_id:
         users.append("the NBD server")
-    for holder in reg.objects.holders.get(object_id, []):
-        if reg.nodes.get(holder.name) is holder:
-            users.append(f"node '{holder.name}'")
+    users += [f"node '{node.name}'" for node in reg.objects.open_nodes(object_id, reg.nodes)]
     return users
 
 
@@ -99,5 +97,4 @@ def register(commands: CommandRegistry) -> None:
             if users:
                 raise generic(f"object '{object_id}' is in use, can not be deleted (by {', '.join(users)})")
         reg.objects.remove(object_id)
-        reg.objects.holders.pop(object_id, None)
         return {}

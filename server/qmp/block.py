@@ -2,9 +2,9 @@
 
 ``blockdev-add`` takes QEMU's ``BlockdevOptions`` for the drivers we have: ``file`` (a local file),
 ``raw`` and ``qcow2`` (formats over a ``file`` given inline or by node-name), ``nbd`` (a remote
-export, through our NBD client; over TLS with ``tls-creds``/``tls-hostname``) and ``null-co`` (reads zeroes, discards writes). Every path goes
-through the daemon's ``--allow-dir`` policy. Nothing is registered until everything opened, and a
-failure closes whatever was opened on the way.
+export, through our NBD client; over TLS with ``tls-creds``/``tls-hostname``) and ``null-co`` (reads
+zeroes, discards writes). Every path goes through the daemon's ``--allow-dir`` policy. Nothing is
+registered until everything opened, and a failure closes whatever was opened on the way.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from nbd.uri import NbdUri
 from server import export_bitmaps
 from server.addresses import show_tcp
 from server.errors import QmpError
+from server.objects import ObjectStore
 from server.paths import PathPolicy
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class Registry:
         self.jobs: dict[str, Job] = {}
         self.nbd: NbdServer | None = None
         self.nbd_addresses: list[str] = []
+        #: ``object-add`` objects (TLS credentials, authorizers) and the credentials id the NBD server uses.
+        self.objects = ObjectStore()
+        self.nbd_tls_creds: str | None = None
         #: Per job, what to release when it is gone (target nodes it holds, targets it opened).
         self._job_cleanup: dict[str, list[Callable[[], object]]] = {}
         self._unsubscribe = self.events.subscribe(self._on_event)
@@ -218,6 +222,7 @@ class Registry:
             self._drop_export(export_id)
         self.nbd = None
         self.nbd_addresses = []
+        self.nbd_tls_creds = None
         await server.stop()
 
     # --- exports ---------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 ``blockdev-add`` takes QEMU's ``BlockdevOptions`` for the drivers we have: ``file`` (a local file),
 ``raw`` and ``qcow2`` (formats over a ``file`` given inline or by node-name), ``nbd`` (a remote
-export, through our NBD client) and ``null-co`` (reads zeroes, discards writes). Every path goes
-through the daemon's ``--allow-dir`` policy. Nothing is registered until everything opened, and a
-failure closes whatever was opened on the way.
+export, through our NBD client; over TLS with ``tls-creds``/``tls-hostname``) and ``null-co`` (reads
+zeroes, discards writes). Every path goes through the daemon's ``--allow-dir`` policy. Nothing is
+registered until everything opened, and a failure closes whatever was opened on the way.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 from backup.filter import BlockFilter
 from backup.node import BlockNode
 from backup.null import NullDevice
+from nbd import constants as c
 from nbd.device import BlockDevice, backing_of, cluster_size, file_path
-from nbd.errors import NbdError
-from nbd.uri import NbdUri
+from nbd.errors import HandshakeError, NbdError
+from nbd.uri import NbdUri, TlsParams
 from server.errors import QmpError
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.schema import Alternate, Enum, Union
@@ -61,6 +62,7 @@ BLOCKDEV_OPTIONS.set_variant(
         "server": SOCKET_ADDRESS,
         "*export": "str",
         "*tls-creds": "str",
+        "*tls-hostname": "str",
         "*reconnect-delay": "uint32",
         "*open-timeout": "uint32",
         "*x-request-timeout": "uint32",  # our extension: seconds a silent server may hold requests (0: none)
@@ -103,6 +105,7 @@ class _Opened:
     filename: str | None
     new_nodes: list[BlockNode] = field(default_factory=list)  # created here, registered on success
     referenced: list[BlockNode] = field(default_factory=list)  # existing nodes the new one will use
+    tls_creds: list[str] = field(default_factory=list)  # credentials objects it connected with
 
 
 async def blockdev_add(reg: Registry, options: dict[str, Any]) -> BlockNode:
@@ -121,6 +124,8 @@ async def blockdev_add(reg: Registry, options: dict[str, Any]) -> BlockNode:
         reg.add_node(node)
     for child in opened.referenced:
         child.hold(top)
+    for creds_id in opened.tls_creds:  # object-del refuses them while the node is open
+        reg.objects.hold(creds_id, top, reg.nodes)
     return top
 
 
@@ -264,9 +269,10 @@ def confine_socket(reg: Registry, uri: NbdUri) -> NbdUri:
 
 
 async def _open_nbd(reg: Registry, options: dict[str, Any], *, read_only: bool) -> _Opened:
-    if "tls-creds" in options:
-        raise generic(f"No TLS credentials with id '{options['tls-creds']}'")
     uri = confine_socket(reg, nbd_uri(options["server"], options.get("export", "")))
+    creds_id = options.get("tls-creds")
+    if creds_id is not None:
+        uri = replace(uri, tls=client_tls(reg, creds_id, options.get("tls-hostname"), uri))
     from nbd.client import NbdClient
 
     timeout = options.get("open-timeout") or 30
@@ -279,11 +285,34 @@ async def _open_nbd(reg: Registry, options: dict[str, Any], *, read_only: bool) 
         )
     except (OSError, NbdError) as exc:
         where = f"{uri.host}:{uri.port}" if uri.socket is None else uri.socket
-        raise generic(f"Failed to connect to '{where}': {_reason(exc)}") from exc
+        raise generic(tls_failure(exc, uri) or f"Failed to connect to '{where}': {_reason(exc)}") from exc
     device: BlockDevice = client
     if read_only and not client.read_only:
         device = ReadOnlyFilter(client)
-    return _Opened(device, "nbd", str(uri))
+    return _Opened(device, "nbd", str(uri), tls_creds=[creds_id] if creds_id is not None else [])
+
+
+def client_tls(reg: Registry, creds_id: str, hostname: str | None, uri: NbdUri) -> TlsParams:
+    """``tls-creds`` (an ``endpoint=client`` object) and ``tls-hostname`` as our client's TLS settings.
+    The server's certificate must carry ``tls-hostname`` or the TCP host; over a unix socket without
+    ``tls-hostname`` there is no name to check, which QEMU refuses when it verifies the peer."""
+    creds = reg.objects.tls_creds(creds_id, "client")
+    if creds.verify_peer and hostname is None and uri.host is None:
+        raise generic("No hostname for certificate validation")
+    return creds.client_tls(hostname)
+
+
+def tls_failure(exc: BaseException, uri: NbdUri) -> str | None:
+    """QEMU's text for a failed TLS connection, where our client's error says which it was."""
+    if not isinstance(exc, HandshakeError):
+        return None
+    if exc.reply == c.Rep.ERR_TLS_REQD:  # a clear-text client against a server that requires TLS
+        return "TLS negotiation required before option 7 (go)"
+    if "NBD_OPT_STARTTLS" in str(exc):  # STARTTLS refused: an nbds target never falls back
+        return "Denied by server for option 5 (starttls)"
+    if "Hostname mismatch" in str(exc) and uri.tls is not None:  # ssl's words for it
+        return f"Certificate does not match the hostname {uri.tls.hostname or uri.host}"
+    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -3,13 +3,16 @@
 As in qemu-storage-daemon, the NBD server is one per daemon: started by ``--nbd``/``--nbd-socket``
 or ``nbd-server-start``, and an export (``block-export-add`` type ``nbd``) serves a block node under
 an export name (default: the node-name), read-only unless ``writable``. A unix socket path given to
-``nbd-server-start`` is confined by ``--allow-dir`` like every other path a client names.
+``nbd-server-start`` is confined by ``--allow-dir`` like every other path a client names. With
+``tls-creds`` (an ``object-add`` ``tls-creds-x509``) the server requires TLS; ``tls-authz`` names the
+authz object consulted at each connection.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from nbd.tls import ServerTls
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.schema import Alternate, Enum, Union
 from server.qmp.sockets import SOCKET_ADDRESS_LEGACY, port_number, unix_path
@@ -49,6 +52,22 @@ def listen_address(addr: dict[str, Any]) -> tuple[list[tuple[str, int]], list[st
     raise generic(f"NBD server on '{addr['type']}' sockets is not supported")
 
 
+def server_tls(reg: Registry, creds_id: str | None, authz_id: str | None) -> ServerTls | None:
+    """``tls-creds`` (an ``endpoint=server`` object; TLS is then required, as QEMU) and ``tls-authz``
+    (looked up by id at each connection: deleted or never created, it lets nobody in). QEMU 7.2 takes
+    ``tls-authz`` without ``tls-creds`` and then authorizes nobody's certificate yet serves every
+    clear-text client; we refuse it."""
+    if creds_id is None:
+        if authz_id is not None:
+            raise generic("'tls-authz' is only supported with 'tls-creds'")
+        return None
+    creds = reg.objects.tls_creds(creds_id, "server")
+    context = creds.server_context(client_certificates=authz_id is not None)
+    if authz_id is None:
+        return ServerTls("require", lambda: context)
+    return ServerTls("require", lambda: context, lambda: reg.objects.authorizer(authz_id))
+
+
 def register(commands: CommandRegistry) -> None:
     """Add the NBD server and export commands; handlers get the daemon's ``Registry`` as ``ctx``."""
 
@@ -69,11 +88,9 @@ def register(commands: CommandRegistry) -> None:
         tcp, unix = listen_address(args["addr"])
         if reg.paths.confined:  # a client-named path, confined like images (and bound where it resolved)
             unix = [str(reg.paths.resolve(path)) for path in unix]
-        if "tls-creds" in args:
-            raise generic(f"No TLS credentials with id '{args['tls-creds']}'")
-        if "tls-authz" in args:
-            raise generic("'tls-authz' is only supported with 'tls-creds'")
-        await reg.start_nbd(tcp=tcp, unix=unix, max_connections=args.get("max-connections") or None)
+        tls = server_tls(reg, args.get("tls-creds"), args.get("tls-authz"))
+        await reg.start_nbd(tcp=tcp, unix=unix, max_connections=args.get("max-connections") or None, tls=tls)
+        reg.nbd_tls_creds = args.get("tls-creds")
         return {}
 
     @commands.command("nbd-server-stop")

@@ -39,12 +39,20 @@ def zero_digest(length: int) -> str:
     return hashlib.sha256(bytes(length)).hexdigest()
 
 
+def chunk_digest(data: bytes | memoryview) -> str | None:
+    """The chunk's name, or None when ``data`` is all zero."""
+    digest = hashlib.sha256(data).hexdigest()
+    return None if digest == zero_digest(len(data)) else digest
+
+
+def compress_chunk(data: bytes | memoryview) -> bytes:
+    return _compressor().compress(data)
+
+
 def encode_chunk(data: bytes | memoryview) -> tuple[str | None, bytes | None]:
     """(hex digest, zstd blob), or (None, None) when ``data`` is all zero (zero chunks are not stored)."""
-    digest = hashlib.sha256(data).hexdigest()
-    if digest == zero_digest(len(data)):
-        return None, None
-    return digest, _compressor().compress(data)
+    digest = chunk_digest(data)
+    return (None, None) if digest is None else (digest, compress_chunk(data))
 
 
 def decode_chunk(digest: str, blob: bytes, length: int) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +21,7 @@ SUFFIX = ".lease"
 
 
 class Lease:
-    """One backup's lease; ``record`` is thread-safe enough (one ``write`` per call, O_APPEND)."""
+    """One backup's lease; thread-safe (worker threads store chunks concurrently)."""
 
     def __init__(self, fd: int, path: Path) -> None:
         self._fd: int | None = fd
@@ -32,6 +33,7 @@ class Lease:
         self.stored_bytes = 0
         self.reused_bytes = 0
         self.zero_bytes = 0
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, repo_path: Path) -> Lease:
@@ -61,27 +63,37 @@ class Lease:
     def live(self) -> bool:
         return self._fd is not None
 
+    def count(self, *, new: int = 0, stored: int = 0, reused: int = 0, zero: int = 0) -> None:
+        """Add to the statistics (worker threads store chunks concurrently)."""
+        with self._lock:
+            self.new_bytes += new
+            self.stored_bytes += stored
+            self.reused_bytes += reused
+            self.zero_bytes += zero
+
     def record(self, digest: str) -> None:
         self.record_many((digest,))
 
     def record_many(self, digests: Iterable[str]) -> None:
         """Append the digests not recorded yet; returns once gc can read them."""
-        new = [d for d in dict.fromkeys(digests) if d not in self.digests]
-        if not new:
-            return
-        if self._fd is None:
-            raise OSError(f"lease {self.path.name} is released")
-        _fs.write_all(self._fd, "".join(d + "\n" for d in new).encode())
-        self.digests.update(new)
+        with self._lock:
+            new = [d for d in dict.fromkeys(digests) if d not in self.digests]
+            if not new:
+                return
+            if self._fd is None:
+                raise OSError(f"lease {self.path.name} is released")
+            _fs.write_all(self._fd, "".join(d + "\n" for d in new).encode())
+            self.digests.update(new)
 
     def release(self) -> None:
         """Remove the lease (still locked while it is unlinked, so gc never reads it as dead and half)."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        os.close(self._fd)
-        self._fd = None
+        with self._lock:
+            if self._fd is None:
+                return
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            os.close(self._fd)
+            self._fd = None
 
 
 def _read_digests(path: Path) -> set[str]:

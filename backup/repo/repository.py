@@ -19,7 +19,7 @@ from typing import Any
 
 from . import _fs
 from .chunks import ChunkStore, LocalChunkStore
-from .codec import decode_chunk, encode_chunk
+from .codec import chunk_digest, compress_chunk, decode_chunk
 from .errors import ChunkCorrupt, ChunkMissing, DiskBusy, NotARepository, RepoError, SnapshotNotFound
 from .lease import Lease
 from .manifest import Manifest, chunk_count
@@ -169,22 +169,25 @@ class Repository:
     # -- writing
 
     def store_chunk(self, data: bytes | memoryview, lease: Lease) -> tuple[str | None, bool]:
-        """(digest or None for zero, stored new). Records the digest in ``lease`` before looking for it."""
-        digest, blob = encode_chunk(data)
-        if digest is None or blob is None:
-            lease.zero_bytes += len(data)
+        """(digest or None for zero, stored new). Records the digest in ``lease`` before looking for it.
+
+        Thread-safe; compresses only a chunk the repository does not have yet.
+        """
+        digest = chunk_digest(data)
+        if digest is None:
+            lease.count(zero=len(data))
             return None, False
         lease.record(digest)  # before the exists check: see gc.py
         if self.chunks.exists(digest):
             self.chunks.touch(digest)
-            lease.reused_bytes += len(data)
+            lease.count(reused=len(data))
             return digest, False
+        blob = compress_chunk(data)
         stored = self.chunks.put(digest, blob)
         if stored:
-            lease.new_bytes += len(data)
-            lease.stored_bytes += len(blob)
+            lease.count(new=len(data), stored=len(blob))
         else:
-            lease.reused_bytes += len(data)
+            lease.count(reused=len(data))
         return digest, stored
 
     def begin_write(self, disk: str) -> DiskWriter:

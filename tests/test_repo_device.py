@@ -120,10 +120,12 @@ async def _run_model(
             assert await writer.pread(off, n) == model[off : off + n]
         elif kind == "flush":
             await writer.flush()
-        elif kind == "together":  # disjoint writes in flight at once (they wait for buffers)
-            spans = _disjoint(arg)
+        elif kind == "together":  # disjoint requests in flight at once (waiting for buffers, merging)
+            (read_off, read_n), *spans = _disjoint(arg)
             datas = [_random(n, extra + i) for i, (_, n) in enumerate(spans)]
-            await asyncio.gather(*(writer.pwrite(off, d) for (off, _), d in zip(spans, datas, strict=True)))
+            writes = [writer.pwrite(off, d) for (off, _), d in zip(spans, datas, strict=True)]
+            read, *_ = await asyncio.gather(writer.pread(read_off, read_n), *writes)
+            assert read == model[read_off : read_off + read_n]
             for (off, n), d in zip(spans, datas, strict=True):
                 model[off : off + n] = d
     if with_reads:
@@ -295,6 +297,7 @@ async def test_concurrent_and_sequential_reads_decode_each_chunk_once(tmp_path: 
     reader2 = SnapshotReader(repo, manifest, cache_chunks=4)
     assert await _read_all(reader2, 16 << 10) == data
     assert sorted(loads.calls) == sorted(c for c in manifest.chunks if c is not None)
+    assert len(reader2._cache._entries) <= 4  # memory: cache_chunks decoded chunks
     await reader.close()
     await reader2.close()
 

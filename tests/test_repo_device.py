@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backup.repo.device import SnapshotReader, SnapshotWriter
-from backup.repo.errors import DiskBusy
+from backup.repo.errors import DiskBusy, SnapshotNotFound
 from backup.repo.repository import Repository
 from nbd.constants import State
 
@@ -293,8 +293,9 @@ async def test_concurrent_and_sequential_reads_decode_each_chunk_once(tmp_path: 
     parts = await asyncio.gather(*(reader.pread(i * 4096, 4096) for i in range(16)))
     assert b"".join(parts) == data[:65536]
     assert loads.calls.count(manifest.chunks[0]) == 1  # (and the next chunks are read ahead)
-    loads.calls.clear()
-    reader2 = SnapshotReader(repo, manifest, cache_chunks=4)
+    repo2 = Repository.open(repo.path)  # counted apart from the first reader's read-ahead still in flight
+    loads = CountingLoads(repo2)
+    reader2 = SnapshotReader(repo2, manifest, cache_chunks=4)
     assert await _read_all(reader2, 16 << 10) == data
     assert sorted(loads.calls) == sorted(c for c in manifest.chunks if c is not None)
     assert len(reader2._cache._entries) <= 4  # memory: cache_chunks decoded chunks
@@ -461,3 +462,38 @@ async def _expect_done(writer: SnapshotWriter) -> None:
         with pytest.raises(OSError) as err:
             await verb
         assert err.value.errno == errno.EIO
+
+
+async def test_a_missing_parent_is_refused_and_frees_the_disk(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    await _make_parent(repo, "d", _random(2 * CS, 14))
+    with pytest.raises(SnapshotNotFound):
+        SnapshotWriter(repo, "d", 2 * CS, parent="20200101T000000.000000Z")
+    writer = SnapshotWriter(repo, "d", 2 * CS, parent="none")  # the lock was released
+    assert writer.parent_id is None
+    assert await writer.pread(0, 16) == bytes(16)
+    await writer.abort()
+    first = repo.resolve("d")
+    writer = SnapshotWriter(repo, "d", 2 * CS, parent=first.id)
+    assert writer.parent_id == first.id
+    assert await writer.pread(0, 2 * CS) == _random(2 * CS, 14)
+    await writer.abort()
+
+
+async def test_a_write_cancelled_while_it_waits_for_a_buffer_leaks_nothing(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    writer = SnapshotWriter(repo, "d", 4 * CS, max_chunks_in_flight=1)
+    await writer.pwrite(10, b"a" * 100)  # holds the only buffer
+    waiting = asyncio.ensure_future(writer.pwrite(CS + 10, b"b" * 100))
+    await asyncio.sleep(0)  # it stores chunk 0 to make room and waits for the buffer
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await writer.pwrite(2 * CS, b"c" * 100)
+    manifest = await writer.commit()
+    reader = SnapshotReader(repo, manifest)
+    expect = bytearray(4 * CS)
+    expect[10:110] = b"a" * 100
+    expect[2 * CS : 2 * CS + 100] = b"c" * 100
+    assert await reader.pread(0, 4 * CS) == expect
+    await reader.close()

@@ -19,6 +19,7 @@ from backup.repo.device import SnapshotReader, SnapshotWriter
 from backup.repo.errors import DiskBusy, SnapshotNotFound
 from backup.repo.repository import Repository
 from nbd.constants import State
+from nbd.device import read_into
 
 CS = 64 << 10  # the smallest chunk size: small disks still span many chunks
 
@@ -143,6 +144,9 @@ async def _run_model(
     try:
         assert await _read_all(reader, 64 << 10) == model
         assert await _read_all(reader, 100_000) == model
+        into = bytearray(SIZE - 777)
+        await reader.pread_into(777, into)
+        assert into == model[777:]
         for ext_off, ext in _walk_extents(await reader.block_status(0, SIZE)):
             is_zero = model[ext_off : ext_off + ext.length] == bytes(ext.length)
             assert bool(ext.flags & State.ZERO) == is_zero or not ext.flags
@@ -311,6 +315,7 @@ async def test_devices_describe_themselves(tmp_path: Path) -> None:
     assert reader.read_only and reader.size == len(data)
     caps = reader.capabilities
     assert caps.can_extents and not caps.can_trim and not caps.can_zero
+    assert read_into(reader) is not None
     assert [(e.length, e.flags) for e in await reader.block_status(0, len(data))] == [
         (CS, 0),
         (CS, State.HOLE | State.ZERO),

@@ -150,23 +150,40 @@ class SnapshotReader(FixedSizeDevice):
             return None
         return self._cache.get(digest, self.manifest.chunk_length(index))
 
-    async def pread(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        if length == 0:
-            return b""
+    def _start_loads(self, offset: int, length: int) -> list[tuple[int, int, int, asyncio.Future[bytes] | None]]:
+        """(position in the request, start and end in the chunk, its decode or None for zero) of each chunk
+        the range touches, every decode started; a sequential reader's next chunks are started too."""
         cs = self._chunk_size
+        pieces = [(pos, start, end, self._load(index)) for index, start, end, pos in _pieces(offset, length, cs)]
         first, last = offset // cs, (offset + length - 1) // cs
-        loads = [(index, self._load(index)) for index in range(first, last + 1)]
         if first in (self._last_chunk, self._last_chunk + 1):  # sequential, also with requests out of order
             for index in range(last + 1, min(last + 1 + self._read_ahead, len(self._chunks))):
                 self._load(index)
         self._last_chunk = last
-        parts = []
-        for index, load in loads:
-            start = max(offset, index * cs) - index * cs
-            end = min(offset + length, (index + 1) * cs) - index * cs
-            parts.append(bytes(end - start) if load is None else _fit(await _wait(load), start, end))
+        return pieces
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        if length == 0:
+            return b""
+        parts = [
+            bytes(end - start) if load is None else _fit(await _wait(load), start, end)
+            for _, start, end, load in self._start_loads(offset, length)
+        ]
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def pread_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """``pread`` into the caller's buffer: one copy out of the decoded chunk, no fresh ``bytes``."""
+        view = memoryview(buffer).cast("B")
+        self._check(offset, len(view))
+        if not view:
+            return
+        for pos, start, end, load in self._start_loads(offset, len(view)):
+            if load is None:
+                view[pos : pos + end - start] = bytes(end - start)
+                continue
+            data: bytes = await _wait(load)  # decoded chunks are whole: no padding
+            view[pos : pos + end - start] = memoryview(data)[start:end]
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         self._check(offset, len(data), write=True)
@@ -315,8 +332,9 @@ class SnapshotWriter(FixedSizeDevice):
         self._released: asyncio.Future[None] | None = None
         self._stored_new: set[str] = set()
         self._error: OSError | None = None
-        self._state = "open"  # -> "committing" -> "committed" | "aborted"
-        self._workers = _Workers("repo-write", min(self._max_buffers, max(2, os.cpu_count() or 1)))
+        self._state = "open"  # -> "committing" | "aborting" -> "committed" | "aborted"
+        # a thread per core encodes; two more keep the cores busy while others wait in a chunk's fsync
+        self._workers = _Workers("repo-write", min(self._max_buffers, (os.cpu_count() or 1) + 2))
         self._cache = _ChunkCache(repo, self._workers, 2)
 
     # -- what the device is

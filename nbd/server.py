@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from nbd import constants as c
 from nbd import meta
@@ -156,6 +156,18 @@ class Export:
         return f"Export({self.name!r}, writable={self.writable})"
 
 
+class ExportResolver(Protocol):
+    """Exports that exist without being added: looked up by name when a client asks for one (the
+    repository's ``DISK@ID`` snapshots, which appear as they are committed). Consulted after the
+    exports added with ``add_export``."""
+
+    def lookup(self, name: str) -> Export | None:
+        """The export named ``name`` now, or None."""
+
+    def entries(self) -> Iterable[ExportEntry]:
+        """Every export as ``NBD_OPT_LIST`` shows it (name and description)."""
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """The limits an operator sets on NBD clients (``serve`` flags and config keys of the same names),
@@ -210,6 +222,8 @@ class NbdServer:
         self._waiters: deque[_Connection] = deque()  # connections waiting for budget, in order
         self._spares = SparePool(max_bytes=SPARE_BYTES, max_count=SPARE_COUNT)  # shared by all connections
         self._stopping = False
+        #: Exports looked up on demand after the added ones (see ``ExportResolver``).
+        self.resolver: ExportResolver | None = None
 
     @property
     def buffered(self) -> int:
@@ -281,10 +295,15 @@ class NbdServer:
         export = self._exports.get(name)
         if export is None and name == "" and len(self._exports) == 1:
             export = next(iter(self._exports.values()))  # the default export, when there is only one
+        if export is None and self.resolver is not None:
+            export = self.resolver.lookup(name)
         return export.entry() if export is not None else None
 
-    def _list(self) -> Iterable[ExportEntry]:
-        return [export.entry() for export in self._exports.values()]
+    def _list(self) -> list[ExportEntry]:
+        entries = [export.entry() for export in self._exports.values()]
+        if self.resolver is not None:
+            entries.extend(e for e in self.resolver.entries() if e.name not in self._exports)
+        return entries
 
     # --- listening ---------------------------------------------------------------------------------
 
@@ -432,6 +451,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.log.warning("refused: %s", refuse)
         # Listing exports takes a few options per export (nbdinfo --list asks each for its details).
         max_options = server.max_options + 4 * len(server._exports)
+        if server.resolver is not None:
+            max_options += 4 * sum(1 for _ in server.resolver.entries())
         self.core = ServerCore(
             server._lookup, server._list, max_options=max_options, refuse=refuse, spares=server._spares
         )

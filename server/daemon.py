@@ -30,6 +30,7 @@ from server.qmp import bitmaps as bitmap_commands
 from server.qmp import block as block_commands
 from server.qmp import jobs as job_commands
 from server.qmp import nbd as nbd_commands
+from server.qmp import repo as repo_commands
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.server import QmpServer
 from server.registry import Registry
@@ -46,6 +47,7 @@ def build_commands() -> CommandRegistry:
     bitmap_commands.register(commands)
     nbd_commands.register(commands)
     job_commands.register(commands)
+    repo_commands.register(commands)
     return commands
 
 

@@ -17,10 +17,15 @@ from nbd.loop import run
 from server.errors import BackupFailed, ConfigError
 from server.progress import Progress
 from server.qmp.client import QmpClient, QmpClientError, QmpCommandError
+from server.repo_backup import parse_repo_target, run_repo_backup
 
 EPILOG = """\
 TARGET is a file (created at the source's size unless --mode existing), an NBD URI
-(nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH), or with --to-node another block node.
+(nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH), with --to-node another block node, or
+repo:[ID:]DISK, a new snapshot of DISK in a repository the daemon has open (serve --repo [ID=]DIR):
+repo-snapshot-begin, blockdev-backup into it, repo-snapshot-commit. With --bitmap the backup is
+incremental from the latest snapshot (full, starting the bitmap, when there is none yet); a failure
+or Ctrl-C aborts the snapshot, nothing is published.
 An NBD target that leaves requests unanswered for 60 s is dropped: they fail with ETIMEDOUT (as a
 write error: --on-target-error decides);
 --cbw-timeout bounds how long guest writes wait for a slow or stalled target meanwhile.
@@ -30,6 +35,7 @@ examples:
   nbd-backup backup --qmp tcp:127.0.0.1:4444 disk0 nbd://backup-host/disk0 --speed 50M
   nbd-backup backup --qmp unix:qmp.sock disk0 /backups/disk0.raw --progress=3 3>progress.log
   nbd-backup backup --qmp unix:qmp.sock disk0 nbd://backup-host/disk0 --cbw-timeout 10 --on-cbw-error break-snapshot
+  nbd-backup backup --qmp unix:qmp.sock disk0 repo:vm1/disk0 --bitmap nightly
 
 exit status: 0 when the backup completed; 1 when it could not start, failed, or was cancelled;
 130 after Ctrl-C (the job is cancelled first).
@@ -144,9 +150,28 @@ async def follow(conn: QmpClient, job_id: str, progress: Progress | None, log: A
 
 
 async def run_backup(args: argparse.Namespace, log: Any = sys.stderr) -> None:
+    repo_target = parse_repo_target(args.target)
     conn = await QmpClient.connect(args.qmp)
     job_id = args.job_id or args.device
     try:
+        if repo_target is not None:
+            result = await run_repo_backup(
+                conn,
+                args.device,
+                repo_target,
+                bitmap=args.bitmap,
+                job_id=job_id,
+                progress=_make_progress(args),
+                log=log,
+                speed=args.speed,
+            )
+            if not args.quiet:
+                snapshot = f"{result['disk']}@{result['snapshot']}"
+                print(
+                    f"nbd-backup backup: {args.device} → {snapshot}: completed, {result['new-bytes']} new bytes",
+                    file=log,
+                )
+            return
         command, arguments = backup_arguments(args, job_id)
         progress = _make_progress(args)
         try:

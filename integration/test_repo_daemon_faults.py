@@ -65,6 +65,7 @@ def test_kill_daemon_mid_backup(tmp_path: Path) -> None:
         finally:
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait()
+        assert any((repo_dir / "leases").iterdir())  # the killed writer's lease, reclaimed by gc below
         _check_store(repo, round_)
         # the next backup works (and its disk is not left locked)
         with repo_daemon(workdir / "next", repo_dir) as again, again.connect() as ours:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from backup.job import Job
@@ -26,6 +27,8 @@ from nbd.server import Export
 from server.qmp.dispatch import CommandRegistry
 from server.registry import Registry, generic
 from server.repos import pick_repo
+
+log = logging.getLogger(__name__)
 
 DRIVER = "repo-snapshot"
 
@@ -64,6 +67,13 @@ class SnapshotNode(BlockNode):
         self.writable = snapshot == "new"
         #: Closing it drops what it holds (an uncommitted snapshot is aborted): no flush first.
         self.discard_on_close = self.writable
+        self.finished = not self.writable  # committed or aborted on request
+
+    async def close(self) -> None:
+        if not self.finished:  # blockdev-del, the daemon stopping
+            log.warning("node '%s': the snapshot of disk '%s' was never committed: aborted", self.name, self.disk)
+            self.finished = True
+        await super().close()
 
 
 def _uncommitted(reg: Registry, name: str) -> SnapshotNode:
@@ -126,8 +136,11 @@ async def commit(reg: Registry, name: str) -> dict[str, Any]:
         async with node.drained():
             manifest = await writer.commit()  # type: ignore[attr-defined]
     except OSError as exc:
+        node.finished = True
         await node.close()  # aborts what did not commit
         raise generic(f"Could not commit the snapshot of disk '{node.disk}': {exc}; nothing was published") from exc
+    node.finished = True
+    await node.close()
     return {
         "disk": manifest.disk,
         "snapshot": manifest.id,
@@ -139,6 +152,7 @@ async def commit(reg: Registry, name: str) -> dict[str, Any]:
 async def abort(reg: Registry, name: str) -> None:
     node = _uncommitted(reg, name)
     _unregister(reg, node)
+    node.finished = True
     await node.close()
 
 

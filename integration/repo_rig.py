@@ -145,6 +145,10 @@ class Writer:
         if self.proc.returncode != 0 or b"error" in out.lower():
             pytest.fail(f"qemu-io writer failed ({self.proc.returncode}):\n{out.decode(errors='replace')}")
 
+    def chunks(self, chunk_size: int) -> set[int]:
+        """The indexes of the chunks the writes touched."""
+        return {i for o, n, _ in self.log for i in range(o // chunk_size, (o + n - 1) // chunk_size + 1)}
+
     def apply(self, image: bytes) -> bytes:
         out = bytearray(image)
         for offset, length, pattern in self.log:

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from backup.repo.errors import RepoError
 from backup.repo.names import validate_disk
 from server.errors import BackupFailed, ConfigError, QmpClientError
+from server.job_follow import cancel, execute, follow
 from server.progress import Progress
 from server.qmp.client import QmpClient
 
@@ -58,8 +59,6 @@ def parse_repo_target(text: str) -> RepoTarget | None:
 
 
 async def _execute(conn: QmpClient, name: str, arguments: dict[str, Any] | None = None) -> Any:
-    from server.commands.backup import execute
-
     return await execute(conn, name, arguments)
 
 
@@ -111,8 +110,6 @@ async def run_repo_backup(
     log: TextIO,
 ) -> dict[str, Any]:
     """Begin, back up, commit; returns ``repo-snapshot-commit``'s reply. Anything else aborts."""
-    from server.commands.backup import _cancel, follow
-
     info = await _node_info(conn, device)
     size = int(info["image"]["virtual-size"])
     snapshots = await _execute(conn, "query-repo-snapshots", target.arguments())
@@ -144,6 +141,6 @@ async def run_repo_backup(
             async with asyncio.timeout(CLEANUP_TIMEOUT):
                 if started:
                     with contextlib.suppress(BackupFailed):  # refused: the job is gone already
-                        await _cancel(conn, job_id)
+                        await cancel(conn, job_id)
                 await _execute(conn, "repo-snapshot-abort", {"node-name": node})
         raise

@@ -96,9 +96,11 @@ class Export:
         description: str = "",
         bitmaps: Sequence[DirtyMap] = (),
         allocation_depth: bool = False,
+        owns_device: bool = False,
     ) -> None:
         """``bitmaps`` are published as ``qemu:dirty-bitmap:NAME`` contexts and ``allocation_depth``
-        as ``qemu:allocation-depth`` (see ``nbd.meta``)."""
+        as ``qemu:allocation-depth`` (see ``nbd.meta``). ``owns_device``: the export was made for one
+        connection (by an ``ExportResolver``) and its device is closed when that connection ends."""
         if len(name.encode()) > c.MAX_STRING:
             raise ValueError(f"export name longer than {c.MAX_STRING} bytes")
         if len(description.encode()) > c.MAX_STRING:
@@ -110,6 +112,7 @@ class Export:
         self.bitmaps = tuple(bitmaps)
         self.allocation_depth = allocation_depth
         self.contexts = meta.context_names(self.bitmaps, allocation_depth)
+        self.owns_device = owns_device
 
     @property
     def read_only(self) -> bool:
@@ -224,6 +227,7 @@ class NbdServer:
         self._stopping = False
         #: Exports looked up on demand after the added ones (see ``ExportResolver``).
         self.resolver: ExportResolver | None = None
+        self._device_closes: set[asyncio.Task[None]] = set()  # devices of ended connections (``owns_device``)
 
     @property
     def buffered(self) -> int:
@@ -282,6 +286,12 @@ class NbdServer:
             if conn.export is export:
                 conn.shutdown()
         return export
+
+    def _close_device(self, export: Export) -> None:
+        """The connection an export was made for has ended: close its device (in a task kept till done)."""
+        task = asyncio.get_running_loop().create_task(export.device.close())
+        self._device_closes.add(task)
+        task.add_done_callback(self._device_closes.discard)
 
     def connection_count(self, name: str) -> int:
         export = self._exports.get(name)
@@ -358,6 +368,9 @@ class NbdServer:
                     conn.abort()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+        await asyncio.sleep(0)  # the ended connections' close callbacks run
+        if self._device_closes:
+            await asyncio.wait(list(self._device_closes), timeout=timeout)
 
 
 class _Client:
@@ -736,6 +749,8 @@ class _Connection(asyncio.BufferedProtocol):
         assert isinstance(export, Export)
         self.export = export
         self.device = export.device
+        if export.owns_device:
+            self.closed.add_done_callback(lambda _: self.server._close_device(export))
         self.server._handshaking.pop(self, None)
         self._rbuf = None  # the big receive buffer from now on
         self._sparse = event.structured and event.export.size > 0

@@ -11,10 +11,8 @@ out while only one is open. The exports are not added one by one: ``RepoExports`
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from backup.repo.errors import RepoError
 from backup.repo.names import parse_snapshot_ref
@@ -29,8 +27,9 @@ from server.registry import id_wellformed
 log = logging.getLogger(__name__)
 
 DEFAULT_ID = "default"
-#: Chunks each snapshot export keeps decoded (per connection: memory stays bounded by the connection limit).
-EXPORT_CACHE_CHUNKS = 2
+#: Chunks each snapshot export keeps decoded, read-ahead included (per connection: memory stays bounded by
+#: the connection limit).
+EXPORT_CACHE_CHUNKS = 4
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,8 @@ class RepoExports:
     Names: ``DISK@ID`` and ``DISK@latest`` in the ``default`` repository (or the only one open), and
     ``REPO:DISK@ID`` in any (the form ``nbd-backup backup``'s ``repo:[ID:]DISK`` uses). Each lookup
     opens a fresh reader over the manifest it finds: a connection keeps the snapshot it opened even
-    if ``@latest`` moves on or the snapshot is pruned (its chunks stay until the next ``gc``).
+    if ``@latest`` moves on or the snapshot is pruned (its chunks stay until the next ``gc``), and the
+    reader is closed when the connection ends.
     """
 
     def __init__(self, repos: dict[str, Repository]) -> None:
@@ -125,7 +125,8 @@ class RepoExports:
         except RepoError as exc:
             log.debug("export '%s': %s", name, exc)
             return None
-        return Export(name, reader, writable=False, description=_description(repo_id, manifest.ref, manifest.created))
+        description = _description(repo_id, manifest.ref, manifest.created)
+        return Export(name, reader, writable=False, description=description, owns_device=True)
 
     def entries(self) -> Iterator[ExportEntry]:
         unprefixed = self._unprefixed()
@@ -152,9 +153,3 @@ class RepoExports:
 
 def _description(repo_id: str, ref: str, created: str) -> str:
     return f"repository {repo_id}: {ref} ({created})"
-
-
-def repo_dirs(repos: dict[str, Repository]) -> Iterator[tuple[str, str]]:
-    """(id, directory) of every open repository, for the ready line and logs."""
-    for repo_id, repo in repos.items():
-        yield repo_id, os.fspath(Path(repo.path))

@@ -28,45 +28,63 @@ from repo_rig import (
     wait_job,
 )
 
-from backup.repo.gc import collect_garbage
+from backup.repo.gc import GcReport, collect_garbage
 from backup.repo.repository import Repository
 from backup.repo.verify import verify
 
 DISK = "vm1/disk0"
 
 
-def _check_store(repo: Repository, published: int) -> None:
+def _check_store(repo: Repository, published: int) -> GcReport:
     """Nothing new published, every chunk verifies, gc leaves exactly what the manifests name."""
     assert len(repo.snapshots(DISK)) == published
     report = verify(repo)
     assert report.bad == {} and report.broken == {}
-    collect_garbage(repo)
+    gc = collect_garbage(repo)
     assert chunk_files(repo.path) == manifest_chunks(repo)
     assert not any((repo.path / "tmp").iterdir())
     assert not any((repo.path / "leases").iterdir())
+    return gc
 
 
 def test_kill_daemon_mid_backup(tmp_path: Path) -> None:
-    """``kill -9`` while our job copies into a begun snapshot, at several random instants: the
-    repository is as before each time, gc reclaims the killed backup's chunks, the next one works."""
+    """``kill -9`` while a backup writes into a begun snapshot — our own job, or a client pushing into
+    its export (``qemu-img convert -n``), in turn — at several random instants: the repository is as
+    before each time, gc reclaims the killed backup's chunks and lease, the next backup works."""
     rng = random.Random(env_seed())
     repo_dir = tmp_path / "repo"
     repo = new_repo(repo_dir)
     src = source_image(tmp_path / "src.raw")
-    for round_ in range(3):
+    orphans = 0
+    for round_ in range(4):
+        with open(src, "r+b") as f:  # new data each round: the killed backup stores chunks nobody else has
+            for _ in range(8):
+                f.seek(rng.randrange(SIZE // CS) * CS)
+                f.write(rng.randbytes(CS))
         workdir = tmp_path / f"d{round_}"
-        daemon = start_daemon(workdir, "--repo", str(repo_dir))
+        daemon = start_daemon(workdir, "--repo", str(repo_dir), "--nbd-socket", str(workdir / "nbd.sock"))
+        pusher = None
         try:
             with daemon.connect() as ours:
-                ours.ok("blockdev-add", driver="file", filename=str(src), **{"node-name": "src"})
                 ours.ok("repo-snapshot-begin", disk=DISK, size=SIZE, parent="latest", **{"node-name": "s"})
-                ours.ok("blockdev-backup", **{"job-id": "j"}, device="src", target="s", sync="full", speed=SIZE)
+                if round_ % 2:
+                    ours.ok("block-export-add", type="nbd", id="s", writable=True, **{"node-name": "s"})
+                    uri = nbd_uri(workdir / "nbd.sock", "s")
+                    argv = ["qemu-img", "convert", "-n", "-r", "4M", "-f", "raw", "-O", "raw", str(src), uri]
+                    pusher = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+                else:
+                    ours.ok("blockdev-add", driver="file", filename=str(src), **{"node-name": "src"})
+                    ours.ok("blockdev-backup", **{"job-id": "j"}, device="src", target="s", sync="full", speed=SIZE)
                 time.sleep(rng.uniform(0.05, 0.8))
         finally:
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait()
-        assert any((repo_dir / "leases").iterdir())  # the killed writer's lease, reclaimed by gc below
-        _check_store(repo, round_)
+            if pusher is not None:
+                pusher.kill()
+                pusher.wait()
+        reclaimed = _check_store(repo, round_)
+        assert reclaimed.leases_removed == 1  # the killed writer's
+        orphans += reclaimed.chunks_deleted
         # the next backup works (and its disk is not left locked)
         with repo_daemon(workdir / "next", repo_dir) as again, again.connect() as ours:
             ours.ok("blockdev-add", driver="file", filename=str(src), **{"node-name": "src"})
@@ -76,6 +94,7 @@ def test_kill_daemon_mid_backup(tmp_path: Path) -> None:
             ours.ok("repo-snapshot-commit", **{"node-name": "s"})
         assert read_snapshot(repo, DISK) == src.read_bytes()
         _check_store(repo, round_ + 1)
+    print(f"chunks of killed backups reclaimed by gc: {orphans}")
 
 
 def test_vanished_client_blockdev_del_and_stop_publish_nothing(tmp_path: Path) -> None:

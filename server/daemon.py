@@ -157,6 +157,8 @@ class Daemon:
             parts.append("nbd=" + ",".join(self.nbd_addresses))
         if self.registry.exports:
             parts.append("exports=" + ",".join(e.name for e in self.registry.exports.values()))
+        if self.registry.repos:
+            parts.append("repos=" + ",".join(f"{i}:{r.path}" for i, r in self.registry.repos.items()))
         if self.qmp_addresses:
             parts.append("qmp=" + ",".join(self.qmp_addresses))
         parts.append(f"pid={os.getpid()}")

@@ -329,3 +329,20 @@ def test_backup_target_and_commands() -> None:
         "type": "block-dirty-bitmap-add",
         "data": {"node": "d0", "name": "b", "persistent": True},
     }
+
+
+async def test_daemon_opens_repositories(tmp_path: Path) -> None:
+    """``build_daemon`` opens every ``--repo`` under the path policy; the ready line names them."""
+    Repository.init(tmp_path / "r", CS)
+    config = serve.ServeConfig(
+        repos=[parse_repo(f"main={tmp_path / 'r'}")], repo_exports=True, unix=[str(tmp_path / "s")]
+    )
+    daemon = await serve.build_daemon(config)
+    try:
+        assert list(daemon.registry.repos) == ["main"]
+        assert f"repos=main:{tmp_path / 'r'}" in daemon.ready_line()
+        assert daemon.nbd is not None and isinstance(daemon.nbd.resolver, RepoExports)
+    finally:
+        await daemon.shutdown()
+    with pytest.raises(ConfigError, match="is not a repository"):
+        await serve.build_daemon(serve.ServeConfig(repos=[parse_repo(str(tmp_path))]))

@@ -6,6 +6,7 @@ argument parsing of ``serve --repo`` and ``backup ... repo:``."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,22 @@ async def test_daemon_opens_repositories(tmp_path: Path) -> None:
         await daemon.shutdown()
     with pytest.raises(ConfigError, match="is not a repository"):
         await serve.build_daemon(serve.ServeConfig(repos=[parse_repo(str(tmp_path))]))
+
+
+async def test_failed_commit_publishes_nothing(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that cannot store its chunks (ENOSPC) is an error, ends the snapshot and its node, and
+    leaves the disk free for the next one."""
+    repo = h.reg.repos["default"]
+    await h("repo-snapshot-begin", disk="d", size=CS, **node_args("s"))
+    await h.reg.node("s").pwrite(0, os.urandom(CS))
+
+    def full(digest: str, blob: bytes) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(repo.chunks, "put", full)
+    desc = (await h.error("repo-snapshot-commit", **node_args("s")))[1]
+    assert desc.startswith("Could not commit the snapshot of disk 'd': ") and "No space left" in desc
+    assert desc.endswith("nothing was published")
+    assert "s" not in h.reg.nodes and repo.snapshot_ids("d") == []
+    monkeypatch.undo()
+    await h("repo-snapshot-begin", disk="d", size=CS, **node_args("s"))

@@ -31,6 +31,14 @@ from server.repos import pick_repo
 log = logging.getLogger(__name__)
 
 DRIVER = "repo-snapshot"
+#: Our own commands (QEMU has none of these: differential tests against QEMU leave them out).
+COMMANDS = (
+    "repo-snapshot-begin",
+    "repo-snapshot-commit",
+    "repo-snapshot-abort",
+    "repo-snapshot-open",
+    "query-repo-snapshots",
+)
 
 
 def _check_disk(disk: str) -> str:

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sockkit import serve_unix
 
 from backup.repo.device import SnapshotReader, SnapshotWriter
 from backup.repo.errors import DiskBusy, SnapshotNotFound
 from backup.repo.repository import Repository
+from nbd.client import NbdClient
 from nbd.constants import State
 from nbd.device import read_into
 
@@ -501,4 +503,33 @@ async def test_a_write_cancelled_while_it_waits_for_a_buffer_leaks_nothing(tmp_p
     expect[10:110] = b"a" * 100
     expect[2 * CS : 2 * CS + 100] = b"c" * 100
     assert await reader.pread(0, 4 * CS) == expect
+    await reader.close()
+
+
+async def test_pushed_and_read_over_nbd(tmp_path: Path) -> None:
+    """What QEMU's blockdev-backup does to a ``repo-snapshot-begin`` export, and an instant restore."""
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    size = 16 * CS + 4096
+    parent = _parent_data(size, 15)
+    await _make_parent(repo, "d", parent)
+    writer = SnapshotWriter(repo, "d", size, max_chunks_in_flight=3)
+    model = bytearray(parent)
+    async with serve_unix(tmp_path, writer) as uri, await NbdClient.connect(uri, max_in_flight=8) as client:
+        assert client.size == size and not client.read_only
+        dirty = list(range(0, size, 64 << 10))[::3]
+        pushed = {o: _random(min(64 << 10, size - o), o) for o in dirty}
+        await asyncio.gather(*(client.pwrite(o, d) for o, d in pushed.items()))
+        for o, d in pushed.items():
+            model[o : o + len(d)] = d
+        await client.zero(5 * CS, 2 * CS)
+        model[5 * CS : 7 * CS] = bytes(2 * CS)
+        await client.flush()
+        assert await client.pread(0, size) == model
+    manifest = await writer.commit()
+    reader = SnapshotReader(repo, manifest)
+    async with serve_unix(tmp_path, reader) as uri, await NbdClient.connect(uri) as client:
+        assert client.read_only
+        assert await client.pread(0, size) == model
+        with pytest.raises(OSError):
+            await client.pwrite(0, b"x")
     await reader.close()

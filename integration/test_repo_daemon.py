@@ -224,6 +224,13 @@ def test_backup_command_into_repo(tmp_path: Path) -> None:
         assert snaps[1].stats["new-bytes"] == CS  # one chunk changed
         assert read_snapshot(repo, DISK, snaps[0].id) == first
         assert read_snapshot(repo, DISK, snaps[1].id) == src.read_bytes()
+        # the node lost its bitmap: a full backup (no parent) starts it again
+        ours.ok("block-dirty-bitmap-remove", node="src", name="b")
+        again = run(*argv)
+        assert "has no bitmap 'b'" in again.stderr and "completed" in again.stderr
+        third = repo.snapshots(DISK)[-1]
+        assert third.parent is None and read_snapshot(repo, DISK, third.id) == src.read_bytes()
+        assert [b["name"] for b in ours.ok("query-named-block-nodes")[0].get("dirty-bitmaps", [])] == ["b"]
         # Ctrl-C while the job runs (throttled): the job is cancelled, the snapshot aborted
         other = nbd_backup_argv("backup", "--qmp", qmp, "src", "repo:other", "--no-progress", "--speed", "64K")
         slow = subprocess.Popen(other, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -241,7 +248,7 @@ def test_backup_command_into_repo(tmp_path: Path) -> None:
                 slow.kill()
                 slow.wait()
         assert slow.returncode == 130, err
-        assert len(repo.snapshots(DISK)) == 2 and repo.snapshots("other") == []
+        assert len(repo.snapshots(DISK)) == 3 and repo.snapshots("other") == []
         assert [n["node-name"] for n in ours.ok("query-named-block-nodes")] == ["src"]
         bad = subprocess.run(
             nbd_backup_argv("backup", "--qmp", qmp, "nope", f"repo:{DISK}"), capture_output=True, text=True

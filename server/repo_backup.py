@@ -5,7 +5,8 @@ block node into one of its repositories, as one snapshot.
 Without ``--bitmap`` the backup is full into a snapshot without parent (it starts as zeroes, so the
 job skips the source's zero ranges). With ``--bitmap`` and a snapshot of the disk already there, it is
 incremental: the snapshot begins as the latest one and ``sync=incremental`` copies only what the
-bitmap marks. With ``--bitmap`` and no snapshot yet, it is full and (re)starts the bitmap: one
+bitmap marks. With ``--bitmap`` and no snapshot yet (or a node without that bitmap any more: a raw
+image reopened, whose bitmaps do not persist), it is full and (re)starts the bitmap: one
 ``transaction`` adds the bitmap (when the node has none of that name, persistent on a qcow2 node)
 beside the backup, or the backup takes the existing bitmap with ``bitmap-mode: on-success``, so the
 bitmap then marks exactly what changed since this snapshot's instant. Whatever goes wrong (the job
@@ -113,8 +114,10 @@ async def run_repo_backup(
     info = await _node_info(conn, device)
     size = int(info["image"]["virtual-size"])
     snapshots = await _execute(conn, "query-repo-snapshots", target.arguments())
-    incremental = bitmap is not None and bool(snapshots)
     has_bitmap = any(b.get("name") == bitmap for b in info.get("dirty-bitmaps", []))
+    incremental = bitmap is not None and bool(snapshots) and has_bitmap
+    if bitmap is not None and snapshots and not has_bitmap:
+        print(f"nbd-backup backup: {device} has no bitmap '{bitmap}' (any more): a full backup starts it", file=log)
     node = f"repo-backup-{os.getpid()}"
     begin = target.arguments() | {"size": size, "parent": "latest" if incremental else "none", "node-name": node}
     await _execute(conn, "repo-snapshot-begin", begin)

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from nbd import constants as c
 from nbd import meta
@@ -99,10 +99,12 @@ class Export:
         bitmaps: Sequence[DirtyMap] = (),
         allocation_depth: bool = False,
         tls_only: bool = False,
+        owns_device: bool = False,
     ) -> None:
         """``bitmaps`` are published as ``qemu:dirty-bitmap:NAME`` contexts and ``allocation_depth``
         as ``qemu:allocation-depth`` (see ``nbd.meta``). ``tls_only``: served only over TLS when the
-        server offers TLS without requiring it (``tls`` mode ``on``)."""
+        server offers TLS without requiring it (``tls`` mode ``on``). ``owns_device``: the export was made
+        for one connection (by an ``ExportResolver``) and its device is closed when that connection ends."""
         if len(name.encode()) > c.MAX_STRING:
             raise ValueError(f"export name longer than {c.MAX_STRING} bytes")
         if len(description.encode()) > c.MAX_STRING:
@@ -115,6 +117,7 @@ class Export:
         self.allocation_depth = allocation_depth
         self.tls_only = tls_only
         self.contexts = meta.context_names(self.bitmaps, allocation_depth)
+        self.owns_device = owns_device
 
     @property
     def read_only(self) -> bool:
@@ -160,6 +163,18 @@ class Export:
 
     def __repr__(self) -> str:
         return f"Export({self.name!r}, writable={self.writable})"
+
+
+class ExportResolver(Protocol):
+    """Exports that exist without being added: looked up by name when a client asks for one (the
+    repository's ``DISK@ID`` snapshots, which appear as they are committed). Consulted after the
+    exports added with ``add_export``."""
+
+    def lookup(self, name: str) -> Export | None:
+        """The export named ``name`` now, or None."""
+
+    def entries(self) -> Iterable[ExportEntry]:
+        """Every export as ``NBD_OPT_LIST`` shows it (name and description)."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +236,9 @@ class NbdServer:
         self._waiters: deque[_Connection] = deque()  # connections waiting for budget, in order
         self._spares = SparePool(max_bytes=SPARE_BYTES, max_count=SPARE_COUNT)  # shared by all connections
         self._stopping = False
+        #: Exports looked up on demand after the added ones (see ``ExportResolver``).
+        self.resolver: ExportResolver | None = None
+        self._device_closes: set[asyncio.Task[None]] = set()  # devices of ended connections (``owns_device``)
 
     @property
     def buffered(self) -> int:
@@ -280,6 +298,12 @@ class NbdServer:
                 conn.shutdown()
         return export
 
+    def _close_device(self, export: Export) -> None:
+        """The connection an export was made for has ended: close its device (in a task kept till done)."""
+        task = asyncio.get_running_loop().create_task(export.device.close())
+        self._device_closes.add(task)
+        task.add_done_callback(self._device_closes.discard)
+
     def connection_count(self, name: str) -> int:
         export = self._exports.get(name)
         return sum(1 for conn in self._connections if conn.export is not None and conn.export is export)
@@ -292,10 +316,15 @@ class NbdServer:
         export = self._exports.get(name)
         if export is None and name == "" and len(self._exports) == 1:
             export = next(iter(self._exports.values()))  # the default export, when there is only one
+        if export is None and self.resolver is not None:
+            export = self.resolver.lookup(name)
         return export.entry() if export is not None else None
 
-    def _list(self) -> Iterable[ExportEntry]:
-        return [export.entry() for export in self._exports.values()]
+    def _list(self) -> list[ExportEntry]:
+        entries = [export.entry() for export in self._exports.values()]
+        if self.resolver is not None:
+            entries.extend(e for e in self.resolver.entries() if e.name not in self._exports)
+        return entries
 
     # --- listening ---------------------------------------------------------------------------------
 
@@ -350,6 +379,9 @@ class NbdServer:
                     conn.abort()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+        await asyncio.sleep(0)  # the ended connections' close callbacks run
+        if self._device_closes:
+            await asyncio.wait(list(self._device_closes), timeout=timeout)
 
 
 class _EarlyData(asyncio.Protocol):
@@ -470,6 +502,8 @@ class _Connection(asyncio.BufferedProtocol):
         # Listing exports takes a few options per export (nbdinfo --list asks each for its details).
         max_options = server.max_options + 4 * len(server._exports)
         tls = server.tls
+        if server.resolver is not None:
+            max_options += 4 * sum(1 for _ in server.resolver.entries())
         self.core = ServerCore(
             server._lookup,
             server._list,
@@ -765,6 +799,8 @@ class _Connection(asyncio.BufferedProtocol):
         assert isinstance(export, Export)
         self.export = export
         self.device = export.device
+        if export.owns_device:
+            self.closed.add_done_callback(lambda _: self.server._close_device(export))
         self.server._handshaking.pop(self, None)
         self._rbuf = None  # the big receive buffer from now on
         self._sparse = event.structured and event.export.size > 0

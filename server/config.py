@@ -6,6 +6,8 @@ Every key is a long option without its dashes (``qmp``, ``nbd``, ``nbd-socket``,
     qmp = ["unix:/run/nbd-backup/qmp.sock"]
     nbd = ["127.0.0.1:10809"]
     allow-dir = ["/var/lib/nbd-backup"]
+    repo = ["/var/lib/nbd-backup/repo", "offsite=/mnt/offsite/repo"]
+    repo-exports = true
     pid-file = "/run/nbd-backup/serve.pid"
     tls = "require"
     tls-dir = "/etc/pki/qemu"
@@ -33,8 +35,9 @@ from typing import Any, Literal
 
 from server.addresses import is_bare_path
 from server.errors import ConfigError
+from server.registry import id_wellformed
 
-Kind = Literal["str", "int", "number", "seconds", "bool", "list", "path", "paths", "addresses"]
+Kind = Literal["str", "int", "number", "seconds", "bool", "list", "path", "paths", "addresses", "repos"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,7 @@ class Setting:
 
     @property
     def repeatable(self) -> bool:
-        return self.kind in ("list", "paths", "addresses")
+        return self.kind in ("list", "paths", "addresses", "repos")
 
 
 #: Keys the configuration file accepts; ``serve`` defines a command-line option for each.
@@ -69,6 +72,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("tls-dir", "path"),
         Setting("tls-authz", "list"),
         Setting("tls-verify-peer", "bool"),
+        Setting("repo", "repos"),
+        Setting("repo-exports", "bool"),
     )
 }
 
@@ -139,6 +144,10 @@ def _convert(file: Path, base: Path, setting: Setting, value: Any) -> Any:
             raise ConfigError(f"{where} entries must be non-empty strings")
         if kind == "paths":
             result.append(_relative_to(base, item))
+        elif kind == "repos":  # [ID=]DIR: the directory relative to the file, the id kept
+            head, sep, rest = item.partition("=")
+            keep_id = bool(sep) and id_wellformed(head)
+            result.append(f"{head}={_relative_to(base, rest)}" if keep_id else _relative_to(base, item))
         elif kind == "addresses":
             result.append(_address(base, item))
         else:

@@ -32,6 +32,7 @@ from server.qmp import block as block_commands
 from server.qmp import jobs as job_commands
 from server.qmp import nbd as nbd_commands
 from server.qmp import objects as object_commands
+from server.qmp import repo as repo_commands
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.server import QmpServer
 from server.registry import Registry
@@ -49,6 +50,7 @@ def build_commands() -> CommandRegistry:
     nbd_commands.register(commands)
     job_commands.register(commands)
     object_commands.register(commands)
+    repo_commands.register(commands)
     return commands
 
 
@@ -159,6 +161,8 @@ class Daemon:
             parts.append("nbd=" + ",".join(self.nbd_addresses))
         if self.registry.exports:
             parts.append("exports=" + ",".join(e.name for e in self.registry.exports.values()))
+        if self.registry.repos:
+            parts.append("repos=" + ",".join(f"{i}:{r.path}" for i, r in self.registry.repos.items()))
         if self.qmp_addresses:
             parts.append("qmp=" + ",".join(self.qmp_addresses))
         parts.append(f"pid={os.getpid()}")

@@ -36,8 +36,10 @@ class PathPolicy:
     def confined(self) -> bool:
         return bool(self.allow_dirs)
 
-    def resolve(self, path: str | os.PathLike[str]) -> Path:
+    def resolve(self, path: str | os.PathLike[str], *, directory: bool = False) -> Path:
         """Return the absolute, fully resolved path, or raise ``PathNotAllowed``.
+
+        ``directory``: the path names a directory (a repository), which may be an allowed directory itself.
 
         Relative paths are refused when confined (they would depend on the daemon's cwd, which the
         client cannot see); otherwise they resolve against the cwd as QEMU does.
@@ -54,7 +56,7 @@ class PathPolicy:
             return real
         for allowed in self.allow_dirs:
             if real == allowed or real.is_relative_to(allowed):
-                if real == allowed:
+                if real == allowed and not directory:
                     break  # a directory itself is never an image
                 return real
         raise PathNotAllowed(f"Path '{text}' is outside the allowed directories ({self.describe()})")

@@ -20,9 +20,10 @@ from typing import Any
 from backup.events import EventBus
 from backup.job import Job, JobStatus
 from backup.node import BlockNode
+from backup.repo.repository import Repository
 from nbd.constants import MAX_STRING
 from nbd.device import backing_of
-from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
+from nbd.server import DEFAULT_LIMITS, Export, ExportResolver, NbdServer, ServerLimits
 from nbd.tls import ServerTls
 from nbd.uri import NbdUri
 from server import export_bitmaps
@@ -88,6 +89,10 @@ class Registry:
         #: ``object-add`` objects (TLS credentials, authorizers) and the credentials id the NBD server uses.
         self.objects = ObjectStore()
         self.nbd_tls_creds: str | None = None
+        #: Backup repositories by id (``serve --repo``), for the ``repo-*`` commands.
+        self.repos: dict[str, Repository] = {}
+        #: Exports the NBD server resolves by name besides the added ones (``--repo-exports``).
+        self.export_resolver: ExportResolver | None = None
         #: Per job, what to release when it is gone (target nodes it holds, targets it opened).
         self._job_cleanup: dict[str, list[Callable[[], object]]] = {}
         self._unsubscribe = self.events.subscribe(self._on_event)
@@ -149,7 +154,7 @@ class Registry:
         if isinstance(node.device, BlockNode):  # a format node over a node: the child stays open
             return
         try:
-            if not node.read_only:
+            if not node.read_only and not getattr(node, "discard_on_close", False):
                 await node.device.flush()
         finally:
             await node.close()
@@ -199,6 +204,7 @@ class Registry:
             raise generic("NBD server already running")
         limits = replace(self.limits, max_connections=max_connections) if max_connections else self.limits
         server = NbdServer(limits=limits, tls=tls if tls is not None else self.tls)
+        server.resolver = self.export_resolver
         added: list[str] = []
         try:
             for host, port in tcp:
@@ -372,8 +378,8 @@ class Registry:
             if isinstance(node.device, BlockNode):
                 continue  # closed through the child node
             try:
-                if not node.read_only:
-                    await node.device.flush()
+                if not node.read_only and not getattr(node, "discard_on_close", False):
+                    await node.device.flush()  # an uncommitted repository snapshot is dropped instead
             except Exception as exc:
                 self._shutdown_error(f"flushing node '{name}' failed: {exc}")
             try:

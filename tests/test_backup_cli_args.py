@@ -72,7 +72,7 @@ async def test_ctrl_c_that_lands_as_an_event_arrives_is_not_lost() -> None:
     told to cancel.)"""
     import asyncio
 
-    from server.commands.backup import next_event
+    from server.job_follow import next_event
 
     class Conn:
         def __init__(self) -> None:

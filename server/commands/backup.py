@@ -15,12 +15,19 @@ from typing import Any
 
 from nbd.loop import run
 from server.errors import BackupFailed, ConfigError
+from server.job_follow import cancel as _cancel
+from server.job_follow import execute, follow
 from server.progress import Progress
-from server.qmp.client import QmpClient, QmpClientError, QmpCommandError
+from server.qmp.client import QmpClient, QmpClientError
+from server.repo_backup import parse_repo_target, run_repo_backup
 
 EPILOG = """\
 TARGET is a file (created at the source's size unless --mode existing), an NBD URI
-(nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH), or with --to-node another block node.
+(nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH), with --to-node another block node, or
+repo:[ID:]DISK, a new snapshot of DISK in a repository the daemon has open (serve --repo [ID=]DIR):
+repo-snapshot-begin, blockdev-backup into it, repo-snapshot-commit. With --bitmap the backup is
+incremental from the latest snapshot (full, starting the bitmap, when there is none yet); a failure
+or Ctrl-C aborts the snapshot, nothing is published.
 An NBD target that leaves requests unanswered for 60 s is dropped: they fail with ETIMEDOUT (as a
 write error: --on-target-error decides);
 --cbw-timeout bounds how long guest writes wait for a slow or stalled target meanwhile.
@@ -30,13 +37,12 @@ examples:
   nbd-backup backup --qmp tcp:127.0.0.1:4444 disk0 nbd://backup-host/disk0 --speed 50M
   nbd-backup backup --qmp unix:qmp.sock disk0 /backups/disk0.raw --progress=3 3>progress.log
   nbd-backup backup --qmp unix:qmp.sock disk0 nbd://backup-host/disk0 --cbw-timeout 10 --on-cbw-error break-snapshot
+  nbd-backup backup --qmp unix:qmp.sock disk0 repo:vm1/disk0 --bitmap nightly
 
 exit status: 0 when the backup completed; 1 when it could not start, failed, or was cancelled;
 130 after Ctrl-C (the job is cancelled first).
 """
 
-#: How often the progress bar asks the daemon for the job's offset.
-POLL_INTERVAL = 0.2
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -92,61 +98,29 @@ def backup_arguments(args: argparse.Namespace, job_id: str) -> tuple[str, dict[s
     return "drive-backup", arguments
 
 
-async def next_event(conn: QmpClient, timeout: float) -> dict[str, Any] | None:
-    """The next event, or None when none arrives within ``timeout`` seconds.
-
-    ``asyncio.timeout``, not ``wait_for``: on Python 3.11 ``wait_for`` swallows a cancellation (Ctrl-C)
-    that lands while the event it waited for arrives, and the command then followed a job it should
-    have cancelled (seen: one Ctrl-C in ten ignored)."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await conn.next_event()
-    except TimeoutError:
-        return None
-
-
-async def execute(conn: QmpClient, name: str, arguments: dict[str, Any] | None = None) -> Any:
-    try:
-        return await conn.execute(name, arguments)
-    except QmpCommandError as exc:
-        raise BackupFailed(f"{name}: {exc.desc}") from exc
-
-
-async def follow(conn: QmpClient, job_id: str, progress: Progress | None, log: Any) -> None:
-    """Show progress until the job's final event; raise ``BackupFailed`` unless it completed."""
-    while True:
-        event = await next_event(conn, POLL_INTERVAL)
-        if event is None:
-            if progress is not None:
-                for job in await execute(conn, "query-block-jobs"):
-                    if job.get("device") == job_id:
-                        progress.set_total(job["len"])
-                        progress.update(job["offset"])
-            continue
-        name, data = event["event"], event.get("data", {})
-        if data.get("device") != job_id:
-            continue
-        if name == "BLOCK_JOB_ERROR":
-            hint = f" (resume: nbd-backup qmp block-job-resume device={job_id})" if data["action"] == "stop" else ""
-            print(f"\nnbd-backup backup: {data['operation']} error, action: {data['action']}{hint}", file=log)
-        elif name == "BLOCK_JOB_COMPLETED":
-            if progress is not None:
-                progress.set_total(data["len"])
-                progress.update(data["offset"])
-                progress.finish(ok="error" not in data)
-            if "error" in data:
-                raise BackupFailed(f"backup failed: {data['error']}")
-            return
-        elif name == "BLOCK_JOB_CANCELLED":
-            if progress is not None:
-                progress.finish(ok=False)
-            raise BackupFailed("backup was cancelled")
-
-
 async def run_backup(args: argparse.Namespace, log: Any = sys.stderr) -> None:
+    repo_target = parse_repo_target(args.target)
     conn = await QmpClient.connect(args.qmp)
     job_id = args.job_id or args.device
     try:
+        if repo_target is not None:
+            result = await run_repo_backup(
+                conn,
+                args.device,
+                repo_target,
+                bitmap=args.bitmap,
+                job_id=job_id,
+                progress=_make_progress(args),
+                log=log,
+                speed=args.speed,
+            )
+            if not args.quiet:
+                snapshot = f"{result['disk']}@{result['snapshot']}"
+                print(
+                    f"nbd-backup backup: {args.device} → {snapshot}: completed, {result['new-bytes']} new bytes",
+                    file=log,
+                )
+            return
         command, arguments = backup_arguments(args, job_id)
         progress = _make_progress(args)
         try:
@@ -163,18 +137,6 @@ async def run_backup(args: argparse.Namespace, log: Any = sys.stderr) -> None:
             print(f"nbd-backup backup: {args.device} → {args.target}: completed", file=log)
     finally:
         await conn.close()
-
-
-async def _cancel(conn: QmpClient, job_id: str) -> None:
-    await execute(conn, "block-job-cancel", {"device": job_id, "force": True})
-    while True:
-        event = await next_event(conn, 1.0)
-        if (
-            event is not None
-            and event["event"] in ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED")
-            and event.get("data", {}).get("device") == job_id
-        ):
-            return
 
 
 def _make_progress(args: argparse.Namespace) -> Progress | None:

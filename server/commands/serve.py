@@ -18,6 +18,7 @@ from server.config import apply_config, load_config
 from server.daemon import Daemon
 from server.errors import ConfigError, QmpError, ShutdownError
 from server.paths import PathPolicy
+from server.repos import RepoExports, RepoSpec, open_repos, parse_repo
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ blockdev-backup, transaction, query-block-jobs, block-job-cancel …):
   With only --qmp, nothing listens for NBD until a client runs nbd-server-start.
   --allow-dir DIR          confine the files QMP clients may open or create (blockdev-add,
                            drive-backup targets) to DIR, symlinks resolved (repeatable)
+  --repo [ID=]DIR          open a backup repository (repeatable; ID 'default' when left out) for the
+                           repo-snapshot-begin/-commit/-abort/-open and query-repo-snapshots commands
+                           (the directory obeys --allow-dir like every path)
+  --repo-exports           every snapshot a read-only NBD export DISK@ID and DISK@latest (REPO:DISK@ID
+                           in a repository other than 'default'), listed by nbdinfo --list; snapshots
+                           committed later appear at once, @latest follows the newest
   --config FILE            the same settings from TOML: qmp = ["unix:/run/nbd-backup/qmp.sock"],
                            nbd = ["127.0.0.1:10809"], export = ["disk=/img/disk.qcow2"],
                            allow-dir = ["/backups"], pid-file = "...", max-connections = 16,
@@ -79,6 +86,7 @@ examples:
   nbd-backup serve --export disk=disk.img
   nbd-backup serve --qmp unix:/run/nbd-backup/qmp.sock --allow-dir /backups --pid-file /run/nbd-backup.pid
   nbd-backup serve --config /etc/nbd-backup/serve.toml
+  nbd-backup serve --qmp unix:qmp.sock --repo /backups/repo --repo-exports
 
 The daemon writes --pid-file and prints a line starting with "nbd-backup: ready" on stderr once
 every socket is listening. SIGTERM/SIGINT (or QMP quit) cancel running jobs, flush and exit 0 (1 when
@@ -105,6 +113,8 @@ class ServeConfig:
     pid_file: str | None = None
     allow_dirs: list[str] = field(default_factory=list)
     tls: ServerTls | None = None
+    repos: list[RepoSpec] = field(default_factory=list)
+    repo_exports: bool = False
 
 
 def parse_hostport(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -220,6 +230,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="DIR",
         help="only let QMP clients open or create images under DIR (repeatable; default: anywhere)",
     )
+    parser.add_argument(
+        "--repo",
+        action="append",
+        default=[],
+        metavar="[ID=]DIR",
+        help="open a backup repository for the repo-* QMP commands (repeatable; ID defaults to 'default')",
+    )
+    parser.add_argument(
+        "--repo-exports",
+        action="store_true",
+        default=None,
+        help="export every snapshot read-only over NBD as DISK@ID and DISK@latest",
+    )
     parser.set_defaults(func=main)
 
 
@@ -269,6 +292,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         pid_file=getattr(args, "pid_file", None),
         allow_dirs=list(getattr(args, "allow_dir", None) or []),
         tls=tls_from_args(args),
+        repos=[parse_repo(r) for r in getattr(args, "repo", None) or []],
+        repo_exports=bool(getattr(args, "repo_exports", None)),
     )
     for address in config.qmp:
         parse_monitor_address(address)
@@ -287,7 +312,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"duplicate export name(s): {', '.join(duplicates)}")
-    if config.exports and not config.tcp and not config.unix:
+    if config.repo_exports and not config.repos:
+        raise ConfigError("--repo-exports needs at least one --repo")
+    if (config.exports or config.repo_exports) and not config.tcp and not config.unix:
         config.tcp.append((DEFAULT_HOST, DEFAULT_PORT))
     return config
 
@@ -301,6 +328,9 @@ async def build_daemon(config: ServeConfig) -> Daemon:
         tls=config.tls,
     )
     try:
+        daemon.registry.repos.update(open_repos(config.repos, daemon.registry.paths))
+        if config.repo_exports:
+            daemon.registry.export_resolver = RepoExports(daemon.registry.repos)
         for spec in config.exports:
             await daemon.open_node(spec.name, spec.path, format=spec.format, read_only=spec.readonly)
         if config.tcp or config.unix:

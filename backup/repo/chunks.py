@@ -29,6 +29,9 @@ class ChunkStore(Protocol):
     def delete(self, digest: str) -> None: ...
     def list_digests(self) -> Iterator[str]: ...
     def touch(self, digest: str) -> None: ...
+    def reuse(self, digest: str, since: float) -> bool:
+        """True if the chunk is there and stays for a backup whose lease began at ``since`` (dedup)."""
+        ...
 
 
 class LocalChunkStore:
@@ -75,6 +78,13 @@ class LocalChunkStore:
     def touch(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.utime(self.path(digest))
+
+    def reuse(self, digest: str, since: float) -> bool:
+        """The lease recorded the digest already: gc keeps a chunk found here (see gc.py)."""
+        if not self.exists(digest):
+            return False
+        self.touch(digest)
+        return True
 
     # gc's two-phase delete (local only): a chunk is moved aside, then deleted or put back.
 

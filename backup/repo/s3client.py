@@ -157,9 +157,7 @@ class S3Client:
 
     # -- requests
 
-    def put(
-        self, key: str, body: bytes, *, if_absent: bool = False, md5: str | None = None
-    ) -> dict[str, Any] | None:
+    def put(self, key: str, body: bytes, *, if_absent: bool = False, md5: str | None = None) -> dict[str, Any] | None:
         """PUT; with ``if_absent`` (``If-None-Match: *``) None if the object exists (412)."""
         kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Key": key, "Body": body}
         if if_absent:

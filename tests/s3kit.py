@@ -85,6 +85,7 @@ class Faults:
     errors: list[tuple[int, str]] = field(default_factory=list)  # (status, code) for the next requests
     reset_put_before: int = 0  # chunk PUTs cut after half the body (the server stores nothing)
     reset_put_after: int = 0  # PUTs forwarded (stored), then the connection reset before the answer
+    reset_put_after_match: str = ""  # ... only PUTs whose target contains this
     down: bool = False  # every connection closed at once
     seen: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -124,6 +125,7 @@ class FaultProxy:
         try:
             while True:
                 if self.faults.down:
+                    reader.close()
                     _rst(conn)
                     return
                 line = reader.readline()
@@ -135,6 +137,9 @@ class FaultProxy:
                     k, _, v = h.decode("latin-1").partition(":")
                     headers.append((k.strip(), v.strip()))
                 length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+                if any(k.lower() == "expect" and v.lower() == "100-continue" for k, v in headers):
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    headers = [(k, v) for k, v in headers if k.lower() != "expect"]
                 f = self.faults
                 with f.lock:
                     f.seen.append(f"{method} {target}")
@@ -142,11 +147,17 @@ class FaultProxy:
                     cut_before = method == "PUT" and "/chunks/" in target and f.reset_put_before > 0
                     if cut_before:
                         f.reset_put_before -= 1
-                    cut_after = method == "PUT" and f.reset_put_after > 0 and not cut_before
+                    cut_after = (
+                        method == "PUT"
+                        and f.reset_put_after > 0
+                        and f.reset_put_after_match in target
+                        and not cut_before
+                    )
                     if cut_after:
                         f.reset_put_after -= 1
                 if cut_before:
                     reader.read(length // 2)
+                    reader.close()  # the file object holds the socket open: close both to reset it
                     _rst(conn)
                     return
                 body = reader.read(length) if length else b""
@@ -156,13 +167,14 @@ class FaultProxy:
                     conn.sendall(
                         f"HTTP/1.1 {status} {code}\r\nContent-Type: application/xml\r\n"
                         f"Content-Length: {len(xml)}\r\n\r\n".encode()
-                        + xml
+                        + (b"" if method == "HEAD" else xml)
                     )
                     continue
                 upstream.request(method, target, body=body, headers=dict(headers))
                 r = upstream.getresponse()
                 data = r.read()
                 if cut_after:
+                    reader.close()
                     _rst(conn)
                     return
                 out = [f"HTTP/1.1 {r.status} {r.reason}\r\n"]
@@ -179,6 +191,7 @@ class FaultProxy:
         finally:
             upstream.close()
             with contextlib.suppress(OSError):
+                reader.close()
                 conn.close()
 
     def close(self) -> None:

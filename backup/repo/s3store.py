@@ -64,7 +64,7 @@ class LiveObject:
         self.s3 = s3
         self.key = key
         self.ttl = ttl
-        self.body = {**body, "ttl": ttl, "host": socket.gethostname(), "pid": os.getpid()}
+        self.body = {**body, "ttl": ttl, "owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self.started = 0.0
         self._last_ok = 0.0
         self._lost = False
@@ -80,10 +80,16 @@ class LiveObject:
     def create(self, *, exclusive: bool) -> bool:
         """Write it (``exclusive``: only if absent — False if somebody holds it) and start the heartbeat."""
         t0 = _now_mono()
-        r = self.s3.put(self.key, self._encode(), if_absent=exclusive)
-        if r is None:
-            return False
-        self.started = self.body["started"] = server_time(r)
+        data = self._encode()
+        r = self.s3.put(self.key, data, if_absent=exclusive)
+        if r is not None:
+            self.started = server_time(r)
+        else:  # somebody holds it — or our PUT landed and its answer was lost, and a retry got the 412
+            info = self.s3.head(self.key)
+            if info is None or self.s3.get(self.key) != data:
+                return False
+            self.started = info.mtime
+        self.body["started"] = self.started
         self._last_ok = t0
         self._thread = threading.Thread(target=self._beat, name=f"s3-heartbeat-{self.key[-12:]}", daemon=True)
         self._thread.start()
@@ -109,10 +115,14 @@ class LiveObject:
         return not (self._lost or self._released) and _now_mono() - self._last_ok < 0.75 * self.ttl
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 5):
+        next_beat = _now_mono() + self.ttl / 5
+        while not self._stop.wait(min(0.5, self.ttl / 5)):  # short steps: notice a closed descriptor soon
             if self._watch is not None and _peer_closed(self._watch[1]):
                 self.release()
                 return
+            if _now_mono() < next_beat:
+                continue
+            next_beat = _now_mono() + self.ttl / 5
             try:
                 self.rewrite()
             except (RepoError, OSError) as e:

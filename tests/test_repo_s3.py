@@ -20,7 +20,7 @@ import pytest
 from repokit import CS, S3Where, rand_chunk, read_snapshot, write_snapshot
 from s3kit import FaultProxy, MotoServer, location
 
-from backup.repo import gc, s3store
+from backup.repo import gc, s3gc, s3store
 from backup.repo.errors import DiskBusy, NotARepository, RepoError
 from backup.repo.location import S3Location, is_s3, parse_s3
 from backup.repo.repository import Repository
@@ -247,7 +247,11 @@ def test_one_gc_at_a_time(s3: S3Where, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_backup_starting_during_gc_keeps_what_it_dedups(s3: S3Where, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backup begins while gc deletes; it dedups against doomed chunks and commits: nothing it needs goes."""
+    """A backup begins while gc deletes; it dedups against doomed chunks and commits: nothing it needs goes.
+
+    Its commit waits for the delete batch running then (not for the whole gc); later batches read its lease.
+    """
+    monkeypatch.setattr(s3gc, "BATCH", 2)
     repo = Repository.init(s3.loc(), CS)
     doomed = [rand_chunk() for _ in range(6)]
     with repo.begin_write("old") as w:  # orphans: candidates of the next gc

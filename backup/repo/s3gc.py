@@ -7,15 +7,16 @@
    leaves chunks younger than its lease's start: it uploads them, or it copies an older chunk it
    dedups against onto itself (``S3ChunkStore.reuse``), so no candidate is one a live backup stored
    or touched before this gc listed the chunks.
-4. The marker is rewritten with ``deleting`` — *before* any delete — and the leases and manifests
-   are read again (a backup publishing meanwhile, a parent a backup recorded).
-5. Each remaining candidate is HEADed once more and deleted only if it is still older than the
+4. Candidates go in batches of ``BATCH``. For each, the marker is rewritten with ``deleting: N`` —
+   *before* any delete of that batch — and the leases and manifests are read again (a backup
+   publishing meanwhile, a parent or a commit's chunk list a backup recorded).
+5. Each candidate of the batch is HEADed once more and deleted only if it is still older than the
    cutoff: a backup that touched it after step 3 keeps it.
 6. Dead leases are removed, then the marker.
 
-A commit lists every chunk in its lease, then waits for every gc in its delete phase to finish, then
-HEADs every chunk, then publishes. A gc whose delete phase began before that wait is waited for;
-one whose delete phase begins after it reads the lease in step 4 and keeps the chunks. The one case
+A commit lists every chunk in its lease, then waits for the delete batches running at that moment to
+end, then HEADs every chunk, then publishes. A batch that began before that wait is waited for;
+one that begins after it reads the lease in step 4 and keeps the chunks. The one case
 left — a chunk touched in the instant between a gc's HEAD and its DELETE — makes the commit fail
 (EIO, nothing published), never a snapshot with a hole.
 """
@@ -35,6 +36,8 @@ from .s3client import ObjectInfo
 from .s3store import GC_MARKERS, S3Store
 
 Hook = Callable[[list[str]], None]
+#: Candidates per delete batch: a commit waits for the batch running when it checks, not for the whole gc.
+BATCH = 1000
 
 
 def _lease_digests(leases: list[dict[str, Any]]) -> set[str]:
@@ -74,27 +77,38 @@ def collect_s3(repo: Repository, *, grace_seconds: float, after_mark: Hook, afte
                 candidates.append(o)
         names = [o.key.rsplit("/", 1)[1] for o in candidates]
         after_mark(names)
-        marker.body["deleting"] = True
-        marker.rewrite()
-        after_delete_began(names)
-        again, _ = store.live_leases(store.s3.now())
-        needed = _lease_digests(again) | manifest_chunks(repo, seen)
         lock = threading.Lock()
 
-        def sweep(o: ObjectInfo) -> None:
-            if not marker.live:
-                raise RepoError(f"{store.location}: gc lost its marker (no heartbeat); stopped", errno.EIO)
-            info = None if o.key.rsplit("/", 1)[1] in needed else store.s3.head(o.key)
-            if info is not None and info.mtime < cutoff:
-                store.s3.delete(o.key)
-                with lock:
-                    report.chunks_deleted += 1
-                    report.bytes_freed += info.size
-            elif info is not None or o.key.rsplit("/", 1)[1] in needed:
+        def sweep(o: ObjectInfo, needed: set[str]) -> None:
+            name = o.key.rsplit("/", 1)[1]
+            if name in needed:
                 with lock:
                     report.chunks_rescued += 1
+                return
+            if not marker.live:
+                raise RepoError(f"{store.location}: gc lost its marker (no heartbeat); stopped", errno.EIO)
+            info = store.s3.head(o.key)
+            if info is None:
+                return
+            if info.mtime >= cutoff:  # touched by a backup since the listing
+                with lock:
+                    report.chunks_rescued += 1
+                return
+            store.s3.delete(o.key)
+            with lock:
+                report.chunks_deleted += 1
+                report.bytes_freed += info.size
 
-        list(store.pool().map(sweep, candidates))
+        for n, start in enumerate(range(0, len(candidates), BATCH)):
+            batch = candidates[start : start + BATCH]
+            marker.body["deleting"] = n + 1  # visible before this batch's first HEAD
+            marker.rewrite()
+            if n == 0:
+                after_delete_began(names)
+            again, _ = store.live_leases(store.s3.now())
+            needed = _lease_digests(again) | manifest_chunks(repo, seen)
+            list(store.pool().map(sweep, batch, [needed] * len(batch)))
+        marker.body["deleting"] = None
         now = store.s3.now()
         for key in dead:
             if store.read_live(key, now) is None:

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,16 @@ class LiveObject:
     then on somebody may have judged it dead, so it must not act on it any more.
     """
 
-    def __init__(self, s3: S3Client, key: str, ttl: float, body: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        s3: S3Client,
+        key: str,
+        ttl: float,
+        body: dict[str, Any],
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.s3 = s3
+        self._extra = extra
         self.key = key
         self.ttl = ttl
         self.body = {**body, "ttl": ttl, "owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
@@ -75,7 +83,8 @@ class LiveObject:
         self._watch: tuple[int, int] | None = None  # a pipe: the holder closing its end releases us
 
     def _encode(self) -> bytes:
-        return json.dumps(self.body, separators=(",", ":")).encode()
+        body = {**self.body, **self._extra()} if self._extra is not None else self.body
+        return json.dumps(body, separators=(",", ":")).encode()
 
     def create(self, *, exclusive: bool) -> bool:
         """Write it (``exclusive``: only if absent — False if somebody holds it) and start the heartbeat."""
@@ -173,10 +182,14 @@ class S3Lease(Lease):
         key = store.key(f"{LEASES}{uuid.uuid4().hex}.lease")
         super().__init__(-1, Path(key))
         self._fd = None
-        self._obj = LiveObject(store.s3, key, store.lease_ttl, {"lease": 1, "digests": []})
+        self._obj = LiveObject(store.s3, key, store.lease_ttl, {"lease": 1}, self._digest_list)
         if not self._obj.create(exclusive=True):
             raise RepoError(f"lease {key} exists already", errno.EEXIST)
         self.started = self._obj.started
+
+    def _digest_list(self) -> dict[str, Any]:
+        with self._lock:
+            return {"digests": sorted(self.digests)}
 
     @property
     def live(self) -> bool:
@@ -188,9 +201,7 @@ class S3Lease(Lease):
 
     def record(self, digest: str) -> None:
         with self._lock:
-            if digest not in self.digests:
-                self.digests.add(digest)
-                self._obj.body["digests"] = sorted(self.digests)
+            self.digests.add(digest)
 
     def record_many(self, digests: Iterable[str]) -> None:
         with self._lock:
@@ -198,7 +209,6 @@ class S3Lease(Lease):
             if not new:
                 return
             self.digests.update(new)
-            self._obj.body["digests"] = sorted(self.digests)
         self._obj.rewrite()
 
     def release(self) -> None:
@@ -398,12 +408,19 @@ class S3Store:
         return out
 
     def wait_for_gc(self, *, deleting_only: bool = False) -> None:
-        """Until no gc runs (or, ``deleting_only``, none is in its delete phase); bounded by ``gc_wait``."""
+        """Until no gc runs — or, ``deleting_only``, until each delete batch running now has ended.
+
+        Bounded by ``gc_wait`` (EBUSY after it): a gc's marker expires with its heartbeat.
+        """
         deadline = _now_mono() + self.gc_wait
         delay = 0.05
+        waiting: dict[str, object] | None = None
         while True:
             markers = self.gc_markers(self.s3.now())
-            if not any(m.get("deleting") or not deleting_only for m in markers):
+            now = {str(m.get("owner")): m.get("deleting") for m in markers if m.get("deleting") or not deleting_only}
+            if waiting is None:
+                waiting = now
+            if not any(owner in now and now[owner] == batch for owner, batch in waiting.items()):
                 return
             if _now_mono() > deadline:
                 raise RepoError(f"{self.location}: a gc is still running after {self.gc_wait:.0f}s", errno.EBUSY)
@@ -411,10 +428,10 @@ class S3Store:
             delay = min(1.0, delay * 2)
 
     def missing_chunks(self, digests: set[str], lease: Lease) -> list[str]:
-        """After the lease lists them: wait out a gc deleting meanwhile, then HEAD each (in parallel).
+        """After the lease lists them: wait out the gc delete batches running now, then HEAD each (in parallel).
 
-        A gc whose delete phase began before this point may have judged a chunk by a HEAD older
-        than our touch; one that begins later reads our lease first (``s3gc``).
+        A delete batch that began before this point may have judged a chunk by a HEAD older than our
+        touch; one that begins later reads our lease first (``s3gc``).
         """
         self.wait_for_gc(deleting_only=True)
         ordered = sorted(digests)

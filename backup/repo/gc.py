@@ -16,31 +16,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import _fs
 from .chunks import TRASH_PREFIX, LocalChunkStore
-from .errors import RepoError, SnapshotNotFound
+from .errors import RepoError
 from .lease import scan_leases
+from .marks import GcReport, manifest_chunks
 from .repository import GC_LOCK, Repository
-
-
-@dataclass
-class GcReport:
-    chunks_before: int = 0
-    chunks_deleted: int = 0
-    bytes_freed: int = 0
-    chunks_rescued: int = 0
-    leases_removed: int = 0
-    temporaries_removed: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps({k.replace("_", "-"): v for k, v in asdict(self).items()})
 
 
 def _after_mark(candidates: list[str]) -> None:
@@ -49,22 +35,6 @@ def _after_mark(candidates: list[str]) -> None:
 
 def _after_trash(trashed: list[str]) -> None:
     """Test hook: called between trash and recheck (S3: once the delete phase began, before the recheck)."""
-
-
-def manifest_chunks(repo: Repository, seen: set[tuple[str, str]]) -> set[str]:
-    """Chunks of every published manifest not in ``seen`` (``(disk, id)``, which is updated)."""
-    marked: set[str] = set()
-    for disk in repo.disks():
-        for snap_id in repo.snapshot_ids(disk):
-            if (disk, snap_id) in seen:
-                continue
-            try:
-                m = repo.load_manifest(disk, snap_id)
-            except SnapshotNotFound:
-                continue  # pruned meanwhile
-            seen.add((disk, snap_id))
-            marked.update(c for c in m.chunks if c is not None)
-    return marked
 
 
 def _gc_lock(repo: Repository) -> int:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import RepoError
-from .gc import GcReport, manifest_chunks
+from .marks import GcReport, manifest_chunks
 from .repository import Repository
 from .s3client import ObjectInfo
 from .s3store import GC_MARKERS, S3Store

@@ -315,3 +315,17 @@ def test_chunk_deleted_under_a_dedup_fails_the_commit_cleanly(s3: S3Where, monke
     assert repo.snapshots("d") == [] and verify(repo).ok
     m = write_snapshot(other, "d", [data])  # the next backup stores it again
     assert read_snapshot(repo, m) == data
+
+
+def test_no_credentials_is_a_one_line_error_at_once(s3: S3Where, tmp_path: Path) -> None:
+    repo = Repository.init(s3.loc(), CS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    code = (
+        "import sys\nfrom backup.repo.repository import Repository\n"
+        "try:\n    Repository.open(sys.argv[1])\nexcept OSError as e:\n    print(e.errno, e)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, repo.location], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith(f"{errno.EACCES} ") and "credentials" in p.stdout
+    assert p.stdout.count("\n") == 1

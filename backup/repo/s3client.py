@@ -21,7 +21,8 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .errors import NotARepository, RepoError
 from .location import S3Location
@@ -42,7 +43,6 @@ _RETRY_CODES = {
     "Throttling",
     "ThrottlingException",
     "RequestTimeout",
-    "RequestTimeTooSkewed",
     "InternalError",
     "ServiceUnavailable",
     "503",
@@ -70,9 +70,10 @@ def is_precondition_failed(e: ClientError) -> bool:
 
 
 def _retryable(e: Exception) -> bool:
+    """Transient: 5xx, throttling, and the network (resets, timeouts) — not missing credentials or bad input."""
     if isinstance(e, ClientError):
         return error_code(e) in _RETRY_CODES or http_status(e) >= 500 or http_status(e) == 429
-    return isinstance(e, BotoCoreError | ConnectionError | TimeoutError)
+    return isinstance(e, HTTPClientError | BotoConnectionError | IncompleteReadError | ConnectionError | TimeoutError)
 
 
 def server_time(response: dict[str, Any]) -> float:
@@ -121,6 +122,8 @@ class S3Client:
                 response: dict[str, Any] = getattr(self.client, op)(**kw)
             except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as e:
                 if not _retryable(e):
+                    if not isinstance(e, ClientError):  # no credentials, a bad parameter: say so in one line
+                        raise RepoError(f"{self.loc.url}: S3 {op}: {_short(e)}", errno.EACCES) from None
                     self._succeeded()  # the server answered: it is up
                     raise
                 self._backoff(attempt, op, e)
@@ -191,6 +194,8 @@ class S3Client:
                     raise self.fail("GET", e) from None
                 self._backoff(attempt, "GET", e)
             except (BotoCoreError, ConnectionError, TimeoutError) as e:
+                if not _retryable(e):
+                    raise RepoError(f"{self.loc.url}: S3 GET: {_short(e)}", errno.EACCES) from None
                 self._backoff(attempt, "GET", e)
             else:
                 self._succeeded()

@@ -379,3 +379,20 @@ def test_backups_and_gcs_at_once_publish_no_hole(s3: S3Where) -> None:
     assert verify(repo).ok
     for m, data in published:
         assert read_snapshot(repo, m) == data
+
+
+def test_incremental_does_not_copy_the_parent_chunks(s3: S3Where, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unchanged chunks of the parent are kept by its manifest and our lease: a HEAD, never a copy."""
+    repo = Repository.init(s3.loc(), CS)
+    blocks = [rand_chunk() for _ in range(4)]
+    first = write_snapshot(repo, "d", blocks)
+    other = write_snapshot(repo, "e", [rand_chunk()])
+    s3.tick()
+    touched: list[str] = []
+    store = _store(repo)
+    real = store.s3.touch
+    monkeypatch.setattr(store.s3, "touch", lambda key: touched.append(key) or real(key))
+    second = write_snapshot(repo, "d", [*blocks[:3], read_snapshot(repo, other)], parent="latest")
+    assert second.parent == first.id and second.stats["new-bytes"] == 0
+    assert touched == [store.chunks.key(other.chunks[0] or "")]  # only the chunk that is not the parent's
+    assert read_snapshot(repo, second) == b"".join(blocks[:3]) + read_snapshot(repo, other)

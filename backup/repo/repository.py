@@ -161,7 +161,7 @@ class Repository:
             lease.count(zero=len(data))
             return None, False
         lease.record(digest)  # before the exists check: see gc.py
-        if self.chunks.reuse(digest, lease.started):
+        if self.chunks.reuse(digest, lease):
             lease.count(reused=len(data))
             return digest, False
         blob = compress_chunk(data)

@@ -186,6 +186,8 @@ class S3Lease(Lease):
         if not self._obj.create(exclusive=True):
             raise RepoError(f"lease {key} exists already", errno.EEXIST)
         self.started = self._obj.started
+        #: Digests the lease object listed when a ``record_many`` returned (every gc reading it after keeps them).
+        self.written: frozenset[str] = frozenset()
 
     def _digest_list(self) -> dict[str, Any]:
         with self._lock:
@@ -209,7 +211,9 @@ class S3Lease(Lease):
             if not new:
                 return
             self.digests.update(new)
+            listed = frozenset(self.digests)
         self._obj.rewrite()
+        self.written = listed
 
     def release(self) -> None:
         self._obj.release()
@@ -259,15 +263,16 @@ class S3ChunkStore:
     def touch(self, digest: str) -> None:
         self.s3.touch(self.key(digest))
 
-    def reuse(self, digest: str, since: float) -> bool:
+    def reuse(self, digest: str, lease: Lease) -> bool:
         """HEAD; a chunk older than the lease is copied onto itself (young again, see ``s3gc``).
 
-        False if it is missing — also when gc removed it between the HEAD and the copy.
+        Not a chunk the lease object lists already (a parent's): the parent's manifest and that list
+        keep it. False if it is missing — also when gc removed it between the HEAD and the copy.
         """
         info = self.s3.head(self.key(digest))
         if info is None:
             return False
-        if info.mtime < since:
+        if info.mtime < lease.started and not (isinstance(lease, S3Lease) and digest in lease.written):
             return self.s3.touch(info.key)
         return True
 

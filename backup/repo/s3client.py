@@ -53,6 +53,17 @@ _RETRY_CODES = {
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
+_session_lock = threading.Lock()
+_sessions: list[Any] = []
+
+
+def _session() -> Any:
+    """One boto3 session per process: it resolves the credential chain and loads the S3 model once."""
+    if not _sessions:
+        _sessions.append(boto3.session.Session())
+    return _sessions[0]
+
+
 def error_code(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
 
@@ -108,7 +119,8 @@ class S3Client:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self.client: Any = boto3.session.Session().client("s3", endpoint_url=loc.endpoint, config=config)
+        with _session_lock:  # a Session is not thread-safe; its clients are
+            self.client: Any = _session().client("s3", endpoint_url=loc.endpoint, config=config)
         self._lock = threading.Lock()
         self._failing_since: float | None = None
 

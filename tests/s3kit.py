@@ -87,6 +87,7 @@ class Faults:
     reset_put_after: int = 0  # PUTs forwarded (stored), then the connection reset before the answer
     reset_put_after_match: str = ""  # ... only PUTs whose target contains this
     down: bool = False  # every connection closed at once
+    refused: int = 0  # requests met while down
     seen: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -125,6 +126,7 @@ class FaultProxy:
         try:
             while True:
                 if self.faults.down:
+                    self.faults.refused += 1
                     reader.close()
                     _rst(conn)
                     return

@@ -172,16 +172,21 @@ def test_a_store_that_stays_down_fails_the_backup_and_publishes_nothing(s3: S3Wh
     direct = Repository.init(s3.loc(), CS)
     base = write_snapshot(direct, "d", [rand_chunk()])
     repo = _proxied(proxy, s3)
-    _store(repo).s3.down_limit = 1.0  # 60 s in production: the command fails well within two minutes
+    client = _store(repo).s3
+    client.down_limit = 1.0  # 45 s in production: the command fails well within two minutes
     w = repo.begin_write("d")
     digest, _ = repo.store_chunk(rand_chunk(), w.lease)
     proxy.faults.down = True
     with pytest.raises(RepoError, match="giving up") as e:
         w.commit(CS, [digest], None, {})
     assert e.value.errno == errno.EIO
-    with pytest.raises(RepoError):
-        repo.store_chunk(rand_chunk(), w.lease)
+    refused = proxy.faults.refused
+    assert refused > 0
+    with pytest.raises(RepoError, match="giving up"):
+        repo.store_chunk(rand_chunk(), w.lease)  # given up: fails at once, without a request
+    assert proxy.faults.refused == refused
     proxy.faults.down = False
+    client.probe = 0.0  # 10 s in production: the next call probes the store, which is back
     w.abort()
     assert [m.id for m in direct.snapshots("d")] == [base.id] and verify(direct).ok
     assert write_snapshot(repo, "d", [rand_chunk()], parent="latest").parent == base.id

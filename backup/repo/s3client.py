@@ -4,8 +4,9 @@ boto3 clients are thread-safe and the store's callers are threads already, so on
 repository with a connection pool as large as the number of requests we allow in flight. botocore
 retries each request a little (its "standard" mode: 5xx, throttling, resets, timeouts); around that
 we retry with our own jittered backoff until the store has been failing for ``down_limit`` seconds
-in a row — then every call fails at once (EIO), so a store that stays down fails a command well
-within two minutes (design §3.7) instead of each of thousands of requests waiting its own turn.
+in a row — then every call fails at once (EIO; one probe every ``PROBE`` s may find it back), so a
+store that stays down fails a command within two minutes (design §3.7) instead of each of thousands
+of requests waiting its own turn.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from .location import S3Location
 
 #: HTTP connections (and so requests in flight) per repository: S3 is latency bound, not CPU bound.
 CONNECTIONS = 16
-#: Seconds a store may fail without a single success before every call gives up (design: < 2 min).
-DOWN_LIMIT = 60.0
+#: Seconds a store may fail without a single success before every call gives up (design: < 2 min:
+#: this, plus one last request's botocore attempts, 3 x (5 + 15) s, is under two minutes).
+DOWN_LIMIT = 45.0
+#: Once given up, a call fails at once, except one probe of the store every PROBE seconds (a daemon recovers).
+PROBE = 10.0
 #: botocore's own attempts per request; ours come on top, until DOWN_LIMIT.
 BOTO_ATTEMPTS = 3
 CONNECT_TIMEOUT = 5
@@ -123,11 +127,14 @@ class S3Client:
             self.client: Any = _session().client("s3", endpoint_url=loc.endpoint, config=config)
         self._lock = threading.Lock()
         self._failing_since: float | None = None
+        self._probed = 0.0
+        self.probe = PROBE
 
     # -- the retry loop
 
     def call(self, op: str, **kw: Any) -> dict[str, Any]:
         """``client.<op>(**kw)`` retried on transient errors; a ClientError that is an answer is raised."""
+        self._check_down(op)
         attempt = 0
         while True:
             try:
@@ -144,6 +151,18 @@ class S3Client:
             self._succeeded()
             return response
 
+    def _check_down(self, op: str) -> None:
+        """Fail at once while the store is given up for down, but let one call probe it every PROBE s."""
+        since = self._failing_since
+        if since is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - since < self.down_limit or now - self._probed >= self.probe:
+                self._probed = now
+                return
+        raise RepoError(f"{self.loc.url}: S3 store failing for {now - since:.0f}s, giving up ({op})", errno.EIO)
+
     def _succeeded(self) -> None:
         if self._failing_since is not None:
             with self._lock:
@@ -156,6 +175,8 @@ class S3Client:
                 self._failing_since = now
             since = self._failing_since
         if now - since >= self.down_limit:
+            with self._lock:
+                self._probed = now  # the next probe in PROBE seconds
             raise RepoError(
                 f"{self.loc.url}: S3 store failing for {now - since:.0f}s, giving up ({op}: {_short(e)})", errno.EIO
             ) from None
@@ -193,6 +214,7 @@ class S3Client:
             r = self.client.get_object(Bucket=self.loc.bucket, Key=key)
             return {"Body": r["Body"].read(), "ResponseMetadata": r["ResponseMetadata"]}
 
+        self._check_down("GET")
         attempt = 0
         while True:
             try:

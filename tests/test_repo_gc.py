@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from repokit import CS, new_repo, rand_chunk, read_snapshot, write_snapshot
+from repokit import CS, Where, new_repo, rand_chunk, read_snapshot, write_snapshot
 
 from backup.repo import gc
 from backup.repo.errors import RepoError
@@ -20,20 +20,21 @@ def _digests(repo: Repository) -> set[str]:
     return set(repo.chunks.list_digests())
 
 
-def test_frees_orphans_and_keeps_published_chunks(tmp_path: Path) -> None:
-    repo = new_repo(tmp_path)
+def test_frees_orphans_and_keeps_published_chunks(where: Where) -> None:
+    repo = new_repo(where)
     a = rand_chunk()
     m = write_snapshot(repo, "d", [a, bytes(CS)])
     with repo.begin_write("d") as w:
         orphan, _ = repo.store_chunk(rand_chunk(), w.lease)
         repo.store_chunk(a, w.lease)
     assert orphan in _digests(repo)
+    where.tick()
     report = gc.collect_garbage(repo)
     assert report.chunks_before == 2 and report.chunks_deleted == 1 and report.bytes_freed > 0
     assert _digests(repo) == {m.chunks[0]}
     assert read_snapshot(repo, m) == a + bytes(CS)
     assert gc.collect_garbage(repo).chunks_deleted == 0
-    assert os.listdir(repo.path / "tmp") == []
+    assert where.leftovers(repo) == []
 
 
 def test_keeps_a_live_lease_and_reclaims_a_dead_one(tmp_path: Path) -> None:
@@ -53,33 +54,34 @@ def test_keeps_a_live_lease_and_reclaims_a_dead_one(tmp_path: Path) -> None:
     assert repo.load_chunk(kept, CS) and m.chunks == [kept] and lost not in _digests(repo)
 
 
-def test_keeps_the_parent_chunks_a_backup_reads_while_prune_removed_the_parent(tmp_path: Path) -> None:
-    repo = new_repo(tmp_path)
+def test_keeps_the_parent_chunks_a_backup_reads_while_prune_removed_the_parent(where: Where) -> None:
+    repo = new_repo(where)
     a = rand_chunk()
     parent = write_snapshot(repo, "d", [a])
     with repo.begin_write("d") as w:
         p = w.parent("latest")
         assert p == parent
-        repo.manifest_path("d", parent.id).unlink()  # what prune does beside the backup
+        repo.store.delete_manifest("d", parent.id)  # what prune does beside the backup
+        where.tick()
         gc.collect_garbage(repo)
         m = w.commit(CS, p.chunks, p.id, {})
     assert read_snapshot(repo, m) == a
 
 
-def _orphan(repo: Repository, data: bytes) -> str:
+def _orphan(repo: Repository, data: bytes, where: Where) -> str:
+    """A chunk nothing needs, older than anything that comes after (S3 compares whole seconds)."""
     with repo.begin_write("old") as w:
         digest, new = repo.store_chunk(data, w.lease)
     assert digest and new
+    where.tick()
     return digest
 
 
-def test_backup_reusing_a_chunk_between_mark_and_trash_keeps_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_backup_reusing_a_chunk_between_mark_and_trash_keeps_it(where: Where, monkeypatch: pytest.MonkeyPatch) -> None:
     """The race of the protocol: a backup records an unmarked chunk and finds it present, then gc trashes it."""
-    repo = new_repo(tmp_path)
+    repo = new_repo(where)
     data = rand_chunk()
-    digest = _orphan(repo, data)
+    digest = _orphan(repo, data, where)
     writer = repo.begin_write("d")
     seen = []
 
@@ -96,12 +98,12 @@ def test_backup_reusing_a_chunk_between_mark_and_trash_keeps_it(
 
 
 def test_backup_publishing_between_mark_and_trash_keeps_its_chunks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: Where, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A backup reuses an orphan, publishes and drops its lease inside gc's window: the manifest rescan keeps it."""
-    repo = new_repo(tmp_path)
+    repo = new_repo(where)
     data = rand_chunk()
-    _orphan(repo, data)
+    _orphan(repo, data, where)
     published = []
     monkeypatch.setattr(gc, "_after_mark", lambda _: published.append(write_snapshot(repo, "d", [data])))
     report = gc.collect_garbage(repo)
@@ -109,16 +111,18 @@ def test_backup_publishing_between_mark_and_trash_keeps_its_chunks(
     assert read_snapshot(repo, published[0]) == data
 
 
-def test_backup_recording_after_trash_writes_the_chunk_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The other order: the chunk is already trashed when the backup records it, so the backup stores it anew."""
-    repo = new_repo(tmp_path)
+def test_backup_recording_after_trash_writes_the_chunk_again(where: Where, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other order: the chunk is already trashed when the backup records it, so the backup stores it anew.
+
+    (S3 has no trash: the backup finds the chunk, copies it onto itself, and gc's last HEAD spares it.)"""
+    repo = new_repo(where)
     data = rand_chunk()
-    digest = _orphan(repo, data)
+    digest = _orphan(repo, data, where)
     writer = repo.begin_write("d")
     stored = []
     monkeypatch.setattr(gc, "_after_trash", lambda trashed: stored.append(repo.store_chunk(data, writer.lease)))
     report = gc.collect_garbage(repo)
-    assert stored == [(digest, True)]  # it saw the chunk missing and wrote it again
+    assert stored == [(digest, where.local)]  # local: it saw the chunk missing and wrote it again
     assert report.chunks_rescued == 1 and report.chunks_deleted == 0
     assert read_snapshot(repo, writer.commit(CS, [digest], None, {})) == data
 
@@ -149,7 +153,7 @@ def test_removes_temporaries_of_dead_writers_only(tmp_path: Path) -> None:
 
 def test_grace_period_spares_fresh_chunks(tmp_path: Path) -> None:
     repo = new_repo(tmp_path)
-    digest = _orphan(repo, rand_chunk())
+    digest = _orphan(repo, rand_chunk(), Where())
     assert gc.collect_garbage(repo, grace_seconds=3600).chunks_deleted == 0
     os.utime(repo.path / "chunks" / digest[:2] / digest, (1, 1))
     assert gc.collect_garbage(repo, grace_seconds=3600).chunks_deleted == 1

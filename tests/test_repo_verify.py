@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from repokit import CS, new_repo, rand_chunk, write_snapshot
+from repokit import CS, Where, new_repo, rand_chunk, write_snapshot
 
 from backup.repo import verify as verify_mod
-from backup.repo.repository import Repository
 from backup.repo.verify import verify
 
 
-def _chunk_file(repo: Repository, digest: str | None) -> Path:
-    assert digest
-    return repo.path / "chunks" / digest[:2] / digest
-
-
-def test_clean_repository(tmp_path: Path) -> None:
-    repo = new_repo(tmp_path)
+def test_clean_repository(where: Where) -> None:
+    repo = new_repo(where)
     a, b = rand_chunk(), rand_chunk(100)
     write_snapshot(repo, "d", [a, bytes(CS), b])
     write_snapshot(repo, "d", [a, a, b])
@@ -32,18 +25,18 @@ def test_clean_repository(tmp_path: Path) -> None:
     assert verify(repo, "e").checked_chunks == 1
 
 
-def test_flipped_byte_and_missing_chunk_name_every_broken_snapshot(tmp_path: Path) -> None:
-    repo = new_repo(tmp_path)
+def test_flipped_byte_and_missing_chunk_name_every_broken_snapshot(where: Where) -> None:
+    repo = new_repo(where)
     shared, mine, other = rand_chunk(), rand_chunk(), rand_chunk()
     s1 = write_snapshot(repo, "vm1/d0", [shared, mine])
     s2 = write_snapshot(repo, "vm1/d0", [shared, bytes(CS)])
     s3 = write_snapshot(repo, "vm2", [other, shared])
     clean = write_snapshot(repo, "vm3", [other])
-    path = _chunk_file(repo, s1.chunks[0])
-    blob = bytearray(path.read_bytes())
+    assert s1.chunks[0] and s1.chunks[1]
+    blob = bytearray(where.get_raw(repo, where.chunk_name(s1.chunks[0])))
     blob[-1] ^= 1
-    path.write_bytes(blob)
-    _chunk_file(repo, s1.chunks[1]).unlink()
+    where.put_raw(repo.location, where.chunk_name(s1.chunks[0]), bytes(blob))
+    repo.chunks.delete(s1.chunks[1])
     report = verify(repo)
     assert not report.ok
     assert report.bad == {s1.chunks[0]: "corrupt", s1.chunks[1]: "missing"}
@@ -57,16 +50,16 @@ def test_flipped_byte_and_missing_chunk_name_every_broken_snapshot(tmp_path: Pat
     assert set(verify(repo, "vm1/d0", s2.id).bad) == {s1.chunks[0]}
 
 
-def test_a_bad_manifest_is_reported(tmp_path: Path) -> None:
-    repo = new_repo(tmp_path)
+def test_a_bad_manifest_is_reported(where: Where) -> None:
+    repo = new_repo(where)
     m = write_snapshot(repo, "d", [rand_chunk()])
-    repo.manifest_path("d", m.id).write_bytes(b"{garbage")
+    where.put_raw(repo.location, where.manifest_name("d", m.id), b"{garbage")
     report = verify(repo)
     assert not report.ok and list(report.bad_manifests) == [m.ref]
 
 
-def test_runs_in_a_small_thread_pool(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    repo = new_repo(tmp_path)
+def test_runs_in_a_small_thread_pool(where: Where, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    repo = new_repo(where)
     write_snapshot(repo, "d", [rand_chunk() for _ in range(12)])
     monkeypatch.setattr(verify_mod, "THREADS", 3)
     report = verify(repo)

@@ -11,11 +11,14 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import _fs
 from .errors import ChunkMissing
 from .names import validate_digest
+
+if TYPE_CHECKING:
+    from .lease import Lease
 
 TRASH_PREFIX = "trash"
 
@@ -29,6 +32,9 @@ class ChunkStore(Protocol):
     def delete(self, digest: str) -> None: ...
     def list_digests(self) -> Iterator[str]: ...
     def touch(self, digest: str) -> None: ...
+    def reuse(self, digest: str, lease: Lease) -> bool:
+        """True if the chunk is there and stays for the backup holding ``lease`` (dedup)."""
+        ...
 
 
 class LocalChunkStore:
@@ -75,6 +81,13 @@ class LocalChunkStore:
     def touch(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.utime(self.path(digest))
+
+    def reuse(self, digest: str, lease: Lease) -> bool:
+        """The lease recorded the digest already: gc keeps a chunk found here (see gc.py)."""
+        if not self.exists(digest):
+            return False
+        self.touch(digest)
+        return True
 
     # gc's two-phase delete (local only): a chunk is moved aside, then deleted or put back.
 

@@ -6,6 +6,9 @@ misses nothing). Each unmarked chunk is moved into ``tmp/`` (trash); then the li
 again, and then the manifests published meanwhile: a digest found there is put back, the rest
 deleted. A backup records a digest in its lease before it checks that the chunk exists, so either gc
 sees the record, or the backup sees the chunk missing and writes it again.
+
+A repository in S3 has no rename and no flock: its gc (``s3gc``) keeps the same promise with leases
+that expire, chunk ages and a marker object instead (``FORMAT.md`` "Object storage").
 """
 
 from __future__ import annotations
@@ -13,31 +16,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import _fs
 from .chunks import TRASH_PREFIX, LocalChunkStore
-from .errors import RepoError, SnapshotNotFound
+from .errors import RepoError
 from .lease import scan_leases
+from .marks import GcReport, manifest_chunks
 from .repository import GC_LOCK, Repository
-
-
-@dataclass
-class GcReport:
-    chunks_before: int = 0
-    chunks_deleted: int = 0
-    bytes_freed: int = 0
-    chunks_rescued: int = 0
-    leases_removed: int = 0
-    temporaries_removed: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps({k.replace("_", "-"): v for k, v in asdict(self).items()})
 
 
 def _after_mark(candidates: list[str]) -> None:
@@ -45,24 +34,7 @@ def _after_mark(candidates: list[str]) -> None:
 
 
 def _after_trash(trashed: list[str]) -> None:
-    """Test hook: called between trash and recheck."""
-
-
-def _manifest_chunks(repo: Repository, seen: set[Path]) -> set[str]:
-    """Chunks of every published manifest whose file is not in ``seen`` (which is updated)."""
-    marked: set[str] = set()
-    for disk in repo.disks():
-        for snap_id in repo.snapshot_ids(disk):
-            path = repo.manifest_path(disk, snap_id)
-            if path in seen:
-                continue
-            try:
-                m = repo.load_manifest(disk, snap_id)
-            except SnapshotNotFound:
-                continue  # pruned meanwhile
-            seen.add(path)
-            marked.update(c for c in m.chunks if c is not None)
-    return marked
+    """Test hook: called between trash and recheck (S3: once the delete phase began, before the recheck)."""
 
 
 def _gc_lock(repo: Repository) -> int:
@@ -83,7 +55,9 @@ def collect_garbage(repo: Repository, *, grace_seconds: float = 0) -> GcReport:
     """
     store = repo.chunks
     if not isinstance(store, LocalChunkStore):
-        raise RepoError("gc of this chunk store is not supported")
+        from .s3gc import collect_s3
+
+        return collect_s3(repo, grace_seconds=grace_seconds, after_mark=_after_mark, after_delete_began=_after_trash)
     report = GcReport()
     fd = _gc_lock(repo)
     try:
@@ -93,8 +67,8 @@ def collect_garbage(repo: Repository, *, grace_seconds: float = 0) -> GcReport:
             else:
                 store.untrash(digest)
         marked, report.leases_removed = scan_leases(repo.path, remove_dead=True)
-        seen: set[Path] = set()
-        marked |= _manifest_chunks(repo, seen)
+        seen: set[tuple[str, str]] = set()
+        marked |= manifest_chunks(repo, seen)
         cutoff = time.time() - grace_seconds
         candidates = []
         for digest in store.list_digests():
@@ -105,7 +79,7 @@ def collect_garbage(repo: Repository, *, grace_seconds: float = 0) -> GcReport:
         trashed = [d for d in candidates if store.trash(d)]
         _after_trash(trashed)
         needed, _ = scan_leases(repo.path)
-        needed |= _manifest_chunks(repo, seen)
+        needed |= manifest_chunks(repo, seen)
         for digest in trashed:
             if digest in needed:
                 store.untrash(digest)

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,6 +34,8 @@ class Lease:
         self.stored_bytes = 0
         self.reused_bytes = 0
         self.zero_bytes = 0
+        #: When the lease began (epoch seconds; for an S3 lease the server's clock): gc spares younger chunks.
+        self.started = time.time()
         self._lock = threading.Lock()
 
     @classmethod
@@ -62,6 +65,11 @@ class Lease:
     @property
     def live(self) -> bool:
         return self._fd is not None
+
+    def check_live(self) -> None:
+        """Raise unless the lease still protects what it recorded (a commit checks before it publishes)."""
+        if not self.live:
+            raise OSError(f"lease {self.path.name} is released")
 
     def count(self, *, new: int = 0, stored: int = 0, reused: int = 0, zero: int = 0) -> None:
         """Add to the statistics (worker threads store chunks concurrently)."""

@@ -5,13 +5,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
 
-from . import _fs
 from .errors import RepoError
 from .manifest import Manifest
 from .names import snapshot_time
@@ -82,17 +79,14 @@ def prune(repo: Repository, disk: str | None, rules: PruneRules, dry_run: bool =
         if dry_run or not repo.snapshot_ids(d):
             removed += _plan(repo, d, rules)  # nothing to lock for a disk without snapshots
             continue
-        fd = repo.lock_disk(d)
+        lock = repo.store.lock(d)
         try:
             doomed = _plan(repo, d, rules)
             for m in doomed:
-                with contextlib.suppress(FileNotFoundError):
-                    repo.manifest_path(d, m.id).unlink()
-            if doomed:
-                _fs.fsync_dir(repo.manifest_path(d, doomed[0].id).parent)
+                repo.store.delete_manifest(d, m.id)
             removed += doomed
         finally:
-            os.close(fd)
+            lock.release()
     return removed
 
 

@@ -1,27 +1,26 @@
 """The repository: chunks, manifests per disk, the writers' locks (design §3.6, ``FORMAT.md``).
 
 Readers never lock anything: a manifest is immutable once published and names only durable chunks.
-One writer per disk (flock on ``disks/<disk>/@lock``); every writer holds a lease for gc.
+One writer per disk (its lock); every writer holds a lease for gc. Where the bytes live — a directory
+or an S3 bucket (design §3.7) — is the ``RepoStore`` below; the format and its order are here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _fs
-from .chunks import ChunkStore, LocalChunkStore
+from .chunks import ChunkStore
 from .codec import chunk_digest, compress_chunk, decode_chunk
-from .errors import ChunkCorrupt, ChunkMissing, DiskBusy, NotARepository, RepoError, SnapshotNotFound
+from .errors import ChunkCorrupt, ChunkMissing, NotARepository, RepoError, SnapshotNotFound
 from .lease import Lease
+from .location import is_s3, parse_s3
 from .manifest import Manifest, chunk_count
 from .names import (
     DEFAULT_CHUNK_SIZE,
@@ -32,39 +31,42 @@ from .names import (
     validate_disk,
     validate_snapshot_id,
 )
+from .store import CONFIG, GC_LOCK, LOCK, SNAPSHOTS, DiskLock, LocalStore, RepoStore
 
-CONFIG = "nbd-backup-repo.json"
+__all__ = ["CONFIG", "FORMAT", "GC_LOCK", "LOCK", "SNAPSHOTS", "VERSION", "DiskWriter", "Repository", "open_store"]
+
 FORMAT = "nbd-backup-repository"
 VERSION = 1
-SNAPSHOTS = "@snapshots"
-LOCK = "@lock"
-GC_LOCK = "gc.lock"
-_DIRS = ("chunks", "disks", "leases", "tmp")
+
+
+def open_store(location: str | Path) -> RepoStore:
+    """The store of a repository location: ``s3://BUCKET/PREFIX?endpoint=…&region=…`` or a directory."""
+    if is_s3(location):
+        from .s3store import S3Store  # boto3 is imported only for S3 repositories
+
+        return S3Store(parse_s3(location))
+    return LocalStore(Path(location))
 
 
 class Repository:
-    def __init__(self, path: Path, chunk_size: int, chunks: ChunkStore | None = None) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, path: Path | str, chunk_size: int, chunks: ChunkStore | None = None, store: RepoStore | None = None
+    ) -> None:
+        self.store: RepoStore = store if store is not None else open_store(path)
+        #: The directory (for S3 a Path of the URL, for messages only: use ``location``).
+        self.path = self.store.path if isinstance(self.store, LocalStore) else Path(self.store.location)
+        self.location = self.store.location
         self.chunk_size = chunk_size
-        self.chunks: ChunkStore = chunks if chunks is not None else LocalChunkStore(self.path)
+        self.chunks: ChunkStore = chunks if chunks is not None else self.store.chunks
 
     # -- creating and opening
 
     @classmethod
-    def init(cls, path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
-        """A new repository in a missing or empty directory; the config file is written last."""
-        path = Path(path)
+    def init(cls, path: Path | str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
+        """A new repository in a missing or empty directory (or S3 prefix); the config is written last."""
         validate_chunk_size(chunk_size)
-        if path.exists() and not path.is_dir():
-            raise RepoError(f"cannot init repository: {path} is not a directory", errno.ENOTDIR)
-        if path.is_dir() and any(path.iterdir()):
-            raise RepoError(f"cannot init repository: {path} is not empty", errno.EEXIST)
-        path.mkdir(parents=True, exist_ok=True)
-        for name in _DIRS:
-            (path / name).mkdir(exist_ok=True)
-        for i in range(256):
-            (path / "chunks" / f"{i:02x}").mkdir(exist_ok=True)
-        _fs.fsync_dir(path / "chunks")
+        store = open_store(path)
+        store.init_layout()
         config = {
             "format": FORMAT,
             "version": VERSION,
@@ -72,57 +74,39 @@ class Repository:
             "compression": "zstd",
             "created": iso_utc(datetime.now(UTC)),
         }
-        _fs.fsync_dir(path)
-        _fs.publish(path / "tmp", path / CONFIG, json.dumps(config, indent=1).encode() + b"\n", "config")
-        if path.parent != path:
-            _fs.fsync_dir(path.parent)
-        return cls(path, chunk_size)
+        store.write_config(json.dumps(config, indent=1).encode() + b"\n")
+        return cls(path, chunk_size, store=store)
 
     @classmethod
-    def open(cls, path: Path) -> Repository:
-        path = Path(path)
+    def open(cls, path: Path | str) -> Repository:
+        store = open_store(path)
+        where = store.location
         try:
-            config = json.loads((path / CONFIG).read_bytes())
-        except FileNotFoundError:
-            raise NotARepository(f"{path} is not a repository (no {CONFIG})") from None
-        except (OSError, ValueError) as e:
-            raise NotARepository(f"{path} is not a repository ({CONFIG}: {e})") from None
+            config = json.loads(store.read_config())
+        except ValueError as e:
+            raise NotARepository(f"{where} is not a repository ({CONFIG}: {e})") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise NotARepository(f"{path} is not a repository ({CONFIG} is of another format)")
+            raise NotARepository(f"{where} is not a repository ({CONFIG} is of another format)")
         if config.get("version") != VERSION:
-            raise NotARepository(f"{path}: unsupported repository version {config.get('version')!r}")
+            raise NotARepository(f"{where}: unsupported repository version {config.get('version')!r}")
         if config.get("compression") != "zstd":
-            raise NotARepository(f"{path}: unsupported compression {config.get('compression')!r}")
+            raise NotARepository(f"{where}: unsupported compression {config.get('compression')!r}")
         size = config.get("chunk-size")
         if not isinstance(size, int):
-            raise NotARepository(f"{path}: invalid chunk size {size!r}")
+            raise NotARepository(f"{where}: invalid chunk size {size!r}")
         validate_chunk_size(size)
-        return cls(path, size)
+        return cls(path, size, store=store)
 
     # -- reading
 
-    def _disk_dir(self, disk: str) -> Path:
-        return self.path / "disks" / validate_disk(disk)
-
     def disks(self) -> list[str]:
         """Every disk with a snapshot directory, sorted."""
-        root = self.path / "disks"
-        found = []
-        for dirpath, dirnames, _ in os.walk(root):
-            if SNAPSHOTS in dirnames:
-                found.append(Path(dirpath).relative_to(root).as_posix())
-            dirnames[:] = [d for d in dirnames if not d.startswith("@")]
-        return sorted(found)
+        return self.store.disks()
 
     def snapshot_ids(self, disk: str) -> list[str]:
         """Published ids of ``disk``, oldest first (ids sort as strings in commit order)."""
-        snaps = self._disk_dir(disk) / SNAPSHOTS
-        try:
-            names = os.listdir(snaps)
-        except FileNotFoundError:
-            return []
         ids = []
-        for name in names:
+        for name in self.store.snapshot_names(validate_disk(disk)):
             stem, dot, ext = name.rpartition(".")
             if dot and ext == "json":
                 with contextlib.suppress(RepoError):
@@ -130,14 +114,13 @@ class Repository:
         return sorted(ids)
 
     def manifest_path(self, disk: str, snap_id: str) -> Path:
-        return self._disk_dir(disk) / SNAPSHOTS / f"{validate_snapshot_id(snap_id)}.json"
+        """The manifest's file (a directory repository only)."""
+        if not isinstance(self.store, LocalStore):
+            raise RepoError(f"{self.location}: manifests are objects here, not files")
+        return self.store.manifest_path(disk, snap_id)
 
     def load_manifest(self, disk: str, snap_id: str) -> Manifest:
-        try:
-            data = self.manifest_path(disk, snap_id).read_bytes()
-        except FileNotFoundError:
-            raise SnapshotNotFound(f"snapshot {disk}@{snap_id} not found") from None
-        m = Manifest.from_json(data)
+        m = Manifest.from_json(self.store.get_manifest(validate_disk(disk), validate_snapshot_id(snap_id)))
         if m.disk != disk or m.id != snap_id:
             raise RepoError(f"bad manifest: {disk}@{snap_id} names itself {m.ref}")
         return m
@@ -178,8 +161,7 @@ class Repository:
             lease.count(zero=len(data))
             return None, False
         lease.record(digest)  # before the exists check: see gc.py
-        if self.chunks.exists(digest):
-            self.chunks.touch(digest)
+        if self.chunks.reuse(digest, lease):
             lease.count(reused=len(data))
             return digest, False
         blob = compress_chunk(data)
@@ -195,39 +177,24 @@ class Repository:
 
     def lock_disk(self, disk: str) -> int:
         """The disk's writer lock (a descriptor to close to release it); DiskBusy if someone holds it."""
-        d = self._disk_dir(disk)
-        d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(d / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DiskBusy(f"disk {disk} is busy: another backup or prune is writing it") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return self.store.lock(validate_disk(disk)).fileno()
 
     def wait_for_gc(self) -> None:
-        """Block until no gc runs (a gc holds ``gc.lock`` from mark to the last delete)."""
-        fd = os.open(self.path / GC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        finally:
-            os.close(fd)
+        """Block until no gc runs that could still remove a chunk a writer found."""
+        self.store.wait_for_gc()
 
 
 class DiskWriter:
-    """One disk's writer: holds its ``@lock`` and a lease until commit or abort."""
+    """One disk's writer: holds its lock and a lease until commit or abort."""
 
     def __init__(self, repo: Repository, disk: str) -> None:
         self.repo = repo
         self.disk = validate_disk(disk)
-        self._lock_fd: int | None = repo.lock_disk(disk)
+        self._lock: DiskLock | None = repo.store.lock(disk)
         try:
-            self.lease = Lease.create(repo.path)
+            self.lease = repo.store.create_lease()
         except BaseException:
-            os.close(self._lock_fd)
+            self._lock.release()
             raise
         self._started = time.monotonic()
 
@@ -239,10 +206,10 @@ class DiskWriter:
 
     @property
     def done(self) -> bool:
-        return self._lock_fd is None
+        return self._lock is None
 
     def _check(self) -> None:
-        if self._lock_fd is None:
+        if self._lock is None:
             raise RepoError(f"the writer of disk {self.disk} is finished", errno.EIO)
 
     def parent(self, ref: str) -> Manifest | None:
@@ -286,21 +253,14 @@ class DiskWriter:
             chunks=list(chunks),
             stats=full_stats,
         )
-        snaps = self.repo._disk_dir(self.disk) / SNAPSHOTS
-        if not snaps.is_dir():
-            snaps.mkdir(exist_ok=True)
-            _fs.fsync_dir(snaps.parent)
-        _fs.publish(self.repo.path / "tmp", snaps / f"{snap_id}.json", m.to_json(), "manifest")
+        self.lease.check_live()  # a lease gc may have taken for dead protects nothing: publish nothing
+        self.repo.store.put_manifest(self.disk, snap_id, m.to_json())
         self._finish()
         return m
 
     def _check_chunks(self, chunks: list[str | None]) -> None:
-        """Every named chunk must exist; one missing in a gc's trash window comes back when that gc ends."""
-        distinct = {c for c in chunks if c is not None}
-        missing = [c for c in distinct if not self.repo.chunks.exists(c)]
-        if missing:
-            self.repo.wait_for_gc()
-            missing = [c for c in missing if not self.repo.chunks.exists(c)]
+        """Every named chunk must exist (the store waits out a gc that could still remove one)."""
+        missing = self.repo.store.missing_chunks({c for c in chunks if c is not None}, self.lease)
         if missing:
             ChunkMissing(missing[0]).log()
             raise RepoError(f"cannot commit {self.disk}: chunk {missing[0]} is missing", errno.EIO)
@@ -310,8 +270,8 @@ class DiskWriter:
         self._finish()
 
     def _finish(self) -> None:
-        if self._lock_fd is None:
+        if self._lock is None:
             return
         self.lease.release()
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        self._lock.release()
+        self._lock = None

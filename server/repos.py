@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from backup.repo.errors import RepoError
+from backup.repo.location import is_s3
 from backup.repo.names import parse_snapshot_ref
 from backup.repo.repository import Repository
 from nbd.constants import MAX_STRING, TransmissionFlag
@@ -57,10 +59,12 @@ def open_repos(specs: list[RepoSpec], paths: PathPolicy) -> dict[str, Repository
     for spec in specs:
         if spec.id in repos:
             raise ConfigError(f"--repo: repository id '{spec.id}' given twice")
-        try:
-            where = paths.resolve(spec.path, directory=True)
-        except QmpError as exc:
-            raise ConfigError(f"--repo {spec.path}: {exc.desc}") from None
+        where: str | Path = spec.path
+        if not is_s3(spec.path):  # a bucket is not a path: --allow-dir confines files, not URLs
+            try:
+                where = paths.resolve(spec.path, directory=True)
+            except QmpError as exc:
+                raise ConfigError(f"--repo {spec.path}: {exc.desc}") from None
         try:
             repos[spec.id] = Repository.open(where)
         except RepoError as exc:

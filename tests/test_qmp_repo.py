@@ -366,3 +366,14 @@ async def test_failed_commit_publishes_nothing(h: Harness, monkeypatch: pytest.M
     assert "s" not in h.reg.nodes and repo.snapshot_ids("d") == []
     monkeypatch.undo()
     await h("repo-snapshot-begin", disk="d", size=CS, **node_args("s"))
+
+
+def test_open_repos_takes_a_bucket_whatever_the_allowed_directories(s3_server: Any, tmp_path: Path) -> None:
+    """``serve --repo s3://…``: ``--allow-dir`` confines files, and a bucket is not one — it opens (it
+    used to be resolved as a relative path and refused as outside the allowed directories)."""
+    from repokit import S3Where
+
+    where = S3Where(s3_server.endpoint, s3_server.new_bucket())
+    Repository.init(where.loc(), CS)
+    repos = open_repos([parse_repo(where.loc())], PathPolicy([tmp_path / "only-here"]))
+    assert list(repos) == ["default"] and repos["default"].chunk_size == CS

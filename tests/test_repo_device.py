@@ -533,3 +533,26 @@ async def test_pushed_and_read_over_nbd(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             await client.pwrite(0, b"x")
     await reader.close()
+
+
+async def test_an_open_reader_keeps_its_chunks_through_prune_and_gc(tmp_path: Path) -> None:
+    """An instant-restore export reads a snapshot that a prune removes and a gc then collects: the reader's
+    lease keeps its chunks, so it goes on reading the right bytes; once it is closed, gc frees them. A reader
+    opened on a snapshot pruned already is SnapshotNotFound, not a reader of chunks that may vanish."""
+    from backup.repo.gc import collect_garbage
+    from backup.repo.prune import PruneRules, prune
+
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    old, new = _random(4 * CS, 11), _random(4 * CS, 12)
+    await _make_parent(repo, "d", old)
+    first = repo.resolve("d")
+    await _make_parent(repo, "d", new)
+    reader = SnapshotReader(repo, first, cache_chunks=1)
+    assert [m.id for m in prune(repo, "d", PruneRules(keep_last=1))] == [first.id]
+    collect_garbage(repo)
+    assert await _read_all(reader, CS) == old  # every chunk decoded after the gc
+    await reader.close()
+    collect_garbage(repo)
+    assert len(_chunk_files(repo)) == 4  # only the newest snapshot's chunks are left
+    with pytest.raises(SnapshotNotFound):
+        SnapshotReader(repo, first)

@@ -126,6 +126,8 @@ class SnapshotReader(FixedSizeDevice):
         super().__init__(manifest.size, read_only=True)
         if manifest.chunk_size != repo.chunk_size:
             raise RepoError(f"snapshot {manifest.ref} has chunks of {manifest.chunk_size} bytes, not the repository's")
+        #: Keeps the chunks from gc while this reader is open, even if the snapshot is pruned meanwhile.
+        self._lease = repo.hold_snapshot(manifest)
         self.manifest = manifest
         self._chunk_size = manifest.chunk_size
         self._chunks = manifest.chunks
@@ -216,6 +218,7 @@ class SnapshotReader(FixedSizeDevice):
         await super().close()
         self._cache.clear()
         self._workers.stop()
+        self._lease.release()
 
 
 def _extents(offset: int, length: int, chunk_size: int, is_zero: Callable[[int], bool]) -> list[Extent]:

@@ -141,6 +141,23 @@ class Repository:
             return self.load_manifest(disk, ids[-1])
         return self.load_manifest(disk, validate_snapshot_id(snap))
 
+    def hold_snapshot(self, manifest: Manifest) -> Lease:
+        """A lease on a published snapshot's chunks for someone reading it (an instant-restore export, a
+        restore), so that a prune and gc meanwhile cannot take them from under the reader.
+
+        The chunks are recorded first and the snapshot looked up after: either gc sees the record, or it
+        ran while the manifest still named the chunks (and kept them), or the snapshot is gone by now and
+        this is SnapshotNotFound — a reader never starts on chunks that may vanish."""
+        lease = self.store.create_lease()
+        try:
+            lease.record_many(c for c in manifest.chunks if c is not None)
+            if manifest.id not in self.snapshot_ids(manifest.disk):
+                raise SnapshotNotFound(f"snapshot {manifest.ref} no longer exists")
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
     def load_chunk(self, digest: str, length: int) -> bytes:
         """The chunk's bytes, verified; a bad chunk is ChunkCorrupt/ChunkMissing (EIO), named in the log."""
         try:

@@ -76,6 +76,7 @@ def test_nbd_sources_qemu_nbd_and_nbdkit_round_trip(tmp_path: Path) -> None:
 
 
 def test_a_sparse_gigabyte_stores_its_data_only_and_dedups_and_increments(tmp_path: Path) -> None:
+    require("qemu-img")
     size = 1 << 30
     r = init(tmp_path / "r")
     data = [(offset, MiB) for offset in (0, 300 * MiB + 12345, 1000 * MiB)]  # 3 MiB of data (4 MiB of chunks)
@@ -103,7 +104,7 @@ def test_a_sparse_gigabyte_stores_its_data_only_and_dedups_and_increments(tmp_pa
     assert len(chunk_files(r) - chunks) == 3
     restored = tmp_path / "restored.raw"
     repo("restore", r, "big", restored)
-    assert filecmp.cmp(disk, restored, shallow=False)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, disk, cwd="/")  # reads data extents only
 
 
 def _qsd_export(qsd: Qsd, image: Path, socket: Path) -> str:

@@ -63,9 +63,9 @@ def test_kill_9_at_random_instants_publishes_nothing_and_gc_reclaims_the_orphans
     rnd = random.Random(21)
     source = tmp_path / "source.raw"
     interrupted = 0
-    for attempt, percent in enumerate([None, rnd.randrange(1, 50), rnd.randrange(50, 100), 100, None]):
+    for attempt, percent in enumerate([None, rnd.randrange(1, 50), rnd.randrange(50, 100), 100]):
         before = snapshots(r)
-        dense_disk(source, 24 * MiB, seed=100 + attempt)  # new data: every chunk of it is new
+        dense_disk(source, 16 * MiB, seed=100 + attempt)  # new data: every chunk of it is new
         status = _kill_at(r, source, percent, rnd)
         after = snapshots(r)
         assert after[: len(before)] == before

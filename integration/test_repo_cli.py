@@ -171,3 +171,18 @@ def test_list_json_shape_and_a_disk_without_snapshots(tmp_path: Path) -> None:
     table = repo("list", r).stdout.splitlines()
     assert table[0].split() == ["DISK", "ID", "SIZE", "NEW", "PARENT"] and len(table) == 3
     assert json.loads(repo("list", r, "a/b", "--json").stdout) == [listed[1]]
+
+
+def test_a_disk_that_grew_or_shrank_since_its_parent(tmp_path: Path) -> None:
+    """Sizes in whole sectors: a raw file's size is rounded up to 512 bytes, as QEMU sees it."""
+    r = init(tmp_path / "r")
+    disk = random_disk(tmp_path / "d.raw", 8 * CS + 512, seed=5, data=[(0, 8 * CS + 512)])
+    repo("backup", r, "d", disk)
+    for size in (12 * CS + 1024, 3 * CS - 512):
+        with open(disk, "r+b") as f:
+            f.truncate(size)
+        repo("backup", r, "d", disk)
+        restored = tmp_path / f"restored-{size}.raw"
+        repo("restore", r, "d", restored)
+        assert filecmp.cmp(disk, restored, shallow=False)
+    assert [s["size"] for s in snapshots(r)] == [8 * CS + 512, 12 * CS + 1024, 3 * CS - 512]

@@ -57,7 +57,7 @@ def test_init_needs_a_missing_or_empty_directory_and_a_valid_chunk_size(tmp_path
 
 def test_restore_replaces_an_existing_file_only_with_force(tmp_path: Path) -> None:
     r = init(tmp_path / "r")
-    disk = random_disk(tmp_path / "d.raw", 8 * CS, seed=2)
+    disk = random_disk(tmp_path / "d.raw", 8 * CS + 1536, seed=2)  # the last chunk is short
     repo("backup", r, "d", disk)
     target = tmp_path / "target.raw"
     target.write_bytes(b"precious")

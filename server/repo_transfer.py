@@ -105,7 +105,8 @@ async def run_backup(
         base = _parent(repo, disk, parent)
         if dirty_bitmap is not None:
             if base is None:
-                raise CopyFailed(f"--dirty-bitmap needs a parent snapshot; disk {disk} has none to start from")
+                why = "not --parent none" if parent == "none" else f"disk {disk} has none to start from"
+                raise CopyFailed(f"--dirty-bitmap needs a parent snapshot ({why})")
             if base.size != size:
                 raise CopyFailed(f"--dirty-bitmap: the source is {size} bytes, the parent {base.ref} {base.size}")
         cs = repo.chunk_size

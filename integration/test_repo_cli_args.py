@@ -3,6 +3,8 @@ line on stderr and a non-zero status; ``verify`` exits 2 when it cannot run."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,20 @@ def test_prune_dry_run_prints_what_would_go_and_keeps_it(tmp_path: Path) -> None
 def test_every_action_has_help(action: str) -> None:
     proc = run(*nbd_backup_argv("repo", action, "--help"), cwd=str(ROOT))
     assert f"nbd-backup repo {action}" in proc.stdout and len(proc.stdout.splitlines()) > 5
+
+
+def test_a_disk_being_written_is_busy_for_another_backup_and_prune(tmp_path: Path) -> None:
+    r = init(tmp_path / "r")
+    disk = random_disk(tmp_path / "d.raw", 4 * CS, seed=6)
+    repo("backup", r, "d", disk)
+    fd = os.open(r / "disks" / "d" / "@lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running backup of d holds it
+        assert "busy" in one_line_error(repo("backup", r, "d", disk, check=False))
+        assert "busy" in one_line_error(repo("prune", r, "d", "--keep-last", "1", check=False))
+        repo("backup", r, "e", disk)  # another disk is not held up
+        assert repo("verify", r).returncode == 0  # readers never block
+    finally:
+        os.close(fd)
+    repo("backup", r, "d", disk)
+    assert [s["disk"] for s in snapshots(r)] == ["d", "d", "e"]

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import filecmp
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from conftest import require, run
 from peers import nbdkit, qemu_nbd
-from qsd import Qsd
+from qmp_daemon import our_daemon
+from qsd import QmpSync, Qsd
 from repo_cli_kit import CS, MiB, chunk_bytes, chunk_files, init, one_line_error, random_disk, repo, snapshots
 
 SIZE = 4 * MiB
@@ -107,18 +111,32 @@ def test_a_sparse_gigabyte_stores_its_data_only_and_dedups_and_increments(tmp_pa
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", restored, disk, cwd="/")  # reads data extents only
 
 
-def _qsd_export(qsd: Qsd, image: Path, socket: Path) -> str:
-    with qsd.connect() as q:
-        q.ok("blockdev-add", driver="file", filename=str(image), **{"node-name": "f"})
-        q.ok("blockdev-add", driver="qcow2", file="f", **{"node-name": "d"})
-        q.ok("block-dirty-bitmap-disable", node="d", name="b0")  # a read-only export publishes a frozen bitmap
-        q.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(socket)}})
-        q.ok("block-export-add", type="nbd", id="e", **{"node-name": "d"}, name="disk", bitmaps=["b0"])
+def _export_with_bitmap(q: QmpSync, image: Path, socket: Path) -> str:
+    """The qcow2 ``image`` exported read-only with its persistent bitmap ``b0`` published, as a pull-mode
+    backup asks a daemon over QMP."""
+    q.ok("blockdev-add", driver="file", filename=str(image), **{"node-name": "f"})
+    q.ok("blockdev-add", driver="qcow2", file="f", **{"node-name": "d"})
+    q.ok("block-dirty-bitmap-disable", node="d", name="b0")  # a read-only export publishes a frozen bitmap
+    q.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(socket)}})
+    q.ok("block-export-add", type="nbd", id="e", **{"node-name": "d"}, name="disk", bitmaps=["b0"])
     return f"nbd+unix:///disk?socket={socket}"
 
 
-def test_a_dirty_bitmap_pull_from_qemu_storage_daemon_equals_the_source(tmp_path: Path) -> None:
-    require("qemu-img", "qemu-io", "qemu-storage-daemon")
+@contextmanager
+def _daemon(kind: str, workdir: Path) -> Iterator[QmpSync]:
+    """qemu-storage-daemon or ours, connected over QMP."""
+    if kind == "qemu-storage-daemon":
+        require("qemu-storage-daemon")
+        with Qsd.start(workdir) as qsd, qsd.connect() as q:
+            yield q
+    else:
+        with our_daemon(workdir) as daemon, daemon.connect() as q:
+            yield q
+
+
+@pytest.mark.parametrize("kind", ["qemu-storage-daemon", "ours"])
+def test_a_dirty_bitmap_pull_from_a_daemon_equals_the_source(tmp_path: Path, kind: str) -> None:
+    require("qemu-img", "qemu-io")
     r = init(tmp_path / "r")
     image = tmp_path / "disk.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", image, str(SIZE), cwd="/")
@@ -128,8 +146,8 @@ def test_a_dirty_bitmap_pull_from_qemu_storage_daemon_equals_the_source(tmp_path
     writes = [(100, 1), (CS + 7, 4096), (3 * MiB - 10, 20), (MiB, 512)]
     run("qemu-io", *[a for o, n in writes for a in ("-c", f"write -P 0x77 {o} {n}")], image, cwd="/")
     dirty_chunks = {c for o, n in writes for c in range(o // CS, (o + n - 1) // CS + 1)}
-    with Qsd.start(tmp_path / "qsd") as qsd:
-        uri = _qsd_export(qsd, image, tmp_path / "qsd-nbd.sock")
+    with _daemon(kind, tmp_path / "daemon") as q:
+        uri = _export_with_bitmap(q, image, tmp_path / "daemon-nbd.sock")
         repo("backup", r, "d", uri, "--dirty-bitmap", "b0")
     full, incremental = snapshots(r, "d")
     assert incremental["parent"] == full["id"]

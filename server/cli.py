@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Order is the order shown in --help.
-SUBCOMMANDS: tuple[str, ...] = ("serve", "info", "copy", "backup", "qmp")
+SUBCOMMANDS: tuple[str, ...] = ("serve", "info", "copy", "backup", "qmp", "repo")
 
 DESCRIPTION = """\
 Live, point-in-time backups of virtual disks over NBD.

@@ -23,7 +23,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 PROG = "nbd-backup repo"
@@ -207,7 +206,7 @@ def _is_repo_error(exc: BaseException) -> bool:
 def _open(path: str) -> Any:
     from backup.repo.repository import Repository
 
-    return Repository.open(Path(path))
+    return Repository.open(path)
 
 
 # --- the actions ------------------------------------------------------------------------------------
@@ -218,8 +217,8 @@ def _init(args: argparse.Namespace) -> int:
     from backup.repo.repository import Repository
     from server.progress import human_bytes
 
-    repo = Repository.init(Path(args.dir), parse_size(args.chunk_size))
-    print(f"created repository {repo.path} (chunks of {human_bytes(repo.chunk_size)})")
+    repo = Repository.init(args.dir, parse_size(args.chunk_size))
+    print(f"created repository {repo.location} (chunks of {human_bytes(repo.chunk_size)})")
     return 0
 
 

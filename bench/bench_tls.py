@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,19 +122,39 @@ def run_fio(uri: str, workload: Workload, size: int, runtime: float) -> Result:
     )
 
 
-def table(results: dict[str, dict[str, Result]], servers: list[str], workloads: list[Workload]) -> str:
-    header = f"{'workload':<10} {'server':<13} {'MiB/s':>9} {'IOPS':>9} {'p50 µs':>9} {'p99 µs':>9}   ours-tls ÷ this"
+def median_result(runs: list[Result]) -> Result:
+    """The median of each figure over the rounds (each figure on its own)."""
+    return Result(
+        mib_s=statistics.median(r.mib_s for r in runs),
+        iops=statistics.median(r.iops for r in runs),
+        p50_us=statistics.median(r.p50_us for r in runs),
+        p99_us=statistics.median(r.p99_us for r in runs),
+    )
+
+
+def table(results: dict[str, dict[str, list[Result]]], servers: list[str], workloads: list[Workload]) -> str:
+    """Medians over the rounds with the IOPS range, and ours-tls ÷ each other server (median of the
+    per-round ratios, so that a round slowed for everyone does not count against one server)."""
+    header = (
+        f"{'workload':<10} {'server':<13} {'MiB/s':>9} {'IOPS':>9} {'IOPS range':>17} {'p50 µs':>9} {'p99 µs':>9}"
+        "   ours-tls ÷ this (range)"
+    )
     lines = [header, "-" * len(header)]
     for workload in workloads:
         row = results.get(workload.name, {})
-        ours = row.get("ours-tls")
+        ours = row.get("ours-tls", [])
         for server in servers:
-            r = row.get(server)
-            if r is None:
+            runs = row.get(server, [])
+            if not runs:
                 lines.append(f"{workload.name:<10} {server:<13} {'(failed)':>9}")
                 continue
-            ratio = "" if server == "ours-tls" or ours is None or r.iops == 0 else f"{ours.iops / r.iops:.2f}x"
-            numbers = f"{r.mib_s:9.1f} {r.iops:9.0f} {r.p50_us:9.1f} {r.p99_us:9.1f}"
+            m = median_result(runs)
+            spread = f"{min(r.iops for r in runs):.0f}-{max(r.iops for r in runs):.0f}"
+            ratios = [o.iops / r.iops for o, r in zip(ours, runs, strict=False) if r.iops]
+            ratio = ""
+            if server != "ours-tls" and ratios:
+                ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+            numbers = f"{m.mib_s:9.1f} {m.iops:9.0f} {spread:>17} {m.p50_us:9.1f} {m.p99_us:9.1f}"
             lines.append(f"{workload.name:<10} {server:<13} {numbers}   {ratio}")
         lines.append("")
     return "\n".join(lines)
@@ -143,7 +164,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--runtime", type=float, default=4, help="seconds per workload, server and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers; the best of each is reported")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all servers (medians reported)")
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
     parser.add_argument("--dir", default="/dev/shm", help="where the image lives (tmpfs)")
@@ -155,7 +176,7 @@ def main() -> int:
         print(f"missing: {', '.join(missing or ['fio or openssl'])}", file=sys.stderr)
         return 2
     size = args.size_mib << 20
-    results: dict[str, dict[str, Result]] = {}
+    results: dict[str, dict[str, list[Result]]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="nbd-bench-tls-") as tmp:
         workdir = Path(tmp)
         pki = make_pki(workdir / "pki")
@@ -175,9 +196,7 @@ def main() -> int:
                         except RuntimeError as exc:
                             print(f"{server} {workload.name}: {exc}", file=sys.stderr)
                             continue
-                        best = results.setdefault(workload.name, {})
-                        if server not in best or result.iops > best[server].iops:
-                            best[server] = result
+                        results.setdefault(workload.name, {}).setdefault(server, []).append(result)
                         print(
                             f"  round {round_ + 1}: {workload.name:<10} {server:<13} {result.iops:9.0f} IOPS",
                             file=sys.stderr,
@@ -185,7 +204,8 @@ def main() -> int:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"\nfio nbd engine over TLS (x509) on TCP 127.0.0.1, {args.size_mib} MiB image on "
-        f"{args.dir}, {args.runtime:g} s per run, best of {args.rounds} round(s); load average at the end {load}\n"
+        f"{args.dir}, {args.runtime:g} s per run, medians of {args.rounds} interleaved rounds; "
+        f"load average at the end {load}\n"
     )
     print(table(results, servers, workloads))
     return 0

@@ -10,17 +10,14 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require, run
+from conftest import require, run
 from qmp_daemon import our_daemon
 from repo_cli_kit import CS, MiB, random_disk, repo
 from repo_rig import nbd_uri
-
-sys.path.insert(0, str(ROOT / "tests"))
 from s3kit import CREDENTIALS, MotoServer
 
 SIZE = 4 * MiB

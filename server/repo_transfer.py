@@ -3,12 +3,16 @@ snapshot (``SnapshotWriter`` / ``SnapshotReader``), with the copy command's side
 
 A backup never publishes half a snapshot: the writer commits (manifest last) only after the whole copy
 succeeded, and is aborted on any failure, Ctrl-C included. A restore to a file writes a temporary file
-next to the target and renames it into place only once it is complete and durable.
+next to the target and renames it into place only once it is complete and durable; its chunks go
+straight from the repository into the file in worker threads (``backup.repo.restore``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -18,13 +22,13 @@ from backup.repo.device import SnapshotReader, SnapshotWriter
 from backup.repo.errors import RepoError
 from backup.repo.manifest import Manifest
 from backup.repo.repository import Repository
+from backup.repo.restore import restore_to_fd
 from nbd.device import BlockDevice, remote_uri
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
 from server.copy_sides import (
     close_endpoint,
     connect,
-    create_destination_file,
     describe,
     dirty_ranges,
     open_side,
@@ -156,12 +160,16 @@ async def run_restore(
     make_progress: MakeProgress = lambda total: None,
 ) -> None:
     """Write snapshot ``manifest`` to ``target`` (a file or an NBD URI); every chunk verified as it is read."""
+    if not looks_like_uri(target):
+        lease = await asyncio.to_thread(repo.hold_snapshot, manifest)  # gc keeps the chunks meanwhile
+        try:
+            await _restore_to_file(repo, manifest, Path(target), force, make_progress)
+        finally:
+            lease.release()
+        return
     reader = SnapshotReader(repo, manifest)
     try:
-        if looks_like_uri(target):
-            await _restore_to_nbd(reader, target, make_progress)
-        else:
-            await _restore_to_file(reader, Path(target), force, make_progress)
+        await _restore_to_nbd(reader, target, make_progress)
     finally:
         await reader.close()
 
@@ -205,26 +213,60 @@ async def _restore_to_nbd(reader: SnapshotReader, target: str, make_progress: Ma
         await close_endpoint(dst)
 
 
-async def _restore_to_file(reader: SnapshotReader, path: Path, force: bool, make_progress: MakeProgress) -> None:
-    """A sparse raw file (zero chunks are holes), complete and durable before it takes the target's name."""
+async def _restore_to_file(
+    repo: Repository, manifest: Manifest, path: Path, force: bool, make_progress: MakeProgress
+) -> None:
+    """A sparse raw file (zero chunks are holes), complete and durable before it takes the target's name.
+
+    The chunks go straight from the repository into the file in worker threads (``backup.repo.restore``);
+    a failure or Ctrl-C stops them and leaves no file behind."""
     check_file_target(path, force)
     temporary = path.with_name(f".{path.name}.restore-{os.getpid()}")
     done = False
+    progress = make_progress(manifest.size)
     try:
-        device = await create_destination_file(str(temporary), reader.size, fmt="raw")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            await _copy(reader, device, dst_is_zero=True, make_progress=make_progress)  # ends with a flush
+            os.ftruncate(fd, manifest.size)
+            await _in_threads(repo, manifest, fd, progress)
+            await asyncio.to_thread(os.fsync, fd)
         finally:
-            await device.close()
+            os.close(fd)
         os.replace(temporary, path)
         done = True
         _fsync_dir(path.parent)
     finally:
+        if progress is not None:
+            progress.finish(ok=done)
         if not done:
             try:
                 os.unlink(temporary)
             except FileNotFoundError:
                 pass
+
+
+async def _in_threads(repo: Repository, manifest: Manifest, fd: int, progress: Progress | None) -> None:
+    """``restore_to_fd`` off the event loop; cancelled (Ctrl-C), it stops the workers and waits for them,
+    so that no thread still writes into a file that is about to be removed."""
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    on_progress = None
+    if progress is not None:
+        advance = progress.advance
+
+        def on_progress(nbytes: int) -> None:
+            loop.call_soon_threadsafe(advance, nbytes)
+
+    work = asyncio.ensure_future(
+        asyncio.to_thread(restore_to_fd, repo, manifest, fd, on_progress=on_progress, stop=stop)
+    )
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(BaseException):
+            await work
+        raise
 
 
 def check_file_target(path: Path, force: bool) -> None:

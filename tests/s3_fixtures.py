@@ -1,4 +1,6 @@
-"""Fixtures shared by the tests: a moto S3 server (started once, on loopback) and the repository backends."""
+"""Fixtures shared by the tests, loaded as a plugin (``-p s3_fixtures`` in pyproject.toml) rather than as a
+conftest.py: integration/ has the conftest module that its tests import, and two modules named conftest clash.
+A moto S3 server (started once, on loopback) and the repository backends."""
 
 from __future__ import annotations
 

@@ -1,0 +1,95 @@
+"""``restore_to_fd``: a snapshot into a file by worker threads — every chunk at its place, zero chunks left
+as holes, the first bad chunk stops every worker and is the error, an outside stop ends them quietly."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from backup.repo.device import SnapshotWriter
+from backup.repo.errors import ChunkCorrupt
+from backup.repo.manifest import Manifest
+from backup.repo.repository import Repository
+from backup.repo.restore import restore_to_fd
+
+CS = 64 << 10
+
+
+async def _snapshot(repo: Repository, data: bytes) -> Manifest:
+    writer = SnapshotWriter(repo, "d", len(data), parent="none")
+    await writer.pwrite(0, data)
+    return await writer.commit()
+
+
+def _disk(chunks: int, *, short_tail: int = 0) -> bytes:
+    rnd = random.Random(7)
+    data = bytearray(rnd.randbytes(chunks * CS + short_tail))
+    data[2 * CS : 3 * CS] = bytes(CS)  # a zero chunk: a hole in the restored file
+    return bytes(data)
+
+
+def _restore(repo: Repository, manifest: Manifest, path: Path, **kw: object) -> bytes:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.ftruncate(fd, manifest.size)
+        restore_to_fd(repo, manifest, fd, **kw)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_every_chunk_lands_at_its_place(tmp_path: Path, threads: int) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    data = _disk(9, short_tail=1000)
+    manifest = await _snapshot(repo, data)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:
+            seen.append(n)
+
+    assert _restore(repo, manifest, tmp_path / "out", threads=threads, on_progress=progress) == data
+    assert sum(seen) == len(data) and len(seen) == len(manifest.chunks)
+
+
+async def test_a_corrupt_chunk_is_the_error_and_stops_the_workers(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    manifest = await _snapshot(repo, _disk(40))
+    bad = manifest.chunks[0]
+    assert bad is not None
+    loads: list[str] = []
+    inner = repo.load_chunk
+
+    def load(digest: str, length: int) -> bytes:
+        loads.append(digest)
+        if digest == bad:
+            raise ChunkCorrupt(digest, "digest mismatch")
+        return inner(digest, length)
+
+    repo.load_chunk = load  # type: ignore[method-assign]
+    with pytest.raises(ChunkCorrupt) as caught:
+        _restore(repo, manifest, tmp_path / "out", threads=2)
+    assert caught.value.digest == bad
+    assert len(loads) < len(manifest.chunks) - 10  # the others stopped at their next chunk
+
+
+async def test_a_stop_from_outside_ends_the_workers_without_error(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    manifest = await _snapshot(repo, _disk(20))
+    stop = threading.Event()
+    count = 0
+
+    def progress(n: int) -> None:
+        nonlocal count
+        count += 1
+        if count == 3:
+            stop.set()
+
+    _restore(repo, manifest, tmp_path / "out", threads=1, on_progress=progress, stop=stop)
+    assert count == 3

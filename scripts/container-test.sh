@@ -30,16 +30,14 @@ fail() {
 }
 
 # --- can this machine build? ----------------------------------------------------------------------
-RT=${CONTAINER_RUNTIME:-}
-if [ -z "$RT" ]; then
-    for candidate in podman docker; do
-        if command -v "$candidate" >/dev/null && "$candidate" info >/dev/null 2>&1; then
-            RT=$candidate
-            break
-        fi
-    done
-fi
-[ -n "$RT" ] || skip "no container runtime answers ('podman info' / 'docker info' failed or not installed)"
+RT=
+for candidate in ${CONTAINER_RUNTIME:-podman docker}; do
+    if command -v "$candidate" >/dev/null && "$candidate" info >/dev/null 2>&1; then
+        RT=$candidate
+        break
+    fi
+done
+[ -n "$RT" ] || skip "no container runtime answers ('${CONTAINER_RUNTIME:-podman/docker} info' failed or not installed)"
 for tool in qemu-img qemu-io python3; do
     command -v "$tool" >/dev/null || skip "$tool is not installed on the host (the flow uses it from the host)"
 done

@@ -76,9 +76,12 @@ trap cleanup EXIT
 BACKUPS=$HOST/backups RUN=$HOST/run
 as_root install -d -o 10809 -g 10809 -m 0750 "$BACKUPS" "$RUN"
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-say "$RT run -d --read-only --cap-drop=ALL --security-opt no-new-privileges --tmpfs /tmp -p 127.0.0.1:$PORT:10809 …"
+# an argument after the image name: the defaults (QMP socket, NBD on 0.0.0.0, --allow-dir) must stay.
+# (podman on a host without systemd prints "unable to get systemd connection to add healthchecks": that
+# is its periodic timer; the check itself is run below with `podman healthcheck run`.)
+say "$RT run -d --read-only --cap-drop=ALL --security-opt no-new-privileges --tmpfs /tmp -p 127.0.0.1:$PORT:10809 … IMAGE --max-connections 16"
 "$RT" run -d --name "$NAME" --read-only --cap-drop=ALL --security-opt no-new-privileges --tmpfs /tmp \
-    -p "127.0.0.1:$PORT:10809" -v "$RUN:/run/nbd-backup" -v "$BACKUPS:/backups" "$IMAGE" >/dev/null
+    -p "127.0.0.1:$PORT:10809" -v "$RUN:/run/nbd-backup" -v "$BACKUPS:/backups" "$IMAGE" --max-connections 16 >/dev/null
 for _ in $(seq 1 300); do
     "$RT" logs "$NAME" 2>&1 | grep -q '^nbd-backup: ready' && break
     [ "$("$RT" inspect --format '{{.State.Running}}' "$NAME")" = true ] || fail "container exited: $("$RT" logs "$NAME" 2>&1)"
@@ -94,6 +97,8 @@ else
         || fail "health check failed"
 fi
 say "health check: healthy"
+"$RT" run --rm --read-only --cap-drop=ALL --network none "$IMAGE" qemu-img --version | grep -q 'qemu-img version' \
+    || fail "qemu-img is not in the image"
 
 qmp() { "$RT" exec "$NAME" nbd-backup qmp --qmp unix:/run/nbd-backup/qmp.sock "$@"; }
 # an image made where the daemon sees it, as uid 10809 (blockdev-create over QMP once it exists)

@@ -359,6 +359,19 @@ class NbdServer:
         self._unix_paths.append((path, own))
         log.info("NBD server listening on unix:%s", path)
 
+    async def listen_socket(self, sock: socket.socket) -> None:
+        """Serve on a socket bound by someone else (systemd socket activation); its unix socket file,
+        if any, is left to its owner."""
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        else:
+            server = await loop.create_server(lambda: _Connection(self), sock=sock)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._servers.append(server)
+        log.info("NBD server listening on passed socket %s", sock.getsockname())
+
     async def stop(self, *, timeout: float = 5.0) -> None:
         """Stop listening, let in-flight requests finish (up to ``timeout``), close every connection."""
         self._stopping = True

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,7 @@ from backup.node import BlockNode
 from nbd.device import format_name
 from nbd.server import DEFAULT_LIMITS, Export, NbdServer, ServerLimits
 from nbd.tls import ServerTls
+from server.activation import describe
 from server.addresses import parse_monitor_address, show_tcp
 from server.errors import ShutdownError
 from server.paths import PathPolicy
@@ -129,13 +131,18 @@ class Daemon:
 
     # --- listening ---------------------------------------------------------------------------------
 
-    async def listen_nbd(self, tcp: Iterable[tuple[str, int]] = (), unix: Iterable[str] = ()) -> list[str]:
-        """Start the NBD server on every address; returns them as "HOST:PORT" / "unix:PATH"."""
-        return await self.registry.start_nbd(tcp=tcp, unix=unix)
+    async def listen_nbd(
+        self, tcp: Iterable[tuple[str, int]] = (), unix: Iterable[str] = (), sockets: Iterable[socket.socket] = ()
+    ) -> list[str]:
+        """Start the NBD server on every address and passed socket; returns them as "HOST:PORT" / "unix:PATH"."""
+        return await self.registry.start_nbd(tcp=tcp, unix=unix, sockets=sockets)
 
-    async def listen_qmp(self, addresses: Iterable[str]) -> list[str]:
-        """Open the QMP monitor on every ``unix:PATH`` / ``tcp:HOST:PORT``."""
+    async def listen_qmp(self, addresses: Iterable[str], sockets: Iterable[socket.socket] = ()) -> list[str]:
+        """Open the QMP monitor on every ``unix:PATH`` / ``tcp:HOST:PORT`` and passed socket."""
         added = []
+        for sock in sockets:
+            await self.qmp.listen_socket(sock)
+            added.append(describe(sock))
         for text in addresses:
             kind, where = parse_monitor_address(text)
             if kind == "unix":

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,6 +28,7 @@ from nbd.server import DEFAULT_LIMITS, Export, ExportResolver, NbdServer, Server
 from nbd.tls import ServerTls
 from nbd.uri import NbdUri
 from server import export_bitmaps
+from server.activation import describe
 from server.addresses import show_tcp
 from server.errors import QmpError
 from server.objects import ObjectStore
@@ -197,9 +199,10 @@ class Registry:
         unix: Iterable[str] = (),
         max_connections: int | None = None,
         tls: ServerTls | None = None,
+        sockets: Iterable[socket.socket] = (),
     ) -> list[str]:
-        """Start the NBD server listening on every address (``nbd-server-start`` / ``--nbd``), with
-        ``tls`` (default: the daemon's ``--tls`` settings)."""
+        """Start the NBD server listening on every address (``nbd-server-start`` / ``--nbd``) and on the
+        ``sockets`` passed by systemd, with ``tls`` (default: the daemon's ``--tls`` settings)."""
         if self.nbd is not None:
             raise generic("NBD server already running")
         limits = replace(self.limits, max_connections=max_connections) if max_connections else self.limits
@@ -212,6 +215,9 @@ class Registry:
             for path in unix:
                 await server.listen_unix(path)
                 added.append(f"unix:{path}")
+            for sock in sockets:
+                await server.listen_socket(sock)
+                added.append(describe(sock))
         except OSError as exc:
             await server.stop()
             raise generic(f"Failed to listen for NBD clients: {exc.strerror or exc}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -13,6 +14,7 @@ from nbd.constants import DEFAULT_PORT, MAX_STRING
 from nbd.loop import run
 from nbd.server import ServerLimits
 from nbd.tls import TLS_MODES, ServerTls, TlsConfigError, fixed_server_tls
+from server.activation import listen_fds
 from server.addresses import parse_monitor_address, split_hostport
 from server.config import apply_config, load_config
 from server.daemon import Daemon
@@ -88,6 +90,10 @@ examples:
   nbd-backup serve --config /etc/nbd-backup/serve.toml
   nbd-backup serve --qmp unix:qmp.sock --repo /backups/repo --repo-exports
 
+socket activation (systemd; contrib/systemd/): sockets passed with LISTEN_FDS/LISTEN_PID and the
+LISTEN_FDNAMES "nbd" and "qmp" (FileDescriptorName=) are served instead of binding: a passed nbd socket
+replaces --nbd/--nbd-socket (and starts the NBD server), a passed qmp socket replaces --qmp.
+
 The daemon writes --pid-file and prints a line starting with "nbd-backup: ready" on stderr once
 every socket is listening. SIGTERM/SIGINT (or QMP quit) cancel running jobs, flush and exit 0 (1 when
 an image could not be flushed or closed).
@@ -115,6 +121,8 @@ class ServeConfig:
     tls: ServerTls | None = None
     repos: list[RepoSpec] = field(default_factory=list)
     repo_exports: bool = False
+    #: Sockets passed by systemd (``nbd``, ``qmp``); each name replaces the addresses given for it.
+    passed: dict[str, list[socket.socket]] = field(default_factory=dict)
 
 
 def parse_hostport(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -314,9 +322,23 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError(f"duplicate export name(s): {', '.join(duplicates)}")
     if config.repo_exports and not config.repos:
         raise ConfigError("--repo-exports needs at least one --repo")
-    if (config.exports or config.repo_exports) and not config.tcp and not config.unix:
+    use_passed_sockets(config, listen_fds())
+    if (config.exports or config.repo_exports) and not config.tcp and not config.unix and not config.passed:
         config.tcp.append((DEFAULT_HOST, DEFAULT_PORT))
     return config
+
+
+def use_passed_sockets(config: ServeConfig, passed: dict[str, list[socket.socket]]) -> None:
+    """Sockets passed by systemd replace what the daemon would bind for that name (design §3.1)."""
+    config.passed = passed
+    if "nbd" in passed:
+        if config.tcp or config.unix:
+            log.info("socket activation: the passed nbd socket(s) replace --nbd/--nbd-socket")
+        config.tcp, config.unix = [], []
+    if "qmp" in passed:
+        if config.qmp:
+            log.info("socket activation: the passed qmp socket(s) replace --qmp")
+        config.qmp = []
 
 
 async def build_daemon(config: ServeConfig) -> Daemon:
@@ -333,11 +355,12 @@ async def build_daemon(config: ServeConfig) -> Daemon:
             daemon.registry.export_resolver = RepoExports(daemon.registry.repos)
         for spec in config.exports:
             await daemon.open_node(spec.name, spec.path, format=spec.format, read_only=spec.readonly)
-        if config.tcp or config.unix:
-            await daemon.listen_nbd(config.tcp, config.unix)
+        nbd_sockets = config.passed.get("nbd", [])
+        if config.tcp or config.unix or nbd_sockets:
+            await daemon.listen_nbd(config.tcp, config.unix, nbd_sockets)
         for spec in config.exports:
             daemon.export(spec.name, writable=not spec.readonly, description=spec.description)
-        await daemon.listen_qmp(config.qmp)
+        await daemon.listen_qmp(config.qmp, config.passed.get("qmp", []))
     except BaseException:
         await daemon.shutdown()
         raise

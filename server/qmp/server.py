@@ -140,6 +140,15 @@ class QmpServer:
         log.info("QMP monitor listening on tcp:%s:%s", bound[0], bound[1])
         return bound[0], bound[1]
 
+    async def listen_socket(self, sock: socket.socket) -> None:
+        """Serve on a socket bound by someone else (systemd socket activation: its owner set the mode)."""
+        if sock.family == socket.AF_UNIX:
+            server = await asyncio.start_unix_server(self._on_connect, sock=sock)
+        else:
+            server = await asyncio.start_server(self._on_connect, sock=sock)
+        self._servers.append(server)
+        log.info("QMP monitor listening on passed socket %s", sock.getsockname())
+
     @property
     def client_count(self) -> int:
         return len(self._sessions)

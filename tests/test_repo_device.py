@@ -556,3 +556,28 @@ async def test_an_open_reader_keeps_its_chunks_through_prune_and_gc(tmp_path: Pa
     assert len(_chunk_files(repo)) == 4  # only the newest snapshot's chunks are left
     with pytest.raises(SnapshotNotFound):
         SnapshotReader(repo, first)
+
+
+@pytest.mark.parametrize("workers", [4, 8])
+async def test_a_backup_job_with_several_workers_stores_each_chunk_once(tmp_path: Path, workers: int) -> None:
+    """Several writers each filling their own chunks while full ones are being stored: a writer waits for
+    a buffer coming back instead of storing a chunk still being filled (stored half from zeroes, then
+    again when complete: an orphan chunk and the work done twice)."""
+    from backup.backup_job import BackupJob, BackupOptions
+    from backup.events import EventBus
+    from backup.memory import MemoryDevice
+    from backup.node import BlockNode
+
+    chunk = 4 << 20  # the default: larger than the job writes at a time, so each is filled in pieces
+    repo = Repository.init(tmp_path / "repo", chunk_size=chunk)
+    size = 16 * chunk
+    node = BlockNode("src", MemoryDevice(size, data=_random(size, 21)))
+    writer = SnapshotWriter(repo, "d", size)
+    job = BackupJob("j", node, writer, BackupOptions(max_workers=workers), events=EventBus(), target_zero_init=True)
+    await job.attach()
+    job.start()
+    await asyncio.wait_for(job.wait(), 30)
+    assert job.error is None
+    manifest = await writer.commit()
+    assert _chunk_files(repo) == {c for c in manifest.chunks if c is not None}
+    assert manifest.stats["stored-bytes"] < size * 1.01  # nothing stored twice

@@ -419,8 +419,13 @@ class SnapshotWriter(FixedSizeDevice):
         await _wait(self._released)
 
     async def _buffer(self, index: int) -> _Buffer:
-        """The buffer of chunk ``index``; waits for one while all of them are taken (storing the least
-        recently written one to make room)."""
+        """The buffer of chunk ``index``; waits for one while all of them are taken.
+
+        Chunks being stored give their buffers back soon: while any is, a writer waits for it rather than
+        store a chunk still being filled — that one would be stored half from the parent (or zeroes) and,
+        once the rest arrives, stored again, leaving an orphan chunk and doing the work twice (several
+        writers each filling its own chunks, as a backup job's workers do, hit exactly that). Only when
+        every buffer is being filled is the least recently written one stored to make room."""
         while True:
             self._check(0, 0)
             buffer = self._dirty.get(index)
@@ -435,7 +440,7 @@ class SnapshotWriter(FixedSizeDevice):
             if data is not None:
                 buffer = self._dirty[index] = _Buffer(index, data, self._chunk_length(index))
                 return buffer
-            if self._dirty:
+            if self._dirty and not self._sealed:
                 self._seal(next(iter(self._dirty)))
             await self._memory_back()
 

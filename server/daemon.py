@@ -29,6 +29,7 @@ from server.errors import ShutdownError
 from server.paths import PathPolicy
 from server.qmp import bitmaps as bitmap_commands
 from server.qmp import block as block_commands
+from server.qmp import create as create_commands
 from server.qmp import jobs as job_commands
 from server.qmp import nbd as nbd_commands
 from server.qmp import objects as object_commands
@@ -46,6 +47,7 @@ def build_commands() -> CommandRegistry:
     """Every QMP command of the daemon (the monitor adds ``query-version``, ``query-commands``, ``quit``)."""
     commands = CommandRegistry()
     block_commands.register(commands)
+    create_commands.register(commands)
     bitmap_commands.register(commands)
     nbd_commands.register(commands)
     job_commands.register(commands)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from server.daemon import Daemon
-from server.errors import ConfigError
+from server.errors import ConfigError, QmpError
 from server.state import FORMAT, VERSION, StateFile, write_atomically
 
 
@@ -58,7 +58,7 @@ async def test_every_change_is_written_and_removals_drop_their_commands(tmp_path
         await run(daemon, "nbd-server-stop")
         await run(daemon, "blockdev-del", **{"node-name": "a"})
         assert kept(state) == []
-        with pytest.raises(Exception):  # a refused command records nothing
+        with pytest.raises(QmpError):  # a refused command records nothing
             await run(daemon, "blockdev-add", driver="file", filename=str(tmp_path / "missing"), **{"node-name": "m"})
         assert kept(state) == []
     finally:

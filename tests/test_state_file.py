@@ -170,3 +170,36 @@ def test_a_crash_mid_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pyte
     monkeypatch.undo()
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["state.json"]
+
+
+async def test_an_opened_snapshot_is_kept_a_begun_one_never(tmp_path: Path) -> None:
+    """``repo-snapshot-open`` (read-only) comes back after a restart; a writable ``repo-snapshot-begin``
+    is not kept (it is dropped uncommitted at the stop), and neither is anything built on it."""
+    from backup.repo.repository import Repository
+
+    state = tmp_path / "state.json"
+    chunk = 64 << 10
+
+    async def daemon_with_repo() -> Daemon:
+        daemon = Daemon(state_file=state)
+        daemon.registry.repos["default"] = Repository.open(tmp_path / "repo")
+        return daemon
+
+    Repository.init(tmp_path / "repo", chunk)
+    first = await daemon_with_repo()
+    try:
+        await run(first, "repo-snapshot-begin", disk="d", size=chunk, parent="none", **{"node-name": "w"})
+        await first.registry.node("w").pwrite(0, b"x" * chunk)
+        await run(first, "repo-snapshot-commit", **{"node-name": "w"})
+        await run(first, "repo-snapshot-open", disk="d", **{"node-name": "old"})
+        await run(first, "repo-snapshot-begin", disk="d", size=chunk, **{"node-name": "w2"})
+        assert [name for name, _ in kept(state)] == ["repo-snapshot-open"]
+    finally:
+        await first.shutdown()
+    second = await daemon_with_repo()
+    try:
+        assert await second.restore_state() == []
+        assert list(second.registry.nodes) == ["old"]
+        assert await second.registry.node("old").pread(0, 4) == b"xxxx"
+    finally:
+        await second.shutdown()

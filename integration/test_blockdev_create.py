@@ -44,7 +44,7 @@ def create(log: ReplyLog, job_id: str, **options: Any) -> None:
 
 def scenario(q: QmpSync, work: Path) -> dict[str, Any]:
     log = ReplyLog(q)
-    qcow2, raw = work / "disk.qcow2", work / "disk.raw"
+    qcow2, raw, overlay = work / "disk.qcow2", work / "disk.raw", work / "overlay.qcow2"
     create(log, "c1", driver="file", filename=str(qcow2), size=0)
     log("query-block-jobs")  # a create job is no block job
     log("block-job-dismiss", id="c1")
@@ -55,6 +55,13 @@ def scenario(q: QmpSync, work: Path) -> dict[str, Any]:
     log("blockdev-add", driver="qcow2", file="f", **{"node-name": "d"})
     create(log, "c3", driver="file", filename=str(raw), size=SIZE)
     log("job-dismiss", id="c3")
+    # an overlay naming the raw image as its backing file (relative: next to the overlay)
+    create(log, "c4", driver="file", filename=str(overlay), size=0)
+    log("job-dismiss", id="c4")
+    log("blockdev-add", driver="file", filename=str(overlay), **{"node-name": "o"})
+    options = {"backing-file": raw.name, "backing-fmt": "raw", "cluster-size": 4096}
+    create(log, "c5", driver="qcow2", file="o", size=SIZE, **options)
+    log("job-dismiss", id="c5")
     # refusals by the command, then failures inside the job (QEMU's texts)
     create(log, "e1", driver="raw")
     create(log, "e2", driver="raw", file="f")
@@ -68,7 +75,7 @@ def scenario(q: QmpSync, work: Path) -> dict[str, Any]:
     for job in ("e4", "e5", "e6", "e7"):
         log("job-dismiss", id=job)
     log("query-jobs")
-    statuses = {job: q.transcript.job_statuses(job) for job in ("c1", "c2", "c3", "e4", "e5", "e6", "e7")}
+    statuses = {job: q.transcript.job_statuses(job) for job in ("c1", "c2", "c3", "c4", "c5", "e4", "e5", "e6", "e7")}
     others = [name for name, data in q.transcript.events() if name.startswith("BLOCK_JOB")]
     d = next(n for n in q.ok("query-named-block-nodes") if n["node-name"] == "d")
     node = {key: d["image"].get(key) for key in ("virtual-size", "format", "cluster-size")}
@@ -77,7 +84,7 @@ def scenario(q: QmpSync, work: Path) -> dict[str, Any]:
         "statuses": statuses,
         "block-job-events": others,
         "node": node,
-        "images": {"qcow2": img_info(qcow2), "raw": img_info(raw)},
+        "images": {"qcow2": img_info(qcow2), "raw": img_info(raw), "overlay": img_info(overlay)},
     }
 
 

@@ -253,6 +253,9 @@ class Job(ABC):
     """
 
     job_type: ClassVar[str] = ""
+    #: A block job (backup): listed by query-block-jobs, sends BLOCK_JOB_* events. QEMU's ``create``
+    #: job is a plain job: query-jobs and JOB_STATUS_CHANGE only.
+    is_block_job: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -628,6 +631,8 @@ class Job(ABC):
             self.events.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": str(new)})
 
     def _emit_block_event(self, name: str, *, error: str | None = None) -> None:
+        if not self.is_block_job:
+            return
         data: dict[str, Any] = {
             "type": self.type,
             "device": self.id,
@@ -640,6 +645,8 @@ class Job(ABC):
         self.events.emit(name, data)
 
     def _emit_pending(self) -> None:
+        if not self.is_block_job:
+            return
         self.events.emit("BLOCK_JOB_PENDING", {"type": self.type, "id": self.id})
 
     def _wake(self) -> None:

@@ -112,6 +112,12 @@ class RawFileDevice:
             os.close(fd)
             raise
 
+    def refresh_size(self) -> None:
+        """Take the file's size again: ``blockdev-create`` wrote an image format into the file this
+        node has open (QEMU's file node asks the OS each time; ours caches it)."""
+        self._size = round_up(self._file_size(), SECTOR)
+        self._holes_may_appear()
+
     def _find_hole(self, pos: int) -> int:
         try:
             return os.lseek(self._fd, pos, os.SEEK_HOLE)

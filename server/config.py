@@ -74,6 +74,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("tls-verify-peer", "bool"),
         Setting("repo", "repos"),
         Setting("repo-exports", "bool"),
+        Setting("state-file", "path"),
     )
 }
 

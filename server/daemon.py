@@ -31,6 +31,7 @@ from server.errors import ShutdownError
 from server.paths import PathPolicy
 from server.qmp import bitmaps as bitmap_commands
 from server.qmp import block as block_commands
+from server.qmp import create as create_commands
 from server.qmp import jobs as job_commands
 from server.qmp import nbd as nbd_commands
 from server.qmp import objects as object_commands
@@ -38,6 +39,7 @@ from server.qmp import repo as repo_commands
 from server.qmp.dispatch import CommandRegistry
 from server.qmp.server import QmpServer
 from server.registry import Registry
+from server.state import StateFile
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def build_commands() -> CommandRegistry:
     """Every QMP command of the daemon (the monitor adds ``query-version``, ``query-commands``, ``quit``)."""
     commands = CommandRegistry()
     block_commands.register(commands)
+    create_commands.register(commands)
     bitmap_commands.register(commands)
     nbd_commands.register(commands)
     job_commands.register(commands)
@@ -81,11 +84,18 @@ class Daemon:
         paths: PathPolicy | None = None,
         pid_file: str | os.PathLike[str] | None = None,
         tls: ServerTls | None = None,
+        state_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.registry = Registry(paths=paths, limits=limits, tls=tls)
         self.registry.stop_requested = self.request_stop
         self.nodes: dict[str, BlockNode] = self.registry.nodes
-        self.qmp = QmpServer(build_commands(), self.registry)
+        self.commands = build_commands()
+        #: ``--state-file``: read now (a corrupt file stops the start), restored by ``restore_state``.
+        self.state = StateFile(state_file) if state_file is not None else None
+        if self.state is not None:
+            self.state.load()
+            self.state.install(self.commands)
+        self.qmp = QmpServer(self.commands, self.registry)
         self.registry.events.subscribe(self.qmp.broadcast)
         self.qmp_addresses: list[str] = []
         self.pid_file = Path(pid_file) if pid_file is not None else None
@@ -128,6 +138,12 @@ class Daemon:
             export_name, node_name, name=export_name, writable=writable, description=description
         )
         return entry.export
+
+    async def restore_state(self) -> list[str]:
+        """Set up again what the state file keeps (before QMP listens); returns the commands that failed."""
+        if self.state is None:
+            return []
+        return await self.state.restore(self.registry, self.commands)
 
     # --- listening ---------------------------------------------------------------------------------
 

@@ -321,7 +321,7 @@ class Registry:
     def block_job(self, job_id: str) -> Job:
         """A job for the ``block-job-*`` commands (QEMU: DeviceNotActive)."""
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or not job.is_block_job:
             raise QmpError(f"Block job '{job_id}' not found", "DeviceNotActive")
         return job
 

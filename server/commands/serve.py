@@ -94,6 +94,15 @@ socket activation (systemd; contrib/systemd/): sockets passed with LISTEN_FDS/LI
 LISTEN_FDNAMES "nbd" and "qmp" (FileDescriptorName=) are served instead of binding: a passed nbd socket
 replaces --nbd/--nbd-socket (and starts the NBD server), a passed qmp socket replaces --qmp.
 
+state across restarts (--state-file PATH, TOML state-file = "..."):
+  the nodes (blockdev-add, as given), repo-snapshot-open nodes, the NBD server (nbd-server-start),
+  exports and object-add objects are kept in PATH (JSON, rewritten atomically after every change;
+  removals drop them) and set up again at start through the same checks as over QMP: a node whose
+  path left --allow-dir or whose image is gone is refused with a log line, the rest comes up, and
+  the file as it was is kept in PATH.unrestored. Persistent dirty bitmaps come back with their qcow2
+  image; non-persistent ones are not recreated (their bits died with the process), which is logged.
+  Jobs are never resumed. A corrupt state file stops the start (move it aside to start empty).
+
 The daemon writes --pid-file and prints a line starting with "nbd-backup: ready" on stderr once
 every socket is listening. SIGTERM/SIGINT (or QMP quit) cancel running jobs, flush and exit 0 (1 when
 an image could not be flushed or closed).
@@ -123,6 +132,7 @@ class ServeConfig:
     repo_exports: bool = False
     #: Sockets passed by systemd (``nbd``, ``qmp``); each name replaces the addresses given for it.
     passed: dict[str, list[socket.socket]] = field(default_factory=dict)
+    state_file: str | None = None
 
 
 def parse_hostport(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -251,6 +261,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="export every snapshot read-only over NBD as DISK@ID and DISK@latest",
     )
+    parser.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="keep what QMP sets up (nodes, exports, the NBD server, TLS objects) here and set it up "
+        "again at the next start (see 'state across restarts' below)",
+    )
     parser.set_defaults(func=main)
 
 
@@ -302,6 +318,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         tls=tls_from_args(args),
         repos=[parse_repo(r) for r in getattr(args, "repo", None) or []],
         repo_exports=bool(getattr(args, "repo_exports", None)),
+        state_file=getattr(args, "state_file", None),
     )
     for address in config.qmp:
         parse_monitor_address(address)
@@ -348,6 +365,7 @@ async def build_daemon(config: ServeConfig) -> Daemon:
         paths=PathPolicy(config.allow_dirs),
         pid_file=config.pid_file,
         tls=config.tls,
+        state_file=config.state_file,
     )
     try:
         daemon.registry.repos.update(open_repos(config.repos, daemon.registry.paths))
@@ -360,6 +378,7 @@ async def build_daemon(config: ServeConfig) -> Daemon:
             await daemon.listen_nbd(config.tcp, config.unix, nbd_sockets)
         for spec in config.exports:
             daemon.export(spec.name, writable=not spec.readonly, description=spec.description)
+        await daemon.restore_state()
         await daemon.listen_qmp(config.qmp, config.passed.get("qmp", []))
     except BaseException:
         await daemon.shutdown()

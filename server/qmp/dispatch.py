@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from backup.errors import BackupError
@@ -63,6 +63,12 @@ class CommandRegistry:
             if cmd.name in self._commands:
                 raise ValueError(f"QMP command {cmd.name!r} registered twice")
             self._commands[cmd.name] = cmd
+
+    def wrap(self, wrapper: Callable[[Command], Handler]) -> None:
+        """Replace every command's handler by ``wrapper(command)`` (how ``--state-file`` records the
+        commands that succeeded); the names, schemas and summaries stay."""
+        for name, cmd in self._commands.items():
+            self._commands[name] = replace(cmd, handler=wrapper(cmd))
 
     def get(self, name: str) -> Command | None:
         return self._commands.get(name)

@@ -554,7 +554,7 @@ def register(commands: CommandRegistry) -> None:
     @commands.command("query-block-jobs")
     async def query_block_jobs(reg: Registry, args: dict[str, Any]) -> list[dict[str, Any]]:
         """Every block job, newest first (QEMU's order)."""
-        return [job.query_block_job() for job in _newest_first(reg)]
+        return [job.query_block_job() for job in _newest_first(reg) if job.is_block_job]
 
     @commands.command("query-jobs")
     async def query_jobs(reg: Registry, args: dict[str, Any]) -> list[dict[str, Any]]:

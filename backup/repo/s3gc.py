@@ -71,10 +71,15 @@ def collect_s3(repo: Repository, *, grace_seconds: float, after_mark: Hook, afte
         seen: set[tuple[str, str]] = set()
         marked |= manifest_chunks(repo, seen)
         candidates: list[ObjectInfo] = []
+        retention = store.retention
         for o in store.chunks.listing():
             report.chunks_before += 1
-            if o.key.rsplit("/", 1)[1] not in marked and o.mtime < cutoff:
-                candidates.append(o)
+            if o.key.rsplit("/", 1)[1] in marked or o.mtime >= cutoff:
+                continue
+            if retention is not None and o.mtime + retention > now:  # retained at least that long: in use
+                report.chunks_retained += 1
+                continue
+            candidates.append(o)
         names = [o.key.rsplit("/", 1)[1] for o in candidates]
         after_mark(names)
         lock = threading.Lock()
@@ -93,6 +98,10 @@ def collect_s3(repo: Repository, *, grace_seconds: float, after_mark: Hook, afte
             if info.mtime >= cutoff:  # touched by a backup since the listing
                 with lock:
                     report.chunks_rescued += 1
+                return
+            if store.retained_until(info, now) is not None:  # its retention was extended: never deleted early
+                with lock:
+                    report.chunks_retained += 1
                 return
             store.s3.delete(o.key)
             with lock:

@@ -80,7 +80,9 @@ class RepoCipher:
         self.salt = salt
         self._id_key = _derive(master, salt, b"nbd-backup chunk-id")
         self._aead = AESGCM(_derive(master, salt, b"nbd-backup encrypt"))
-        self.check_value = hmac.new(_derive(master, salt, b"nbd-backup key-check"), _CHECK_MESSAGE, "sha256").hexdigest()
+        self.check_value = hmac.new(
+            _derive(master, salt, b"nbd-backup key-check"), _CHECK_MESSAGE, "sha256"
+        ).hexdigest()
 
     @classmethod
     def new(cls, master: bytes) -> RepoCipher:
@@ -88,12 +90,22 @@ class RepoCipher:
 
     def config(self) -> dict[str, Any]:
         """What the repository config records: the algorithms, the salt and the key check value."""
-        return {"cipher": CIPHER, "chunk-id": CHUNK_ID, "kdf": KDF, "salt": self.salt.hex(), "key-check": self.check_value}
+        return {
+            "cipher": CIPHER,
+            "chunk-id": CHUNK_ID,
+            "kdf": KDF,
+            "salt": self.salt.hex(),
+            "key-check": self.check_value,
+        }
 
     @classmethod
     def open(cls, master: bytes, doc: Any, where: str) -> RepoCipher:
         """The cipher a config describes; a wrong key is a one-line error."""
-        if not isinstance(doc, dict) or (doc.get("cipher"), doc.get("chunk-id"), doc.get("kdf")) != (CIPHER, CHUNK_ID, KDF):
+        if not isinstance(doc, dict) or (doc.get("cipher"), doc.get("chunk-id"), doc.get("kdf")) != (
+            CIPHER,
+            CHUNK_ID,
+            KDF,
+        ):
             raise RepoError(f"{where}: unsupported encryption {doc!r}")
         try:
             salt = bytes.fromhex(str(doc["salt"]))

@@ -16,8 +16,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .chunks import ChunkStore
 from . import objectlock
+from .chunks import ChunkStore
 from .codec import chunk_aad, chunk_digest, compress_chunk, decode_chunk
 from .crypt import DecryptError, RepoCipher
 from .errors import ChunkCorrupt, ChunkMissing, NotARepository, RepoError, SnapshotNotFound

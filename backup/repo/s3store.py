@@ -237,7 +237,11 @@ class S3ChunkStore:
         with self._puts:
             return (
                 self.s3.put(
-                    self.key(digest), blob, if_absent=True, md5=content_md5(blob), retain_until=self.store.retain_until()
+                    self.key(digest),
+                    blob,
+                    if_absent=True,
+                    md5=content_md5(blob),
+                    retain_until=self.store.retain_until(),
                 )
                 is not None
             )
@@ -379,7 +383,10 @@ class S3Store:
     def put_manifest(self, disk: str, snap_id: str, data: bytes) -> None:
         """Published once: a 412 is fine only if it is our own PUT that a retry repeated."""
         key = self._snaps(disk) + f"{validate_snapshot_id(snap_id)}.json"
-        if self.s3.put(key, data, if_absent=True, retain_until=self.retain_until()) is None and self.s3.get(key) != data:
+        if (
+            self.s3.put(key, data, if_absent=True, retain_until=self.retain_until()) is None
+            and self.s3.get(key) != data
+        ):
             raise RepoError(f"cannot commit {disk}: snapshot {snap_id} exists already", errno.EEXIST)
 
     def delete_manifest(self, disk: str, snap_id: str) -> None:

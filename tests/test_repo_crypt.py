@@ -22,9 +22,10 @@ PATTERN = b"PLAINTEXT-OF-THE-DISK-0123456789"
 
 def _disk(seed: int) -> list[bytes]:
     """Four chunks that compress well (a repeated pattern: a store of them in clear would show it)."""
-    return [(PATTERN + seed.to_bytes(4, "big") + bytes([i])) * (CS // (len(PATTERN) + 5)) + bytes(
-        CS % (len(PATTERN) + 5)
-    ) for i in range(4)]
+    return [
+        (PATTERN + seed.to_bytes(4, "big") + bytes([i])) * (CS // (len(PATTERN) + 5)) + bytes(CS % (len(PATTERN) + 5))
+        for i in range(4)
+    ]
 
 
 def _key(tmp_path: Path) -> bytes:
@@ -94,6 +95,31 @@ def test_a_flipped_byte_of_an_encrypted_chunk_is_named_by_verify(where: Where, t
     assert report.bad == {bad: "corrupt"} and report.broken[bad] == [m.ref]
     # a manifest moved under another snapshot's name does not decrypt (its name is authenticated)
     other = write_snapshot(repo, "vm1", _disk(3))
-    where.put_raw(repo.location, where.manifest_name("vm1", other.id), where.get_raw(repo, where.manifest_name("vm1", m.id)))
+    where.put_raw(
+        repo.location, where.manifest_name("vm1", other.id), where.get_raw(repo, where.manifest_name("vm1", m.id))
+    )
     with pytest.raises(RepoError, match="authentication failed"):
         repo.load_manifest("vm1", other.id)
+
+
+def test_the_daemon_opens_an_encrypted_repository_with_its_key_file(tmp_path: Path) -> None:
+    """``serve --repo [ID=]DIR --repo-key-file [ID=]FILE`` (and the config file's ``repo-key-file``)."""
+    from server.config import load_config
+    from server.errors import ConfigError
+    from server.paths import PathPolicy
+    from server.repos import open_repos, parse_repo
+
+    key_file = tmp_path / "k"
+    Repository.init(tmp_path / "r", CS, key=load_key_file(key_file, create=True))
+    specs = [parse_repo(f"main={tmp_path / 'r'}")]
+    repos = open_repos(specs, PathPolicy(), [parse_repo(f"main={key_file}")])
+    assert repos["main"].encrypted
+    with pytest.raises(ConfigError, match=r"^--repo \S+: \S+ is encrypted: its key is needed"):
+        open_repos(specs, PathPolicy())
+    with pytest.raises(ConfigError, match="no --repo with id 'default'"):
+        open_repos(specs, PathPolicy(), [parse_repo(str(key_file))])
+    (tmp_path / "wrong").write_text(os.urandom(32).hex())
+    with pytest.raises(ConfigError, match="wrong key"):
+        open_repos(specs, PathPolicy(), [parse_repo(f"main={tmp_path / 'wrong'}")])
+    (tmp_path / "serve.toml").write_text('repo = ["main=r"]\nrepo-key-file = ["main=k"]\n')
+    assert load_config(tmp_path / "serve.toml")["repo_key_file"] == [f"main={key_file}"]

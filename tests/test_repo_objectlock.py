@@ -106,3 +106,19 @@ def test_init_refuses_a_bucket_without_object_lock_and_a_directory(s3_server: Mo
     assert not (tmp_path / "repo").exists()
     with pytest.raises(RepoError, match="positive number of days"):
         Repository.init(plain.loc(), CS, object_lock_days=0)
+
+
+def test_gc_takes_a_refused_delete_for_retention(locked: S3Where, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should gc misjudge a chunk's retention (a HEAD that does not show it), S3's refusal keeps it: gc
+    counts it retained and goes on instead of failing."""
+    repo = Repository.init(locked.loc(), CS, object_lock_days=1)
+    with repo.begin_write("vm1") as w:
+        digest, _ = repo.store_chunk(rand_chunk(), w.lease)
+    locked.tick()
+    store = repo.store
+    assert isinstance(store, s3store.S3Store)
+    store.retention = 1e-3  # judged by age, it would be free
+    monkeypatch.setattr(s3store.S3Store, "retained_until", lambda self, info, now: None)
+    report = collect_garbage(repo)
+    assert report.chunks_deleted == 0 and report.chunks_retained == 1
+    assert repo.chunks.exists(str(digest))

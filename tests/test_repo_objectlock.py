@@ -95,6 +95,14 @@ def test_a_reused_parent_chunk_is_retained_as_long_as_the_new_snapshot(locked: S
         for n in (locked.chunk_name(str(first.chunks[0])), locked.manifest_name("vm1", second.id))
     )
     assert chunk >= manifest.replace(microsecond=0)
+    locked.tick()
+    # another disk deduplicating against the old chunk copies it onto itself: the copy is retained anew
+    third = write_snapshot(repo, "vm2", [read_snapshot(repo, first)])
+    chunk, manifest = (
+        locked.client.head_object(Bucket=locked.bucket, Key=locked._key(repo.location, n))["ObjectLockRetainUntilDate"]
+        for n in (locked.chunk_name(str(first.chunks[0])), locked.manifest_name("vm2", third.id))
+    )
+    assert third.stats["new-bytes"] == 0 and chunk >= manifest.replace(microsecond=0)
 
 
 def test_init_refuses_a_bucket_without_object_lock_and_a_directory(s3_server: MotoServer, tmp_path) -> None:  # type: ignore[no-untyped-def]

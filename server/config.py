@@ -73,6 +73,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("tls-authz", "list"),
         Setting("tls-verify-peer", "bool"),
         Setting("repo", "repos"),
+        Setting("repo-key-file", "repos"),
         Setting("repo-exports", "bool"),
         Setting("state-file", "path"),
     )
@@ -145,7 +146,7 @@ def _convert(file: Path, base: Path, setting: Setting, value: Any) -> Any:
             raise ConfigError(f"{where} entries must be non-empty strings")
         if kind == "paths":
             result.append(_relative_to(base, item))
-        elif kind == "repos":  # [ID=]DIR: the directory relative to the file, the id kept
+        elif kind == "repos":  # [ID=]DIR (or FILE): the path relative to the file, the id kept
             head, sep, rest = item.partition("=")
             keep_id = bool(sep) and id_wellformed(head)
             result.append(f"{head}={_relative_to(base, rest)}" if keep_id else _relative_to(base, item))

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from backup.repo.crypt import load_key_file
 from backup.repo.errors import RepoError
 from backup.repo.location import is_s3
 from backup.repo.names import parse_snapshot_ref
@@ -53,8 +54,20 @@ def parse_repo(text: str) -> RepoSpec:
     return RepoSpec(repo_id, path)
 
 
-def open_repos(specs: list[RepoSpec], paths: PathPolicy) -> dict[str, Repository]:
-    """Open every repository (each path through ``paths``); a duplicate id or a bad directory stops the start."""
+def open_repos(
+    specs: list[RepoSpec], paths: PathPolicy, key_files: list[RepoSpec] | None = None
+) -> dict[str, Repository]:
+    """Open every repository (each path through ``paths``); a duplicate id or a bad directory stops the start.
+
+    ``key_files`` (``--repo-key-file [ID=]FILE``) are the keys of encrypted repositories, by id.
+    """
+    keys: dict[str, str] = {}
+    for k in key_files or []:
+        if k.id in keys:
+            raise ConfigError(f"--repo-key-file: repository id '{k.id}' given twice")
+        if k.id not in {s.id for s in specs}:
+            raise ConfigError(f"--repo-key-file: no --repo with id '{k.id}'")
+        keys[k.id] = k.path
     repos: dict[str, Repository] = {}
     for spec in specs:
         if spec.id in repos:
@@ -66,7 +79,8 @@ def open_repos(specs: list[RepoSpec], paths: PathPolicy) -> dict[str, Repository
             except QmpError as exc:
                 raise ConfigError(f"--repo {spec.path}: {exc.desc}") from None
         try:
-            repos[spec.id] = Repository.open(where)
+            key = load_key_file(keys[spec.id]) if spec.id in keys else None
+            repos[spec.id] = Repository.open(where, key=key)
         except RepoError as exc:
             raise ConfigError(f"--repo {spec.path}: {exc}") from None
     return repos

@@ -39,6 +39,10 @@ class Where:
         """Leases and temporaries left behind (none once every writer finished)."""
         raise NotImplementedError
 
+    def every_object(self, repo: Repository) -> dict[str, bytes]:
+        """Every file or object of the repository, by name, with its bytes (what the store holds)."""
+        raise NotImplementedError
+
 
 class LocalWhere(Where):
     def __init__(self, tmp_path: Path) -> None:
@@ -57,6 +61,9 @@ class LocalWhere(Where):
 
     def leftovers(self, repo: Repository) -> list[str]:
         return os.listdir(repo.path / "leases") + os.listdir(repo.path / "tmp")
+
+    def every_object(self, repo: Repository) -> dict[str, bytes]:
+        return {p.relative_to(repo.path).as_posix(): p.read_bytes() for p in repo.path.rglob("*") if p.is_file()}
 
 
 class S3Where(Where):
@@ -96,6 +103,15 @@ class S3Where(Where):
     def get_raw(self, repo: Repository, name: str) -> bytes:
         body: bytes = self.client.get_object(Bucket=self.bucket, Key=self._key(repo.location, name))["Body"].read()
         return body
+
+    def every_object(self, repo: Repository) -> dict[str, bytes]:
+        prefix = self._key(repo.location, "")
+        out = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                body = self.client.get_object(Bucket=self.bucket, Key=o["Key"])["Body"].read()
+                out[o["Key"][len(prefix) :]] = body
+        return out
 
     def leftovers(self, repo: Repository) -> list[str]:
         prefix = self._key(repo.location, "")

@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import zstandard
 
 from .errors import ChunkCorrupt
+
+if TYPE_CHECKING:
+    from .crypt import RepoCipher
 
 #: zstd level: 3 (zstd's default) costs ~2x level 1 for a few percent of size; 1 keeps backups I/O bound.
 LEVEL = 1
@@ -39,10 +43,20 @@ def zero_digest(length: int) -> str:
     return hashlib.sha256(bytes(length)).hexdigest()
 
 
-def chunk_digest(data: bytes | memoryview) -> str | None:
-    """The chunk's name, or None when ``data`` is all zero."""
+def chunk_digest(data: bytes | memoryview, cipher: RepoCipher | None = None) -> str | None:
+    """The chunk's name, or None when ``data`` is all zero: its SHA-256, or in an encrypted repository
+    the keyed HMAC-SHA-256 (``crypt``), which says nothing about the data to whoever lacks the key."""
+    if cipher is not None:
+        digest = cipher.chunk_id(data)
+        return None if digest == cipher.zero_id(len(data)) else digest
     digest = hashlib.sha256(data).hexdigest()
     return None if digest == zero_digest(len(data)) else digest
+
+
+def chunk_aad(digest: str) -> str:
+    """What an encrypted chunk authenticates besides its bytes: its name (a body moved under another
+    name fails to decrypt)."""
+    return f"chunk {digest}"
 
 
 def compress_chunk(data: bytes | memoryview) -> bytes:
@@ -55,14 +69,22 @@ def encode_chunk(data: bytes | memoryview) -> tuple[str | None, bytes | None]:
     return (None, None) if digest is None else (digest, compress_chunk(data))
 
 
-def decode_chunk(digest: str, blob: bytes, length: int) -> bytes:
-    """The chunk's bytes, checked against its digest and length; ``ChunkCorrupt`` otherwise."""
+def decode_chunk(digest: str, blob: bytes, length: int, cipher: RepoCipher | None = None) -> bytes:
+    """The chunk's bytes, checked against its digest and length; ``ChunkCorrupt`` otherwise (in an
+    encrypted repository also when the GCM tag does not match: the stored bytes changed)."""
+    if cipher is not None:
+        from .crypt import DecryptError
+
+        try:
+            blob = cipher.open_sealed(blob, chunk_aad(digest))
+        except DecryptError:
+            raise ChunkCorrupt(digest, "authentication failed") from None
     try:
         data = _decompressor().decompress(blob, max_output_size=length)
     except zstandard.ZstdError as e:
         raise ChunkCorrupt(digest, f"zstd: {e}") from None
     if len(data) != length:
         raise ChunkCorrupt(digest, f"{len(data)} bytes, expected {length}")
-    if hashlib.sha256(data).hexdigest() != digest:
+    if (cipher.chunk_id(data) if cipher is not None else hashlib.sha256(data).hexdigest()) != digest:
         raise ChunkCorrupt(digest, "digest mismatch")
     return data

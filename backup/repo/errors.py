@@ -41,6 +41,23 @@ class DiskBusy(RepoError):
     default_errno = _errno.EBUSY
 
 
+class Retained(RepoError):
+    """Object Lock retains the object: it cannot be removed before ``until`` (epoch seconds)."""
+
+    default_errno = _errno.EPERM
+
+    def __init__(self, what: str, until: float) -> None:
+        from datetime import UTC, datetime
+
+        self.what = what
+        self.until = until
+        when = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        super().__init__(f"snapshot {what} is under Object Lock retention until {when}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, float]]:  # type: ignore[override]
+        return (self.__class__, (self.what, self.until))
+
+
 class _ChunkError(RepoError):
     default_errno = _errno.EIO
     what = ""

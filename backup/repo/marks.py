@@ -17,6 +17,8 @@ class GcReport:
     chunks_rescued: int = 0
     leases_removed: int = 0
     temporaries_removed: int = 0
+    #: Unreferenced chunks kept because Object Lock still retains them (S3 only; freed by a later gc).
+    chunks_retained: int = 0
 
     def to_json(self) -> str:
         return json.dumps({k.replace("_", "-"): v for k, v in asdict(self).items()})

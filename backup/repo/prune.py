@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
 
-from .errors import RepoError
+from .errors import RepoError, Retained
 from .manifest import Manifest
 from .names import snapshot_time
 from .repository import Repository
@@ -70,23 +70,32 @@ def prune(repo: Repository, disk: str | None, rules: PruneRules, dry_run: bool =
     """Remove (or with ``dry_run`` only list) the snapshots the rules do not keep, each disk separately.
 
     Removal happens under the disk's writer lock (``DiskBusy`` while a backup of it runs); a dry run
-    takes no lock. Returns the removed snapshots.
+    takes no lock. Returns the removed snapshots. A snapshot that Object Lock still retains stays: the
+    others go, then a RepoError names it and until when it is retained.
     """
     if rules.empty():
         raise RepoError("prune needs at least one keep rule")
     removed: list[Manifest] = []
+    retained: list[Retained] = []
     for d in [disk] if disk is not None else repo.disks():
         if dry_run or not repo.snapshot_ids(d):
             removed += _plan(repo, d, rules)  # nothing to lock for a disk without snapshots
             continue
         lock = repo.store.lock(d)
         try:
-            doomed = _plan(repo, d, rules)
-            for m in doomed:
-                repo.store.delete_manifest(d, m.id)
-            removed += doomed
+            for m in _plan(repo, d, rules):
+                try:
+                    repo.store.delete_manifest(d, m.id)
+                except Retained as e:  # Object Lock: it stays until its retention ends
+                    retained.append(e)
+                    continue
+                removed.append(m)
         finally:
             lock.release()
+    if retained:
+        others = f" ({len(retained) - 1} more retained)" if len(retained) > 1 else ""
+        done = f"; removed {len(removed)} other snapshot(s)" if removed else ""
+        raise RepoError(f"cannot prune: {retained[0]}{others}{done}", retained[0].errno)
     return removed
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from . import objectlock
 from .chunks import ChunkStore
-from .codec import chunk_digest, compress_chunk, decode_chunk
+from .codec import chunk_aad, chunk_digest, compress_chunk, decode_chunk
+from .crypt import DecryptError, RepoCipher
 from .errors import ChunkCorrupt, ChunkMissing, NotARepository, RepoError, SnapshotNotFound
 from .lease import Lease
 from .location import is_s3, parse_s3
@@ -50,7 +52,12 @@ def open_store(location: str | Path) -> RepoStore:
 
 class Repository:
     def __init__(
-        self, path: Path | str, chunk_size: int, chunks: ChunkStore | None = None, store: RepoStore | None = None
+        self,
+        path: Path | str,
+        chunk_size: int,
+        chunks: ChunkStore | None = None,
+        store: RepoStore | None = None,
+        cipher: RepoCipher | None = None,
     ) -> None:
         self.store: RepoStore = store if store is not None else open_store(path)
         #: The directory (for S3 a Path of the URL, for messages only: use ``location``).
@@ -58,27 +65,58 @@ class Repository:
         self.location = self.store.location
         self.chunk_size = chunk_size
         self.chunks: ChunkStore = chunks if chunks is not None else self.store.chunks
+        #: The keys of an encrypted repository (``crypt``); None: chunks named by SHA-256, stored as is.
+        self.cipher = cipher
 
     # -- creating and opening
 
     @classmethod
-    def init(cls, path: Path | str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
-        """A new repository in a missing or empty directory (or S3 prefix); the config is written last."""
+    def init(
+        cls,
+        path: Path | str,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        *,
+        key: bytes | None = None,
+        object_lock_days: int | None = None,
+    ) -> Repository:
+        """A new repository in a missing or empty directory (or S3 prefix); the config is written last.
+
+        ``key``: encrypt it with this master key (``crypt``); ``object_lock_days``: every chunk and
+        manifest carries that Object Lock retention (S3 only, the bucket must have Object Lock).
+        """
         validate_chunk_size(chunk_size)
         store = open_store(path)
-        store.init_layout()
-        config = {
+        config: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
             "chunk-size": chunk_size,
             "compression": "zstd",
             "created": iso_utc(datetime.now(UTC)),
         }
+        if object_lock_days is not None:
+            lock = objectlock.config(object_lock_days)
+            from .s3store import S3Store
+
+            if not isinstance(store, S3Store):
+                raise objectlock.refuse_local(store.location)
+            if not store.s3.object_lock_enabled():
+                raise RepoError(
+                    f"cannot init repository: bucket {store.loc.bucket} does not have Object Lock enabled "
+                    "(create the bucket with Object Lock)"
+                )
+            config["object-lock"] = lock
+            store.set_retention(lock["seconds"])
+        cipher = None
+        if key is not None:
+            cipher = RepoCipher.new(key)
+            config["encryption"] = cipher.config()
+        store.init_layout()
         store.write_config(json.dumps(config, indent=1).encode() + b"\n")
-        return cls(path, chunk_size, store=store)
+        return cls(path, chunk_size, store=store, cipher=cipher)
 
     @classmethod
-    def open(cls, path: Path | str) -> Repository:
+    def open(cls, path: Path | str, *, key: bytes | None = None) -> Repository:
+        """Open an existing repository; an encrypted one needs its ``key`` (a one-line error otherwise)."""
         store = open_store(path)
         where = store.location
         try:
@@ -95,7 +133,26 @@ class Repository:
         if not isinstance(size, int):
             raise NotARepository(f"{where}: invalid chunk size {size!r}")
         validate_chunk_size(size)
-        return cls(path, size, store=store)
+        encryption = config.get("encryption")
+        cipher = None
+        if encryption is not None:
+            if key is None:
+                raise RepoError(f"{where} is encrypted: its key is needed (--key-file FILE)", errno.EACCES)
+            cipher = RepoCipher.open(key, encryption, where)
+        elif key is not None:
+            raise RepoError(f"{where} is not encrypted: no key file goes with it")
+        lock = config.get("object-lock")
+        if lock is not None:
+            from .s3store import S3Store
+
+            if not isinstance(store, S3Store):
+                raise objectlock.refuse_local(where)
+            store.set_retention(objectlock.retention_seconds(lock, where))
+        return cls(path, size, store=store, cipher=cipher)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.cipher is not None
 
     # -- reading
 
@@ -120,7 +177,13 @@ class Repository:
         return self.store.manifest_path(disk, snap_id)
 
     def load_manifest(self, disk: str, snap_id: str) -> Manifest:
-        m = Manifest.from_json(self.store.get_manifest(validate_disk(disk), validate_snapshot_id(snap_id)))
+        data = self.store.get_manifest(validate_disk(disk), validate_snapshot_id(snap_id))
+        if self.cipher is not None:
+            try:
+                data = self.cipher.open_sealed(data, _manifest_aad(disk, snap_id))
+            except DecryptError as e:
+                raise RepoError(f"bad manifest {disk}@{snap_id}: {e}", errno.EIO) from None
+        m = Manifest.from_json(data)
         if m.disk != disk or m.id != snap_id:
             raise RepoError(f"bad manifest: {disk}@{snap_id} names itself {m.ref}")
         return m
@@ -161,7 +224,7 @@ class Repository:
     def load_chunk(self, digest: str, length: int) -> bytes:
         """The chunk's bytes, verified; a bad chunk is ChunkCorrupt/ChunkMissing (EIO), named in the log."""
         try:
-            return decode_chunk(digest, self.chunks.get(digest), length)
+            return decode_chunk(digest, self.chunks.get(digest), length, self.cipher)
         except (ChunkCorrupt, ChunkMissing) as e:
             e.log()
             raise
@@ -173,7 +236,7 @@ class Repository:
 
         Thread-safe; compresses only a chunk the repository does not have yet.
         """
-        digest = chunk_digest(data)
+        digest = chunk_digest(data, self.cipher)
         if digest is None:
             lease.count(zero=len(data))
             return None, False
@@ -182,6 +245,8 @@ class Repository:
             lease.count(reused=len(data))
             return digest, False
         blob = compress_chunk(data)
+        if self.cipher is not None:  # encrypted after compression (ciphertext does not compress)
+            blob = self.cipher.seal(blob, chunk_aad(digest))
         stored = self.chunks.put(digest, blob)
         if stored:
             lease.count(new=len(data), stored=len(blob))
@@ -271,7 +336,10 @@ class DiskWriter:
             stats=full_stats,
         )
         self.lease.check_live()  # a lease gc may have taken for dead protects nothing: publish nothing
-        self.repo.store.put_manifest(self.disk, snap_id, m.to_json())
+        data = m.to_json()
+        if self.repo.cipher is not None:
+            data = self.repo.cipher.seal(data, _manifest_aad(self.disk, snap_id))
+        self.repo.store.put_manifest(self.disk, snap_id, data)
         self._finish()
         return m
 
@@ -292,3 +360,8 @@ class DiskWriter:
         self.lease.release()
         self._lock.release()
         self._lock = None
+
+
+def _manifest_aad(disk: str, snap_id: str) -> str:
+    """An encrypted manifest authenticates its own name: one copied under another name fails to decrypt."""
+    return f"manifest {disk}@{snap_id}"

@@ -11,12 +11,15 @@ of requests waiting its own turn.
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
 import random
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -104,6 +107,7 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float  # LastModified, epoch seconds (server clock)
+    retain_until: float | None = None  # Object Lock retention of the current version (HEAD only)
 
 
 class S3Client:
@@ -129,6 +133,11 @@ class S3Client:
         self._failing_since: float | None = None
         self._probed = 0.0
         self.probe = PROBE
+        #: A bucket with Object Lock keeps versions: a delete must remove every version of the key
+        #: (a plain DELETE only adds a delete marker), so an Object Lock repository sets this.
+        self.versioned = False
+        #: Object Lock mode for ``retain_until`` (``objectlock.MODE``).
+        self.lock_mode = "COMPLIANCE"
 
     # -- the retry loop
 
@@ -193,11 +202,24 @@ class S3Client:
 
     # -- requests
 
-    def put(self, key: str, body: bytes, *, if_absent: bool = False, md5: str | None = None) -> dict[str, Any] | None:
-        """PUT; with ``if_absent`` (``If-None-Match: *``) None if the object exists (412)."""
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_absent: bool = False,
+        md5: str | None = None,
+        retain_until: float | None = None,
+    ) -> dict[str, Any] | None:
+        """PUT; with ``if_absent`` (``If-None-Match: *``) None if the object exists (412); with
+        ``retain_until`` (epoch seconds) the object carries that Object Lock retention."""
         kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Key": key, "Body": body}
         if if_absent:
             kw["IfNoneMatch"] = "*"
+        if retain_until is not None:
+            kw["ObjectLockMode"] = self.lock_mode
+            kw["ObjectLockRetainUntilDate"] = datetime.fromtimestamp(retain_until, UTC)
+            md5 = md5 or content_md5(body)  # S3 wants a body checksum on a PUT with retention
         if md5 is not None:
             kw["ContentMD5"] = md5
         try:
@@ -244,7 +266,26 @@ class S3Client:
             if is_missing(e):
                 return None
             raise self.fail("HEAD", e) from None
-        return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"].timestamp())
+        until = r.get("ObjectLockRetainUntilDate")
+        return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"].timestamp(), until and until.timestamp())
+
+    def retain(self, key: str, until: float) -> None:
+        """Set (extend) the Object Lock retention of the key's current version."""
+        retention = {"Mode": self.lock_mode, "RetainUntilDate": datetime.fromtimestamp(until, UTC)}
+        try:
+            self.call("put_object_retention", Bucket=self.loc.bucket, Key=key, Retention=retention)
+        except ClientError as e:
+            raise self.fail("PUT retention", e) from None
+
+    def object_lock_enabled(self) -> bool:
+        """Whether the bucket was created with Object Lock (only then can objects carry retention)."""
+        try:
+            r = self.call("get_object_lock_configuration", Bucket=self.loc.bucket)
+        except ClientError as e:
+            if error_code(e) in ("ObjectLockConfigurationNotFoundError", "NotImplemented") or is_missing(e):
+                return False
+            raise self.fail("GET object-lock", e) from None
+        return bool(r.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
 
     def touch(self, key: str) -> bool:
         """Refresh LastModified by copying the object onto itself; False if it is gone."""
@@ -263,11 +304,31 @@ class S3Client:
         return True
 
     def delete(self, key: str) -> None:
-        try:
-            self.call("delete_object", Bucket=self.loc.bucket, Key=key)
-        except ClientError as e:
-            if not is_missing(e):
-                raise self.fail("DELETE", e) from None
+        """Remove the object; in a ``versioned`` bucket every version of it (and its delete markers)."""
+        versions: list[str | None] = [None]
+        if self.versioned:
+            versions = []
+            kw: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": key}
+            while True:
+                try:
+                    r = self.call("list_object_versions", **kw)
+                except ClientError as e:
+                    raise self.fail("LIST versions", e) from None
+                for v in [*r.get("Versions", []), *r.get("DeleteMarkers", [])]:
+                    if v["Key"] == key:
+                        versions.append(v["VersionId"])
+                if not r.get("IsTruncated"):
+                    break
+                kw["KeyMarker"], kw["VersionIdMarker"] = r["NextKeyMarker"], r.get("NextVersionIdMarker")
+        for version in versions:
+            kw = {"Bucket": self.loc.bucket, "Key": key}
+            if version is not None:
+                kw["VersionId"] = version
+            try:
+                self.call("delete_object", **kw)
+            except ClientError as e:
+                if not is_missing(e):
+                    raise self.fail("DELETE", e) from None
 
     def list(self, prefix: str, delimiter: str | None = None) -> Iterator[ObjectInfo | str]:
         """Objects under ``prefix`` (ObjectInfo), and with ``delimiter`` the common prefixes (str)."""
@@ -300,6 +361,11 @@ class S3Client:
             if http_status(e) == 404:
                 raise NotARepository(f"{self.loc.url} is not a repository (no bucket {self.loc.bucket})") from None
             raise self.fail("HEAD bucket", e) from None
+
+
+def content_md5(body: bytes) -> str:
+    """The ``Content-MD5`` header of ``body`` (a transfer cut short is never stored)."""
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
 
 def _short(e: Exception) -> str:

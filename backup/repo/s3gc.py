@@ -71,10 +71,15 @@ def collect_s3(repo: Repository, *, grace_seconds: float, after_mark: Hook, afte
         seen: set[tuple[str, str]] = set()
         marked |= manifest_chunks(repo, seen)
         candidates: list[ObjectInfo] = []
+        retention = store.retention
         for o in store.chunks.listing():
             report.chunks_before += 1
-            if o.key.rsplit("/", 1)[1] not in marked and o.mtime < cutoff:
-                candidates.append(o)
+            if o.key.rsplit("/", 1)[1] in marked or o.mtime >= cutoff:
+                continue
+            if retention is not None and o.mtime + retention > now:  # retained at least that long: in use
+                report.chunks_retained += 1
+                continue
+            candidates.append(o)
         names = [o.key.rsplit("/", 1)[1] for o in candidates]
         after_mark(names)
         lock = threading.Lock()
@@ -94,7 +99,18 @@ def collect_s3(repo: Repository, *, grace_seconds: float, after_mark: Hook, afte
                 with lock:
                     report.chunks_rescued += 1
                 return
-            store.s3.delete(o.key)
+            if store.retained_until(info, now) is not None:  # its retention was extended: never deleted early
+                with lock:
+                    report.chunks_retained += 1
+                return
+            try:
+                store.s3.delete(o.key)
+            except RepoError as e:  # a version still retained (its retention not visible to HEAD): later
+                if store.retention is None or e.errno != errno.EACCES:
+                    raise
+                with lock:
+                    report.chunks_retained += 1
+                return
             with lock:
                 report.chunks_deleted += 1
                 report.bytes_freed += info.size

@@ -10,10 +10,8 @@ and its own marker object instead of a trash.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -27,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .errors import ChunkMissing, DiskBusy, NotARepository, RepoError, SnapshotNotFound
+from .errors import ChunkMissing, DiskBusy, NotARepository, RepoError, Retained, SnapshotNotFound
 from .lease import Lease
 from .location import S3Location
 from .names import validate_digest, validate_disk, validate_snapshot_id
-from .s3client import CONNECTIONS, ObjectInfo, S3Client, server_time
+from .s3client import CONNECTIONS, ObjectInfo, S3Client, content_md5, server_time
 from .store import CONFIG, LOCK, SNAPSHOTS
 
 log = logging.getLogger("nbd_backup.repo")
@@ -236,9 +234,17 @@ class S3ChunkStore:
 
     def put(self, digest: str, blob: bytes) -> bool:
         """Upload unless another writer did (412); Content-MD5 so a broken transfer is never stored."""
-        md5 = base64.b64encode(hashlib.md5(blob, usedforsecurity=False).digest()).decode()
         with self._puts:
-            return self.s3.put(self.key(digest), blob, if_absent=True, md5=md5) is not None
+            return (
+                self.s3.put(
+                    self.key(digest),
+                    blob,
+                    if_absent=True,
+                    md5=content_md5(blob),
+                    retain_until=self.store.retain_until(),
+                )
+                is not None
+            )
 
     def get(self, digest: str) -> bytes:
         blob = self.s3.get(self.key(digest))
@@ -261,7 +267,16 @@ class S3ChunkStore:
                 yield o
 
     def touch(self, digest: str) -> None:
-        self.s3.touch(self.key(digest))
+        self._touch(self.key(digest))
+
+    def _touch(self, key: str) -> bool:
+        """Renew LastModified (a copy onto itself) — and under Object Lock the retention of the copy."""
+        if not self.s3.touch(key):
+            return False
+        until = self.store.retain_until()
+        if until is not None:
+            self.s3.retain(key, until)
+        return True
 
     def reuse(self, digest: str, lease: Lease) -> bool:
         """HEAD; a chunk older than the lease is copied onto itself (young again, see ``s3gc``).
@@ -273,7 +288,7 @@ class S3ChunkStore:
         if info is None:
             return False
         if info.mtime < lease.started and not (isinstance(lease, S3Lease) and digest in lease.written):
-            return self.s3.touch(info.key)
+            return self._touch(info.key)
         return True
 
 
@@ -288,6 +303,8 @@ class S3Store:
         self.lease_ttl = LEASE_TTL
         self.gc_margin = GC_MARGIN
         self.gc_wait = GC_WAIT
+        #: Object Lock retention (seconds) of every chunk and manifest written; None: no Object Lock.
+        self.retention: float | None = None
         self.chunks: S3ChunkStore = S3ChunkStore(self)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -301,6 +318,24 @@ class S3Store:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="repo-s3")
             return self._pool
+
+    # -- Object Lock (``objectlock``)
+
+    def set_retention(self, seconds: float | None) -> None:
+        """Every chunk and manifest written from now on carries ``seconds`` of Object Lock retention."""
+        self.retention = seconds
+        self.s3.versioned = seconds is not None
+
+    def retain_until(self) -> float | None:
+        """The retain-until date (epoch seconds) of an object written now; None without Object Lock."""
+        return None if self.retention is None else time.time() + self.retention
+
+    def retained_until(self, info: ObjectInfo, now: float) -> float | None:
+        """When the object's retention ends if it is still under retention at ``now`` (server time), else None."""
+        if self.retention is None:
+            return None
+        until = info.retain_until
+        return until if until is not None and until > now else None
 
     # -- config
 
@@ -348,11 +383,21 @@ class S3Store:
     def put_manifest(self, disk: str, snap_id: str, data: bytes) -> None:
         """Published once: a 412 is fine only if it is our own PUT that a retry repeated."""
         key = self._snaps(disk) + f"{validate_snapshot_id(snap_id)}.json"
-        if self.s3.put(key, data, if_absent=True) is None and self.s3.get(key) != data:
+        if (
+            self.s3.put(key, data, if_absent=True, retain_until=self.retain_until()) is None
+            and self.s3.get(key) != data
+        ):
             raise RepoError(f"cannot commit {disk}: snapshot {snap_id} exists already", errno.EEXIST)
 
     def delete_manifest(self, disk: str, snap_id: str) -> None:
-        self.s3.delete(self._snaps(disk) + f"{validate_snapshot_id(snap_id)}.json")
+        """Remove the manifest — refused (``Retained``) while Object Lock retains it."""
+        key = self._snaps(disk) + f"{validate_snapshot_id(snap_id)}.json"
+        if self.retention is not None:
+            info = self.s3.head(key)
+            until = self.retained_until(info, self.s3.now()) if info is not None else None
+            if until is not None:
+                raise Retained(f"{disk}@{snap_id}", until)
+        self.s3.delete(key)
 
     # -- locks, leases, gc markers
 
@@ -440,5 +485,11 @@ class S3Store:
         """
         self.wait_for_gc(deleting_only=True)
         ordered = sorted(digests)
-        present = self.pool().map(self.chunks.exists, ordered)
-        return [d for d, ok in zip(ordered, present, strict=True) if not ok]
+        infos = list(self.pool().map(lambda d: self.s3.head(self.chunks.key(d)), ordered))
+        missing = [d for d, info in zip(ordered, infos, strict=True) if info is None]
+        until = self.retain_until()
+        if until is not None and not missing:
+            # a snapshot under retention needs its chunks retained as long (a parent's may end sooner)
+            short = [i.key for i in infos if i is not None and (i.retain_until or 0.0) < until]
+            list(self.pool().map(lambda key: self.s3.retain(key, until), short))
+        return missing

@@ -13,6 +13,10 @@ one. The on-disk format is backup/repo/FORMAT.md.
   repo prune DIR [DISK] --keep-last N …     remove the snapshots the keep rules do not keep
   repo gc DIR                               free the chunks no snapshot and no running backup needs
 
+DIR may be s3://BUCKET[/PREFIX][?endpoint=URL&region=R] (a repository in object storage). An
+encrypted repository (init --key-file FILE) needs --key-file FILE on every command; a repository in
+a bucket with Object Lock may retain every snapshot for N days (init --object-lock-days N).
+
 Every command prints one line on stderr and exits non-zero when it fails.
 """
 
@@ -32,7 +36,15 @@ VERIFY_CANNOT_RUN = 2
 
 _INIT = """\
 Create a repository in DIR, which must be missing or empty. The chunk size is fixed for the
-repository's life: a power of two from 64K to 16M (default 4M; K/M/G are binary)."""
+repository's life: a power of two from 64K to 16M (default 4M; K/M/G are binary).
+
+--key-file FILE encrypts the repository (AES-256-GCM; chunk names are keyed HMACs of the data): FILE
+holds its 256-bit key and is created (mode 0600, a random key) when missing. Keep a copy elsewhere:
+without it nothing in the repository can be read. Every later command needs --key-file FILE.
+
+--object-lock-days N (S3 only, the bucket created with Object Lock): every chunk and manifest
+written carries N days of COMPLIANCE retention; nobody can delete a snapshot before that (prune says
+until when), and gc keeps its chunks."""
 
 _LIST = """\
 List the snapshots of every disk (or of DISK), oldest first. --json prints a JSON array of objects
@@ -107,6 +119,9 @@ def register(subparsers: Any) -> None:
     init = add("init", "create a repository", _INIT, _init)
     init.add_argument("dir", metavar="DIR")
     init.add_argument("--chunk-size", default="4M", metavar="SIZE", help="chunk size (default 4M)")
+    init.add_argument(
+        "--object-lock-days", type=_count, metavar="N", help="retain every snapshot N days (S3 Object Lock)"
+    )
 
     lst = add("list", "list snapshots", _LIST, _list)
     lst.add_argument("dir", metavar="DIR")
@@ -145,6 +160,13 @@ def register(subparsers: Any) -> None:
     gc = add("gc", "free the chunks nothing needs", _GC, _gc)
     gc.add_argument("dir", metavar="DIR")
     gc.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    for sub in (init, lst, backup, restore, verify, prune, gc):
+        sub.add_argument(
+            "--key-file",
+            metavar="FILE",
+            help="the key of an encrypted repository (init: encrypt it, creating FILE when missing)",
+        )
 
 
 def _progress_options(parser: argparse.ArgumentParser) -> None:
@@ -203,22 +225,34 @@ def _is_repo_error(exc: BaseException) -> bool:
     return isinstance(exc, RepoError)
 
 
-def _open(path: str) -> Any:
+def _open(args: argparse.Namespace) -> Any:
+    from backup.repo.crypt import load_key_file
     from backup.repo.repository import Repository
 
-    return Repository.open(path)
+    key = load_key_file(args.key_file) if args.key_file else None
+    return Repository.open(args.dir, key=key)
 
 
 # --- the actions ------------------------------------------------------------------------------------
 
 
 def _init(args: argparse.Namespace) -> int:
+    from backup.repo import objectlock
+    from backup.repo.crypt import load_key_file
+    from backup.repo.location import is_s3
     from backup.repo.names import parse_size
     from backup.repo.repository import Repository
     from server.progress import human_bytes
 
-    repo = Repository.init(args.dir, parse_size(args.chunk_size))
-    print(f"created repository {repo.location} (chunks of {human_bytes(repo.chunk_size)})")
+    chunk_size = parse_size(args.chunk_size)
+    if args.object_lock_days is not None and not is_s3(args.dir):
+        raise objectlock.refuse_local(args.dir)  # before a key file is made for nothing
+    key = load_key_file(args.key_file, create=True) if args.key_file else None
+    repo = Repository.init(args.dir, chunk_size, key=key, object_lock_days=args.object_lock_days)
+    extras = ", encrypted" if key is not None else ""
+    if args.object_lock_days is not None:
+        extras += f", Object Lock {args.object_lock_days} days"
+    print(f"created repository {repo.location} (chunks of {human_bytes(repo.chunk_size)}{extras})")
     return 0
 
 
@@ -226,7 +260,7 @@ def _list(args: argparse.Namespace) -> int:
     from backup.repo.names import validate_disk
     from server.repo_report import snapshot_table
 
-    repo = _open(args.dir)
+    repo = _open(args)
     disks = [validate_disk(args.disk)] if args.disk is not None else repo.disks()
     manifests = [m for disk in disks for m in repo.snapshots(disk)]
     if args.json:
@@ -246,7 +280,7 @@ def _backup(args: argparse.Namespace) -> int:
     disk = validate_disk(args.disk)
     if args.parent not in ("latest", "none"):
         validate_snapshot_id(args.parent)
-    repo = _open(args.dir)
+    repo = _open(args)
     manifest = run(
         run_backup(
             repo,
@@ -268,7 +302,7 @@ def _restore(args: argparse.Namespace) -> int:
     from server.repo_transfer import run_restore
 
     disk, snap = parse_snapshot_ref(args.snapshot)
-    repo = _open(args.dir)
+    repo = _open(args)
     manifest = repo.resolve(disk, snap)
     run(
         run_restore(
@@ -295,7 +329,7 @@ def _verify(args: argparse.Namespace) -> int:
             disk, snap = parse_snapshot_ref(args.snapshot)
             if "@" not in args.snapshot:
                 snap = None  # every snapshot of the disk
-        repo = _open(args.dir)
+        repo = _open(args)
         if disk is not None and snap is not None:
             repo.resolve(disk, snap)
     except RepoError as exc:
@@ -325,7 +359,7 @@ def _prune(args: argparse.Namespace) -> int:
     if rules.empty():
         raise RepoError("prune needs a keep rule (--keep-last, --keep-daily, --keep-weekly or --keep-monthly)")
     disk = validate_disk(args.disk) if args.disk is not None else None
-    repo = _open(args.dir)
+    repo = _open(args)
     removed = prune(repo, disk, rules, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for m in removed:
@@ -337,7 +371,7 @@ def _gc(args: argparse.Namespace) -> int:
     from backup.repo.gc import collect_garbage
     from server.repo_report import gc_line
 
-    repo = _open(args.dir)
+    repo = _open(args)
     report = collect_garbage(repo)
     print(report.to_json() if args.json else gc_line(report))
     return 0

@@ -55,6 +55,8 @@ blockdev-backup, transaction, query-block-jobs, block-job-cancel …):
   --repo [ID=]DIR          open a backup repository (repeatable; ID 'default' when left out) for the
                            repo-snapshot-begin/-commit/-abort/-open and query-repo-snapshots commands
                            (the directory obeys --allow-dir like every path)
+  --repo-key-file [ID=]FILE  the key file of encrypted repository ID (repeatable; made by
+                           nbd-backup repo init --key-file FILE)
   --repo-exports           every snapshot a read-only NBD export DISK@ID and DISK@latest (REPO:DISK@ID
                            in a repository other than 'default'), listed by nbdinfo --list; snapshots
                            committed later appear at once, @latest follows the newest
@@ -129,6 +131,7 @@ class ServeConfig:
     allow_dirs: list[str] = field(default_factory=list)
     tls: ServerTls | None = None
     repos: list[RepoSpec] = field(default_factory=list)
+    repo_key_files: list[RepoSpec] = field(default_factory=list)
     repo_exports: bool = False
     #: Sockets passed by systemd (``nbd``, ``qmp``); each name replaces the addresses given for it.
     passed: dict[str, list[socket.socket]] = field(default_factory=dict)
@@ -256,6 +259,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="open a backup repository for the repo-* QMP commands (repeatable; ID defaults to 'default')",
     )
     parser.add_argument(
+        "--repo-key-file",
+        action="append",
+        default=[],
+        metavar="[ID=]FILE",
+        help="the key file of the encrypted repository ID (repeatable; ID defaults to 'default')",
+    )
+    parser.add_argument(
         "--repo-exports",
         action="store_true",
         default=None,
@@ -317,6 +327,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         allow_dirs=list(getattr(args, "allow_dir", None) or []),
         tls=tls_from_args(args),
         repos=[parse_repo(r) for r in getattr(args, "repo", None) or []],
+        repo_key_files=[parse_repo(r) for r in getattr(args, "repo_key_file", None) or []],
         repo_exports=bool(getattr(args, "repo_exports", None)),
         state_file=getattr(args, "state_file", None),
     )
@@ -368,7 +379,7 @@ async def build_daemon(config: ServeConfig) -> Daemon:
         state_file=config.state_file,
     )
     try:
-        daemon.registry.repos.update(open_repos(config.repos, daemon.registry.paths))
+        daemon.registry.repos.update(open_repos(config.repos, daemon.registry.paths, config.repo_key_files))
         if config.repo_exports:
             daemon.registry.export_resolver = RepoExports(daemon.registry.repos)
         for spec in config.exports:

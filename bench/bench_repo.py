@@ -20,19 +20,21 @@ For each disk and each repetition (the contenders' order rotated per repetition)
    ``repo-snapshot-commit`` (timed from begin to commit's reply), once per ``--chunk-sizes``;
    QEMU's is ``drive-backup sync=incremental`` into a qcow2 overlay of the previous backup (overlay
    made before the clock starts; command to BLOCK_JOB_COMPLETED). Bytes stored: what the
-   repository directory / the overlay file grew by on disk (du). Chunks touched: the share of the
-   repository's chunks that contain a changed piece (each is re-stored whole);
+   repository directory / the overlay file grew by on disk (du; ours also the commit's new-bytes: du
+   counts chunks that no snapshot references, which ``repo gc`` frees). Chunks touched: the share of
+   the repository's chunks that contain a changed piece (each is re-stored whole);
 5. the memory of ``repo backup`` and ``repo restore`` (peak RSS, ``/usr/bin/time -f %M``) for sparse
    disks of the ``--rss-sizes`` (1 MiB of random data every 64 MiB): flat in the disk's size?
 
 Once per disk after the repetitions: 7 daily backups (a full + 6 incrementals, 1 % daily change) in
-each repository chunk size and in QEMU's qcow2 chain, bytes on disk; the last snapshot of each chain is
-restored and compared with the source.
+each repository chunk size and in QEMU's qcow2 chain, bytes on disk (the repository's also after
+``repo gc``); the last snapshot of each chain is restored and compared with the source.
 
 Medians of the repetitions with [min-max]; ratios ours ÷ QEMU are of speeds (QEMU's time ÷ ours, per
 repetition) and of bytes (ours ÷ QEMU's: below 1 is smaller). The machine's load average at the end.
 
     .venv/bin/python bench/bench_repo.py                              # 1 GiB disks, 5 reps (~10 min)
+    .venv/bin/python bench/bench_repo.py --json samples.json          # also every sample
     .venv/bin/python bench/bench_repo.py --size 64M --reps 2          # a quick check, not a measurement
 
 Not part of the test suite: numbers depend on the machine and on whoever else is using it.
@@ -257,7 +259,7 @@ class Step:
     seconds: float
     stored: int  # bytes the backup added on disk
     new: int = 0  # ours: the commit's new-bytes
-    touched: dict[int, float] = field(default_factory=dict)  # chunk size -> share of chunks with a change
+    touched: float = 0.0  # ours: the share of chunks holding a change
 
 
 async def write_changes(uri: str, size: int, percent: float, rnd: random.Random) -> list[int]:
@@ -274,8 +276,9 @@ async def write_changes(uri: str, size: int, percent: float, rnd: random.Random)
     return pieces
 
 
-def touched(pieces: Sequence[int], size: int, chunk_sizes: Sequence[int]) -> dict[int, float]:
-    return {c: len({p * PIECE // c for p in pieces}) / -(-size // c) for c in chunk_sizes}
+def touched(pieces: Sequence[int], size: int, chunk: int) -> float:
+    """The share of the disk's chunks that hold at least one changed piece."""
+    return len({p * PIECE // chunk for p in pieces}) / -(-size // chunk)
 
 
 async def ours_chain(
@@ -311,8 +314,8 @@ async def ours_chain(
             seconds = time.perf_counter() - start
             if i and not committed["new-bytes"]:
                 raise RuntimeError(f"WRONG RESULT: incremental {i} stored nothing after a {percent} % change")
-            share = touched(pieces, size, [parse_size(chunk_size)])
-            steps.append(Step(seconds, du(repo) - before, share, committed["new-bytes"]))
+            share = touched(pieces, size, parse_size(chunk_size))
+            steps.append(Step(seconds, du(repo) - before, new=committed["new-bytes"], touched=share))
     return steps, repo
 
 
@@ -326,7 +329,8 @@ async def qemu_chain(work: Path, source: Path, size: int, changes: Sequence[floa
         await export_source(qmp, source, qsd / "nbd.sock")
         uri = f"nbd+unix:///disk?socket={qsd / 'nbd.sock'}"
         for i, percent in enumerate([0.0, *changes]):
-            pieces = await write_changes(uri, size, percent, rnd) if i else []
+            if i:
+                await write_changes(uri, size, percent, rnd)
             image, job = images[i], f"j{i}"
             image.unlink(missing_ok=True)
             args: dict[str, Any] = {"job-id": job, "device": "src", "target": str(image), "format": "qcow2"}
@@ -343,7 +347,7 @@ async def qemu_chain(work: Path, source: Path, size: int, changes: Sequence[floa
                 ]
                 await qmp.ok("transaction", actions=actions)
             await wait_completed(qmp, job)
-            steps.append(Step(time.perf_counter() - start, du(image), touched(pieces, size, [])))
+            steps.append(Step(time.perf_counter() - start, du(image)))
     return steps
 
 
@@ -362,7 +366,7 @@ async def incrementals(
             s.add(f"inc/ours-{chunk}/{percent:g}", step.seconds)
             s.add(f"inc/ours-{chunk}/{percent:g}/bytes", step.stored)
             s.add(f"inc/ours-{chunk}/{percent:g}/new", step.new)
-            s.add(f"inc/touched-{chunk}/{percent:g}", step.touched[parse_size(chunk)])
+            s.add(f"inc/touched-{chunk}/{percent:g}", step.touched)
         shutil.rmtree(repo)
 
     async def qemu_run() -> None:
@@ -390,6 +394,8 @@ async def dailies(s: Samples, work: Path, pristine: Path, size: int, chunk_sizes
         shutil.copyfile(pristine, source)
         _, repo = await ours_chain(work, source, size, chunk, changes, seed=1000)
         s.add(f"daily/ours-{chunk}", du(repo))
+        await child(*ours("gc", repo))  # frees what no snapshot references (see the report)
+        s.add(f"daily/ours-{chunk}/gc", du(repo))
         out = work / "daily.raw"
         await child(*ours("restore", "--no-progress", "--force", repo, f"{DISK}@latest", out))
         same_bytes(source, out)
@@ -529,6 +535,10 @@ def incremental_table(s: Samples, chunk_sizes: Sequence[str], changes: Sequence[
             f"{label} {med([b / MiB for b in s.get(f'inc/ours-{c}/{suffix}/new')], '{:.1f}')}"
             for label, suffix in [("full", "full"), *((f"{p:g} %", f"{p:g}") for p in changes)]
         )
+        shares = ", ".join(f"{p:g} % → {100 * (1 - (1 - p / 100) ** (parse_size(c) // PIECE)):.1f} %" for p in changes)
+        lines.append(
+            f"Ours {c}: chunks touched by scattered 64 KiB pieces, expected 1-(1-p)^{parse_size(c) // PIECE}: {shares}."
+        )
         lines.append(f"Ours {c}: the commits' new-bytes (MiB; the table's 'stored' is du of the repository): {new}.")
     return lines
 
@@ -539,7 +549,11 @@ def daily_line(s: Samples, chunk_sizes: Sequence[str], days: int) -> str:
     for c in chunk_sizes:
         ours_b = s.get(f"daily/ours-{c}")
         if ours_b and qemu:
-            parts.append(f"repository ({c} chunks) {ours_b[0] / MiB:.1f} MiB ({ours_b[0] / qemu[0]:.2f} x QEMU)")
+            after = s.get(f"daily/ours-{c}/gc")[0]
+            parts.append(
+                f"repository ({c} chunks) {ours_b[0] / MiB:.1f} MiB ({ours_b[0] / qemu[0]:.2f} x QEMU),"
+                f" after repo gc {after / MiB:.1f} MiB ({after / qemu[0]:.2f} x)"
+            )
     return f"{days} daily backups, 1 % daily change, on disk: " + "; ".join(parts)
 
 
@@ -574,6 +588,7 @@ async def main_async(args: argparse.Namespace) -> int:
         for rep in range(args.reps):
             for kind in rotate(list(kinds), rep):
                 await one_rep(results[kind], base / kind, sources[kind], args, rep)
+                print(f"# rep {rep} {kind} done at {time.monotonic() - started:.0f} s", flush=True)
             await memory(memory_samples, base, rss_disks, args.chunk_sizes[0])
             print(f"# rep {rep} done at {time.monotonic() - started:.0f} s", flush=True)
         for kind in kinds:

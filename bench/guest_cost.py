@@ -152,13 +152,14 @@ async def fio(uri: str, runtime: int, work: Path) -> GuestRun:
 
 
 @contextlib.asynccontextmanager
-async def ours_daemon(work: Path) -> AsyncIterator[QmpAsync]:
+async def ours_daemon(work: Path, *extra: str) -> AsyncIterator[QmpAsync]:
+    """``nbd-backup serve`` with a QMP monitor (and ``extra`` serve arguments), until the block ends."""
     sock, pid = work / "ours-qmp.sock", work / "ours.pid"
     pid.unlink(missing_ok=True)
     with open(work / "ours.log", "wb") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.cli", "serve", "--qmp", f"unix:{sock}", "--pid-file", str(pid),
-            stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
+            *extra, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 30

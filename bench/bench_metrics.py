@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # our nbd package, not libnbd's
 
-from bench_server import EXPORT, WORKLOADS, free_port, make_image, run_fio, wait_port  # noqa: E402
+from bench_server import EXPORT, WORKLOADS, free_port, make_image, run_fio, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -153,3 +153,41 @@ def test_serve_options_for_logs_and_metrics(tmp_path: Path) -> None:
     toml.write_text('log-format = "xml"\n')
     with pytest.raises(ConfigError):
         config("--config", str(toml))
+
+
+async def test_snapshot_commit_and_abort_are_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from backup.repo.repository import Repository
+    from server.repo_totals import TOTALS, totals
+    from tests.test_qmp_commands import Harness
+
+    caplog.set_level(logging.INFO)
+    h = Harness(tmp_path)
+    h.reg.repos["logtest"] = Repository.init(tmp_path / "repo", 65536)
+    TOTALS.pop("logtest", None)
+    try:
+        await h("repo-snapshot-begin", repo="logtest", disk="d", size=3 * 65536, parent="none", **{"node-name": "s"})
+        await h.reg.node("s").pwrite(0, b"\x01" * 65536)
+        await h("repo-snapshot-commit", **{"node-name": "s"})
+        await h("repo-snapshot-begin", repo="logtest", disk="d", size=3 * 65536, **{"node-name": "t"})
+        await h.reg.node("t").pwrite(65536, b"\x01" * 65536)  # the same chunk again: deduplicated
+        await h("repo-snapshot-commit", **{"node-name": "t"})
+        await h("repo-snapshot-begin", repo="logtest", disk="d", size=3 * 65536, **{"node-name": "u"})
+        await h("repo-snapshot-abort", **{"node-name": "u"})
+    finally:
+        await h.reg.close()
+    events = [r for r in caplog.records if getattr(r, "event", "").startswith("snapshot-")]
+    assert [r.event for r in events] == ["snapshot-committed", "snapshot-committed", "snapshot-aborted"]  # type: ignore[attr-defined]
+    first = events[0]
+    assert (first.repo, first.disk, getattr(first, "new-bytes"), getattr(first, "zero-bytes")) == (  # type: ignore[attr-defined]
+        "logtest",
+        "d",
+        65536,
+        2 * 65536,
+    )
+    counted = totals("logtest")
+    assert (counted.committed, counted.aborted, counted.new_bytes) == (2, 1, 65536)
+    # the second snapshot: chunk 0 kept from its parent, chunk 1 written with data stored already
+    assert counted.reused_bytes == 2 * 65536
+    TOTALS.pop("logtest", None)

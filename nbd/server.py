@@ -28,6 +28,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from types import MappingProxyType
 from typing import Any, Protocol, cast
 
@@ -1037,7 +1038,7 @@ class _Connection(asyncio.BufferedProtocol):
         payload = request.payload
         stats = self.stats
         if stats is not None:
-            started = time.perf_counter()
+            started = perf_counter()
         reply: _Reply
         try:
             device = self.device
@@ -1098,7 +1099,7 @@ class _Connection(asyncio.BufferedProtocol):
             size = request.length if cmd in (CMD_READ, CMD_WRITE) else 0
             self._done(size)
             if stats is not None:  # inline: a call per request would cost more than the counting
-                elapsed = time.perf_counter() - started
+                elapsed = perf_counter() - started
                 stats.buckets[cmd][bisect_right(LATENCY_BOUNDS, elapsed)] += 1
                 stats.seconds[cmd] += elapsed
                 stats.bytes[cmd] += size

@@ -92,7 +92,8 @@ class NbdStats:
 
     def ended_connection(self, stats: ConnStats) -> None:
         """The connection's last request is done: its counts join its export's totals."""
-        if self.live.pop(stats, False) is None:
+        if stats in self.live:  # once: a second call finds it gone
+            del self.live[stats]
             self.ended.setdefault(stats.export, ConnStats(stats.export)).add(stats)
 
     def per_export(self) -> Iterator[ConnStats]:

@@ -66,7 +66,8 @@ def daemon(root: Path, image: Path, metrics: bool) -> Iterator[tuple[int, int]]:
 def micro(number: int = 1_000_000) -> float:
     """Nanoseconds per request of the counting ``_handle`` does with metrics on."""
     setup = (
-        "from time import perf_counter\nfrom bisect import bisect_right\nfrom nbd.stats import ConnStats, LATENCY_BOUNDS\n"
+        "from time import perf_counter\nfrom bisect import bisect_right\n"
+        "from nbd.stats import ConnStats, LATENCY_BOUNDS\n"
         "stats = ConnStats('disk')\ncmd = 0\nsize = 4096\n"
     )
     body = (

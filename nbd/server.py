@@ -828,7 +828,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._since = time.monotonic()
         stats = self.server.stats
         if stats is not None:
-            self.stats = stats.connected(export.name, self.peer)
+            self.stats = stats.connected(export.name)
         self.closed.add_done_callback(self._ended)
         self.log.info(
             "connected to export '%s'", export.name, extra={"event": "client-connected", "export": export.name}

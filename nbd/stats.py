@@ -47,11 +47,10 @@ def command_name(cmd: int) -> str:
 class ConnStats:
     """One connection's (or, folded, one export's) counts, indexed by command."""
 
-    __slots__ = ("buckets", "bytes", "errors", "export", "peer", "seconds")
+    __slots__ = ("buckets", "bytes", "errors", "export", "seconds")
 
-    def __init__(self, export: str = "", peer: str = "") -> None:
+    def __init__(self, export: str = "") -> None:
         self.export = export
-        self.peer = peer
         #: Per command: request counts per latency bucket (``LATENCY_BOUNDS``, then +Inf).
         self.buckets = [[0] * (len(LATENCY_BOUNDS) + 1) for _ in range(COMMANDS)]
         self.seconds = [0.0] * COMMANDS  # total latency per command
@@ -83,9 +82,9 @@ class NbdStats:
         self.live: dict[ConnStats, None] = {}  # insertion-ordered set
         self.connections_total: dict[str, int] = {}
 
-    def connected(self, export: str, peer: str) -> ConnStats:
+    def connected(self, export: str) -> ConnStats:
         """A connection has chosen ``export``: its counts, to fill per request."""
-        stats = ConnStats(export, peer)
+        stats = ConnStats(export)
         self.live[stats] = None
         self.connections_total[export] = self.connections_total.get(export, 0) + 1
         return stats

@@ -59,8 +59,8 @@ def test_histogram_buckets_are_cumulative_and_end_with_inf() -> None:
 
 def test_connection_counts_fold_into_their_export_once_ended() -> None:
     stats = NbdStats()
-    a = stats.connected("disk", "unix")
-    b = stats.connected("disk", "10.0.0.1:5")
+    a = stats.connected("disk")
+    b = stats.connected("disk")
     a.bytes[Cmd.WRITE] += 4096
     a.buckets[Cmd.WRITE][0] += 1
     b.buckets[Cmd.READ][3] += 2
@@ -78,7 +78,7 @@ def test_connection_counts_fold_into_their_export_once_ended() -> None:
 
 def test_nbd_collector_families() -> None:
     stats = NbdStats()
-    conn = stats.connected("disk", "unix")
+    conn = stats.connected("disk")
     conn.buckets[Cmd.READ][0] += 3
     conn.buckets[Cmd.READ][len(LATENCY_BOUNDS)] += 1  # beyond the last bound
     conn.seconds[Cmd.READ] = 5.0

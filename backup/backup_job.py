@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from backup.bitmap import ClusterBitmap
 from backup.block_copy import BlockCopier, CopyError, CopyTask, TopAllocation
-from backup.cbw import CopyBeforeWriteFilter, OnCbwError
+from backup.cbw import CopyBeforeWriteFilter, OnCbwError, cbw_stats
 from backup.copy_engine import MAX_ZERO_REQUEST, run_together
 from backup.dirty_bitmap import DirtyBitmap
 from backup.errors import InvalidArgument, JobStateError, different_sizes, same_source_and_target
@@ -246,6 +246,7 @@ class BackupJob(Job):
                 on_cbw_error=options.on_cbw_error,
                 cbw_timeout=options.cbw_timeout,
                 on_snapshot_broken=self._snapshot_broken,
+                stats=cbw_stats(self.source.name),
             )
 
         installed = self.source.insert_filter(make)

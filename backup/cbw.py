@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
+from bisect import bisect_right
 from collections.abc import Callable
 from enum import StrEnum
 
@@ -32,6 +34,57 @@ log = logging.getLogger(__name__)
 #: How much old data one guest request copies at a time: guest requests are many and each holds its
 #: buffer, so they copy in smaller pieces than the job's workers.
 GUEST_COPY_CHUNK = 1024 * 1024
+
+
+#: Upper bounds (seconds) of the buckets of the delay copy-before-write adds to a guest write.
+DELAY_BOUNDS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class CbwStats:
+    """Guest requests that had to copy old data (or wait for its copy) before going down, and how long
+    that held them: what a backup costs the guest. Counted only on that path (never for a write whose
+    clusters are copied already), in plain ints read at scrape time."""
+
+    __slots__ = ("buckets", "copies", "seconds")
+
+    def __init__(self) -> None:
+        self.copies = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(DELAY_BOUNDS) + 1)  # the last one: beyond DELAY_BOUNDS[-1]
+
+    def observe(self, elapsed: float) -> None:
+        self.copies += 1
+        self.seconds += elapsed
+        self.buckets[bisect_right(DELAY_BOUNDS, elapsed)] += 1
+
+
+#: Per source node name, for the whole process: counters outlive the jobs that fed them.
+CBW_STATS: dict[str, CbwStats] = {}
+
+
+def cbw_stats(node_name: str) -> CbwStats:
+    """The counts of the backups of node ``node_name`` (made on first use)."""
+    stats = CBW_STATS.get(node_name)
+    if stats is None:
+        stats = CBW_STATS[node_name] = CbwStats()
+    return stats
 
 
 class OnCbwError(StrEnum):
@@ -54,6 +107,7 @@ class CopyBeforeWriteFilter(BlockFilter):
         on_cbw_error: OnCbwError | str = OnCbwError.BREAK_GUEST_WRITE,
         cbw_timeout: float = 0.0,
         on_snapshot_broken: Callable[[OSError], None] | None = None,
+        stats: CbwStats | None = None,
     ) -> None:
         super().__init__(next_device)
         if cbw_timeout < 0:
@@ -68,6 +122,7 @@ class CopyBeforeWriteFilter(BlockFilter):
         self.snapshot_error: OSError | None = None
         self.guest_copies = 0  # how many guest requests had to copy (or wait for a copy) first
         self.refused = 0  # guest requests failed by break-guest-write
+        self.stats = stats if stats is not None else CbwStats()
         self._chunk_clusters = max(1, GUEST_COPY_CHUNK // copier.cluster_size)
 
     # Every guest write passes here, so the test "is anything left to copy" is inlined in each verb:
@@ -75,22 +130,31 @@ class CopyBeforeWriteFilter(BlockFilter):
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         pending = self.copier.pending(offset, len(data))
-        if pending is not None and not self._copied_now(offset, len(data), *pending):
-            await self._copy_first(offset, len(data), *pending)
+        if pending is not None:
+            started = time.perf_counter()
+            if not self._copied_now(offset, len(data), *pending):
+                await self._copy_first(offset, len(data), *pending)
+            self.stats.observe(time.perf_counter() - started)
         await self.next.pwrite(offset, data, fua=fua)
 
     async def zero(
         self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
         pending = self.copier.pending(offset, length)
-        if pending is not None and not self._copied_now(offset, length, *pending):
-            await self._copy_first(offset, length, *pending)
+        if pending is not None:
+            started = time.perf_counter()
+            if not self._copied_now(offset, length, *pending):
+                await self._copy_first(offset, length, *pending)
+            self.stats.observe(time.perf_counter() - started)
         await self.next.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         pending = self.copier.pending(offset, length)
-        if pending is not None and not self._copied_now(offset, length, *pending):
-            await self._copy_first(offset, length, *pending)
+        if pending is not None:
+            started = time.perf_counter()
+            if not self._copied_now(offset, length, *pending):
+                await self._copy_first(offset, length, *pending)
+            self.stats.observe(time.perf_counter() - started)
         await self.next.trim(offset, length, fua=fua)
 
     def _copied_now(self, offset: int, length: int, first: int, end: int) -> bool:
@@ -145,4 +209,4 @@ class CopyBeforeWriteFilter(BlockFilter):
             self.on_snapshot_broken(error)
 
 
-__all__ = ["CopyBeforeWriteFilter", "OnCbwError"]
+__all__ = ["CBW_STATS", "CbwStats", "CopyBeforeWriteFilter", "OnCbwError", "cbw_stats"]

@@ -20,5 +20,8 @@ class PeerLog(logging.LoggerAdapter[logging.Logger]):
         self._prefix = f"{what} {peer}: "
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = kwargs.get("extra")
         msg, kwargs = super().process(msg, kwargs)
+        if extra:  # the record carries the caller's fields too (an event's, for a JSON log)
+            kwargs["extra"] = {**self.extra, **extra} if self.extra else extra
         return self._prefix + str(msg), kwargs

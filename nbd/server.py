@@ -23,9 +23,12 @@ import errno as errno_mod
 import logging
 import os
 import socket
+import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from types import MappingProxyType
 from typing import Any, Protocol, cast
 
@@ -61,6 +64,7 @@ from nbd.server_core import (
     SparePool,
     StartTls,
 )
+from nbd.stats import LATENCY_BOUNDS, ConnStats, NbdStats
 from nbd.tls import ServerTls, peer_dn
 from nbd.unix_path import SocketFileId, remove_own_socket, remove_stale_socket, socket_file_id
 
@@ -239,6 +243,8 @@ class NbdServer:
         #: Exports looked up on demand after the added ones (see ``ExportResolver``).
         self.resolver: ExportResolver | None = None
         self._device_closes: set[asyncio.Task[None]] = set()  # devices of ended connections (``owns_device``)
+        #: Per-request counts for ``serve --metrics`` (None: nothing is counted).
+        self.stats: NbdStats | None = None
 
     @property
     def buffered(self) -> int:
@@ -495,6 +501,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._contexts: tuple[tuple[int, str], ...] | None = None  # selected beyond base:allocation alone
         self._sock_fd = -1  # the socket, for sendfile (-1: not usable)
         self._gone = False  # connection_lost has run
+        self.stats: ConnStats | None = None  # this connection's counts (``NbdServer.stats``)
+        self._since = 0.0  # when it chose its export
 
     # --- protocol callbacks ------------------------------------------------------------------------
 
@@ -830,7 +838,34 @@ class _Connection(asyncio.BufferedProtocol):
             timeout = min(timeouts)
             self._quiet_since = self.loop.time()
             self._timer = self.loop.call_later(timeout / 4, self._idle_check, timeout / 4)
-        self.log.info("export '%s'", export.name)
+        self._since = time.monotonic()
+        stats = self.server.stats
+        if stats is not None:
+            self.stats = stats.connected(export.name)
+        self.closed.add_done_callback(self._ended)
+        self.log.info(
+            "connected to export '%s'", export.name, extra={"event": "client-connected", "export": export.name}
+        )
+
+    def _ended(self, _: object) -> None:
+        """The connection is gone and its last request done: say what it served (figures when counted)."""
+        assert self.export is not None
+        fields: dict[str, Any] = {"event": "client-disconnected", "export": self.export.name}
+        fields["seconds"] = round(time.monotonic() - self._since, 3)
+        figures = ""
+        stats = self.stats
+        if stats is not None:
+            assert self.server.stats is not None
+            self.server.stats.ended_connection(stats)
+            fields["requests"] = stats.total_requests
+            fields["bytes-read"] = stats.bytes[CMD_READ]
+            fields["bytes-written"] = stats.bytes[CMD_WRITE]
+            figures = (
+                f", {fields['requests']} requests, {fields['bytes-read']} bytes read, {fields['bytes-written']} written"
+            )
+        self.log.info(
+            "disconnected from export '%s' after %.1f s%s", self.export.name, fields["seconds"], figures, extra=fields
+        )
 
     def _tls(self) -> bool:
         """Bytes go through TLS: never write to the socket directly (sendfile) then."""
@@ -1014,6 +1049,9 @@ class _Connection(asyncio.BufferedProtocol):
         cmd = request.cmd
         core = self.core
         payload = request.payload
+        stats = self.stats
+        if stats is not None:
+            started = perf_counter()
         reply: _Reply
         try:
             device = self.device
@@ -1049,6 +1087,8 @@ class _Connection(asyncio.BufferedProtocol):
                 reply = core.reply_error(cmd, request.cookie, errno_mod.EINVAL)
         except OSError as exc:
             self.log.debug("%r failed: %s", request, exc)
+            if stats is not None:
+                stats.errors[cmd] += 1
             err = errno_to_nbd(exc.errno, request.flags)
             reply = core.reply_error(cmd, request.cookie, err, exc.strerror or str(exc))
         except asyncio.CancelledError:
@@ -1069,7 +1109,13 @@ class _Connection(asyncio.BufferedProtocol):
         except Exception:
             self.log.exception("%r failed after its reply", request)
         finally:
-            self._done(request.length if cmd in (CMD_READ, CMD_WRITE) else 0)
+            size = request.length if cmd in (CMD_READ, CMD_WRITE) else 0
+            self._done(size)
+            if stats is not None:  # inline: a call per request would cost more than the counting
+                elapsed = perf_counter() - started
+                stats.buckets[cmd][bisect_right(LATENCY_BOUNDS, elapsed)] += 1
+                stats.seconds[cmd] += elapsed
+                stats.bytes[cmd] += size
 
     def _done(self, size: int) -> None:
         """A request replied: its bytes stop counting once its reply is in a transport that is

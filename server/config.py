@@ -12,6 +12,8 @@ Every key is a long option without its dashes (``qmp``, ``nbd``, ``nbd-socket``,
     tls = "require"
     tls-dir = "/etc/pki/qemu"
     tls-authz = ["C=GB,O=Example,CN=backup-*"]
+    metrics = "127.0.0.1:9810"
+    log-format = "json"
 
     [[export]]
     name = "disk0"
@@ -76,6 +78,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("repo-key-file", "repos"),
         Setting("repo-exports", "bool"),
         Setting("state-file", "path"),
+        Setting("metrics", "str"),
+        Setting("log-format", "str"),
+        Setting("log-level", "str"),
     )
 }
 

@@ -17,8 +17,10 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backup.images import open_image
 from backup.node import BlockNode
@@ -28,6 +30,7 @@ from nbd.tls import ServerTls
 from server.activation import describe
 from server.addresses import parse_monitor_address, show_tcp
 from server.errors import ShutdownError
+from server.job_watch import JobWatch
 from server.paths import PathPolicy
 from server.qmp import bitmaps as bitmap_commands
 from server.qmp import block as block_commands
@@ -40,6 +43,9 @@ from server.qmp.dispatch import CommandRegistry
 from server.qmp.server import QmpServer
 from server.registry import Registry
 from server.state import StateFile
+
+if TYPE_CHECKING:
+    from server.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +103,10 @@ class Daemon:
             self.state.install(self.commands)
         self.qmp = QmpServer(self.commands, self.registry)
         self.registry.events.subscribe(self.qmp.broadcast)
+        self.job_watch = JobWatch(self.registry.jobs)
+        self.registry.events.subscribe(self.job_watch)
+        self.metrics: MetricsServer | None = None  # ``listen_metrics``
+        self.metrics_address: str | None = None
         self.qmp_addresses: list[str] = []
         self.pid_file = Path(pid_file) if pid_file is not None else None
         self._pid_written = False
@@ -171,6 +181,18 @@ class Daemon:
         self.qmp_addresses.extend(added)
         return added
 
+    async def listen_metrics(self, host: str, port: int) -> str:
+        """Serve Prometheus metrics on ``host:port`` (``--metrics``); the NBD server counts from now on."""
+        from nbd.stats import NbdStats
+        from server.metrics import MetricsServer, build_registry  # the metrics library only when asked
+
+        stats = self.registry.nbd_stats = NbdStats()
+        if self.registry.nbd is not None:
+            self.registry.nbd.stats = stats
+        self.metrics = MetricsServer(build_registry(self.registry, stats, self.job_watch))
+        self.metrics_address = show_tcp(*await self.metrics.listen(host, port))
+        return self.metrics_address
+
     # --- running -----------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -188,6 +210,8 @@ class Daemon:
             parts.append("repos=" + ",".join(f"{i}:{r.path}" for i, r in self.registry.repos.items()))
         if self.qmp_addresses:
             parts.append("qmp=" + ",".join(self.qmp_addresses))
+        if self.metrics_address:
+            parts.append("metrics=" + self.metrics_address)
         parts.append(f"pid={os.getpid()}")
         return " ".join(parts)
 
@@ -212,13 +236,20 @@ class Daemon:
         try:
             self.announce_ready()
             await self._stop_event.wait()
-            log.info("stopping")
+            jobs = sum(1 for job in self.registry.jobs.values() if not job.is_completed)
+            log.info("stopping (%d job(s) running)", jobs, extra={"event": "stopping", "jobs": jobs})
         finally:
+            started = time.monotonic()
             try:
                 await self.shutdown()
+            except ShutdownError as exc:
+                log.error("stopped with errors: %s", exc, extra={"event": "stopped", "ok": False, "error": str(exc)})
+                raise
             finally:
                 for sig in installed:
                     loop.remove_signal_handler(sig)
+            seconds = round(time.monotonic() - started, 3)
+            log.info("stopped cleanly in %.2f s", seconds, extra={"event": "stopped", "ok": True, "seconds": seconds})
 
     async def shutdown(self) -> None:
         """Cancel jobs (their events still reach QMP clients), close the monitor, stop NBD, flush and
@@ -233,6 +264,8 @@ class Daemon:
             await self.qmp.stop()
             await self.registry.close()
         finally:
+            if self.metrics is not None:
+                await self.metrics.stop()
             if self._pid_written and self.pid_file is not None:
                 remove_pid_file(self.pid_file)
         if self.registry.shutdown_errors:

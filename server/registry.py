@@ -25,6 +25,7 @@ from backup.repo.repository import Repository
 from nbd.constants import MAX_STRING
 from nbd.device import backing_of
 from nbd.server import DEFAULT_LIMITS, Export, ExportResolver, NbdServer, ServerLimits
+from nbd.stats import NbdStats
 from nbd.tls import ServerTls
 from nbd.uri import NbdUri
 from server import export_bitmaps
@@ -87,6 +88,7 @@ class Registry:
         self.exports: dict[str, BlockExport] = {}
         self.jobs: dict[str, Job] = {}
         self.nbd: NbdServer | None = None
+        self.nbd_stats: NbdStats | None = None  # given to the NBD server when it starts (``--metrics``)
         self.nbd_addresses: list[str] = []
         #: ``object-add`` objects (TLS credentials, authorizers) and the credentials id the NBD server uses.
         self.objects = ObjectStore()
@@ -125,6 +127,13 @@ class Registry:
     def add_node(self, node: BlockNode) -> BlockNode:
         self.check_new_node_name(node.name)
         self.nodes[node.name] = node
+        log.info(
+            "node '%s' added: %s %s",
+            node.name,
+            node.driver,
+            node.filename or "",
+            extra=_node_fields("node-added", node),
+        )
         return node
 
     def node(self, name: str) -> BlockNode:
@@ -151,6 +160,7 @@ class Registry:
         if node.users:
             raise generic(f"Block device {name} is in use")
         del self.nodes[name]
+        log.info("node '%s' removed", name, extra=_node_fields("node-removed", node))
         for other in self.nodes.values():  # the nodes it was built on are free again
             other.release(node)
         if isinstance(node.device, BlockNode):  # a format node over a node: the child stays open
@@ -208,6 +218,7 @@ class Registry:
         limits = replace(self.limits, max_connections=max_connections) if max_connections else self.limits
         server = NbdServer(limits=limits, tls=tls if tls is not None else self.tls)
         server.resolver = self.export_resolver
+        server.stats = self.nbd_stats
         added: list[str] = []
         try:
             for host, port in tcp:
@@ -283,6 +294,19 @@ class Registry:
         export_bitmaps.claim(found)
         entry = BlockExport(export_id, node, export)
         self.exports[export_id] = entry
+        log.info(
+            "export '%s' added: node '%s', %s",
+            export_name,
+            node_name,
+            "writable" if writable else "read-only",
+            extra={
+                "event": "export-added",
+                "export": export_name,
+                "id": export_id,
+                "node": node_name,
+                "writable": writable,
+            },
+        )
         return entry
 
     def remove_export(self, export_id: str, *, mode: str = "safe") -> None:
@@ -296,6 +320,9 @@ class Registry:
 
     def _drop_export(self, export_id: str) -> None:
         entry = self.exports.pop(export_id)
+        log.info(
+            "export '%s' removed", entry.name, extra={"event": "export-removed", "export": entry.name, "id": export_id}
+        )
         export_bitmaps.release(entry.export.bitmaps)
         if self.nbd is not None:
             with contextlib.suppress(KeyError):
@@ -397,6 +424,10 @@ class Registry:
     def _shutdown_error(self, message: str) -> None:
         log.error("%s", message)
         self.shutdown_errors.append(message)
+
+
+def _node_fields(event: str, node: BlockNode) -> dict[str, Any]:
+    return {"event": event, "node": node.name, "driver": node.driver, "image": node.filename}
 
 
 def same_image(a: BlockNode, b: BlockNode) -> bool:

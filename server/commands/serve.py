@@ -19,6 +19,7 @@ from server.addresses import parse_monitor_address, split_hostport
 from server.config import apply_config, load_config
 from server.daemon import Daemon
 from server.errors import ConfigError, QmpError, ShutdownError
+from server.logs import LOG_FORMATS, LOG_LEVELS, configure
 from server.paths import PathPolicy
 from server.repos import RepoExports, RepoSpec, open_repos, parse_repo
 
@@ -136,6 +137,9 @@ class ServeConfig:
     #: Sockets passed by systemd (``nbd``, ``qmp``); each name replaces the addresses given for it.
     passed: dict[str, list[socket.socket]] = field(default_factory=dict)
     state_file: str | None = None
+    metrics: tuple[str, int] | None = None
+    log_format: str = "text"
+    log_level: str = "info"
 
 
 def parse_hostport(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -277,6 +281,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="keep what QMP sets up (nodes, exports, the NBD server, TLS objects) here and set it up "
         "again at the next start (see 'state across restarts' below)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=None, help="text (default) or json (one object a line)"
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info (-v: debug)")
     parser.set_defaults(func=main)
 
 
@@ -330,7 +343,14 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         repo_key_files=[parse_repo(r) for r in getattr(args, "repo_key_file", None) or []],
         repo_exports=bool(getattr(args, "repo_exports", None)),
         state_file=getattr(args, "state_file", None),
+        metrics=_metrics_address(getattr(args, "metrics", None)),
+        log_format=getattr(args, "log_format", None) or "text",
+        log_level=getattr(args, "log_level", None) or ("debug" if getattr(args, "verbose", 0) else "info"),
     )
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log-format must be one of {', '.join(LOG_FORMATS)}")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log-level must be one of {', '.join(LOG_LEVELS)}")
     for address in config.qmp:
         parse_monitor_address(address)
     for directory in config.allow_dirs:
@@ -369,6 +389,13 @@ def use_passed_sockets(config: ServeConfig, passed: dict[str, list[socket.socket
         config.qmp = []
 
 
+def _metrics_address(text: str | None) -> tuple[str, int] | None:
+    """``--metrics HOST:PORT`` (or ``:PORT``, or ``[IPV6]:PORT``); the port must be given."""
+    if text is None:
+        return None
+    return split_hostport(text.strip(), default_host=DEFAULT_HOST, default_port=None)
+
+
 async def build_daemon(config: ServeConfig) -> Daemon:
     """Open every image, start listening (NBD, then QMP) and export; on failure nothing stays open."""
     daemon = Daemon(
@@ -391,6 +418,8 @@ async def build_daemon(config: ServeConfig) -> Daemon:
             daemon.export(spec.name, writable=not spec.readonly, description=spec.description)
         await daemon.restore_state()
         await daemon.listen_qmp(config.qmp, config.passed.get("qmp", []))
+        if config.metrics is not None:
+            await daemon.listen_metrics(*config.metrics)
     except BaseException:
         await daemon.shutdown()
         raise
@@ -405,6 +434,7 @@ async def serve(config: ServeConfig) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
+        configure(config.log_format, config.log_level)
         run(serve(config))
     except (ConfigError, BackupError, QmpError) as exc:
         print(f"nbd-backup serve: error: {exc}", file=sys.stderr)

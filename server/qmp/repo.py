@@ -26,6 +26,7 @@ from backup.repo.repository import Repository
 from nbd.server import Export
 from server.qmp.dispatch import CommandRegistry
 from server.registry import Registry, generic
+from server.repo_totals import totals
 from server.repos import pick_repo
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,22 @@ async def commit(reg: Registry, name: str) -> dict[str, Any]:
         raise generic(f"Could not commit the snapshot of disk '{node.disk}': {exc}; nothing was published") from exc
     node.finished = True
     await node.close()
+    totals(node.repo_id).add_commit(manifest.stats)
+    log.info(
+        "repository '%s': snapshot %s@%s committed (%d bytes new)",
+        node.repo_id,
+        manifest.disk,
+        manifest.id,
+        int(manifest.stats.get("new-bytes", 0)),
+        extra={
+            "event": "snapshot-committed",
+            "repo": node.repo_id,
+            "disk": manifest.disk,
+            "snapshot": manifest.id,
+            "size": manifest.size,
+            **manifest.stats,
+        },
+    )
     return {
         "disk": manifest.disk,
         "snapshot": manifest.id,
@@ -162,6 +179,13 @@ async def abort(reg: Registry, name: str) -> None:
     _unregister(reg, node)
     node.finished = True
     await node.close()
+    totals(node.repo_id).aborted += 1
+    log.info(
+        "repository '%s': snapshot of disk '%s' aborted",
+        node.repo_id,
+        node.disk,
+        extra={"event": "snapshot-aborted", "repo": node.repo_id, "disk": node.disk},
+    )
 
 
 async def open_snapshot(reg: Registry, args: dict[str, Any]) -> BlockNode:

@@ -40,6 +40,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 MiB = 1 << 20
+#: nbdkit 1.32's S3 plugin announces its object size as the minimum block size, and nbdkit refuses a
+#: minimum above 64 KiB (and its maximum is the object size too): the largest objects it can serve are
+#: 64 KiB, and requests are at most that (1 MiB objects need a newer nbdkit).
+NBDKIT_OBJECT = "64K"
 
 _WORKER = r"""
 import json, resource, sys, time
@@ -135,15 +139,17 @@ def nbdkit_s3_available() -> str | None:
 
 def nbdkit_push(step: Step, env: dict[str, str], endpoint: str, bucket: str, key: str, src: Path, dst: Path) -> tuple:
     sock = src.parent / f"{key}.sock"
+    pid = src.parent / f"{key}.pid"  # written once nbdkit accepts connections (the socket file comes earlier)
     server = subprocess.Popen(
-        ["nbdkit", "-f", "-U", str(sock), "--filter=blocksize-policy", "S3",
+        ["nbdkit", "-f", "-U", str(sock), "-P", str(pid), "--filter=blocksize-policy", "S3",
          f"endpoint-url={endpoint}", f"bucket={bucket}", f"key={key}", f"size={src.stat().st_size}",
-         "object-size=1M", "blocksize-minimum=1M", "blocksize-preferred=1M", "blocksize-error-policy=allow"],
+         f"object-size={NBDKIT_OBJECT}", f"blocksize-minimum={NBDKIT_OBJECT}", f"blocksize-preferred={NBDKIT_OBJECT}",
+         "blocksize-error-policy=allow"],
         env=env,
     )  # fmt: skip
     try:
-        for _ in range(100):
-            if sock.exists():
+        for _ in range(400):
+            if pid.exists() and pid.stat().st_size:
                 break
             time.sleep(0.05)
         uri = f"nbd+unix:///?socket={sock}"
@@ -194,9 +200,13 @@ def main() -> None:
                 r["second host"] = ours(step, env, "backup", loc, "host2/disk", image, threads)
                 if nbdkit_note is None:
                     b2 = server.new_bucket()
-                    r["nbdkit full"], r["nbdkit restore"] = nbdkit_push(
-                        step, env, server.endpoint, b2, "disk", image, tmp / "restored.img"
-                    )
+                    try:
+                        r["nbdkit full"], r["nbdkit restore"] = nbdkit_push(
+                            step, env, server.endpoint, b2, "disk", image, tmp / "nbdkit-restored.img"
+                        )
+                    except RuntimeError as exc:  # the column says why; ours still count
+                        nbdkit_note = f"the nbdkit S3 path failed: {exc}"
+                        print(nbdkit_note, file=sys.stderr)
                 rows.append((kind, threads, r))
                 work.unlink()
             image.unlink()

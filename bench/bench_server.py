@@ -172,11 +172,16 @@ def running(name: str, image: Path, workdir: Path) -> Iterator[int]:
 
 
 def run_fio(port: int, workload: Workload, size: int, runtime: float) -> Result:
+    return run_fio_uri(f"nbd://127.0.0.1:{port}/{EXPORT}", workload, size, runtime)
+
+
+def run_fio_uri(uri: str, workload: Workload, size: int, runtime: float) -> Result:
+    """One fio run with its nbd engine against ``uri`` (any NBD URI libnbd takes, ``nbds://`` included)."""
     argv = [
         "fio",
         "--name=bench",
         "--ioengine=nbd",
-        f"--uri=nbd://127.0.0.1:{port}/{EXPORT}",
+        f"--uri={uri}",
         f"--rw={workload.rw}",
         f"--bs={workload.bs}",
         f"--iodepth={workload.iodepth}",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -36,7 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_server import EXPORT, WORKLOADS, Result, Workload, free_port, make_image, wait_port  # noqa: E402
+from bench_server import (  # noqa: E402
+    EXPORT,
+    WORKLOADS,
+    Result,
+    Workload,
+    free_port,
+    make_image,
+    run_fio_uri,
+    wait_port,
+)
 
 from tests.tlskit import Pki, make_pki  # noqa: E402
 
@@ -89,37 +97,6 @@ def running(name: str, image: Path, pki: Pki) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def run_fio(uri: str, workload: Workload, size: int, runtime: float) -> Result:
-    argv = [
-        "fio",
-        "--name=bench",
-        "--ioengine=nbd",
-        f"--uri={uri}",
-        f"--rw={workload.rw}",
-        f"--bs={workload.bs}",
-        f"--iodepth={workload.iodepth}",
-        f"--size={size}",
-        "--time_based",
-        f"--runtime={runtime}",
-        "--ramp_time=1",
-        "--randrepeat=0",
-        "--norandommap",
-        "--output-format=json",
-    ]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fio failed: {proc.stderr.strip()}")
-    job = json.loads(proc.stdout[proc.stdout.index("{") :])["jobs"][0]
-    side = job["read"] if "read" in workload.rw else job["write"]
-    percentiles = side["clat_ns"].get("percentile", {})
-    return Result(
-        mib_s=side["bw_bytes"] / (1 << 20),
-        iops=side["iops"],
-        p50_us=percentiles.get("50.000000", 0) / 1000,
-        p99_us=percentiles.get("99.000000", 0) / 1000,
-    )
 
 
 def median_result(runs: list[Result]) -> Result:
@@ -192,7 +169,7 @@ def main() -> int:
                         query = "?tls-verify-peer=false" if SERVERS[server][2] else ""
                         uri = f"{scheme}://localhost:{ports[server]}/{EXPORT}{query}"
                         try:
-                            result = run_fio(uri, workload, size, args.runtime)
+                            result = run_fio_uri(uri, workload, size, args.runtime)
                         except RuntimeError as exc:
                             print(f"{server} {workload.name}: {exc}", file=sys.stderr)
                             continue

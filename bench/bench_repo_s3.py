@@ -17,7 +17,7 @@ seconds (utime + stime of the server process) are reported per step, since on lo
 is a large part of where the time goes.
 
     .venv/bin/python bench/bench_repo_s3.py                          # 1 GiB disks on /dev/shm
-    .venv/bin/python bench/bench_repo_s3.py --size 256M --threads 4 8 16
+    .venv/bin/python bench/bench_repo_s3.py --size 256M --threads 16 --reps 3
 
 Not part of the test suite.
 """
@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,8 @@ def nbdkit_s3_available() -> str | None:
 def nbdkit_push(step: Step, env: dict[str, str], endpoint: str, bucket: str, key: str, src: Path, dst: Path) -> tuple:
     sock = src.parent / f"{key}.sock"
     pid = src.parent / f"{key}.pid"  # written once nbdkit accepts connections (the socket file comes earlier)
+    for stale in (sock, pid):  # a previous run's: nbdkit leaves its pid file behind
+        stale.unlink(missing_ok=True)
     server = subprocess.Popen(
         ["nbdkit", "-f", "-U", str(sock), "-P", str(pid), "--filter=blocksize-policy", "S3",
          f"endpoint-url={endpoint}", f"bucket={bucket}", f"key={key}", f"size={src.stat().st_size}",
@@ -162,12 +165,21 @@ def nbdkit_push(step: Step, env: dict[str, str], endpoint: str, bucket: str, key
         server.wait()
 
 
+def med(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
+
+
+def ratio(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G")
     ap.add_argument("--chunk-size", default="4M")
-    ap.add_argument("--threads", type=int, nargs="+", default=[8])
+    ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--change", type=float, default=0.01)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians [range] reported)")
     ap.add_argument("--dir", default="/dev/shm")
     args = ap.parse_args()
     from s3kit import CREDENTIALS, MotoServer
@@ -175,53 +187,77 @@ def main() -> None:
     from backup.repo.names import parse_size
     from backup.repo.repository import Repository
 
-    size, cs = parse_size(args.size), parse_size(args.chunk_size)
+    size, cs, threads = parse_size(args.size), parse_size(args.chunk_size), args.threads
     env = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT)}
     os.environ.update(CREDENTIALS)
     nbdkit_note = nbdkit_s3_available()
     tmp = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-s3-"))
     server = MotoServer()
     step = Step(server.proc.pid)
-    rows = []
+    # samples[kind][step] = one result per repetition
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
         for kind in ("dense", "half-sparse"):
             image = tmp / f"{kind}.img"
             make_image(image, size, kind)
-            for threads in args.threads:
-                bucket = server.new_bucket()
-                loc = f"s3://{bucket}/repo?endpoint={server.endpoint}&region=us-east-1"
-                Repository.init(loc, cs)
-                r = {"full": ours(step, env, "backup", loc, "host1/disk", image, threads)}
-                work = tmp / f"{kind}-changed.img"
-                shutil.copyfile(image, work)
-                change(work, args.change)
-                r["incremental"] = ours(step, env, "backup", loc, "host1/disk", work, threads)
-                r["restore"] = ours(step, env, "restore", loc, "host1/disk", tmp / "restored.img", threads)
-                r["second host"] = ours(step, env, "backup", loc, "host2/disk", image, threads)
-                if nbdkit_note is None:
-                    b2 = server.new_bucket()
-                    try:
-                        r["nbdkit full"], r["nbdkit restore"] = nbdkit_push(
-                            step, env, server.endpoint, b2, "disk", image, tmp / "nbdkit-restored.img"
-                        )
-                    except RuntimeError as exc:  # the column says why; ours still count
-                        nbdkit_note = f"the nbdkit S3 path failed: {exc}"
-                        print(nbdkit_note, file=sys.stderr)
-                rows.append((kind, threads, r))
-                work.unlink()
+            work = tmp / f"{kind}-changed.img"
+            shutil.copyfile(image, work)
+            change(work, args.change)
+            runs = samples.setdefault(kind, {})
+            for rep in range(args.reps):
+                sides = ["ours", "nbdkit"] if nbdkit_note is None else ["ours"]
+                for side in sides if rep % 2 == 0 else reversed(sides):
+                    if side == "nbdkit":
+                        try:
+                            full, back = nbdkit_push(
+                                step, env, server.endpoint, server.new_bucket(), "disk", image, tmp / "nbdkit.img"
+                            )
+                        except RuntimeError as exc:  # the column says why; ours still count
+                            nbdkit_note = f"the nbdkit S3 path failed: {exc}"
+                            print(nbdkit_note, file=sys.stderr)
+                            continue
+                        (tmp / "nbdkit.img").unlink(missing_ok=True)
+                        runs.setdefault("nbdkit full", []).append(full)
+                        runs.setdefault("nbdkit restore", []).append(back)
+                        continue
+                    loc = f"s3://{server.new_bucket()}/repo?endpoint={server.endpoint}&region=us-east-1"
+                    Repository.init(loc, cs)
+                    r = {"full": ours(step, env, "backup", loc, "host1/disk", image, threads)}
+                    r["incremental"] = ours(step, env, "backup", loc, "host1/disk", work, threads)
+                    r["restore"] = ours(step, env, "restore", loc, "host1/disk", tmp / "restored.img", threads)
+                    (tmp / "restored.img").unlink(missing_ok=True)
+                    r["second host"] = ours(step, env, "backup", loc, "host2/disk", image, threads)
+                    for name, v in r.items():
+                        runs.setdefault(name, []).append(v)
+                print(f"# {kind} rep {rep + 1} done", file=sys.stderr)
+            work.unlink()
             image.unlink()
     finally:
         server.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"disk {args.size}, chunk {args.chunk_size}, change {args.change:.0%}, moto on loopback\n")
-    print("| disk | threads | step | MiB/s | seconds | moto CPU s | peak RSS MiB | new MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind, threads, r in rows:
-        for name, v in r.items():
+    print(
+        f"disk {args.size}, chunk {args.chunk_size}, {threads} threads, change {args.change:.0%}, moto on "
+        f"loopback; medians [range] of {args.reps} interleaved repetitions\n"
+    )
+    print("| disk | step | MiB/s | moto CPU s | peak RSS MiB | new MiB |")
+    print("|---|---|---|---|---|---|")
+    for kind, runs in samples.items():
+        for name, vs in runs.items():
+            speeds = [size / MiB / v["seconds"] for v in vs]
+            rss = [v.get("rss-mib", float("nan")) for v in vs]
             print(
-                f"| {kind} | {threads} | {name} | {size / MiB / v['seconds']:.0f} | {v['seconds']:.2f} "
-                f"| {v['moto-cpu']:.1f} | {v.get('rss-mib', float('nan')):.0f} | {v.get('new-bytes', 0) / MiB:.0f} |"
+                f"| {kind} | {name} | {med(speeds)} | {med([v['moto-cpu'] for v in vs])} | {med(rss)} "
+                f"| {med([v.get('new-bytes', 0) / MiB for v in vs])} |"
             )
+        if "nbdkit full" in runs:
+            pairs = [
+                ("full backup ÷ nbdkit backup", "full", "nbdkit full"),
+                ("restore ÷ nbdkit restore", "restore", "nbdkit restore"),
+                ("second host ÷ nbdkit backup", "second host", "nbdkit full"),
+            ]
+            for label, a, b in pairs:
+                rs = [y["seconds"] / x["seconds"] for x, y in zip(runs[a], runs[b], strict=False)]
+                print(f"| {kind} | {label} | {ratio(rs)} | | | |")
     if nbdkit_note:
         print(f"\n{nbdkit_note}")
 

@@ -169,6 +169,10 @@ class Export:
         return f"Export({self.name!r}, writable={self.writable})"
 
 
+#: Exports of an ``ExportResolver`` a client may ask about one by one in a handshake (after a LIST).
+RESOLVER_LISTED_EXPORTS = 1024
+
+
 class ExportResolver(Protocol):
     """Exports that exist without being added: looked up by name when a client asks for one (the
     repository's ``DISK@ID`` snapshots, which appear as they are committed). Consulted after the
@@ -524,7 +528,9 @@ class _Connection(asyncio.BufferedProtocol):
         max_options = server.max_options + 4 * len(server._exports)
         tls = server.tls
         if server.resolver is not None:
-            max_options += 4 * sum(1 for _ in server.resolver.entries())
+            # A fixed allowance, not a count: listing a resolver's exports may be slow (a repository in
+            # object storage) and must not run on the event loop for every connection.
+            max_options += 4 * RESOLVER_LISTED_EXPORTS
         self.core = ServerCore(
             server._lookup,
             server._list,

@@ -1,6 +1,7 @@
 """A progress display for long copies: a bar with rate and ETA on a terminal, or machine-readable lines.
 
-Used by ``nbd-backup copy`` and ``nbd-backup backup``. Three outputs, chosen by the caller:
+Used by ``nbd-backup copy``, ``backup`` and ``repo``; ``add_progress_options`` and ``progress_from_args``
+give them the same ``--progress[=FD]`` / ``--no-progress`` options. Three outputs, chosen by the caller:
 
 * a terminal (``stream`` is a tty): one redrawn line, ``[#####-----]  42% 1.2 GiB/3.0 GiB 310 MiB/s ETA 0:06``;
 * ``fd=N`` (``--progress=FD``): a line ``P/100`` each time the whole percentage changes — the format of
@@ -12,6 +13,7 @@ Redraws are rate-limited, so calling :meth:`Progress.update` per request is chea
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -174,3 +176,34 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _progress_target(text: str) -> str:
+    """``--progress``'s value: ``tty`` (the bare flag) or a file descriptor number, checked while parsing."""
+    if text != "tty" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"needs a file descriptor number, not {text!r}")
+    return text
+
+
+def add_progress_options(parser: argparse.ArgumentParser) -> None:
+    """``--progress[=FD]`` and ``--no-progress``, as ``nbdcopy`` spells them."""
+    parser.add_argument(
+        "--progress",
+        nargs="?",
+        const="tty",
+        default=None,
+        type=_progress_target,
+        metavar="FD",
+        help="show a progress bar; --progress=FD writes 'N/100' lines to file descriptor FD instead",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="never show progress, even on a terminal")
+
+
+def progress_from_args(args: argparse.Namespace, total: int, label: str) -> Progress | None:
+    """The display those options ask for: none, lines on a descriptor, or a bar (on a terminal, or always
+    with a bare ``--progress``)."""
+    if args.no_progress:
+        return None
+    if args.progress not in (None, "tty"):
+        return Progress(total, fd=int(args.progress))
+    return Progress(total, label=label, enabled=True if args.progress == "tty" else None)

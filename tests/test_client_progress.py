@@ -87,3 +87,21 @@ def test_closed_fd_does_not_fail() -> None:
         progress.finish()
     finally:
         os.close(write_fd)
+
+
+def test_progress_options_are_checked_while_parsing_and_shared() -> None:
+    """``--progress[=FD]`` / ``--no-progress`` as copy, backup and repo all take them: a bad FD is an
+    argument error, a bare flag a bar, ``--no-progress`` nothing."""
+    import argparse
+
+    import pytest
+
+    from server.progress import add_progress_options, progress_from_args
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_progress_options(parser)
+    with pytest.raises(argparse.ArgumentError, match="file descriptor number"):
+        parser.parse_args(["--progress=abc"])
+    assert progress_from_args(parser.parse_args(["--no-progress"]), 10, "x") is None
+    bar = progress_from_args(parser.parse_args(["--progress"]), 10, "x")
+    assert bar is not None and bar.total == 10

@@ -17,7 +17,7 @@ from nbd.loop import run
 from server.errors import BackupFailed, ConfigError
 from server.job_follow import cancel as _cancel
 from server.job_follow import execute, follow
-from server.progress import Progress
+from server.progress import Progress, add_progress_options, progress_from_args
 from server.qmp.client import QmpClient, QmpClientError
 from server.repo_backup import parse_repo_target, run_repo_backup
 
@@ -140,15 +140,7 @@ async def run_backup(args: argparse.Namespace, log: Any = sys.stderr) -> None:
 
 
 def _make_progress(args: argparse.Namespace) -> Progress | None:
-    if args.no_progress or args.quiet:
-        return None
-    if args.progress not in (None, "tty"):
-        try:
-            fd = int(args.progress)
-        except ValueError:
-            raise ConfigError(f"--progress=FD needs a file descriptor number, not {args.progress!r}") from None
-        return Progress(0, fd=fd)
-    return Progress(0, label="backup", enabled=True if args.progress == "tty" else None)
+    return None if args.quiet else progress_from_args(args, 0, "backup")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -206,14 +198,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "backup goes on; the default) or break-snapshot (the guest write proceeds and the backup fails). "
         "Sent as x-on-cbw-error",
     )
-    parser.add_argument(
-        "--progress",
-        nargs="?",
-        const="tty",
-        metavar="FD",
-        help="show a progress bar; --progress=FD writes 'N/100' lines to file descriptor FD instead",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="never show progress, even on a terminal")
+    add_progress_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     parser.set_defaults(func=main)
 

@@ -24,10 +24,10 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from backup.copy_engine import DEFAULT_REQUEST_SIZE, CopyFailed
+from backup.copy_engine import DEFAULT_REQUEST_SIZE
 from backup.errors import BackupError
 from nbd.errors import NbdError
-from server.progress import Progress
+from server.progress import add_progress_options, progress_from_args
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("destination", metavar="DST", help="image file (created when missing) or NBD URI")
     parser.add_argument("-f", "--src-format", choices=("raw", "qcow2"), help="source image format (default: probe)")
     parser.add_argument("-O", "--dst-format", choices=("raw", "qcow2"), help="destination image format")
-    parser.add_argument(
-        "--progress",
-        nargs="?",
-        const="tty",
-        default=None,
-        metavar="FD",
-        help="show a progress bar; --progress=FD writes 'N/100' lines to file descriptor FD instead",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="never show progress, even on a terminal")
+    add_progress_options(parser)
     parser.add_argument(
         "--requests",
         type=_positive,
@@ -116,18 +108,6 @@ def _size(text: str) -> int:
     return value
 
 
-def _make_progress(args: argparse.Namespace, total: int) -> Progress | None:
-    if args.no_progress:
-        return None
-    if args.progress not in (None, "tty"):
-        try:
-            fd = int(args.progress)
-        except ValueError:
-            raise CopyFailed(f"--progress=FD needs a file descriptor number, not {args.progress!r}") from None
-        return Progress(total, fd=fd)
-    return Progress(total, label="copy", enabled=True if args.progress == "tty" else None)
-
-
 def main(args: argparse.Namespace) -> int:
     from nbd.loop import run
     from server.copy_run import run_copy
@@ -136,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     # the parser's destinations are named after the request's fields
     request = CopyRequest(**{field.name: getattr(args, field.name) for field in fields(CopyRequest)})
     try:
-        stats = run(run_copy(request, lambda total: _make_progress(args, total)))
+        stats = run(run_copy(request, lambda total: progress_from_args(args, total, "copy")))
     except (OSError, NbdError, BackupError, TimeoutError) as exc:
         print(f"nbd-backup copy: {failure_message(exc)}", file=sys.stderr)
         return 1

@@ -29,6 +29,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from server.progress import add_progress_options, progress_from_args
+
 PROG = "nbd-backup repo"
 
 #: Exit status of ``verify`` when it cannot run (not a repository, bad arguments): 1 means corruption.
@@ -135,20 +137,20 @@ def register(subparsers: Any) -> None:
     backup.add_argument("--parent", default="latest", metavar="latest|ID|none", help="the parent snapshot")
     backup.add_argument("--dirty-bitmap", metavar="NAME", help="read only what qemu:dirty-bitmap:NAME marks")
     backup.add_argument("-f", "--format", choices=("raw", "qcow2"), help="SOURCE's image format (default: probe)")
-    _progress_options(backup)
+    add_progress_options(backup)
 
     restore = add("restore", "write a snapshot to a file or an NBD export", _RESTORE, _restore)
     restore.add_argument("dir", metavar="DIR")
     restore.add_argument("snapshot", metavar="DISK[@SNAP]")
     restore.add_argument("target", metavar="TARGET", help="file or NBD URI")
     restore.add_argument("--force", action="store_true", help="replace an existing target file")
-    _progress_options(restore)
+    add_progress_options(restore)
 
     verify = add("verify", "check every chunk of the selected snapshots", _VERIFY, _verify)
     verify.add_argument("dir", metavar="DIR")
     verify.add_argument("snapshot", metavar="DISK[@SNAP]", nargs="?")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
-    _progress_options(verify)
+    add_progress_options(verify)
 
     prune = add("prune", "remove the snapshots the keep rules do not keep", _PRUNE, _prune)
     prune.add_argument("dir", metavar="DIR")
@@ -167,18 +169,6 @@ def register(subparsers: Any) -> None:
             metavar="FILE",
             help="the key of an encrypted repository (init: encrypt it, creating FILE when missing)",
         )
-
-
-def _progress_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--progress",
-        nargs="?",
-        const="tty",
-        default=None,
-        metavar="FD",
-        help="show a progress bar; --progress=FD writes 'N/100' lines to file descriptor FD instead",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="never show progress, even on a terminal")
 
 
 def _count(text: str) -> int:
@@ -289,7 +279,7 @@ def _backup(args: argparse.Namespace) -> int:
             parent=args.parent,
             fmt=args.format,
             dirty_bitmap=args.dirty_bitmap,
-            make_progress=lambda total: _make_progress(args, total, "backup"),
+            make_progress=lambda total: progress_from_args(args, total, "backup"),
         )
     )
     print(backup_line(manifest))
@@ -310,7 +300,7 @@ def _restore(args: argparse.Namespace) -> int:
             manifest,
             args.target,
             force=args.force,
-            make_progress=lambda total: _make_progress(args, total, "restore"),
+            make_progress=lambda total: progress_from_args(args, total, "restore"),
         )
     )
     return 0
@@ -334,7 +324,7 @@ def _verify(args: argparse.Namespace) -> int:
             repo.resolve(disk, snap)
     except RepoError as exc:
         raise CannotRun(str(exc)) from None
-    progress = _make_progress(args, 0, "verify")
+    progress = progress_from_args(args, 0, "verify")
     ok = False
     try:
         report = verify(repo, disk, snap, progress=_feed(progress) if progress is not None else None)
@@ -378,20 +368,6 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 # --- progress ---------------------------------------------------------------------------------------
-
-
-def _make_progress(args: argparse.Namespace, total: int, label: str) -> Any:
-    from server.progress import Progress
-
-    if args.no_progress:
-        return None
-    if args.progress not in (None, "tty"):
-        try:
-            fd = int(args.progress)
-        except ValueError:
-            raise CannotRun(f"--progress=FD needs a file descriptor number, not {args.progress!r}") from None
-        return Progress(total, fd=fd)
-    return Progress(total, label=label, enabled=True if args.progress == "tty" else None)
 
 
 def _feed(progress: Any) -> Callable[[int, int], None]:

@@ -28,6 +28,7 @@ from enum import StrEnum
 from backup.block_copy import BlockCopier, CopyError
 from backup.filter import BlockFilter
 from nbd.device import BlockDevice
+from nbd.stats import LATENCY_BOUNDS
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +37,9 @@ log = logging.getLogger(__name__)
 GUEST_COPY_CHUNK = 1024 * 1024
 
 
-#: Upper bounds (seconds) of the buckets of the delay copy-before-write adds to a guest write.
-DELAY_BOUNDS: tuple[float, ...] = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+#: Upper bounds (seconds) of the buckets of the delay copy-before-write adds to a guest write: the NBD
+#: request latency's buckets from 100 µs, and two more for copies behind a slow target.
+DELAY_BOUNDS: tuple[float, ...] = (*LATENCY_BOUNDS[1:], 5.0, 10.0)
 
 
 class CbwStats:

@@ -157,8 +157,16 @@ SERVERS: dict[str, tuple[str | None, Callable[[Path, int, Path], Any]]] = {
 
 @contextlib.contextmanager
 def running(name: str, image: Path, workdir: Path) -> Iterator[int]:
+    with serving(lambda port: SERVERS[name][1](image, port, workdir)) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def serving(start: Callable[[int], subprocess.Popen[bytes]]) -> Iterator[int]:
+    """A server ``start(port)`` launches on a free port, for the ``with`` block: yields the port once it
+    accepts connections, then stops it (SIGTERM, SIGKILL after 15 s)."""
     port = free_port()
-    proc = SERVERS[name][1](image, port, workdir)
+    proc = start(port)
     try:
         wait_port(port, proc)
         yield port

@@ -23,12 +23,11 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,10 +39,9 @@ from bench_server import (  # noqa: E402
     WORKLOADS,
     Result,
     Workload,
-    free_port,
     make_image,
     run_fio_uri,
-    wait_port,
+    serving,
 )
 
 from tests.tlskit import Pki, make_pki  # noqa: E402
@@ -83,20 +81,8 @@ SERVERS: dict[str, tuple[str | None, Starter, bool]] = {
 }
 
 
-@contextlib.contextmanager
-def running(name: str, image: Path, pki: Pki) -> Iterator[int]:
-    port = free_port()
-    proc = SERVERS[name][1](image, port, pki)
-    try:
-        wait_port(port, proc)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def running(name: str, image: Path, pki: Pki) -> contextlib.AbstractContextManager[int]:
+    return serving(lambda port: SERVERS[name][1](image, port, pki))
 
 
 def median_result(runs: list[Result]) -> Result:

@@ -7,13 +7,13 @@
    bitmap=b0`` writes into a qcow2 overlay of the full backup (``mode: existing``). Reported: the
    incremental's time (command to BLOCK_JOB_COMPLETED) and the bytes its image holds (``qemu-img map``,
    top layer), against the dirty clusters.
-2. What recording costs the guest: fio 4 KiB random writes QD16 through the export with no bitmap and
-   with one recording bitmap.
+2. What recording costs the guest: fio 4 KiB random writes QD16 through the export while a bitmap is
+   added and removed every half second; IOPS of the seconds with a recording bitmap ÷ those without.
 
 Repetitions are interleaved between the daemons; medians with their range.
 
     .venv/bin/python bench/bench_incremental.py
-    .venv/bin/python bench/bench_incremental.py --size 256M --reps 3 --runtime 3
+    .venv/bin/python bench/bench_incremental.py --size 256M --reps 3 --runtime 6
 
 Not part of the test suite: numbers depend on the machine and on whoever else is using it.
 """
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import itertools
 import json
 import random
 import statistics
@@ -100,18 +102,35 @@ async def incremental(qmp: QmpAsync, work: Path, size: int, seed: int) -> tuple[
     return elapsed, held, len(clusters) * CLUSTER
 
 
-async def recording_cost(qmp: QmpAsync, work: Path, runtime: int, rep: int) -> tuple[float, float]:
-    """(IOPS without a bitmap, IOPS with one recording), in turn first on odd and even repetitions: the
-    second fio run on a fresh tmpfs image is not the first's equal (pages already allocated, caches warm)."""
+async def recording_cost(qmp: QmpAsync, work: Path, runtime: int, segment: float) -> tuple[float, float]:
+    """(IOPS without a bitmap, IOPS with one recording), from one fio run during which a bitmap is added
+    and removed every ``segment`` seconds: the two states alternate many times within the same seconds
+    of the same run, so what drifts over a run (page cache, tmpfs pages, CPU frequency, the other
+    daemon's leftovers) falls on both equally. Separate runs with and without a bitmap differed by
+    ±10 % from run to run on this VM, more than the effect measured."""
     uri = f"nbd+unix:///disk?socket={work / 'nbd.sock'}"
-    if rep % 2 == 0:
-        without = await fio(uri, runtime, work)
-    await qmp.ok("block-dirty-bitmap-add", node="src", name="rec")
-    with_bitmap = await fio(uri, runtime, work)
-    await qmp.ok("block-dirty-bitmap-remove", node="src", name="rec")
-    if rep % 2 == 1:
-        without = await fio(uri, runtime, work)
-    return without.window(0, runtime)[0], with_bitmap.window(0, runtime)[0]
+    guest = asyncio.create_task(fio(uri, runtime, work, unix_epoch=True))
+    toggles: list[tuple[float, bool]] = []  # (Unix ms once the change is in effect, recording after it)
+    recording = False
+    await asyncio.sleep(0.5)  # fio connected and writing
+    deadline = time.time() + runtime - 1.0
+    while time.time() < deadline:
+        command = "block-dirty-bitmap-remove" if recording else "block-dirty-bitmap-add"
+        await qmp.ok(command, node="src", name="rec")
+        recording = not recording
+        toggles.append((time.time() * 1000, recording))
+        await asyncio.sleep(segment)
+    if recording:
+        await qmp.ok("block-dirty-bitmap-remove", node="src", name="rec")
+        toggles.append((time.time() * 1000, False))
+    run = await guest
+    completions = {False: 0, True: 0}
+    spent = {False: 0.0, True: 0.0}
+    times = sorted(run.times_ms)
+    for (start, state), (end, _) in itertools.pairwise(toggles):
+        completions[state] += bisect.bisect_left(times, end) - bisect.bisect_left(times, start)
+        spent[state] += end - start
+    return completions[False] / spent[False] * 1000, completions[True] / spent[True] * 1000
 
 
 def med(values: list[float], fmt: str = "{:.0f}") -> str:
@@ -125,7 +144,7 @@ async def main_async(args: argparse.Namespace) -> int:
         image = base / "source.raw"
         guest_cost.make_image(image, args.size)
         for rep in range(args.reps):
-            order = ["ours", "qemu"] if rep % 2 == 0 else ["qemu", "ours"]
+            order = args.daemons if rep % 2 == 0 else args.daemons[::-1]
             for who in order:
                 work = base / who
                 work.mkdir(exist_ok=True)
@@ -133,7 +152,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 async with start(work) as qmp:
                     await export_source(qmp, image, work / "nbd.sock")
                     seconds, held, dirty = await incremental(qmp, work, args.size, seed=rep)
-                    idle, recording = await recording_cost(qmp, work, args.runtime, rep)
+                    idle, recording = await recording_cost(qmp, work, args.runtime, args.segment)
                 r = results.setdefault(who, {})
                 r.setdefault("seconds", []).append(seconds)
                 r.setdefault("held", []).append(held / MiB)
@@ -161,8 +180,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=guest_cost.parse_size, default=1 << 30)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--runtime", type=int, default=5, help="fio seconds per run")
+    parser.add_argument("--runtime", type=int, default=12, help="fio seconds per run")
+    parser.add_argument("--segment", type=float, default=0.5, help="seconds between adding and removing the bitmap")
     parser.add_argument("--dir", default="/dev/shm")
+    parser.add_argument(
+        "--daemons", type=lambda text: text.split(","), default=["ours", "qemu"], help="comma-separated: ours,qemu"
+    )
     args = parser.parse_args()
     from nbd.loop import run
 

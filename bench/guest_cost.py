@@ -113,8 +113,9 @@ class GuestRun:
         return [float(c) for c in counts]
 
 
-async def fio(uri: str, runtime: int, work: Path) -> GuestRun:
-    """fio 4 KiB random writes QD16 over NBD, every completion logged."""
+async def fio(uri: str, runtime: int, work: Path, *, unix_epoch: bool = False) -> GuestRun:
+    """fio 4 KiB random writes QD16 over NBD, every completion logged (in ms since fio started, or
+    since the Unix epoch with ``unix_epoch``, to line completions up with events outside fio)."""
     prefix = work / "guest"
     for old in work.glob("guest_*.log"):
         old.unlink()
@@ -131,6 +132,7 @@ async def fio(uri: str, runtime: int, work: Path) -> GuestRun:
         "--randrepeat=0",
         f"--write_lat_log={prefix}",
         "--log_avg_msec=0",
+        f"--log_unix_epoch={int(unix_epoch)}",
         "--output-format=json",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -200,6 +200,9 @@ class BackupJob(Job):
         self.snapshot_error: OSError | None = None
         self._broken = asyncio.Event()
         self._cursor = 0
+        #: The last data extent the source reported, ``[start, end)``: claims inside it skip the
+        #: block-status query (scattered incremental clusters of a dense disk asked once, not each).
+        self._data_extent = (0, 0)
         self._detached = False
         self._flushed = False
         #: QEMU's sync bitmap: frozen from now on (busy; new writes go to its successor) until the job
@@ -481,6 +484,9 @@ class BackupJob(Job):
         if not copier.source.capabilities.can_extents:
             return 0
         start, _ = copier.bytes_of(first, first + 1)
+        known_from, known_to = self._data_extent
+        if known_from <= start < known_to:
+            return 0
         pos, window = start, self.max_chunk
         limit = min(copier.size, start + MAX_ZERO_REQUEST)
         while pos < limit:
@@ -490,6 +496,8 @@ class BackupJob(Job):
             except OSError:
                 break  # the copy itself will meet (and report) the error
             if not extents or not extents[0].flags & State.ZERO:
+                if extents and pos == start:
+                    self._data_extent = (start, start + extents[0].length)
                 break
             pos += min(extents[0].length, asked)
             if extents[0].length < asked:

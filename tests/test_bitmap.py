@@ -95,3 +95,32 @@ def test_single_bit_updates_keep_the_count(size: int, fill: bool, flips: list[tu
         assert bitmap.count == sum(model) and bitmap[index] == value
     assert [bitmap[i] for i in range(size)] == model
     assert bitmap.next_set(0) == next((i for i, bit in enumerate(model) if bit), None)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    size=st.integers(1, 100_000),
+    fill=st.booleans(),
+    runs=st.lists(st.tuples(st.integers(0, 100_000), st.integers(1, 40)), max_size=6),
+    probes=st.lists(st.integers(0, 100_000), min_size=1, max_size=8),
+)
+def test_searches_across_widening_windows_match_a_list_model(
+    size: int, fill: bool, runs: list[tuple[int, int]], probes: list[int]
+) -> None:
+    """Bitmaps large enough that a search widens its window several times (64 bytes up to 4 KiB) and
+    crosses window edges: few, short runs of the other value in a sea of ``fill``."""
+    bitmap = ClusterBitmap(size, fill=fill)
+    model = [fill] * size
+    for start, length in runs:
+        start, end = min(start, size), min(start + length, size)
+        (bitmap.clear if fill else bitmap.set)(start, end)
+        model[start:end] = [not fill] * (end - start)
+    for probe in probes:
+        for end in (None, min(size, probe + 70_000)):
+            stop = size if end is None else end
+            assert bitmap.next_set(probe, end) == model_next(model, probe, stop, True)
+            assert bitmap.next_clear(probe, end) == model_next(model, probe, stop, False)
+        if probe < size:
+            found = model_next(model, probe, size, not model[probe])
+            assert bitmap.run_end(probe) == (size if found is None else found)
+    assert bitmap.count == sum(model)

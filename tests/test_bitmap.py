@@ -124,3 +124,27 @@ def test_searches_across_widening_windows_match_a_list_model(
             found = model_next(model, probe, size, not model[probe])
             assert bitmap.run_end(probe) == (size if found is None else found)
     assert bitmap.count == sum(model)
+
+
+def window_edges(nbytes: int) -> list[int]:
+    """Byte offsets where a search from 0 starts a new window (64, 128, … bytes, then 4 KiB steps)."""
+    edges, pos, window = [], 0, 64
+    while pos < nbytes:
+        pos += window
+        edges.append(pos)
+        window = min(window * 2, 4096)
+    return edges
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_a_lone_bit_is_found_on_either_side_of_every_window_edge(fill: bool) -> None:
+    size = 100_000
+    positions = sorted(
+        {b * 8 + bit for edge in window_edges(size // 8) for b in (edge - 1, edge, edge + 1) for bit in range(8)}
+    )
+    bitmap = ClusterBitmap(size, fill=fill)
+    for position in (p for p in positions if p < size):
+        (bitmap.clear if fill else bitmap.set)(position, position + 1)
+        assert (bitmap.next_clear(0) if fill else bitmap.next_set(0)) == position
+        assert bitmap.run_end(0) == position
+        (bitmap.set if fill else bitmap.clear)(position, position + 1)

@@ -39,6 +39,16 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 MAX_EXTENTS = 1024  # per block_status call: the caller asks again for the rest
 _T = TypeVar("_T")
+_CAPABILITIES = Capabilities(
+    can_flush=True,
+    can_fua=True,
+    can_trim=True,
+    can_zero=True,
+    can_fast_zero=True,
+    can_cache=True,
+    can_multi_conn=True,  # one fd, fdatasync flushes what every connection wrote
+    can_extents=True,
+)
 THREADED_IO_MIN = 256 * 1024  # reads and writes this big run in a thread: the loop keeps the socket busy meanwhile
 _HOLE = int(State.HOLE | State.ZERO)
 
@@ -148,16 +158,7 @@ class RawFileDevice:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            can_flush=True,
-            can_fua=True,
-            can_trim=True,
-            can_zero=True,
-            can_fast_zero=True,
-            can_cache=True,
-            can_multi_conn=True,  # one fd, fdatasync flushes what every connection wrote
-            can_extents=True,
-        )
+        return _CAPABILITIES  # asked at every copy: one frozen instance, not a new one each time
 
     @property
     def block_limits(self) -> BlockLimits:

@@ -347,7 +347,7 @@ class NbdClient:
                 self._ready.set()  # wake waiters so they see the failure
                 for other in self._conns:
                     if other is not conn and other.transport is not None:
-                        other.abort(DisconnectedError(str(reason)))  # one cause, one message
+                        other.abort(_copy_exception(reason))  # one cause, one message (a timeout stays one)
             return
         log.warning("%s: %s; reconnecting (requests wait up to %g s)", self.uri, reason, self._reconnect_delay)
         task = asyncio.get_running_loop().create_task(self._reconnect(conn, ops, reason))

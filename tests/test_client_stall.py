@@ -84,6 +84,23 @@ async def test_every_request_of_a_timed_out_connection_fails_with_etimedout(tmp_
         await asyncio.wait_for(client.close(), BOUND)
 
 
+async def test_a_connection_dropped_because_another_timed_out_fails_with_etimedout_too(tmp_path: Path) -> None:
+    """The second connection's read is younger than the timeout when the first connection times out: it
+    is dropped for the same cause and must say so (ETIMEDOUT), not a generic disconnection — what a
+    loaded machine made of the test above now and then, when its two connections timed out in two
+    different watchdog passes."""
+    device = StallingDevice(SIZE)
+    async with serve_unix(tmp_path, device, release=device.release) as uri:
+        client = await NbdClient.connect(uri, connections=2, request_timeout=0.3)
+        first = asyncio.ensure_future(client.pread(0, 4096))
+        await asyncio.sleep(0.2)
+        second = asyncio.ensure_future(client.pread(4096, 4096))  # the idle connection takes it
+        results = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), BOUND)
+        assert all(isinstance(r, OSError) and r.errno == errno.ETIMEDOUT for r in results), results
+        await until(lambda: all_closed(client))
+        await asyncio.wait_for(client.close(), BOUND)
+
+
 async def test_a_slow_server_that_keeps_answering_is_not_timed_out(tmp_path: Path) -> None:
     """60 reads answered one by one every 40 ms: the last waits ~2.4 s, well past the timeout, but the
     connection is never silent for long, so nothing fails."""

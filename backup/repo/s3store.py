@@ -284,6 +284,8 @@ class S3ChunkStore:
         Not a chunk the lease object lists already (a parent's): the parent's manifest and that list
         keep it. False if it is missing — also when gc removed it between the HEAD and the copy.
         """
+        if digest in lease.known:  # uploaded by this backup, or its parent's: no request
+            return True
         info = self.s3.head(self.key(digest))
         if info is None:
             return False
@@ -481,8 +483,15 @@ class S3Store:
         """After the lease lists them: wait out the gc delete batches running now, then HEAD each (in parallel).
 
         A delete batch that began before this point may have judged a chunk by a HEAD older than our
-        touch; one that begins later reads our lease first (``s3gc``).
+        touch; one that begins later reads our lease first (``s3gc``). Not HEADed (``Lease.known``):
+        chunks this backup uploaded (created after its lease began, so younger than any gc's cutoff)
+        and its parent's (its manifest and our lease keep them) — except under Object Lock, where the
+        HEADs say whose retention to extend.
         """
+        if self.retention is None:
+            digests = digests - lease.known
+            if not digests:
+                return []
         self.wait_for_gc(deleting_only=True)
         ordered = sorted(digests)
         infos = list(self.pool().map(lambda d: self.s3.head(self.chunks.key(d)), ordered))

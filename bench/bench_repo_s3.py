@@ -122,11 +122,14 @@ def change(path: Path, fraction: float) -> list[int]:
     return sorted(offsets)
 
 
+#: libnbd's Python (Debian's python3-libnbd): nbdsh is ``python3 -m nbd`` with whatever python3 comes first.
+NBDSH_PYTHON = "/usr/bin/python3"
+
 #: The nbdkit path's incremental: an NBD client writes the changed 64 KiB blocks (what a dirty bitmap of
 #: that granularity sends) — libnbd's nbdsh, so the step is the writes alone.
 _NBDSH_WRITES = """
-import sys
-path, offsets = sys.argv[1], [int(o) for o in sys.argv[2].split(",")]
+import os
+path, offsets = os.environ["BENCH_IMAGE"], [int(o) for o in os.environ["BENCH_OFFSETS"].split(",")]
 with open(path, "rb") as f:
     for off in offsets:
         f.seek(off)
@@ -141,13 +144,15 @@ class Step:
     def __init__(self, server: MotoServer) -> None:
         self.server = server
 
-    def run(self, argv: list[str], env: dict[str, str], peers: tuple[int, ...] = ()) -> dict[str, Any]:
+    def run(
+        self, argv: list[str], env: dict[str, str], peers: tuple[int, ...] = (), cwd: Path | None = None
+    ) -> dict[str, Any]:
         """``peers``: pids of servers the step's CPU includes (nbdkit for the nbdkit path)."""
         cpu = cpu_seconds(self.server.proc.pid)
         own = _children_cpu() + sum(cpu_seconds(p) for p in peers)
         counts = self.server.counts()
         start = time.perf_counter()
-        p = subprocess.run(argv, env=env, capture_output=True, text=True)
+        p = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=cwd)
         wall = time.perf_counter() - start
         if p.returncode != 0:
             raise RuntimeError(f"{argv[:4]} failed: {p.stderr.strip()[-500:]}")
@@ -165,8 +170,11 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def ours(step: Step, env: dict[str, str], op: str, loc: str, disk: str, path: Path, threads: int) -> dict[str, Any]:
-    return step.run([sys.executable, "-c", _WORKER, str(ROOT), op, loc, disk, str(path), str(threads)], env)
+def ours(
+    step: Step, env: dict[str, str], code: Path, op: str, loc: str, disk: str, path: Path, threads: int
+) -> dict[str, Any]:
+    """A step of our repository, with the ``backup.repo`` of the tree ``code``."""
+    return step.run([sys.executable, "-c", _WORKER, str(code), op, loc, disk, str(path), str(threads)], env)
 
 
 def nbdkit_plugin(tmp: Path) -> Path:
@@ -227,8 +235,11 @@ def nbdkit_push(
         uri = f"nbd+unix:///?socket={sock}"
         copy = [sys.executable, "-m", "server.cli", "copy", "--no-progress"]
         out = {"nbdkit full": step.run([*copy, str(src), uri], env, (server.pid,))}
-        writes = ["nbdsh", "-u", uri, "-c", _NBDSH_WRITES, str(changed[0]), ",".join(map(str, changed[1]))]
-        out["nbdkit incremental"] = step.run(writes, env, (server.pid,))
+        writes = [NBDSH_PYTHON, "-m", "nbd", "-u", uri, "-c", _NBDSH_WRITES]
+        # libnbd's python module is ``nbd``, like our package: nbdsh runs without our tree on its path
+        plain = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+        plain |= {"BENCH_IMAGE": str(changed[0]), "BENCH_OFFSETS": ",".join(map(str, changed[1]))}
+        out["nbdkit incremental"] = step.run(writes, plain, (server.pid,), cwd=src.parent)
         out["nbdkit restore"] = step.run([*copy, uri, str(dst)], env, (server.pid,))
         return out
     finally:
@@ -261,6 +272,12 @@ def main() -> None:
     ap.add_argument("--change", type=float, default=0.01)
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians [range] reported)")
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument(
+        "--code",
+        type=Path,
+        default=ROOT,
+        help="tree whose backup.repo our steps run (e.g. an older commit's, from git archive: before/after)",
+    )
     args = ap.parse_args()
     from s3kit import CREDENTIALS, MotoServer
 
@@ -311,11 +328,13 @@ def main() -> None:
                         continue
                     loc = f"s3://{server.new_bucket()}/repo?endpoint={server.endpoint}&region=us-east-1"
                     Repository.init(loc, cs)
-                    r = {"full": ours(step, env, "backup", loc, "host1/disk", image, threads)}
-                    r["incremental"] = ours(step, env, "backup", loc, "host1/disk", work, threads)
-                    r["restore"] = ours(step, env, "restore", loc, "host1/disk", tmp / "restored.img", threads)
+                    r = {"full": ours(step, env, args.code, "backup", loc, "host1/disk", image, threads)}
+                    r["incremental"] = ours(step, env, args.code, "backup", loc, "host1/disk", work, threads)
+                    r["restore"] = ours(
+                        step, env, args.code, "restore", loc, "host1/disk", tmp / "restored.img", threads
+                    )
                     (tmp / "restored.img").unlink(missing_ok=True)
-                    r["second host"] = ours(step, env, "backup", loc, "host2/disk", image, threads)
+                    r["second host"] = ours(step, env, args.code, "backup", loc, "host2/disk", image, threads)
                     for name, v in r.items():
                         runs.setdefault(name, []).append(v)
                 print(f"# {kind} rep {rep + 1} done", file=sys.stderr)

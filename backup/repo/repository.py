@@ -250,7 +250,6 @@ class Repository:
         stored = self.chunks.put(digest, blob)
         if stored:
             lease.count(new=len(data), stored=len(blob))
-            lease.add_known((digest,))
         else:
             lease.count(reused=len(data))
         return digest, stored

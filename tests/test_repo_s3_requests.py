@@ -8,9 +8,11 @@ HEADed again at commit: a gc batch may delete it in the instant between its own 
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,3 +99,19 @@ def test_parent_pruned_before_its_chunks_were_leased_is_not_used(s3: S3Where, mo
     monkeypatch.setattr(repo, "resolve", resolve_then_prune)
     with repo.begin_write("d") as w, pytest.raises(SnapshotNotFound, match="no longer exists"):
         w.parent("latest")
+
+
+def test_a_writer_into_s3_runs_a_thread_per_buffer(s3: S3Where, tmp_path: Path) -> None:
+    """Requests wait on the network, not a core: as many in flight as the writer has buffers (a directory's
+    writer keeps about one thread per core)."""
+    from backup.repo.device import SnapshotWriter
+
+    for repo, threads in [
+        (Repository.init(s3.loc(), CS), 8),
+        (Repository.init(tmp_path / "repo", CS), min(8, (os.cpu_count() or 1) + 2)),
+    ]:
+        writer = SnapshotWriter(repo, "d", 4 * CS, "none", max_chunks_in_flight=8)
+        try:
+            assert writer._workers._threads == threads
+        finally:
+            writer._writer.abort()

@@ -309,6 +309,8 @@ class S3ChunkStore:
 class S3Store:
     """A repository under ``s3://BUCKET/PREFIX``."""
 
+    latency_bound = True
+
     def __init__(self, loc: S3Location) -> None:
         self.loc = loc
         self.location = loc.url

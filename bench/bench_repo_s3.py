@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -248,6 +249,8 @@ def nbdkit_push(
 
 
 def med(values: list[float]) -> str:
+    if any(math.isnan(v) for v in values):  # not measured (the nbdkit path's RSS)
+        return "-"
     return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
 
 

@@ -350,6 +350,7 @@ def main() -> None:
         f"disk {args.size}, chunk {args.chunk_size}, {threads} threads, change {args.change:.0%}, moto on "
         f"loopback; medians [range] of {args.reps} interleaved repetitions\n"
     )
+    rmw: list[str] = []
     print("| disk | step | MiB/s | step CPU s | moto CPU s | peak RSS MiB | new MiB | S3 requests (median) |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, runs in samples.items():
@@ -371,6 +372,12 @@ def main() -> None:
             for label, a, b in pairs:
                 rs = [y["seconds"] / x["seconds"] for x, y in zip(runs[a], runs[b], strict=False)]
                 print(f"| {kind} | {label} | {ratio(rs)} | | | | | |")
+            gets = max(sum(n for k, n in v["requests"].items() if k.startswith("GET")) for v in runs["nbdkit full"])
+            rmw.append(
+                f"{kind}: {gets} GETs during the nbdkit path's full backups (0: whole objects, no read-modify-write)"
+            )
+    if rmw:
+        print("\n" + "\n".join(rmw))
     if nbdkit_note:
         print(f"\n{nbdkit_note}")
 

@@ -58,8 +58,10 @@ from nbd.server_core import (
     Event,
     ExportEntry,
     Negotiated,
+    Pending,
     Phase,
     Request,
+    Resolve,
     ServerCore,
     SparePool,
     StartTls,
@@ -322,19 +324,12 @@ class NbdServer:
     def connections(self) -> int:
         return len(self._connections)
 
-    def _lookup(self, name: str) -> ExportEntry | None:
+    def _added(self, name: str) -> Export | None:
+        """The added export ``name`` ("" is the default one, when there is only one)."""
         export = self._exports.get(name)
         if export is None and name == "" and len(self._exports) == 1:
             export = next(iter(self._exports.values()))  # the default export, when there is only one
-        if export is None and self.resolver is not None:
-            export = self.resolver.lookup(name)
-        return export.entry() if export is not None else None
-
-    def _list(self) -> list[ExportEntry]:
-        entries = [export.entry() for export in self._exports.values()]
-        if self.resolver is not None:
-            entries.extend(e for e in self.resolver.entries() if e.name not in self._exports)
-        return entries
+        return export
 
     # --- listening ---------------------------------------------------------------------------------
 
@@ -507,6 +502,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._gone = False  # connection_lost has run
         self.stats: ConnStats | None = None  # this connection's counts (``NbdServer.stats``)
         self._since = 0.0  # when it chose its export
+        self._resolved: dict[str, Export | None] = {}  # the resolver's answers for this connection, by name
+        self._listing: list[ExportEntry] | None = None  # the resolver's exports, once listed
 
     # --- protocol callbacks ------------------------------------------------------------------------
 
@@ -532,8 +529,8 @@ class _Connection(asyncio.BufferedProtocol):
             # object storage) and must not run on the event loop for every connection.
             max_options += 4 * RESOLVER_LISTED_EXPORTS
         self.core = ServerCore(
-            server._lookup,
-            server._list,
+            self._lookup,
+            self._list,
             max_options=max_options,
             refuse=refuse,
             spares=server._spares,
@@ -542,6 +539,75 @@ class _Connection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         transport.writelines(self.core.data_to_send())
         self._timer = self.loop.call_later(server.handshake_timeout, self._handshake_expired)
+
+    # --- exports: the added ones at once, a resolver's off the event loop ----------------------------
+
+    def _lookup(self, name: str) -> ExportEntry | None:
+        """The export ``name``: an added one, else the resolver's — which may block (a repository in object
+        storage), so it is looked up in a thread (``Pending``) once per connection and name."""
+        server = self.server
+        export = server._added(name)
+        if export is None and server.resolver is not None:
+            if name not in self._resolved:
+                raise Pending(lambda: self._resolve(name))
+            export = self._resolved[name]
+        return export.entry() if export is not None else None
+
+    def _resolve(self, name: str) -> None:
+        """In a thread: the resolver's lookup (a failure is "not found", logged)."""
+        resolver = self.server.resolver
+        try:
+            export = resolver.lookup(name) if resolver is not None else None
+        except Exception as exc:
+            self.log.warning("export '%s': lookup failed: %s", name, exc)
+            export = None
+        self._resolved[name] = export
+
+    def _list(self) -> list[ExportEntry]:
+        server = self.server
+        entries = [export.entry() for export in server._exports.values()]
+        if server.resolver is not None:
+            if self._listing is None:
+                raise Pending(self._fetch_listing)
+            entries.extend(e for e in self._listing if e.name not in server._exports)
+        return entries
+
+    def _fetch_listing(self) -> None:
+        """In a thread: the resolver's exports (a failure lists none of them, logged)."""
+        resolver = self.server.resolver
+        try:
+            self._listing = list(resolver.entries()) if resolver is not None else []
+        except Exception as exc:
+            self.log.warning("listing exports failed: %s", exc)
+            self._listing = []
+
+    def _start_resolve(self, event: Resolve) -> None:
+        """Run the work an option waits for off the event loop; nothing more is read meanwhile."""
+        self._pause_reading()
+        task = self.loop.create_task(self._run_resolve(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_resolve(self, event: Resolve) -> None:
+        await asyncio.to_thread(event.work)
+        if self._closing or self._lost:
+            self._close_resolved(None)
+            return
+        core = self.core
+        events = core.resume()
+        if core.has_output:
+            self.transport.writelines(core.data_to_send())
+        if events:
+            self._start_events(events)
+        if not any(type(e) is Resolve or type(e) is StartTls for e in events):
+            self._pump()
+
+    def _close_resolved(self, keep: Export | None) -> None:
+        """Close the devices of the resolver's exports this connection looked up but does not serve."""
+        for export in self._resolved.values():
+            if export is not None and export is not keep and export.owns_device:
+                self.server._close_device(export)
+        self._resolved.clear()
 
     def _admission(self, address: str | None) -> str | None:
         """Whether this new connection is served: None, or why it is refused (with a greeting and
@@ -613,6 +679,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         self._backlog.clear()
+        self._close_resolved(None)  # looked up but never served (a resolve still running closes its own)
         if self._waiting:
             self._waiting = False
             server._waiters.remove(self)
@@ -795,6 +862,8 @@ class _Connection(asyncio.BufferedProtocol):
                     self._client_closed(event)
                 elif type(event) is StartTls:
                     self._start_tls()
+                elif type(event) is Resolve:
+                    self._start_resolve(event)
         finally:
             if outer is None:
                 self._batch = None
@@ -826,6 +895,7 @@ class _Connection(asyncio.BufferedProtocol):
         assert isinstance(export, Export)
         self.export = export
         self.device = export.device
+        self._close_resolved(export)
         if export.owns_device:
             self.closed.add_done_callback(lambda _: self.server._close_device(export))
         self.server._handshaking.pop(self, None)

@@ -205,6 +205,16 @@ Lookup = Callable[[str], "ExportEntry | None"]
 Lister = Callable[[], Iterable[ExportEntry]]
 
 
+class Pending(Exception):
+    """Raised by a ``Lookup`` or ``Lister`` whose answer needs blocking work (a repository in object
+    storage): the core emits ``Resolve(work)`` and waits; the adapter runs ``work`` off the event loop,
+    then calls ``resume`` — and the lookup, asked again, answers from what ``work`` found."""
+
+    def __init__(self, work: Callable[[], object]) -> None:
+        super().__init__("export lookup pending")
+        self.work = work
+
+
 # --- events ------------------------------------------------------------------------------------------
 
 
@@ -259,7 +269,15 @@ class Closed:
     error: bool
 
 
-Event = Negotiated | Request | StartTls | Closed
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """The option being handled waits for ``work`` (blocking): run it off the event loop, then ``resume``.
+    Bytes received meanwhile are held, not handled."""
+
+    work: Callable[[], object]
+
+
+Event = Negotiated | Request | StartTls | Closed | Resolve
 
 
 # --- the core ----------------------------------------------------------------------------------------
@@ -329,6 +347,8 @@ class ServerCore:
         self._payload_have = 0
         self._pending_write: Request | None = None
         self._discard_then: tuple[int, int, int] | None = None  # (cmd, cookie, error) of a refused write
+        self._blocked: bytes | None = None  # the data of an option waiting for a Resolve's work
+        self._held = bytearray()  # bytes received while an option waits
 
     # --- plumbing ----------------------------------------------------------------------------------
 
@@ -350,6 +370,9 @@ class ServerCore:
         ``reused`` says ``data`` is a receive buffer the caller will overwrite: whatever the core keeps
         (a write payload) is then copied out of it instead of referenced."""
         events: list[Event] = []
+        if self._blocked is not None:
+            self._held += data
+            return events
         n = len(data)
         pos = 0
         view: memoryview | None = None
@@ -397,6 +420,21 @@ class ServerCore:
                 record = data[pos : pos + need]
             pos += need
             self._dispatch_record(events, record)
+            if self._blocked is not None:
+                self._held += data[pos:]
+                break
+        return events
+
+    def resume(self) -> list[Event]:
+        """The work of the last ``Resolve`` is done: handle its option again, then the bytes held meanwhile."""
+        data, self._blocked = self._blocked, None
+        events: list[Event] = []
+        if data is None or self.phase is Phase.CLOSED:
+            return events
+        self._option_data(events, data)
+        if self._blocked is None and self._held:
+            held, self._held = self._held, bytearray()
+            events += self.receive(held)
         return events
 
     def tls_started(self) -> None:
@@ -557,6 +595,10 @@ class ServerCore:
         except _Refusal as refusal:
             self._reply_error(option, refusal.reply, refusal.message)
             result = False
+        except Pending as pending:  # handlers ask before they reply or change state: safe to run again
+            self._blocked = data
+            events.append(Resolve(pending.work))
+            return
         if self.phase is Phase.CLOSED:
             return
         if result is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import socket
 import struct
@@ -21,13 +22,40 @@ from dataclasses import dataclass, field
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 _SERVER = """
-import sys
-from moto.server import ThreadedMotoServer
-s = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-s.start()
-print(s.get_host_and_port()[1], flush=True)
-sys.stdin.read()
-s.stop()
+import json, sys, threading
+from collections import Counter
+from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import make_server
+from moto.server import MotoRequestHandler
+
+counts, lock = Counter(), threading.Lock()
+app = DomainDispatcherApplication(create_backend_app)
+
+def op(environ):
+    m, path, q = environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
+    if path.strip("/").count("/") == 0:  # the bucket itself (path-style addressing)
+        return {"GET": "LIST", "POST": "POST"}.get(m, m + " bucket") if "versions" not in q else "LIST versions"
+    if m == "PUT" and "HTTP_X_AMZ_COPY_SOURCE" in environ:
+        return "COPY"
+    if m == "PUT" and "retention" in q:
+        return "PUT retention"
+    if m == "GET" and "HTTP_RANGE" in environ:
+        return "GET range"
+    return m
+
+def counting(environ, start_response):
+    name = op(environ)
+    with lock:
+        counts[name] += 1
+    return app(environ, start_response)
+
+s = make_server("127.0.0.1", 0, counting, True, request_handler=MotoRequestHandler)
+threading.Thread(target=s.serve_forever, daemon=True).start()
+print(s.server_address[1], flush=True)
+for line in sys.stdin:  # "counts": the requests served so far, by kind; end of input: stop
+    with lock:
+        print(json.dumps(dict(counts)), flush=True)
+s.shutdown()
 """
 
 
@@ -61,6 +89,14 @@ class MotoServer:
         name = f"t-{uuid.uuid4().hex[:20]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+    def counts(self) -> dict[str, int]:
+        """Requests served so far by kind (HEAD, GET, GET range, PUT, COPY, DELETE, LIST, ...)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("counts\n")
+        self.proc.stdin.flush()
+        counts: dict[str, int] = json.loads(self.proc.stdout.readline())
+        return counts
 
     def close(self) -> None:
         if self.proc.poll() is None:

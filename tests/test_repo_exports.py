@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from backup.memory import MemoryDevice
 from backup.repo.repository import Repository
 from nbd.client import NbdClient
 from nbd.server import Export, NbdServer
+from nbd.server_core import ExportEntry
 from nbd.uri import NbdUri
 from server.repos import RepoExports
 from tests.repokit import CS, write_snapshot
@@ -71,4 +74,69 @@ async def test_snapshots_served_listed_and_closed(tmp_path: Path) -> None:
             await asyncio.sleep(0.01)
         assert idle() and any(r._closed for r in readers)  # type: ignore[attr-defined]
     finally:
+        await server.stop()
+
+
+class Slow(Tracking):
+    """A repository in a slow object store: each lookup and listing blocks until ``gate`` opens."""
+
+    def __init__(self, repos: dict[str, Repository]) -> None:
+        super().__init__(repos)
+        self.gate = threading.Event()
+        self.order: list[str] = []
+
+    def lookup(self, name: str) -> Export | None:
+        self.gate.wait(5)  # bounded: without the fix the loop waits here, and the test sees the order
+        self.order.append("lookup")
+        return super().lookup(name)
+
+    def entries(self) -> Iterator[ExportEntry]:
+        self.gate.wait(5)
+        self.order.append("list")
+        return super().entries()
+
+
+async def test_a_slow_repository_lookup_does_not_stall_other_clients(tmp_path: Path) -> None:
+    """Lookups and listings of a resolver run off the event loop: a static export serves meanwhile.
+
+    Each connection looks a name up once (SET_META_CONTEXT and GO share it), and the reader of every
+    export it looked up is closed when it ends."""
+    repo = Repository.init(tmp_path / "repo", CS)
+    data = os.urandom(CS)
+    m = write_snapshot(repo, "vm/d", [data])
+    exports = Slow({"default": repo})
+    server = NbdServer()
+    server.resolver = exports
+    server.add_export(Export("static", MemoryDevice(CS), writable=False))
+    sock = str(tmp_path / "nbd.sock")
+    await server.listen_unix(sock)
+
+    async def slow_client() -> bytes:
+        client = await NbdClient.connect(NbdUri(socket=sock, export=f"vm/d@{m.id}"), connections=1)
+        try:
+            return await client.pread(0, CS)
+        finally:
+            await client.close()
+
+    try:
+        slow = asyncio.create_task(slow_client())
+        listing = asyncio.create_task(NbdClient.list_exports(NbdUri(socket=sock)))
+        client = await NbdClient.connect(NbdUri(socket=sock, export="static"), connections=1)
+        try:
+            assert await client.pread(0, CS) == bytes(CS)
+        finally:
+            await client.close()
+        exports.order.append("static served")
+        exports.gate.set()
+        assert await slow == data
+        assert [e.name for e in await listing][:2] == ["static", f"vm/d@{m.id}"]
+        assert exports.order[0] == "static served"
+        assert len(exports.made) == 1
+        for _ in range(200):  # the server sees a connection end a moment after the client
+            if exports.made[0].device._closed:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
+        assert exports.made[0].device._closed  # type: ignore[attr-defined]
+    finally:
+        exports.gate.set()
         await server.stop()

@@ -170,17 +170,30 @@ def test_uncommitted_writes_are_never_listed(where: Where) -> None:
         w.commit(CS, [None], None, {})  # a finished writer takes nothing more
 
 
-def test_commit_refuses_a_missing_chunk(where: Where) -> None:
-    repo = new_repo(where)
+def _commit_refuses_a_missing_chunk(repo: Repository, *, dedup: bool) -> None:
+    data = rand_chunk()
+    if dedup:
+        write_snapshot(repo, "other", [data])
     with repo.begin_write("d") as w:
-        digest, new = repo.store_chunk(rand_chunk(), w.lease)
-        assert digest and new
+        digest, new = repo.store_chunk(data, w.lease)
+        assert digest and new is not dedup
         repo.chunks.delete(digest)
         with pytest.raises(RepoError, match=f"chunk {digest} is missing"):
             w.commit(CS, [digest], None, {})
         with pytest.raises(RepoError, match="chunks do not make"):
             w.commit(2 * CS, [digest], None, {})
     assert repo.snapshots("d") == []
+
+
+def test_commit_refuses_a_missing_chunk(where: Where) -> None:
+    """A chunk it found by dedup, gone behind the writer's back, is never published."""
+    _commit_refuses_a_missing_chunk(new_repo(where), dedup=True)
+
+
+def test_commit_refuses_a_missing_chunk_it_stored(tmp_path: Path) -> None:
+    """In a directory also one the writer stored. (An S3 commit trusts the chunks it uploaded itself, which no
+    gc deletes while its lease lives: FORMAT.md, tests/test_repo_s3_requests.py.)"""
+    _commit_refuses_a_missing_chunk(new_repo(tmp_path), dedup=False)
 
 
 _KILLED_WRITER = """

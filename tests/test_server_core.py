@@ -12,7 +12,18 @@ from hypothesis import strategies as st
 from nbd import constants as c
 from nbd import wire
 from nbd.constants import Cmd, CmdFlag, Errno, Opt, Rep, ReplyType, TransmissionFlag
-from nbd.server_core import TRANSITIONS, Closed, ExportEntry, Input, Negotiated, Phase, Request, ServerCore
+from nbd.server_core import (
+    TRANSITIONS,
+    Closed,
+    ExportEntry,
+    Input,
+    Negotiated,
+    Pending,
+    Phase,
+    Request,
+    Resolve,
+    ServerCore,
+)
 
 SIZE = 1 << 20
 RW_FLAGS = int(
@@ -745,3 +756,38 @@ def test_big_payloads_are_mapped_and_spares_are_shared() -> None:
     for _ in range(3):
         pool.give(memoryview(mmap.mmap(-1, 2 << 20)))
     assert pool.held == 4 << 20
+
+
+def test_a_pending_lookup_holds_the_pipelined_options_until_resume() -> None:
+    """A lookup that must block (``Pending``) stops the handshake at its option: the adapter runs the work
+    off the loop and resumes; the options pipelined behind it wait, and each name is asked for again."""
+    resolved: dict[str, ExportEntry | None] = {}
+    asked: list[str] = []
+
+    def lookup(name: str) -> ExportEntry | None:
+        asked.append(name)
+        if name not in resolved:
+            raise Pending(lambda: resolved.__setitem__(name, EXPORTS.get(name)))
+        return resolved[name]
+
+    def listing() -> list[ExportEntry]:
+        if "*" not in resolved:
+            raise Pending(lambda: resolved.__setitem__("*", None))
+        return list(EXPORTS.values())
+
+    core = ServerCore(lookup, listing)
+    out(core)
+    stream = struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
+    stream += option(Opt.STRUCTURED_REPLY) + option(Opt.LIST)
+    events = core.receive(stream + option(Opt.SET_META_CONTEXT, meta_data("disk", [c.META_BASE_ALLOCATION])))
+    assert len(events) == 1 and isinstance(events[0], Resolve)
+    assert [r for _, r, _ in parse_option_replies(out(core))] == [Rep.ACK]  # STRUCTURED_REPLY only
+    assert core.receive(option(Opt.GO, info_data("disk"))) == []  # held while the option waits
+    events[0].work()
+    events = core.resume()  # LIST answered, then SET_META_CONTEXT waits for "disk"
+    assert len(events) == 1 and isinstance(events[0], Resolve) and asked == ["disk"]
+    assert [r for o, r, _ in parse_option_replies(out(core)) if o == Opt.LIST][-1] == Rep.ACK
+    events[0].work()
+    events = core.resume()
+    assert isinstance(events[-1], Negotiated) and events[-1].export.name == "disk" and events[-1].meta_context
+    assert asked == ["disk", "disk", "disk"] and core.phase is Phase.REQUEST_HEADER

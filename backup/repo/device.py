@@ -336,8 +336,10 @@ class SnapshotWriter(FixedSizeDevice):
         self._stored_new: set[str] = set()
         self._error: OSError | None = None
         self._state = "open"  # -> "committing" | "aborting" -> "committed" | "aborted"
-        # a thread per core encodes; two more keep the cores busy while others wait in a chunk's fsync
-        self._workers = _Workers("repo-write", min(self._max_buffers, (os.cpu_count() or 1) + 2))
+        # a thread per core encodes; two more keep the cores busy while others wait in a chunk's fsync — or,
+        # into object storage, a thread per buffer: each waits on a HEAD or PUT most of the time
+        threads = self._max_buffers if repo.store.latency_bound else min(self._max_buffers, (os.cpu_count() or 1) + 2)
+        self._workers = _Workers("repo-write", threads)
         self._cache = _ChunkCache(repo, self._workers, 2)
 
     # -- what the device is

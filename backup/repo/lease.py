@@ -34,6 +34,9 @@ class Lease:
         self.stored_bytes = 0
         self.reused_bytes = 0
         self.zero_bytes = 0
+        #: Chunks known to be there without asking the store again: those this backup uploaded and
+        #: those of its parent snapshot (an S3 commit HEADs only the others, ``S3Store.missing_chunks``).
+        self.known: set[str] = set()
         #: When the lease began (epoch seconds; for an S3 lease the server's clock): gc spares younger chunks.
         self.started = time.time()
         self._lock = threading.Lock()
@@ -78,6 +81,10 @@ class Lease:
             self.stored_bytes += stored
             self.reused_bytes += reused
             self.zero_bytes += zero
+
+    def add_known(self, digests: Iterable[str]) -> None:
+        with self._lock:
+            self.known.update(digests)
 
     def record(self, digest: str) -> None:
         self.record_many((digest,))

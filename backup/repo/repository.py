@@ -295,14 +295,23 @@ class DiskWriter:
             raise RepoError(f"the writer of disk {self.disk} is finished", errno.EIO)
 
     def parent(self, ref: str) -> Manifest | None:
-        """The parent snapshot (``latest`` | id | ``none``); its chunks go into the lease so gc keeps them."""
+        """The parent snapshot (``latest`` | id | ``none``); its chunks go into the lease so gc keeps them.
+
+        Then the parent must still be published (as in ``hold_snapshot``): a gc that read the leases
+        before our record read the manifests after, so it kept them — unless a prune removed the parent
+        meanwhile, which this finds. From then on its chunks need no check (``Lease.known``).
+        """
         self._check()
         if ref == "none":
             return None
         if ref == "latest" and not self.repo.snapshot_ids(self.disk):
             return None
         m = self.repo.resolve(self.disk, ref)
-        self.lease.record_many(c for c in m.chunks if c is not None)
+        chunks = [c for c in m.chunks if c is not None]
+        self.lease.record_many(chunks)
+        if m.id not in self.repo.snapshot_ids(self.disk):
+            raise SnapshotNotFound(f"snapshot {m.ref} no longer exists")
+        self.lease.add_known(chunks)
         return m
 
     def commit(self, size: int, chunks: list[str | None], parent: str | None, stats: dict[str, Any]) -> Manifest:

@@ -15,10 +15,11 @@
 6. Dead leases are removed, then the marker.
 
 A commit lists every chunk in its lease, then waits for the delete batches running at that moment to
-end, then HEADs every chunk, then publishes. A batch that began before that wait is waited for;
-one that begins after it reads the lease in step 4 and keeps the chunks. The one case
-left — a chunk touched in the instant between a gc's HEAD and its DELETE — makes the commit fail
-(EIO, nothing published), never a snapshot with a hole.
+end, then HEADs every chunk it found by dedup (not those it uploaded: younger than any cutoff; nor
+its parent's: the parent's manifest and the lease keep them), then publishes. A batch that began
+before that wait is waited for; one that begins after it reads the lease in step 4 and keeps the
+chunks. The one case left — a chunk touched in the instant between a gc's HEAD and its DELETE —
+makes the commit fail (EIO, nothing published), never a snapshot with a hole.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -179,6 +180,7 @@ class S3Lease(Lease):
     def __init__(self, store: S3Store) -> None:
         key = store.key(f"{LEASES}{uuid.uuid4().hex}.lease")
         super().__init__(-1, Path(key))
+        self._store = store
         self._fd = None
         self._obj = LiveObject(store.s3, key, store.lease_ttl, {"lease": 1}, self._digest_list)
         if not self._obj.create(exclusive=True):
@@ -214,6 +216,7 @@ class S3Lease(Lease):
         self.written = listed
 
     def release(self) -> None:
+        self._store.forget_lease(self)
         self._obj.release()
 
 
@@ -233,9 +236,14 @@ class S3ChunkStore:
         return self.s3.head(self.key(digest)) is not None
 
     def put(self, digest: str, blob: bytes) -> bool:
-        """Upload unless another writer did (412); Content-MD5 so a broken transfer is never stored."""
+        """Upload unless another writer did (412); Content-MD5 so a broken transfer is never stored.
+
+        A chunk this PUT created is younger than every lease of this store that began before it: each
+        of them knows it is there (``Lease.known``: its commit need not HEAD it, see ``missing_chunks``).
+        """
+        leases = self.store.leases()
         with self._puts:
-            return (
+            stored = (
                 self.s3.put(
                     self.key(digest),
                     blob,
@@ -245,6 +253,10 @@ class S3ChunkStore:
                 )
                 is not None
             )
+        if stored:
+            for lease in leases:
+                lease.add_known((digest,))
+        return stored
 
     def get(self, digest: str) -> bytes:
         blob = self.s3.get(self.key(digest))
@@ -284,6 +296,8 @@ class S3ChunkStore:
         Not a chunk the lease object lists already (a parent's): the parent's manifest and that list
         keep it. False if it is missing — also when gc removed it between the HEAD and the copy.
         """
+        if digest in lease.known:  # uploaded by this backup, or its parent's: no request
+            return True
         info = self.s3.head(self.key(digest))
         if info is None:
             return False
@@ -294,6 +308,8 @@ class S3ChunkStore:
 
 class S3Store:
     """A repository under ``s3://BUCKET/PREFIX``."""
+
+    latency_bound = True
 
     def __init__(self, loc: S3Location) -> None:
         self.loc = loc
@@ -308,6 +324,7 @@ class S3Store:
         self.chunks: S3ChunkStore = S3ChunkStore(self)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._leases: weakref.WeakSet[S3Lease] = weakref.WeakSet()  # created here and not released
 
     def key(self, name: str) -> str:
         return self.loc.key(name)
@@ -435,7 +452,19 @@ class S3Store:
         return obj
 
     def create_lease(self) -> Lease:
-        return S3Lease(self)
+        lease = S3Lease(self)
+        with self._pool_lock:
+            self._leases.add(lease)
+        return lease
+
+    def leases(self) -> list[S3Lease]:
+        """The leases of this store that exist now and are not released."""
+        with self._pool_lock:
+            return list(self._leases)
+
+    def forget_lease(self, lease: S3Lease) -> None:
+        with self._pool_lock:
+            self._leases.discard(lease)
 
     def live_leases(self, now: float) -> tuple[list[dict[str, Any]], list[str]]:
         """(bodies of live leases, keys of dead ones)."""
@@ -481,8 +510,15 @@ class S3Store:
         """After the lease lists them: wait out the gc delete batches running now, then HEAD each (in parallel).
 
         A delete batch that began before this point may have judged a chunk by a HEAD older than our
-        touch; one that begins later reads our lease first (``s3gc``).
+        touch; one that begins later reads our lease first (``s3gc``). Not HEADed (``Lease.known``):
+        chunks this backup uploaded (created after its lease began, so younger than any gc's cutoff)
+        and its parent's (its manifest and our lease keep them) — except under Object Lock, where the
+        HEADs say whose retention to extend.
         """
+        if self.retention is None:
+            digests = digests - lease.known
+            if not digests:
+                return []
         self.wait_for_gc(deleting_only=True)
         ordered = sorted(digests)
         infos = list(self.pool().map(lambda d: self.s3.head(self.chunks.key(d)), ordered))

@@ -36,6 +36,10 @@ class DiskLock(Protocol):
 
 
 class RepoStore(Protocol):
+    #: Its calls wait on a network, not a disk or a core: a writer runs as many threads as it has chunk
+    #: buffers (an S3 store), rather than about one per core.
+    latency_bound: bool
+
     @property
     def location(self) -> str: ...
     @property
@@ -73,6 +77,8 @@ class FdLock:
 
 class LocalStore:
     """The repository as a directory (``FORMAT.md``): files published by rename, kernel flocks."""
+
+    latency_bound = False
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -1,0 +1,117 @@
+"""S3 requests per chunk: what a backup asks of the store, counted at the client (botocore's events).
+
+Each request is latency and, on a real service, money: a chunk this backup uploaded, or one its parent
+snapshot names, needs no HEAD at commit — the lease and gc's cutoff protect the first, the parent's
+manifest and the lease the second (``FORMAT.md``, "gc on S3"). A chunk found by a HEAD (dedup) is
+HEADed again at commit: a gc batch may delete it in the instant between its own HEAD and DELETE.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from repokit import CS, S3Where, rand_chunk, read_snapshot, write_snapshot
+from s3kit import MotoServer
+
+from backup.repo import s3store
+from backup.repo.errors import SnapshotNotFound
+from backup.repo.repository import Repository
+from backup.repo.s3store import S3Store
+from backup.repo.verify import verify
+
+
+@pytest.fixture
+def s3(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> S3Where:
+    monkeypatch.setattr(s3store, "GC_MARGIN", 0.0)
+    return S3Where(s3_server.endpoint, s3_server.new_bucket())
+
+
+@contextmanager
+def chunk_requests(repo: Repository) -> Iterator[Counter[str]]:
+    """Requests of ``repo``'s client on chunk objects, by operation (HeadObject, PutObject, CopyObject...)."""
+    store = repo.store
+    assert isinstance(store, S3Store)
+    seen: Counter[str] = Counter()
+
+    def count(params: dict[str, Any], event_name: str, **_: Any) -> None:
+        if "/chunks/" in str(params.get("Key", "")):
+            seen[event_name.rsplit(".", 1)[1]] += 1
+
+    events = store.s3.client.meta.events
+    events.register("provide-client-params.s3.*", count)
+    try:
+        yield seen
+    finally:
+        events.unregister("provide-client-params.s3.*", count)
+
+
+def test_full_backup_heads_each_new_chunk_once(s3: S3Where) -> None:
+    """The dedup check before the upload, and no second HEAD at commit for a chunk this backup stored."""
+    repo = Repository.init(s3.loc(), CS)
+    blocks = [rand_chunk() for _ in range(4)]
+    with chunk_requests(repo) as seen:
+        m = write_snapshot(repo, "d", blocks)
+    assert seen == {"HeadObject": 4, "PutObject": 4}
+    assert read_snapshot(repo, m) == b"".join(blocks)
+
+
+def test_incremental_sends_no_request_for_the_parent_chunks(s3: S3Where) -> None:
+    """Unchanged chunks named by the parent cost nothing: no HEAD while storing, none at commit."""
+    repo = Repository.init(s3.loc(), CS)
+    blocks = [rand_chunk() for _ in range(4)]
+    write_snapshot(repo, "d", blocks)
+    changed = [*blocks[:3], rand_chunk()]
+    with chunk_requests(repo) as seen:
+        m = write_snapshot(repo, "d", changed, parent="latest")
+    assert seen == {"HeadObject": 1, "PutObject": 1}
+    assert m.stats["new-bytes"] == CS and m.stats["reused-bytes"] == 3 * CS
+    assert read_snapshot(repo, m) == b"".join(changed)
+
+
+def test_dedup_against_another_disk_is_checked_again_at_commit(s3: S3Where) -> None:
+    """A chunk found by a HEAD (another host's) is HEADed at commit: it is not protected until then."""
+    repo = Repository.init(s3.loc(), CS)
+    blocks = [rand_chunk() for _ in range(2)]
+    write_snapshot(repo, "host1", blocks)
+    with chunk_requests(repo) as seen:
+        m = write_snapshot(repo, "host2", blocks)
+    assert seen["PutObject"] == 0 and seen["HeadObject"] == 4
+    assert read_snapshot(repo, m) == b"".join(blocks) and verify(repo).ok
+
+
+def test_parent_pruned_before_its_chunks_were_leased_is_not_used(s3: S3Where, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's chunks go into the lease, then the parent must still exist: else gc may take them."""
+    repo = Repository.init(s3.loc(), CS)
+    first = write_snapshot(repo, "d", [rand_chunk()])
+    real = repo.resolve
+
+    def resolve_then_prune(disk: str, snap: str = "latest") -> Any:
+        m = real(disk, snap)
+        repo.store.delete_manifest(disk, first.id)  # a prune between our read and our lease record
+        return m
+
+    monkeypatch.setattr(repo, "resolve", resolve_then_prune)
+    with repo.begin_write("d") as w, pytest.raises(SnapshotNotFound, match="no longer exists"):
+        w.parent("latest")
+
+
+def test_a_writer_into_s3_runs_a_thread_per_buffer(s3: S3Where, tmp_path: Path) -> None:
+    """Requests wait on the network, not a core: as many in flight as the writer has buffers (a directory's
+    writer keeps about one thread per core)."""
+    from backup.repo.device import SnapshotWriter
+
+    for repo, threads in [
+        (Repository.init(s3.loc(), CS), 8),
+        (Repository.init(tmp_path / "repo", CS), min(8, (os.cpu_count() or 1) + 2)),
+    ]:
+        writer = SnapshotWriter(repo, "d", 4 * CS, "none", max_chunks_in_flight=8)
+        try:
+            assert writer._workers._threads == threads
+        finally:
+            writer._writer.abort()

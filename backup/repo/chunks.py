@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -52,8 +52,9 @@ class LocalChunkStore:
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
 
-    def put(self, digest: str, blob: bytes) -> bool:
-        """Store ``blob`` durably (rename into place, directory fsync'd); False if it was there already."""
+    def put(self, digest: str, blob: bytes | Sequence[bytes | bytearray | memoryview]) -> bool:
+        """Store ``blob`` (or its parts, written in one go) durably (rename into place, directory
+        fsync'd); False if it was there already."""
         target = self.path(digest)
         if target.exists():
             return False

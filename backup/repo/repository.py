@@ -17,8 +17,8 @@ from types import TracebackType
 from typing import Any
 
 from . import objectlock
-from .chunks import ChunkStore
-from .codec import chunk_aad, chunk_digest, compress_chunk, decode_chunk
+from .chunks import ChunkStore, LocalChunkStore
+from .codec import chunk_aad, chunk_digest, compress_chunk, decode_chunk, joined
 from .crypt import DecryptError, RepoCipher
 from .errors import ChunkCorrupt, ChunkMissing, NotARepository, RepoError, SnapshotNotFound
 from .lease import Lease
@@ -244,12 +244,18 @@ class Repository:
         if self.chunks.reuse(digest, lease):
             lease.count(reused=len(data))
             return digest, False
-        blob = compress_chunk(data)
+        parts = compress_chunk(data)  # raw blocks of an incompressible chunk are views of ``data``
+        size = sum(len(p) for p in parts)
         if self.cipher is not None:  # encrypted after compression (ciphertext does not compress)
-            blob = self.cipher.seal(blob, chunk_aad(digest))
-        stored = self.chunks.put(digest, blob)
+            blob = self.cipher.seal(joined(parts), chunk_aad(digest))
+            size = len(blob)
+            stored = self.chunks.put(digest, blob)
+        elif isinstance(self.chunks, LocalChunkStore):
+            stored = self.chunks.put(digest, parts)  # one writev: no copy
+        else:
+            stored = self.chunks.put(digest, joined(parts))
         if stored:
-            lease.count(new=len(data), stored=len(blob))
+            lease.count(new=len(data), stored=size)
         else:
             lease.count(reused=len(data))
         return digest, stored

@@ -1,5 +1,7 @@
 """``repo backup`` and ``repo restore``: the one copy engine between a file or NBD export and a repository
-snapshot (``SnapshotWriter`` / ``SnapshotReader``), with the copy command's sides and progress bar.
+snapshot (``SnapshotWriter`` / ``SnapshotReader``), with the copy command's sides and progress bar. A raw
+file on either side skips the engine: its chunks go between the file and the repository in worker threads
+(``backup.repo.backup_file``, ``backup.repo.restore``).
 
 A backup never publishes half a snapshot: the writer commits (manifest last) only after the whole copy
 succeeded, and is aborted on any failure, Ctrl-C included. A restore to a file writes a temporary file
@@ -12,12 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from backup.copy_engine import CopyFailed, copy_device
 from backup.errors import BackupError
+from backup.rawfile import RawFileDevice
+from backup.repo.backup_file import backup_fd
 from backup.repo.device import SnapshotReader, SnapshotWriter
 from backup.repo.errors import RepoError
 from backup.repo.manifest import Manifest
@@ -50,6 +56,7 @@ REMOTE_REQUESTS = 8
 RESTORE_REQUESTS = 4
 
 MakeProgress = Callable[[int], Progress | None]
+_T = TypeVar("_T")
 
 
 def request_size(chunk_size: int) -> int:
@@ -107,6 +114,9 @@ async def run_backup(
     try:
         size = src.device.size
         base = _parent(repo, disk, parent)
+        fd = src.device.direct_read_fd() if isinstance(src.device, RawFileDevice) else None
+        if fd is not None:  # a raw file or block device: worker threads read it straight into the repository
+            return await _backup_file(repo, disk, src.device, fd, base, make_progress)
         if dirty_bitmap is not None:
             if base is None:
                 why = "not --parent none" if parent == "none" else f"disk {disk} has none to start from"
@@ -149,6 +159,37 @@ async def run_backup(
             raise
     finally:
         await close_endpoint(src)
+
+
+async def _backup_file(
+    repo: Repository, disk: str, device: RawFileDevice, fd: int, base: Manifest | None, make_progress: MakeProgress
+) -> Manifest:
+    """``backup_fd`` under the disk's writer, published when every chunk is stored; aborted otherwise."""
+    size = device.size
+    writer = await asyncio.to_thread(repo.begin_write, disk)
+    progress = make_progress(size)
+    ok = False
+    try:
+        await asyncio.to_thread(writer.parent, base.id if base is not None else "none")  # dedup base, leased
+        holes = not stat.S_ISBLK(os.fstat(fd).st_mode)
+        result = await _in_threads(
+            lambda on_progress, stop: backup_fd(
+                repo, writer, fd, size, holes=holes, on_progress=on_progress, stop=stop
+            ),
+            progress,
+        )
+        assert result is not None  # only a stop from outside ends it early, and that is a cancellation
+        chunks, stats = result
+        manifest = await asyncio.to_thread(
+            writer.commit, size, chunks, base.id if base is not None else None, dict(stats)
+        )
+        ok = True
+        return manifest
+    finally:
+        if progress is not None:
+            progress.finish(ok=ok)
+        if not ok:
+            await asyncio.to_thread(writer.abort)
 
 
 async def run_restore(
@@ -228,7 +269,10 @@ async def _restore_to_file(
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, manifest.size)
-            await _in_threads(repo, manifest, fd, progress)
+            await _in_threads(
+                lambda on_progress, stop: restore_to_fd(repo, manifest, fd, on_progress=on_progress, stop=stop),
+                progress,
+            )
             await asyncio.to_thread(os.fsync, fd)
         finally:
             os.close(fd)
@@ -245,9 +289,12 @@ async def _restore_to_file(
                 pass
 
 
-async def _in_threads(repo: Repository, manifest: Manifest, fd: int, progress: Progress | None) -> None:
-    """``restore_to_fd`` off the event loop; cancelled (Ctrl-C), it stops the workers and waits for them,
-    so that no thread still writes into a file that is about to be removed."""
+async def _in_threads(
+    work: Callable[[Callable[[int], None] | None, threading.Event], _T], progress: Progress | None
+) -> _T:
+    """``work(on_progress, stop)`` — worker threads of a restore or a backup — off the event loop;
+    cancelled (Ctrl-C), it stops the workers and waits for them, so that no thread still writes into a
+    file about to be removed or stores chunks for a snapshot being aborted."""
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     on_progress = None
@@ -257,15 +304,13 @@ async def _in_threads(repo: Repository, manifest: Manifest, fd: int, progress: P
         def on_progress(nbytes: int) -> None:
             loop.call_soon_threadsafe(advance, nbytes)
 
-    work = asyncio.ensure_future(
-        asyncio.to_thread(restore_to_fd, repo, manifest, fd, on_progress=on_progress, stop=stop)
-    )
+    task = asyncio.ensure_future(asyncio.to_thread(work, on_progress, stop))
     try:
-        await asyncio.shield(work)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         stop.set()
         with contextlib.suppress(BaseException):
-            await work
+            await task
         raise
 
 

@@ -58,25 +58,52 @@ async def test_every_chunk_lands_at_its_place(tmp_path: Path, threads: int) -> N
     assert sum(seen) == len(data) and len(seen) == len(manifest.chunks)
 
 
-async def test_a_corrupt_chunk_is_the_error_and_stops_the_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", [0, 20, -1])  # a block header, the content, the last byte
+@pytest.mark.parametrize("threads", [1, 2])
+async def test_a_corrupt_chunk_is_the_error_and_stops_the_workers(tmp_path: Path, where: int, threads: int) -> None:
     repo = Repository.init(tmp_path / "repo", chunk_size=CS)
     manifest = await _snapshot(repo, _disk(40))
     bad = manifest.chunks[0]
     assert bad is not None
+    path = repo.path / "chunks" / bad[:2] / bad
+    blob = bytearray(path.read_bytes())
+    blob[where] ^= 1
+    path.write_bytes(blob)
     loads: list[str] = []
-    inner = repo.load_chunk
+    inner = repo.load_chunk_into
 
-    def load(digest: str, length: int) -> bytes:
+    def load(digest: str, length: int, scratch: bytearray) -> list[bytes | memoryview]:
         loads.append(digest)
-        if digest == bad:
-            raise ChunkCorrupt(digest, "digest mismatch")
-        return inner(digest, length)
+        return inner(digest, length, scratch)
 
-    repo.load_chunk = load  # type: ignore[method-assign]
+    repo.load_chunk_into = load  # type: ignore[method-assign]
     with pytest.raises(ChunkCorrupt) as caught:
-        _restore(repo, manifest, tmp_path / "out", threads=2)
+        _restore(repo, manifest, tmp_path / "out", threads=threads)
     assert caught.value.digest == bad
-    assert len(loads) < len(manifest.chunks) - 10  # the others stopped at their next chunk
+    if threads == 1:
+        assert loads == [bad]  # nothing after it
+    else:
+        assert len(loads) < len(manifest.chunks)  # the other stopped at its next chunk
+
+
+async def test_incompressible_chunks_go_from_the_file_into_the_target_without_zstd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backup.repo import codec
+
+    repo = Repository.init(tmp_path / "repo", chunk_size=4 * CS)
+    data = random.Random(5).randbytes(16 * CS) + b"compressible " * 20000
+    manifest = await _snapshot(repo, data)
+    decoded: list[int] = []
+    real = codec.decode_chunk
+
+    def decode(digest: str, blob: bytes, length: int, cipher: object = None) -> bytes:
+        decoded.append(length)
+        return real(digest, blob, length)
+
+    monkeypatch.setattr(codec, "decode_chunk", decode)
+    assert _restore(repo, manifest, tmp_path / "out", threads=2) == data
+    assert decoded == [len(data) - 16 * CS]  # only the compressible tail went through zstd
 
 
 async def test_a_stop_from_outside_ends_the_workers_without_error(tmp_path: Path) -> None:

@@ -30,13 +30,28 @@ def fsync_dir(path: Path) -> None:
 _IOV_MAX = 1024
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]) -> None:
-    """Write ``data`` — one buffer, or several one after the other (one ``writev`` each call, no join)."""
+Buffers = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+
+
+def write_all(fd: int, data: Buffers) -> None:
+    """Write ``data`` — one buffer, or several one after the other (one ``writev`` a call, no join)."""
+    _write_views(fd, data, None)
+
+
+def pwrite_all(fd: int, data: Buffers, offset: int) -> None:
+    """``write_all`` at ``offset`` (``pwritev``): the file position is not used, threads may share ``fd``."""
+    _write_views(fd, data, offset)
+
+
+def _write_views(fd: int, data: Buffers, offset: int | None) -> None:
     if isinstance(data, (bytes, bytearray, memoryview)):
         data = [data]
     views = [v for v in (memoryview(b).cast("B") for b in data) if v]
     while views:
-        n = os.writev(fd, views[:_IOV_MAX])
+        batch = views[:_IOV_MAX]
+        n = os.writev(fd, batch) if offset is None else os.pwritev(fd, batch, offset)
+        if offset is not None:
+            offset += n
         while n and n >= len(views[0]):
             n -= len(views.pop(0))
         if n:
@@ -63,7 +78,7 @@ def locked_temp(tmp_dir: Path, prefix: str) -> Iterator[tuple[int, Path]]:
 def publish(
     tmp_dir: Path,
     target: Path,
-    data: bytes | memoryview | Sequence[bytes | bytearray | memoryview],
+    data: Buffers,
     prefix: str,
 ) -> None:
     """Make ``target`` hold ``data`` (one buffer or several in a row) durably and atomically (old

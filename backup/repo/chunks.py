@@ -68,6 +68,28 @@ class LocalChunkStore:
         except FileNotFoundError:
             raise ChunkMissing(digest) from None
 
+    def read_into(self, digest: str, buffer: bytearray) -> int | None:
+        """Read the blob into ``buffer`` (reused by the caller: no fresh allocation, no page faults) and
+        return its length; None if it does not fit (read it with ``get``)."""
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ChunkMissing(digest) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size > len(buffer):
+                return None
+            view = memoryview(buffer)
+            got = 0
+            while got < size:
+                n = os.preadv(fd, [view[got:size]], got)
+                if n <= 0:
+                    break  # shorter than it said: whatever is there is checked against the name
+                got += n
+            return got
+        finally:
+            os.close(fd)
+
     def delete(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import objectlock
 from .chunks import ChunkStore, LocalChunkStore
-from .codec import chunk_aad, chunk_digest, compress_chunk, decode_chunk, joined
+from .codec import Buffer, chunk_aad, chunk_digest, compress_chunk, decode_chunk, decode_chunk_parts, joined
 from .crypt import DecryptError, RepoCipher
 from .errors import ChunkCorrupt, ChunkMissing, NotARepository, RepoError, SnapshotNotFound
 from .lease import Lease
@@ -225,6 +225,22 @@ class Repository:
         """The chunk's bytes, verified; a bad chunk is ChunkCorrupt/ChunkMissing (EIO), named in the log."""
         try:
             return decode_chunk(digest, self.chunks.get(digest), length, self.cipher)
+        except (ChunkCorrupt, ChunkMissing) as e:
+            e.log()
+            raise
+
+    def load_chunk_into(self, digest: str, length: int, scratch: bytearray) -> list[Buffer]:
+        """``load_chunk`` for a reader that reuses ``scratch`` (a restore's worker): the chunk's bytes as
+        buffers to write one after the other. From a directory without encryption the blob is read into
+        ``scratch``, and the bytes of an incompressible chunk are views of it (valid until ``scratch`` is
+        reused): one copy from the file and the SHA-256, nothing else."""
+        if self.cipher is not None or not isinstance(self.chunks, LocalChunkStore):
+            return [self.load_chunk(digest, length)]
+        try:
+            size = self.chunks.read_into(digest, scratch)
+            if size is None:  # bigger than any frame we write: decode it the plain way
+                return [decode_chunk(digest, self.chunks.get(digest), length)]
+            return decode_chunk_parts(digest, memoryview(scratch)[:size], length)
         except (ChunkCorrupt, ChunkMissing) as e:
             e.log()
             raise

@@ -2,10 +2,13 @@
 
 A restore to a file needs none of a block device's generality (random reads, caching, read-ahead): each
 chunk goes to one place, once. Worker threads take chunk indexes in order and each does the whole
-journey — fetch the blob, decompress, check the SHA-256, ``pwrite`` — with the GIL released for the
+journey — fetch the blob, decompress, check the SHA-256, ``pwritev`` — with the GIL released for the
 heavy parts (file or network I/O, zstd, hashlib, the write), so the machine's cores share the work
-without the event loop in the middle of every chunk. Zero chunks are skipped: the file is created
-sparse, so they read as zeroes and take no space. Memory is a chunk and its blob per thread.
+without the event loop in the middle of every chunk. Each thread reads blobs into one buffer of its own,
+and an incompressible chunk (raw zstd blocks, ``codec``) goes from that buffer into the file as it is: a
+read, the SHA-256 and a write per chunk, no decompression, no fresh memory. Zero chunks are skipped: the
+file is created sparse, so they read as zeroes and take no space. Memory is a buffer (and, for a
+compressed chunk, its bytes) per thread.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from . import _fs
 from .manifest import Manifest
 from .repository import Repository
 
@@ -48,6 +52,7 @@ def restore_to_fd(
 
     def work() -> None:
         cs = manifest.chunk_size
+        scratch = bytearray(blob_room(cs))
         while not stop.is_set():
             index = next_index()
             if index is None:
@@ -56,7 +61,7 @@ def restore_to_fd(
             digest = manifest.chunks[index]
             try:
                 if digest is not None:
-                    _write_all(fd, repo.load_chunk(digest, length), index * cs)
+                    _fs.pwrite_all(fd, repo.load_chunk_into(digest, length, scratch), index * cs)
             except BaseException as exc:
                 errors.append(exc)
                 stop.set()
@@ -73,9 +78,6 @@ def restore_to_fd(
         raise errors[0]
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
+def blob_room(chunk_size: int) -> int:
+    """A buffer that holds any blob of a chunk: zstd's worst case is the size plus 1/256 and a few bytes."""
+    return chunk_size + chunk_size // 128 + 4096

@@ -23,12 +23,12 @@ from typing import TypeVar
 from backup.copy_engine import CopyFailed, copy_device
 from backup.errors import BackupError
 from backup.rawfile import RawFileDevice
-from backup.repo.backup_file import backup_fd
+from backup.repo.backup_file import backup_file
 from backup.repo.device import SnapshotReader, SnapshotWriter
 from backup.repo.errors import RepoError
 from backup.repo.manifest import Manifest
 from backup.repo.repository import Repository
-from backup.repo.restore import restore_to_fd
+from backup.repo.restore import restore_file
 from nbd.device import BlockDevice, remote_uri
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
@@ -164,32 +164,31 @@ async def run_backup(
 async def _backup_file(
     repo: Repository, disk: str, device: RawFileDevice, fd: int, base: Manifest | None, make_progress: MakeProgress
 ) -> Manifest:
-    """``backup_fd`` under the disk's writer, published when every chunk is stored; aborted otherwise."""
+    """``backup_file`` in worker threads, with the progress bar; Ctrl-C stops them and publishes nothing."""
     size = device.size
-    writer = await asyncio.to_thread(repo.begin_write, disk)
     progress = make_progress(size)
     ok = False
     try:
-        await asyncio.to_thread(writer.parent, base.id if base is not None else "none")  # dedup base, leased
         holes = not stat.S_ISBLK(os.fstat(fd).st_mode)
-        result = await _in_threads(
-            lambda on_progress, stop: backup_fd(
-                repo, writer, fd, size, holes=holes, on_progress=on_progress, stop=stop
+        manifest = await _in_threads(
+            lambda on_progress, stop: backup_file(
+                repo,
+                disk,
+                fd,
+                size,
+                parent=base.id if base is not None else "none",
+                holes=holes,
+                on_progress=on_progress,
+                stop=stop,
             ),
             progress,
         )
-        assert result is not None  # only a stop from outside ends it early, and that is a cancellation
-        chunks, stats = result
-        manifest = await asyncio.to_thread(
-            writer.commit, size, chunks, base.id if base is not None else None, dict(stats)
-        )
+        assert manifest is not None  # only a stop from outside ends it early, and that is a cancellation
         ok = True
         return manifest
     finally:
         if progress is not None:
             progress.finish(ok=ok)
-        if not ok:
-            await asyncio.to_thread(writer.abort)
 
 
 async def run_restore(
@@ -202,11 +201,7 @@ async def run_restore(
 ) -> None:
     """Write snapshot ``manifest`` to ``target`` (a file or an NBD URI); every chunk verified as it is read."""
     if not looks_like_uri(target):
-        lease = await asyncio.to_thread(repo.hold_snapshot, manifest)  # gc keeps the chunks meanwhile
-        try:
-            await _restore_to_file(repo, manifest, Path(target), force, make_progress)
-        finally:
-            lease.release()
+        await _restore_to_file(repo, manifest, Path(target), force, make_progress)
         return
     reader = SnapshotReader(repo, manifest)
     try:
@@ -257,36 +252,20 @@ async def _restore_to_nbd(reader: SnapshotReader, target: str, make_progress: Ma
 async def _restore_to_file(
     repo: Repository, manifest: Manifest, path: Path, force: bool, make_progress: MakeProgress
 ) -> None:
-    """A sparse raw file (zero chunks are holes), complete and durable before it takes the target's name.
-
-    The chunks go straight from the repository into the file in worker threads (``backup.repo.restore``);
-    a failure or Ctrl-C stops them and leaves no file behind."""
-    check_file_target(path, force)
-    temporary = path.with_name(f".{path.name}.restore-{os.getpid()}")
-    done = False
+    """``restore_file`` in worker threads, with the progress bar; Ctrl-C stops them and leaves no file."""
     progress = make_progress(manifest.size)
+    done = False
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(fd, manifest.size)
-            await _in_threads(
-                lambda on_progress, stop: restore_to_fd(repo, manifest, fd, on_progress=on_progress, stop=stop),
-                progress,
-            )
-            await asyncio.to_thread(os.fsync, fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
+        await _in_threads(
+            lambda on_progress, stop: restore_file(
+                repo, manifest, path, force=force, on_progress=on_progress, stop=stop
+            ),
+            progress,
+        )
         done = True
-        _fsync_dir(path.parent)
     finally:
         if progress is not None:
             progress.finish(ok=done)
-        if not done:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
 
 
 async def _in_threads(
@@ -312,20 +291,3 @@ async def _in_threads(
         with contextlib.suppress(BaseException):
             await task
         raise
-
-
-def check_file_target(path: Path, force: bool) -> None:
-    """A file target may exist only with ``force``, and then must be a regular file (it is replaced)."""
-    if os.path.lexists(path):
-        if not force:
-            raise CopyFailed(f"{path} exists (--force replaces it)")
-        if not path.is_file():
-            raise CopyFailed(f"{path} is not a regular file (restore to a device through an NBD URI)")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

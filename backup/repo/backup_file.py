@@ -17,14 +17,82 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections.abc import Callable
 
-from .manifest import chunk_count, chunk_stats
+from .manifest import Manifest, chunk_count, chunk_stats
 from .repository import DiskWriter, Repository
+from .restore import join_all
 
 #: Worker threads: every core busy, one more to cover a thread waiting on I/O (a chunk's fsync).
 THREADS = (os.cpu_count() or 2) + 1
+#: What a qcow2 image starts with (``backup.images`` probes the same way).
+_QCOW2_MAGIC = b"QFI\xfb"
+_SECTOR = 512
+
+
+class RawSource:
+    """A raw file or block device opened for a backup: its descriptor, its size as its block device has
+    it (rounded up to 512 bytes, the tail reading as zeroes) and whether ``SEEK_DATA`` finds its holes."""
+
+    def __init__(self, fd: int, size: int, holes: bool) -> None:
+        self.fd = fd
+        self.size = size
+        self.holes = holes
+
+    @classmethod
+    def open(cls, path: str, fmt: str | None) -> RawSource | None:
+        """The file at ``path`` if it is plainly raw — a regular file or block device that does not start
+        with the qcow2 magic, ``fmt`` raw or unset; None for anything else (and for a file that cannot be
+        opened: the block-device path opens it again and says why)."""
+        if fmt not in (None, "raw"):
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) or os.pread(fd, 4, 0) == _QCOW2_MAGIC:
+                os.close(fd)
+                return None
+            size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(mode) else os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, -(-size // _SECTOR) * _SECTOR, stat.S_ISREG(mode))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def backup_file(
+    repo: Repository,
+    disk: str,
+    fd: int,
+    size: int,
+    *,
+    parent: str = "latest",
+    holes: bool = True,
+    on_progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> Manifest | None:
+    """A new snapshot of ``disk`` from the first ``size`` bytes of ``fd`` on top of ``parent`` (``latest``,
+    an id or ``none``; chunks equal to the parent's are reused), published once every chunk is stored;
+    None if ``stop`` ended it first. Nothing is published on any failure (the writer is aborted)."""
+    writer = repo.begin_write(disk)
+    try:
+        base = writer.parent(parent)
+        result = backup_fd(repo, writer, fd, size, holes=holes, on_progress=on_progress, stop=stop)
+        if result is None:
+            return None
+        chunks, stats = result
+        return writer.commit(size, chunks, base.id if base is not None else None, dict(stats))
+    finally:
+        writer.abort()  # a no-op after the commit
 
 
 class _Holes:
@@ -123,8 +191,7 @@ def backup_fd(
     workers = [threading.Thread(target=work, name=f"repo-backup-{i}", daemon=True) for i in range(max(1, threads))]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join()
+    join_all(workers, stop)
     if errors:
         raise errors[0]
     if next_index() is not None:

@@ -14,12 +14,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import objectlock
 from .chunks import ChunkStore, LocalChunkStore
 from .codec import Buffer, chunk_aad, chunk_digest, compress_chunk, decode_chunk, decode_chunk_parts, joined
-from .crypt import DecryptError, RepoCipher
 from .errors import ChunkCorrupt, ChunkMissing, NotARepository, RepoError, SnapshotNotFound
 from .lease import Lease
 from .location import is_s3, parse_s3
@@ -34,6 +33,9 @@ from .names import (
     validate_snapshot_id,
 )
 from .store import CONFIG, GC_LOCK, LOCK, SNAPSHOTS, DiskLock, LocalStore, RepoStore
+
+if TYPE_CHECKING:
+    from .crypt import RepoCipher  # imported when a repository is encrypted (cryptography is slow to load)
 
 __all__ = ["CONFIG", "FORMAT", "GC_LOCK", "LOCK", "SNAPSHOTS", "VERSION", "DiskWriter", "Repository", "open_store"]
 
@@ -108,6 +110,8 @@ class Repository:
             store.set_retention(lock["seconds"])
         cipher = None
         if key is not None:
+            from .crypt import RepoCipher
+
             cipher = RepoCipher.new(key)
             config["encryption"] = cipher.config()
         store.init_layout()
@@ -138,6 +142,8 @@ class Repository:
         if encryption is not None:
             if key is None:
                 raise RepoError(f"{where} is encrypted: its key is needed (--key-file FILE)", errno.EACCES)
+            from .crypt import RepoCipher
+
             cipher = RepoCipher.open(key, encryption, where)
         elif key is not None:
             raise RepoError(f"{where} is not encrypted: no key file goes with it")
@@ -179,6 +185,8 @@ class Repository:
     def load_manifest(self, disk: str, snap_id: str) -> Manifest:
         data = self.store.get_manifest(validate_disk(disk), validate_snapshot_id(snap_id))
         if self.cipher is not None:
+            from .crypt import DecryptError
+
             try:
                 data = self.cipher.open_sealed(data, _manifest_aad(disk, snap_id))
             except DecryptError as e:

@@ -13,11 +13,14 @@ compressed chunk, its bytes) per thread.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from . import _fs
+from .errors import RepoError
 from .manifest import Manifest
 from .repository import Repository
 
@@ -33,12 +36,14 @@ def restore_to_fd(
     threads: int = THREADS,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
-) -> None:
-    """Write every data chunk of ``manifest`` into ``fd`` at its offset (``fd`` reads as zeroes already).
+) -> bool:
+    """Write every data chunk of ``manifest`` into ``fd`` at its offset (``fd`` reads as zeroes already);
+    True once all are written.
 
     Raises the first error any worker met (a corrupt or missing chunk is ``ChunkCorrupt``/``ChunkMissing``,
-    named in the log); the other workers stop at their next chunk. ``stop`` set from outside (Ctrl-C)
-    ends the workers the same way, and this returns without error: the caller knows why it stopped.
+    named in the log); the other workers stop at their next chunk. ``stop`` set from outside ends the
+    workers the same way, and this returns False; an interrupt of the calling thread (Ctrl-C) stops
+    them too and is raised once they ended.
     ``on_progress`` is called from the worker threads with the bytes each chunk accounts for.
     """
     stop = stop if stop is not None else threading.Event()
@@ -72,10 +77,70 @@ def restore_to_fd(
     workers = [threading.Thread(target=work, name=f"repo-restore-{i}", daemon=True) for i in range(max(1, threads))]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join()
+    join_all(workers, stop)
     if errors:
         raise errors[0]
+    return next_index() is None
+
+
+def join_all(workers: list[threading.Thread], stop: threading.Event) -> None:
+    """Wait for the workers; interrupted (KeyboardInterrupt), stop them and wait for them first, so that
+    none still writes into a file or a repository that the caller is about to clean up."""
+    try:
+        for worker in workers:
+            worker.join()
+    except BaseException:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        raise
+
+
+def check_file_target(path: Path, force: bool) -> None:
+    """A file target may exist only with ``force``, and then must be a regular file (it is replaced)."""
+    if os.path.lexists(path):
+        if not force:
+            raise RepoError(f"{path} exists (--force replaces it)", errno.EEXIST)
+        if not path.is_file():
+            raise RepoError(f"{path} is not a regular file (restore to a device through an NBD URI)")
+
+
+def restore_file(
+    repo: Repository,
+    manifest: Manifest,
+    path: Path,
+    *,
+    force: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> bool:
+    """Restore into a sparse raw file (zero chunks are holes), complete and durable before it takes
+    ``path``'s name; False if ``stop`` ended it first. A failure, a stop or Ctrl-C leaves no file behind.
+    The snapshot is leased meanwhile: a prune and gc cannot take its chunks."""
+    check_file_target(path, force)
+    lease = repo.hold_snapshot(manifest)
+    temporary = path.with_name(f".{path.name}.restore-{os.getpid()}")
+    done = False
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, manifest.size)
+            if not restore_to_fd(repo, manifest, fd, on_progress=on_progress, stop=stop):
+                return False
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        done = True
+        _fs.fsync_dir(path.parent)
+        return True
+    finally:
+        lease.release()
+        if not done:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
 
 
 def blob_room(chunk_size: int) -> int:

@@ -116,7 +116,7 @@ async def run_backup(
         base = _parent(repo, disk, parent)
         fd = src.device.direct_read_fd() if isinstance(src.device, RawFileDevice) else None
         if fd is not None:  # a raw file or block device: worker threads read it straight into the repository
-            return await _backup_file(repo, disk, src.device, fd, base, make_progress)
+            return await _backup_file(repo, disk, fd, size, base, make_progress)
         if dirty_bitmap is not None:
             if base is None:
                 why = "not --parent none" if parent == "none" else f"disk {disk} has none to start from"
@@ -162,10 +162,9 @@ async def run_backup(
 
 
 async def _backup_file(
-    repo: Repository, disk: str, device: RawFileDevice, fd: int, base: Manifest | None, make_progress: MakeProgress
+    repo: Repository, disk: str, fd: int, size: int, base: Manifest | None, make_progress: MakeProgress
 ) -> Manifest:
     """``backup_file`` in worker threads, with the progress bar; Ctrl-C stops them and publishes nothing."""
-    size = device.size
     progress = make_progress(size)
     ok = False
     try:

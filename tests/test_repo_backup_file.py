@@ -6,13 +6,15 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from backup.repo import backup_file
-from backup.repo.backup_file import backup_fd
+from backup.repo import backup_file as bf_module
+from backup.repo.backup_file import RawSource, backup_fd, backup_file
 from backup.repo.device import SnapshotWriter
 from backup.repo.manifest import Manifest
 from backup.repo.repository import Repository
@@ -48,8 +50,8 @@ async def test_a_file_lands_as_the_device_path_stores_it_and_its_holes_are_not_r
     repo = Repository.init(tmp_path / "repo", chunk_size=CS)
     data = _disk(tmp_path / "disk.raw", 16, tail=1000)
     reads: list[int] = []
-    real = backup_file._read_chunk
-    monkeypatch.setattr(backup_file, "_read_chunk", lambda fd, view, off: reads.append(off) or real(fd, view, off))
+    real = bf_module._read_chunk
+    monkeypatch.setattr(bf_module, "_read_chunk", lambda fd, view, off: reads.append(off) or real(fd, view, off))
     seen: list[int] = []
     fd = os.open(tmp_path / "disk.raw", os.O_RDONLY)
     try:
@@ -124,3 +126,54 @@ async def test_repo_backup_of_a_raw_file_skips_the_device_and_restores_exactly(
     await repo_transfer.run_restore(repo, second, str(tmp_path / "out.raw"))
     assert (tmp_path / "out.raw").read_bytes() == data + bytes(212)
     assert repo.store.lock("d") is not None  # the writer's lock was released
+
+
+def _interrupt_main_at(call: int, stop: threading.Event) -> Callable[[int], None]:
+    """An ``on_progress`` that sends the main thread SIGINT (Ctrl-C) at its ``call``-th chunk and waits
+    until the workers were told to stop, so that no further chunk starts."""
+    count = 0
+
+    def progress(n: int) -> None:
+        nonlocal count
+        count += 1
+        if count == call:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            assert stop.wait(30)
+
+    return progress
+
+
+def test_ctrl_c_stops_the_workers_and_publishes_nothing(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(random.Random(2).randbytes(40 * CS))
+    source = RawSource.open(str(path), None)
+    assert source is not None and source.size == 40 * CS and source.holes
+    stop = threading.Event()
+    stored: list[int] = []
+    inner = repo.store_chunk
+    repo.store_chunk = lambda data, lease: stored.append(1) or inner(data, lease)  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backup_file(
+                repo, "d", source.fd, source.size, threads=1, on_progress=_interrupt_main_at(2, stop), stop=stop
+            )
+    finally:
+        source.close()
+    assert len(stored) == 2 and repo.snapshot_ids("d") == []
+    assert os.listdir(repo.path / "leases") == []
+    repo.store.lock("d").release()  # the writer's lock is free again
+
+
+def test_a_source_that_is_not_plainly_raw_takes_the_device_path(tmp_path: Path) -> None:
+    qcow2 = tmp_path / "disk.qcow2"
+    qcow2.write_bytes(b"QFI\xfb" + bytes(1000))
+    assert RawSource.open(str(qcow2), None) is None
+    assert RawSource.open(str(tmp_path / "missing"), None) is None
+    assert RawSource.open(str(tmp_path), None) is None
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"x" * 1000)
+    assert RawSource.open(str(raw), "qcow2") is None
+    source = RawSource.open(str(raw), "raw")
+    assert source is not None and source.size == 1024
+    source.close()

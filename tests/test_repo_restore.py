@@ -3,6 +3,7 @@ as holes, the first bad chunk stops every worker and is the error, an outside st
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -120,3 +121,26 @@ async def test_a_stop_from_outside_ends_the_workers_without_error(tmp_path: Path
 
     _restore(repo, manifest, tmp_path / "out", threads=1, on_progress=progress, stop=stop)
     assert count == 3
+
+
+def test_ctrl_c_stops_the_workers_and_leaves_no_file(tmp_path: Path) -> None:
+    import signal
+
+    from backup.repo.restore import restore_file
+
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    manifest = asyncio.run(_snapshot(repo, _disk(30)))
+    stop = threading.Event()
+    count = 0
+
+    def progress(n: int) -> None:
+        nonlocal count
+        count += 1
+        if count == 2:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            assert stop.wait(30)
+
+    with pytest.raises(KeyboardInterrupt):
+        restore_file(repo, manifest, tmp_path / "out.raw", threads=1, on_progress=progress, stop=stop)
+    assert count == 2
+    assert sorted(os.listdir(tmp_path)) == ["repo"] and os.listdir(repo.path / "leases") == []

@@ -77,6 +77,7 @@ def backup_file(
     *,
     parent: str = "latest",
     holes: bool = True,
+    threads: int = THREADS,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Manifest | None:
@@ -86,7 +87,7 @@ def backup_file(
     writer = repo.begin_write(disk)
     try:
         base = writer.parent(parent)
-        result = backup_fd(repo, writer, fd, size, holes=holes, on_progress=on_progress, stop=stop)
+        result = backup_fd(repo, writer, fd, size, holes=holes, threads=threads, on_progress=on_progress, stop=stop)
         if result is None:
             return None
         chunks, stats = result

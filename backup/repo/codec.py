@@ -64,7 +64,7 @@ def zero_digest(length: int) -> str:
     return hashlib.sha256(bytes(length)).hexdigest()
 
 
-def chunk_digest(data: bytes | memoryview, cipher: RepoCipher | None = None) -> str | None:
+def chunk_digest(data: Buffer, cipher: RepoCipher | None = None) -> str | None:
     """The chunk's name, or None when ``data`` is all zero: its SHA-256, or in an encrypted repository
     the keyed HMAC-SHA-256 (``crypt``), which says nothing about the data to whoever lacks the key."""
     if cipher is not None:
@@ -179,7 +179,7 @@ def decode_chunk(digest: str, blob: Buffer, length: int, cipher: RepoCipher | No
         from .crypt import DecryptError
 
         try:
-            blob = cipher.open_sealed(blob, chunk_aad(digest))
+            blob = cipher.open_sealed(bytes(blob), chunk_aad(digest))
         except DecryptError:
             raise ChunkCorrupt(digest, "authentication failed") from None
     try:

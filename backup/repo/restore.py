@@ -111,6 +111,7 @@ def restore_file(
     path: Path,
     *,
     force: bool = False,
+    threads: int = THREADS,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> bool:
@@ -125,7 +126,7 @@ def restore_file(
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, manifest.size)
-            if not restore_to_fd(repo, manifest, fd, on_progress=on_progress, stop=stop):
+            if not restore_to_fd(repo, manifest, fd, threads=threads, on_progress=on_progress, stop=stop):
                 return False
             os.fsync(fd)
         finally:

@@ -144,3 +144,24 @@ def test_ctrl_c_stops_the_workers_and_leaves_no_file(tmp_path: Path) -> None:
         restore_file(repo, manifest, tmp_path / "out.raw", threads=1, on_progress=progress, stop=stop)
     assert count == 2
     assert sorted(os.listdir(tmp_path)) == ["repo"] and os.listdir(repo.path / "leases") == []
+
+
+async def test_chunks_read_through_each_threads_buffer_come_out_whole_and_unshared(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo = Repository.init(tmp_path / "repo", chunk_size=2 * CS)  # raw frames of one block and of two
+    rnd = random.Random(9)
+    data = rnd.randbytes(6 * 2 * CS) + b"compressible " * 30000
+    manifest = await _snapshot(repo, data)
+    cs = manifest.chunk_size
+    wanted = [(d, manifest.chunk_length(i), data[i * cs : i * cs + manifest.chunk_length(i)])
+              for i, d in enumerate(manifest.chunks) if d is not None]  # fmt: skip
+
+    def load(item: tuple[str, int, bytes]) -> bool:
+        digest, length, expected = item
+        got = repo.load_chunk(digest, length)
+        repo.check_chunk(digest, length)  # reuses the thread's buffer: ``got`` must not change
+        return isinstance(got, bytes) and got == expected
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(load, wanted * 4))

@@ -147,6 +147,11 @@ def raw_frame_parts(blob: Buffer, length: int) -> list[memoryview] | None:
     return None
 
 
+def blob_room(chunk_size: int) -> int:
+    """A buffer that holds any blob of a chunk: zstd's worst case is the size plus 1/256 and a few bytes."""
+    return chunk_size + chunk_size // 128 + 4096
+
+
 def joined(parts: Sequence[Buffer]) -> bytes:
     """``parts`` as one ``bytes`` (for a store that takes one body, or a cipher)."""
     return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import _fs
+from .codec import blob_room
 from .errors import RepoError
 from .manifest import Manifest
 from .repository import Repository
@@ -142,8 +143,3 @@ def restore_file(
                 os.unlink(temporary)
             except FileNotFoundError:
                 pass
-
-
-def blob_room(chunk_size: int) -> int:
-    """A buffer that holds any blob of a chunk: zstd's worst case is the size plus 1/256 and a few bytes."""
-    return chunk_size + chunk_size // 128 + 4096

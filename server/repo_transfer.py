@@ -23,13 +23,14 @@ from typing import TypeVar
 from backup.copy_engine import CopyFailed, copy_device
 from backup.errors import BackupError
 from backup.rawfile import RawFileDevice
+from backup.repo.backup_device import backup_device_snapshot
 from backup.repo.backup_file import backup_file
 from backup.repo.device import SnapshotReader, SnapshotWriter
 from backup.repo.errors import RepoError
 from backup.repo.manifest import Manifest
 from backup.repo.repository import Repository
 from backup.repo.restore import restore_file
-from nbd.device import BlockDevice, remote_uri
+from nbd.device import BlockDevice, read_into, remote_uri
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
 from server.copy_sides import (
@@ -117,6 +118,27 @@ async def run_backup(
         fd = src.device.direct_read_fd() if isinstance(src.device, RawFileDevice) else None
         if fd is not None:  # a raw file or block device: worker threads read it straight into the repository
             return await _backup_file(repo, disk, fd, size, base, make_progress)
+        reader = read_into(src.device) if dirty_bitmap is None else None
+        if reader is not None:  # a full backup of an NBD export: chunks read into the buffers they are stored from
+            uri = remote_uri(src.device)
+            reads = LOCAL_REQUESTS if uri is None or uri.is_local else REMOTE_REQUESTS
+            progress = make_progress(size)
+            ok = False
+            try:
+                manifest = await backup_device_snapshot(
+                    repo,
+                    disk,
+                    src.device,
+                    reader,
+                    parent=base.id if base is not None else "none",
+                    reads=reads,
+                    on_progress=progress.advance if progress is not None else None,
+                )
+                ok = True
+                return manifest
+            finally:
+                if progress is not None:
+                    progress.finish(ok=ok)
         if dirty_bitmap is not None:
             if base is None:
                 why = "not --parent none" if parent == "none" else f"disk {disk} has none to start from"

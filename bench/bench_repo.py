@@ -31,7 +31,9 @@ each repository chunk size and in QEMU's qcow2 chain, bytes on disk (the reposit
 ``repo gc``); the last snapshot of each chain is restored and compared with the source.
 
 Medians of the repetitions with [min-max]; ratios ours ÷ QEMU are of speeds (QEMU's time ÷ ours, per
-repetition) and of bytes (ours ÷ QEMU's: below 1 is smaller). The machine's load average at the end.
+repetition) and of bytes (ours ÷ QEMU's: below 1 is smaller); the CPU seconds (user + system) of our
+commands and of ``qemu-img convert`` (steadier than times on a shared machine). The machine's load
+average at the end.
 
     .venv/bin/python bench/bench_repo.py                              # 1 GiB disks, 5 reps (~10 min)
     .venv/bin/python bench/bench_repo.py --json samples.json          # also every sample

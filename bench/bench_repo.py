@@ -31,11 +31,14 @@ each repository chunk size and in QEMU's qcow2 chain, bytes on disk (the reposit
 ``repo gc``); the last snapshot of each chain is restored and compared with the source.
 
 Medians of the repetitions with [min-max]; ratios ours ÷ QEMU are of speeds (QEMU's time ÷ ours, per
-repetition) and of bytes (ours ÷ QEMU's: below 1 is smaller). The machine's load average at the end.
+repetition) and of bytes (ours ÷ QEMU's: below 1 is smaller); the CPU seconds (user + system) of our
+commands and of ``qemu-img convert`` (steadier than times on a shared machine). The machine's load
+average at the end.
 
     .venv/bin/python bench/bench_repo.py                              # 1 GiB disks, 5 reps (~10 min)
     .venv/bin/python bench/bench_repo.py --json samples.json          # also every sample
     .venv/bin/python bench/bench_repo.py --size 64M --reps 2          # a quick check, not a measurement
+    .venv/bin/python bench/bench_repo.py --reps 3 --only restore      # full backups and restores only
 
 Not part of the test suite: numbers depend on the machine and on whoever else is using it.
 """
@@ -70,6 +73,8 @@ MiB = 1 << 20
 PIECE = 64 << 10  # one change: a random 64 KiB piece
 DISK = "d"
 BIG_RUN, SMALL_RUN = 8 * MiB, MiB
+#: What ``--only`` chooses from (the full backup from a file and QEMU's full backups always run).
+PARTS = ("nbd", "restore", "instant", "incremental", "dailies", "memory")
 
 
 # --- disks, children, files -----------------------------------------------------------------------
@@ -84,22 +89,28 @@ def make_disk(path: Path, size: int, run: int, period: int) -> None:
             f.write(os.urandom(min(run, size - offset)))
 
 
-def _run_child(argv: Sequence[str | Path]) -> tuple[float, int]:
+def _run_child(argv: Sequence[str | Path]) -> tuple[float, int, float]:
     # Peak RSS from /usr/bin/time, not from our own wait4: a child forked from this (large) process
     # keeps the parent's pre-exec high-water mark in its ru_maxrss.
     with tempfile.NamedTemporaryFile("r", prefix="rss-") as rss:
-        command = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *map(str, argv)]
+        command = ["/usr/bin/time", "-f", "%M %U %S", "-o", rss.name, *map(str, argv)]
         start = time.perf_counter()
         proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         elapsed = time.perf_counter() - start
         if proc.returncode:
             err = proc.stderr.decode(errors="replace")[-500:]
             raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {err}")
-        return elapsed, int(rss.read().split()[-1])  # KiB
+        kib, user, system = rss.read().split()[-3:]
+        return elapsed, int(kib), float(user) + float(system)
 
 
 async def child(*argv: str | Path) -> tuple[float, int]:
     """(seconds, peak RSS KiB) of a command run to success."""
+    return (await timed_child(*argv))[:2]
+
+
+async def timed_child(*argv: str | Path) -> tuple[float, int, float]:
+    """(seconds, peak RSS KiB, CPU seconds: user + system) of a command run to success."""
     return await asyncio.to_thread(_run_child, argv)
 
 
@@ -169,6 +180,8 @@ def med(values: Sequence[float], fmt: str = "{:.0f}") -> str:
 
 def speed_ratio(ours_s: Sequence[float], qemu_s: Sequence[float]) -> list[float]:
     """Per repetition: QEMU's time ÷ ours (above 1: ours is faster)."""
+    if not ours_s or not qemu_s:
+        return []  # a part left out (--only)
     return [q / o for o, q in zip(ours_s, qemu_s, strict=True)]
 
 
@@ -180,13 +193,14 @@ async def ours_full(s: Samples, work: Path, source: Path, via_nbd: bool, chunk_s
     await init_repo(repo, chunk_size)
     if via_nbd:
         async with qemu_nbd(work, source, "raw") as uri:
-            seconds, rss = await child(*ours("backup", "--no-progress", repo, DISK, uri))
+            seconds, rss, cpu = await timed_child(*ours("backup", "--no-progress", repo, DISK, uri))
     else:
         s.add("startup", (await child(*ours("list", repo)))[0])  # the CLI's start-up, for scale
-        seconds, rss = await child(*ours("backup", "--no-progress", repo, DISK, source))
+        seconds, rss, cpu = await timed_child(*ours("backup", "--no-progress", repo, DISK, source))
     kind = "nbd" if via_nbd else "file"
     s.add(f"full/ours-{kind}", seconds)
     s.add(f"full/ours-{kind}/rss", rss)
+    s.add(f"full/ours-{kind}/cpu", cpu)
     s.add(f"full/ours-{kind}/bytes", du(repo))
     return repo
 
@@ -218,8 +232,9 @@ async def restores(s: Samples, work: Path, source: Path, repo: Path, qcow2: dict
     ]
     for name, argv in rotate(runs, rep):
         out.unlink(missing_ok=True)
-        seconds, rss = await child(*argv)
+        seconds, rss, cpu = await timed_child(*argv)
         s.add(f"restore/{name}", seconds)
+        s.add(f"restore/{name}/cpu", cpu)
         if name == "ours":
             s.add("restore/ours/rss", rss)
             same_bytes(source, out)
@@ -447,15 +462,19 @@ async def one_rep(s: Samples, work: Path, source: Path, args: argparse.Namespace
     async def qemu_run() -> None:
         qcow2.update(await qemu_full(s, work, source))
 
-    for run in rotate([file_run, nbd_run, qemu_run], rep):
+    runs = [file_run, nbd_run, qemu_run] if "nbd" in args.only else [file_run, qemu_run]
+    for run in rotate(runs, rep):
         await run()
     (work / "full.raw").unlink()
-    await restores(s, work, source, repo["file"], qcow2, rep)
-    await instant_restores(s, work, source, repo["file"], qcow2, rep)
+    if "restore" in args.only:
+        await restores(s, work, source, repo["file"], qcow2, rep)
+    if "instant" in args.only:
+        await instant_restores(s, work, source, repo["file"], qcow2, rep)
     shutil.rmtree(repo["file"])
     for path in qcow2.values():
         path.unlink(missing_ok=True)
-    await incrementals(s, work, source, args.size, args.chunk_sizes, args.changes, rep)
+    if "incremental" in args.only:
+        await incrementals(s, work, source, args.size, args.chunk_sizes, args.changes, rep)
 
 
 def full_table(s: Samples, size: int) -> list[str]:
@@ -501,6 +520,12 @@ def full_table(s: Samples, size: int) -> list[str]:
         ("restore", "restore/ours/rss"),
     ])  # fmt: skip
     lines.append(f"Peak RSS of the repo commands, MiB: {rss}.")
+    cpu = ", ".join(f"{n} {med(s.get(key), '{:.2f}')}" for n, key in [
+        ("repo backup from file", "full/ours-file/cpu"), ("from qemu-nbd", "full/ours-nbd/cpu"),
+        ("repo restore", "restore/ours/cpu"), ("qemu-img convert of qcow2", "restore/qemu-qcow2/cpu"),
+        ("of qcow2 compressed", "restore/qemu-qcow2c/cpu"),
+    ])  # fmt: skip
+    lines.append(f"CPU seconds (user + system) of the commands: {cpu}.")
     lines.append(
         "The CLI's start-up (repo list of an empty repository), inside every repo time:"
         f" {med(s.get('startup'), '{:.2f}')} s."
@@ -581,7 +606,7 @@ async def main_async(args: argparse.Namespace) -> int:
             make_disk(sources[kind], args.size, run, period)
             for sub in ("serve", "qsd"):
                 (base / kind / sub).mkdir(parents=True)
-        rss_disks = {size: base / f"rss-{size}.raw" for size in args.rss_sizes}
+        rss_disks = {size: base / f"rss-{size}.raw" for size in args.rss_sizes if "memory" in args.only}
         for size, path in rss_disks.items():
             make_disk(path, size, SMALL_RUN, 64 * MiB)
         started = time.monotonic()
@@ -589,9 +614,10 @@ async def main_async(args: argparse.Namespace) -> int:
             for kind in rotate(list(kinds), rep):
                 await one_rep(results[kind], base / kind, sources[kind], args, rep)
                 print(f"# rep {rep} {kind} done at {time.monotonic() - started:.0f} s", flush=True)
-            await memory(memory_samples, base, rss_disks, args.chunk_sizes[0])
+            if "memory" in args.only:
+                await memory(memory_samples, base, rss_disks, args.chunk_sizes[0])
             print(f"# rep {rep} done at {time.monotonic() - started:.0f} s", flush=True)
-        for kind in kinds:
+        for kind in kinds if "dailies" in args.only else ():
             await dailies(results[kind], base / kind, sources[kind], args.size, args.chunk_sizes, args.days)
         print(f"# dailies done at {time.monotonic() - started:.0f} s", flush=True)
     print()
@@ -628,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rss-sizes", type=lambda t: [parse_size(x) for x in t.split(",")], default=[1 << 30, 8 << 30])
     parser.add_argument("--dir", default="/dev/shm", help="tmpfs directory for disks and backups")
     parser.add_argument("--json", help="also write the raw samples here")
+    parts = ",".join(PARTS)
+    parser.add_argument("--only", type=lambda t: set(t.split(",")), default=set(PARTS),
+                        help=f"parts to run besides the full backup from a file (default all: {parts})")  # fmt: skip
     return parser
 
 

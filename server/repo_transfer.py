@@ -1,5 +1,7 @@
 """``repo backup`` and ``repo restore``: the one copy engine between a file or NBD export and a repository
-snapshot (``SnapshotWriter`` / ``SnapshotReader``), with the copy command's sides and progress bar.
+snapshot (``SnapshotWriter`` / ``SnapshotReader``), with the copy command's sides and progress bar. A raw
+file on either side skips the engine: its chunks go between the file and the repository in worker threads
+(``backup.repo.backup_file``, ``backup.repo.restore``).
 
 A backup never publishes half a snapshot: the writer commits (manifest last) only after the whole copy
 succeeded, and is aborted on any failure, Ctrl-C included. A restore to a file writes a temporary file
@@ -12,18 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from backup.copy_engine import CopyFailed, copy_device
 from backup.errors import BackupError
+from backup.rawfile import RawFileDevice
+from backup.repo.backup_device import backup_device_snapshot
+from backup.repo.backup_file import backup_file
 from backup.repo.device import SnapshotReader, SnapshotWriter
 from backup.repo.errors import RepoError
 from backup.repo.manifest import Manifest
 from backup.repo.repository import Repository
-from backup.repo.restore import restore_to_fd
-from nbd.device import BlockDevice, remote_uri
+from backup.repo.restore import restore_file
+from nbd.device import BlockDevice, read_into, remote_uri
 from nbd.errors import NbdError
 from nbd.uri import looks_like_uri
 from server.copy_sides import (
@@ -50,6 +57,7 @@ REMOTE_REQUESTS = 8
 RESTORE_REQUESTS = 4
 
 MakeProgress = Callable[[int], Progress | None]
+_T = TypeVar("_T")
 
 
 def request_size(chunk_size: int) -> int:
@@ -107,6 +115,30 @@ async def run_backup(
     try:
         size = src.device.size
         base = _parent(repo, disk, parent)
+        fd = src.device.direct_read_fd() if isinstance(src.device, RawFileDevice) else None
+        if fd is not None:  # a raw file or block device: worker threads read it straight into the repository
+            return await _backup_file(repo, disk, fd, size, base, make_progress)
+        reader = read_into(src.device) if dirty_bitmap is None else None
+        if reader is not None:  # a full backup of an NBD export: chunks read into the buffers they are stored from
+            uri = remote_uri(src.device)
+            reads = LOCAL_REQUESTS if uri is None or uri.is_local else REMOTE_REQUESTS
+            progress = make_progress(size)
+            ok = False
+            try:
+                manifest = await backup_device_snapshot(
+                    repo,
+                    disk,
+                    src.device,
+                    reader,
+                    parent=base.id if base is not None else "none",
+                    reads=reads,
+                    on_progress=progress.advance if progress is not None else None,
+                )
+                ok = True
+                return manifest
+            finally:
+                if progress is not None:
+                    progress.finish(ok=ok)
         if dirty_bitmap is not None:
             if base is None:
                 why = "not --parent none" if parent == "none" else f"disk {disk} has none to start from"
@@ -151,6 +183,35 @@ async def run_backup(
         await close_endpoint(src)
 
 
+async def _backup_file(
+    repo: Repository, disk: str, fd: int, size: int, base: Manifest | None, make_progress: MakeProgress
+) -> Manifest:
+    """``backup_file`` in worker threads, with the progress bar; Ctrl-C stops them and publishes nothing."""
+    progress = make_progress(size)
+    ok = False
+    try:
+        holes = not stat.S_ISBLK(os.fstat(fd).st_mode)
+        manifest = await _in_threads(
+            lambda on_progress, stop: backup_file(
+                repo,
+                disk,
+                fd,
+                size,
+                parent=base.id if base is not None else "none",
+                holes=holes,
+                on_progress=on_progress,
+                stop=stop,
+            ),
+            progress,
+        )
+        assert manifest is not None  # only a stop from outside ends it early, and that is a cancellation
+        ok = True
+        return manifest
+    finally:
+        if progress is not None:
+            progress.finish(ok=ok)
+
+
 async def run_restore(
     repo: Repository,
     manifest: Manifest,
@@ -161,11 +222,7 @@ async def run_restore(
 ) -> None:
     """Write snapshot ``manifest`` to ``target`` (a file or an NBD URI); every chunk verified as it is read."""
     if not looks_like_uri(target):
-        lease = await asyncio.to_thread(repo.hold_snapshot, manifest)  # gc keeps the chunks meanwhile
-        try:
-            await _restore_to_file(repo, manifest, Path(target), force, make_progress)
-        finally:
-            lease.release()
+        await _restore_to_file(repo, manifest, Path(target), force, make_progress)
         return
     reader = SnapshotReader(repo, manifest)
     try:
@@ -216,38 +273,28 @@ async def _restore_to_nbd(reader: SnapshotReader, target: str, make_progress: Ma
 async def _restore_to_file(
     repo: Repository, manifest: Manifest, path: Path, force: bool, make_progress: MakeProgress
 ) -> None:
-    """A sparse raw file (zero chunks are holes), complete and durable before it takes the target's name.
-
-    The chunks go straight from the repository into the file in worker threads (``backup.repo.restore``);
-    a failure or Ctrl-C stops them and leaves no file behind."""
-    check_file_target(path, force)
-    temporary = path.with_name(f".{path.name}.restore-{os.getpid()}")
-    done = False
+    """``restore_file`` in worker threads, with the progress bar; Ctrl-C stops them and leaves no file."""
     progress = make_progress(manifest.size)
+    done = False
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(fd, manifest.size)
-            await _in_threads(repo, manifest, fd, progress)
-            await asyncio.to_thread(os.fsync, fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
+        await _in_threads(
+            lambda on_progress, stop: restore_file(
+                repo, manifest, path, force=force, on_progress=on_progress, stop=stop
+            ),
+            progress,
+        )
         done = True
-        _fsync_dir(path.parent)
     finally:
         if progress is not None:
             progress.finish(ok=done)
-        if not done:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
 
 
-async def _in_threads(repo: Repository, manifest: Manifest, fd: int, progress: Progress | None) -> None:
-    """``restore_to_fd`` off the event loop; cancelled (Ctrl-C), it stops the workers and waits for them,
-    so that no thread still writes into a file that is about to be removed."""
+async def _in_threads(
+    work: Callable[[Callable[[int], None] | None, threading.Event], _T], progress: Progress | None
+) -> _T:
+    """``work(on_progress, stop)`` — worker threads of a restore or a backup — off the event loop;
+    cancelled (Ctrl-C), it stops the workers and waits for them, so that no thread still writes into a
+    file about to be removed or stores chunks for a snapshot being aborted."""
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     on_progress = None
@@ -257,30 +304,11 @@ async def _in_threads(repo: Repository, manifest: Manifest, fd: int, progress: P
         def on_progress(nbytes: int) -> None:
             loop.call_soon_threadsafe(advance, nbytes)
 
-    work = asyncio.ensure_future(
-        asyncio.to_thread(restore_to_fd, repo, manifest, fd, on_progress=on_progress, stop=stop)
-    )
+    task = asyncio.ensure_future(asyncio.to_thread(work, on_progress, stop))
     try:
-        await asyncio.shield(work)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         stop.set()
         with contextlib.suppress(BaseException):
-            await work
+            await task
         raise
-
-
-def check_file_target(path: Path, force: bool) -> None:
-    """A file target may exist only with ``force``, and then must be a regular file (it is replaced)."""
-    if os.path.lexists(path):
-        if not force:
-            raise CopyFailed(f"{path} exists (--force replaces it)")
-        if not path.is_file():
-            raise CopyFailed(f"{path} is not a regular file (restore to a device through an NBD URI)")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

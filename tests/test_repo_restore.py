@@ -3,6 +3,7 @@ as holes, the first bad chunk stops every worker and is the error, an outside st
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -58,25 +59,52 @@ async def test_every_chunk_lands_at_its_place(tmp_path: Path, threads: int) -> N
     assert sum(seen) == len(data) and len(seen) == len(manifest.chunks)
 
 
-async def test_a_corrupt_chunk_is_the_error_and_stops_the_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", [0, 20, -1])  # a block header, the content, the last byte
+@pytest.mark.parametrize("threads", [1, 2])
+async def test_a_corrupt_chunk_is_the_error_and_stops_the_workers(tmp_path: Path, where: int, threads: int) -> None:
     repo = Repository.init(tmp_path / "repo", chunk_size=CS)
     manifest = await _snapshot(repo, _disk(40))
     bad = manifest.chunks[0]
     assert bad is not None
+    path = repo.path / "chunks" / bad[:2] / bad
+    blob = bytearray(path.read_bytes())
+    blob[where] ^= 1
+    path.write_bytes(blob)
     loads: list[str] = []
-    inner = repo.load_chunk
+    inner = repo.load_chunk_into
 
-    def load(digest: str, length: int) -> bytes:
+    def load(digest: str, length: int, scratch: bytearray) -> list[bytes | memoryview]:
         loads.append(digest)
-        if digest == bad:
-            raise ChunkCorrupt(digest, "digest mismatch")
-        return inner(digest, length)
+        return inner(digest, length, scratch)
 
-    repo.load_chunk = load  # type: ignore[method-assign]
+    repo.load_chunk_into = load  # type: ignore[method-assign]
     with pytest.raises(ChunkCorrupt) as caught:
-        _restore(repo, manifest, tmp_path / "out", threads=2)
+        _restore(repo, manifest, tmp_path / "out", threads=threads)
     assert caught.value.digest == bad
-    assert len(loads) < len(manifest.chunks) - 10  # the others stopped at their next chunk
+    if threads == 1:
+        assert loads == [bad]  # nothing after it
+    else:
+        assert len(loads) < len(manifest.chunks)  # the other stopped at its next chunk
+
+
+async def test_incompressible_chunks_go_from_the_file_into_the_target_without_zstd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backup.repo import codec
+
+    repo = Repository.init(tmp_path / "repo", chunk_size=4 * CS)
+    data = random.Random(5).randbytes(16 * CS) + b"compressible " * 20000
+    manifest = await _snapshot(repo, data)
+    decoded: list[int] = []
+    real = codec.decode_chunk
+
+    def decode(digest: str, blob: bytes, length: int, cipher: object = None) -> bytes:
+        decoded.append(length)
+        return real(digest, blob, length)
+
+    monkeypatch.setattr(codec, "decode_chunk", decode)
+    assert _restore(repo, manifest, tmp_path / "out", threads=2) == data
+    assert decoded == [len(data) - 16 * CS]  # only the compressible tail went through zstd
 
 
 async def test_a_stop_from_outside_ends_the_workers_without_error(tmp_path: Path) -> None:
@@ -93,3 +121,47 @@ async def test_a_stop_from_outside_ends_the_workers_without_error(tmp_path: Path
 
     _restore(repo, manifest, tmp_path / "out", threads=1, on_progress=progress, stop=stop)
     assert count == 3
+
+
+def test_ctrl_c_stops_the_workers_and_leaves_no_file(tmp_path: Path) -> None:
+    import signal
+
+    from backup.repo.restore import restore_file
+
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    manifest = asyncio.run(_snapshot(repo, _disk(30)))
+    stop = threading.Event()
+    count = 0
+
+    def progress(n: int) -> None:
+        nonlocal count
+        count += 1
+        if count == 2:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            assert stop.wait(30)
+
+    with pytest.raises(KeyboardInterrupt):
+        restore_file(repo, manifest, tmp_path / "out.raw", threads=1, on_progress=progress, stop=stop)
+    assert count == 2
+    assert sorted(os.listdir(tmp_path)) == ["repo"] and os.listdir(repo.path / "leases") == []
+
+
+async def test_chunks_read_through_each_threads_buffer_come_out_whole_and_unshared(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo = Repository.init(tmp_path / "repo", chunk_size=2 * CS)  # raw frames of one block and of two
+    rnd = random.Random(9)
+    data = rnd.randbytes(6 * 2 * CS) + b"compressible " * 30000
+    manifest = await _snapshot(repo, data)
+    cs = manifest.chunk_size
+    wanted = [(d, manifest.chunk_length(i), data[i * cs : i * cs + manifest.chunk_length(i)])
+              for i, d in enumerate(manifest.chunks) if d is not None]  # fmt: skip
+
+    def load(item: tuple[str, int, bytes]) -> bool:
+        digest, length, expected = item
+        got = repo.load_chunk(digest, length)
+        repo.check_chunk(digest, length)  # reuses the thread's buffer: ``got`` must not change
+        return isinstance(got, bytes) and got == expected
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(load, wanted * 4))

@@ -11,7 +11,7 @@ import errno
 import fcntl
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 #: How often a write whose temporary gc removed in the instant between create and lock is retried.
@@ -26,11 +26,36 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+#: Buffers one ``writev`` takes at most (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+Buffers = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+
+
+def write_all(fd: int, data: Buffers) -> None:
+    """Write ``data`` — one buffer, or several one after the other (one ``writev`` a call, no join)."""
+    _write_views(fd, data, None)
+
+
+def pwrite_all(fd: int, data: Buffers, offset: int) -> None:
+    """``write_all`` at ``offset`` (``pwritev``): the file position is not used, threads may share ``fd``."""
+    _write_views(fd, data, offset)
+
+
+def _write_views(fd: int, data: Buffers, offset: int | None) -> None:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = [data]
+    views = [v for v in (memoryview(b).cast("B") for b in data) if v]
+    while views:
+        batch = views[:_IOV_MAX]
+        n = os.writev(fd, batch) if offset is None else os.pwritev(fd, batch, offset)
+        if offset is not None:
+            offset += n
+        while n and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
 
 
 @contextlib.contextmanager
@@ -50,8 +75,14 @@ def locked_temp(tmp_dir: Path, prefix: str) -> Iterator[tuple[int, Path]]:
         os.close(fd)
 
 
-def publish(tmp_dir: Path, target: Path, data: bytes | memoryview, prefix: str) -> None:
-    """Make ``target`` hold ``data`` durably and atomically (old content or new, never half)."""
+def publish(
+    tmp_dir: Path,
+    target: Path,
+    data: Buffers,
+    prefix: str,
+) -> None:
+    """Make ``target`` hold ``data`` (one buffer or several in a row) durably and atomically (old
+    content or new, never half)."""
     for attempt in range(_ATTEMPTS):
         with locked_temp(tmp_dir, prefix) as (fd, path):
             write_all(fd, data)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -52,8 +52,9 @@ class LocalChunkStore:
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
 
-    def put(self, digest: str, blob: bytes) -> bool:
-        """Store ``blob`` durably (rename into place, directory fsync'd); False if it was there already."""
+    def put(self, digest: str, blob: bytes | Sequence[bytes | bytearray | memoryview]) -> bool:
+        """Store ``blob`` (or its parts, written in one go) durably (rename into place, directory
+        fsync'd); False if it was there already."""
         target = self.path(digest)
         if target.exists():
             return False
@@ -66,6 +67,28 @@ class LocalChunkStore:
             return self.path(digest).read_bytes()
         except FileNotFoundError:
             raise ChunkMissing(digest) from None
+
+    def read_into(self, digest: str, buffer: bytearray) -> int | None:
+        """Read the blob into ``buffer`` (reused by the caller: no fresh allocation, no page faults) and
+        return its length; None if it does not fit (read it with ``get``)."""
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ChunkMissing(digest) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size > len(buffer):
+                return None
+            view = memoryview(buffer)
+            got = 0
+            while got < size:
+                n = os.preadv(fd, [view[got:size]], got)
+                if n <= 0:
+                    break  # shorter than it said: whatever is there is checked against the name
+                got += n
+            return got
+        finally:
+            os.close(fd)
 
     def delete(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -118,7 +118,7 @@ class RepoCipher:
 
     # -- chunk ids
 
-    def chunk_id(self, data: bytes | memoryview) -> str:
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
         return hmac.new(self._id_key, data, hashlib.sha256).hexdigest()
 
     def zero_id(self, length: int) -> str:

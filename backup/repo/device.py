@@ -29,7 +29,7 @@ from nbd.constants import State
 from nbd.device import BlockLimits, Capabilities, Extent
 
 from .errors import RepoError
-from .manifest import Manifest
+from .manifest import Manifest, chunk_stats
 from .repository import DiskWriter, Repository
 
 _T = TypeVar("_T")
@@ -362,25 +362,12 @@ class SnapshotWriter(FixedSizeDevice):
     def stats(self) -> dict[str, int | float]:
         """The manifest's stats of the chunks as they are now (``new-bytes`` counts each chunk stored new
         that the snapshot still names, once)."""
-        new = zero = reused = 0
-        seen: set[str] = set()
-        for index, digest in enumerate(self._chunks):
-            length = self._chunk_length(index)
-            if index in self._dirty or index in self._sealed:
-                continue
-            if digest is None:
-                zero += length
-            elif digest in self._stored_new and digest not in seen:
-                seen.add(digest)
-                new += length
-            else:
-                reused += length
-        return {
-            "new-bytes": new,
-            "zero-bytes": zero,
-            "reused-bytes": reused,
-            "seconds": round(time.monotonic() - self._started, 6),
+        pending = self._dirty.keys() | self._sealed.keys()
+        stats: dict[str, int | float] = {
+            **chunk_stats(self._chunks, self._size, self._chunk_size, self._stored_new, pending)
         }
+        stats["seconds"] = round(time.monotonic() - self._started, 6)
+        return stats
 
     def _chunk_length(self, index: int) -> int:
         return min(self._chunk_size, self._size - index * self._chunk_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,28 @@ STAT_KEYS = ("new-bytes", "stored-bytes", "zero-bytes", "reused-bytes", "seconds
 
 def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
+
+
+def chunk_stats(
+    chunks: Sequence[str | None], size: int, chunk_size: int, stored_new: Collection[str], pending: Collection[int] = ()
+) -> dict[str, int]:
+    """A manifest's byte counts of ``chunks``: ``new-bytes`` for the chunks stored new (``stored_new``)
+    that it names, each once however often named; ``zero-bytes``; ``reused-bytes`` for the rest.
+    Chunks in ``pending`` (still being written) count nowhere."""
+    new = zero = reused = 0
+    seen: set[str] = set()
+    for index, digest in enumerate(chunks):
+        if index in pending:
+            continue
+        length = min(chunk_size, size - index * chunk_size)
+        if digest is None:
+            zero += length
+        elif digest in stored_new and digest not in seen:
+            seen.add(digest)
+            new += length
+        else:
+            reused += length
+    return {"new-bytes": new, "zero-bytes": zero, "reused-bytes": reused}
 
 
 @dataclass

@@ -2,18 +2,26 @@
 
 A restore to a file needs none of a block device's generality (random reads, caching, read-ahead): each
 chunk goes to one place, once. Worker threads take chunk indexes in order and each does the whole
-journey — fetch the blob, decompress, check the SHA-256, ``pwrite`` — with the GIL released for the
+journey — fetch the blob, decompress, check the SHA-256, ``pwritev`` — with the GIL released for the
 heavy parts (file or network I/O, zstd, hashlib, the write), so the machine's cores share the work
-without the event loop in the middle of every chunk. Zero chunks are skipped: the file is created
-sparse, so they read as zeroes and take no space. Memory is a chunk and its blob per thread.
+without the event loop in the middle of every chunk. Each thread reads blobs into one buffer of its own,
+and an incompressible chunk (raw zstd blocks, ``codec``) goes from that buffer into the file as it is: a
+read, the SHA-256 and a write per chunk, no decompression, no fresh memory. Zero chunks are skipped: the
+file is created sparse, so they read as zeroes and take no space. Memory is a buffer (and, for a
+compressed chunk, its bytes) per thread.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
+from . import _fs
+from .codec import blob_room
+from .errors import RepoError
 from .manifest import Manifest
 from .repository import Repository
 
@@ -29,12 +37,14 @@ def restore_to_fd(
     threads: int = THREADS,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
-) -> None:
-    """Write every data chunk of ``manifest`` into ``fd`` at its offset (``fd`` reads as zeroes already).
+) -> bool:
+    """Write every data chunk of ``manifest`` into ``fd`` at its offset (``fd`` reads as zeroes already);
+    True once all are written.
 
     Raises the first error any worker met (a corrupt or missing chunk is ``ChunkCorrupt``/``ChunkMissing``,
-    named in the log); the other workers stop at their next chunk. ``stop`` set from outside (Ctrl-C)
-    ends the workers the same way, and this returns without error: the caller knows why it stopped.
+    named in the log); the other workers stop at their next chunk. ``stop`` set from outside ends the
+    workers the same way, and this returns False; an interrupt of the calling thread (Ctrl-C) stops
+    them too and is raised once they ended.
     ``on_progress`` is called from the worker threads with the bytes each chunk accounts for.
     """
     stop = stop if stop is not None else threading.Event()
@@ -48,6 +58,7 @@ def restore_to_fd(
 
     def work() -> None:
         cs = manifest.chunk_size
+        scratch = bytearray(blob_room(cs))
         while not stop.is_set():
             index = next_index()
             if index is None:
@@ -56,7 +67,7 @@ def restore_to_fd(
             digest = manifest.chunks[index]
             try:
                 if digest is not None:
-                    _write_all(fd, repo.load_chunk(digest, length), index * cs)
+                    _fs.pwrite_all(fd, repo.load_chunk_into(digest, length, scratch), index * cs)
             except BaseException as exc:
                 errors.append(exc)
                 stop.set()
@@ -67,15 +78,68 @@ def restore_to_fd(
     workers = [threading.Thread(target=work, name=f"repo-restore-{i}", daemon=True) for i in range(max(1, threads))]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join()
+    join_all(workers, stop)
     if errors:
         raise errors[0]
+    return next_index() is None
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
+def join_all(workers: list[threading.Thread], stop: threading.Event) -> None:
+    """Wait for the workers; interrupted (KeyboardInterrupt), stop them and wait for them first, so that
+    none still writes into a file or a repository that the caller is about to clean up."""
+    try:
+        for worker in workers:
+            worker.join()
+    except BaseException:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        raise
+
+
+def check_file_target(path: Path, force: bool) -> None:
+    """A file target may exist only with ``force``, and then must be a regular file (it is replaced)."""
+    if os.path.lexists(path):
+        if not force:
+            raise RepoError(f"{path} exists (--force replaces it)", errno.EEXIST)
+        if not path.is_file():
+            raise RepoError(f"{path} is not a regular file (restore to a device through an NBD URI)")
+
+
+def restore_file(
+    repo: Repository,
+    manifest: Manifest,
+    path: Path,
+    *,
+    force: bool = False,
+    threads: int = THREADS,
+    on_progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> bool:
+    """Restore into a sparse raw file (zero chunks are holes), complete and durable before it takes
+    ``path``'s name; False if ``stop`` ended it first. A failure, a stop or Ctrl-C leaves no file behind.
+    The snapshot is leased meanwhile: a prune and gc cannot take its chunks."""
+    check_file_target(path, force)
+    lease = repo.hold_snapshot(manifest)
+    temporary = path.with_name(f".{path.name}.restore-{os.getpid()}")
+    done = False
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, manifest.size)
+            if not restore_to_fd(repo, manifest, fd, threads=threads, on_progress=on_progress, stop=stop):
+                return False
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        done = True
+        _fs.fsync_dir(path.parent)
+        return True
+    finally:
+        lease.release()
+        if not done:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass

@@ -100,7 +100,7 @@ def verify(
             digest, length = item
             reason = None
             try:
-                repo.load_chunk(digest, length)
+                repo.check_chunk(digest, length)
             except ChunkCorrupt:
                 reason = "corrupt"
             except ChunkMissing:

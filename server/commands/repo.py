@@ -26,12 +26,14 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from server.progress import add_progress_options, progress_from_args
 
 PROG = "nbd-backup repo"
+_T = TypeVar("_T")
 
 #: Exit status of ``verify`` when it cannot run (not a repository, bad arguments): 1 means corruption.
 VERIFY_CANNOT_RUN = 2
@@ -191,7 +193,6 @@ def _guarded(name: str, func: Callable[[argparse.Namespace], int]) -> Callable[[
     def run(args: argparse.Namespace) -> int:
         from backup.errors import BackupError
         from nbd.errors import NbdError
-        from server.copy_sides import describe
 
         if not args.verbose:
             # the error line names a bad chunk already; the store's log line would make it two
@@ -202,6 +203,8 @@ def _guarded(name: str, func: Callable[[argparse.Namespace], int]) -> Callable[[
         except CannotRun as exc:
             message = str(exc)
         except (OSError, NbdError, BackupError, TimeoutError) as exc:
+            from server.copy_sides import describe  # loaded only for a failure (it brings the copy engine)
+
             message = describe(exc) if not _is_repo_error(exc) else str(exc)
         print(f"{PROG} {name}: {message}", file=sys.stderr)
         return failed
@@ -216,10 +219,13 @@ def _is_repo_error(exc: BaseException) -> bool:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from backup.repo.crypt import load_key_file
     from backup.repo.repository import Repository
 
-    key = load_key_file(args.key_file) if args.key_file else None
+    key = None
+    if args.key_file:
+        from backup.repo.crypt import load_key_file  # cryptography loads slowly: only for a key
+
+        key = load_key_file(args.key_file)
     return Repository.open(args.dir, key=key)
 
 
@@ -261,16 +267,68 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_progress(
+    args: argparse.Namespace, total: int, what: str, work: Callable[[Callable[[int], None] | None], _T]
+) -> _T:
+    """``work(on_progress)`` — worker threads of a file backup or restore — with the progress bar the
+    options ask for (fed by the workers under a lock)."""
+    progress = progress_from_args(args, total, what)
+    on_progress = None
+    if progress is not None:
+        lock = threading.Lock()
+        advance = progress.advance
+
+        def on_progress(nbytes: int) -> None:
+            with lock:
+                advance(nbytes)
+
+    ok = False
+    try:
+        result = work(on_progress)
+        ok = True
+        return result
+    finally:
+        if progress is not None:
+            progress.finish(ok=ok)
+
+
 def _backup(args: argparse.Namespace) -> int:
     from backup.repo.names import validate_disk, validate_snapshot_id
-    from nbd.loop import run
+    from nbd.uri import looks_like_uri
     from server.repo_report import backup_line
-    from server.repo_transfer import run_backup
 
     disk = validate_disk(args.disk)
     if args.parent not in ("latest", "none"):
         validate_snapshot_id(args.parent)
     repo = _open(args)
+    if args.dirty_bitmap is None and not looks_like_uri(args.source):
+        from backup.repo.backup_file import RawSource, backup_file
+
+        source = RawSource.open(args.source, args.format)
+        if source is not None:  # a raw file: worker threads, no event loop (and none to import)
+            try:
+                manifest = _with_progress(
+                    args,
+                    source.size,
+                    "backup",
+                    lambda on_progress: backup_file(
+                        repo,
+                        disk,
+                        source.fd,
+                        source.size,
+                        parent=args.parent,
+                        holes=source.holes,
+                        on_progress=on_progress,
+                    ),
+                )
+            finally:
+                source.close()
+            assert manifest is not None  # nothing stops it from outside
+            print(backup_line(manifest))
+            return 0
+    from nbd.loop import run
+    from server.repo_transfer import run_backup
+
     manifest = run(
         run_backup(
             repo,
@@ -288,12 +346,28 @@ def _backup(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     from backup.repo.names import parse_snapshot_ref
-    from nbd.loop import run
-    from server.repo_transfer import run_restore
+    from nbd.uri import looks_like_uri
 
     disk, snap = parse_snapshot_ref(args.snapshot)
     repo = _open(args)
     manifest = repo.resolve(disk, snap)
+    if not looks_like_uri(args.target):  # a file: worker threads, no event loop (and none to import)
+        from pathlib import Path
+
+        from backup.repo.restore import restore_file
+
+        _with_progress(
+            args,
+            manifest.size,
+            "restore",
+            lambda on_progress: restore_file(
+                repo, manifest, Path(args.target), force=args.force, on_progress=on_progress
+            ),
+        )
+        return 0
+    from nbd.loop import run
+    from server.repo_transfer import run_restore
+
     run(
         run_restore(
             repo,

@@ -115,3 +115,42 @@ def test_a_writer_into_s3_runs_a_thread_per_buffer(s3: S3Where, tmp_path: Path) 
             assert writer._workers._threads == threads
         finally:
             writer._writer.abort()
+
+
+def test_a_file_backup_and_a_restore_into_s3_keep_a_request_per_connection_in_flight(
+    s3: S3Where, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file backup's and the restore's worker threads follow the store: one per S3 connection (each
+    waits on its request), about one per core for a directory."""
+    import threading
+
+    from backup.repo import backup_file as backup_file_module
+    from backup.repo import restore as restore_module
+    from backup.repo.s3client import CONNECTIONS
+
+    source = tmp_path / "disk.raw"
+    source.write_bytes(b"".join(rand_chunk() for _ in range(3)))
+    real_thread = threading.Thread
+    started: list[str] = []
+
+    def spy(*args: Any, **kwargs: Any) -> threading.Thread:
+        started.append(str(kwargs.get("name")))
+        return real_thread(*args, **kwargs)
+
+    for repo, expected in [
+        (Repository.init(s3.loc(), CS), CONNECTIONS),
+        (Repository.init(tmp_path / "repo", CS), (os.cpu_count() or 2) + 1),
+    ]:
+        started.clear()
+        monkeypatch.setattr(threading, "Thread", spy)
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            manifest = backup_file_module.backup_file(repo, "d", fd, source.stat().st_size)
+        finally:
+            os.close(fd)
+        assert manifest is not None
+        restore_module.restore_file(repo, manifest, tmp_path / "out.raw", force=True)
+        monkeypatch.setattr(threading, "Thread", real_thread)
+        assert sum(name.startswith("repo-backup-") for name in started) == expected
+        assert sum(name.startswith("repo-restore-") for name in started) == expected
+        assert (tmp_path / "out.raw").read_bytes() == source.read_bytes()

@@ -15,7 +15,6 @@ lease before it is looked for and durable before it is used; the snapshot publis
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,8 +24,6 @@ from nbd.device import BlockDevice
 from .manifest import Manifest, chunk_count, chunk_stats
 from .repository import DiskWriter, Repository
 
-#: Worker threads storing chunks: every core busy, one more to cover a thread waiting on I/O.
-THREADS = (os.cpu_count() or 2) + 1
 #: How much of the device one ``block_status`` query covers.
 ZERO_MAP_SPAN = 1 << 30
 
@@ -66,7 +63,7 @@ async def backup_device(
     read_into: ReadInto,
     *,
     reads: int = 2,
-    threads: int = THREADS,
+    threads: int | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str | None], dict[str, int]]:
     """Store every chunk of ``device`` for ``writer``'s snapshot: the chunk list and its stats for
@@ -78,6 +75,7 @@ async def backup_device(
     stored_new: set[str] = set()
     zeroes = _Zeroes(device)
     free: asyncio.Queue[bytearray] = asyncio.Queue()
+    threads = threads or repo.store.worker_threads
     for _ in range(threads + reads):
         free.put_nowait(bytearray(cs))
     running: set[asyncio.Task[None]] = set()

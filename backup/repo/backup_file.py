@@ -25,8 +25,6 @@ from .manifest import Manifest, chunk_count, chunk_stats
 from .repository import DiskWriter, Repository
 from .restore import join_all
 
-#: Worker threads: every core busy, one more to cover a thread waiting on I/O (a chunk's fsync).
-THREADS = (os.cpu_count() or 2) + 1
 #: What a qcow2 image starts with (``backup.images`` probes the same way).
 _QCOW2_MAGIC = b"QFI\xfb"
 _SECTOR = 512
@@ -77,7 +75,7 @@ def backup_file(
     *,
     parent: str = "latest",
     holes: bool = True,
-    threads: int = THREADS,
+    threads: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Manifest | None:
@@ -139,7 +137,7 @@ def backup_fd(
     size: int,
     *,
     holes: bool = True,
-    threads: int = THREADS,
+    threads: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> tuple[list[str | None], dict[str, int]] | None:
@@ -189,7 +187,8 @@ def backup_fd(
             if on_progress is not None:
                 on_progress(length)
 
-    workers = [threading.Thread(target=work, name=f"repo-backup-{i}", daemon=True) for i in range(max(1, threads))]
+    count = threads or repo.store.worker_threads
+    workers = [threading.Thread(target=work, name=f"repo-backup-{i}", daemon=True) for i in range(max(1, count))]
     for worker in workers:
         worker.start()
     join_all(workers, stop)

@@ -25,16 +25,13 @@ from .errors import RepoError
 from .manifest import Manifest
 from .repository import Repository
 
-#: Worker threads: every core busy, one more to cover a thread waiting on I/O.
-THREADS = (os.cpu_count() or 2) + 1
-
 
 def restore_to_fd(
     repo: Repository,
     manifest: Manifest,
     fd: int,
     *,
-    threads: int = THREADS,
+    threads: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> bool:
@@ -75,7 +72,8 @@ def restore_to_fd(
             if on_progress is not None:
                 on_progress(length)
 
-    workers = [threading.Thread(target=work, name=f"repo-restore-{i}", daemon=True) for i in range(max(1, threads))]
+    count = threads or repo.store.worker_threads
+    workers = [threading.Thread(target=work, name=f"repo-restore-{i}", daemon=True) for i in range(max(1, count))]
     for worker in workers:
         worker.start()
     join_all(workers, stop)
@@ -112,7 +110,7 @@ def restore_file(
     path: Path,
     *,
     force: bool = False,
-    threads: int = THREADS,
+    threads: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> bool:

@@ -310,6 +310,7 @@ class S3Store:
     """A repository under ``s3://BUCKET/PREFIX``."""
 
     latency_bound = True
+    worker_threads = CONNECTIONS  # each waits on its request: one per connection of the pool
 
     def __init__(self, loc: S3Location) -> None:
         self.loc = loc

@@ -39,6 +39,8 @@ class RepoStore(Protocol):
     #: Its calls wait on a network, not a disk or a core: a writer runs as many threads as it has chunk
     #: buffers (an S3 store), rather than about one per core.
     latency_bound: bool
+    #: Threads a bulk transfer (backup of a file, restore) runs to keep this store busy.
+    worker_threads: int
 
     @property
     def location(self) -> str: ...
@@ -79,6 +81,7 @@ class LocalStore:
     """The repository as a directory (``FORMAT.md``): files published by rename, kernel flocks."""
 
     latency_bound = False
+    worker_threads = (os.cpu_count() or 2) + 1  # every core busy, one more for a thread waiting on an fsync
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -46,16 +46,17 @@ class DirtyBitmap:
 
     __slots__ = (
         "_bits",
+        "_recording",
         "_shift",
+        "_sink",
+        "_successor",
         "busy",
         "granularity",
         "inconsistent",
         "name",
         "persistent",
         "readonly",
-        "recording",
         "size",
-        "successor",
     )
 
     def __init__(
@@ -79,27 +80,59 @@ class DirtyBitmap:
         self._shift = granularity.bit_length() - 1
         self._bits = ClusterBitmap((size + granularity - 1) >> self._shift)
         self.persistent = persistent
-        self.recording = recording  # QEMU's "recording": enabled (block-dirty-bitmap-enable/-disable)
+        self._recording = recording
+        self._successor: DirtyBitmap | None = None
+        self._sink: DirtyBitmap | None = None  # where ``mark`` sets bits: see ``_retarget``
+        self._retarget()
         self.busy = False  # a job or an export uses it: QMP may not change it
         self.inconsistent = inconsistent  # loaded from an image that was not closed cleanly
         self.readonly = readonly  # loaded from an image opened read-only: its bits may not change
-        #: While frozen (a job reads the bits), new writes are recorded here instead: see ``freeze``.
-        self.successor: DirtyBitmap | None = None
+
+    @property
+    def recording(self) -> bool:
+        """QEMU's "recording": enabled (``block-dirty-bitmap-enable``/``-disable``)."""
+        return self._recording
+
+    @recording.setter
+    def recording(self, value: bool) -> None:
+        self._recording = value
+        self._retarget()
+
+    @property
+    def successor(self) -> DirtyBitmap | None:
+        """While frozen (a job reads the bits), new writes are recorded here instead: see ``freeze``."""
+        return self._successor
+
+    @successor.setter
+    def successor(self, value: DirtyBitmap | None) -> None:
+        self._successor = value
+        self._retarget()
+
+    def _retarget(self) -> None:
+        """Decide once, not at every guest write, which bitmap ``mark`` sets bits in: none when not
+        recording, else this one or, while frozen, its successor."""
+        if not self._recording:
+            self._sink = None
+        else:
+            self._sink = self if self._successor is None else self._successor
 
     # --- bits ------------------------------------------------------------------------------------
 
     def mark(self, offset: int, length: int) -> None:
         """A write touched ``[offset, offset+length)``: set every granule it touches, if recording
         (in the successor while frozen, so the bits a job is reading stay fixed)."""
-        if not self.recording:
+        target = self._sink
+        if target is None:
             return
-        target = self if self.successor is None else self.successor
-        # Every guest write passes here: the one-granule case (the usual small write) is inlined.
+        # Every guest write passes here. A write inside one granule that is dirty already — the usual
+        # case once a workload has touched its data — costs one byte test and no further call.
         shift = target._shift
         first = offset >> shift
         end = offset + length
-        if length > 0 and offset >= 0 and end <= target.size and (end - 1) >> shift == first:
-            target._bits.set_bit(first)
+        if (end - 1) >> shift == first and length > 0 and offset >= 0 and end <= target.size:
+            bits = target._bits
+            if not bits._bits[first >> 3] >> (first & 7) & 1:
+                bits.set_bit(first)
         else:
             target.set_range(offset, length)
 

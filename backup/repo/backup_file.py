@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from .manifest import Manifest, chunk_count, chunk_stats
 from .repository import DiskWriter, Repository
-from .restore import join_all
+from .restore import run_workers
 
 #: What a qcow2 image starts with (``backup.images`` probes the same way).
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -187,13 +187,7 @@ def backup_fd(
             if on_progress is not None:
                 on_progress(length)
 
-    count = threads or repo.store.worker_threads
-    workers = [threading.Thread(target=work, name=f"repo-backup-{i}", daemon=True) for i in range(max(1, count))]
-    for worker in workers:
-        worker.start()
-    join_all(workers, stop)
-    if errors:
-        raise errors[0]
+    run_workers(work, threads or repo.store.worker_threads, "repo-backup", stop, errors)
     if next_index() is not None:
         return None  # stopped from outside before the last chunk
     return chunks, chunk_stats(chunks, size, cs, stored_new)

@@ -72,14 +72,21 @@ def restore_to_fd(
             if on_progress is not None:
                 on_progress(length)
 
-    count = threads or repo.store.worker_threads
-    workers = [threading.Thread(target=work, name=f"repo-restore-{i}", daemon=True) for i in range(max(1, count))]
+    run_workers(work, threads or repo.store.worker_threads, "repo-restore", stop, errors)
+    return next_index() is None
+
+
+def run_workers(
+    work: Callable[[], None], count: int, name: str, stop: threading.Event, errors: list[BaseException]
+) -> None:
+    """``count`` threads running ``work`` until all are done (``join_all``); then the first error any of
+    them put in ``errors`` is raised."""
+    workers = [threading.Thread(target=work, name=f"{name}-{i}", daemon=True) for i in range(max(1, count))]
     for worker in workers:
         worker.start()
     join_all(workers, stop)
     if errors:
         raise errors[0]
-    return next_index() is None
 
 
 def join_all(workers: list[threading.Thread], stop: threading.Event) -> None:

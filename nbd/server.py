@@ -85,6 +85,9 @@ SPARE_BYTES = 64 << 20  # finished write payload buffers kept for reuse, all con
 SPARE_COUNT = 64
 STALL_TIMEOUT = 60.0  # seconds a client may hold buffers (unread replies, a partial payload) unmoving
 MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one chunk
+#: Connects queued before they are accepted (the kernel caps it at net.core.somaxconn): asyncio's default
+#: of 100 refused a burst of unix-socket clients with EAGAIN (fio starting 128 jobs at once).
+LISTEN_BACKLOG = socket.SOMAXCONN
 _ZERO = int(State.ZERO)
 
 #: What ``_run`` hands back: the reply's bytes, or None when it has been sent already (sendfile).
@@ -336,7 +339,9 @@ class NbdServer:
     async def listen_tcp(self, host: str = "127.0.0.1", port: int = c.DEFAULT_PORT) -> tuple[str, int]:
         """Listen on TCP; returns the bound address (port 0 picks a free one)."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+        )
         self._servers.append(server)
         for sock in server.sockets:
             with contextlib.suppress(OSError):
@@ -355,7 +360,9 @@ class NbdServer:
         try:
             sock.bind(path)  # bound here: asyncio, given a path, would unlink any socket file there first
             own = socket_file_id(path)
-            server = await asyncio.get_running_loop().create_unix_server(lambda: _Connection(self), sock=sock)
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG
+            )
         except BaseException:
             sock.close()
             remove_own_socket(path, own)
@@ -369,9 +376,9 @@ class NbdServer:
         if any, is left to its owner."""
         loop = asyncio.get_running_loop()
         if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+            server = await loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG)
         else:
-            server = await loop.create_server(lambda: _Connection(self), sock=sock)
+            server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._servers.append(server)

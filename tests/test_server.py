@@ -797,3 +797,26 @@ def test_a_connection_lost_while_reading_is_paused_still_finishes(loop: str) -> 
         assert not server._connections
 
     run_on(loop, serving(device, body, max_in_flight=1))
+
+
+async def test_a_burst_of_unix_connections_fits_the_listen_backlog(tmp_path: Path) -> None:
+    """300 clients connecting in the same instant (fio starting 128 jobs, a fleet's backups at midnight)
+    all get through ``connect``: the server accepts them later. A unix socket refuses a connect beyond
+    its backlog outright (EAGAIN) — asyncio's default backlog of 100 made fio's 128 jobs fail. (TCP
+    retransmits a dropped SYN instead: a full backlog there is a delay, not an error.)"""
+    server = NbdServer()
+    server.add_export(Export("d", MemoryDevice(1 << 20)))
+    clients: list[socket.socket] = []
+    try:
+        path = str(tmp_path / "s.sock")
+        await server.listen_unix(path)
+        for _ in range(300):  # no await in between: the loop cannot accept any of them meanwhile
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(client)
+            client.setblocking(False)
+            err = client.connect_ex(path)
+            assert err in (0, errno.EINPROGRESS), errno.errorcode.get(err, err)
+    finally:
+        for client in clients:
+            client.close()
+        await server.stop()

@@ -610,11 +610,16 @@ class _Connection(asyncio.BufferedProtocol):
             self._pump()
 
     def _close_resolved(self, keep: Export | None) -> None:
-        """Close the devices of the resolver's exports this connection looked up but does not serve."""
-        for export in self._resolved.values():
+        """Close the devices of the resolver's exports this connection looked up but does not serve.
+
+        A lookup thread may be adding to ``_resolved`` meanwhile (the connection went away while it ran):
+        the values are copied in one C call, never iterated while they change, and what the thread adds
+        later is closed by ``_run_resolve`` once the thread is done."""
+        resolved = list(self._resolved.values())
+        self._resolved.clear()
+        for export in resolved:
             if export is not None and export is not keep and export.owns_device:
                 self.server._close_device(export)
-        self._resolved.clear()
 
     def _admission(self, address: str | None) -> str | None:
         """Whether this new connection is served: None, or why it is refused (with a greeting and

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # our nbd package, not libnbd's
 
-from bench_server import EXPORT, WORKLOADS, free_port, make_image, run_fio, wait_port
+from bench_server import EXPORT, WORKLOADS, free_port, make_image, run_fio, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,22 +44,19 @@ def cpu_seconds(pid: int) -> float:
 
 @contextlib.contextmanager
 def daemon(root: Path, image: Path, metrics: bool) -> Iterator[tuple[int, int]]:
-    port = free_port()
-    argv = [sys.executable, "-m", "server.cli", "serve", "--nbd", f"127.0.0.1:{port}"]
-    argv += ["--export", f"{EXPORT}={image},format=raw"]
-    if metrics:
-        argv += ["--metrics", f"127.0.0.1:{free_port()}"]
-    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, proc)
-        yield port, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """``nbd-backup serve`` of ``image`` (with ``--metrics`` or without): (NBD port, pid)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "server.cli", "serve", "--nbd", f"127.0.0.1:{port}"]
+        argv += ["--export", f"{EXPORT}={image},format=raw"]
+        if metrics:
+            argv += ["--metrics", f"127.0.0.1:{free_port()}"]
+        started.append(subprocess.Popen(argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return started[-1]
+
+    with serving(start) as port:
+        yield port, started[-1].pid
 
 
 def micro(number: int = 1_000_000) -> float:
@@ -123,10 +119,11 @@ def main() -> int:
             runs = iops[(workload.name, name)]
             median = statistics.median(runs)
             spread = f"{min(runs):.0f}-{max(runs):.0f}"
-            cpu = cpu_us[(workload.name, name)]
+            per_request = cpu_us[(workload.name, name)]
             print(
                 f"{workload.name:<10} {name:<12} {median:9.0f} IOPS (runs {spread})  {median / first:.3f}x   "
-                f"daemon CPU {statistics.median(cpu):5.1f} µs/request (runs {min(cpu):.1f}-{max(cpu):.1f})"
+                f"daemon CPU {statistics.median(per_request):5.1f} µs/request"
+                f" (runs {min(per_request):.1f}-{max(per_request):.1f})"
             )
     return 0
 

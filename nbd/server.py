@@ -26,7 +26,8 @@ import socket
 import time
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from time import perf_counter
 from types import MappingProxyType
@@ -88,6 +89,9 @@ MAX_DESCRIPTORS = 1 << 20  # the spec's cap on block status descriptors in one c
 #: Connects queued before they are accepted (the kernel caps it at net.core.somaxconn): asyncio's default
 #: of 100 refused a burst of unix-socket clients with EAGAIN (fio starting 128 jobs at once).
 LISTEN_BACKLOG = socket.SOMAXCONN
+#: A resolver's lookups at once (each may wait on object storage); more queue. Their own threads: in
+#: asyncio's default executor, hung lookups would hold up the file I/O of every other export.
+LOOKUP_THREADS = 4
 _ZERO = int(State.ZERO)
 
 #: What ``_run`` hands back: the reply's bytes, or None when it has been sent already (sendfile).
@@ -252,6 +256,7 @@ class NbdServer:
         #: Exports looked up on demand after the added ones (see ``ExportResolver``).
         self.resolver: ExportResolver | None = None
         self._device_closes: set[asyncio.Task[None]] = set()  # devices of ended connections (``owns_device``)
+        self._lookups: ThreadPoolExecutor | None = None  # the resolver's threads (``run_lookup``)
         #: Per-request counts for ``serve --metrics`` (None: nothing is counted).
         self.stats: NbdStats | None = None
 
@@ -384,9 +389,18 @@ class NbdServer:
         self._servers.append(server)
         log.info("NBD server listening on passed socket %s", sock.getsockname())
 
+    def run_lookup(self, work: Callable[[], object]) -> asyncio.Future[object]:
+        """``work`` (a resolver's lookup or listing) in the server's lookup threads."""
+        if self._lookups is None:
+            self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="nbd-lookup")
+        return asyncio.get_running_loop().run_in_executor(self._lookups, work)
+
     async def stop(self, *, timeout: float = 5.0) -> None:
         """Stop listening, let in-flight requests finish (up to ``timeout``), close every connection."""
         self._stopping = True
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=False, cancel_futures=True)  # queued lookups are for closing clients
+            self._lookups = None
         for server in self._servers:
             server.close()
         self._servers.clear()
@@ -596,7 +610,7 @@ class _Connection(asyncio.BufferedProtocol):
         task.add_done_callback(self._tasks.discard)
 
     async def _run_resolve(self, event: Resolve) -> None:
-        await asyncio.to_thread(event.work)
+        await self.server.run_lookup(event.work)
         if self._closing or self._lost:
             self._close_resolved(None)
             return

@@ -140,3 +140,49 @@ async def test_a_slow_repository_lookup_does_not_stall_other_clients(tmp_path: P
     finally:
         exports.gate.set()
         await server.stop()
+
+
+class Stuck(Tracking):
+    """Lookups that hang until ``gate`` opens (an object store that stopped answering); counts them."""
+
+    def __init__(self, repos: dict[str, Repository]) -> None:
+        super().__init__(repos)
+        self.gate = threading.Event()
+        self.entered = 0
+
+    def lookup(self, name: str) -> Export | None:
+        self.entered += 1
+        self.gate.wait(10)
+        return super().lookup(name)
+
+
+async def test_hanging_lookups_leave_the_event_loops_threads_to_file_io(tmp_path: Path) -> None:
+    """More clients than the default executor has threads name exports of a repository whose store hangs:
+    the lookups wait in the server's own few threads, and the default executor — where file reads and
+    writes of every other export run — stays free."""
+    repo = Repository.init(tmp_path / "repo", CS)
+    m = write_snapshot(repo, "vm/d", [os.urandom(CS)])
+    exports = Stuck({"default": repo})
+    server = NbdServer()
+    server.resolver = exports
+    sock = str(tmp_path / "nbd.sock")
+    await server.listen_unix(sock)
+    clients = min(32, (os.cpu_count() or 1) + 4) + 2  # asyncio's default executor size, and more
+    stuck = [
+        asyncio.create_task(NbdClient.connect(NbdUri(socket=sock, export=f"vm/d@{m.id}"), connections=1))
+        for _ in range(clients)
+    ]
+    try:
+        for _ in range(500):
+            if exports.entered:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the others reach the server and queue behind the first lookups
+        assert exports.entered >= 1
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 5) == "free"
+    finally:
+        exports.gate.set()
+        for connecting in await asyncio.gather(*stuck, return_exceptions=True):
+            if isinstance(connecting, NbdClient):
+                await connecting.close()
+        await server.stop()

@@ -145,3 +145,19 @@ def read_snapshot(repo: Repository, m: Manifest) -> bytes:
     return b"".join(
         bytes(m.chunk_length(i)) if d is None else repo.load_chunk(d, m.chunk_length(i)) for i, d in enumerate(m.chunks)
     )
+
+
+def killed_writer_script(prelude: str = "") -> str:
+    """``python -c`` code of a writer that stores three chunks of disk "d" in the repository named by its
+    first argument, prints "ready" and waits to be killed (``prelude`` runs first)."""
+    return f"""
+import os, sys
+{prelude}
+from backup.repo.repository import Repository
+repo = Repository.open(sys.argv[1])
+w = repo.begin_write("d")
+for i in range(3):
+    repo.store_chunk(os.urandom(65536), w.lease)
+print("ready", flush=True)
+sys.stdin.read()
+"""

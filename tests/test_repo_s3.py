@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from repokit import CS, S3Where, rand_chunk, read_snapshot, write_snapshot
+from repokit import CS, S3Where, killed_writer_script, rand_chunk, read_snapshot, write_snapshot
 from s3kit import FaultProxy, MotoServer, location
 
 from backup.repo import gc, s3gc, s3store
@@ -192,25 +192,14 @@ def test_a_store_that_stays_down_fails_the_backup_and_publishes_nothing(s3: S3Wh
     assert write_snapshot(repo, "d", [rand_chunk()], parent="latest").parent == base.id
 
 
-_KILLED = """
-import os, sys
-from backup.repo import s3store
-s3store.LEASE_TTL = 2.0
-from backup.repo.repository import Repository
-repo = Repository.open(sys.argv[1])
-w = repo.begin_write("d")
-for i in range(3):
-    repo.store_chunk(os.urandom(65536), w.lease)
-print("ready", flush=True)
-sys.stdin.read()
-"""
+_SHORT_LEASES = "from backup.repo import s3store\ns3store.LEASE_TTL = 2.0"
 
 
 def test_killed_writer_lease_expires_and_gc_reclaims(s3: S3Where) -> None:
     repo = Repository.init(s3.loc(), CS)
     base = write_snapshot(repo, "d", [rand_chunk()])
     store = _store(repo)
-    args = [sys.executable, "-c", _KILLED, repo.location]
+    args = [sys.executable, "-c", killed_writer_script(_SHORT_LEASES), repo.location]
     with subprocess.Popen(args, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
         try:
             assert p.stdout is not None and p.stdout.readline() == "ready\n"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from repokit import CS, Where, new_repo, rand_chunk, read_snapshot, write_snapshot
+from repokit import CS, Where, killed_writer_script, new_repo, rand_chunk, read_snapshot, write_snapshot
 
 from backup.repo.errors import ChunkCorrupt, ChunkMissing, DiskBusy, NotARepository, RepoError, SnapshotNotFound
 from backup.repo.manifest import Manifest
@@ -196,22 +196,10 @@ def test_commit_refuses_a_missing_chunk_it_stored(tmp_path: Path) -> None:
     _commit_refuses_a_missing_chunk(new_repo(tmp_path), dedup=False)
 
 
-_KILLED_WRITER = """
-import os, sys
-from backup.repo.repository import Repository
-repo = Repository.open(sys.argv[1])
-w = repo.begin_write("d")
-for i in range(3):
-    repo.store_chunk(os.urandom(65536), w.lease)
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_killed_writer_leaves_no_snapshot_and_frees_the_disk(tmp_path: Path) -> None:
     repo = new_repo(tmp_path)
     base = write_snapshot(repo, "d", [rand_chunk()])
-    args = [sys.executable, "-c", _KILLED_WRITER, str(repo.path)]
+    args = [sys.executable, "-c", killed_writer_script(), str(repo.path)]
     with subprocess.Popen(args, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
         try:
             assert p.stdout is not None and p.stdout.readline() == "ready\n"

@@ -274,14 +274,7 @@ class BackupJob(Job):
             successor.clear()
         if self.options.sync != "bitmap":
             return None
-        shift = self.granularity.bit_length() - 1
-        bits = ClusterBitmap((self.source.size + self.granularity - 1) >> shift)
-        pos = 0
-        for length, dirty in bitmap.dirty_runs(0, bitmap.size):
-            if dirty:
-                bits.set(pos >> shift, ((pos + length - 1) >> shift) + 1)
-            pos += length
-        return bits
+        return bitmap.at_granularity(self.granularity)
 
     def _sync_bitmap(self, ok: bool) -> None:
         """QEMU's ``backup_cleanup_sync_bitmap`` (idempotent): on success (or always with ``always``)

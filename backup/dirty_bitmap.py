@@ -21,6 +21,25 @@ DEFAULT_GRANULARITY = 1 << 16
 _DEFAULT_MIN = 1 << 12  # the default follows the image's cluster size, clamped to 4 KiB .. 64 KiB
 
 
+#: Re-cutting bits finer by up to this factor goes through a lookup table (256 entries of ``factor`` bytes).
+_MAX_EXPANSION = 64
+_expansion_tables: dict[int, list[bytes]] = {}
+
+
+def _expansion_table(factor: int) -> list[bytes]:
+    """For each byte of bits, the ``factor`` bytes in which each of its bits is repeated ``factor`` times
+    (least significant first, as ``ClusterBitmap`` orders them)."""
+    table = _expansion_tables.get(factor)
+    if table is None:
+        run = (1 << factor) - 1
+        table = [
+            sum(run << (i * factor) for i in range(8) if byte >> i & 1).to_bytes(factor, "little")
+            for byte in range(256)
+        ]
+        _expansion_tables[factor] = table
+    return table
+
+
 def default_granularity(cluster_size: int | None) -> int:
     """QEMU's ``bdrv_get_default_bitmap_granularity``: the image's cluster size clamped to 4 KiB..64 KiB,
     64 KiB when the image has no clusters (raw, null-co)."""
@@ -124,15 +143,20 @@ class DirtyBitmap:
         target = self._sink
         if target is None:
             return
-        # Every guest write passes here. A write inside one granule that is dirty already — the usual
-        # case once a workload has touched its data — costs one byte test and no further call.
+        # Every guest write passes here. A write inside one granule — the usual case — sets its bit
+        # here, without a further call; one into a granule that is dirty already costs one byte test.
         shift = target._shift
         first = offset >> shift
         end = offset + length
         if (end - 1) >> shift == first and length > 0 and offset >= 0 and end <= target.size:
             bits = target._bits
-            if not bits._bits[first >> 3] >> (first & 7) & 1:
-                bits.set_bit(first)
+            raw = bits._bits
+            index = first >> 3
+            old = raw[index]
+            mask = 1 << (first & 7)
+            if not old & mask:
+                raw[index] = old | mask
+                bits._count += 1
         else:
             target.set_range(offset, length)
 
@@ -174,6 +198,27 @@ class DirtyBitmap:
             runs.append((stop - pos, dirty))
             pos = stop
         return runs
+
+    def at_granularity(self, granularity: int) -> ClusterBitmap:
+        """The bits re-cut at another power-of-two ``granularity``: every granule of that size that
+        overlaps a dirty one is set (a backup's copy bitmap, which is finer than the dirty bitmap).
+
+        Finer granules come from one table lookup per byte of bits, in C (``bytes.join`` over ``map``):
+        going run by run cost two bitmap searches per dirty run, a millisecond for 1 % of a 1 GiB disk."""
+        check_granularity(granularity)
+        shift = granularity.bit_length() - 1
+        out_size = (self.size + granularity - 1) >> shift
+        raw = self._bits.to_bytes()
+        if shift == self._shift:
+            return ClusterBitmap.from_bytes(out_size, raw)
+        factor = 1 << (self._shift - shift) if shift < self._shift else 0
+        if 1 < factor <= _MAX_EXPANSION:
+            return ClusterBitmap.from_bytes(out_size, b"".join(map(_expansion_table(factor).__getitem__, raw)))
+        bits = ClusterBitmap(out_size)
+        for first, last in self._bits.runs():
+            start, end = first << self._shift, min(last << self._shift, self.size)
+            bits.set(start >> shift, ((end - 1) >> shift) + 1)
+        return bits
 
     def merge_from(self, other: DirtyBitmap) -> None:
         """Set what ``other`` has dirty (any granularity: a coarser source sets every finer granule it

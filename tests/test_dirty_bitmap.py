@@ -87,6 +87,30 @@ def test_dirty_runs_random_against_a_byte_model() -> None:
         assert b.count == sum(dirty) * granularity
 
 
+@pytest.mark.parametrize("granularity", [512, 4096, 65536])
+@pytest.mark.parametrize("target", [512, 1024, 4096, 8192, 65536, 1 << 20, 1 << 24])
+def test_at_granularity_sets_every_granule_that_overlaps_a_dirty_one(granularity: int, target: int) -> None:
+    """The copy bitmap of an incremental backup: finer (table expansion, up to the 64x table and beyond
+    it), equal (a copy) and coarser granules, against a byte model; a partial last granule included."""
+    rnd = random.Random(granularity ^ target)
+    for _ in range(5):
+        size = rnd.randrange(1, 300) * granularity + rnd.randrange(granularity)
+        b = DirtyBitmap("b", size, granularity)
+        dirty_bytes = [False] * size
+        for _ in range(rnd.randrange(0, 12)):
+            off, length = rnd.randrange(size), rnd.randrange(1, 4 * granularity)
+            b.mark(off, length)
+            for g in range(off // granularity, (min(off + length, size) - 1) // granularity + 1):
+                for p in range(g * granularity, min((g + 1) * granularity, size)):
+                    dirty_bytes[p] = True
+        bits = b.at_granularity(target)
+        granules = (size + target - 1) // target
+        assert len(bits) == granules
+        expected = [any(dirty_bytes[g * target : (g + 1) * target]) for g in range(granules)]
+        assert [bits[i] for i in range(granules)] == expected
+        assert bits.count == sum(expected)
+
+
 def test_merge_same_and_different_granularities() -> None:
     size = 4 << 20
     fine = DirtyBitmap("fine", size, G)

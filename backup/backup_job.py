@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from backup.bitmap import ClusterBitmap
-from backup.block_copy import BlockCopier, CopyError, CopyTask, TopAllocation
+from backup.block_copy import BATCH_BYTES, BATCH_TASKS, BlockCopier, CopyError, CopyTask, TopAllocation
 from backup.cbw import CopyBeforeWriteFilter, OnCbwError, cbw_stats
 from backup.copy_engine import MAX_ZERO_REQUEST, run_together
 from backup.dirty_bitmap import DirtyBitmap
@@ -432,13 +432,47 @@ class BackupJob(Job):
                 await busy[0].done.wait()
                 continue
             try:
-                written = await copier.run(task)
+                written = await self._copy(task)
             except CopyError as exc:
                 await self._before_retry(exc.cause, is_read=exc.is_read, epoch=epoch, wrapper=exc)
                 continue
             await self.throttle(written)
             # Devices with inline syscalls never suspend: yield so guest requests get their turn.
             await asyncio.sleep(0)
+
+    async def _copy(self, task: CopyTask) -> int:
+        """Copy a claim; a small one together with the next small claims when the copier batches
+        (``BlockCopier.run_batch``: an incremental's scattered clusters into a qcow2 image). A big claim
+        met on the way is copied after the batch, or given back if the batch fails."""
+        copier = self.copier
+        assert copier is not None
+        if not copier.batches or not copier.batchable(task):
+            return await copier.run(task)
+        tasks, size, after = [task], task.end - task.start, None
+        try:
+            room = BATCH_BYTES >> copier.cluster_bits
+            while size < room and len(tasks) < BATCH_TASKS:
+                more = await self._claim_next(room - size)
+                if more is None:
+                    break
+                if not copier.batchable(more):
+                    after = more
+                    break
+                tasks.append(more)
+                size += more.end - more.start
+        except BaseException:  # cancelled while asking the source: nothing was copied
+            for claimed in tasks:
+                copier.give_back(claimed)
+            raise
+        try:
+            written = await copier.run_batch(tasks)
+        except BaseException:
+            if after is not None:
+                copier.give_back(after)
+            raise
+        if after is not None:
+            written += await copier.run(after)
+        return written
 
     def _find_next(self) -> int | None:
         copier = self.copier
@@ -448,8 +482,9 @@ class BackupJob(Job):
             found = copier.bitmap.next_set(0)
         return found
 
-    async def _claim_next(self) -> CopyTask | None:
-        """Claim the next run of clusters: up to ``max_chunk``, or a whole zero run (it costs nothing)."""
+    async def _claim_next(self, most: int | None = None) -> CopyTask | None:
+        """Claim the next run of clusters: up to ``max_chunk``, or a whole zero run (it costs nothing);
+        never more than ``most`` clusters when given (what a batch has room for)."""
         copier = self.copier
         assert copier is not None
         first = self._find_next()
@@ -462,7 +497,8 @@ class BackupJob(Job):
             if first is None:
                 return None
             zero_limit = 0
-        end = copier.bitmap.run_end(first, first + max(limit, zero_limit))
+        span = max(limit, zero_limit) if most is None else min(max(limit, zero_limit), most)
+        end = copier.bitmap.run_end(first, first + span)
         self._cursor = end
         return copier.claim(first, end)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -144,6 +144,14 @@ class DirectWriteFd(Protocol):
 
 
 @runtime_checkable
+class WriteMany(Protocol):
+    """Takes several writes at scattered offsets as one request (an image whose metadata lives in this
+    process: one lock hold, one allocation, one ``pwritev``)."""
+
+    async def pwrite_many(self, pieces: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None: ...
+
+
+@runtime_checkable
 class ReadInto(Protocol):
     """Reads into the caller's reused buffer (no fresh ``bytes`` per read)."""
 
@@ -264,6 +272,7 @@ def _class_check(capability: type) -> Callable[[object], bool]:
 _reads_by_fd = _class_check(DirectReadFd)
 _writes_by_fd = _class_check(DirectWriteFd)
 _reads_into = _class_check(ReadInto)
+_writes_many = _class_check(WriteMany)
 _writes_from_fd = _class_check(WriteFromFd)
 _knows_top = _class_check(TopAllocation)
 _holdable = _class_check(Holdable)
@@ -287,6 +296,13 @@ def direct_write_fd(device: object) -> int | None:
         return None
     fd = cast(DirectWriteFd, device).direct_write_fd()
     return fd if isinstance(fd, int) else None
+
+
+def write_many(
+    device: object,
+) -> Callable[[Sequence[tuple[int, bytes | bytearray | memoryview]]], Awaitable[None]] | None:
+    """``device.pwrite_many`` when the device takes scattered writes as one request, else None."""
+    return cast(WriteMany, device).pwrite_many if _writes_many(device) else None
 
 
 def read_into(device: object) -> Callable[[int, bytearray | memoryview], Awaitable[None]] | None:

@@ -203,6 +203,7 @@ class BackupJob(Job):
         #: The last data extent the source reported, ``[start, end)``: claims inside it skip the
         #: block-status query (scattered incremental clusters of a dense disk asked once, not each).
         self._data_extent = (0, 0)
+        self._data_window = 0  # what ``_zero_run_hint`` asks about first; 0: one chunk
         self._detached = False
         self._flushed = False
         #: QEMU's sync bitmap: frozen from now on (busy; new writes go to its successor) until the job
@@ -516,7 +517,7 @@ class BackupJob(Job):
         known_from, known_to = self._data_extent
         if known_from <= start < known_to:
             return 0
-        pos, window = start, self.max_chunk
+        pos, window = start, self._data_window or self.max_chunk
         limit = min(copier.size, start + MAX_ZERO_REQUEST)
         while pos < limit:
             asked = min(window, limit - pos)
@@ -527,6 +528,11 @@ class BackupJob(Job):
             if not extents or not extents[0].flags & State.ZERO:
                 if extents and pos == start:
                     self._data_extent = (start, start + extents[0].length)
+                    # Data to the end of the window: the extent likely goes on, so ask about four
+                    # times as much next time (an incremental's claims, megabytes apart in a dense
+                    # disk, then ask a handful of times, not once per claim).
+                    whole = extents[0].length >= asked
+                    self._data_window = min(window * 4, MAX_ZERO_REQUEST) if whole else 0
                 break
             pos += min(extents[0].length, asked)
             if extents[0].length < asked:

@@ -174,3 +174,38 @@ async def test_an_incremental_from_a_file_into_qcow2_is_batched_and_clean(tmp_pa
     await node.close()
     result = check_image(str(tmp_path / "inc.qcow2"))
     assert result.clean and result.allocated_clusters == len(dirty)
+
+
+class CountedStatus(MemoryDevice):
+    def __init__(self, size: int, data: bytes) -> None:
+        super().__init__(size, data=data)
+        self.asked = 0
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        self.asked += 1
+        return await super().block_status(offset, length)
+
+
+async def test_scattered_claims_over_dense_data_ask_the_source_a_handful_of_times() -> None:
+    """An incremental of a dense disk claims clusters megabytes apart; each answer that is data to
+    the end of its window widens the next question, so the source is asked a few times, not once
+    per claim (the claims still copy exactly the dirty clusters)."""
+    rnd = random.Random(5)
+    size = 1024 * CS
+    source = CountedStatus(size, rnd.randbytes(size))
+    node = BlockNode("disk", source)
+    bitmap = DirtyBitmap("b", size, CS)
+    node.add_bitmap(bitmap)
+    dirty = sorted(rnd.sample(range(1024), 100))
+    for granule in dirty:
+        bitmap.set_range(granule * CS, CS)
+    target = MemoryDevice(size)
+    opts = BackupOptions(sync="bitmap", bitmap=bitmap, max_chunk=CS, max_workers=1)
+    job = BackupJob("j", node, target, opts, events=EventBus(), target_zero_init=True)
+    await job.attach()
+    job.start()
+    await asyncio.wait_for(job.wait(), 10)
+    assert job.error is None
+    assert source.asked <= 12, source.asked
+    copied, original = target.data, source.data
+    assert all(copied[g * CS : (g + 1) * CS] == original[g * CS : (g + 1) * CS] for g in dirty)

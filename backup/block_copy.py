@@ -32,7 +32,7 @@ from contextlib import aclosing, suppress
 from backup.bitmap import ClusterBitmap
 from backup.copy_engine import extent_runs, file_reads_zero, write_zeroes, zero_runs
 from backup.io_thread import IoThread
-from nbd.device import BlockDevice, direct_read_fd, direct_write_fd, write_from_fd, write_many
+from nbd.device import BlockDevice, compresses, direct_read_fd, direct_write_fd, write_from_fd, write_many
 
 MiB = 1024 * 1024
 
@@ -236,9 +236,15 @@ class BlockCopier:
     @property
     def batches(self) -> bool:
         """Whether small claims should be copied together (``run_batch``): the target takes scattered
-        writes as one request, nothing but data and zeroes is to be decided (no ``sync=top``), and
-        the two ends are not plain files (those copy fd to fd, a claim at a time, inline)."""
-        return self.top_allocation is None and write_many(self.target) is not None and self._direct_fds() is None
+        writes as one request and does not compress (it compresses each write on every core), nothing
+        but data and zeroes is to be decided (no ``sync=top``), and the two ends are not plain files
+        (those copy fd to fd, a claim at a time, inline)."""
+        return (
+            self.top_allocation is None
+            and write_many(self.target) is not None
+            and not compresses(self.target)
+            and self._direct_fds() is None
+        )
 
     def batchable(self, task: CopyTask) -> bool:
         """A claim small enough to go into a batch (bigger ones are piped in pieces by ``run``)."""

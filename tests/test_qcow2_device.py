@@ -551,6 +551,7 @@ async def test_concurrent_closes_close_the_descriptor_once(tmp_path: Path) -> No
     cluster_bits=st.sampled_from([9, 12, 16]),
     backed=st.booleans(),
     small_cache=st.booleans(),
+    compress=st.booleans(),
 )
 def test_pwrite_many_equals_the_writes_one_by_one(
     tmp_path: Path,
@@ -558,6 +559,7 @@ def test_pwrite_many_equals_the_writes_one_by_one(
     cluster_bits: int,
     backed: bool,
     small_cache: bool,
+    compress: bool,
 ) -> None:
     """Scattered pieces as one request (a batched incremental): pieces that share a cluster, partial
     clusters over a backing file (their old contents come from it), tables evicted in between (tiny
@@ -578,6 +580,7 @@ def test_pwrite_many_equals_the_writes_one_by_one(
             backing_file=str(base) if backed else None,
             backing_format="raw" if backed else None,
             l2_cache_size=(1 << cluster_bits) if small_cache else 8 * MiB,
+            compress=compress,
         )
         ref = bytearray(base_bytes)
         for batch in batches:

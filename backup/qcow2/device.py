@@ -855,7 +855,12 @@ class Qcow2Device:
         the disk, and taking the lock, allocating and writing once per batch instead of once per
         cluster costs a fifth less. Fresh clusters for all pieces are allocated one after the other,
         so their data goes out in one ``pwritev``. Pieces that share a cluster are written one after
-        the other, in the order given (the second must see the first's mapping)."""
+        the other, in the order given (the second must see the first's mapping); so are the pieces
+        of a compressing image (``pwrite`` compresses a piece on every core)."""
+        if self.compress:  # each piece compressed on every core, as ``pwrite`` does
+            for offset, data in pieces:
+                await self.pwrite(offset, data)
+            return
         views: list[tuple[int, memoryview]] = []
         for offset, data in pieces:
             mv = memoryview(data)

@@ -121,6 +121,22 @@ class ClusterBitmap:
         """Clear bits ``[start, end)``; returns how many were set before."""
         return self._update(start, end, False)
 
+    def take(self, start: int, end: int) -> bool:
+        """Clear ``[start, end)`` if every bit of it is set and say True; else change nothing and say
+        False. A copy's claim: the test and the clear in one read and one write of the bytes."""
+        self._check_range(start, end)
+        if start == end:
+            return True
+        first_byte, end_byte = start >> 3, ((end - 1) >> 3) + 1
+        bits = self._bits
+        word = int.from_bytes(bits[first_byte:end_byte], "little")
+        mask = ((1 << (end - start)) - 1) << (start & 7)
+        if word & mask != mask:
+            return False
+        bits[first_byte:end_byte] = (word ^ mask).to_bytes(end_byte - first_byte, "little")
+        self._count -= end - start
+        return True
+
     def count_range(self, start: int, end: int) -> int:
         """How many bits of ``[start, end)`` are set."""
         self._check_range(start, end)

@@ -188,9 +188,8 @@ class BlockCopier:
 
     def claim(self, first: int, end: int) -> CopyTask:
         """Take clusters ``[first, end)`` (all still to copy) for copying. Synchronous on purpose."""
-        if first >= end or self.bitmap.next_clear(first, end) is not None:
+        if first >= end or not self.bitmap.take(first, end):
             raise ValueError(f"clusters [{first}, {end}) are not all waiting to be copied")
-        self.bitmap.clear(first, end)
         task = CopyTask(first, end)
         self._tasks.append(task)
         self._idle.clear()

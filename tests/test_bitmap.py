@@ -148,3 +148,32 @@ def test_a_lone_bit_is_found_on_either_side_of_every_window_edge(fill: bool) -> 
         assert (bitmap.next_clear(0) if fill else bitmap.next_set(0)) == position
         assert bitmap.run_end(0) == position
         (bitmap.set if fill else bitmap.clear)(position, position + 1)
+
+
+@settings(deadline=None)
+@given(
+    size=st.integers(1, 300),
+    sets=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300)), max_size=8),
+    takes=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300)), max_size=12),
+)
+def test_take_clears_a_range_only_when_all_of_it_is_set(
+    size: int, sets: list[tuple[int, int]], takes: list[tuple[int, int]]
+) -> None:
+    """A copy's claim: ``take`` clears ``[start, end)`` and says True exactly when every bit of it was
+    set; otherwise nothing changes (bits, count)."""
+    b = ClusterBitmap(size)
+    model = [False] * size
+    for a, z in sets:
+        lo, hi = sorted((min(a, size), min(z, size)))
+        b.set(lo, hi)
+        model[lo:hi] = [True] * (hi - lo)
+    for a, z in takes:
+        lo, hi = sorted((min(a, size), min(z, size)))
+        before = list(model)
+        took = b.take(lo, hi)
+        assert took == all(model[lo:hi])
+        if took:
+            model[lo:hi] = [False] * (hi - lo)
+        assert [b[i] for i in range(size)] == model and b.count == sum(model), (before, lo, hi)
+    with pytest.raises(IndexError):
+        b.take(0, size + 1)

@@ -897,6 +897,7 @@ class Qcow2Device:
         writer.reset()
         tables: dict[int, tuple[int, bytearray]] = {}  # by L1 index: (table offset, table)
         placed: list[tuple[bytearray, list[tuple[int, int]], list[int]]] = []
+        fresh: list[tuple[list[tuple[int, int]], int, memoryview | bytearray]] = []  # (updates, index, data)
         try:
             for offset, mv in pieces:
                 for l1i, pos, table_end in self.mapping.spans(offset, offset + len(mv)):
@@ -905,14 +906,22 @@ class Qcow2Device:
                         held = tables[l1i] = self._l2_for_write(refs, l1i)
                     table = held[1]
                     piece = mv[pos - offset : table_end - offset]
-                    placed.append((table, *await self._write_table(refs, table, pos, table_end, piece, blobs)))
+                    updates, released, unplaced = await self._write_table(refs, table, pos, table_end, piece, blobs)
+                    placed.append((table, updates, released))
+                    fresh.extend((updates, index, cluster) for index, cluster in unplaced)
+            if fresh:  # every piece's new clusters in one run: one ``pwritev`` for all their data
+                start, cb = refs.alloc(len(fresh), from_end=len(fresh) > 1), self._cb
+                for k, (updates, index, cluster) in enumerate(fresh):
+                    host = (start + k) << cb
+                    writer.add(host, cluster)
+                    updates.append((index, host | q.OFLAG_COPIED))
             writer.finish()
         except BaseException:
             writer.reset()
             raise
         for table, updates, _ in placed:
-            for index, new in updates:
-                _U64.pack_into(table, index * 8, new)
+            for index, entry in updates:
+                _U64.pack_into(table, index * 8, entry)
         for toff, table in tables.values():
             self._l2.mark_dirty(toff, table)
         for _, _, released in placed:
@@ -927,9 +936,11 @@ class Qcow2Device:
         end: int,
         mv: memoryview,
         blobs: dict[int, bytes] | None,
-    ) -> tuple[list[tuple[int, int]], list[int]]:
-        """Queue the data of ``mv`` (inside one L2 table) in the writer, allocating what it needs;
-        returns the L2 updates to make once the data is written and the old entries to release."""
+    ) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, memoryview | bytearray]]]:
+        """Queue the data of ``mv`` (inside one L2 table) that goes where it is (in place, compressed)
+        in the writer; returns the L2 updates to make once the data is written, the old entries to
+        release, and the clusters that need a fresh host cluster (L2 index, data), which the caller
+        allocates for all pieces at once."""
         cs, cb, zero_flag = self._cs, self._cb, self._zero_flag
         writer = self._writer
         updates: list[tuple[int, int]] = []  # (L2 index, new entry) once the data is written
@@ -976,13 +987,7 @@ class Qcow2Device:
                     fresh.append((i, cluster))
             pos += n
             i += 1
-        if fresh:
-            start = refs.alloc(len(fresh), from_end=len(fresh) > 1)
-            for k, (index, cluster) in enumerate(fresh):
-                host = (start + k) << cb
-                writer.add(host, cluster)
-                updates.append((index, host | q.OFLAG_COPIED))
-        return updates, released
+        return updates, released, fresh
 
     def _split(self, offset: int, length: int) -> tuple[list[tuple[int, int]], int, int]:
         """Partial head/tail pieces and the whole-cluster span; the image's last cluster counts as

@@ -204,6 +204,7 @@ class BackupJob(Job):
         #: block-status query (scattered incremental clusters of a dense disk asked once, not each).
         self._data_extent = (0, 0)
         self._data_window = 0  # what ``_zero_run_hint`` asks about first; 0: one chunk
+        self._source_extents: bool | None = None  # whether the source answers block status
         self._detached = False
         self._flushed = False
         #: QEMU's sync bitmap: frozen from now on (busy; new writes go to its successor) until the job
@@ -511,7 +512,9 @@ class BackupJob(Job):
         device may walk every extent of the range it is asked about."""
         copier = self.copier
         assert copier is not None
-        if not copier.source.capabilities.can_extents:
+        if self._source_extents is None:  # the filter stack under the job stays as it is while it runs
+            self._source_extents = copier.source.capabilities.can_extents
+        if not self._source_extents:
             return 0
         start, _ = copier.bytes_of(first, first + 1)
         known_from, known_to = self._data_extent

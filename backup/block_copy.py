@@ -266,8 +266,10 @@ class BlockCopier:
             source_fd = direct_read_fd(self.source)
             data: list[tuple[int, memoryview]] = []
             zeroes: list[tuple[int, int]] = []
+            lengths: list[int] = []
             for task in tasks:
                 offset, length = self.bytes_of(task.start, task.end)
+                lengths.append(length)
                 if source_fd is not None:
                     buffer = bytearray(length)
                     read_file_into(source_fd, memoryview(buffer), offset)
@@ -291,8 +293,7 @@ class BlockCopier:
         finally:
             for task in tasks:
                 self._finish(task, ok)
-        for task in tasks:
-            length = self.bytes_of(task.start, task.end)[1]
+        for length in lengths:
             self.copied_bytes += length
             self.on_progress(length)
         return written

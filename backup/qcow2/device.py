@@ -908,7 +908,8 @@ class Qcow2Device:
                     piece = mv[pos - offset : table_end - offset]
                     updates, released, unplaced = await self._write_table(refs, table, pos, table_end, piece, blobs)
                     placed.append((table, updates, released))
-                    fresh.extend((updates, index, cluster) for index, cluster in unplaced)
+                    for index, cluster in unplaced:
+                        fresh.append((updates, index, cluster))
             if fresh:  # every piece's new clusters in one run: one ``pwritev`` for all their data
                 start, cb = refs.alloc(len(fresh), from_end=len(fresh) > 1), self._cb
                 for k, (updates, index, cluster) in enumerate(fresh):

@@ -614,3 +614,16 @@ async def test_pwrite_many_puts_scattered_clusters_next_to_each_other(tmp_path: 
         assert await dev.pread(off, cs) == bytes([i + 1]) * cs
     await dev.close()
     assert check_image(str(path)).clean
+
+
+async def test_pwrite_many_of_nothing_leaves_the_image_clean(tmp_path: Path) -> None:
+    """A batch whose every piece was zeroes writes nothing: the image is not marked dirty, so even a
+    crash right after it leaves a clean image."""
+    path = tmp_path / "none.qcow2"
+    dev = await Qcow2Device.create(path, 4 * MiB)
+    await dev.close()
+    dev = await Qcow2Device.open(path)
+    await dev.pwrite_many([])
+    await dev.pwrite_many([(65536, b"")])
+    dev.abandon()  # what a crash leaves
+    assert not check_image(str(path)).dirty

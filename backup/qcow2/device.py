@@ -869,6 +869,8 @@ class Qcow2Device:
             self._check(offset, len(mv), write=True)
             if len(mv):
                 views.append((offset, mv))
+        if not views:
+            return  # nothing to write: the image is not even marked dirty
         ordered = sorted(views, key=lambda piece: piece[0])
         cb = self._cb
         disjoint = all((a + len(mv) - 1) >> cb < b >> cb for (a, mv), (b, _) in itertools.pairwise(ordered))

@@ -31,6 +31,7 @@ from contextlib import aclosing, suppress
 
 from backup.bitmap import ClusterBitmap
 from backup.copy_engine import extent_runs, file_reads_zero, write_zeroes, zero_runs
+from backup.fileio import read_full
 from backup.io_thread import IoThread
 from nbd.device import BlockDevice, compresses, direct_read_fd, direct_write_fd, write_from_fd, write_many
 
@@ -630,15 +631,8 @@ class BlockCopier:
 
 def read_file_into(fd: int, view: memoryview, offset: int) -> None:
     """Fill ``view`` from the file at ``offset`` (zeroes past its end); raises ``CopyError``."""
-    size = len(view)
     try:
-        got = os.preadv(fd, [view], offset)
-        while got < size:
-            more = os.preadv(fd, [view[got:]], offset + got)
-            if more <= 0:
-                view[got:] = bytes(size - got)
-                break
-            got += more
+        read_full(fd, view, offset)
     except OSError as exc:
         raise CopyError(exc, is_read=True) from exc
 

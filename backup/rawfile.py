@@ -27,6 +27,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from backup.fileio import read_full
 from backup.io_thread import IoThread
 from nbd.align import SECTOR, round_up
 from nbd.constants import State
@@ -213,13 +214,7 @@ class RawFileDevice:
         else:
             got = os.preadv(self._fd, [buffer], offset)
         if got < length:
-            view = memoryview(buffer).cast("B")
-            while got < length:
-                n = os.preadv(self._fd, [view[got:]], offset + got)
-                if n <= 0:
-                    view[got:] = bytes(length - got)  # past the end of the file: zeroes
-                    break
-                got += n
+            read_full(self._fd, memoryview(buffer).cast("B"), offset, got)  # past the end of the file: zeroes
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         length = len(data)

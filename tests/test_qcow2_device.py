@@ -602,11 +602,12 @@ def test_pwrite_many_equals_the_writes_one_by_one(
 
 async def test_pwrite_many_puts_scattered_clusters_next_to_each_other(tmp_path: Path) -> None:
     """Fresh clusters for all the pieces of one request are allocated in a row: one data run in the
-    file (one ``pwritev``), whatever their guest offsets."""
+    file (one ``pwritev``), whatever their guest offsets, also when the pieces need two new L2 tables
+    (a table allocated between two pieces' data would split the run)."""
     path = tmp_path / "scatter.qcow2"
-    dev = await Qcow2Device.create(path, 64 * MiB)
+    dev = await Qcow2Device.create(path, 1024 * MiB)
     cs = dev.cluster_size
-    offsets = [37 * cs, 3 * cs, 900 * cs, 511 * cs]
+    offsets = [37 * cs, 12000 * cs, 3 * cs, 9000 * cs, 511 * cs]  # both halves: two L2 tables
     await dev.pwrite_many([(off, bytes([i + 1]) * cs) for i, off in enumerate(offsets)])
     hosts = sorted(host for off in offsets for _, _, _, host in dev.mapping.runs(off, cs))
     assert hosts == list(range(hosts[0], hosts[0] + len(offsets) * cs, cs))

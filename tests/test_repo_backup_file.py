@@ -50,8 +50,8 @@ async def test_a_file_lands_as_the_device_path_stores_it_and_its_holes_are_not_r
     repo = Repository.init(tmp_path / "repo", chunk_size=CS)
     data = _disk(tmp_path / "disk.raw", 16, tail=1000)
     reads: list[int] = []
-    real = bf_module._read_chunk
-    monkeypatch.setattr(bf_module, "_read_chunk", lambda fd, view, off: reads.append(off) or real(fd, view, off))
+    real = bf_module.read_full
+    monkeypatch.setattr(bf_module, "read_full", lambda fd, view, off: reads.append(off) or real(fd, view, off))
     seen: list[int] = []
     fd = os.open(tmp_path / "disk.raw", os.O_RDONLY)
     try:

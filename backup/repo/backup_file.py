@@ -21,6 +21,8 @@ import stat
 import threading
 from collections.abc import Callable
 
+from backup.fileio import read_full
+
 from .manifest import Manifest, chunk_count, chunk_stats
 from .repository import DiskWriter, Repository
 from .restore import run_workers
@@ -118,18 +120,6 @@ class _Holes:
         return self._data_at >= offset + length
 
 
-def _read_chunk(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from the file at ``offset``; past the end of the file (a size rounded up to 512
-    bytes, a file shrunk meanwhile) with zeroes, as the file's block device reads it."""
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            view[got:] = bytes(len(view) - got)
-            return
-        got += n
-
-
 def backup_fd(
     repo: Repository,
     writer: DiskWriter,
@@ -174,7 +164,7 @@ def backup_fd(
                     writer.lease.count(zero=length)
                 else:
                     chunk = view[:length]
-                    _read_chunk(fd, chunk, offset)
+                    read_full(fd, chunk, offset)
                     digest, new = repo.store_chunk(chunk, writer.lease)  # written before it returns
                     chunks[index] = digest
                     if new and digest is not None:

@@ -263,25 +263,16 @@ class BlockCopier:
         write = write_many(self.target)
         assert write is not None
         ok = False
+        ranges = [self.bytes_of(task.start, task.end) for task in tasks]
         try:
             source_fd = direct_read_fd(self.source)
-            data: list[tuple[int, memoryview]] = []
-            zeroes: list[tuple[int, int]] = []
-            lengths: list[int] = []
-            for task in tasks:
-                offset, length = self.bytes_of(task.start, task.end)
-                lengths.append(length)
-                if source_fd is not None:
-                    buffer = bytearray(length)
-                    read_file_into(source_fd, memoryview(buffer), offset)
-                else:
-                    buffer = bytearray(await self._read(offset, length))
-                view = memoryview(buffer)
-                for start, stop, is_zero in self._pieces(buffer, offset, length):
-                    if is_zero:
-                        zeroes.append((offset + start, stop - start))
-                    else:
-                        data.append((offset + start, view[start:stop]))
+            if source_fd is not None:
+                data, zeroes = read_batch(source_fd, ranges, self.zero_unit, self._zero_cluster)
+            else:
+                data, zeroes = [], []
+                for offset, length in ranges:
+                    buffer = await self._read(offset, length)
+                    split_pieces(buffer, offset, self.zero_unit, self._zero_cluster, data, zeroes)
             try:
                 await write(data)
             except OSError as exc:
@@ -294,7 +285,7 @@ class BlockCopier:
         finally:
             for task in tasks:
                 self._finish(task, ok)
-        for length in lengths:
+        for _, length in ranges:
             self.copied_bytes += length
             self.on_progress(length)
         return written
@@ -534,10 +525,7 @@ class BlockCopier:
         holds the GIL only between its system calls). The claim covering the chunk ends only when the
         thread is done with the descriptors, also when the waiting coroutine is cancelled: a target
         closed meanwhile could otherwise hand its descriptor number to a new file."""
-        if self._file_thread is None:
-            self._file_thread = IoThread("nbd-backup-copy")
-            self._file_buffer = bytearray(FILE_COPY_PIECE)
-        call = self._file_thread.submit(
+        call = self._copy_thread().submit(
             copy_between_files,
             source_fd,
             target_fd,
@@ -559,6 +547,13 @@ class BlockCopier:
         for zero_offset, zero_length in zero_pieces:
             await self._copy_zero(zero_offset, zero_length)
         return written
+
+    def _copy_thread(self) -> IoThread:
+        """The file-copy thread, and the buffer it copies between files through, made on first use."""
+        if self._file_thread is None:
+            self._file_thread = IoThread("nbd-backup-copy")
+            self._file_buffer = bytearray(FILE_COPY_PIECE)
+        return self._file_thread
 
     async def close(self) -> None:
         """Stop the file-copy thread once what it was given is done (the job calls this at its end)."""
@@ -627,6 +622,38 @@ class BlockCopier:
             self.written_bytes += stop - start
             written += stop - start
         return written
+
+
+def split_pieces(
+    buffer: bytes | bytearray,
+    offset: int,
+    zero_unit: int,
+    zero_cluster: bytes,
+    data: list[tuple[int, memoryview]],
+    zeroes: list[tuple[int, int]],
+) -> None:
+    """Append the data pieces of ``buffer`` (read at ``offset``) to ``data`` as views, and its
+    all-zero pieces (whole zero units) to ``zeroes`` as (offset, length)."""
+    view = memoryview(buffer)
+    for start, stop, is_zero in zero_runs(buffer, offset, len(buffer), zero_unit, zero_cluster):
+        if is_zero:
+            zeroes.append((offset + start, stop - start))
+        else:
+            data.append((offset + start, view[start:stop]))
+
+
+def read_batch(
+    fd: int, ranges: list[tuple[int, int]], zero_unit: int, zero_cluster: bytes
+) -> tuple[list[tuple[int, memoryview]], list[tuple[int, int]]]:
+    """Read each (offset, length) of a plain file into its own buffer and split it (``split_pieces``):
+    the data pieces as views, the zero pieces as ranges. Raises ``CopyError``."""
+    data: list[tuple[int, memoryview]] = []
+    zeroes: list[tuple[int, int]] = []
+    for offset, length in ranges:
+        buffer = bytearray(length)
+        read_file_into(fd, memoryview(buffer), offset)
+        split_pieces(buffer, offset, zero_unit, zero_cluster, data, zeroes)
+    return data, zeroes
 
 
 def read_file_into(fd: int, view: memoryview, offset: int) -> None:

@@ -62,6 +62,7 @@ class IoThread:
         done = self._marker()
         self._queue.put(None)
         await asyncio.shield(done)
+        self._thread.join()  # its next item is the end: gone at once, and no longer alive when this returns
 
     def _marker(self) -> asyncio.Future[None]:
         """A future resolved once the thread has reached this point of the queue."""

@@ -46,7 +46,7 @@ from backup.policy import ErrorAction, OnError
 from backup.targets import BackupTarget
 from nbd.align import div_up
 from nbd.constants import State
-from nbd.device import BlockDevice, compresses, expect_writes, file_path
+from nbd.device import BlockDevice, compresses, file_path
 from nbd.device import top_allocation as top_allocation_of
 
 log = logging.getLogger(__name__)
@@ -359,9 +359,6 @@ class BackupJob(Job):
     async def _copy_all(self, broken: asyncio.Future[Any]) -> None:
         copier = self.copier
         assert copier is not None
-        announce = expect_writes(copier.target)
-        if announce is not None:  # a qcow2 target reserves the space past its end meanwhile
-            announce(copier.remaining)
         while True:
             workers = [asyncio.ensure_future(self._worker()) for _ in range(max(1, min(self.options.max_workers, 64)))]
             if not await run_together(workers, until=broken):

@@ -152,14 +152,6 @@ class WriteMany(Protocol):
 
 
 @runtime_checkable
-class ExpectsWrites(Protocol):
-    """Can prepare for a stream of fresh data it is told of in advance (an image that grows at its
-    end reserves the space ahead: see ``backup/qcow2/preallocate.py``)."""
-
-    def expect_writes(self, nbytes: int) -> None: ...
-
-
-@runtime_checkable
 class ReadInto(Protocol):
     """Reads into the caller's reused buffer (no fresh ``bytes`` per read)."""
 
@@ -281,7 +273,6 @@ _reads_by_fd = _class_check(DirectReadFd)
 _writes_by_fd = _class_check(DirectWriteFd)
 _reads_into = _class_check(ReadInto)
 _writes_many = _class_check(WriteMany)
-_expects_writes = _class_check(ExpectsWrites)
 _writes_from_fd = _class_check(WriteFromFd)
 _knows_top = _class_check(TopAllocation)
 _holdable = _class_check(Holdable)
@@ -312,11 +303,6 @@ def write_many(
 ) -> Callable[[Sequence[tuple[int, bytes | bytearray | memoryview]]], Awaitable[None]] | None:
     """``device.pwrite_many`` when the device takes scattered writes as one request, else None."""
     return cast(WriteMany, device).pwrite_many if _writes_many(device) else None
-
-
-def expect_writes(device: object) -> Callable[[int], None] | None:
-    """``device.expect_writes`` when the device prepares for writes announced in advance, else None."""
-    return cast(ExpectsWrites, device).expect_writes if _expects_writes(device) else None
 
 
 def read_into(device: object) -> Callable[[int, bytearray | memoryview], Awaitable[None]] | None:

@@ -27,7 +27,6 @@ import errno
 import itertools
 import logging
 import os
-import stat
 from collections.abc import Sequence
 
 from backup.errors import ImageFormatError
@@ -68,7 +67,6 @@ from backup.qcow2.header import (
 )
 from backup.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Map, read_l1
 from backup.qcow2.overlap import MetadataMap
-from backup.qcow2.preallocate import Preallocator
 from backup.qcow2.refcount import Refcounts
 from backup.qcow2.repair import repair_image
 from backup.qcow2.writer import DataWriter
@@ -174,9 +172,6 @@ class Qcow2Device:
             self._meta.add_all((e & q.L1E_OFFSET_MASK) >> self._cb for e in l1 if e & q.L1E_OFFSET_MASK)
             self._l2.before_evict = self._before_l2_evict
         self._writer = DataWriter(fd, self._meta, self._cb, self._metadata_overlap)
-        self._prealloc: Preallocator | None = None  # space reserved ahead of the image's end
-        if refcounts is not None and stat.S_ISREG(os.fstat(fd).st_mode):
-            self._prealloc = Preallocator(fd, refcounts.alloc_end << self._cb)
         self.stored_bitmaps: list[StoredBitmap] = []  # as loaded at open (in_use: inconsistent)
         self._bitmap_dir: Directory | None = None  # where they are on disk (read-write opens)
         self._bitmaps_to_store: list[StoredBitmap] | None = None  # set_stored_bitmaps' list
@@ -855,13 +850,6 @@ class Qcow2Device:
     async def _write(self, offset: int, mv: memoryview, blobs: dict[int, bytes] | None = None) -> None:
         await self._write_pieces([(offset, mv)], blobs)
 
-    def expect_writes(self, nbytes: int) -> None:
-        """About ``nbytes`` of data are about to be written (a backup job's clusters): space for them
-        is reserved past the end by a thread meanwhile (``preallocate.py``). Not for a compressing
-        image, whose size after compression nobody knows."""
-        if self._prealloc is not None and not self.compress and not self._closed:
-            self._prealloc.expect(nbytes)
-
     async def pwrite_many(self, pieces: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Several writes at scattered offsets, as one: a backup's incremental copies clusters all over
         the disk, and taking the lock, allocating and writing once per batch instead of once per
@@ -942,8 +930,6 @@ class Qcow2Device:
         for _, _, released in placed:
             for entry in released:
                 self._release(refs, entry)
-        if self._prealloc is not None:
-            self._prealloc.grew_to(refs.alloc_end << self._cb)
 
     async def _write_table(
         self,
@@ -1246,8 +1232,6 @@ class Qcow2Device:
         finally:
             if not self._closed:
                 self._closed = True
-                if self._prealloc is not None:
-                    self._prealloc.release()
                 os.close(self._fd)
                 if self.backing is not None and self._owns_backing:
                     await self.backing.close()
@@ -1256,8 +1240,6 @@ class Qcow2Device:
         """Close without flushing or clearing the dirty bit (what a crash leaves; for tests/aborts)."""
         if not self._closed:
             self._closed = True
-            if self._prealloc is not None:
-                self._prealloc.stop()  # the reservation stays past the end, as after a crash
             os.close(self._fd)
 
 

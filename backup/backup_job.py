@@ -444,36 +444,49 @@ class BackupJob(Job):
 
     async def _copy(self, task: CopyTask) -> int:
         """Copy a claim; a small one together with the next small claims when the copier batches
-        (``BlockCopier.run_batch``: an incremental's scattered clusters into a qcow2 image). A big claim
-        met on the way is copied after the batch, or given back if the batch fails."""
+        (``BlockCopier.run_batch``: an incremental's scattered clusters into a qcow2 image). Big claims
+        met on the way are copied after the batch, or given back if the batch fails."""
         copier = self.copier
         assert copier is not None
         if not copier.batches or not copier.batchable(task):
             return await copier.run(task)
-        tasks, size, after = [task], task.end - task.start, None
-        try:
-            room = BATCH_BYTES >> copier.cluster_bits
-            while size < room and len(tasks) < BATCH_TASKS:
-                more = await self._claim_next(room - size)
-                if more is None:
-                    break
-                if not copier.batchable(more):
-                    after = more
-                    break
-                tasks.append(more)
-                size += more.end - more.start
-        except BaseException:  # cancelled while asking the source: nothing was copied
-            for claimed in tasks:
-                copier.give_back(claimed)
-            raise
+        tasks, size = [task], task.end - task.start
+        after: list[CopyTask] = []  # claims too big for a batch, copied after it
+        room = BATCH_BYTES >> copier.cluster_bits
+        if self._claim_limit() >= room:
+            # Nothing but the room bounds a claim here (a source's zero run only lengthens a claim
+            # past the claim limit): the rest of the batch is claimed in one pass over the bitmap.
+            for more in copier.claim_runs(self._cursor, room - size, BATCH_TASKS - 1):
+                (tasks if copier.batchable(more) else after).append(more)
+                self._cursor = more.end
+        else:
+            try:
+                while size < room and len(tasks) < BATCH_TASKS:
+                    claimed = await self._claim_next(room - size)
+                    if claimed is None:
+                        break
+                    if not copier.batchable(claimed):
+                        after.append(claimed)
+                        break
+                    tasks.append(claimed)
+                    size += claimed.end - claimed.start
+            except BaseException:  # cancelled while asking the source: nothing was copied
+                for claimed in tasks:
+                    copier.give_back(claimed)
+                raise
         try:
             written = await copier.run_batch(tasks)
         except BaseException:
-            if after is not None:
-                copier.give_back(after)
+            for claimed in after:
+                copier.give_back(claimed)
             raise
-        if after is not None:
-            written += await copier.run(after)
+        for index, claimed in enumerate(after):  # too big for a batch: piped by ``run``, one by one
+            try:
+                written += await copier.run(claimed)
+            except BaseException:
+                for rest in after[index + 1 :]:
+                    copier.give_back(rest)
+                raise
         return written
 
     def _find_next(self) -> int | None:

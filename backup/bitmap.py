@@ -137,6 +137,49 @@ class ClusterBitmap:
         self._count -= end - start
         return True
 
+    def take_runs(self, start: int, end: int, budget: int, most: int) -> list[tuple[int, int]]:
+        """Clear and return, in order, up to ``most`` runs ``(first, end)`` of set bits in ``[start,
+        end)``, ``budget`` bits in all (the last run cut to fit): a batch of claims in one pass over
+        the bytes, each window read as one integer whose runs are peeled off from its low end."""
+        self._check_range(start, end)
+        runs: list[tuple[int, int]] = []
+        bits = self._bits
+        end_byte = ((end - 1) >> 3) + 1 if end else 0
+        pos, window = start, _FIRST_WINDOW
+        while pos < end and budget > 0 and len(runs) < most:
+            first_byte = pos >> 3
+            stop_byte = min(first_byte + window, end_byte)
+            window_end = min(stop_byte << 3, end)
+            word = (int.from_bytes(bits[first_byte:stop_byte], "little") >> (pos & 7)) & ((1 << (window_end - pos)) - 1)
+            base = pos
+            while word:
+                low = (word & -word).bit_length() - 1
+                above = word >> low
+                ones = (~above & (above + 1)).bit_length() - 1  # the run's length inside the window
+                first = base + low
+                stop = first + ones
+                if stop >= window_end and stop < end:  # it may go on past the window
+                    found = self._search(stop, end, False)
+                    stop = end if found is None else found
+                stop = min(stop, first + budget)
+                runs.append((first, stop))
+                budget -= stop - first
+                pos = stop
+                if budget <= 0 or len(runs) >= most or stop >= window_end:
+                    break
+                word = above >> ones
+                base = stop
+            else:
+                pos = window_end
+                window = min(window * 2, _MAX_WINDOW)
+        for first, stop in runs:  # every bit of each run is set: flip them, no population count
+            first_byte, end_byte = first >> 3, ((stop - 1) >> 3) + 1
+            word = int.from_bytes(bits[first_byte:end_byte], "little")
+            word ^= ((1 << (stop - first)) - 1) << (first & 7)
+            bits[first_byte:end_byte] = word.to_bytes(end_byte - first_byte, "little")
+            self._count -= stop - first
+        return runs
+
     def count_range(self, start: int, end: int) -> int:
         """How many bits of ``[start, end)`` are set."""
         self._check_range(start, end)

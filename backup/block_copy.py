@@ -79,15 +79,33 @@ class CopyError(Exception):
 
 
 class CopyTask:
-    """Clusters ``[start, end)`` being copied; ``done`` is set when the copy ended either way."""
+    """Clusters ``[start, end)`` being copied; ``done`` is set when the copy ended either way.
 
-    __slots__ = ("done", "end", "ok", "start")
+    The event is made only when someone waits for it (a guest write over the task, a worker with
+    nothing left to claim): most tasks end unwatched, and an incremental makes one per cluster."""
+
+    __slots__ = ("_done", "end", "finished", "ok", "start")
 
     def __init__(self, start: int, end: int) -> None:
         self.start = start
         self.end = end
-        self.done = asyncio.Event()
         self.ok = False
+        self.finished = False
+        self._done: asyncio.Event | None = None
+
+    @property
+    def done(self) -> asyncio.Event:
+        if self._done is None:
+            self._done = asyncio.Event()
+            if self.finished:
+                self._done.set()
+        return self._done
+
+    def finish(self, ok: bool) -> None:
+        self.ok = ok
+        self.finished = True
+        if self._done is not None:
+            self._done.set()
 
     def overlaps(self, start: int, end: int) -> bool:
         return self.start < end and start < self.end
@@ -196,12 +214,38 @@ class BlockCopier:
         self._idle.clear()
         return task
 
+    def claim_runs(self, start: int, budget: int, most: int) -> list[CopyTask]:
+        """Claim up to ``most`` runs of clusters still to copy, from cluster ``start`` on (then from
+        0), ``budget`` clusters in all: what a batch gathers, in one pass over the bitmap
+        (``ClusterBitmap.take_runs``). Synchronous, like ``claim``."""
+        bitmap = self.bitmap
+        runs = bitmap.take_runs(start, self.clusters, budget, most)
+        if start and len(runs) < most:
+            budget -= sum(end - first for first, end in runs)
+            if budget > 0:
+                runs += bitmap.take_runs(0, start, budget, most - len(runs))
+        tasks = [CopyTask(first, end) for first, end in runs]
+        if tasks:
+            self._tasks.extend(tasks)
+            self._idle.clear()
+        return tasks
+
     def _finish(self, task: CopyTask, ok: bool) -> None:
         if not ok:
             self.bitmap.set(task.start, task.end)
         self._tasks.remove(task)
-        task.ok = ok
-        task.done.set()
+        task.finish(ok)
+        if not self._tasks:
+            self._idle.set()
+
+    def _finish_all(self, tasks: list[CopyTask], ok: bool) -> None:
+        """``_finish`` for a batch: the in-flight list is rebuilt once, not searched per task."""
+        ending = {id(task) for task in tasks}
+        self._tasks[:] = [task for task in self._tasks if id(task) not in ending]
+        for task in tasks:
+            if not ok:
+                self.bitmap.set(task.start, task.end)
+            task.finish(ok)
         if not self._tasks:
             self._idle.set()
 
@@ -283,11 +327,10 @@ class BlockCopier:
                 await self._copy_zero(zero_offset, zero_length)
             ok = True
         finally:
-            for task in tasks:
-                self._finish(task, ok)
-        for _, length in ranges:
-            self.copied_bytes += length
-            self.on_progress(length)
+            self._finish_all(tasks, ok)
+        copied = sum(length for _, length in ranges)
+        self.copied_bytes += copied
+        self.on_progress(copied)
         return written
 
     def drop(self, first: int, end: int) -> int:
@@ -649,10 +692,24 @@ def read_batch(
     the data pieces as views, the zero pieces as ranges. Raises ``CopyError``."""
     data: list[tuple[int, memoryview]] = []
     zeroes: list[tuple[int, int]] = []
+    preadv = os.preadv
+    unit_mask = zero_unit - 1
     for offset, length in ranges:
         buffer = bytearray(length)
-        read_file_into(fd, memoryview(buffer), offset)
-        split_pieces(buffer, offset, zero_unit, zero_cluster, data, zeroes)
+        view = memoryview(buffer)
+        try:
+            got = preadv(fd, [view], offset)
+            if got != length:  # short: the rest, or zeroes past the end of the file
+                read_full(fd, view, offset, got)
+        except OSError as exc:
+            raise CopyError(exc, is_read=True) from exc
+        if length == zero_unit and not offset & unit_mask:  # one whole unit: an incremental's usual claim
+            if buffer == zero_cluster:
+                zeroes.append((offset, length))
+            else:
+                data.append((offset, view))
+        else:
+            split_pieces(buffer, offset, zero_unit, zero_cluster, data, zeroes)
     return data, zeroes
 
 

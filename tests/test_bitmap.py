@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -177,3 +179,56 @@ def test_take_clears_a_range_only_when_all_of_it_is_set(
         assert [b[i] for i in range(size)] == model and b.count == sum(model), (before, lo, hi)
     with pytest.raises(IndexError):
         b.take(0, size + 1)
+
+
+def model_take_runs(model: list[bool], start: int, end: int, budget: int, most: int) -> list[tuple[int, int]]:
+    """``take_runs`` the slow way: walk bit by bit, cut the last run at the budget, clear what was taken."""
+    runs: list[tuple[int, int]] = []
+    pos = start
+    while pos < end and budget > 0 and len(runs) < most:
+        while pos < end and not model[pos]:
+            pos += 1
+        if pos >= end:
+            break
+        first = pos
+        while pos < end and model[pos] and pos - first < budget:
+            model[pos] = False
+            pos += 1
+        runs.append((first, pos))
+        budget -= pos - first
+    return runs
+
+
+@settings(deadline=None)
+@given(
+    size=st.sampled_from([0, 1, 7, 8, 9, 130, 700, 6000, 40000]),
+    density=st.sampled_from([0.002, 0.05, 0.5, 0.95, 1.0]),
+    long_run=st.tuples(st.floats(0, 1), st.integers(0, 9000)),
+    span=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    budget=st.sampled_from([1, 2, 16, 100, 10**9]),
+    most=st.sampled_from([1, 3, 64, 10**6]),
+    seed=st.integers(0, 2**32),
+)
+def test_take_runs_peels_runs_off_as_the_model_does(
+    size: int,
+    density: float,
+    long_run: tuple[float, int],
+    span: tuple[float, float],
+    budget: int,
+    most: int,
+    seed: int,
+) -> None:
+    """A batch's claims in one pass: the runs of set bits in order, the last cut at the budget, all of
+    them cleared; runs longer than the first 512-bit window and runs crossing windows included."""
+    rnd = random.Random(seed)
+    model = [rnd.random() < density for _ in range(size)]
+    at = int(long_run[0] * size)
+    model[at : at + long_run[1]] = [True] * len(model[at : at + long_run[1]])
+    b = ClusterBitmap(size)
+    for i, bit in enumerate(model):
+        if bit:
+            b.set(i, i + 1)
+    start = int(span[0] * size)
+    end = start + int(span[1] * (size - start))
+    assert b.take_runs(start, end, budget, most) == model_take_runs(model, start, end, budget, most)
+    assert [b[i] for i in range(size)] == model and b.count == sum(model)

@@ -900,9 +900,32 @@ class Qcow2Device:
         tables: dict[int, tuple[int, bytearray]] = {}  # by L1 index: (table offset, table)
         placed: list[tuple[bytearray, list[tuple[int, int]], list[int]]] = []
         fresh: list[tuple[list[tuple[int, int]], int, memoryview | bytearray]] = []  # (updates, index, data)
+        # A whole cluster that is not written in place (unallocated, shared, zero or compressed: what
+        # a backup's copies meet) only needs a fresh cluster: decided here, without ``_write_table``.
+        cs, cb, mapping = self._cs, self._cb, self.mapping
+        whole: dict[int, tuple[list[tuple[int, int]], list[int]]] = {}  # by L1 index: (updates, released)
+        shift, l2_mask = mapping.l2_bits + cb, mapping.l2_mask
+        in_place = q.OFLAG_COPIED | q.OFLAG_COMPRESSED
+        direct = blobs is None and not self.compress
         try:
             for offset, mv in pieces:
-                for l1i, pos, table_end in self.mapping.spans(offset, offset + len(mv)):
+                if direct and len(mv) == cs and not offset & (cs - 1):
+                    l1i = offset >> shift
+                    held = tables.get(l1i)
+                    if held is None:
+                        held = tables[l1i] = self._l2_for_write(refs, l1i)
+                    index = (offset >> cb) & l2_mask
+                    entry = _U64.unpack_from(held[1], index * 8)[0]
+                    if entry & in_place != q.OFLAG_COPIED or not entry & q.L2E_OFFSET_MASK:
+                        lists = whole.get(l1i)
+                        if lists is None:
+                            lists = whole[l1i] = ([], [])
+                            placed.append((held[1], *lists))
+                        fresh.append((lists[0], index, mv))
+                        if entry:
+                            lists[1].append(entry)
+                        continue
+                for l1i, pos, table_end in mapping.spans(offset, offset + len(mv)):
                     held = tables.get(l1i)
                     if held is None:
                         held = tables[l1i] = self._l2_for_write(refs, l1i)
@@ -913,7 +936,7 @@ class Qcow2Device:
                     for index, cluster in unplaced:
                         fresh.append((updates, index, cluster))
             if fresh:  # every piece's new clusters in one run: one ``pwritev`` for all their data
-                start, cb = refs.alloc(len(fresh), from_end=len(fresh) > 1), self._cb
+                start = refs.alloc(len(fresh), from_end=len(fresh) > 1)
                 for k, (updates, index, cluster) in enumerate(fresh):
                     host = (start + k) << cb
                     writer.add(host, cluster)

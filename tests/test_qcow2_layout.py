@@ -108,6 +108,13 @@ def test_header_field_fast_paths_match_construct(
     )
     built = q.Header.build(fields)
     assert len(built) == q.V3_HEADER_LENGTH
+    assert q.compiled(q.Header).parse(built) == q.Header.parse(built)  # what opens parse with
+    for version in (2, 3):  # a v2 header has no v3 part: the compiled ``If`` must agree
+        raw = bytearray(built)
+        raw[4:8] = version.to_bytes(4, "big")
+        assert q.compiled(q.Header).parse(bytes(raw)) == q.Header.parse(bytes(raw))
+    extension = built[:8]
+    assert q.compiled(q.HeaderExtensionHeader).parse(extension) == q.HeaderExtensionHeader.parse(extension)
     at = q.INCOMPAT_OFFSET
     assert built[at : at + 24] == q.FEATURE_FIELDS_FAST.pack(incompat, compat, autoclear)
     at = q.REFTABLE_FIELDS_OFFSET

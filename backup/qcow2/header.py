@@ -96,7 +96,7 @@ def parse_header(first: bytes, file_size: int, path: str) -> ImageHeader:
     if len(first) < q.V2_HEADER_LENGTH or first[:4] != q.MAGIC:
         raise _refuse(path, "not a qcow2 image (bad magic or file too short)")
     try:
-        raw = q.Header.parse(first)
+        raw = q.compiled(q.Header).parse(first)
     except ConstructError as exc:
         raise _refuse(path, f"truncated qcow2 header ({exc})") from None
     if raw.version not in (2, 3):
@@ -192,7 +192,7 @@ def _parse_extensions(h: ImageHeader, first: bytes, path: str) -> None:
     end = min(len(first), h.cluster_size)
     seen: set[int] = set()
     while pos + 8 <= end:
-        ext = q.HeaderExtensionHeader.parse(first[pos : pos + 8])
+        ext = q.compiled(q.HeaderExtensionHeader).parse(first[pos : pos + 8])
         if ext.type == q.EXT_END:
             return
         data_end = pos + 8 + ext.length
@@ -300,7 +300,7 @@ def rewrite_header(first: bytes, h: ImageHeader, bitmaps_ext: bytes | None) -> b
     exts: list[tuple[int, bytes]] = []
     pos = h.header_length
     while pos + 8 <= cs:
-        ext = q.HeaderExtensionHeader.parse(first[pos : pos + 8])
+        ext = q.compiled(q.HeaderExtensionHeader).parse(first[pos : pos + 8])
         if ext.type == q.EXT_END:
             break
         if ext.type != q.EXT_BITMAPS:

@@ -9,6 +9,7 @@ precompiled ``struct.Struct`` layouts whose equivalence with the construct defin
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from construct import (
@@ -18,6 +19,7 @@ from construct import (
     Bytes,
     BytesInteger,
     Const,
+    Construct,
     Flag,
     If,
     Int8ub,
@@ -184,3 +186,11 @@ def refcount_accessors(order: int) -> tuple[struct.Struct | None, int]:
     if order >= 3:
         return struct.Struct({3: ">B", 4: ">H", 5: ">I", 6: ">Q"}[order]), 1 << (order - 3)
     return None, 0
+
+
+@functools.cache
+def compiled(layout: Construct) -> Construct:
+    """``layout`` compiled to Python source by construct (2 ms, once per process, on first use): the
+    same parse, a quarter of the cost. Every open parses a header and its extensions, and a backup's
+    target is an overlay whose backing is opened too."""
+    return layout.compile()

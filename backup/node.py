@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from backup import persistent_bitmaps
-from backup.dirty_bitmap import DirtyBitmap
+from backup.dirty_bitmap import DirtyBitmap, MarkingPlan, mark_plan, marking_plan, plan_generation, plans_changed
 from backup.errors import BackupError, InvalidArgument
 from backup.filter import BlockFilter
 from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent, direct_read_fd
@@ -51,6 +51,8 @@ class BlockNode:
         self._undrained.set()
         #: By name, in QEMU's listing order (newest first): see ``add_bitmap``.
         self.bitmaps: dict[str, DirtyBitmap] = {}
+        self._plan: MarkingPlan = ()  # see ``_marking``
+        self._plan_generation = -1
         store = persistent_bitmaps.store_of(device)
         if store is not None:  # a qcow2 image's stored bitmaps are the node's from its open on
             for bitmap in persistent_bitmaps.load(store, device.size):
@@ -89,6 +91,7 @@ class BlockNode:
         ordered = {bitmap.name: bitmap, **self.bitmaps}
         self.bitmaps.clear()  # in place: whoever holds the mapping sees the change
         self.bitmaps.update(ordered)
+        plans_changed()
 
     def bitmap(self, name: str) -> DirtyBitmap:
         """The bitmap ``name``, with QEMU's refusal when there is none."""
@@ -103,11 +106,28 @@ class BlockNode:
         bitmap = self.bitmap(name)
         bitmap.check_usable(readonly=True, inconsistent=False)
         del self.bitmaps[name]
+        plans_changed()
         return bitmap
 
+    def _marking(self) -> MarkingPlan:
+        """The plan that marks this node's bitmaps (``dirty_bitmap.marking_plan``), made again when
+        stale: one tuple walk per write, and none for bitmaps that do not record."""
+        if self._plan_generation != plan_generation():
+            self._plan = marking_plan(self.bitmaps.values())
+            self._plan_generation = plan_generation()
+        return self._plan
+
+    def forget_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Drop ``bitmap`` if it is this node's (a transaction's commit or abort), without the checks
+        of ``remove_bitmap``."""
+        if self.bitmaps.get(bitmap.name) is bitmap:
+            del self.bitmaps[bitmap.name]
+            plans_changed()
+
     def _mark(self, offset: int, length: int) -> None:
-        for bitmap in self.bitmaps.values():
-            bitmap.mark(offset, length)
+        plan = self._marking()
+        if plan:
+            mark_plan(plan, offset, length)
 
     # --- graph changes ---------------------------------------------------------------------------
 
@@ -193,9 +213,9 @@ class BlockNode:
             await self.top.pwrite(offset, data, fua=fua)
         finally:
             if self.bitmaps:
-                length = data.nbytes if type(data) is memoryview else len(data)
-                for bitmap in self.bitmaps.values():
-                    bitmap.mark(offset, length)
+                plan = self._plan if self._plan_generation == plan_generation() else self._marking()
+                if plan:
+                    mark_plan(plan, offset, data.nbytes if type(data) is memoryview else len(data))
             self._leave()
 
     async def zero(

@@ -99,16 +99,15 @@ class BitmapAction:
         bitmap, node = self._bitmap, self._node
         if self.kind == "block-dirty-bitmap-remove" and bitmap is not None and node is not None:
             bitmap.busy = False
-            if node.bitmaps.get(bitmap.name) is bitmap:
-                del node.bitmaps[bitmap.name]
+            node.forget_bitmap(bitmap)
 
     async def abort(self) -> None:
         bitmap, node = self._bitmap, self._node
         if bitmap is None:
             return  # the change was never made
         verb = self.kind.removeprefix("block-dirty-bitmap-")
-        if verb == "add" and node is not None and node.bitmaps.get(bitmap.name) is bitmap:
-            del node.bitmaps[bitmap.name]
+        if verb == "add" and node is not None:
+            node.forget_bitmap(bitmap)
         elif verb in ("enable", "disable"):
             bitmap.recording = self._undo[0]
         elif verb in ("clear", "merge"):

@@ -279,3 +279,45 @@ def test_frozen_bitmap_keeps_its_bits_and_records_into_the_successor() -> None:
     assert disabled.count == 0
     with pytest.raises(InvalidArgument, match="not frozen"):
         disabled.abdicate()
+
+
+async def test_a_nodes_marking_plan_follows_every_change_of_its_bitmaps() -> None:
+    """The node caches what a write marks; every change that moves a bitmap's sink or bits, or the
+    node's set of bitmaps, must reach the next write (enable, disable, freeze, abdicate, reclaim,
+    remove, forget, a bitmap loaded from bytes)."""
+    node = BlockNode("n", MemoryDevice(SIZE))
+    b = DirtyBitmap("b", SIZE, G)
+    node.add_bitmap(b)
+
+    async def write(granule: int) -> None:
+        await node.pwrite(granule * G + 1, b"x")
+
+    await write(1)
+    assert b.is_dirty(1 * G)
+    b.recording = False
+    await write(2)
+    assert not b.is_dirty(2 * G)
+    b.recording = True
+    await write(3)
+    assert b.is_dirty(3 * G)
+    b.freeze()  # writes go to the successor now; the frozen bits stay as they are
+    await write(4)
+    assert not b.is_dirty(4 * G) and b.successor is not None and b.successor.is_dirty(4 * G)
+    b.abdicate()  # the bitmap takes the successor's bits: the plan must follow the new bits object
+    await write(5)
+    assert [b.is_dirty(g * G) for g in (1, 3, 4, 5)] == [False, False, True, True]
+    b.freeze()
+    await write(6)
+    b.reclaim()
+    await write(7)
+    assert [b.is_dirty(g * G) for g in (4, 5, 6, 7)] == [True, True, True, True]
+    loaded = DirtyBitmap.from_bytes("loaded", SIZE, G, b"\x01")
+    node.add_bitmap(loaded)
+    await write(8)
+    assert loaded.is_dirty(0) and loaded.is_dirty(8 * G) and b.is_dirty(8 * G)
+    node.remove_bitmap("b")
+    await write(9)
+    assert not b.is_dirty(9 * G) and loaded.is_dirty(9 * G)
+    node.forget_bitmap(loaded)
+    await write(10)
+    assert not loaded.is_dirty(10 * G) and not node.bitmaps

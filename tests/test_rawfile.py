@@ -14,7 +14,7 @@ import pytest
 
 from backup.errors import ImageFormatError
 from backup.images import open_image, probe_format
-from backup.rawfile import THREADED_IO_MIN, RawFileDevice
+from backup.rawfile import SLOW_INLINE_WRITE, THREADED_AFTER_SLOW, THREADED_IO_MIN, RawFileDevice
 from nbd.device import BlockDevice, Extent
 
 MiB = 1 << 20
@@ -194,9 +194,10 @@ async def test_close_waits_for_threaded_io_before_freeing_the_descriptor(tmp_pat
 
 
 async def test_close_waits_for_the_writer_thread_before_freeing_the_descriptor(tmp_path: Path) -> None:
-    """Large writes go to the device's own writer thread: one queued there also holds the descriptor
-    number, so close() waits for it too, and then stops the thread."""
+    """Large writes after a slow one go to the device's own writer thread: one queued there also holds
+    the descriptor number, so close() waits for it too, and then stops the thread."""
     dev = await RawFileDevice.create(tmp_path / "t.raw", 4 * THREADED_IO_MIN)
+    dev._threaded_writes_left = THREADED_AFTER_SLOW  # as after a slow inline write
     gate = threading.Event()
     writer = dev._writer_thread()
     blocker = writer.submit(gate.wait, 30)  # the writer thread is busy: the write queues behind it
@@ -223,8 +224,8 @@ async def test_close_waits_for_the_writer_thread_before_freeing_the_descriptor(t
 
 
 async def test_large_writes_run_one_at_a_time_in_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Concurrent large writes are serialised on the device's writer thread (never two pwrite calls on
-    the file at once), and every one lands at its offset."""
+    """Concurrent large writes after a slow one are serialised on the device's writer thread (never two
+    pwrite calls on the file at once), and every one lands at its offset."""
     active, most, threads = 0, 0, set()
     lock = threading.Lock()
     real_pwrite = os.pwrite
@@ -243,6 +244,7 @@ async def test_large_writes_run_one_at_a_time_in_one_thread(tmp_path: Path, monk
 
     monkeypatch.setattr("backup.rawfile.os.pwrite", counting_pwrite)
     dev = await RawFileDevice.create(tmp_path / "w.raw", 8 * THREADED_IO_MIN)
+    dev._threaded_writes_left = THREADED_AFTER_SLOW  # as after a slow inline write
     try:
         await asyncio.gather(*(dev.pwrite(i * THREADED_IO_MIN, bytes([i + 1]) * THREADED_IO_MIN) for i in range(8)))
     finally:
@@ -250,6 +252,42 @@ async def test_large_writes_run_one_at_a_time_in_one_thread(tmp_path: Path, monk
     assert most == 1 and len(threads) == 1 and threading.get_ident() not in threads
     data = (tmp_path / "w.raw").read_bytes()
     assert data == b"".join(bytes([i + 1]) * THREADED_IO_MIN for i in range(8))
+
+
+async def test_large_writes_run_inline_until_one_is_slow_then_in_the_thread_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fast storage: big writes stay on the loop (a hop to the thread cost more than it overlapped).
+    One that took longer than ``SLOW_INLINE_WRITE`` would have stalled every other client: the next
+    ``THREADED_AFTER_SLOW`` go to the writer thread, then inline is tried again."""
+    where: list[bool] = []  # per big write: on the loop's thread?
+    real_pwrite = os.pwrite
+    slow = {"calls": 0}
+    clock = [0.0]  # the device's clock: only a stalled write moves it (a loaded machine must not)
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        where.append(threading.current_thread() is threading.main_thread())
+        if slow["calls"]:
+            slow["calls"] -= 1
+            clock[0] += SLOW_INLINE_WRITE * 2  # storage stalls this one
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr("backup.rawfile.os.pwrite", pwrite)
+    monkeypatch.setattr("backup.rawfile.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("backup.rawfile.THREADED_AFTER_SLOW", 3)
+    dev = await RawFileDevice.create(tmp_path / "w.raw", 16 * THREADED_IO_MIN)
+    try:
+        for i in range(3):
+            await dev.pwrite(i * THREADED_IO_MIN, bytes([i + 1]) * THREADED_IO_MIN)
+        assert where == [True] * 3 and dev._writer is None  # no thread at all while fast
+        slow["calls"] = 1
+        for i in range(3, 10):
+            await dev.pwrite(i * THREADED_IO_MIN, bytes([i + 1]) * THREADED_IO_MIN)
+        assert where[3:] == [True, False, False, False, True, True, True]
+    finally:
+        await dev.close()
+    data = (tmp_path / "w.raw").read_bytes()
+    assert data[: 10 * THREADED_IO_MIN] == b"".join(bytes([i + 1]) * THREADED_IO_MIN for i in range(10))
 
 
 class _FailingSyncOnce:

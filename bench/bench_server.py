@@ -6,7 +6,7 @@ gets to answer with holes); fio's nbd engine drives each over TCP on 127.0.0.1 w
 sequential read and write with 1 MiB blocks at queue depth 8, random read and write with 4 KiB blocks
 at queue depth 16. Prints MiB/s, IOPS, p50/p99 completion latency and the ratio ours ÷ each peer.
 
-    .venv/bin/python bench/bench_server.py                 # everything (about 5 minutes)
+    .venv/bin/python bench/bench_server.py                 # everything (about 8 minutes)
     .venv/bin/python bench/bench_server.py --runtime 3 --servers ours,qemu-nbd --workloads randread
     NBD_BACKUP_LOOP=asyncio .venv/bin/python bench/bench_server.py   # our server on the stdlib loop
     NBD_BACKUP_SENDFILE_MIN=0 .venv/bin/python bench/bench_server.py # big reads without sendfile
@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,21 +224,36 @@ def make_image(path: Path, size: int) -> None:
             f.write(block)
 
 
-def table(results: dict[str, dict[str, Result]], servers: list[str], workloads: list[Workload]) -> str:
+def table(results: dict[str, dict[str, dict[int, Result]]], servers: list[str], workloads: list[Workload]) -> str:
+    """Medians over the rounds, the range of MiB/s, and ours ÷ each peer: the median of the rounds'
+    ratios (each round ran every server back to back) with their range."""
     lines = []
-    header = f"{'workload':<10} {'server':<11} {'MiB/s':>9} {'IOPS':>9} {'p50 µs':>9} {'p99 µs':>9}   ours ÷ this"
+    header = (
+        f"{'workload':<10} {'server':<11} {'MiB/s':>9} {'[range]':>15} {'IOPS':>9} {'p50 µs':>9} {'p99 µs':>9}"
+        "   ours ÷ this [range]"
+    )
     lines.append(header)
     lines.append("-" * len(header))
     for workload in workloads:
         row = results.get(workload.name, {})
-        ours = row.get("ours")
+        ours = row.get("ours", {})
         for server in servers:
-            r = row.get(server)
-            if r is None:
+            by_round = row.get(server, {})
+            runs = list(by_round.values())
+            if not runs:
                 lines.append(f"{workload.name:<10} {server:<11} {'(failed)':>9}")
                 continue
-            ratio = "" if server == "ours" or ours is None or r.iops == 0 else f"{ours.iops / r.iops:.2f}x"
-            numbers = f"{r.mib_s:9.1f} {r.iops:9.0f} {r.p50_us:9.1f} {r.p99_us:9.1f}"
+            mib = [r.mib_s for r in runs]
+            ratio = ""
+            if server != "ours" and ours:
+                ratios = [ours[n].iops / r.iops for n, r in by_round.items() if n in ours and r.iops]
+                if ratios:
+                    ratio = f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+            numbers = (
+                f"{statistics.median(mib):9.1f} {f'[{min(mib):.0f}-{max(mib):.0f}]':>15}"
+                f" {statistics.median(r.iops for r in runs):9.0f} {statistics.median(r.p50_us for r in runs):9.1f}"
+                f" {statistics.median(r.p99_us for r in runs):9.1f}"
+            )
             lines.append(f"{workload.name:<10} {server:<11} {numbers}   {ratio}")
         lines.append("")
     return "\n".join(lines)
@@ -250,9 +266,8 @@ def main() -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="rounds over all servers (the order rotates each round); the best round of each is reported, "
-        "since on a shared machine other processes only ever make a run slower",
+        default=5,
+        help="rounds over all servers (the order rotates each round); medians and ranges are reported",
     )
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
@@ -265,7 +280,7 @@ def main() -> int:
         print(f"missing: {', '.join(missing or ['fio'])}", file=sys.stderr)
         return 2
     size = args.size_mib << 20
-    results: dict[str, dict[str, Result]] = {}
+    results: dict[str, dict[str, dict[int, Result]]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="nbd-bench-") as tmp:
         workdir = Path(tmp)
         image = workdir / "bench.img"
@@ -284,9 +299,7 @@ def main() -> int:
                         except RuntimeError as exc:
                             print(f"{server} {workload.name}: {exc}", file=sys.stderr)
                             continue
-                        best = results.setdefault(workload.name, {})
-                        if server not in best or result.iops > best[server].iops:
-                            best[server] = result
+                        results.setdefault(workload.name, {}).setdefault(server, {})[round_] = result
                         print(
                             f"  round {round_ + 1}: {workload.name:<10} {server:<11} {result.iops:9.0f} IOPS",
                             file=sys.stderr,
@@ -296,7 +309,7 @@ def main() -> int:
     loop = os.environ.get("NBD_BACKUP_LOOP") or "uvloop (default)"
     print(
         f"\nfio nbd engine over TCP 127.0.0.1, {args.size_mib} MiB image on {args.dir}, "
-        f"{args.runtime:g} s per run, best of {args.rounds} round(s)"
+        f"{args.runtime:g} s per run, medians of {args.rounds} interleaved round(s)"
     )
     print(f"ours: nbd-backup serve, event loop {loop}; {os.cpu_count()} CPUs, load average at the end {load}\n")
     print(table(results, servers, workloads))

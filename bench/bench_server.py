@@ -4,9 +4,12 @@
 Every server exports the same file on tmpfs (1 GiB by default, filled with non-zero data so nobody
 gets to answer with holes); fio's nbd engine drives each over TCP on 127.0.0.1 with four workloads:
 sequential read and write with 1 MiB blocks at queue depth 8, random read and write with 4 KiB blocks
-at queue depth 16. Prints MiB/s, IOPS, p50/p99 completion latency and the ratio ours ÷ each peer.
+at queue depth 16; then whole-disk copies with each tool's defaults: nbdcopy (four connections with
+multi-conn) and qemu-img convert, the export into a null sink and a file on the same tmpfs into the
+export. Prints MiB/s, IOPS, p50/p99 completion latency and ours ÷ each peer: medians over interleaved
+rounds, with ranges, the ratios paired round by round.
 
-    .venv/bin/python bench/bench_server.py                 # everything (about 8 minutes)
+    .venv/bin/python bench/bench_server.py                 # everything (about 10 minutes)
     .venv/bin/python bench/bench_server.py --runtime 3 --servers ours,qemu-nbd --workloads randread
     NBD_BACKUP_LOOP=asyncio .venv/bin/python bench/bench_server.py   # our server on the stdlib loop
     NBD_BACKUP_SENDFILE_MIN=0 .venv/bin/python bench/bench_server.py # big reads without sendfile
@@ -39,10 +42,14 @@ EXPORT = "disk"
 
 @dataclass(frozen=True)
 class Workload:
+    """An fio job (``rw``, ``bs``, ``iodepth``), or with ``tool`` a whole-disk copy by nbdcopy or qemu-img
+    (``rw`` "read": the export into a null sink; "write": a file on the same tmpfs into the export)."""
+
     name: str
     rw: str
-    bs: str
-    iodepth: int
+    bs: str = ""
+    iodepth: int = 0
+    tool: str = "fio"
 
 
 WORKLOADS = [
@@ -50,6 +57,10 @@ WORKLOADS = [
     Workload("seqwrite", "write", "1M", 8),
     Workload("randread", "randread", "4k", 16),
     Workload("randwrite", "randwrite", "4k", 16),
+    Workload("nbdcopy-r", "read", tool="nbdcopy"),
+    Workload("nbdcopy-w", "write", tool="nbdcopy"),
+    Workload("convert-r", "read", tool="qemu-img"),
+    Workload("convert-w", "write", tool="qemu-img"),
 ]
 
 
@@ -184,6 +195,35 @@ def run_fio(port: int, workload: Workload, size: int, runtime: float) -> Result:
     return run_fio_uri(f"nbd://127.0.0.1:{port}/{EXPORT}", workload, size, runtime)
 
 
+def run_workload(port: int, workload: Workload, size: int, runtime: float, source: Path) -> Result:
+    uri = f"nbd://127.0.0.1:{port}/{EXPORT}"
+    if workload.tool == "fio":
+        return run_fio_uri(uri, workload, size, runtime)
+    return run_copy_tool(uri, workload, size, source)
+
+
+def run_copy_tool(uri: str, workload: Workload, size: int, source: Path) -> Result:
+    """A whole-disk copy with the tool's defaults (nbdcopy: its connections and threads, multi-conn when
+    the server offers it); the result is MiB/s (also in ``iops``, which the ratios use)."""
+    reading = workload.rw == "read"
+    if workload.tool == "nbdcopy":
+        argv = ["nbdcopy", uri, "null:"] if reading else ["nbdcopy", str(source), uri]
+    else:
+        null = f"driver=null-co,size={size}"
+        argv = (
+            ["qemu-img", "convert", "-n", "-f", "raw", uri, "--target-image-opts", null]
+            if reading
+            else ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source), uri]
+        )
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{workload.tool} failed: {proc.stderr.strip()}")
+    mib_s = size / (1 << 20) / seconds
+    return Result(mib_s=mib_s, iops=mib_s, p50_us=0.0, p99_us=0.0)
+
+
 def run_fio_uri(uri: str, workload: Workload, size: int, runtime: float) -> Result:
     """One fio run with its nbd engine against ``uri`` (any NBD URI libnbd takes, ``nbds://`` included)."""
     argv = [
@@ -276,8 +316,9 @@ def main() -> int:
     servers = [s for s in args.servers.split(",") if s]
     workloads = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
     missing = [s for s in servers if SERVERS[s][0] and shutil.which(SERVERS[s][0] or "") is None]
-    if shutil.which("fio") is None or missing:
-        print(f"missing: {', '.join(missing or ['fio'])}", file=sys.stderr)
+    missing += [tool for tool in {w.tool for w in workloads} if shutil.which(tool) is None]
+    if missing:
+        print(f"missing: {', '.join(missing)}", file=sys.stderr)
         return 2
     size = args.size_mib << 20
     results: dict[str, dict[str, dict[int, Result]]] = {}
@@ -285,6 +326,9 @@ def main() -> int:
         workdir = Path(tmp)
         image = workdir / "bench.img"
         make_image(image, size)
+        source = workdir / "source.img"  # what the "-w" copy workloads write into the export
+        if any(w.tool != "fio" for w in workloads):
+            shutil.copyfile(image, source)
         with contextlib.ExitStack() as stack:
             # Every server runs for the whole benchmark, and the runs interleave server by server
             # within each workload (the order rotating each round): whatever else the shared machine
@@ -295,7 +339,7 @@ def main() -> int:
                 for workload in workloads:
                     for server in order:
                         try:
-                            result = run_fio(ports[server], workload, size, args.runtime)
+                            result = run_workload(ports[server], workload, size, args.runtime, source)
                         except RuntimeError as exc:
                             print(f"{server} {workload.name}: {exc}", file=sys.stderr)
                             continue
@@ -309,7 +353,9 @@ def main() -> int:
     loop = os.environ.get("NBD_BACKUP_LOOP") or "uvloop (default)"
     print(
         f"\nfio nbd engine over TCP 127.0.0.1, {args.size_mib} MiB image on {args.dir}, "
-        f"{args.runtime:g} s per run, medians of {args.rounds} interleaved round(s)"
+        f"{args.runtime:g} s per run, medians of {args.rounds} interleaved round(s); nbdcopy and qemu-img"
+        " rows: one whole-disk copy each (r: export -> null, w: a file on the same tmpfs -> export), MiB/s"
+        " in both columns"
     )
     print(f"ours: nbd-backup serve, event loop {loop}; {os.cpu_count()} CPUs, load average at the end {load}\n")
     print(table(results, servers, workloads))

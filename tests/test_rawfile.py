@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +15,13 @@ import pytest
 
 from backup.errors import ImageFormatError
 from backup.images import open_image, probe_format
-from backup.rawfile import SLOW_INLINE_WRITE, THREADED_AFTER_SLOW, THREADED_IO_MIN, RawFileDevice
+from backup.rawfile import (
+    SLOW_INLINE_WRITE,
+    THREADED_AFTER_SLOW,
+    THREADED_IO_MIN,
+    RawFileDevice,
+    voluntary_switches,
+)
 from nbd.device import BlockDevice, Extent
 
 MiB = 1 << 20
@@ -258,36 +265,51 @@ async def test_large_writes_run_inline_until_one_is_slow_then_in_the_thread_for_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fast storage: big writes stay on the loop (a hop to the thread cost more than it overlapped).
-    One that took longer than ``SLOW_INLINE_WRITE`` would have stalled every other client: the next
-    ``THREADED_AFTER_SLOW`` go to the writer thread, then inline is tried again."""
+    One that took longer than ``SLOW_INLINE_WRITE`` *and slept* would have stalled every other client:
+    the next ``THREADED_AFTER_SLOW`` go to the writer thread, then inline is tried again. One that only
+    took long (the thread was preempted on a busy machine: no voluntary switch) changes nothing."""
     where: list[bool] = []  # per big write: on the loop's thread?
     real_pwrite = os.pwrite
-    slow = {"calls": 0}
+    stalls: list[str] = []  # how the next writes are slow: "sleeps" or "preempted"
     clock = [0.0]  # the device's clock: only a stalled write moves it (a loaded machine must not)
+    switches = [0]  # the thread's voluntary context switches: a write that sleeps adds one
 
     def pwrite(fd: int, data: bytes, offset: int) -> int:
         where.append(threading.current_thread() is threading.main_thread())
-        if slow["calls"]:
-            slow["calls"] -= 1
-            clock[0] += SLOW_INLINE_WRITE * 2  # storage stalls this one
+        if stalls:
+            clock[0] += SLOW_INLINE_WRITE * 2
+            if stalls.pop(0) == "sleeps":
+                switches[0] += 1
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr("backup.rawfile.os.pwrite", pwrite)
     monkeypatch.setattr("backup.rawfile.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("backup.rawfile.voluntary_switches", lambda: switches[0])
     monkeypatch.setattr("backup.rawfile.THREADED_AFTER_SLOW", 3)
     dev = await RawFileDevice.create(tmp_path / "w.raw", 16 * THREADED_IO_MIN)
     try:
         for i in range(3):
             await dev.pwrite(i * THREADED_IO_MIN, bytes([i + 1]) * THREADED_IO_MIN)
         assert where == [True] * 3 and dev._writer is None  # no thread at all while fast
-        slow["calls"] = 1
-        for i in range(3, 10):
+        stalls[:] = ["preempted", "preempted"]
+        for i in range(3, 5):
             await dev.pwrite(i * THREADED_IO_MIN, bytes([i + 1]) * THREADED_IO_MIN)
-        assert where[3:] == [True, False, False, False, True, True, True]
+        assert where[3:] == [True, True] and dev._writer is None  # slow, but the storage never made it wait
+        stalls[:] = ["sleeps"]
+        for i in range(5, 12):
+            await dev.pwrite(i * THREADED_IO_MIN, bytes([i + 1]) * THREADED_IO_MIN)
+        assert where[5:] == [True, False, False, False, True, True, True]
     finally:
         await dev.close()
     data = (tmp_path / "w.raw").read_bytes()
-    assert data[: 10 * THREADED_IO_MIN] == b"".join(bytes([i + 1]) * THREADED_IO_MIN for i in range(10))
+    assert data[: 12 * THREADED_IO_MIN] == b"".join(bytes([i + 1]) * THREADED_IO_MIN for i in range(12))
+
+
+def test_a_write_that_sleeps_counts_as_a_voluntary_switch(tmp_path: Path) -> None:
+    """The discriminator itself, on the real kernel: waiting (here: a sleep) adds a voluntary switch."""
+    before = voluntary_switches()
+    time.sleep(0.01)
+    assert voluntary_switches() > before
 
 
 class _FailingSyncOnce:

@@ -77,6 +77,15 @@ SPARSE_READ_MIN = 64 * 1024  # reads at least this long ask the device for holes
 SENDFILE_MIN = int(os.environ.get("NBD_BACKUP_SENDFILE_MIN", 256 * 1024))  # 0: never sendfile
 HANDSHAKE_BUFFER = 4096  # the receive buffer until an export is selected (option data is small)
 RECEIVE_BUFFER = 256 * 1024  # ... and after (write payloads bypass it)
+#: Right after a big write payload was received in place (``BIG_PAYLOAD_REST`` or more of it), the next
+#: receive takes at most this much: the next request's header and the start of its payload, which goes
+#: through the receive buffer and is copied (the rest lands in place). A full buffer there copied up to
+#: 256 KiB of every big write — a third of the daemon's CPU under nbdcopy's 256 KiB writes (measured: 48
+#: instead of 73 CPU ticks per GiB into a tmpfs export, 1.3x the throughput). Small writes keep the full
+#: buffer: theirs is the batching of many requests per receive (4 KiB random writes at half the IOPS
+#: when every receive after a payload was small: the stream never got back in step).
+AFTER_PAYLOAD_RECEIVE = 4096
+BIG_PAYLOAD_REST = 64 * 1024
 MAX_IN_FLIGHT = 64  # requests per connection before it stops starting more
 MAX_IN_FLIGHT_BYTES = 64 << 20  # ... or bytes it holds: request data, write payloads, unsent replies
 BUFFER_BUDGET = 256 << 20  # the same bytes, all connections together
@@ -507,6 +516,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._backlog: deque[Event] = deque()  # events received but not started (limits reached)
         self._rbuf: memoryview | None = None  # allocated on first use: small until negotiated
         self._into_payload = False
+        self._after_big_payload = False  # a payload with BIG_PAYLOAD_REST or more received in place
         self._batch: list[bytes | bytearray | memoryview] | None = None
         self._batch_bytes = 0
         self._reading_paused = False
@@ -721,12 +731,17 @@ class _Connection(asyncio.BufferedProtocol):
         view = self.core.payload_buffer()
         if view is not None:
             self._into_payload = True
+            if len(view) >= BIG_PAYLOAD_REST:
+                self._after_big_payload = True
             return view
         self._into_payload = False
         rbuf = self._rbuf
         if rbuf is None:
             size = RECEIVE_BUFFER if self.export is not None else HANDSHAKE_BUFFER
             rbuf = self._rbuf = memoryview(bytearray(size))
+        if self._after_big_payload:
+            self._after_big_payload = False
+            return rbuf[:AFTER_PAYLOAD_RECEIVE]
         return rbuf
 
     def buffer_updated(self, nbytes: int) -> None:

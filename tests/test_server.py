@@ -775,6 +775,81 @@ def test_receive_buffer_is_small_until_negotiated(loop: str) -> None:
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_big_write_payloads_are_received_in_place_not_copied(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream of big writes sent at once (the socket always full): only the first few KiB of each
+    payload pass through the receive buffer (and are copied); the rest is received straight into the
+    payload. A full-size receive after each payload used to carry (and copy) most of the next one."""
+    from nbd import server as server_mod
+
+    through_buffer: list[int] = []  # bytes received into the receive buffer, once negotiated
+    real_buffer_updated = server_mod._Connection.buffer_updated
+
+    def buffer_updated(conn: Any, nbytes: int) -> None:
+        if not conn._into_payload and conn.export is not None:
+            through_buffer.append(nbytes)
+        real_buffer_updated(conn, nbytes)
+
+    monkeypatch.setattr(server_mod._Connection, "buffer_updated", buffer_updated)
+    device = MemoryDevice(64 << 20)
+    count, size = 32, 1 << 20
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        through_buffer.clear()
+        for cookie in range(count):
+            client.request(Cmd.WRITE, cookie, cookie * size, size, data=bytes([cookie + 1]) * size)
+        for _ in range(count):
+            assert (await client.reply())[2] == 0
+        await client.close()
+
+    run_on(loop, serving(device, body))
+    assert device.data[: count * size] == b"".join(bytes([n + 1]) * size for n in range(count))
+    # The first receive may be big (nothing was received in place yet); every later one is small.
+    assert through_buffer and all(n <= server_mod.AFTER_PAYLOAD_RECEIVE for n in through_buffer[1:])
+    assert sum(through_buffer) <= server_mod.RECEIVE_BUFFER + count * server_mod.AFTER_PAYLOAD_RECEIVE
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_small_writes_sent_at_once_are_received_many_per_receive(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 KiB writes sent at once: the receive buffer takes dozens of requests per system call, also
+    when a payload straddled two receives (a short receive after every such payload fell out of step
+    with the stream and took one request per receive: half the IOPS)."""
+    from nbd import server as server_mod
+
+    receives = [0]
+    real_buffer_updated = server_mod._Connection.buffer_updated
+
+    def buffer_updated(conn: Any, nbytes: int) -> None:
+        if conn.export is not None:
+            receives[0] += 1
+        real_buffer_updated(conn, nbytes)
+
+    monkeypatch.setattr(server_mod._Connection, "buffer_updated", buffer_updated)
+    device = MemoryDevice(8 << 20)
+    count, size = 1024, 4096
+
+    async def body(server: NbdServer, port: int) -> None:
+        client = await RawClient.connect(port)
+        await client.go("disk")
+        receives[0] = 0
+        header = wire.REQUEST_FAST
+        client.writer.write(
+            b"".join(
+                header.pack(c.REQUEST_MAGIC, 0, Cmd.WRITE, n, n * size, size) + bytes([n % 251 + 1]) * size
+                for n in range(count)
+            )
+        )
+        for _ in range(count):
+            assert (await client.reply())[2] == 0
+        await client.close()
+
+    run_on(loop, serving(device, body))
+    assert device.data[: count * size] == b"".join(bytes([n % 251 + 1]) * size for n in range(count))
+    assert receives[0] <= count // 8, receives[0]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_a_connection_lost_while_reading_is_paused_still_finishes(loop: str) -> None:
     """Found by the fuzzer: a connection whose transport died while it had stopped reading (too many
     requests in flight) stayed open for good after its last request finished."""

@@ -165,3 +165,28 @@ async def test_chunks_read_through_each_threads_buffer_come_out_whole_and_unshar
 
     with ThreadPoolExecutor(3) as pool:
         assert all(pool.map(load, wanted * 4))
+
+
+def test_an_interrupt_while_the_workers_start_stops_and_joins_those_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C may land before the workers are all started (a fast worker can call back first): the
+    ones already running are stopped and waited for, never left writing behind the caller's cleanup."""
+    from backup.repo.restore import run_workers
+
+    stop = threading.Event()
+    running: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if running:  # the second start: Ctrl-C arrives here
+            raise KeyboardInterrupt
+        real_start(thread)
+        running.append(thread)
+
+    def work() -> None:
+        stop.wait(30)  # a worker that runs until told to stop
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        run_workers(work, 3, "test-workers", stop, [])
+    assert stop.is_set()
+    assert running and not running[0].is_alive()

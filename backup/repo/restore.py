@@ -79,27 +79,24 @@ def restore_to_fd(
 def run_workers(
     work: Callable[[], None], count: int, name: str, stop: threading.Event, errors: list[BaseException]
 ) -> None:
-    """``count`` threads running ``work`` until all are done (``join_all``); then the first error any of
-    them put in ``errors`` is raised."""
+    """``count`` threads running ``work`` until all are done; then the first error any of them put in
+    ``errors`` is raised. Interrupted (KeyboardInterrupt) at any point, also while the threads are still
+    being started, it stops them and waits for every one that started first, so that none still writes
+    into a file or a repository that the caller is about to clean up."""
     workers = [threading.Thread(target=work, name=f"{name}-{i}", daemon=True) for i in range(max(1, count))]
-    for worker in workers:
-        worker.start()
-    join_all(workers, stop)
-    if errors:
-        raise errors[0]
-
-
-def join_all(workers: list[threading.Thread], stop: threading.Event) -> None:
-    """Wait for the workers; interrupted (KeyboardInterrupt), stop them and wait for them first, so that
-    none still writes into a file or a repository that the caller is about to clean up."""
     try:
+        for worker in workers:
+            worker.start()
         for worker in workers:
             worker.join()
     except BaseException:
         stop.set()
         for worker in workers:
-            worker.join()
+            if worker.ident is not None:  # started
+                worker.join()
         raise
+    if errors:
+        raise errors[0]
 
 
 def check_file_target(path: Path, force: bool) -> None:

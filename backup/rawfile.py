@@ -5,7 +5,8 @@ a hop to a thread pool, and the NBD server's per-request tasks keep other client
 reads (``THREADED_IO_MIN``, 256 KiB) go to a thread, so a copy overlaps file I/O with network I/O;
 64 KiB copy-before-write copies in a thread cost guest IOPS (GIL hand-offs). Large
 reads run in the default executor, in parallel. Large writes stay inline while they are fast, and go
-to one writer thread per device for a while after one was slow (``SLOW_INLINE_WRITE``): concurrent
+to one writer thread per device for a while after one was slow because it had to wait (``SLOW_INLINE_WRITE``,
+a voluntary context switch during it: a busy CPU alone does not count): concurrent
 ``pwrite`` calls on one file only spin and sleep on its inode lock (``rwsem_spin_on_owner`` in the
 profile of several writers; one writer copies faster). Holes come
 from ``SEEK_DATA``/``SEEK_HOLE``; zeroing and trimming use ``fallocate`` (zero range, punch hole);

@@ -24,7 +24,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from backup import persistent_bitmaps
-from backup.dirty_bitmap import DirtyBitmap, MarkingPlan, mark_plan, marking_plan, plan_generation, plans_changed
+from backup.dirty_bitmap import (
+    PLAN_GENERATION,
+    DirtyBitmap,
+    MarkingPlan,
+    mark_plan,
+    marking_plan,
+    plan_generation,
+    plans_changed,
+)
 from backup.errors import BackupError, InvalidArgument
 from backup.filter import BlockFilter
 from nbd.device import BlockDevice, BlockLimits, Capabilities, Extent, direct_read_fd
@@ -213,7 +221,7 @@ class BlockNode:
             await self.top.pwrite(offset, data, fua=fua)
         finally:
             if self.bitmaps:
-                plan = self._plan if self._plan_generation == plan_generation() else self._marking()
+                plan = self._plan if self._plan_generation == PLAN_GENERATION[0] else self._marking()
                 if plan:
                     mark_plan(plan, offset, data.nbytes if type(data) is memoryview else len(data))
             self._leave()

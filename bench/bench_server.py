@@ -13,6 +13,8 @@ rounds, with ranges, the ratios paired round by round.
     .venv/bin/python bench/bench_server.py --runtime 3 --servers ours,qemu-nbd --workloads randread
     NBD_BACKUP_LOOP=asyncio .venv/bin/python bench/bench_server.py   # our server on the stdlib loop
     NBD_BACKUP_SENDFILE_MIN=0 .venv/bin/python bench/bench_server.py # big reads without sendfile
+    git worktree add ../before HEAD~1 && .venv/bin/python bench/bench_server.py --baseline ../before \
+        --servers ours,nbdkit --workloads seqwrite,nbdcopy-w   # a change against the code before it
 
 Not part of the test suite: numbers depend on the machine and on whoever else is using it.
 """
@@ -90,9 +92,10 @@ def wait_port(port: int, proc: Any, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
-def start_ours(image: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def start_ours(image: Path, port: int, workdir: Path, checkout: Path = ROOT) -> subprocess.Popen[bytes]:
+    """``nbd-backup serve`` of ``checkout`` (this one, or ``--baseline``'s) with this interpreter."""
     argv = [sys.executable, "-m", "server.cli", "serve", "--nbd", f"127.0.0.1:{port}", "--export", f"{EXPORT}={image}"]
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(argv, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_qemu_nbd(image: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
@@ -309,11 +312,24 @@ def main() -> int:
         default=5,
         help="rounds over all servers (the order rotates each round); medians and ranges are reported",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also serve with the daemon of this checkout (a git worktree of the code before a change), as"
+        " server 'baseline' in the same rounds: a change measured against what it changes",
+    )
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
     parser.add_argument("--dir", default="/dev/shm", help="where the image lives (tmpfs)")
     args = parser.parse_args()
     servers = [s for s in args.servers.split(",") if s]
+    if args.baseline:
+        baseline = Path(args.baseline).resolve()
+        if not (baseline / "server" / "cli.py").is_file():
+            print(f"--baseline {baseline}: not a checkout of nbd-backup", file=sys.stderr)
+            return 2
+        SERVERS["baseline"] = (None, lambda image, port, workdir: start_ours(image, port, workdir, baseline))
+        servers.insert(1, "baseline")
     workloads = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
     missing = [s for s in servers if SERVERS[s][0] and shutil.which(SERVERS[s][0] or "") is None]
     missing += [tool for tool in {w.tool for w in workloads} if shutil.which(tool) is None]

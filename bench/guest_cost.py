@@ -19,6 +19,7 @@ the repetitions with their range.
 
     .venv/bin/python bench/guest_cost.py                          # 3 daemons x 5 reps (~4 minutes)
     .venv/bin/python bench/guest_cost.py --size 2G --reps 3 --who ours,qemu
+    .venv/bin/python bench/guest_cost.py --who ours,qemu --baseline ../before   # a change against the code before it
 
 Not part of the test suite: numbers depend on the machine and on whoever else is using it.
 """
@@ -154,14 +155,15 @@ async def fio(uri: str, runtime: int, work: Path, *, unix_epoch: bool = False) -
 
 
 @contextlib.asynccontextmanager
-async def ours_daemon(work: Path, *extra: str) -> AsyncIterator[QmpAsync]:
-    """``nbd-backup serve`` with a QMP monitor (and ``extra`` serve arguments), until the block ends."""
+async def ours_daemon(work: Path, *extra: str, checkout: Path = ROOT) -> AsyncIterator[QmpAsync]:
+    """``nbd-backup serve`` of ``checkout`` (this one, or ``--baseline``'s) with a QMP monitor (and
+    ``extra`` serve arguments), until the block ends."""
     sock, pid = work / "ours-qmp.sock", work / "ours.pid"
     pid.unlink(missing_ok=True)
     with open(work / "ours.log", "wb") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.cli", "serve", "--qmp", f"unix:{sock}", "--pid-file", str(pid),
-            *extra, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
+            *extra, stdout=subprocess.DEVNULL, stderr=log, cwd=checkout,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
@@ -248,10 +250,18 @@ async def qmp_guest(qmp: QmpAsync, work: Path, runtime: int, speed: int, size: i
 
 
 async def daemon_guest(
-    who: str, image: Path, work: Path, runtime: int, speed: int, size: int
+    who: str, image: Path, work: Path, runtime: int, speed: int, size: int, baseline: Path | None = None
 ) -> tuple[GuestRun, GuestRun]:
-    start = ours_daemon if who == "ours" else qemu_daemon
-    async with start(work) as qmp:
+    """One repetition on daemon ``who``: "ours", "baseline" (ours of the ``baseline`` checkout) or "qemu"."""
+    daemon: contextlib.AbstractAsyncContextManager[QmpAsync]
+    if who == "ours":
+        daemon = ours_daemon(work)
+    elif who == "baseline":
+        assert baseline is not None
+        daemon = ours_daemon(work, checkout=baseline)
+    else:
+        daemon = qemu_daemon(work)
+    async with daemon as qmp:
         await export_source(qmp, image, work / "nbd.sock")
         return await qmp_guest(qmp, work, runtime, speed, size)
 
@@ -402,7 +412,15 @@ def report(samples: dict[str, Samples], args: argparse.Namespace) -> str:
 
 async def main_async(args: argparse.Namespace) -> int:
     who_list = [w.strip() for w in args.who.split(",") if w.strip()]
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    if baseline is not None:
+        if not (baseline / "server" / "cli.py").is_file():
+            print(f"--baseline {baseline}: not a checkout of nbd-backup", file=sys.stderr)
+            return 2
+        who_list.insert(1, "baseline")
     for who in who_list:
+        if who == "baseline":
+            continue
         if who not in DAEMONS:
             print(f"unknown daemon {who!r} (choose from {', '.join(DAEMONS)})", file=sys.stderr)
             return 2
@@ -420,7 +438,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 if who == "ours-inproc":
                     idle, busy = await inproc_guest(image, run_dir, args.runtime, args.speed, args.size)
                 else:
-                    idle, busy = await daemon_guest(who, image, run_dir, args.runtime, args.speed, args.size)
+                    idle, busy = await daemon_guest(who, image, run_dir, args.runtime, args.speed, args.size, baseline)
                 samples[who].add(idle, busy, args.burst)
                 b_iops, b_p99 = busy.window(0, args.burst)
                 s_iops, s_p99 = busy.window(args.burst, max(busy.busy_until, args.burst + 0.001))
@@ -453,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--speed", type=parse_size, default=32 * MiB, help="backup speed limit (default 32M)")
     parser.add_argument("--who", default=",".join(DAEMONS), help=f"comma-separated subset of {', '.join(DAEMONS)}")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the daemon of this checkout (a git worktree of the code before a change) in every"
+        " repetition, as 'baseline'",
+    )
     parser.add_argument("--dir", default="/dev/shm", help="tmpfs directory for the images")
     parser.add_argument("--json", help="also write the raw samples here")
     return parser

@@ -81,11 +81,6 @@ def plans_changed() -> None:
     PLAN_GENERATION[0] += 1
 
 
-def plan_generation() -> int:
-    """The generation a plan made now belongs to (see ``plans_changed``)."""
-    return PLAN_GENERATION[0]
-
-
 def marking_plan(bitmaps: Iterable[DirtyBitmap]) -> MarkingPlan:
     """What marking ``bitmaps`` takes: their sinks (the recording ones, or their successors)."""
     return tuple((sink._shift, sink.size, sink._bits, sink) for sink in (b._sink for b in bitmaps) if sink is not None)

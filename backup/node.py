@@ -30,7 +30,6 @@ from backup.dirty_bitmap import (
     MarkingPlan,
     mark_plan,
     marking_plan,
-    plan_generation,
     plans_changed,
 )
 from backup.errors import BackupError, InvalidArgument
@@ -120,9 +119,9 @@ class BlockNode:
     def _marking(self) -> MarkingPlan:
         """The plan that marks this node's bitmaps (``dirty_bitmap.marking_plan``), made again when
         stale: one tuple walk per write, and none for bitmaps that do not record."""
-        if self._plan_generation != plan_generation():
+        if self._plan_generation != PLAN_GENERATION[0]:
             self._plan = marking_plan(self.bitmaps.values())
-            self._plan_generation = plan_generation()
+            self._plan_generation = PLAN_GENERATION[0]
         return self._plan
 
     def forget_bitmap(self, bitmap: DirtyBitmap) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from backup.errors import BackupError
 from nbd.align import div_up, round_up
 from nbd.constants import State
-from nbd.device import BlockDevice, Extent, direct_read_fd, read_into, remote_uri, write_from_fd
+from nbd.device import BlockDevice, Extent, direct_read_fd, read_into, remote_uri, write_behind, write_from_fd
 from nbd.errors import NbdRequestError
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,11 @@ async def copy_device(
             account(length)
 
     tasks = [asyncio.ensure_future(produce())] + [asyncio.ensure_future(work()) for _ in range(requests)]
-    await run_together(tasks)
+    write_behind(dst, True)  # a raw file is written on its own thread while the next request arrives
+    try:
+        await run_together(tasks)
+    finally:
+        write_behind(dst, False)
     await dst.flush()
     return stats
 

@@ -64,6 +64,10 @@ THREADED_IO_MIN = 256 * 1024  # reads and writes this big run in a thread: the l
 # one that was only preempted, on a machine whose cores are all busy, says nothing about the storage, and
 # the thread would only add hand-offs to a loop short of CPU (measured: nbdcopy's four connections into
 # an export on tmpfs, 1.13x the throughput and a third less user CPU when such writes stay inline).
+# A whole-device copy asks for the opposite (``write_behind``): its loop has nothing to do but receive
+# the next request while this one is written, so the thread overlaps the two copies of every payload
+# (socket -> buffer, buffer -> page cache) on two cores: ``nbd-backup copy`` of 1 GiB from nbdkit into a
+# tmpfs file 0.94 -> 0.66 s, as fast as nbdcopy.
 SLOW_INLINE_WRITE = 0.002
 THREADED_AFTER_SLOW = 256
 
@@ -112,6 +116,7 @@ class RawFileDevice:
         self._writer: IoThread | None = None  # large writes, one at a time (created on first use)
         self._threaded_writes_left = 0  # after a slow inline write: big writes to go to the writer thread
         self._writes_queued = 0  # big writes in the writer thread now: the next big one queues behind them
+        self._write_behind = False  # every big write to the writer thread (a whole-device copy asked)
         self._flush_latch = FlushLatch(path)
 
     # --- opening -----------------------------------------------------------------------------------
@@ -240,14 +245,19 @@ class RawFileDevice:
         if got < length:
             read_full(self._fd, memoryview(buffer).cast("B"), offset, got)  # past the end of the file: zeroes
 
+    def write_behind(self, enabled: bool) -> None:
+        """While ``enabled``, every big write goes to the writer thread (see ``SLOW_INLINE_WRITE``):
+        for a whole-device copy, never for a served export, whose clients keep both cores busy."""
+        self._write_behind = enabled
+
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         length = len(data)
         self._check_write(offset, length)
         if fua:
             self._flush_latch.check()
-        if length >= THREADED_IO_MIN and (self._threaded_writes_left or self._writes_queued):
-            # Storage that was slow: the loop keeps serving meanwhile. The writer thread finishes every
-            # queued write before close() frees the descriptor.
+        if length >= THREADED_IO_MIN and (self._write_behind or self._threaded_writes_left or self._writes_queued):
+            # A copy that asked for it, or storage that was slow: the loop goes on meanwhile. The writer
+            # thread finishes every queued write before close() frees the descriptor.
             self._threaded_writes_left = max(0, self._threaded_writes_left - 1)
             self._writes_queued += 1
             try:

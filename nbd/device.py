@@ -168,6 +168,14 @@ class WriteFromFd(Protocol):
 
 
 @runtime_checkable
+class WritesBehind(Protocol):
+    """A device that can hand big writes to a thread of its own while the caller goes on (raw files):
+    what a whole-device copy wants, whose event loop has the next request to receive meanwhile."""
+
+    def write_behind(self, enabled: bool) -> None: ...
+
+
+@runtime_checkable
 class TopAllocation(Protocol):
     """Which ranges the top layer itself holds (not its backing file): ``sync=top`` copies only those."""
 
@@ -274,6 +282,7 @@ _writes_by_fd = _class_check(DirectWriteFd)
 _reads_into = _class_check(ReadInto)
 _writes_many = _class_check(WriteMany)
 _writes_from_fd = _class_check(WriteFromFd)
+_writes_behind = _class_check(WritesBehind)
 _knows_top = _class_check(TopAllocation)
 _holdable = _class_check(Holdable)
 _knows_depth = _class_check(AllocationDepth)
@@ -313,6 +322,13 @@ def read_into(device: object) -> Callable[[int, bytearray | memoryview], Awaitab
 def write_from_fd(device: object) -> Callable[..., Awaitable[None]] | None:
     """``device.pwrite_from_fd`` when the device takes a write's payload from a file, else None."""
     return cast(WriteFromFd, device).pwrite_from_fd if _writes_from_fd(device) else None
+
+
+def write_behind(device: object, enabled: bool) -> None:
+    """Ask ``device`` to write big payloads on a thread of its own (or to stop); a no-op for devices
+    that cannot (see ``WritesBehind``)."""
+    if _writes_behind(device):
+        cast(WritesBehind, device).write_behind(enabled)
 
 
 def top_allocation(device: object) -> Callable[[int, int], Awaitable[list[tuple[int, bool]]]] | None:

@@ -72,3 +72,35 @@ async def test_run_together_cancels_the_rest_on_the_first_failure_or_when_told()
     assert await run_together(waiting, until=stop) is False
     assert all(task.cancelled() for task in waiting)
     assert await run_together([asyncio.ensure_future(asyncio.sleep(0))]) is True
+
+
+class BehindRecorder(MemoryDevice):
+    """A destination that records when a copy asks it to write behind (as a raw file can)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.behind: list[bool] = []
+        self.writes_while_behind: list[bool] = []
+
+    def write_behind(self, enabled: bool) -> None:
+        self.behind.append(enabled)
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        self.writes_while_behind.append(self.behind[-1:] == [True])
+        await super().pwrite(offset, data, fua=fua)
+
+
+async def test_a_copy_has_its_destination_write_behind_and_turns_it_off_again() -> None:
+    """Every write of a copy is made while the destination writes behind (its own thread, for a raw
+    file); afterwards, failed or not, the destination is back to its own rule."""
+    src = MemoryDevice(8 * CS)
+    await src.pwrite(0, bytes(range(256)) * (8 * CS // 256))
+    dst = BehindRecorder(8 * CS)
+    await copy_device(src, dst, request_size=CS)
+    assert dst.behind == [True, False] and dst.writes_while_behind == [True] * 8
+    assert await dst.pread(0, 8 * CS) == await src.pread(0, 8 * CS)
+
+    failing = BehindRecorder(8 * CS)
+    with pytest.raises(OSError):
+        await copy_device(StatusDevice(8 * CS, [OSError(errno.EIO, "disk")]), failing, request_size=CS)
+    assert failing.behind == [True, False]

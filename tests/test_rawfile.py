@@ -305,6 +305,36 @@ async def test_large_writes_run_inline_until_one_is_slow_then_in_the_thread_for_
     assert data[: 12 * THREADED_IO_MIN] == b"".join(bytes([i + 1]) * THREADED_IO_MIN for i in range(12))
 
 
+async def test_write_behind_sends_every_big_write_to_the_thread_until_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-device copy asks for ``write_behind``: every big write goes to the writer thread, fast or
+    not (small ones stay inline); turned off, big writes are inline again."""
+    where: list[tuple[int, bool]] = []  # per write: its length, and whether it ran on the loop's thread
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        where.append((len(data), threading.current_thread() is threading.main_thread()))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr("backup.rawfile.os.pwrite", pwrite)
+    dev = await RawFileDevice.create(tmp_path / "w.raw", 8 * THREADED_IO_MIN)
+    try:
+        dev.write_behind(True)
+        await asyncio.gather(*(dev.pwrite(i * THREADED_IO_MIN, bytes([i + 1]) * THREADED_IO_MIN) for i in range(4)))
+        await dev.pwrite(4 * THREADED_IO_MIN, b"s" * 4096)
+        assert where == [(THREADED_IO_MIN, False)] * 4 + [(4096, True)]
+        dev.write_behind(False)
+        await dev.pwrite(5 * THREADED_IO_MIN, b"i" * THREADED_IO_MIN)
+        assert where[-1] == (THREADED_IO_MIN, True)
+    finally:
+        await dev.close()
+    data = (tmp_path / "w.raw").read_bytes()
+    assert data[: 4 * THREADED_IO_MIN] == b"".join(bytes([i + 1]) * THREADED_IO_MIN for i in range(4))
+    assert data[4 * THREADED_IO_MIN : 4 * THREADED_IO_MIN + 4096] == b"s" * 4096
+    assert data[5 * THREADED_IO_MIN : 6 * THREADED_IO_MIN] == b"i" * THREADED_IO_MIN
+
+
 def test_a_write_that_sleeps_counts_as_a_voluntary_switch(tmp_path: Path) -> None:
     """The discriminator itself, on the real kernel: waiting (here: a sleep) adds a voluntary switch."""
     before = voluntary_switches()

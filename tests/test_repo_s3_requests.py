@@ -154,3 +154,73 @@ def test_a_file_backup_and_a_restore_into_s3_keep_a_request_per_connection_in_fl
         assert sum(name.startswith("repo-backup-") for name in started) == expected
         assert sum(name.startswith("repo-restore-") for name in started) == expected
         assert (tmp_path / "out.raw").read_bytes() == source.read_bytes()
+
+
+class _Captured:
+    """A botocore ``before-send`` hook: keeps each request's headers and body, and answers a PUT
+    itself (200) when ``answer`` is set, so no server is needed."""
+
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+
+    def __call__(self, request: Any, **_: Any) -> Any:
+        body = request.body
+        if hasattr(body, "read"):  # a stream: read it, and leave it where botocore expects it
+            start = body.tell()
+            data = body.read()
+            body.seek(start)
+        else:
+            data = bytes(body or b"")
+        headers = {k.lower(): v.decode() if isinstance(v, bytes) else str(v) for k, v in request.headers.items()}
+        self.requests.append((request.url, headers, data))
+        if not self.answer:
+            return None
+        from botocore.awsrequest import AWSResponse
+
+        class Raw:
+            def stream(self, **_: Any) -> Iterator[bytes]:
+                yield b""
+
+        return AWSResponse(request.url, 200, {"ETag": '"x"'}, Raw())
+
+
+def _signed_with_body_sha256(headers: dict[str, str], body: bytes) -> bool:
+    import hashlib
+
+    return headers.get("x-amz-content-sha256") == hashlib.sha256(body).hexdigest()
+
+
+def test_a_chunk_put_is_signed_with_its_body_sha256_and_carries_no_md5(s3: S3Where) -> None:
+    """A body damaged on the way is refused by the store: its SHA-256 is in the signature (checked by
+    S3), so no Content-MD5 is computed on top (MD5 costs twice SHA-256's time per byte)."""
+    repo = Repository.init(s3.loc(), CS)
+    store = repo.store
+    assert isinstance(store, S3Store)
+    captured = _Captured(answer=False)
+    store.s3.client.meta.events.register("before-send.s3.PutObject", captured)
+    write_snapshot(repo, "d", [rand_chunk() for _ in range(2)])
+    chunk_puts = [(h, b) for url, h, b in captured.requests if "/chunks/" in url]
+    assert len(chunk_puts) == 2
+    for headers, body in chunk_puts:
+        assert body and _signed_with_body_sha256(headers, body)
+        assert "content-md5" not in headers
+
+
+def test_over_https_a_put_without_md5_is_still_signed_with_its_body_sha256(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over https botocore leaves the payload unsigned when a Content-MD5 is there; without one (our chunk
+    PUTs) it signs the body's SHA-256: every chunk PUT carries a checksum the store verifies."""
+    from backup.repo.location import S3Location
+    from backup.repo.s3client import S3Client
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    client = S3Client(S3Location("bucket", "repo", "https://s3.invalid", "us-east-1"))
+    captured = _Captured(answer=True)
+    client.client.meta.events.register("before-send.s3.PutObject", captured)
+    body = os.urandom(4096)
+    client.put("repo/chunks/ab/x", body, if_absent=True)
+    client.put("repo/manifest", body, md5="1B2M2Y8AsgTpgAmY7PhCfg==")  # with MD5: botocore's own rule
+    (_, signed, _), (_, with_md5, _) = captured.requests
+    assert _signed_with_body_sha256(signed, body) and "content-md5" not in signed
+    assert with_md5["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"  # what the MD5 would have replaced

@@ -30,7 +30,7 @@ from .errors import ChunkMissing, DiskBusy, NotARepository, RepoError, Retained,
 from .lease import Lease
 from .location import S3Location
 from .names import validate_digest, validate_disk, validate_snapshot_id
-from .s3client import CONNECTIONS, ObjectInfo, S3Client, content_md5, server_time
+from .s3client import CONNECTIONS, ObjectInfo, S3Client, server_time
 from .store import CONFIG, LOCK, SNAPSHOTS
 
 log = logging.getLogger("nbd_backup.repo")
@@ -236,7 +236,11 @@ class S3ChunkStore:
         return self.s3.head(self.key(digest)) is not None
 
     def put(self, digest: str, blob: bytes) -> bool:
-        """Upload unless another writer did (412); Content-MD5 so a broken transfer is never stored.
+        """Upload unless another writer did (412). A body damaged on the way is never stored: the
+        request carries the body's SHA-256 in its signature (``x-amz-content-sha256``, which the store
+        checks), over http and https alike — no Content-MD5 (MD5 runs at half SHA-256's speed, and over
+        http botocore computes the SHA-256 anyway), except on a PUT with Object Lock retention, where
+        S3 requires it (``S3Client.put``).
 
         A chunk this PUT created is younger than every lease of this store that began before it: each
         of them knows it is there (``Lease.known``: its commit need not HEAD it, see ``missing_chunks``).
@@ -248,7 +252,6 @@ class S3ChunkStore:
                     self.key(digest),
                     blob,
                     if_absent=True,
-                    md5=content_md5(blob),
                     retain_until=self.store.retain_until(),
                 )
                 is not None

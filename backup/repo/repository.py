@@ -264,10 +264,13 @@ class Repository:
         """``load_chunk`` for a reader that reuses ``scratch`` (a restore's worker): the chunk's bytes as
         buffers to write one after the other. From a directory without encryption the blob is read into
         ``scratch``, and the bytes of an incompressible chunk are views of it (valid until ``scratch`` is
-        reused): one copy from the file and the SHA-256, nothing else."""
+        reused): one copy from the file and the SHA-256, nothing else. From any other unencrypted store
+        such a chunk is views of the fetched blob (no decompression: one copy of the chunk fewer)."""
         try:
-            if self.cipher is not None or not isinstance(self.chunks, LocalChunkStore):
+            if self.cipher is not None:
                 return [decode_chunk(digest, self.chunks.get(digest), length, self.cipher)]
+            if not isinstance(self.chunks, LocalChunkStore):
+                return decode_chunk_parts(digest, self.chunks.get(digest), length)
             size = self.chunks.read_into(digest, scratch)
             if size is None:  # bigger than any frame we write: decode it the plain way
                 return [decode_chunk(digest, self.chunks.get(digest), length)]

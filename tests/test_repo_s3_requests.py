@@ -224,3 +224,29 @@ def test_over_https_a_put_without_md5_is_still_signed_with_its_body_sha256(monke
     (_, signed, _), (_, with_md5, _) = captured.requests
     assert _signed_with_body_sha256(signed, body) and "content-md5" not in signed
     assert with_md5["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"  # what the MD5 would have replaced
+
+
+def test_an_incompressible_chunk_from_s3_is_checked_without_zstd(s3: S3Where, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk stored as zstd raw blocks comes back as views of the fetched blob, hashed but never
+    decompressed (one copy of the chunk fewer per read); a flipped byte in it is still ChunkCorrupt."""
+    from backup.repo import codec
+    from backup.repo.errors import ChunkCorrupt
+
+    size = 256 << 10  # big enough to be sampled, and stored raw when no sample compresses
+    repo = Repository.init(s3.loc(), size)
+    data = rand_chunk(size)
+    digest = write_snapshot(repo, "d", [data]).chunks[0]
+    assert digest is not None
+    name = s3.chunk_name(digest)
+    assert codec.raw_frame_parts(s3.get_raw(repo, name), size) is not None  # stored as raw blocks
+
+    def no_zstd() -> Any:
+        raise AssertionError("decompressed")
+
+    monkeypatch.setattr(codec, "_decompressor", no_zstd)
+    assert b"".join(repo.load_chunk_into(digest, size, bytearray(16))) == data
+    flipped = bytearray(s3.get_raw(repo, name))
+    flipped[len(flipped) // 2] ^= 1
+    s3.put_raw(str(repo.location), name, bytes(flipped))
+    with pytest.raises(ChunkCorrupt):
+        repo.load_chunk_into(digest, size, bytearray(16))

@@ -248,6 +248,16 @@ def nbdkit_push(
         server.wait()
 
 
+def empty_bucket(server: MotoServer, bucket: str) -> None:
+    """Delete a repetition's objects: moto keeps every body in its memory, and a server holding
+    several GiB from earlier repetitions is slower for whichever side comes later."""
+    client = server.client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+
 def med(values: list[float]) -> str:
     if any(math.isnan(v) for v in values):  # not measured (the nbdkit path's RSS)
         return "-"
@@ -308,6 +318,7 @@ def main() -> None:
             for rep in range(args.reps):
                 sides = ["ours", "nbdkit"] if nbdkit_note is None else ["ours"]
                 for side in sides if rep % 2 == 0 else reversed(sides):
+                    bucket = server.new_bucket()
                     if side == "nbdkit":
                         try:
                             got = nbdkit_push(
@@ -315,7 +326,7 @@ def main() -> None:
                                 env,
                                 plugin,
                                 server.endpoint,
-                                server.new_bucket(),
+                                bucket,
                                 "disk",
                                 image,
                                 (work, offsets),
@@ -326,10 +337,11 @@ def main() -> None:
                             print(nbdkit_note, file=sys.stderr)
                             continue
                         (tmp / "nbdkit.img").unlink(missing_ok=True)
+                        empty_bucket(server, bucket)
                         for name, v in got.items():
                             runs.setdefault(name, []).append(v)
                         continue
-                    loc = f"s3://{server.new_bucket()}/repo?endpoint={server.endpoint}&region=us-east-1"
+                    loc = f"s3://{bucket}/repo?endpoint={server.endpoint}&region=us-east-1"
                     Repository.init(loc, cs)
                     r = {"full": ours(step, env, args.code, "backup", loc, "host1/disk", image, threads)}
                     r["incremental"] = ours(step, env, args.code, "backup", loc, "host1/disk", work, threads)
@@ -338,6 +350,7 @@ def main() -> None:
                     )
                     (tmp / "restored.img").unlink(missing_ok=True)
                     r["second host"] = ours(step, env, args.code, "backup", loc, "host2/disk", image, threads)
+                    empty_bucket(server, bucket)
                     for name, v in r.items():
                         runs.setdefault(name, []).append(v)
                 print(f"# {kind} rep {rep + 1} done", file=sys.stderr)

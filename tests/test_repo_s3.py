@@ -390,3 +390,67 @@ def test_incremental_does_not_copy_the_parent_chunks(s3: S3Where, monkeypatch: p
     assert second.parent == first.id and second.stats["new-bytes"] == 0
     assert touched == [store.chunks.key(other.chunks[0] or "")]  # only the chunk that is not the parent's
     assert read_snapshot(repo, second) == b"".join(blocks[:3]) + read_snapshot(repo, other)
+
+
+def test_a_chunk_stored_moments_before_is_deduplicated_without_a_copy(
+    s3: S3Where, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second host backing up the same image finds the first host's fresh chunks: a HEAD each, no copy
+    onto itself (no gc can take a chunk younger than half its margin before the lease began). A chunk
+    older than that is still copied, and with Object Lock every found chunk is."""
+    repo = Repository.init(s3.loc(), CS)
+    data = rand_chunk()
+    write_snapshot(repo, "host1", [data])
+    s3.tick()  # LastModified has whole seconds: the chunk is now older than any new lease
+    other = Repository.open(repo.location)
+    store = _store(other)
+    store.gc_margin = 60.0
+    touched: list[str] = []
+    real = store.s3.touch
+    monkeypatch.setattr(store.s3, "touch", lambda key: touched.append(key) or real(key))
+    second = write_snapshot(other, "host2", [data])
+    assert touched == [] and second.stats["new-bytes"] == 0 and read_snapshot(other, second) == data
+
+    with other.begin_write("host3") as w:
+        w.lease.started += 31  # as if this backup began more than half a margin after the upload
+        assert other.store_chunk(data, w.lease) == (second.chunks[0], False)
+    assert touched == [store.chunks.key(second.chunks[0] or "")]
+
+    touched.clear()
+    s3.tick()  # the copy made it young again: let it age past the next lease's start
+    store.retention = 3600.0  # Object Lock: the copy also renews the chunk's retention
+    monkeypatch.setattr(store.chunks, "_touch", lambda key: touched.append(key) or True)
+    with other.begin_write("host4") as w:
+        other.store_chunk(data, w.lease)
+    assert touched == [store.chunks.key(second.chunks[0] or "")]
+
+
+def test_gc_does_not_take_a_young_chunk_a_backup_found_without_copying_it(
+    s3: S3Where, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the copy guarded against, with a young chunk: gc reads the leases before the backup's
+    lease exists, the backup then finds the orphan chunk (no copy), gc goes on deleting — and keeps it,
+    since its cutoff lies a whole margin before its own start."""
+    monkeypatch.setattr(s3store, "GC_MARGIN", 60.0)
+    repo = Repository.init(s3.loc(), CS)
+    data = rand_chunk()
+    with repo.begin_write("old") as w:  # an orphan: unreferenced, but stored moments ago
+        repo.store_chunk(data, w.lease)
+    s3.tick()
+    other = Repository.open(repo.location)
+    found: list[tuple[str | None, bool]] = []
+    writers = []
+
+    def backup_after_marking(_: list[str]) -> None:
+        w = other.begin_write("new")  # begins after gc read the leases
+        writers.append(w)
+        found.append(other.store_chunk(data, w.lease))
+
+    monkeypatch.setattr(gc, "_after_mark", backup_after_marking)
+    touched: list[str] = []
+    monkeypatch.setattr(_store(other).s3, "touch", lambda key: touched.append(key) or True)
+    report = gc.collect_garbage(repo)
+    assert found and found[0][1] is False and touched == []  # deduplicated, not copied
+    assert report.chunks_deleted == 0
+    m = writers[0].commit(CS, [found[0][0]], None, {})
+    assert read_snapshot(repo, m) == data and verify(repo).ok

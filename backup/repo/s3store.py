@@ -294,17 +294,23 @@ class S3ChunkStore:
         return True
 
     def reuse(self, digest: str, lease: Lease) -> bool:
-        """HEAD; a chunk older than the lease is copied onto itself (young again, see ``s3gc``).
+        """HEAD; a chunk that is not young is copied onto itself (young again, see ``s3gc``).
 
         Not a chunk the lease object lists already (a parent's): the parent's manifest and that list
-        keep it. False if it is missing — also when gc removed it between the HEAD and the copy.
+        keep it. Not a chunk stored less than half gc's margin before the lease began (another host's
+        upload of the same data moments ago, the common case of many hosts backing up one image):
+        every gc's cutoff lies a whole margin before the start of a lease it saw, or before its own
+        start if it began earlier, so no gc can take it — half the margin still absorbs clock skew
+        (``FORMAT.md``, "gc on S3"). With Object Lock every found chunk is copied, which also renews
+        its retention. False if it is missing — also when gc removed it between the HEAD and the copy.
         """
         if digest in lease.known:  # uploaded by this backup, or its parent's: no request
             return True
         info = self.s3.head(self.key(digest))
         if info is None:
             return False
-        if info.mtime < lease.started and not (isinstance(lease, S3Lease) and digest in lease.written):
+        young = lease.started if self.store.retention is not None else lease.started - self.store.gc_margin / 2
+        if info.mtime < young and not (isinstance(lease, S3Lease) and digest in lease.written):
             return self._touch(info.key)
         return True
 

@@ -309,8 +309,10 @@ class S3ChunkStore:
         info = self.s3.head(self.key(digest))
         if info is None:
             return False
-        young = lease.started if self.store.retention is not None else lease.started - self.store.gc_margin / 2
-        if info.mtime < young and not (isinstance(lease, S3Lease) and digest in lease.written):
+        copy_if_older_than = lease.started
+        if self.store.retention is None:
+            copy_if_older_than -= self.store.gc_margin / 2
+        if info.mtime < copy_if_older_than and not (isinstance(lease, S3Lease) and digest in lease.written):
             return self._touch(info.key)
         return True
 

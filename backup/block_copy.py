@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing, suppress
 
 from backup.bitmap import ClusterBitmap
+from backup.capture import CaptureWriter, Slot
 from backup.copy_engine import extent_runs, file_reads_zero, write_zeroes, zero_runs
 from backup.fileio import read_full
 from backup.io_thread import IoThread
@@ -143,9 +144,12 @@ class BlockCopier:
         top_allocation: TopAllocation | None = None,
         bitmap: ClusterBitmap | None = None,
         zero_unit: int | None = None,
+        capture_window: int = 0,
     ) -> None:
         if cluster_size <= 0 or cluster_size & (cluster_size - 1):
             raise ValueError(f"cluster size {cluster_size} is not a power of two")
+        if capture_window and (capture_window < cluster_size or capture_window & (capture_window - 1)):
+            raise ValueError(f"capture window {capture_window} is not a power of two of at least the cluster size")
         zero_unit = zero_unit or cluster_size
         if zero_unit < cluster_size or zero_unit & (zero_unit - 1):
             raise ValueError(f"zero unit {zero_unit} is not a power of two of at least the cluster size")
@@ -176,6 +180,10 @@ class BlockCopier:
         self._direct_buffer = bytearray(max(zero_unit, DIRECT_COPY_MAX))
         self._file_thread: IoThread | None = None  # the job's file-to-file chunks (created on first use)
         self._file_buffer = bytearray(0)  # the thread's own, sized on first use
+        #: Guest copies between two plain files go through a ``CaptureWriter`` (made on first use) when
+        #: this is set: the guest waits for the read of the old data only, of the whole window around it.
+        self.capture_window = capture_window
+        self._capture: CaptureWriter | None = None
 
     # --- geometry -------------------------------------------------------------------------------
 
@@ -408,6 +416,11 @@ class BlockCopier:
         fds = self._direct_fds()
         if fds is None:
             return False
+        if self.capture_window:
+            first = self._capture_windows(fds, first, end)
+            if first >= end:
+                return True
+            offset, length = self.bytes_of(first, end)
         self.bitmap.clear(first, end)
         try:
             _, zeroes = self._copy_direct_sync(*fds, offset, length)
@@ -418,6 +431,89 @@ class BlockCopier:
         self.copied_bytes += length
         self.on_progress(length)
         return True
+
+    def _capture_windows(self, fds: tuple[int, int], first: int, end: int) -> int:
+        """``_copy_now`` through the capture writer: for each capture window that clusters ``[first, end)``
+        (all still to copy) touch, in order, read every cluster of the window still to copy into a slot,
+        mark them copied and hand the slot to the writer — neighbours of the guest's clusters included,
+        so the job does not copy them later at a cost to the guest again. Stops at the first window it
+        finds no slot for (every slot in use, or the writer's descriptor is not the target's any more)
+        and returns the first cluster not done; the caller copies the rest inline. Raises ``CopyError``
+        for a failed read (the window's bits as they were)."""
+        source_fd, target_fd = fds
+        writer = self._capture
+        if writer is None:
+            writer = self._capture = CaptureWriter(target_fd, self.capture_window)
+        elif writer.fd != target_fd:
+            return first
+        bitmap = self.bitmap
+        bits = self.cluster_bits
+        per = self.capture_window >> bits
+        pos = first
+        while pos < end:
+            slot = writer.take()
+            if slot is None:
+                return pos
+            window = pos & ~(per - 1)
+            window_end = min(window + per, self.clusters)
+            base, length = self.bytes_of(window, window_end)
+            try:
+                if bitmap.take(window, window_end):  # the window's first touch: one read
+                    try:
+                        read_file_into(source_fd, slot.view[:length], base)
+                    except CopyError:
+                        bitmap.set(window, window_end)
+                        raise
+                    slot.pieces = [(base, 0, length)]
+                    captured = length
+                else:
+                    captured = self._capture_runs(source_fd, slot, window, window_end)
+            except BaseException:
+                writer.give_back(slot)
+                raise
+            writer.submit(slot)
+            self.copied_bytes += captured
+            self.written_bytes += captured
+            self.on_progress(captured)
+            pos = window_end
+        return pos
+
+    def _capture_runs(self, source_fd: int, slot: Slot, window: int, window_end: int) -> int:
+        """Read the runs of a window still to copy into ``slot``, then clear their bits (no ``await``:
+        nobody sees them half done); returns the bytes read."""
+        bitmap = self.bitmap
+        base = window << self.cluster_bits
+        runs: list[tuple[int, int]] = []
+        pieces: list[tuple[int, int, int]] = []
+        pos = window
+        captured = 0
+        while (start := bitmap.next_set(pos, window_end)) is not None:
+            stop = bitmap.run_end(start, window_end)
+            offset, length = self.bytes_of(start, stop)
+            read_file_into(source_fd, slot.view[offset - base : offset - base + length], offset)
+            runs.append((start, stop))
+            pieces.append((offset, offset - base, offset - base + length))
+            captured += length
+            pos = stop
+        for start, stop in runs:
+            bitmap.clear(start, stop)
+        slot.pieces = pieces
+        return captured
+
+    @property
+    def capture_failed(self) -> bool:
+        """Whether captured old data failed to reach the target (``flush_captured`` writes it again)."""
+        return self._capture is not None and self._capture.failed
+
+    async def flush_captured(self) -> None:
+        """Until every captured slot is on the target (failed ones written again); raises ``CopyError``
+        when one still fails — its data stays held for the next call."""
+        if self._capture is None:
+            return
+        try:
+            await self._capture.flush()
+        except OSError as exc:
+            raise CopyError(exc, is_read=False) from exc
 
     def pending(self, offset: int, length: int) -> tuple[int, int] | None:
         """The guest fast path in one call: the clusters ``[first, end)`` of bytes
@@ -599,7 +695,10 @@ class BlockCopier:
         return self._file_thread
 
     async def close(self) -> None:
-        """Stop the file-copy thread once what it was given is done (the job calls this at its end)."""
+        """Stop the file-copy thread once what it was given is done, and the capture writer (the job
+        calls this at its end, after ``flush_captured`` when the backup completes)."""
+        if self._capture is not None:
+            await self._capture.close()
         if self._file_thread is not None:
             await self._file_thread.stop()
 

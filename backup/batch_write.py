@@ -19,6 +19,7 @@ import ctypes
 import errno
 import os
 import platform
+import struct
 from typing import Protocol
 
 #: (io_setup, io_destroy, io_getevents, io_submit) by ``platform.machine()``.
@@ -60,6 +61,14 @@ class _IoEvent(ctypes.Structure):
         ("res", ctypes.c_int64),
         ("res2", ctypes.c_int64),
     ]
+
+
+_IOCB_SIZE = ctypes.sizeof(_Iocb)
+_BUF_OFFSET = _Iocb.aio_buf.offset  # aio_buf, aio_nbytes and aio_offset follow each other
+_PACK_PIECE = struct.Struct("=QQq").pack_into
+_EVENT = struct.Struct("=QQqq")
+assert _Iocb.aio_nbytes.offset == _BUF_OFFSET + 8 and _Iocb.aio_offset.offset == _BUF_OFFSET + 16
+assert _EVENT.size == ctypes.sizeof(_IoEvent)
 
 
 class BatchWriter(Protocol):
@@ -105,7 +114,12 @@ class PwriteWriter:
 
 
 class AioWriter:
-    """A kernel AIO context of ``depth`` slots writing to ``fd``; one ``io_submit`` per batch."""
+    """A kernel AIO context of ``depth`` slots writing to ``fd``; one ``io_submit`` per batch.
+
+    The control blocks live in one buffer, filled per piece with a single ``struct.pack_into`` (the
+    fields that never change — opcode, descriptor, the piece's index as its cookie — are set once), and
+    the completions are read back with ``struct.iter_unpack``: the thread holds the GIL for about a
+    microsecond per piece."""
 
     def __init__(self, fd: int, depth: int, numbers: tuple[int, int, int, int]) -> None:
         self.fd = fd
@@ -121,22 +135,24 @@ class AioWriter:
         self._iocbs = (_Iocb * depth)()
         self._pointers = (ctypes.POINTER(_Iocb) * depth)()
         for index in range(depth):
+            self._iocbs[index].aio_data = index
             self._iocbs[index].aio_lio_opcode = _IOCB_CMD_PWRITE
             self._iocbs[index].aio_fildes = fd
             self._pointers[index] = ctypes.pointer(self._iocbs[index])
+        self._iocb_memory = memoryview(self._iocbs).cast("B")
         self._events = (_IoEvent * depth)()
+        self._event_memory = memoryview(self._events).cast("B")
 
     def write(self, pieces: list[Piece]) -> list[int]:
         count = len(pieces)
         if count > self.depth:
             raise ValueError(f"{count} pieces for an AIO context of {self.depth}")
-        iocbs = self._iocbs
-        for index, (address, length, offset) in enumerate(pieces):
-            iocb = iocbs[index]
-            iocb.aio_data = index
-            iocb.aio_buf = address
-            iocb.aio_nbytes = length
-            iocb.aio_offset = offset
+        pack = _PACK_PIECE
+        memory = self._iocb_memory
+        at = _BUF_OFFSET
+        for address, length, offset in pieces:
+            pack(memory, at, address, length, offset)
+            at += _IOCB_SIZE
         results = [-errno.EAGAIN] * count
         try:
             submitted = self._call(self._submit, self._ctx, ctypes.c_long(count), self._pointers)
@@ -152,8 +168,8 @@ class AioWriter:
                 self._events,
                 None,
             )
-            for event in self._events[:got]:
-                results[event.data] = event.res
+            for index, _obj, result, _result2 in _EVENT.iter_unpack(self._event_memory[: got * _EVENT.size]):
+                results[index] = result
             reaped += got
         # Pieces io_submit did not take (a kernel may stop a batch early) go one by one.
         for index in range(submitted, count):

@@ -39,7 +39,7 @@ GATHER_SECONDS = 0.001
 #: A queue this long is written at once, without gathering.
 GATHER_ENOUGH = 16
 #: Pieces the thread writes in one batch (the AIO context's size); a slot holds at most this many.
-BATCH_PIECES = 256
+BATCH_PIECES = 64
 
 
 class Slot:
@@ -150,7 +150,8 @@ class CaptureWriter:
 
     async def close(self) -> None:
         """Stop the thread once its batch in progress is written; what is still queued is dropped (the
-        job flushed first when the backup completes; a cancelled backup has no use for it)."""
+        job flushed first when the backup completes; a cancelled backup has no use for it). The pool is
+        released: ``take`` finds no slot any more."""
         with self._cond:
             self._stopping = True
             self._queue.clear()
@@ -158,6 +159,7 @@ class CaptureWriter:
         thread = self._thread
         if thread is not None and thread.is_alive():
             await asyncio.to_thread(thread.join)
+        self._free, self._parked = [], []  # the pool's memory goes now, whoever still holds the writer
 
     # --- the thread ----------------------------------------------------------------------------
 
@@ -193,12 +195,11 @@ class CaptureWriter:
                 batch.append(slot)
         failed = self._write(writer, batch)
         with cond:
-            for slot in batch:
-                if id(slot) in failed:
-                    self._parked.append(slot)
-                else:
-                    slot.pieces = []
-                    self._free.append(slot)
+            if failed:
+                self._parked += [slot for slot in batch if id(slot) in failed]
+                self._free += [slot for slot in batch if id(slot) not in failed]
+            else:
+                self._free += batch
             self._busy -= len(batch)
             if self._busy == 0:
                 self._wake_drainers()
@@ -210,18 +211,22 @@ class CaptureWriter:
         todo: list[Piece] = []
         owners: list[Slot] = []
         for slot in batch:
+            buffer, address = slot.buffer, slot.address
             for offset, start, stop in slot.pieces:
-                if slot.buffer.startswith(zeroes[: stop - start], start):
-                    continue
-                todo.append((slot.address + start, stop - start, offset))
-                owners.append(slot)
-        failed: set[int] = set()
+                if not buffer.startswith(zeroes[: stop - start], start):
+                    todo.append((address + start, stop - start, offset))
+                    owners.append(slot)
         if not todo:
-            return failed
+            return set()
+        lengths = [length for _, length, _ in todo]
         try:
             results = writer.write(todo)
         except OSError as exc:
             results = [-(exc.errno or errno.EIO)] * len(todo)
+        if results == lengths:  # the usual batch: everything written
+            self.written += sum(lengths)
+            return set()
+        failed: set[int] = set()
         for (_address, length, offset), result, slot in zip(todo, results, owners, strict=True):
             if result == length:
                 self.written += length

@@ -2,8 +2,10 @@
 
 1. The point in time holds under the heaviest guest load: fio random writes at full speed over the
    whole disk, together with unaligned writes, write-zeroes and trims from a second client, while a
-   backup (slowed so that it outlives the guests) runs — into a raw file, a qcow2 file and a qemu-nbd
-   export. The job is sped up once the guests are done; the target must equal the oracle.
+   backup (slowed so that it outlives the guests) runs — into a raw file (where guest writes wait for
+   the read of the old data only, the capture writer putting it on the target behind them), a qcow2
+   file and a qemu-nbd export. The job is sped up once the guests are done; the target must equal the
+   oracle.
 2. A guest write to a cluster already copied never waits for a copy in flight elsewhere: with the
    target gated, the job's copy and another guest's copy hang, and a qemu-io write to a copied cluster
    completes.
@@ -31,7 +33,7 @@ from backup_rig import (
     tool,
     write_random_image,
 )
-from conftest import require
+from conftest import require, run
 from peers import make_image, qemu_nbd
 
 from backup.backup_job import BackupJob, BackupOptions
@@ -117,6 +119,11 @@ async def test_the_point_in_time_holds_under_the_heaviest_guest_load(tmp_path: P
         await backup.finish(timeout=120)
         assert backup.job.error is None, backup.job.error
         assert backup.job.filter is not None and backup.job.filter.guest_copies > 100
+        capture = backup.job.copier._capture if backup.job.copier is not None else None
+        if kind == "raw-file":  # file to file: the old data went through the capture writer
+            assert capture is not None and capture.written > 0
+        else:
+            assert capture is None
         assert image.read_bytes() != backup.snapshot.read_bytes()
         same_bytes(backup.snapshot, await contents(spec, tmp_path))
 
@@ -184,3 +191,39 @@ async def test_a_write_to_a_copied_cluster_never_waits_for_a_copy_in_flight(tmp_
     after = image.read_bytes()
     assert after[20 * CS : 20 * CS + 4096] == b"\x5a" * 4096
     assert after[10 * CS : 10 * CS + 5] == b"hangs"
+
+
+async def test_a_full_target_holds_the_captured_old_data_until_there_is_room(tmp_path: Path) -> None:
+    """A raw target on a file system that fills up (a 2 MiB tmpfs for an 8 MiB disk) while guests write:
+    the old data their writes displaced was captured in memory and its writes to the target fail with
+    ENOSPC; the job (``on-target-error=enospc``) stops with it still held; the file system grows, the
+    job is resumed, and the target is the disk as it was when the backup started."""
+    require("fio")
+    size = 8 * MiB
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt))
+    try:
+        image = write_random_image(tmp_path / "disk.img", size, seed=41)
+        async with served_source(tmp_path, image) as source:
+            target = await open_target(str(mnt / "target.img"), size=size, format="raw")
+            backup = await start_backup(
+                source, target, BackupOptions(speed=64 * 1024, on_target_error="enospc"), job_id="full"
+            )
+            await fio_randwrite(source.uri, io_size="4M", bs="4k", seed=8)  # every slot fits: no guest error
+            event = await backup.wait_event("BLOCK_JOB_ERROR")
+            assert event["action"] == "stop"
+            job = backup.job
+            assert job.status == "paused" and job.io_status == "nospace"
+            capture = job.copier._capture if job.copier is not None else None
+            assert capture is not None and capture.failed  # old data held, not on the target
+            run("mount", "-o", "remount,size=64m", str(mnt))
+            job.set_speed(0)
+            job.resume()
+            await backup.finish(timeout=120)
+            assert job.error is None, job.error
+            assert not capture.failed and capture.written > 0
+            assert image.read_bytes() != backup.snapshot.read_bytes()
+            same_bytes(backup.snapshot, mnt / "target.img")
+    finally:
+        run("umount", str(mnt))

@@ -9,7 +9,10 @@ sets its bits again so the cluster is retried. The invariant that makes the poin
 cluster's bit is only cleared by a claim, and a guest write reaches the source only after the claim
 covering its clusters has finished successfully — so while a bit is set, the source still holds the
 data of the instant the backup started. (A guest copy between two plain files that cannot suspend is
-a claim nobody can see: the bits are cleared and the copy done with no ``await`` in between.)
+a claim nobody can see: the bits are cleared and the copy done with no ``await`` in between. With a
+capture window, "done" means read into a buffer of the copier's ``CaptureWriter``: the old data is
+held in memory until its writer thread has put it on the target, and the job drains the writer
+before it flushes — see ``backup.capture``.)
 
 The copier's cluster is its *copy granularity*: what a guest write copies at least. It may be finer
 than the backup's cluster (QEMU's 64 KiB): the job chooses it (``backup_job.copy_granularity``) so that

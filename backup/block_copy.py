@@ -379,12 +379,16 @@ class BlockCopier:
             stop = min(self.bitmap.run_end(start, end), start + limit)
             if self._copy_now(start, stop):
                 continue
+            if self._capture is not None and self._capture.starved:
+                await self._capture.wait_for_slot()
+                continue
             await self.run(self.claim(start, stop))
 
     def copy_now(self, first: int, end: int, *, chunk_clusters: int | None = None) -> bool:
         """The guest's fast path for clusters ``[first, end)``, without suspending: True when none is
         left to copy (every run still to copy was copied now, ``_copy_now``); False when the rest needs
-        ``ensure_copied`` (a copy in flight overlaps, or these devices cannot copy inline). Raises
+        ``ensure_copied`` (a copy in flight overlaps, these devices cannot copy inline, or every capture
+        slot is being written). Raises
         ``CopyError`` like ``ensure_copied``."""
         if not self.active:
             return True
@@ -423,6 +427,8 @@ class BlockCopier:
             first = self._capture_windows(fds, first, end)
             if first >= end:
                 return True
+            if self._capture is not None and self._capture.starved:
+                return False  # ensure_copied waits for a slot: an inline write would queue on the target's lock
             offset, length = self.bytes_of(first, end)
         self.bitmap.clear(first, end)
         try:
@@ -593,7 +599,9 @@ class BlockCopier:
         piece = min(self.max_chunk, COPY_PIECE)
         fds = self._direct_fds()
         if fds is not None:
-            if end - offset <= DIRECT_COPY_MAX:
+            # While a capture writer fills the target, a write from the loop would wait for the
+            # target's lock behind a batch of its writes: the job's chunks then go to the thread too.
+            if end - offset <= DIRECT_COPY_MAX and self._capture is None:
                 return await self._copy_direct(*fds, offset, end - offset)
             return await self._copy_in_thread(*fds, offset, end - offset)
         send_from_fd = write_from_fd(self.target)

@@ -80,6 +80,7 @@ class CaptureWriter:
         self._sleeping = False  # the thread waits for work: a submit must wake it
         self._busy = 0  # slots submitted and neither written nor parked yet
         self._drainers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._slot_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: OSError | None = None  # why the parked slots failed (the latest failure)
@@ -120,6 +121,23 @@ class CaptureWriter:
     def in_use(self) -> int:
         """Slots holding data not yet on the target (queued, being written or parked)."""
         return self._busy + len(self._parked)
+
+    @property
+    def starved(self) -> bool:
+        """No slot is free but some are being written: one will be free soon (``wait_for_slot``). With
+        every slot parked after failures nothing frees one, and the caller copies inline instead."""
+        return not self._free and self._busy > 0
+
+    async def wait_for_slot(self) -> None:
+        """Until a slot is free or none is being written any more (the writer wakes every waiter once
+        per batch, not per slot)."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._free or self._busy == 0:
+                return
+            future: asyncio.Future[None] = loop.create_future()
+            self._slot_waiters.append((loop, future))
+        await asyncio.shield(future)
 
     async def drain(self) -> None:
         """Until every submitted slot is written or parked."""
@@ -172,6 +190,8 @@ class CaptureWriter:
             writer.close()
             with self._cond:
                 self._busy = 0
+                self._wake(self._slot_waiters)
+                self._slot_waiters = []
                 self._wake_drainers()
 
     def _next_batch(self, writer: BatchWriter) -> bool:
@@ -201,6 +221,9 @@ class CaptureWriter:
             else:
                 self._free += batch
             self._busy -= len(batch)
+            if self._slot_waiters:
+                self._wake(self._slot_waiters)
+                self._slot_waiters = []
             if self._busy == 0:
                 self._wake_drainers()
         return True
@@ -241,7 +264,11 @@ class CaptureWriter:
     def _wake_drainers(self) -> None:
         """(With the lock held.) Resolve every ``drain`` waiting."""
         drainers, self._drainers = self._drainers, []
-        for loop, future in drainers:
+        self._wake(drainers)
+
+    @staticmethod
+    def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
+        for loop, future in waiters:
             try:
                 loop.call_soon_threadsafe(_resolve, future)
             except RuntimeError:

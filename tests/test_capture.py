@@ -338,15 +338,34 @@ async def test_a_window_partly_copied_captures_only_what_is_left(
     assert rig.copier.copied_bytes == 2 * WINDOW - 2 * GRANULE
 
 
-async def test_with_every_slot_in_use_the_guest_copies_inline(
+async def test_with_every_slot_being_written_a_guest_write_waits_for_one(
     rig: Rig, scripted: Callable[..., ScriptedWriter]
 ) -> None:
     scripted(slots=1).gate.clear()
-    await rig.node.pwrite(0, b"a")  # takes the only slot, held
-    await rig.node.pwrite(4 * WINDOW, b"b")  # no slot: its granule is copied inline, now
+    await rig.node.pwrite(0, b"a")  # takes the only slot, whose write is held
+    waiting = asyncio.create_task(rig.node.pwrite(4 * WINDOW, b"b"))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not waiting.done()  # no inline write queued behind the writer's on the target's lock
+    await asyncio.wait_for(rig.node.pwrite(100, b"c"), 10)  # a window already copied: never waits
+    scripted().gate.set()
+    await asyncio.wait_for(waiting, 10)
+    await rig.copier.flush_captured()
+    assert os.pread(rig.target_fd, WINDOW, 0) == rig.snapshot[:WINDOW]
+    assert os.pread(rig.target_fd, WINDOW, 4 * WINDOW) == rig.snapshot[4 * WINDOW : 5 * WINDOW]
+
+
+async def test_with_every_slot_parked_the_guest_copies_inline(
+    rig: Rig, scripted: Callable[..., ScriptedWriter]
+) -> None:
+    scripted(slots=1).fail = errno.ENOSPC
+    await rig.node.pwrite(0, b"a")  # takes the only slot; its write fails and it is parked
+    await rig.copier._capture.drain()  # type: ignore[union-attr]
+    assert rig.copier.capture_failed
+    await asyncio.wait_for(rig.node.pwrite(4 * WINDOW, b"b"), 10)  # nothing will free a slot: inline
     assert os.pread(rig.target_fd, GRANULE, 4 * WINDOW) == rig.snapshot[4 * WINDOW : 4 * WINDOW + GRANULE]
     assert granules_copied(rig) == set(range(8)) | {32}  # the inline copy takes the guest's granule only
-    scripted().gate.set()
+    scripted().fail = None
     await rig.copier.flush_captured()
     assert os.pread(rig.target_fd, WINDOW, 0) == rig.snapshot[:WINDOW]
 

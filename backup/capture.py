@@ -31,7 +31,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from backup.batch_write import BatchWriter, Piece, batch_writer, buffer_address
+from backup.batch_write import BatchWriter, Piece, PwriteWriter, batch_writer, buffer_address
 
 #: How long the thread lets a short queue grow before writing it (seconds): one GIL round trip per
 #: batch instead of per slot; the guest never waits for it (its copy is the read, done already).
@@ -182,13 +182,20 @@ class CaptureWriter:
     # --- the thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        writer = self._make_writer(self.fd, BATCH_PIECES)
+        try:
+            writer = self._make_writer(self.fd, BATCH_PIECES)
+        except Exception:  # no AIO for whatever reason: the fallback always works
+            writer = PwriteWriter(self.fd, BATCH_PIECES)
         try:
             while self._next_batch(writer):
                 pass
         finally:
             writer.close()
             with self._cond:
+                if not self._stopping:  # the thread is dying: what it still holds must not pass for written
+                    self.error = OSError(errno.EIO, "the capture writer's thread ended")
+                    self._parked += self._queue
+                    self._queue.clear()
                 self._busy = 0
                 self._wake(self._slot_waiters)
                 self._slot_waiters = []
@@ -213,7 +220,11 @@ class CaptureWriter:
                 slot = queue.popleft()
                 pieces += len(slot.pieces)
                 batch.append(slot)
-        failed = self._write(writer, batch)
+        try:
+            failed = self._write(writer, batch)
+        except Exception as exc:  # a bug must not pass the batch off as written
+            self.error = OSError(errno.EIO, f"write behind failed: {exc!r}")
+            failed = {id(slot) for slot in batch}
         with cond:
             if failed:
                 self._parked += [slot for slot in batch if id(slot) in failed]

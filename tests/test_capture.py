@@ -454,3 +454,26 @@ async def test_a_failed_captured_write_fails_a_job_that_reports(
     finally:
         await node.close()
         await target.close()
+
+
+async def test_a_writer_that_breaks_parks_its_batch_instead_of_passing_it_off(target_file: tuple[int, Path]) -> None:
+    fd, _ = target_file
+
+    class Broken(ScriptedWriter):
+        def write(self, pieces: list[Piece]) -> list[int]:
+            raise ValueError("a bug in the writer")
+
+    made: list[ScriptedWriter] = []
+
+    def factory(fd: int, depth: int) -> ScriptedWriter:
+        made.append(Broken(fd, depth))
+        return made[-1]
+
+    writer = CaptureWriter(fd, WINDOW, 2, gather=0.0, writer=factory)
+    data = random.Random(9).randbytes(WINDOW)
+    fill(writer, 0, data)
+    with pytest.raises(OSError) as info:
+        await writer.flush()
+    assert info.value.errno == errno.EIO and writer.failed  # held, never reported as written
+    assert os.pread(fd, WINDOW, 0) == bytes(WINDOW)
+    await writer.close()

@@ -81,7 +81,7 @@ def prune(repo: Repository, disk: str | None, rules: PruneRules, dry_run: bool =
         if dry_run or not repo.snapshot_ids(d):
             removed += _plan(repo, d, rules)  # nothing to lock for a disk without snapshots
             continue
-        lock = repo.store.lock(d)
+        lock = repo.hold_disk(d)
         try:
             for m in _plan(repo, d, rules):
                 try:

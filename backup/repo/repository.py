@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import objectlock
 from .chunks import ChunkStore, LocalChunkStore
 from .codec import Buffer, blob_room, chunk_aad, chunk_digest, compress_chunk, decode_chunk, decode_chunk_parts, joined
-from .errors import ChunkCorrupt, ChunkMissing, NotARepository, RepoError, SnapshotNotFound
+from .errors import ChunkCorrupt, ChunkMissing, DiskBusy, NotARepository, RepoError, SnapshotNotFound
 from .lease import Lease
 from .location import is_s3, parse_s3
 from .manifest import Manifest, chunk_count
@@ -54,6 +54,11 @@ def open_store(location: str | Path) -> RepoStore:
     return LocalStore(Path(location))
 
 
+#: ``Repository.lock_wait`` of the command line's writers (seconds), and how often it tries again.
+LOCK_WAIT = 2.0
+LOCK_POLL = 0.05
+
+
 class Repository:
     def __init__(
         self,
@@ -71,6 +76,11 @@ class Repository:
         self.chunks: ChunkStore = chunks if chunks is not None else self.store.chunks
         #: The keys of an encrypted repository (``crypt``); None: chunks named by SHA-256, stored as is.
         self.cipher = cipher
+        #: How long a writer (backup, prune) waits for another one's hold on a disk before it is told
+        #: the disk is busy. The command line waits (``LOCK_WAIT``): a prune holds a disk for
+        #: milliseconds, and a backup that starts meanwhile should not fail for it. The daemon does not:
+        #: it takes the lock on its event loop, and answers busy at once.
+        self.lock_wait = 0.0
 
     # -- creating and opening
 
@@ -315,7 +325,18 @@ class Repository:
 
     def lock_disk(self, disk: str) -> int:
         """The disk's writer lock (a descriptor to close to release it); DiskBusy if someone holds it."""
-        return self.store.lock(validate_disk(disk)).fileno()
+        return self.hold_disk(validate_disk(disk)).fileno()
+
+    def hold_disk(self, disk: str) -> DiskLock:
+        """The disk's writer lock, waiting up to ``lock_wait`` for another holder; DiskBusy after that."""
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            try:
+                return self.store.lock(disk)
+            except DiskBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(LOCK_POLL)
 
     def wait_for_gc(self) -> None:
         """Block until no gc runs that could still remove a chunk a writer found."""
@@ -328,7 +349,7 @@ class DiskWriter:
     def __init__(self, repo: Repository, disk: str) -> None:
         self.repo = repo
         self.disk = validate_disk(disk)
-        self._lock: DiskLock | None = repo.store.lock(disk)
+        self._lock: DiskLock | None = repo.hold_disk(self.disk)
         try:
             self.lease = repo.store.create_lease()
         except BaseException:

@@ -219,14 +219,16 @@ def _is_repo_error(exc: BaseException) -> bool:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from backup.repo.repository import Repository
+    from backup.repo.repository import LOCK_WAIT, Repository
 
     key = None
     if args.key_file:
         from backup.repo.crypt import load_key_file  # cryptography loads slowly: only for a key
 
         key = load_key_file(args.key_file)
-    return Repository.open(args.dir, key=key)
+    repo = Repository.open(args.dir, key=key)
+    repo.lock_wait = LOCK_WAIT  # a prune beside a backup start: wait for it rather than fail
+    return repo
 
 
 # --- the actions ------------------------------------------------------------------------------------

@@ -477,3 +477,31 @@ async def test_a_writer_that_breaks_parks_its_batch_instead_of_passing_it_off(ta
     assert info.value.errno == errno.EIO and writer.failed  # held, never reported as written
     assert os.pread(fd, WINDOW, 0) == bytes(WINDOW)
     await writer.close()
+
+
+async def test_a_cancelled_backup_stops_the_writer_with_slots_still_queued(
+    tmp_path: Path, scripted: Callable[..., ScriptedWriter]
+) -> None:
+    scripted().gate.clear()  # the first batch is held inside the writer
+    node, target, job, _ = await job_rig(tmp_path, speed=1 << 16)
+    try:
+        job.start()
+        await node.pwrite(0, b"first")  # its slot's batch is held
+        while not scripted().entered.is_set():
+            await asyncio.sleep(0.001)
+        for window in range(1, 6):
+            await node.pwrite(window * WINDOW, b"more")  # queued behind it
+        capture = job.copier._capture if job.copier is not None else None
+        assert capture is not None and capture.in_use == 6
+        job.cancel(force=True)
+        for _ in range(200):
+            await asyncio.sleep(0)
+        assert job.status == "aborting"  # the batch in the writer is waited for, never abandoned mid-write
+        scripted().gate.set()
+        await asyncio.wait_for(job.wait(), 30)
+        assert job.status == "null"
+        assert not [t for t in threading.enumerate() if t.name == "nbd-backup-capture"]
+        assert scripted().batches == [1]  # the queued slots were dropped, not written to a cancelled target
+    finally:
+        await node.close()
+        await target.close()

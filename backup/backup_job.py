@@ -56,10 +56,11 @@ MiB = 1024 * KiB
 
 #: QEMU's backup cluster size floor.
 MIN_CLUSTER_SIZE = 64 * KiB
-#: What a guest write copies at least before it goes down: the guest waits for this copy, and a
-#: 4 KiB write that copied a whole 64 KiB cluster paid for 60 KiB the job would have copied anyway.
+#: What a guest write copies at least before it goes down, and the copier's bit: where the guest
+#: waits for the whole copy (targets other than plain files, or no capture slot free after failures),
+#: a 4 KiB write that copied a whole 64 KiB cluster paid for 60 KiB the job would have copied anyway.
 #: Chosen by measuring the guest, not the backup (bench/guest_cost.py: fio 4 KiB random writes QD16
-#: during a throttled backup; the README has the table): the guest kept the most IOPS with 4 KiB
+#: during a throttled backup, before the capture writer): the guest kept the most IOPS with 4 KiB
 #: granules, lost a fifth of them with 16 KiB and about half with 64 KiB.
 GUEST_COPY_GRANULARITY = 4 * KiB
 #: How much old data a guest write into a not yet copied part of the disk reads, when source and target

@@ -54,21 +54,11 @@ class _Iocb(ctypes.Structure):
     ]
 
 
-class _IoEvent(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_uint64),
-        ("obj", ctypes.c_uint64),
-        ("res", ctypes.c_int64),
-        ("res2", ctypes.c_int64),
-    ]
-
-
 _IOCB_SIZE = ctypes.sizeof(_Iocb)
 _BUF_OFFSET = _Iocb.aio_buf.offset  # aio_buf, aio_nbytes and aio_offset follow each other
 _PACK_PIECE = struct.Struct("=QQq").pack_into
-_EVENT = struct.Struct("=QQqq")
+_EVENT = struct.Struct("=QQqq")  # struct io_event: data (our index), obj, res, res2
 assert _Iocb.aio_nbytes.offset == _BUF_OFFSET + 8 and _Iocb.aio_offset.offset == _BUF_OFFSET + 16
-assert _EVENT.size == ctypes.sizeof(_IoEvent)
 
 
 class BatchWriter(Protocol):
@@ -140,7 +130,7 @@ class AioWriter:
             self._iocbs[index].aio_fildes = fd
             self._pointers[index] = ctypes.pointer(self._iocbs[index])
         self._iocb_memory = memoryview(self._iocbs).cast("B")
-        self._events = (_IoEvent * depth)()
+        self._events = (ctypes.c_char * (_EVENT.size * depth))()
         self._event_memory = memoryview(self._events).cast("B")
 
     def write(self, pieces: list[Piece]) -> list[int]:

@@ -447,8 +447,8 @@ class BlockCopier:
         mark them copied and hand the slot to the writer — neighbours of the guest's clusters included,
         so the job does not copy them later at a cost to the guest again. Stops at the first window it
         finds no slot for (every slot in use, or the writer's descriptor is not the target's any more)
-        and returns the first cluster not done; the caller copies the rest inline. Raises ``CopyError``
-        for a failed read (the window's bits as they were)."""
+        and returns the first cluster not done; the caller waits for a slot (``starved``) or copies the
+        rest inline. Raises ``CopyError`` for a failed read (the window's bits as they were)."""
         source_fd, target_fd = fds
         writer = self._capture
         if writer is None:
@@ -481,8 +481,7 @@ class BlockCopier:
                 writer.give_back(slot)
                 raise
             writer.submit(slot)
-            self.copied_bytes += captured
-            self.written_bytes += captured
+            self.copied_bytes += captured  # (the writer counts what it writes: zero pieces it skips)
             self.on_progress(captured)
             pos = window_end
         return pos

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import threading
 from collections import deque
 from collections.abc import Callable
 
 from backup.batch_write import BatchWriter, Piece, PwriteWriter, batch_writer, buffer_address
+
+log = logging.getLogger(__name__)
 
 #: How long the thread lets a short queue grow before writing it (seconds): one GIL round trip per
 #: batch instead of per slot; the guest never waits for it (its copy is the read, done already).
@@ -40,6 +43,10 @@ GATHER_SECONDS = 0.001
 GATHER_ENOUGH = 16
 #: Pieces the thread writes in one batch (the AIO context's size); a slot holds at most this many.
 BATCH_PIECES = 64
+
+
+#: A coroutine waiting for the thread: its loop and the future the thread resolves.
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
 
 
 class Slot:
@@ -79,8 +86,8 @@ class CaptureWriter:
         self._cond = threading.Condition(threading.Lock())
         self._sleeping = False  # the thread waits for work: a submit must wake it
         self._busy = 0  # slots submitted and neither written nor parked yet
-        self._drainers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._slot_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._drainers: list[_Waiter] = []
+        self._slot_waiters: list[_Waiter] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: OSError | None = None  # why the parked slots failed (the latest failure)
@@ -108,6 +115,11 @@ class CaptureWriter:
             self._queue.append(slot)
             if self._sleeping:
                 self._cond.notify()
+        self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        """Start the thread on first use, and again if it ended without ``close`` (it parked what it held:
+        queued slots must never wait for a thread that is gone)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="nbd-backup-capture", daemon=True)
             self._thread.start()
@@ -131,22 +143,20 @@ class CaptureWriter:
     async def wait_for_slot(self) -> None:
         """Until a slot is free or none is being written any more (the writer wakes every waiter once
         per batch, not per slot)."""
-        loop = asyncio.get_running_loop()
-        with self._cond:
-            if self._free or self._busy == 0:
-                return
-            future: asyncio.Future[None] = loop.create_future()
-            self._slot_waiters.append((loop, future))
-        await asyncio.shield(future)
+        await self._wait(self._slot_waiters, lambda: bool(self._free) or self._busy == 0)
 
     async def drain(self) -> None:
         """Until every submitted slot is written or parked."""
+        await self._wait(self._drainers, lambda: self._busy == 0)
+
+    async def _wait(self, waiters: list[_Waiter], done: Callable[[], bool]) -> None:
+        """Until ``done()`` (tested under the lock), woken by the thread through ``waiters``."""
         loop = asyncio.get_running_loop()
         with self._cond:
-            if self._busy == 0:
+            if done():
                 return
             future: asyncio.Future[None] = loop.create_future()
-            self._drainers.append((loop, future))
+            waiters.append((loop, future))
             self._cond.notify()  # no gathering while someone waits
         await asyncio.shield(future)
 
@@ -161,6 +171,7 @@ class CaptureWriter:
             self._busy += len(parked)
             self._queue.extend(parked)
             self._cond.notify()
+        self._ensure_thread()
         await self.drain()
         if self._parked:
             error = self.error or OSError(errno.EIO, "write behind failed")
@@ -189,6 +200,8 @@ class CaptureWriter:
         try:
             while self._next_batch(writer):
                 pass
+        except Exception:
+            log.exception("the capture writer's thread failed")
         finally:
             writer.close()
             with self._cond:
@@ -196,10 +209,10 @@ class CaptureWriter:
                     self.error = OSError(errno.EIO, "the capture writer's thread ended")
                     self._parked += self._queue
                     self._queue.clear()
+                self._thread = None  # the next submit or flush starts another
                 self._busy = 0
-                self._wake(self._slot_waiters)
-                self._slot_waiters = []
-                self._wake_drainers()
+                _wake(self._slot_waiters)
+                _wake(self._drainers)
 
     def _next_batch(self, writer: BatchWriter) -> bool:
         cond, queue = self._cond, self._queue
@@ -232,11 +245,9 @@ class CaptureWriter:
             else:
                 self._free += batch
             self._busy -= len(batch)
-            if self._slot_waiters:
-                self._wake(self._slot_waiters)
-                self._slot_waiters = []
+            _wake(self._slot_waiters)
             if self._busy == 0:
-                self._wake_drainers()
+                _wake(self._drainers)
         return True
 
     def _write(self, writer: BatchWriter, batch: list[Slot]) -> set[int]:
@@ -272,18 +283,15 @@ class CaptureWriter:
             failed.add(id(slot))
         return failed
 
-    def _wake_drainers(self) -> None:
-        """(With the lock held.) Resolve every ``drain`` waiting."""
-        drainers, self._drainers = self._drainers, []
-        self._wake(drainers)
 
-    @staticmethod
-    def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
-        for loop, future in waiters:
-            try:
-                loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:
-                pass  # that loop is closed: nobody waits any more
+def _wake(waiters: list[_Waiter]) -> None:
+    """(With the lock held.) Resolve every waiter of the list and empty it."""
+    for loop, future in waiters:
+        try:
+            loop.call_soon_threadsafe(_resolve, future)
+        except RuntimeError:
+            pass  # that loop is closed: nobody waits any more
+    waiters.clear()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

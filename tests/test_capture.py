@@ -25,7 +25,7 @@ import pytest
 import backup.batch_write as batch_write
 import backup.block_copy as block_copy
 from backup.backup_job import BackupJob, BackupOptions, capture_window
-from backup.batch_write import AioWriter, Piece, PwriteWriter, batch_writer, buffer_address
+from backup.batch_write import AioWriter, BatchWriter, Piece, PwriteWriter, batch_writer, buffer_address
 from backup.block_copy import BlockCopier
 from backup.capture import CaptureWriter, Slot
 from backup.cbw import CopyBeforeWriteFilter
@@ -60,6 +60,23 @@ class ScriptedWriter:
 
     def close(self) -> None:
         pass
+
+
+def recording(
+    kind: type[ScriptedWriter] = ScriptedWriter, *, held: bool = False, fail: int | None = None
+) -> tuple[list[ScriptedWriter], Callable[[int, int], ScriptedWriter]]:
+    """A writer factory for ``CaptureWriter(writer=...)`` and the list of the writers it made."""
+    made: list[ScriptedWriter] = []
+
+    def factory(fd: int, depth: int) -> ScriptedWriter:
+        writer = kind(fd, depth)
+        if held:
+            writer.gate.clear()
+        writer.fail = fail
+        made.append(writer)
+        return writer
+
+    return made, factory
 
 
 @pytest.fixture
@@ -209,13 +226,7 @@ async def test_the_pool_is_bounded(target_file: tuple[int, Path]) -> None:
 
 async def test_a_batch_takes_all_that_queued_while_the_thread_was_writing(target_file: tuple[int, Path]) -> None:
     fd, _ = target_file
-    made: list[ScriptedWriter] = []
-
-    def factory(fd: int, depth: int) -> ScriptedWriter:
-        made.append(ScriptedWriter(fd, depth))
-        made[-1].gate.clear()
-        return made[-1]
-
+    made, factory = recording(held=True)
     writer = CaptureWriter(fd, WINDOW, 16, gather=0.0, writer=factory)
     fill(writer, 0, b"a" * WINDOW)
     while not made:  # the thread makes its writer when the first slot comes
@@ -234,13 +245,7 @@ async def test_a_failed_write_is_parked_with_its_data_and_written_by_the_next_fl
     target_file: tuple[int, Path],
 ) -> None:
     fd, _ = target_file
-    made: list[ScriptedWriter] = []
-
-    def factory(fd: int, depth: int) -> ScriptedWriter:
-        made.append(ScriptedWriter(fd, depth))
-        made[-1].fail = errno.ENOSPC
-        return made[-1]
-
+    made, factory = recording(fail=errno.ENOSPC)
     writer = CaptureWriter(fd, WINDOW, 2, gather=0.0, writer=factory)
     data = random.Random(4).randbytes(WINDOW)
     fill(writer, WINDOW, data)
@@ -463,12 +468,7 @@ async def test_a_writer_that_breaks_parks_its_batch_instead_of_passing_it_off(ta
         def write(self, pieces: list[Piece]) -> list[int]:
             raise ValueError("a bug in the writer")
 
-    made: list[ScriptedWriter] = []
-
-    def factory(fd: int, depth: int) -> ScriptedWriter:
-        made.append(Broken(fd, depth))
-        return made[-1]
-
+    _, factory = recording(Broken)
     writer = CaptureWriter(fd, WINDOW, 2, gather=0.0, writer=factory)
     data = random.Random(9).randbytes(WINDOW)
     fill(writer, 0, data)
@@ -476,6 +476,30 @@ async def test_a_writer_that_breaks_parks_its_batch_instead_of_passing_it_off(ta
         await writer.flush()
     assert info.value.errno == errno.EIO and writer.failed  # held, never reported as written
     assert os.pread(fd, WINDOW, 0) == bytes(WINDOW)
+    await writer.close()
+
+
+async def test_a_thread_that_died_parks_what_it_held_and_the_next_flush_starts_another(
+    target_file: tuple[int, Path],
+) -> None:
+    fd, _ = target_file
+
+    class DiesOnce(CaptureWriter):
+        died = False
+
+        def _next_batch(self, writer: BatchWriter) -> bool:
+            if not self.died:
+                self.died = True
+                raise RuntimeError("a bug in the thread")
+            return super()._next_batch(writer)
+
+    writer = DiesOnce(fd, WINDOW, 2, gather=0.0)
+    data = random.Random(10).randbytes(WINDOW)
+    fill(writer, WINDOW, data)
+    await writer.drain()  # returns: the dying thread parked the slot and woke the drainers
+    assert writer.failed and writer.error is not None and writer.error.errno == errno.EIO
+    await asyncio.wait_for(writer.flush(), 10)  # a new thread writes it: nothing waits on the dead one
+    assert not writer.failed and os.pread(fd, WINDOW, WINDOW) == data
     await writer.close()
 
 
